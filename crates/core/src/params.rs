@@ -1,0 +1,253 @@
+//! Parameters a node reads from the controller, one type per schema.
+//!
+//! Release 2 restructured channels (segment duration in ms and a bitrate
+//! ladder instead of whole seconds and one size) and events (start as Unix ms,
+//! channel by id). The types reject unknown fields, so a release-1 node that
+//! somehow got release-2 parameters fails loudly instead of guessing.
+
+use crate::release::Schema;
+use serde::{Deserialize, Serialize};
+
+/// A redundancy group: one primary and one backup node running the same events.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Group {
+    pub name: String,
+    pub primary: String,
+    pub backup: String,
+}
+
+pub mod v1 {
+    use super::Group;
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Channel {
+        pub name: String,
+        pub title: String,
+        pub segment_seconds: u32,
+        /// One output size, e.g. "1280x720".
+        pub resolution: String,
+        pub bitrate_kbps: u32,
+    }
+
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Event {
+        pub id: i64,
+        pub channel: String,
+        pub group: String,
+        /// RFC 3339 text.
+        pub start: String,
+        pub duration_s: u32,
+    }
+
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Params {
+        pub revision: u64,
+        pub channels: Vec<Channel>,
+        pub groups: Vec<Group>,
+        pub events: Vec<Event>,
+    }
+}
+
+pub mod v2 {
+    use super::Group;
+    use serde::{Deserialize, Serialize};
+
+    /// One rendition of the bitrate ladder.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Rung {
+        pub height: u32,
+        pub kbps: u32,
+    }
+
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Channel {
+        pub id: i64,
+        pub name: String,
+        pub segment_ms: u32,
+        pub ladder: Vec<Rung>,
+    }
+
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Event {
+        pub id: i64,
+        pub channel_id: i64,
+        pub group: String,
+        pub start_ms: i64,
+        pub duration_ms: u64,
+    }
+
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Params {
+        pub revision: u64,
+        pub channels: Vec<Channel>,
+        pub groups: Vec<Group>,
+        pub events: Vec<Event>,
+    }
+}
+
+/// One event as a node runs it, whatever schema its parameters came in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveEvent {
+    pub event_id: i64,
+    pub channel: String,
+    /// Known from schema 2 on; release-1 records name channels instead.
+    pub channel_id: Option<i64>,
+    pub start_ms: i64,
+    pub duration_ms: u64,
+    pub segment_ms: u32,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParamsError {
+    #[error("parameters of schema {schema} cannot be read by this release: {reason}")]
+    Unreadable { schema: u32, reason: String },
+    #[error("event {event} names channel {channel:?}, which the parameters do not define")]
+    UnknownChannel { event: i64, channel: String },
+    #[error("event {event} has a bad start time: {reason}")]
+    BadStart { event: i64, reason: String },
+}
+
+/// Decodes parameters of `schema` and returns the events of `group`.
+/// `reader` is the schema the calling release understands: a node only reads
+/// parameters of its own schema.
+pub fn events_for_group(
+    reader: Schema,
+    raw: &serde_json::Value,
+    group: &str,
+) -> Result<Vec<LiveEvent>, ParamsError> {
+    let unreadable = |reason: String| ParamsError::Unreadable {
+        schema: reader.0,
+        reason,
+    };
+    match reader {
+        Schema(1) => {
+            let p: v1::Params =
+                serde_json::from_value(raw.clone()).map_err(|e| unreadable(e.to_string()))?;
+            p.events
+                .iter()
+                .filter(|e| e.group == group)
+                .map(|e| {
+                    let ch = p
+                        .channels
+                        .iter()
+                        .find(|c| c.name == e.channel)
+                        .ok_or_else(|| ParamsError::UnknownChannel {
+                            event: e.id,
+                            channel: e.channel.clone(),
+                        })?;
+                    let start_ms = crate::timefmt::ms_from_rfc3339(&e.start).map_err(|err| {
+                        ParamsError::BadStart {
+                            event: e.id,
+                            reason: err.to_string(),
+                        }
+                    })?;
+                    Ok(LiveEvent {
+                        event_id: e.id,
+                        channel: ch.name.clone(),
+                        channel_id: None,
+                        start_ms,
+                        duration_ms: u64::from(e.duration_s) * 1000,
+                        segment_ms: ch.segment_seconds.saturating_mul(1000),
+                    })
+                })
+                .collect()
+        }
+        Schema(2) => {
+            let p: v2::Params =
+                serde_json::from_value(raw.clone()).map_err(|e| unreadable(e.to_string()))?;
+            p.events
+                .iter()
+                .filter(|e| e.group == group)
+                .map(|e| {
+                    let ch = p
+                        .channels
+                        .iter()
+                        .find(|c| c.id == e.channel_id)
+                        .ok_or_else(|| ParamsError::UnknownChannel {
+                            event: e.id,
+                            channel: e.channel_id.to_string(),
+                        })?;
+                    Ok(LiveEvent {
+                        event_id: e.id,
+                        channel: ch.name.clone(),
+                        channel_id: Some(ch.id),
+                        start_ms: e.start_ms,
+                        duration_ms: e.duration_ms,
+                        segment_ms: ch.segment_ms,
+                    })
+                })
+                .collect()
+        }
+        other => Err(unreadable(format!(
+            "schema {other} is unknown to this release"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn v1_params() -> serde_json::Value {
+        json!({"revision": 3, "channels": [{"name": "news", "title": "News", "segment_seconds": 2,
+            "resolution": "1280x720", "bitrate_kbps": 3000}],
+            "groups": [{"name": "g1", "primary": "n1", "backup": "n2"}],
+            "events": [{"id": 7, "channel": "news", "group": "g1", "start": "2026-11-25T23:00:00Z", "duration_s": 60},
+                       {"id": 8, "channel": "news", "group": "g2", "start": "2026-11-25T23:00:00Z", "duration_s": 60}]})
+    }
+
+    fn v2_params() -> serde_json::Value {
+        json!({"revision": 4, "channels": [{"id": 1, "name": "news", "segment_ms": 2000,
+            "ladder": [{"height": 720, "kbps": 3000}]}],
+            "groups": [{"name": "g1", "primary": "n1", "backup": "n2"}],
+            "events": [{"id": 7, "channel_id": 1, "group": "g1", "start_ms": 1_795_000_000_000_i64, "duration_ms": 60000}]})
+    }
+
+    #[test]
+    fn each_release_reads_its_own_schema() {
+        let e1 = events_for_group(Schema(1), &v1_params(), "g1").unwrap();
+        assert_eq!(e1.len(), 1);
+        assert_eq!(
+            (e1[0].segment_ms, e1[0].duration_ms, e1[0].channel_id),
+            (2000, 60000, None)
+        );
+        let e2 = events_for_group(Schema(2), &v2_params(), "g1").unwrap();
+        assert_eq!(
+            (e2[0].channel.as_str(), e2[0].channel_id),
+            ("news", Some(1))
+        );
+    }
+
+    #[test]
+    fn incompatible_in_both_directions() {
+        assert!(matches!(
+            events_for_group(Schema(1), &v2_params(), "g1"),
+            Err(ParamsError::Unreadable { .. })
+        ));
+        assert!(matches!(
+            events_for_group(Schema(2), &v1_params(), "g1"),
+            Err(ParamsError::Unreadable { .. })
+        ));
+        assert!(events_for_group(Schema(3), &v2_params(), "g1").is_err());
+    }
+
+    #[test]
+    fn dangling_channel_is_an_error() {
+        let mut p = v2_params();
+        p["events"][0]["channel_id"] = json!(99);
+        assert!(matches!(
+            events_for_group(Schema(2), &p, "g1"),
+            Err(ParamsError::UnknownChannel { .. })
+        ));
+    }
+}

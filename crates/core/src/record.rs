@@ -1,0 +1,442 @@
+//! Record formats, one type per schema, and the upcasters between them.
+//!
+//! A node produces [`Observation`]s and encodes them in its own schema. The
+//! controller decodes a record of schema k with that schema's type and walks
+//! the upcasters `k → k+1` until it reaches the schema of its database.
+
+use crate::release::Schema;
+use crate::wire::limits;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+pub mod v1 {
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum Kind {
+        Segment,
+        Stats,
+        Alert,
+        EventStart,
+        EventEnd,
+    }
+
+    /// Release 1 names channels and writes text timestamps.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Record {
+        pub kind: Kind,
+        pub channel: String,
+        /// RFC 3339 text.
+        pub at: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub seq: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub viewers: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub event: Option<i64>,
+        pub text: String,
+    }
+}
+
+pub mod v2 {
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum Kind {
+        SegmentPublished,
+        ViewerStats,
+        Alert,
+        EventStarted,
+        EventFinished,
+    }
+
+    impl Kind {
+        pub fn as_str(self) -> &'static str {
+            match self {
+                Kind::SegmentPublished => "segment_published",
+                Kind::ViewerStats => "viewer_stats",
+                Kind::Alert => "alert",
+                Kind::EventStarted => "event_started",
+                Kind::EventFinished => "event_finished",
+            }
+        }
+    }
+
+    /// Release 2 keys records by channel id and carries node and timing fields.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Record {
+        pub kind: Kind,
+        pub channel_id: i64,
+        pub node_id: String,
+        pub produced_at_ms: i64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub media_seq: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub duration_ms: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub viewers: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub event_id: Option<i64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub message: Option<String>,
+    }
+}
+
+/// What a node saw happen, before it is written in any schema.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Observation {
+    pub kind: v2::Kind,
+    pub channel: String,
+    pub channel_id: Option<i64>,
+    pub at_ms: i64,
+    pub media_seq: Option<u64>,
+    pub duration_ms: Option<u32>,
+    pub viewers: Option<u32>,
+    pub event_id: Option<i64>,
+    pub message: Option<String>,
+}
+
+impl Observation {
+    /// Identity of the fact itself, independent of schema and sequence
+    /// number: the same segment published twice by one node is a duplicate
+    /// even under two sequence numbers.
+    pub fn natural_key(&self) -> String {
+        natural_key(
+            self.kind,
+            &self.channel,
+            self.at_ms,
+            self.media_seq,
+            self.event_id,
+        )
+    }
+}
+
+/// See [`Observation::natural_key`]; shared with the store so both sides agree.
+pub fn natural_key(
+    kind: v2::Kind,
+    channel: &str,
+    at_ms: i64,
+    media_seq: Option<u64>,
+    event_id: Option<i64>,
+) -> String {
+    let k = kind.as_str();
+    match kind {
+        v2::Kind::SegmentPublished => format!("{k}/{channel}/{}", media_seq.unwrap_or(0)),
+        v2::Kind::ViewerStats => format!("{k}/{channel}/{}", at_ms.div_euclid(1000)),
+        v2::Kind::Alert => format!("{k}/{channel}/{at_ms}"),
+        v2::Kind::EventStarted | v2::Kind::EventFinished => {
+            format!("{k}/{}", event_id.unwrap_or(0))
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RecordError {
+    #[error("record of schema {schema} is malformed: {reason}")]
+    Malformed { schema: u32, reason: String },
+    #[error("no record format for schema {0}")]
+    UnknownSchema(u32),
+    #[error("cannot translate a record of schema {from} down to schema {to}")]
+    Downcast { from: u32, to: u32 },
+    #[error("record names channel {0:?}, which the database does not know")]
+    UnknownChannel(String),
+    #[error("record claims node {claimed:?} but was sent by node {sender:?}")]
+    WrongNode { claimed: String, sender: String },
+    #[error("this release needs a channel id to write the record of channel {0:?}")]
+    MissingChannelId(String),
+}
+
+/// A record in the format of some schema; what the store writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AnyRecord {
+    V1(v1::Record),
+    V2(v2::Record),
+}
+
+impl AnyRecord {
+    pub fn schema(&self) -> Schema {
+        match self {
+            AnyRecord::V1(_) => Schema(1),
+            AnyRecord::V2(_) => Schema(2),
+        }
+    }
+}
+
+/// What the upcaster `1 → 2` needs from the database.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChannelRef {
+    pub id: i64,
+    pub segment_ms: u32,
+}
+
+/// Channel names to ids, as the controller's database has them.
+pub type ChannelDirectory = HashMap<String, ChannelRef>;
+
+fn malformed(schema: u32, reason: impl ToString) -> RecordError {
+    RecordError::Malformed {
+        schema,
+        reason: reason.to_string(),
+    }
+}
+
+fn check_text(schema: u32, field: &str, text: &str) -> Result<(), RecordError> {
+    if text.chars().count() > limits::TEXT_CHARS_MAX {
+        return Err(malformed(
+            schema,
+            format!("{field} longer than {} characters", limits::TEXT_CHARS_MAX),
+        ));
+    }
+    Ok(())
+}
+
+/// Decodes one record as `schema` says it is, validating its sizes.
+pub fn decode(schema: Schema, raw: &serde_json::Value) -> Result<AnyRecord, RecordError> {
+    match schema.0 {
+        1 => {
+            let r: v1::Record = serde_json::from_value(raw.clone()).map_err(|e| malformed(1, e))?;
+            check_text(1, "channel", &r.channel)?;
+            check_text(1, "text", &r.text)?;
+            crate::timefmt::ms_from_rfc3339(&r.at).map_err(|e| malformed(1, e))?;
+            Ok(AnyRecord::V1(r))
+        }
+        2 => {
+            let r: v2::Record = serde_json::from_value(raw.clone()).map_err(|e| malformed(2, e))?;
+            check_text(2, "node_id", &r.node_id)?;
+            if let Some(m) = &r.message {
+                check_text(2, "message", m)?;
+            }
+            Ok(AnyRecord::V2(r))
+        }
+        other => Err(RecordError::UnknownSchema(other)),
+    }
+}
+
+/// Upcaster `1 → 2`: channel name to id, text time to Unix ms, kinds renamed,
+/// the sending node written into the record, segment duration from the channel.
+pub fn upcast_1_to_2(
+    r: v1::Record,
+    node_id: &str,
+    channels: &ChannelDirectory,
+) -> Result<v2::Record, RecordError> {
+    let channel = channels
+        .get(&r.channel)
+        .ok_or_else(|| RecordError::UnknownChannel(r.channel.clone()))?;
+    let produced_at_ms = crate::timefmt::ms_from_rfc3339(&r.at).map_err(|e| malformed(1, e))?;
+    let kind = match r.kind {
+        v1::Kind::Segment => v2::Kind::SegmentPublished,
+        v1::Kind::Stats => v2::Kind::ViewerStats,
+        v1::Kind::Alert => v2::Kind::Alert,
+        v1::Kind::EventStart => v2::Kind::EventStarted,
+        v1::Kind::EventEnd => v2::Kind::EventFinished,
+    };
+    let is_segment = kind == v2::Kind::SegmentPublished;
+    Ok(v2::Record {
+        kind,
+        channel_id: channel.id,
+        node_id: node_id.to_owned(),
+        produced_at_ms,
+        media_seq: r.seq,
+        duration_ms: is_segment.then_some(channel.segment_ms),
+        viewers: r.viewers,
+        event_id: r.event,
+        message: (!r.text.is_empty()).then_some(r.text),
+    })
+}
+
+/// Decodes a record of `from` and translates it up to `to` by composing the
+/// upcasters. A record already in `to` passes through unchanged.
+pub fn upcast(
+    from: Schema,
+    to: Schema,
+    raw: &serde_json::Value,
+    node_id: &str,
+    channels: &ChannelDirectory,
+) -> Result<AnyRecord, RecordError> {
+    if from > to {
+        return Err(RecordError::Downcast {
+            from: from.0,
+            to: to.0,
+        });
+    }
+    let mut record = decode(from, raw)?;
+    while record.schema() < to {
+        record = match record {
+            AnyRecord::V1(r) => AnyRecord::V2(upcast_1_to_2(r, node_id, channels)?),
+            AnyRecord::V2(_) => return Err(RecordError::UnknownSchema(to.0)),
+        };
+    }
+    if let AnyRecord::V2(r) = &record {
+        if r.node_id != node_id {
+            return Err(RecordError::WrongNode {
+                claimed: r.node_id.clone(),
+                sender: node_id.to_owned(),
+            });
+        }
+    }
+    Ok(record)
+}
+
+/// Writes an observation in the record format of `schema` (the node side).
+pub fn encode(
+    schema: Schema,
+    node_id: &str,
+    o: &Observation,
+) -> Result<serde_json::Value, RecordError> {
+    let value = match schema.0 {
+        1 => serde_json::to_value(v1::Record {
+            kind: match o.kind {
+                v2::Kind::SegmentPublished => v1::Kind::Segment,
+                v2::Kind::ViewerStats => v1::Kind::Stats,
+                v2::Kind::Alert => v1::Kind::Alert,
+                v2::Kind::EventStarted => v1::Kind::EventStart,
+                v2::Kind::EventFinished => v1::Kind::EventEnd,
+            },
+            channel: o.channel.clone(),
+            at: crate::timefmt::rfc3339_from_ms(o.at_ms).map_err(|e| malformed(1, e))?,
+            seq: o.media_seq,
+            viewers: o.viewers,
+            event: o.event_id,
+            text: o.message.clone().unwrap_or_default(),
+        }),
+        2 => serde_json::to_value(v2::Record {
+            kind: o.kind,
+            channel_id: o
+                .channel_id
+                .ok_or_else(|| RecordError::MissingChannelId(o.channel.clone()))?,
+            node_id: node_id.to_owned(),
+            produced_at_ms: o.at_ms,
+            media_seq: o.media_seq,
+            duration_ms: o.duration_ms,
+            viewers: o.viewers,
+            event_id: o.event_id,
+            message: o.message.clone(),
+        }),
+        other => return Err(RecordError::UnknownSchema(other)),
+    };
+    value.map_err(|e| malformed(schema.0, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn dir() -> ChannelDirectory {
+        HashMap::from([(
+            "news".to_owned(),
+            ChannelRef {
+                id: 4,
+                segment_ms: 2000,
+            },
+        )])
+    }
+
+    fn obs(kind: v2::Kind) -> Observation {
+        Observation {
+            kind,
+            channel: "news".into(),
+            channel_id: Some(4),
+            at_ms: 1_795_000_000_250,
+            media_seq: (kind == v2::Kind::SegmentPublished).then_some(42),
+            duration_ms: (kind == v2::Kind::SegmentPublished).then_some(2000),
+            viewers: (kind == v2::Kind::ViewerStats).then_some(17),
+            event_id: matches!(kind, v2::Kind::EventStarted | v2::Kind::EventFinished).then_some(9),
+            message: (kind == v2::Kind::Alert).then(|| "outbox above 80%".to_owned()),
+        }
+    }
+
+    const KINDS: [v2::Kind; 5] = [
+        v2::Kind::SegmentPublished,
+        v2::Kind::ViewerStats,
+        v2::Kind::Alert,
+        v2::Kind::EventStarted,
+        v2::Kind::EventFinished,
+    ];
+
+    /// Every kind written by a release-1 node lands as the record a
+    /// release-2 node would have written for the same observation.
+    #[test]
+    fn upcaster_1_to_2_matches_native_release_2_records() {
+        for kind in KINDS {
+            let o = obs(kind);
+            let old = encode(Schema(1), "n1", &o).unwrap();
+            let native = encode(Schema(2), "n1", &o).unwrap();
+            let translated = upcast(Schema(1), Schema(2), &old, "n1", &dir()).unwrap();
+            assert_eq!(translated, decode(Schema(2), &native).unwrap(), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn same_schema_passes_through() {
+        let raw = encode(Schema(2), "n1", &obs(v2::Kind::ViewerStats)).unwrap();
+        assert!(matches!(
+            upcast(Schema(2), Schema(2), &raw, "n1", &dir()),
+            Ok(AnyRecord::V2(_))
+        ));
+        let raw = encode(Schema(1), "n1", &obs(v2::Kind::ViewerStats)).unwrap();
+        assert!(matches!(
+            upcast(Schema(1), Schema(1), &raw, "n1", &dir()),
+            Ok(AnyRecord::V1(_))
+        ));
+    }
+
+    #[test]
+    fn refusals() {
+        let raw = encode(Schema(1), "n1", &obs(v2::Kind::Alert)).unwrap();
+        assert_eq!(
+            upcast(Schema(2), Schema(1), &raw, "n1", &dir()),
+            Err(RecordError::Downcast { from: 2, to: 1 })
+        );
+        assert_eq!(
+            upcast(Schema(1), Schema(2), &raw, "n1", &ChannelDirectory::new()),
+            Err(RecordError::UnknownChannel("news".into()))
+        );
+        let v2raw = encode(Schema(2), "n1", &obs(v2::Kind::Alert)).unwrap();
+        assert!(matches!(
+            upcast(Schema(2), Schema(2), &v2raw, "n2", &dir()),
+            Err(RecordError::WrongNode { .. })
+        ));
+        assert!(matches!(
+            decode(Schema(1), &v2raw),
+            Err(RecordError::Malformed { .. })
+        ));
+        assert!(matches!(
+            decode(Schema(2), &raw),
+            Err(RecordError::Malformed { .. })
+        ));
+        assert_eq!(decode(Schema(7), &raw), Err(RecordError::UnknownSchema(7)));
+        let bad_time = json!({"kind": "alert", "channel": "news", "at": "noon", "text": ""});
+        assert!(matches!(
+            decode(Schema(1), &bad_time),
+            Err(RecordError::Malformed { .. })
+        ));
+        let long = json!({"kind": "alert", "channel": "news", "at": "2026-11-25T23:00:00Z", "text": "x".repeat(5000)});
+        assert!(matches!(
+            decode(Schema(1), &long),
+            Err(RecordError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn release_2_needs_channel_ids() {
+        let mut o = obs(v2::Kind::Alert);
+        o.channel_id = None;
+        assert_eq!(
+            encode(Schema(2), "n1", &o),
+            Err(RecordError::MissingChannelId("news".into()))
+        );
+    }
+
+    #[test]
+    fn natural_keys_ignore_time_for_segments() {
+        let a = obs(v2::Kind::SegmentPublished);
+        let mut b = a.clone();
+        b.at_ms += 5;
+        assert_eq!(a.natural_key(), b.natural_key());
+        assert_eq!(a.natural_key(), "segment_published/news/42");
+    }
+}

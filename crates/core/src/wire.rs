@@ -1,0 +1,544 @@
+//! Node-protocol messages and the handshake decision.
+//!
+//! Every message carries `v` (its format version) and rejects unknown
+//! fields: a message this release does not understand is refused with a
+//! clear error and changes nothing.
+
+use crate::grant::{decide_grant, Grant, GrantReason};
+use crate::release::{ProtocolRange, Release, ReleaseInfo, Schema};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// The one message-format version both releases speak.
+pub const MESSAGE_VERSION: u32 = 1;
+
+/// Bounds on everything that crosses the network.
+pub mod limits {
+    /// Largest request body any endpoint reads.
+    pub const BODY_BYTES_MAX: usize = 1 << 20;
+    /// Records in one batch on either channel.
+    pub const BATCH_RECORDS_MAX: usize = 1000;
+    /// Node, group and channel ids.
+    pub const ID_CHARS_MAX: usize = 64;
+    pub const TOKEN_CHARS_MAX: usize = 256;
+    pub const URL_CHARS_MAX: usize = 256;
+    /// Free text inside a record.
+    pub const TEXT_CHARS_MAX: usize = 1024;
+    /// Events a node may report running at once.
+    pub const CURRENT_EVENTS_MAX: usize = 256;
+    /// Longest a watch request is held open before it answers "unchanged".
+    pub const WATCH_WAIT_MS_MAX: u64 = 30_000;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Primary,
+    Backup,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Backup => "backup",
+        }
+    }
+}
+
+/// A node's durable outbox as it reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxState {
+    pub next_seq: u64,
+    pub oldest_unacked_seq: Option<u64>,
+    pub count: u64,
+}
+
+/// Node → controller, first message of a session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hello {
+    pub v: u32,
+    pub node_id: String,
+    /// The cluster join token on first contact; afterwards the node's own credential.
+    pub token: String,
+    pub release: Release,
+    pub schema: Schema,
+    pub protocol: ProtocolRange,
+    pub role: Role,
+    pub group: String,
+    /// Where viewers reach this node's HLS output.
+    pub hls_url: String,
+    pub outbox: OutboxState,
+    pub current_events: Vec<i64>,
+    pub param_revision: Option<u64>,
+}
+
+/// What the controller wants the node to do about upgrades.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "action")]
+pub enum DesiredState {
+    Hold,
+}
+
+/// Controller → node, answer to [`Hello`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Welcome {
+    pub v: u32,
+    pub controller_release: Release,
+    pub controller_schema: Schema,
+    pub protocol: u32,
+    pub grant: Grant,
+    pub grant_reason: GrantReason,
+    pub epoch: u64,
+    pub lease_ms: u64,
+    pub desired: DesiredState,
+    pub param_revision: u64,
+    /// The node's own credential: every later request presents it.
+    pub credential: String,
+}
+
+/// Node → controller, every `lease_ms / 3`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    pub v: u32,
+    pub node_id: String,
+    pub epoch: u64,
+    pub outbox: OutboxState,
+    pub current_events: Vec<i64>,
+}
+
+/// Controller → node: the grant in force now (also the watch answer).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantState {
+    pub v: u32,
+    pub grant: Grant,
+    pub grant_reason: GrantReason,
+    pub epoch: u64,
+    pub lease_ms: u64,
+    pub param_revision: u64,
+}
+
+/// Records on either channel: main (`full`, database schema) or redundant
+/// (`deliver`, the node's older schema, translated by the controller).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Batch {
+    pub v: u32,
+    pub node_id: String,
+    pub epoch: u64,
+    pub schema: Schema,
+    pub first_seq: u64,
+    pub records: Vec<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchAck {
+    pub v: u32,
+    /// Every record with `seq <= acked_through` is stored; trim them.
+    pub acked_through: u64,
+    /// Records in this batch newly stored (the rest were already there).
+    pub stored: u64,
+    pub translated: u64,
+}
+
+/// The JSON body of every error answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("message is not valid: {0}")]
+    Malformed(String),
+    #[error("message version {got} is not supported (this release speaks {MESSAGE_VERSION})")]
+    UnsupportedVersion { got: u32 },
+    #[error("field {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+impl WireError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            WireError::Malformed(_) => "malformed",
+            WireError::UnsupportedVersion { .. } => "unsupported_version",
+            WireError::Invalid { .. } => "invalid_field",
+        }
+    }
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> WireError {
+    WireError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// Ids are short and plain so they can sit in paths, file names and logs.
+pub fn validate_id(field: &'static str, id: &str) -> Result<(), WireError> {
+    if id.is_empty() || id.len() > limits::ID_CHARS_MAX {
+        return Err(invalid(
+            field,
+            format!("must be 1 to {} characters", limits::ID_CHARS_MAX),
+        ));
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    {
+        return Err(invalid(
+            field,
+            "may hold only letters, digits, '-', '_' and '.'",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_len(field: &'static str, text: &str, max: usize) -> Result<(), WireError> {
+    if text.len() > max {
+        return Err(invalid(field, format!("longer than {max} bytes")));
+    }
+    Ok(())
+}
+
+fn validate_version(v: u32) -> Result<(), WireError> {
+    if v != MESSAGE_VERSION {
+        return Err(WireError::UnsupportedVersion { got: v });
+    }
+    Ok(())
+}
+
+/// A message that can check its own bounds after decoding.
+pub trait Validate {
+    fn validate(&self) -> Result<(), WireError>;
+}
+
+impl Validate for Hello {
+    fn validate(&self) -> Result<(), WireError> {
+        validate_version(self.v)?;
+        validate_id("node_id", &self.node_id)?;
+        validate_id("group", &self.group)?;
+        validate_len("token", &self.token, limits::TOKEN_CHARS_MAX)?;
+        validate_len("hls_url", &self.hls_url, limits::URL_CHARS_MAX)?;
+        if !self.hls_url.starts_with("http://") && !self.hls_url.starts_with("https://") {
+            return Err(invalid("hls_url", "must be an http:// or https:// URL"));
+        }
+        if self.current_events.len() > limits::CURRENT_EVENTS_MAX {
+            return Err(invalid(
+                "current_events",
+                format!("more than {}", limits::CURRENT_EVENTS_MAX),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Validate for Heartbeat {
+    fn validate(&self) -> Result<(), WireError> {
+        validate_version(self.v)?;
+        validate_id("node_id", &self.node_id)?;
+        if self.current_events.len() > limits::CURRENT_EVENTS_MAX {
+            return Err(invalid(
+                "current_events",
+                format!("more than {}", limits::CURRENT_EVENTS_MAX),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Validate for Batch {
+    fn validate(&self) -> Result<(), WireError> {
+        validate_version(self.v)?;
+        validate_id("node_id", &self.node_id)?;
+        if self.records.is_empty() {
+            return Err(invalid("records", "a batch holds at least one record"));
+        }
+        if self.records.len() > limits::BATCH_RECORDS_MAX {
+            return Err(invalid(
+                "records",
+                format!("more than {} in one batch", limits::BATCH_RECORDS_MAX),
+            ));
+        }
+        if self.first_seq == 0
+            || self
+                .first_seq
+                .checked_add(self.records.len() as u64)
+                .is_none()
+        {
+            return Err(invalid(
+                "first_seq",
+                "sequence numbers start at 1 and must not overflow",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Decodes and validates one message; the only way the shells read messages.
+pub fn decode<T: DeserializeOwned + Validate>(body: &[u8]) -> Result<T, WireError> {
+    if body.len() > limits::BODY_BYTES_MAX {
+        return Err(WireError::Malformed(format!(
+            "body larger than {} bytes",
+            limits::BODY_BYTES_MAX
+        )));
+    }
+    // Read the version first so a future message gets "unsupported version", not a field error.
+    #[derive(Deserialize)]
+    struct Versioned {
+        v: Option<u32>,
+    }
+    let versioned: Versioned =
+        serde_json::from_slice(body).map_err(|e| WireError::Malformed(e.to_string()))?;
+    validate_version(
+        versioned
+            .v
+            .ok_or_else(|| WireError::Malformed("missing field `v`".into()))?,
+    )?;
+    let msg: T = serde_json::from_slice(body).map_err(|e| WireError::Malformed(e.to_string()))?;
+    msg.validate()?;
+    Ok(msg)
+}
+
+/// What the controller knows when it answers a handshake.
+#[derive(Clone, Copy, Debug)]
+pub struct ControllerView {
+    pub info: &'static ReleaseInfo,
+    pub epoch: u64,
+    pub fenced: bool,
+    pub lease_ms: u64,
+    pub param_revision: u64,
+}
+
+impl ControllerView {
+    pub fn grant_state(&self, node_schema: Schema) -> GrantState {
+        let d = decide_grant(self.info, node_schema, self.fenced);
+        GrantState {
+            v: MESSAGE_VERSION,
+            grant: d.grant,
+            grant_reason: d.reason,
+            epoch: self.epoch,
+            lease_ms: self.lease_ms,
+            param_revision: self.param_revision,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HandshakeError {
+    #[error("no common protocol: node speaks {node:?}, controller speaks {controller:?}")]
+    NoCommonProtocol {
+        node: ProtocolRange,
+        controller: ProtocolRange,
+    },
+}
+
+/// The controller's half of the handshake: negotiate a protocol and decide
+/// the grant. Authentication happened before; `credential` is the node's.
+pub fn welcome(
+    view: &ControllerView,
+    hello: &Hello,
+    credential: String,
+) -> Result<Welcome, HandshakeError> {
+    let protocol =
+        view.info
+            .protocol
+            .negotiate(hello.protocol)
+            .ok_or(HandshakeError::NoCommonProtocol {
+                node: hello.protocol,
+                controller: view.info.protocol,
+            })?;
+    let g = view.grant_state(hello.schema);
+    Ok(Welcome {
+        v: MESSAGE_VERSION,
+        controller_release: view.info.release,
+        controller_schema: view.info.schema,
+        protocol,
+        grant: g.grant,
+        grant_reason: g.grant_reason,
+        epoch: view.epoch,
+        lease_ms: view.lease_ms,
+        desired: DesiredState::Hold,
+        param_revision: view.param_revision,
+        credential,
+    })
+}
+
+/// Fencing token check: a request made under any epoch but the current one
+/// is refused, so a node that missed a fence can never write across it.
+pub fn check_epoch(held: u64, current: u64) -> Result<(), StaleEpoch> {
+    if held == current {
+        Ok(())
+    } else {
+        Err(StaleEpoch { held, current })
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("request made under epoch {held}, but the cluster is at epoch {current}: handshake again (POST /node/v1/hello)")]
+pub struct StaleEpoch {
+    pub held: u64,
+    pub current: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn hello(release: u32) -> Hello {
+        let info = ReleaseInfo::of(Release(release)).unwrap();
+        Hello {
+            v: 1,
+            node_id: "n1".into(),
+            token: "t".into(),
+            release: info.release,
+            schema: info.schema,
+            protocol: info.protocol,
+            role: Role::Primary,
+            group: "g1".into(),
+            hls_url: "http://127.0.0.2:7000".into(),
+            outbox: OutboxState::default(),
+            current_events: vec![],
+            param_revision: None,
+        }
+    }
+
+    fn view(release: u32, fenced: bool) -> ControllerView {
+        ControllerView {
+            info: ReleaseInfo::of(Release(release)).unwrap(),
+            epoch: 5,
+            fenced,
+            lease_ms: 3000,
+            param_revision: 1,
+        }
+    }
+
+    #[test]
+    fn handshake_across_releases() {
+        let cases = [
+            (2, 2, false, Grant::Full, 2),
+            (2, 1, false, Grant::Deliver, 1),
+            (1, 2, false, Grant::Fenced, 1),
+            (2, 2, true, Grant::Fenced, 2),
+        ];
+        for (ctl, node, fenced, grant, protocol) in cases {
+            let w = welcome(&view(ctl, fenced), &hello(node), "c".into()).unwrap();
+            assert_eq!(
+                (w.grant, w.protocol, w.epoch),
+                (grant, protocol, 5),
+                "controller r{ctl}, node r{node}"
+            );
+        }
+    }
+
+    #[test]
+    fn no_common_protocol_is_refused() {
+        let mut h = hello(2);
+        h.protocol = ProtocolRange { min: 7, max: 9 };
+        assert!(matches!(
+            welcome(&view(2, false), &h, "c".into()),
+            Err(HandshakeError::NoCommonProtocol { .. })
+        ));
+    }
+
+    fn check_decode(body: serde_json::Value, code: &str) {
+        let bytes = serde_json::to_vec(&body).unwrap();
+        let got = decode::<Hello>(&bytes)
+            .map(|_| "ok")
+            .unwrap_or_else(|e| e.code());
+        assert_eq!(got, code, "{body}");
+    }
+
+    #[test]
+    fn hello_decoding() {
+        let good = serde_json::to_value(hello(1)).unwrap();
+        check_decode(good.clone(), "ok");
+        let mut future = good.clone();
+        future["v"] = json!(2);
+        check_decode(future, "unsupported_version");
+        let mut extra = good.clone();
+        extra["surprise"] = json!(true);
+        check_decode(extra, "malformed");
+        let mut bad_id = good.clone();
+        bad_id["node_id"] = json!("../etc");
+        check_decode(bad_id, "invalid_field");
+        let mut long_id = good.clone();
+        long_id["node_id"] = json!("n".repeat(65));
+        check_decode(long_id, "invalid_field");
+        let mut bad_url = good;
+        bad_url["hls_url"] = json!("ftp://x");
+        check_decode(bad_url, "invalid_field");
+        check_decode(json!({"node_id": "n1"}), "malformed");
+        assert_eq!(
+            decode::<Hello>(b"not json").unwrap_err().code(),
+            "malformed"
+        );
+        assert_eq!(
+            decode::<Hello>(&vec![b' '; limits::BODY_BYTES_MAX + 1])
+                .unwrap_err()
+                .code(),
+            "malformed"
+        );
+    }
+
+    #[test]
+    fn batch_bounds() {
+        let batch = |first_seq: u64, n: usize| {
+            serde_json::to_vec(&Batch {
+                v: 1,
+                node_id: "n1".into(),
+                epoch: 1,
+                schema: Schema(1),
+                first_seq,
+                records: vec![json!({}); n],
+            })
+            .unwrap()
+        };
+        assert!(decode::<Batch>(&batch(1, 1)).is_ok());
+        assert_eq!(
+            decode::<Batch>(&batch(1, 0)).unwrap_err().code(),
+            "invalid_field"
+        );
+        assert_eq!(
+            decode::<Batch>(&batch(0, 1)).unwrap_err().code(),
+            "invalid_field"
+        );
+        assert_eq!(
+            decode::<Batch>(&batch(u64::MAX, 2)).unwrap_err().code(),
+            "invalid_field"
+        );
+        assert_eq!(
+            decode::<Batch>(&batch(1, limits::BATCH_RECORDS_MAX + 1))
+                .unwrap_err()
+                .code(),
+            "invalid_field"
+        );
+    }
+
+    #[test]
+    fn epochs() {
+        assert_eq!(check_epoch(3, 3), Ok(()));
+        assert_eq!(
+            check_epoch(2, 3),
+            Err(StaleEpoch {
+                held: 2,
+                current: 3
+            })
+        );
+        assert_eq!(
+            check_epoch(4, 3),
+            Err(StaleEpoch {
+                held: 4,
+                current: 3
+            })
+        );
+    }
+}
