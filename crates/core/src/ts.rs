@@ -57,6 +57,8 @@ pub fn segment(channel: &str, media_seq: u64, duration_ms: u32) -> Vec<u8> {
     let mut out = Vec::new();
     psi_packet(&mut out, pat, &pat_section());
     psi_packet(&mut out, pmt, &pmt_section());
+    // Apple's layout: the PES payload is the bare tag. ffmpeg 5.x drops its first 5 bytes,
+    // mistaking them for an ISO 13818-1 metadata AU cell header; newer ffmpeg does not.
     let tag = id3_tag(channel, media_seq);
     packetize(
         &mut out,
@@ -121,8 +123,8 @@ impl Stream {
 
 /// Makes segment `media_seq + 1` continue segment `media_seq`'s counters, so that players
 /// reading segments back to back see no continuity errors. Each PID carries the same number
-/// of packets in every segment of a channel (the ID3 tag is padded to a fixed size), so the
-/// counter a segment starts at is `media_seq * packets` modulo 16.
+/// of packets in every segment of one channel and duration (the ID3 tag is padded to a fixed
+/// size), so the counter a segment starts at is `media_seq * packets` modulo 16.
 fn continue_counters(ts: &mut [u8], streams: &[Stream], media_seq: u64) {
     for packet in ts.chunks_exact_mut(TS_PACKET_BYTES) {
         let pid = u16::from_be_bytes([packet[1], packet[2]]) & 0x1FFF;

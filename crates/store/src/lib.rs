@@ -1,1 +1,179 @@
+//! The controller's database. Only the controller process opens it.
+//!
+//! [`Store`] is the boundary: the controller speaks to it in release-neutral
+//! terms (channel specs, batches of raw records with their schema) and the
+//! backend writes the schema its database is at. Tables that every release
+//! shares (`cluster`, `nodes`) keep one shape forever; the product tables
+//! (`channels`, `events`, `records`) change with the schema and are moved by
+//! the migrations in [`sqlite::migrate`].
 
+pub mod sqlite;
+
+use handover_core::params::{v2::Rung, Group};
+use handover_core::record::RecordError;
+use handover_core::wire::{OutboxState, Role};
+use handover_core::{Grant, Release, Schema};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("cannot open the database at {path}: {reason}")]
+    Open { path: String, reason: String },
+    #[error("the database is at schema {db}, but this release runs schema {release}; start the release that matches (or newer)")]
+    SchemaAhead { db: u32, release: u32 },
+    #[error("migration from schema {from} to {to} failed: {reason}")]
+    Migration { from: u32, to: u32, reason: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{what} {name:?} already exists")]
+    Exists { what: &'static str, name: String },
+    #[error("{what} {name:?} does not exist")]
+    Missing { what: &'static str, name: String },
+    #[error("record {seq} of the batch cannot be stored: {source}")]
+    Untranslatable { seq: u64, source: RecordError },
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Cluster-wide state, the same in every release.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub schema: Schema,
+    pub epoch: u64,
+    pub fenced: bool,
+    pub param_revision: u64,
+}
+
+/// A channel as the operator describes it, whatever the schema.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelSpec {
+    pub name: String,
+    #[serde(default)]
+    pub title: Option<String>,
+    pub segment_ms: u32,
+    /// Renditions, highest first; release 1 keeps only the first.
+    #[serde(default)]
+    pub ladder: Vec<Rung>,
+}
+
+/// An event as the operator describes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventSpec {
+    pub channel: String,
+    pub group: String,
+    pub start_ms: i64,
+    pub duration_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventView {
+    pub id: i64,
+    pub channel: String,
+    pub group: String,
+    pub start_ms: i64,
+    pub duration_ms: u64,
+}
+
+/// What the controller learns from a hello.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRegistration {
+    pub node_id: String,
+    pub credential: String,
+    pub release: Release,
+    pub schema: Schema,
+    pub role: Role,
+    pub group: String,
+    pub hls_url: String,
+    pub grant: Grant,
+    pub epoch: u64,
+    pub outbox: OutboxState,
+    pub current_events: Vec<i64>,
+    pub now_ms: i64,
+}
+
+/// One row of the node registry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRow {
+    pub node_id: String,
+    pub release: Release,
+    pub schema: Schema,
+    pub role: Role,
+    pub group: String,
+    pub hls_url: String,
+    pub grant: Grant,
+    pub epoch: u64,
+    pub outbox: OutboxState,
+    pub current_events: Vec<i64>,
+    pub last_seen_ms: i64,
+    /// Highest sequence acknowledged to this node.
+    pub acked_through: u64,
+}
+
+/// The answer to a stored batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchOutcome {
+    pub acked_through: u64,
+    pub stored: u64,
+    pub translated: u64,
+}
+
+/// One stored record, reduced to what a checker compares.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredRecord {
+    pub node_id: String,
+    pub seq: u64,
+    pub kind: String,
+    pub natural_key: String,
+    /// Schema the node wrote it in, when it was translated on the way in.
+    pub translated_from: Option<u32>,
+}
+
+/// Per-node totals of what the database holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordSummary {
+    pub node_id: String,
+    pub records: u64,
+    pub max_seq: u64,
+    pub translated: u64,
+}
+
+/// Records read at most per page of [`Store::records`].
+pub const RECORDS_PAGE_MAX: u32 = 10_000;
+
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    fn schema(&self) -> Schema;
+    async fn cluster(&self) -> Result<ClusterState>;
+    /// Fence: epoch + 1 and `fenced`; unfence clears the flag and keeps the epoch.
+    async fn set_fence(&self, fenced: bool) -> Result<ClusterState>;
+
+    async fn register_node(&self, reg: &NodeRegistration) -> Result<()>;
+    async fn node_credential(&self, node_id: &str) -> Result<Option<String>>;
+    async fn heartbeat(&self, node_id: &str, outbox: &OutboxState, current_events: &[i64], grant: Grant, now_ms: i64) -> Result<()>;
+    async fn nodes(&self) -> Result<Vec<NodeRow>>;
+
+    async fn create_channel(&self, spec: &ChannelSpec) -> Result<ChannelSpec>;
+    async fn channels(&self) -> Result<Vec<ChannelSpec>>;
+    async fn create_group(&self, group: &Group) -> Result<Group>;
+    async fn groups(&self) -> Result<Vec<Group>>;
+    async fn create_event(&self, spec: &EventSpec) -> Result<EventView>;
+    async fn events(&self) -> Result<Vec<EventView>>;
+
+    /// The parameters in this database's own schema, as nodes of that schema read them.
+    async fn params(&self) -> Result<serde_json::Value>;
+
+    /// Stores a batch idempotently on (node, seq), translating records of an
+    /// older schema first. All or nothing: a record that cannot be decoded
+    /// or translated refuses the whole batch and writes nothing.
+    async fn store_batch(&self, node_id: &str, from: Schema, first_seq: u64, records: &[serde_json::Value]) -> Result<BatchOutcome>;
+
+    async fn record_summary(&self) -> Result<Vec<RecordSummary>>;
+    /// Records of one node with `seq > after_seq`, in order, at most `limit`.
+    async fn records(&self, node_id: &str, after_seq: u64, limit: u32) -> Result<Vec<StoredRecord>>;
+}

@@ -1,0 +1,799 @@
+//! SQLite backend: the embedded default. WAL, `synchronous=FULL`, one writer
+//! at a time (a mutex, so a read-then-write transaction never meets
+//! SQLITE_BUSY), readers in parallel.
+
+use crate::{
+    BatchOutcome, ChannelSpec, ClusterState, EventSpec, EventView, NodeRegistration, NodeRow, RecordSummary, Result,
+    Store, StoreError, StoredRecord,
+};
+use handover_core::params::{v1, v2, Group};
+use handover_core::record::{v1 as rv1, v2 as rv2};
+use handover_core::record::{self, AnyRecord, ChannelDirectory, ChannelRef};
+use handover_core::timefmt;
+use handover_core::wire::{validate_id, OutboxState, Role};
+use handover_core::{Grant, Release, ReleaseInfo, Schema};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool, Sqlite, Transaction};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+/// Connections for concurrent readers; writes take the writer mutex.
+const POOL_CONNECTIONS_MAX: u32 = 8;
+const BUSY_TIMEOUT_MS: u64 = 10_000;
+
+/// Tables every release shares; their shape never changes.
+const SHARED_TABLES: &str = "
+CREATE TABLE IF NOT EXISTS cluster (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id TEXT PRIMARY KEY, credential TEXT NOT NULL, release INTEGER NOT NULL, schema INTEGER NOT NULL,
+    role TEXT NOT NULL, group_name TEXT NOT NULL, hls_url TEXT NOT NULL, grant_name TEXT NOT NULL,
+    epoch INTEGER NOT NULL, outbox_next_seq INTEGER NOT NULL, outbox_oldest INTEGER, outbox_count INTEGER NOT NULL,
+    current_events TEXT NOT NULL, last_seen_ms INTEGER NOT NULL, acked_through INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS groups (name TEXT PRIMARY KEY, primary_node TEXT NOT NULL, backup_node TEXT NOT NULL);
+";
+
+const SCHEMA_1: &str = "
+CREATE TABLE channels (name TEXT PRIMARY KEY, title TEXT NOT NULL, segment_seconds INTEGER NOT NULL,
+    resolution TEXT NOT NULL, bitrate_kbps INTEGER NOT NULL);
+CREATE TABLE events (id INTEGER PRIMARY KEY, channel TEXT NOT NULL, group_name TEXT NOT NULL,
+    start TEXT NOT NULL, duration_s INTEGER NOT NULL);
+CREATE TABLE records (node TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, channel TEXT NOT NULL,
+    at TEXT NOT NULL, media_seq INTEGER, viewers INTEGER, event INTEGER, text TEXT NOT NULL,
+    natural_key TEXT NOT NULL, PRIMARY KEY (node, seq));
+";
+
+const SCHEMA_2: &str = "
+CREATE TABLE channels (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, segment_ms INTEGER NOT NULL,
+    ladder TEXT NOT NULL);
+CREATE TABLE events (id INTEGER PRIMARY KEY, channel_id INTEGER NOT NULL, group_name TEXT NOT NULL,
+    start_ms INTEGER NOT NULL, duration_ms INTEGER NOT NULL);
+CREATE TABLE records (node_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, channel_id INTEGER NOT NULL,
+    produced_at_ms INTEGER NOT NULL, media_seq INTEGER, duration_ms INTEGER, viewers INTEGER, event_id INTEGER,
+    message TEXT, natural_key TEXT NOT NULL, translated_from INTEGER, PRIMARY KEY (node_id, seq));
+";
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+    info: &'static ReleaseInfo,
+    writer: Mutex<()>,
+}
+
+fn to_i64(v: u64, what: &str) -> Result<i64> {
+    i64::try_from(v).map_err(|_| StoreError::Invalid(format!("{what} {v} is too large")))
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` for `release`,
+    /// migrating an older schema forward after a snapshot in `snapshot_dir`.
+    pub async fn open(path: &Path, release: Release, snapshot_dir: &Path) -> Result<SqliteStore> {
+        let info = ReleaseInfo::of(release).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(POOL_CONNECTIONS_MAX)
+            .connect_with(opts)
+            .await
+            .map_err(|e| StoreError::Open { path: path.display().to_string(), reason: e.to_string() })?;
+        let store = SqliteStore { pool, info, writer: Mutex::new(()) };
+        store.prepare(snapshot_dir).await?;
+        Ok(store)
+    }
+
+    async fn prepare(&self, snapshot_dir: &Path) -> Result<()> {
+        let _w = self.writer.lock().await;
+        let mut tx = self.pool.begin().await?;
+        sqlx::raw_sql(SHARED_TABLES).execute(&mut *tx).await?;
+        let schema: Option<i64> = sqlx::query_scalar("SELECT value FROM cluster WHERE key = 'schema'")
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(db_schema) = schema else {
+            sqlx::raw_sql(product_tables(self.info.schema)?).execute(&mut *tx).await?;
+            for (key, value) in [("schema", i64::from(self.info.schema.0)), ("epoch", 1), ("fenced", 0), ("param_revision", 1)] {
+                sqlx::query("INSERT INTO cluster (key, value) VALUES (?, ?)").bind(key).bind(value).execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            return Ok(());
+        };
+        tx.commit().await?;
+        let db_schema = u32::try_from(db_schema).map_err(|_| StoreError::Corrupt(format!("schema {db_schema}")))?;
+        let target = self.info.schema.0;
+        if db_schema > target {
+            return Err(StoreError::SchemaAhead { db: db_schema, release: target });
+        }
+        if db_schema < target {
+            let snapshot = self.snapshot(snapshot_dir, db_schema).await?;
+            tracing::info!(snapshot = %snapshot.display(), from = db_schema, to = target, "migrating database");
+            migrate(&self.pool, db_schema, target).await?;
+        }
+        Ok(())
+    }
+
+    /// A consistent copy of the database, taken online with `VACUUM INTO`.
+    pub async fn snapshot(&self, dir: &Path, schema: u32) -> Result<PathBuf> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Open { path: dir.display().to_string(), reason: e.to_string() })?;
+        let mut n = 0u32;
+        let path = loop {
+            let candidate = dir.join(format!("schema-{schema}-{n}.db"));
+            if !candidate.exists() {
+                break candidate;
+            }
+            n += 1;
+        };
+        let target = path.to_str().ok_or_else(|| StoreError::Invalid("snapshot path is not UTF-8".into()))?;
+        sqlx::query("VACUUM INTO ?").bind(target).execute(&self.pool).await?;
+        Ok(path)
+    }
+
+    async fn channel_directory(&self) -> Result<(ChannelDirectory, HashMap<i64, String>)> {
+        let mut by_name = ChannelDirectory::new();
+        let mut by_id = HashMap::new();
+        match self.info.schema.0 {
+            1 => {
+                for row in sqlx::query("SELECT name, segment_seconds FROM channels").fetch_all(&self.pool).await? {
+                    let name: String = row.try_get("name")?;
+                    let secs: i64 = row.try_get("segment_seconds")?;
+                    let segment_ms = u32::try_from(secs * 1000).unwrap_or(u32::MAX);
+                    by_name.insert(name, ChannelRef { id: 0, segment_ms });
+                }
+            }
+            _ => {
+                for row in sqlx::query("SELECT id, name, segment_ms FROM channels").fetch_all(&self.pool).await? {
+                    let id: i64 = row.try_get("id")?;
+                    let name: String = row.try_get("name")?;
+                    let segment_ms: i64 = row.try_get("segment_ms")?;
+                    by_id.insert(id, name.clone());
+                    by_name.insert(name, ChannelRef { id, segment_ms: u32::try_from(segment_ms).unwrap_or(u32::MAX) });
+                }
+            }
+        }
+        Ok((by_name, by_id))
+    }
+
+    async fn bump_revision(tx: &mut Transaction<'_, Sqlite>) -> Result<()> {
+        sqlx::query("UPDATE cluster SET value = value + 1 WHERE key = 'param_revision'").execute(&mut **tx).await?;
+        Ok(())
+    }
+}
+
+fn product_tables(schema: Schema) -> Result<&'static str> {
+    match schema.0 {
+        1 => Ok(SCHEMA_1),
+        2 => Ok(SCHEMA_2),
+        other => Err(StoreError::Invalid(format!("no tables for schema {other}"))),
+    }
+}
+
+/// Moves the product tables from `from` to `to` one step at a time, all in
+/// one transaction: a failure leaves the database exactly as it was.
+pub async fn migrate(pool: &SqlitePool, from: u32, to: u32) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    for step in from..to {
+        match step {
+            1 => migrate_1_to_2(&mut tx).await.map_err(|e| StoreError::Migration { from: 1, to: 2, reason: e.to_string() })?,
+            other => return Err(StoreError::Migration { from: other, to: other + 1, reason: "no such migration".into() }),
+        }
+        sqlx::query("UPDATE cluster SET value = ? WHERE key = 'schema'").bind(i64::from(step + 1)).execute(&mut *tx).await?;
+    }
+    sqlx::query("UPDATE cluster SET value = value + 1 WHERE key = 'param_revision'").execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Schema 1 → 2: channels get ids, ms durations and a ladder; events and
+/// records are keyed by channel id; records go through the same upcaster the
+/// redundant channel uses, so a migrated row equals a translated one.
+async fn migrate_1_to_2(tx: &mut Transaction<'_, Sqlite>) -> Result<()> {
+    sqlx::raw_sql(
+        "ALTER TABLE channels RENAME TO channels_v1; ALTER TABLE events RENAME TO events_v1; ALTER TABLE records RENAME TO records_v1;",
+    )
+    .execute(&mut **tx)
+    .await?;
+    sqlx::raw_sql(SCHEMA_2).execute(&mut **tx).await?;
+    let mut dir = ChannelDirectory::new();
+    let channels = sqlx::query("SELECT name, segment_seconds, resolution, bitrate_kbps FROM channels_v1 ORDER BY name")
+        .fetch_all(&mut **tx)
+        .await?;
+    for row in channels {
+        let name: String = row.try_get("name")?;
+        let secs: i64 = row.try_get("segment_seconds")?;
+        let resolution: String = row.try_get("resolution")?;
+        let kbps: i64 = row.try_get("bitrate_kbps")?;
+        let height = resolution.split_once('x').and_then(|(_, h)| h.parse::<u32>().ok()).unwrap_or(720);
+        let ladder = vec![v2::Rung { height, kbps: u32::try_from(kbps).unwrap_or(0) }];
+        let ladder = serde_json::to_string(&ladder).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let id: i64 = sqlx::query_scalar("INSERT INTO channels (name, segment_ms, ladder) VALUES (?, ?, ?) RETURNING id")
+            .bind(&name)
+            .bind(secs * 1000)
+            .bind(ladder)
+            .fetch_one(&mut **tx)
+            .await?;
+        dir.insert(name, ChannelRef { id, segment_ms: u32::try_from(secs * 1000).unwrap_or(u32::MAX) });
+    }
+    let events = sqlx::query("SELECT id, channel, group_name, start, duration_s FROM events_v1").fetch_all(&mut **tx).await?;
+    for row in events {
+        let channel: String = row.try_get("channel")?;
+        let start: String = row.try_get("start")?;
+        let channel_id = dir.get(&channel).map(|c| c.id).ok_or_else(|| StoreError::Corrupt(format!("event names unknown channel {channel:?}")))?;
+        let start_ms = timefmt::ms_from_rfc3339(&start).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        sqlx::query("INSERT INTO events (id, channel_id, group_name, start_ms, duration_ms) VALUES (?, ?, ?, ?, ?)")
+            .bind(row.try_get::<i64, _>("id")?)
+            .bind(channel_id)
+            .bind(row.try_get::<String, _>("group_name")?)
+            .bind(start_ms)
+            .bind(row.try_get::<i64, _>("duration_s")? * 1000)
+            .execute(&mut **tx)
+            .await?;
+    }
+    let by_id: HashMap<i64, String> = dir.iter().map(|(n, c)| (c.id, n.clone())).collect();
+    let records = sqlx::query("SELECT node, seq, kind, channel, at, media_seq, viewers, event, text FROM records_v1 ORDER BY node, seq")
+        .fetch_all(&mut **tx)
+        .await?;
+    for row in records {
+        let node: String = row.try_get("node")?;
+        let seq: i64 = row.try_get("seq")?;
+        let old = v1_from_row(&row)?;
+        let new = record::upcast_1_to_2(old, &node, &dir).map_err(|source| StoreError::Untranslatable { seq: to_u64(seq), source })?;
+        insert_v2(tx, &node, seq, &new, Some(1), &by_id).await?;
+    }
+    sqlx::raw_sql("DROP TABLE records_v1; DROP TABLE events_v1; DROP TABLE channels_v1;").execute(&mut **tx).await?;
+    Ok(())
+}
+
+fn v1_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<rv1::Record> {
+    let kind: String = row.try_get("kind")?;
+    let kind: rv1::Kind =
+        serde_json::from_value(serde_json::Value::String(kind.clone())).map_err(|_| StoreError::Corrupt(format!("record kind {kind:?}")))?;
+    Ok(rv1::Record {
+        kind,
+        channel: row.try_get("channel")?,
+        at: row.try_get("at")?,
+        seq: row.try_get::<Option<i64>, _>("media_seq")?.map(to_u64),
+        viewers: row.try_get::<Option<i64>, _>("viewers")?.map(|v| u32::try_from(v).unwrap_or(0)),
+        event: row.try_get("event")?,
+        text: row.try_get("text")?,
+    })
+}
+
+fn v1_kind_name(kind: rv1::Kind) -> &'static str {
+    match kind {
+        rv1::Kind::Segment => "segment",
+        rv1::Kind::Stats => "stats",
+        rv1::Kind::Alert => "alert",
+        rv1::Kind::EventStart => "event_start",
+        rv1::Kind::EventEnd => "event_end",
+    }
+}
+
+fn v1_natural_key(r: &rv1::Record) -> String {
+    let kind = match r.kind {
+        rv1::Kind::Segment => rv2::Kind::SegmentPublished,
+        rv1::Kind::Stats => rv2::Kind::ViewerStats,
+        rv1::Kind::Alert => rv2::Kind::Alert,
+        rv1::Kind::EventStart => rv2::Kind::EventStarted,
+        rv1::Kind::EventEnd => rv2::Kind::EventFinished,
+    };
+    let at_ms = timefmt::ms_from_rfc3339(&r.at).unwrap_or(0);
+    record::natural_key(kind, &r.channel, at_ms, r.seq, r.event)
+}
+
+async fn insert_v1(tx: &mut Transaction<'_, Sqlite>, node: &str, seq: i64, r: &rv1::Record) -> Result<u64> {
+    let done = sqlx::query(
+        "INSERT INTO records (node, seq, kind, channel, at, media_seq, viewers, event, text, natural_key)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node, seq) DO NOTHING",
+    )
+    .bind(node)
+    .bind(seq)
+    .bind(v1_kind_name(r.kind))
+    .bind(&r.channel)
+    .bind(&r.at)
+    .bind(r.seq.map(|s| to_i64(s, "media_seq")).transpose()?)
+    .bind(r.viewers.map(i64::from))
+    .bind(r.event)
+    .bind(&r.text)
+    .bind(v1_natural_key(r))
+    .execute(&mut **tx)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+async fn insert_v2(
+    tx: &mut Transaction<'_, Sqlite>,
+    node: &str,
+    seq: i64,
+    r: &rv2::Record,
+    translated_from: Option<u32>,
+    channel_names: &HashMap<i64, String>,
+) -> Result<u64> {
+    let channel = channel_names
+        .get(&r.channel_id)
+        .ok_or_else(|| StoreError::Untranslatable { seq: to_u64(seq), source: record::RecordError::UnknownChannel(r.channel_id.to_string()) })?;
+    let key = record::natural_key(r.kind, channel, r.produced_at_ms, r.media_seq, r.event_id);
+    let done = sqlx::query(
+        "INSERT INTO records (node_id, seq, kind, channel_id, produced_at_ms, media_seq, duration_ms, viewers, event_id, message, natural_key, translated_from)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node_id, seq) DO NOTHING",
+    )
+    .bind(node)
+    .bind(seq)
+    .bind(r.kind.as_str())
+    .bind(r.channel_id)
+    .bind(r.produced_at_ms)
+    .bind(r.media_seq.map(|s| to_i64(s, "media_seq")).transpose()?)
+    .bind(r.duration_ms.map(i64::from))
+    .bind(r.viewers.map(i64::from))
+    .bind(r.event_id)
+    .bind(&r.message)
+    .bind(key)
+    .bind(translated_from.map(i64::from))
+    .execute(&mut **tx)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+fn parse_role(s: &str) -> Result<Role> {
+    match s {
+        "primary" => Ok(Role::Primary),
+        "backup" => Ok(Role::Backup),
+        other => Err(StoreError::Corrupt(format!("role {other:?}"))),
+    }
+}
+
+fn parse_grant(s: &str) -> Result<Grant> {
+    match s {
+        "full" => Ok(Grant::Full),
+        "deliver" => Ok(Grant::Deliver),
+        "fenced" => Ok(Grant::Fenced),
+        other => Err(StoreError::Corrupt(format!("grant {other:?}"))),
+    }
+}
+
+fn check_spec(spec: &ChannelSpec) -> Result<()> {
+    validate_id("name", &spec.name).map_err(|e| StoreError::Invalid(e.to_string()))?;
+    if !(500..=60_000).contains(&spec.segment_ms) {
+        return Err(StoreError::Invalid("segment_ms must be between 500 and 60000".into()));
+    }
+    if spec.ladder.len() > 16 {
+        return Err(StoreError::Invalid("a ladder has at most 16 rungs".into()));
+    }
+    Ok(())
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    fn schema(&self) -> Schema {
+        self.info.schema
+    }
+
+    async fn cluster(&self) -> Result<ClusterState> {
+        let rows = sqlx::query("SELECT key, value FROM cluster").fetch_all(&self.pool).await?;
+        let mut map = HashMap::new();
+        for row in rows {
+            map.insert(row.try_get::<String, _>("key")?, row.try_get::<i64, _>("value")?);
+        }
+        let get = |k: &str| map.get(k).copied().ok_or_else(|| StoreError::Corrupt(format!("cluster.{k} missing")));
+        Ok(ClusterState {
+            schema: Schema(u32::try_from(get("schema")?).unwrap_or(0)),
+            epoch: to_u64(get("epoch")?),
+            fenced: get("fenced")? != 0,
+            param_revision: to_u64(get("param_revision")?),
+        })
+    }
+
+    async fn set_fence(&self, fenced: bool) -> Result<ClusterState> {
+        let _w = self.writer.lock().await;
+        let mut tx = self.pool.begin().await?;
+        if fenced {
+            sqlx::query("UPDATE cluster SET value = value + 1 WHERE key = 'epoch'").execute(&mut *tx).await?;
+        }
+        sqlx::query("UPDATE cluster SET value = ? WHERE key = 'fenced'").bind(i64::from(fenced)).execute(&mut *tx).await?;
+        tx.commit().await?;
+        drop(_w);
+        self.cluster().await
+    }
+
+    async fn register_node(&self, r: &NodeRegistration) -> Result<()> {
+        let _w = self.writer.lock().await;
+        sqlx::query(
+            "INSERT INTO nodes (node_id, credential, release, schema, role, group_name, hls_url, grant_name, epoch,
+                outbox_next_seq, outbox_oldest, outbox_count, current_events, last_seen_ms)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (node_id) DO UPDATE SET credential = excluded.credential, release = excluded.release,
+                schema = excluded.schema, role = excluded.role, group_name = excluded.group_name, hls_url = excluded.hls_url,
+                grant_name = excluded.grant_name, epoch = excluded.epoch, outbox_next_seq = excluded.outbox_next_seq,
+                outbox_oldest = excluded.outbox_oldest, outbox_count = excluded.outbox_count,
+                current_events = excluded.current_events, last_seen_ms = excluded.last_seen_ms",
+        )
+        .bind(&r.node_id)
+        .bind(&r.credential)
+        .bind(i64::from(r.release.0))
+        .bind(i64::from(r.schema.0))
+        .bind(r.role.as_str())
+        .bind(&r.group)
+        .bind(&r.hls_url)
+        .bind(r.grant.as_str())
+        .bind(to_i64(r.epoch, "epoch")?)
+        .bind(to_i64(r.outbox.next_seq, "next_seq")?)
+        .bind(r.outbox.oldest_unacked_seq.map(|s| to_i64(s, "oldest_unacked_seq")).transpose()?)
+        .bind(to_i64(r.outbox.count, "count")?)
+        .bind(serde_json::to_string(&r.current_events).map_err(|e| StoreError::Invalid(e.to_string()))?)
+        .bind(r.now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn node_credential(&self, node_id: &str) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar("SELECT credential FROM nodes WHERE node_id = ?").bind(node_id).fetch_optional(&self.pool).await?)
+    }
+
+    async fn heartbeat(&self, node_id: &str, outbox: &OutboxState, events: &[i64], grant: Grant, now_ms: i64) -> Result<()> {
+        let _w = self.writer.lock().await;
+        sqlx::query(
+            "UPDATE nodes SET outbox_next_seq = ?, outbox_oldest = ?, outbox_count = ?, current_events = ?, grant_name = ?,
+                last_seen_ms = ? WHERE node_id = ?",
+        )
+        .bind(to_i64(outbox.next_seq, "next_seq")?)
+        .bind(outbox.oldest_unacked_seq.map(|s| to_i64(s, "oldest_unacked_seq")).transpose()?)
+        .bind(to_i64(outbox.count, "count")?)
+        .bind(serde_json::to_string(events).map_err(|e| StoreError::Invalid(e.to_string()))?)
+        .bind(grant.as_str())
+        .bind(now_ms)
+        .bind(node_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeRow>> {
+        let rows = sqlx::query("SELECT * FROM nodes ORDER BY group_name, role DESC, node_id").fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|row| {
+                let events: String = row.try_get("current_events")?;
+                Ok(NodeRow {
+                    node_id: row.try_get("node_id")?,
+                    release: Release(u32::try_from(row.try_get::<i64, _>("release")?).unwrap_or(0)),
+                    schema: Schema(u32::try_from(row.try_get::<i64, _>("schema")?).unwrap_or(0)),
+                    role: parse_role(&row.try_get::<String, _>("role")?)?,
+                    group: row.try_get("group_name")?,
+                    hls_url: row.try_get("hls_url")?,
+                    grant: parse_grant(&row.try_get::<String, _>("grant_name")?)?,
+                    epoch: to_u64(row.try_get("epoch")?),
+                    outbox: OutboxState {
+                        next_seq: to_u64(row.try_get("outbox_next_seq")?),
+                        oldest_unacked_seq: row.try_get::<Option<i64>, _>("outbox_oldest")?.map(to_u64),
+                        count: to_u64(row.try_get("outbox_count")?),
+                    },
+                    current_events: serde_json::from_str(&events).unwrap_or_default(),
+                    last_seen_ms: row.try_get("last_seen_ms")?,
+                    acked_through: to_u64(row.try_get("acked_through")?),
+                })
+            })
+            .collect()
+    }
+
+    async fn create_channel(&self, spec: &ChannelSpec) -> Result<ChannelSpec> {
+        check_spec(spec)?;
+        let mut spec = spec.clone();
+        if spec.ladder.is_empty() {
+            spec.ladder = vec![v2::Rung { height: 720, kbps: 3000 }];
+        }
+        let _w = self.writer.lock().await;
+        let mut tx = self.pool.begin().await?;
+        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM channels WHERE name = ?").bind(&spec.name).fetch_optional(&mut *tx).await?;
+        if exists.is_some() {
+            return Err(StoreError::Exists { what: "channel", name: spec.name });
+        }
+        match self.info.schema.0 {
+            1 => {
+                if spec.segment_ms % 1000 != 0 {
+                    return Err(StoreError::Invalid("release 1 supports whole-second segments only (segment_ms a multiple of 1000)".into()));
+                }
+                let top = spec.ladder[0];
+                spec.ladder.truncate(1);
+                sqlx::query("INSERT INTO channels (name, title, segment_seconds, resolution, bitrate_kbps) VALUES (?, ?, ?, ?, ?)")
+                    .bind(&spec.name)
+                    .bind(spec.title.clone().unwrap_or_else(|| spec.name.clone()))
+                    .bind(i64::from(spec.segment_ms / 1000))
+                    .bind(format!("{}x{}", top.height * 16 / 9, top.height))
+                    .bind(i64::from(top.kbps))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            _ => {
+                let ladder = serde_json::to_string(&spec.ladder).map_err(|e| StoreError::Invalid(e.to_string()))?;
+                sqlx::query("INSERT INTO channels (name, segment_ms, ladder) VALUES (?, ?, ?)")
+                    .bind(&spec.name)
+                    .bind(i64::from(spec.segment_ms))
+                    .bind(ladder)
+                    .execute(&mut *tx)
+                    .await?;
+                spec.title = None;
+            }
+        }
+        Self::bump_revision(&mut tx).await?;
+        tx.commit().await?;
+        Ok(spec)
+    }
+
+    async fn channels(&self) -> Result<Vec<ChannelSpec>> {
+        let params = self.params().await?;
+        match self.info.schema.0 {
+            1 => {
+                let p: v1::Params = serde_json::from_value(params).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                Ok(p.channels
+                    .into_iter()
+                    .map(|c| {
+                        let height = c.resolution.split_once('x').and_then(|(_, h)| h.parse().ok()).unwrap_or(0);
+                        ChannelSpec {
+                            name: c.name,
+                            title: Some(c.title),
+                            segment_ms: c.segment_seconds.saturating_mul(1000),
+                            ladder: vec![v2::Rung { height, kbps: c.bitrate_kbps }],
+                        }
+                    })
+                    .collect())
+            }
+            _ => {
+                let p: v2::Params = serde_json::from_value(params).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                Ok(p.channels.into_iter().map(|c| ChannelSpec { name: c.name, title: None, segment_ms: c.segment_ms, ladder: c.ladder }).collect())
+            }
+        }
+    }
+
+    async fn create_group(&self, group: &Group) -> Result<Group> {
+        for (field, id) in [("name", &group.name), ("primary", &group.primary), ("backup", &group.backup)] {
+            validate_id(field, id).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        }
+        if group.primary == group.backup {
+            return Err(StoreError::Invalid("primary and backup must be different nodes".into()));
+        }
+        let _w = self.writer.lock().await;
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query("INSERT INTO groups (name, primary_node, backup_node) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING")
+            .bind(&group.name)
+            .bind(&group.primary)
+            .bind(&group.backup)
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::Exists { what: "group", name: group.name.clone() });
+        }
+        Self::bump_revision(&mut tx).await?;
+        tx.commit().await?;
+        Ok(group.clone())
+    }
+
+    async fn groups(&self) -> Result<Vec<Group>> {
+        let rows = sqlx::query("SELECT name, primary_node, backup_node FROM groups ORDER BY name").fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| Ok(Group { name: r.try_get("name")?, primary: r.try_get("primary_node")?, backup: r.try_get("backup_node")? }))
+            .collect()
+    }
+
+    async fn create_event(&self, spec: &EventSpec) -> Result<EventView> {
+        if spec.duration_ms == 0 || spec.duration_ms > 7 * 24 * 3_600_000 {
+            return Err(StoreError::Invalid("duration_ms must be between 1 and one week".into()));
+        }
+        let (dir, _) = self.channel_directory().await?;
+        let channel = dir.get(&spec.channel).ok_or_else(|| StoreError::Missing { what: "channel", name: spec.channel.clone() })?;
+        let _w = self.writer.lock().await;
+        let mut tx = self.pool.begin().await?;
+        let group: Option<i64> = sqlx::query_scalar("SELECT 1 FROM groups WHERE name = ?").bind(&spec.group).fetch_optional(&mut *tx).await?;
+        if group.is_none() {
+            return Err(StoreError::Missing { what: "group", name: spec.group.clone() });
+        }
+        let id: i64 = match self.info.schema.0 {
+            1 => {
+                if spec.duration_ms % 1000 != 0 {
+                    return Err(StoreError::Invalid("release 1 supports whole-second durations only".into()));
+                }
+                let start = timefmt::rfc3339_from_ms(spec.start_ms).map_err(|e| StoreError::Invalid(e.to_string()))?;
+                sqlx::query_scalar("INSERT INTO events (channel, group_name, start, duration_s) VALUES (?, ?, ?, ?) RETURNING id")
+                    .bind(&spec.channel)
+                    .bind(&spec.group)
+                    .bind(start)
+                    .bind(to_i64(spec.duration_ms / 1000, "duration")?)
+                    .fetch_one(&mut *tx)
+                    .await?
+            }
+            _ => {
+                sqlx::query_scalar("INSERT INTO events (channel_id, group_name, start_ms, duration_ms) VALUES (?, ?, ?, ?) RETURNING id")
+                    .bind(channel.id)
+                    .bind(&spec.group)
+                    .bind(spec.start_ms)
+                    .bind(to_i64(spec.duration_ms, "duration")?)
+                    .fetch_one(&mut *tx)
+                    .await?
+            }
+        };
+        Self::bump_revision(&mut tx).await?;
+        tx.commit().await?;
+        Ok(EventView { id, channel: spec.channel.clone(), group: spec.group.clone(), start_ms: spec.start_ms, duration_ms: spec.duration_ms })
+    }
+
+    async fn events(&self) -> Result<Vec<EventView>> {
+        let (_, by_id) = self.channel_directory().await?;
+        let params = self.params().await?;
+        match self.info.schema.0 {
+            1 => {
+                let p: v1::Params = serde_json::from_value(params).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                p.events
+                    .into_iter()
+                    .map(|e| {
+                        Ok(EventView {
+                            id: e.id,
+                            channel: e.channel,
+                            group: e.group,
+                            start_ms: timefmt::ms_from_rfc3339(&e.start).map_err(|err| StoreError::Corrupt(err.to_string()))?,
+                            duration_ms: u64::from(e.duration_s) * 1000,
+                        })
+                    })
+                    .collect()
+            }
+            _ => {
+                let p: v2::Params = serde_json::from_value(params).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                Ok(p.events
+                    .into_iter()
+                    .map(|e| EventView {
+                        id: e.id,
+                        channel: by_id.get(&e.channel_id).cloned().unwrap_or_default(),
+                        group: e.group,
+                        start_ms: e.start_ms,
+                        duration_ms: e.duration_ms,
+                    })
+                    .collect())
+            }
+        }
+    }
+
+    async fn params(&self) -> Result<serde_json::Value> {
+        let revision = self.cluster().await?.param_revision;
+        let groups = self.groups().await?;
+        let value = match self.info.schema.0 {
+            1 => {
+                let channels = sqlx::query("SELECT name, title, segment_seconds, resolution, bitrate_kbps FROM channels ORDER BY name")
+                    .fetch_all(&self.pool)
+                    .await?
+                    .iter()
+                    .map(|r| {
+                        Ok(v1::Channel {
+                            name: r.try_get("name")?,
+                            title: r.try_get("title")?,
+                            segment_seconds: u32::try_from(r.try_get::<i64, _>("segment_seconds")?).unwrap_or(0),
+                            resolution: r.try_get("resolution")?,
+                            bitrate_kbps: u32::try_from(r.try_get::<i64, _>("bitrate_kbps")?).unwrap_or(0),
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let events = sqlx::query("SELECT id, channel, group_name, start, duration_s FROM events ORDER BY id")
+                    .fetch_all(&self.pool)
+                    .await?
+                    .iter()
+                    .map(|r| {
+                        Ok(v1::Event {
+                            id: r.try_get("id")?,
+                            channel: r.try_get("channel")?,
+                            group: r.try_get("group_name")?,
+                            start: r.try_get("start")?,
+                            duration_s: u32::try_from(r.try_get::<i64, _>("duration_s")?).unwrap_or(0),
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                serde_json::to_value(v1::Params { revision, channels, groups, events })
+            }
+            _ => {
+                let channels = sqlx::query("SELECT id, name, segment_ms, ladder FROM channels ORDER BY id")
+                    .fetch_all(&self.pool)
+                    .await?
+                    .iter()
+                    .map(|r| {
+                        let ladder: String = r.try_get("ladder")?;
+                        Ok(v2::Channel {
+                            id: r.try_get("id")?,
+                            name: r.try_get("name")?,
+                            segment_ms: u32::try_from(r.try_get::<i64, _>("segment_ms")?).unwrap_or(0),
+                            ladder: serde_json::from_str(&ladder).map_err(|e| StoreError::Corrupt(format!("ladder: {e}")))?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let events = sqlx::query("SELECT id, channel_id, group_name, start_ms, duration_ms FROM events ORDER BY id")
+                    .fetch_all(&self.pool)
+                    .await?
+                    .iter()
+                    .map(|r| {
+                        Ok(v2::Event {
+                            id: r.try_get("id")?,
+                            channel_id: r.try_get("channel_id")?,
+                            group: r.try_get("group_name")?,
+                            start_ms: r.try_get("start_ms")?,
+                            duration_ms: to_u64(r.try_get("duration_ms")?),
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                serde_json::to_value(v2::Params { revision, channels, groups, events })
+            }
+        };
+        value.map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
+    async fn store_batch(&self, node_id: &str, from: Schema, first_seq: u64, raw: &[serde_json::Value]) -> Result<BatchOutcome> {
+        let (dir, by_id) = self.channel_directory().await?;
+        let to = self.info.schema;
+        let mut decoded = Vec::with_capacity(raw.len());
+        for (i, value) in raw.iter().enumerate() {
+            let seq = first_seq + i as u64;
+            let rec = record::upcast(from, to, value, node_id, &dir).map_err(|source| StoreError::Untranslatable { seq, source })?;
+            decoded.push((to_i64(seq, "seq")?, rec));
+        }
+        let translated_from = (from != to).then_some(from.0);
+        let _w = self.writer.lock().await;
+        let mut tx = self.pool.begin().await?;
+        let mut stored = 0;
+        for (seq, rec) in &decoded {
+            stored += match rec {
+                AnyRecord::V1(r) => insert_v1(&mut tx, node_id, *seq, r).await?,
+                AnyRecord::V2(r) => insert_v2(&mut tx, node_id, *seq, r, translated_from, &by_id).await?,
+            };
+        }
+        let last = first_seq + raw.len() as u64 - 1;
+        sqlx::query("UPDATE nodes SET acked_through = MAX(acked_through, ?) WHERE node_id = ?")
+            .bind(to_i64(last, "seq")?)
+            .bind(node_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let translated = if translated_from.is_some() { stored } else { 0 };
+        Ok(BatchOutcome { acked_through: last, stored, translated })
+    }
+
+    async fn record_summary(&self) -> Result<Vec<RecordSummary>> {
+        let sql = match self.info.schema.0 {
+            1 => "SELECT node AS node_id, COUNT(*) AS n, MAX(seq) AS max_seq, 0 AS translated FROM records GROUP BY node ORDER BY node",
+            _ => "SELECT node_id, COUNT(*) AS n, MAX(seq) AS max_seq, COUNT(translated_from) AS translated FROM records GROUP BY node_id ORDER BY node_id",
+        };
+        let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(RecordSummary {
+                    node_id: r.try_get("node_id")?,
+                    records: to_u64(r.try_get("n")?),
+                    max_seq: to_u64(r.try_get("max_seq")?),
+                    translated: to_u64(r.try_get("translated")?),
+                })
+            })
+            .collect()
+    }
+
+    async fn records(&self, node_id: &str, after_seq: u64, limit: u32) -> Result<Vec<StoredRecord>> {
+        let sql = match self.info.schema.0 {
+            1 => "SELECT node AS node_id, seq, kind, natural_key, NULL AS translated_from FROM records WHERE node = ? AND seq > ? ORDER BY seq LIMIT ?",
+            _ => "SELECT node_id, seq, kind, natural_key, translated_from FROM records WHERE node_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        };
+        let rows = sqlx::query(sql)
+            .bind(node_id)
+            .bind(to_i64(after_seq, "after_seq")?)
+            .bind(i64::from(limit.min(crate::RECORDS_PAGE_MAX)))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(StoredRecord {
+                    node_id: r.try_get("node_id")?,
+                    seq: to_u64(r.try_get("seq")?),
+                    kind: r.try_get("kind")?,
+                    natural_key: r.try_get("natural_key")?,
+                    translated_from: r.try_get::<Option<i64>, _>("translated_from")?.map(|v| u32::try_from(v).unwrap_or(0)),
+                })
+            })
+            .collect()
+    }
+}
