@@ -155,6 +155,8 @@ pub trait Store: Send + Sync + 'static {
 
     async fn register_node(&self, reg: &NodeRegistration) -> Result<()>;
     async fn node_credential(&self, node_id: &str) -> Result<Option<String>>;
+    /// The node (and its schema) a credential belongs to.
+    async fn node_by_credential(&self, credential: &str) -> Result<Option<(String, Schema)>>;
     async fn heartbeat(&self, node_id: &str, outbox: &OutboxState, current_events: &[i64], grant: Grant, now_ms: i64) -> Result<()>;
     async fn nodes(&self) -> Result<Vec<NodeRow>>;
 

@@ -435,6 +435,11 @@ impl Store for SqliteStore {
         Ok(sqlx::query_scalar("SELECT credential FROM nodes WHERE node_id = ?").bind(node_id).fetch_optional(&self.pool).await?)
     }
 
+    async fn node_by_credential(&self, credential: &str) -> Result<Option<(String, Schema)>> {
+        let row = sqlx::query("SELECT node_id, schema FROM nodes WHERE credential = ?").bind(credential).fetch_optional(&self.pool).await?;
+        row.map(|r| Ok((r.try_get("node_id")?, Schema(u32::try_from(r.try_get::<i64, _>("schema")?).unwrap_or(0))))).transpose()
+    }
+
     async fn heartbeat(&self, node_id: &str, outbox: &OutboxState, events: &[i64], grant: Grant, now_ms: i64) -> Result<()> {
         let _w = self.writer.lock().await;
         sqlx::query(

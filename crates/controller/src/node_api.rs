@@ -1,0 +1,202 @@
+//! The node protocol: hello, heartbeat, watch, params and the two channels.
+
+use crate::{bearer, now_ms, same_token, ApiError, ApiResult, Session, Shared};
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use handover_core::wire::{self, check_epoch, limits, Batch, GrantState, Heartbeat, Hello, Welcome};
+use handover_core::{Grant, Schema};
+use handover_store::NodeRegistration;
+use serde::Deserialize;
+use std::time::Duration;
+
+fn new_credential() -> String {
+    format!("{:032x}{:032x}", rand::random::<u128>(), rand::random::<u128>())
+}
+
+/// Finds the session a bearer credential belongs to, from memory or, after
+/// a controller restart, from the registry.
+async fn session(state: &Shared, headers: &HeaderMap, node_hint: Option<&str>) -> ApiResult<Session> {
+    let token = bearer(headers).ok_or_else(|| ApiError::unauthorized("missing `Authorization: Bearer <credential>`; send hello first"))?;
+    let cached = state.sessions.read().ok().and_then(|map| map.get(token).cloned());
+    let s = match cached {
+        Some(s) => s,
+        None => {
+            let (node_id, schema) = state
+                .store
+                .node_by_credential(token)
+                .await?
+                .ok_or_else(|| ApiError::unauthorized("unknown credential; send hello again with the join token"))?;
+            let s = Session { node_id, schema };
+            if let Ok(mut map) = state.sessions.write() {
+                map.insert(token.to_owned(), s.clone());
+            }
+            s
+        }
+    };
+    if node_hint.is_some_and(|n| n != s.node_id) {
+        return Err(ApiError::unauthorized("this credential belongs to another node"));
+    }
+    Ok(s)
+}
+
+pub async fn hello(State(state): State<Shared>, body: Result<Bytes, BytesRejection>) -> ApiResult<Json<Welcome>> {
+    let hello: Hello = wire::decode(&body?)?;
+    let existing = state.store.node_credential(&hello.node_id).await?;
+    let credential = match &existing {
+        Some(cred) if same_token(cred, &hello.token) => cred.clone(),
+        _ if same_token(&state.config.join_token, &hello.token) => new_credential(),
+        _ => return Err(ApiError::unauthorized("wrong token: present the cluster join token, or this node's own credential")),
+    };
+    state.refresh_cluster().await?;
+    let view = state.view();
+    let welcome = wire::welcome(&view, &hello, credential.clone())
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "no_common_protocol", e.to_string()))?;
+    state
+        .store
+        .register_node(&NodeRegistration {
+            node_id: hello.node_id.clone(),
+            credential: credential.clone(),
+            release: hello.release,
+            schema: hello.schema,
+            role: hello.role,
+            group: hello.group.clone(),
+            hls_url: hello.hls_url.clone(),
+            grant: welcome.grant,
+            epoch: welcome.epoch,
+            outbox: hello.outbox,
+            current_events: hello.current_events.clone(),
+            now_ms: now_ms(),
+        })
+        .await?;
+    if let Ok(mut map) = state.sessions.write() {
+        map.retain(|_, s| s.node_id != hello.node_id);
+        map.insert(credential, Session { node_id: hello.node_id.clone(), schema: hello.schema });
+    }
+    tracing::info!(node = %hello.node_id, release = hello.release.0, grant = %welcome.grant, epoch = welcome.epoch, "hello");
+    Ok(Json(welcome))
+}
+
+pub async fn heartbeat(State(state): State<Shared>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> ApiResult<Json<GrantState>> {
+    let hb: Heartbeat = wire::decode(&body?)?;
+    let s = session(&state, &headers, Some(&hb.node_id)).await?;
+    let view = state.view();
+    check_epoch(hb.epoch, view.epoch)?;
+    let grant = view.grant_state(s.schema);
+    state.store.heartbeat(&s.node_id, &hb.outbox, &hb.current_events, grant.grant, now_ms()).await?;
+    Ok(Json(grant))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchQuery {
+    node: Option<String>,
+    epoch: u64,
+    grant: Grant,
+    wait_ms: Option<u64>,
+}
+
+/// Long-poll: answers as soon as the node's grant or epoch differs from what
+/// it holds, or when the wait ends. This is how a fence reaches a node in
+/// milliseconds rather than at its next heartbeat.
+pub async fn watch(State(state): State<Shared>, headers: HeaderMap, q: Result<Query<WatchQuery>, QueryRejection>) -> ApiResult<Json<GrantState>> {
+    let Query(q) = q?;
+    let s = session(&state, &headers, q.node.as_deref()).await?;
+    let wait = Duration::from_millis(q.wait_ms.unwrap_or(limits::WATCH_WAIT_MS_MAX).min(limits::WATCH_WAIT_MS_MAX));
+    let mut rx = state.cluster.subscribe();
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let current = state.view().grant_state(s.schema);
+        if current.epoch != q.epoch || current.grant != q.grant {
+            return Ok(Json(current));
+        }
+        match tokio::time::timeout_at(deadline, rx.changed()).await {
+            Ok(Ok(())) => continue,
+            Ok(Err(_)) | Err(_) => return Ok(Json(current)),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParamsQuery {
+    node: Option<String>,
+    epoch: u64,
+}
+
+pub async fn params(State(state): State<Shared>, headers: HeaderMap, q: Result<Query<ParamsQuery>, QueryRejection>) -> ApiResult<Json<serde_json::Value>> {
+    let Query(q) = q?;
+    let s = session(&state, &headers, q.node.as_deref()).await?;
+    let view = state.view();
+    check_epoch(q.epoch, view.epoch)?;
+    let grant = view.grant_state(s.schema);
+    if !grant.grant.may_read_params() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "grant_forbids_read",
+            format!(
+                "grant `{}` ({:?}) does not allow reading parameters: keep serving from the cached parameters",
+                grant.grant, grant.grant_reason
+            ),
+        ));
+    }
+    let params = state.store.params().await?;
+    Ok(Json(serde_json::json!({"schema": state.info.schema, "revision": view.param_revision, "params": params})))
+}
+
+/// Which channel a batch came in on; each has its own grant and schema rule.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Channel {
+    Main,
+    Redundant,
+}
+
+async fn ingest(state: Shared, headers: HeaderMap, body: Result<Bytes, BytesRejection>, channel: Channel) -> ApiResult<Json<wire::BatchAck>> {
+    let batch: Batch = wire::decode(&body?)?;
+    let s = session(&state, &headers, Some(&batch.node_id)).await?;
+    let view = state.view();
+    check_epoch(batch.epoch, view.epoch)?;
+    let grant = view.grant_state(s.schema).grant;
+    let (needed, schema_ok, name) = match channel {
+        Channel::Main => (Grant::Full, batch.schema == state.info.schema, "main"),
+        Channel::Redundant => (Grant::Deliver, batch.schema == s.schema, "redundant"),
+    };
+    if grant != needed {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "grant_forbids_write",
+            format!("the {name} channel needs grant `{needed}`, this node holds `{grant}`"),
+        ));
+    }
+    if !schema_ok {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "schema_mismatch",
+            format!("batch says schema {}, but the {name} channel takes schema {} from this node", batch.schema, expected_schema(&state, &s, channel)),
+        ));
+    }
+    let out = state.store.store_batch(&s.node_id, batch.schema, batch.first_seq, &batch.records).await?;
+    Ok(Json(wire::BatchAck {
+        v: wire::MESSAGE_VERSION,
+        acked_through: out.acked_through,
+        stored: out.stored,
+        translated: out.translated,
+    }))
+}
+
+fn expected_schema(state: &Shared, s: &Session, channel: Channel) -> Schema {
+    match channel {
+        Channel::Main => state.info.schema,
+        Channel::Redundant => s.schema,
+    }
+}
+
+pub async fn records(State(state): State<Shared>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> ApiResult<Json<wire::BatchAck>> {
+    ingest(state, headers, body, Channel::Main).await
+}
+
+pub async fn deliver(State(state): State<Shared>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> ApiResult<Json<wire::BatchAck>> {
+    ingest(state, headers, body, Channel::Redundant).await
+}

@@ -1,0 +1,185 @@
+//! The operator API: status, channels, groups, events, fence, records.
+//! Every call needs `Authorization: Bearer <operator token>`.
+
+use crate::{bearer, now_ms, same_token, ApiError, ApiResult, Shared};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::Json;
+use handover_core::grant::decide_grant;
+use handover_core::params::Group;
+use handover_core::{Grant, GrantReason, ProtocolRange, Release, ReleaseInfo, Schema};
+use handover_store::{ChannelSpec, ClusterState, EventSpec, EventView, NodeRow, RecordSummary, StoredRecord, RECORDS_PAGE_MAX};
+use serde::{Deserialize, Serialize};
+
+fn operator(state: &Shared, headers: &HeaderMap) -> ApiResult<()> {
+    match bearer(headers) {
+        Some(t) if same_token(t, &state.config.operator_token) => Ok(()),
+        Some(_) => Err(ApiError::unauthorized("wrong operator token")),
+        None => Err(ApiError::unauthorized("missing `Authorization: Bearer <operator token>` (see --operator-token)")),
+    }
+}
+
+/// One node as the operator sees it: the registry row plus the grant in
+/// force now (a fence changes it before the node's next heartbeat).
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct NodeStatus {
+    #[serde(flatten)]
+    pub row: NodeRow,
+    pub grant_now: Grant,
+    pub grant_reason: GrantReason,
+    pub outbox_depth: u64,
+    pub lease_expired: bool,
+}
+
+/// The running controller's release, as the operator sees it.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct ControllerInfo {
+    pub release: Release,
+    pub semver: String,
+    pub schema: Schema,
+    pub protocol: ProtocolRange,
+    pub window_min_schema: Schema,
+}
+
+impl From<&ReleaseInfo> for ControllerInfo {
+    fn from(i: &ReleaseInfo) -> ControllerInfo {
+        ControllerInfo {
+            release: i.release,
+            semver: i.semver.to_owned(),
+            schema: i.schema,
+            protocol: i.protocol,
+            window_min_schema: i.window_min_schema,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Status {
+    pub controller: ControllerInfo,
+    pub cluster: ClusterState,
+    pub lease_ms: u64,
+    pub nodes: Vec<NodeStatus>,
+}
+
+pub async fn status(State(state): State<Shared>, headers: HeaderMap) -> ApiResult<Json<Status>> {
+    operator(&state, &headers)?;
+    let cluster = state.refresh_cluster().await?;
+    let now = now_ms();
+    let lease = i64::try_from(state.config.lease_ms).unwrap_or(i64::MAX);
+    let nodes = state
+        .store
+        .nodes()
+        .await?
+        .into_iter()
+        .map(|row| {
+            let d = decide_grant(state.info, row.schema, cluster.fenced);
+            NodeStatus {
+                grant_now: d.grant,
+                grant_reason: d.reason,
+                outbox_depth: row.outbox.count,
+                lease_expired: now.saturating_sub(row.last_seen_ms) > lease,
+                row,
+            }
+        })
+        .collect();
+    Ok(Json(Status { controller: state.info.into(), cluster, lease_ms: state.config.lease_ms, nodes }))
+}
+
+pub async fn channels(State(state): State<Shared>, headers: HeaderMap) -> ApiResult<Json<Vec<ChannelSpec>>> {
+    operator(&state, &headers)?;
+    Ok(Json(state.store.channels().await?))
+}
+
+pub async fn create_channel(State(state): State<Shared>, headers: HeaderMap, body: Result<Json<ChannelSpec>, JsonRejection>) -> ApiResult<Json<ChannelSpec>> {
+    operator(&state, &headers)?;
+    let Json(spec) = body?;
+    let created = state.store.create_channel(&spec).await?;
+    state.refresh_cluster().await?;
+    Ok(Json(created))
+}
+
+pub async fn groups(State(state): State<Shared>, headers: HeaderMap) -> ApiResult<Json<Vec<Group>>> {
+    operator(&state, &headers)?;
+    Ok(Json(state.store.groups().await?))
+}
+
+pub async fn create_group(State(state): State<Shared>, headers: HeaderMap, body: Result<Json<Group>, JsonRejection>) -> ApiResult<Json<Group>> {
+    operator(&state, &headers)?;
+    let Json(group) = body?;
+    let created = state.store.create_group(&group).await?;
+    state.refresh_cluster().await?;
+    Ok(Json(created))
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct GroupNodes {
+    pub group: String,
+    /// HLS base URLs, primary first; a node that never said hello is missing.
+    pub hls_urls: Vec<String>,
+}
+
+pub async fn group_nodes(State(state): State<Shared>, headers: HeaderMap, Path(name): Path<String>) -> ApiResult<Json<GroupNodes>> {
+    operator(&state, &headers)?;
+    let group = state
+        .store
+        .groups()
+        .await?
+        .into_iter()
+        .find(|g| g.name == name)
+        .ok_or_else(|| ApiError::not_found(format!("group {name:?} does not exist")))?;
+    let nodes = state.store.nodes().await?;
+    let url = |id: &str| nodes.iter().find(|n| n.node_id == id).map(|n| n.hls_url.clone());
+    let hls_urls = [url(&group.primary), url(&group.backup)].into_iter().flatten().collect();
+    Ok(Json(GroupNodes { group: name, hls_urls }))
+}
+
+pub async fn events(State(state): State<Shared>, headers: HeaderMap) -> ApiResult<Json<Vec<EventView>>> {
+    operator(&state, &headers)?;
+    Ok(Json(state.store.events().await?))
+}
+
+pub async fn create_event(State(state): State<Shared>, headers: HeaderMap, body: Result<Json<EventSpec>, JsonRejection>) -> ApiResult<Json<EventView>> {
+    operator(&state, &headers)?;
+    let Json(spec) = body?;
+    let created = state.store.create_event(&spec).await?;
+    state.refresh_cluster().await?;
+    Ok(Json(created))
+}
+
+pub async fn fence(State(state): State<Shared>, headers: HeaderMap) -> ApiResult<Json<ClusterState>> {
+    operator(&state, &headers)?;
+    state.store.set_fence(true).await?;
+    let c = state.refresh_cluster().await?;
+    tracing::warn!(epoch = c.epoch, "cluster fenced");
+    Ok(Json(c))
+}
+
+pub async fn unfence(State(state): State<Shared>, headers: HeaderMap) -> ApiResult<Json<ClusterState>> {
+    operator(&state, &headers)?;
+    state.store.set_fence(false).await?;
+    let c = state.refresh_cluster().await?;
+    tracing::info!(epoch = c.epoch, "cluster unfenced");
+    Ok(Json(c))
+}
+
+pub async fn record_summary(State(state): State<Shared>, headers: HeaderMap) -> ApiResult<Json<Vec<RecordSummary>>> {
+    operator(&state, &headers)?;
+    Ok(Json(state.store.record_summary().await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordsQuery {
+    node: String,
+    #[serde(default)]
+    after_seq: u64,
+    limit: Option<u32>,
+}
+
+pub async fn records(State(state): State<Shared>, headers: HeaderMap, q: Result<Query<RecordsQuery>, QueryRejection>) -> ApiResult<Json<Vec<StoredRecord>>> {
+    operator(&state, &headers)?;
+    let Query(q) = q?;
+    let limit = q.limit.unwrap_or(RECORDS_PAGE_MAX).min(RECORDS_PAGE_MAX);
+    Ok(Json(state.store.records(&q.node, q.after_seq, limit).await?))
+}
