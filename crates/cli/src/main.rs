@@ -1,1 +1,495 @@
-fn main() {}
+//! `handover`: the one binary. Each role is a subcommand; the operator
+//! commands talk to the controller's API.
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use handover::client::{self, Operator};
+use handover::{demo, viewers};
+use handover_core::release::{ReleaseInfo, NEWEST, RELEASES};
+use handover_core::wire::Role;
+use handover_core::Release;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Upgrade a live content fleet and its controller to an incompatible
+/// release with no viewer disruption and no record lost or duplicated.
+///
+/// Start with `handover demo`: it runs a whole local cluster (controller,
+/// three groups of primary + backup nodes, viewers), prints what happened and
+/// stops everything again.
+#[derive(Parser)]
+#[command(
+    name = "handover",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a local cluster as separate processes with viewers, and report.
+    Demo(demo::DemoArgs),
+    /// Run the controller: owns the database, serves nodes and operators.
+    Controller(ControllerArgs),
+    /// Run a content node: serves HLS, produces records, ships them.
+    Node(NodeArgs),
+    /// Run HLS viewers against a group's nodes and report what they saw.
+    Viewers(ViewersArgs),
+    /// Show the controller, the cluster epoch and every node.
+    Status(StatusArgs),
+    /// Create and list channels.
+    #[command(subcommand)]
+    Channel(ChannelCmd),
+    /// Create and list redundancy groups (one primary, one backup).
+    #[command(subcommand)]
+    Group(GroupCmd),
+    /// Create and list events (a channel live on a group for a while).
+    #[command(subcommand)]
+    Event(EventCmd),
+    /// Fence the cluster: epoch + 1, every node stops writing and queues.
+    Fence(OperatorArgs),
+    /// Lift the fence: nodes get their grants back at the same epoch.
+    Unfence(OperatorArgs),
+    /// What the database holds, per node.
+    Records(RecordsArgs),
+    /// List the releases this binary can run as (`--release N`).
+    Releases(JsonFlag),
+}
+
+#[derive(Args, Clone)]
+struct OperatorArgs {
+    /// Controller base URL.
+    #[arg(
+        long,
+        env = "HANDOVER_CONTROLLER",
+        default_value = "http://127.0.0.1:7400"
+    )]
+    controller: String,
+    /// Operator token (the controller's --operator-token).
+    #[arg(long, env = "HANDOVER_OPERATOR_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct JsonFlag {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Run the controller.
+///
+/// The database lives in DATA_DIR/controller.db (SQLite, WAL); it is created
+/// on first start and migrated forward (after a snapshot in
+/// DATA_DIR/snapshots) when a newer release opens an older database.
+#[derive(Args)]
+struct ControllerArgs {
+    /// Release to run as (this binary carries 1 to the newest).
+    #[arg(long, default_value_t = NEWEST.0)]
+    release: u32,
+    #[arg(long)]
+    data_dir: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    listen: SocketAddr,
+    /// Token a node presents on its first hello (16+ characters).
+    #[arg(long, env = "HANDOVER_JOIN_TOKEN", hide_env_values = true)]
+    join_token: String,
+    /// Token operators present to the API (16+ characters).
+    #[arg(long, env = "HANDOVER_OPERATOR_TOKEN", hide_env_values = true)]
+    operator_token: String,
+    /// A node's grant holds this long without a heartbeat.
+    #[arg(long, default_value_t = handover_controller::LEASE_MS_DEFAULT)]
+    lease_ms: u64,
+}
+
+/// Run a content node.
+///
+/// Its outbox, parameter cache and state live in DATA_DIR/node.db and survive
+/// kill -9. Viewers fetch ADVERTISE/hls/CHANNEL/index.m3u8.
+#[derive(Args)]
+struct NodeArgs {
+    #[arg(long, default_value_t = NEWEST.0)]
+    release: u32,
+    /// This node's id, as the group names it.
+    #[arg(long)]
+    id: String,
+    #[arg(long, value_parser = parse_role)]
+    role: Role,
+    #[arg(long)]
+    group: String,
+    #[arg(long)]
+    data_dir: PathBuf,
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Base URL viewers use to reach this node [default: http://LISTEN].
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Controller base URL.
+    #[arg(
+        long,
+        env = "HANDOVER_CONTROLLER",
+        default_value = "http://127.0.0.1:7400"
+    )]
+    controller: String,
+    #[arg(long, env = "HANDOVER_JOIN_TOKEN", hide_env_values = true)]
+    join_token: String,
+}
+
+/// Run viewers like players with redundant streams: poll the playlist,
+/// fetch each new segment once, fail over to the other node on any error.
+#[derive(Args)]
+struct ViewersArgs {
+    #[command(flatten)]
+    op: OperatorArgs,
+    /// Channels to watch [default: every channel with an event].
+    #[arg(long, value_delimiter = ',')]
+    channel: Vec<String>,
+    /// Node base URLs to use instead of asking the controller (primary first).
+    #[arg(long, value_delimiter = ',')]
+    nodes: Vec<String>,
+    #[arg(long, default_value_t = 2)]
+    per_channel: usize,
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    op: OperatorArgs,
+}
+
+#[derive(Subcommand)]
+enum ChannelCmd {
+    /// Create a channel, e.g. `channel create news --segment-ms 2000 --ladder 1080:6000,720:3000`.
+    Create {
+        #[command(flatten)]
+        op: OperatorArgs,
+        name: String,
+        #[arg(long, default_value_t = 2000)]
+        segment_ms: u32,
+        /// Renditions HEIGHT:KBPS, highest first (release 1 keeps the first).
+        #[arg(long, value_delimiter = ',', value_parser = parse_rung)]
+        ladder: Vec<handover_core::params::v2::Rung>,
+        #[arg(long)]
+        title: Option<String>,
+    },
+    List(OperatorArgs),
+}
+
+#[derive(Subcommand)]
+enum GroupCmd {
+    /// Create a group, e.g. `group create g1 --primary g1-a --backup g1-b`.
+    Create {
+        #[command(flatten)]
+        op: OperatorArgs,
+        name: String,
+        #[arg(long)]
+        primary: String,
+        #[arg(long)]
+        backup: String,
+    },
+    List(OperatorArgs),
+}
+
+#[derive(Subcommand)]
+enum EventCmd {
+    /// Create an event, e.g. `event create --channel news --group g1 --start-in 5s --duration 10m`.
+    Create {
+        #[command(flatten)]
+        op: OperatorArgs,
+        #[arg(long)]
+        channel: String,
+        #[arg(long)]
+        group: String,
+        /// Start this long from now.
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        start_in: Duration,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Duration,
+    },
+    List(OperatorArgs),
+}
+
+#[derive(Args)]
+struct RecordsArgs {
+    #[command(flatten)]
+    op: OperatorArgs,
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    match s {
+        "primary" => Ok(Role::Primary),
+        "backup" => Ok(Role::Backup),
+        _ => Err("role is `primary` or `backup`".into()),
+    }
+}
+
+fn parse_rung(s: &str) -> Result<handover_core::params::v2::Rung, String> {
+    let (h, k) = s
+        .split_once(':')
+        .ok_or("a rung is HEIGHT:KBPS, e.g. 720:3000")?;
+    Ok(handover_core::params::v2::Rung {
+        height: h.parse().map_err(|_| format!("bad height {h:?}"))?,
+        kbps: k.parse().map_err(|_| format!("bad kbps {k:?}"))?,
+    })
+}
+
+fn release(n: u32) -> anyhow::Result<Release> {
+    Ok(ReleaseInfo::of(Release(n))?.release)
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HANDOVER_LOG")
+        .unwrap_or_else(|_| default.into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Resolves on SIGINT or SIGTERM, so a daemon stops gracefully on either.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(run(cli.command))
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Demo(args) => {
+            init_tracing("warn");
+            demo::run(args).await
+        }
+        Command::Controller(a) => {
+            init_tracing("info");
+            let config = handover_controller::ControllerConfig {
+                release: release(a.release)?,
+                data_dir: a.data_dir,
+                listen: a.listen,
+                join_token: a.join_token,
+                operator_token: a.operator_token,
+                lease_ms: a.lease_ms,
+            };
+            handover_controller::run(config, shutdown_signal()).await
+        }
+        Command::Node(a) => {
+            init_tracing("info");
+            let config = handover_node::NodeConfig {
+                node_id: a.id,
+                release: release(a.release)?,
+                role: a.role,
+                group: a.group,
+                data_dir: a.data_dir,
+                advertise_url: a
+                    .advertise
+                    .unwrap_or_else(|| format!("http://{}", a.listen)),
+                listen: a.listen,
+                controller_url: a.controller,
+                join_token: a.join_token,
+            };
+            handover_node::run(config, shutdown_signal()).await
+        }
+        Command::Viewers(a) => {
+            init_tracing("warn");
+            run_viewers(a).await
+        }
+        Command::Status(a) => {
+            let op = Operator::with(&a.op.controller, &a.op.token)?;
+            let status = op.status().await?;
+            if a.op.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", client::render_status(&status));
+            }
+            Ok(())
+        }
+        Command::Channel(ChannelCmd::Create {
+            op,
+            name,
+            segment_ms,
+            ladder,
+            title,
+        }) => {
+            let spec = handover_store::ChannelSpec {
+                name,
+                title,
+                segment_ms,
+                ladder,
+            };
+            print_json_or(
+                &op,
+                &Operator::with(&op.controller, &op.token)?
+                    .post("/api/v1/channels", &spec)
+                    .await?,
+            )
+        }
+        Command::Channel(ChannelCmd::List(op)) => print_json_or(
+            &op,
+            &Operator::with(&op.controller, &op.token)?
+                .get("/api/v1/channels")
+                .await?,
+        ),
+        Command::Group(GroupCmd::Create {
+            op,
+            name,
+            primary,
+            backup,
+        }) => {
+            let g = handover_core::params::Group {
+                name,
+                primary,
+                backup,
+            };
+            print_json_or(
+                &op,
+                &Operator::with(&op.controller, &op.token)?
+                    .post("/api/v1/groups", &g)
+                    .await?,
+            )
+        }
+        Command::Group(GroupCmd::List(op)) => print_json_or(
+            &op,
+            &Operator::with(&op.controller, &op.token)?
+                .get("/api/v1/groups")
+                .await?,
+        ),
+        Command::Event(EventCmd::Create {
+            op,
+            channel,
+            group,
+            start_in,
+            duration,
+        }) => {
+            let start_ms = client::now_ms()
+                + i64::try_from(start_in.as_millis()).context("--start-in too large")?;
+            let duration_ms =
+                u64::try_from(duration.as_millis()).context("--duration too large")?;
+            let spec = handover_store::EventSpec {
+                channel,
+                group,
+                start_ms,
+                duration_ms,
+            };
+            print_json_or(
+                &op,
+                &Operator::with(&op.controller, &op.token)?
+                    .post("/api/v1/events", &spec)
+                    .await?,
+            )
+        }
+        Command::Event(EventCmd::List(op)) => print_json_or(
+            &op,
+            &Operator::with(&op.controller, &op.token)?
+                .get("/api/v1/events")
+                .await?,
+        ),
+        Command::Fence(op) => print_json_or(
+            &op,
+            &Operator::with(&op.controller, &op.token)?
+                .post("/api/v1/fence", &serde_json::json!({}))
+                .await?,
+        ),
+        Command::Unfence(op) => print_json_or(
+            &op,
+            &Operator::with(&op.controller, &op.token)?
+                .post("/api/v1/unfence", &serde_json::json!({}))
+                .await?,
+        ),
+        Command::Records(a) => print_json_or(
+            &a.op,
+            &Operator::with(&a.op.controller, &a.op.token)?
+                .get("/api/v1/records/summary")
+                .await?,
+        ),
+        Command::Releases(f) => {
+            if f.json {
+                println!("{}", serde_json::to_string_pretty(&RELEASES)?);
+            } else {
+                for r in RELEASES {
+                    println!(
+                        "release {} ({}): schema {}, protocol {}..={}, serves nodes of schema {}..={}",
+                        r.release, r.semver, r.schema, r.protocol.min, r.protocol.max, r.window_min_schema, r.schema
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Operator commands print what the controller answered: pretty JSON is
+/// both the script form and a readable one for these small objects.
+fn print_json_or(op: &OperatorArgs, value: &serde_json::Value) -> anyhow::Result<()> {
+    if op.json {
+        println!("{}", serde_json::to_string(value)?);
+    } else {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    }
+    Ok(())
+}
+
+async fn run_viewers(a: ViewersArgs) -> anyhow::Result<()> {
+    let targets = if a.nodes.is_empty() {
+        let op = Operator::with(&a.op.controller, &a.op.token)?;
+        op.viewer_targets(&a.channel).await?
+    } else {
+        if a.channel.is_empty() {
+            bail!("with --nodes, name the channels to watch with --channel");
+        }
+        a.channel
+            .iter()
+            .map(|c| viewers::ChannelTarget {
+                channel: c.clone(),
+                node_urls: a.nodes.clone(),
+            })
+            .collect()
+    };
+    if targets.is_empty() {
+        bail!("no channel to watch: create an event first, or pass --channel");
+    }
+    let config = viewers::ViewerConfig {
+        targets,
+        viewers_per_channel: a.per_channel,
+        duration: a.duration,
+        request_timeout: Duration::from_secs(5),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let report = viewers::run(&config, stop_rx).await?;
+    if a.op.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", demo::render_viewers(&report));
+    }
+    Ok(())
+}

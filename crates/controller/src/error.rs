@@ -16,7 +16,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into() }
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
     }
 
     pub fn unauthorized(message: impl Into<String>) -> ApiError {
@@ -30,7 +34,10 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = ErrorBody { error: self.code.to_owned(), message: self.message };
+        let body = ErrorBody {
+            error: self.code.to_owned(),
+            message: self.message,
+        };
         (self.status, Json(body)).into_response()
     }
 }
@@ -53,11 +60,15 @@ impl From<StoreError> for ApiError {
             StoreError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_field"),
             StoreError::Exists { .. } => (StatusCode::CONFLICT, "exists"),
             StoreError::Missing { .. } => (StatusCode::NOT_FOUND, "not_found"),
-            StoreError::Untranslatable { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "untranslatable"),
-            StoreError::Db(_) | StoreError::Open { .. } => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
-            StoreError::SchemaAhead { .. } | StoreError::Migration { .. } | StoreError::Corrupt(_) => {
-                (StatusCode::INTERNAL_SERVER_ERROR, "store_error")
+            StoreError::Untranslatable { .. } => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "untranslatable")
             }
+            StoreError::Db(_) | StoreError::Open { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
+            }
+            StoreError::SchemaAhead { .. }
+            | StoreError::Migration { .. }
+            | StoreError::Corrupt(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store_error"),
         };
         if status.is_server_error() {
             tracing::error!(error = %e, "store error");
@@ -68,7 +79,11 @@ impl From<StoreError> for ApiError {
 
 impl From<axum::extract::rejection::BytesRejection> for ApiError {
     fn from(r: axum::extract::rejection::BytesRejection) -> ApiError {
-        let code = if r.status() == StatusCode::PAYLOAD_TOO_LARGE { "too_large" } else { "malformed" };
+        let code = if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            "too_large"
+        } else {
+            "malformed"
+        };
         ApiError::new(r.status(), code, r.body_text())
     }
 }
@@ -81,7 +96,11 @@ impl From<axum::extract::rejection::QueryRejection> for ApiError {
 
 impl From<axum::extract::rejection::JsonRejection> for ApiError {
     fn from(r: axum::extract::rejection::JsonRejection) -> ApiError {
-        let code = if r.status() == StatusCode::PAYLOAD_TOO_LARGE { "too_large" } else { "malformed" };
+        let code = if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            "too_large"
+        } else {
+            "malformed"
+        };
         ApiError::new(r.status(), code, r.body_text())
     }
 }

@@ -81,7 +81,10 @@ pub(crate) type Shared = Arc<AppState>;
 
 fn validate(config: &ControllerConfig) -> anyhow::Result<&'static ReleaseInfo> {
     let info = ReleaseInfo::of(config.release)?;
-    for (name, token) in [("join token", &config.join_token), ("operator token", &config.operator_token)] {
+    for (name, token) in [
+        ("join token", &config.join_token),
+        ("operator token", &config.operator_token),
+    ] {
         anyhow::ensure!(
             token.len() >= 16 && token.len() <= limits::TOKEN_CHARS_MAX,
             "the {name} must be 16 to {} characters",
@@ -93,7 +96,10 @@ fn validate(config: &ControllerConfig) -> anyhow::Result<&'static ReleaseInfo> {
 }
 
 /// Binds `config.listen` and serves until `shutdown` resolves.
-pub async fn run(config: ControllerConfig, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn run(
+    config: ControllerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -113,7 +119,10 @@ pub async fn serve_on(
     let store = SqliteStore::open(&db, config.release, &config.data_dir.join("snapshots"))
         .await
         .with_context(|| format!("cannot open the database {}", db.display()))?;
-    let cluster = store.cluster().await.context("cannot read the cluster state")?;
+    let cluster = store
+        .cluster()
+        .await
+        .context("cannot read the cluster state")?;
     let (tx, _) = watch::channel(cluster);
     let state = Arc::new(AppState {
         store: Arc::new(store),
@@ -130,7 +139,10 @@ pub async fn serve_on(
         listen = %config.listen,
         "controller serving"
     );
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("controller server failed")?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("controller server failed")?;
     Ok(())
 }
 
@@ -144,17 +156,35 @@ fn router(state: Shared) -> Router {
         .route("/node/v1/records", post(node_api::records))
         .route("/node/v1/deliver", post(node_api::deliver))
         .route("/api/v1/status", get(operator_api::status))
-        .route("/api/v1/channels", get(operator_api::channels).post(operator_api::create_channel))
-        .route("/api/v1/groups", get(operator_api::groups).post(operator_api::create_group))
-        .route("/api/v1/groups/{name}/nodes", get(operator_api::group_nodes))
-        .route("/api/v1/events", get(operator_api::events).post(operator_api::create_event))
+        .route(
+            "/api/v1/channels",
+            get(operator_api::channels).post(operator_api::create_channel),
+        )
+        .route(
+            "/api/v1/groups",
+            get(operator_api::groups).post(operator_api::create_group),
+        )
+        .route(
+            "/api/v1/groups/{name}/nodes",
+            get(operator_api::group_nodes),
+        )
+        .route(
+            "/api/v1/events",
+            get(operator_api::events).post(operator_api::create_event),
+        )
         .route("/api/v1/fence", post(operator_api::fence))
         .route("/api/v1/unfence", post(operator_api::unfence))
         .route("/api/v1/records", get(operator_api::records))
         .route("/api/v1/records/summary", get(operator_api::record_summary))
-        .fallback(|| async { ApiError::not_found("no such endpoint; see /api/v1/status and the README") })
+        .fallback(|| async {
+            ApiError::not_found("no such endpoint; see /api/v1/status and the README")
+        })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this endpoint does not take that method")
+            ApiError::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method",
+            )
         })
         .layer(DefaultBodyLimit::max(limits::BODY_BYTES_MAX))
         .with_state(state)
@@ -170,9 +200,17 @@ pub(crate) fn now_ms() -> i64 {
 
 /// Constant-time comparison so a token cannot be guessed byte by byte.
 pub(crate) fn same_token(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 pub(crate) fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
-    headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
+    headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
 }

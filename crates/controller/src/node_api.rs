@@ -6,29 +6,50 @@ use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
-use handover_core::wire::{self, check_epoch, limits, Batch, GrantState, Heartbeat, Hello, Welcome};
+use handover_core::wire::{
+    self, check_epoch, limits, Batch, GrantState, Heartbeat, Hello, Welcome,
+};
 use handover_core::{Grant, Schema};
 use handover_store::NodeRegistration;
 use serde::Deserialize;
 use std::time::Duration;
 
 fn new_credential() -> String {
-    format!("{:032x}{:032x}", rand::random::<u128>(), rand::random::<u128>())
+    format!(
+        "{:032x}{:032x}",
+        rand::random::<u128>(),
+        rand::random::<u128>()
+    )
 }
 
 /// Finds the session a bearer credential belongs to, from memory or, after
 /// a controller restart, from the registry.
-async fn session(state: &Shared, headers: &HeaderMap, node_hint: Option<&str>) -> ApiResult<Session> {
-    let token = bearer(headers).ok_or_else(|| ApiError::unauthorized("missing `Authorization: Bearer <credential>`; send hello first"))?;
-    let cached = state.sessions.read().ok().and_then(|map| map.get(token).cloned());
+async fn session(
+    state: &Shared,
+    headers: &HeaderMap,
+    node_hint: Option<&str>,
+) -> ApiResult<Session> {
+    let token = bearer(headers).ok_or_else(|| {
+        ApiError::unauthorized("missing `Authorization: Bearer <credential>`; send hello first")
+    })?;
+    let cached = state
+        .sessions
+        .read()
+        .ok()
+        .and_then(|map| map.get(token).cloned());
     let s = match cached {
         Some(s) => s,
         None => {
-            let (node_id, schema) = state
-                .store
-                .node_by_credential(token)
-                .await?
-                .ok_or_else(|| ApiError::unauthorized("unknown credential; send hello again with the join token"))?;
+            let (node_id, schema) =
+                state
+                    .store
+                    .node_by_credential(token)
+                    .await?
+                    .ok_or_else(|| {
+                        ApiError::unauthorized(
+                            "unknown credential; send hello again with the join token",
+                        )
+                    })?;
             let s = Session { node_id, schema };
             if let Ok(mut map) = state.sessions.write() {
                 map.insert(token.to_owned(), s.clone());
@@ -37,18 +58,27 @@ async fn session(state: &Shared, headers: &HeaderMap, node_hint: Option<&str>) -
         }
     };
     if node_hint.is_some_and(|n| n != s.node_id) {
-        return Err(ApiError::unauthorized("this credential belongs to another node"));
+        return Err(ApiError::unauthorized(
+            "this credential belongs to another node",
+        ));
     }
     Ok(s)
 }
 
-pub async fn hello(State(state): State<Shared>, body: Result<Bytes, BytesRejection>) -> ApiResult<Json<Welcome>> {
+pub async fn hello(
+    State(state): State<Shared>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Welcome>> {
     let hello: Hello = wire::decode(&body?)?;
     let existing = state.store.node_credential(&hello.node_id).await?;
     let credential = match &existing {
         Some(cred) if same_token(cred, &hello.token) => cred.clone(),
         _ if same_token(&state.config.join_token, &hello.token) => new_credential(),
-        _ => return Err(ApiError::unauthorized("wrong token: present the cluster join token, or this node's own credential")),
+        _ => {
+            return Err(ApiError::unauthorized(
+                "wrong token: present the cluster join token, or this node's own credential",
+            ))
+        }
     };
     state.refresh_cluster().await?;
     let view = state.view();
@@ -73,19 +103,38 @@ pub async fn hello(State(state): State<Shared>, body: Result<Bytes, BytesRejecti
         .await?;
     if let Ok(mut map) = state.sessions.write() {
         map.retain(|_, s| s.node_id != hello.node_id);
-        map.insert(credential, Session { node_id: hello.node_id.clone(), schema: hello.schema });
+        map.insert(
+            credential,
+            Session {
+                node_id: hello.node_id.clone(),
+                schema: hello.schema,
+            },
+        );
     }
     tracing::info!(node = %hello.node_id, release = hello.release.0, grant = %welcome.grant, epoch = welcome.epoch, "hello");
     Ok(Json(welcome))
 }
 
-pub async fn heartbeat(State(state): State<Shared>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> ApiResult<Json<GrantState>> {
+pub async fn heartbeat(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<GrantState>> {
     let hb: Heartbeat = wire::decode(&body?)?;
     let s = session(&state, &headers, Some(&hb.node_id)).await?;
     let view = state.view();
     check_epoch(hb.epoch, view.epoch)?;
     let grant = view.grant_state(s.schema);
-    state.store.heartbeat(&s.node_id, &hb.outbox, &hb.current_events, grant.grant, now_ms()).await?;
+    state
+        .store
+        .heartbeat(
+            &s.node_id,
+            &hb.outbox,
+            &hb.current_events,
+            grant.grant,
+            now_ms(),
+        )
+        .await?;
     Ok(Json(grant))
 }
 
@@ -101,10 +150,18 @@ pub struct WatchQuery {
 /// Long-poll: answers as soon as the node's grant or epoch differs from what
 /// it holds, or when the wait ends. This is how a fence reaches a node in
 /// milliseconds rather than at its next heartbeat.
-pub async fn watch(State(state): State<Shared>, headers: HeaderMap, q: Result<Query<WatchQuery>, QueryRejection>) -> ApiResult<Json<GrantState>> {
+pub async fn watch(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    q: Result<Query<WatchQuery>, QueryRejection>,
+) -> ApiResult<Json<GrantState>> {
     let Query(q) = q?;
     let s = session(&state, &headers, q.node.as_deref()).await?;
-    let wait = Duration::from_millis(q.wait_ms.unwrap_or(limits::WATCH_WAIT_MS_MAX).min(limits::WATCH_WAIT_MS_MAX));
+    let wait = Duration::from_millis(
+        q.wait_ms
+            .unwrap_or(limits::WATCH_WAIT_MS_MAX)
+            .min(limits::WATCH_WAIT_MS_MAX),
+    );
     let mut rx = state.cluster.subscribe();
     let deadline = tokio::time::Instant::now() + wait;
     loop {
@@ -126,7 +183,11 @@ pub struct ParamsQuery {
     epoch: u64,
 }
 
-pub async fn params(State(state): State<Shared>, headers: HeaderMap, q: Result<Query<ParamsQuery>, QueryRejection>) -> ApiResult<Json<serde_json::Value>> {
+pub async fn params(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    q: Result<Query<ParamsQuery>, QueryRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
     let Query(q) = q?;
     let s = session(&state, &headers, q.node.as_deref()).await?;
     let view = state.view();
@@ -143,7 +204,9 @@ pub async fn params(State(state): State<Shared>, headers: HeaderMap, q: Result<Q
         ));
     }
     let params = state.store.params().await?;
-    Ok(Json(serde_json::json!({"schema": state.info.schema, "revision": view.param_revision, "params": params})))
+    Ok(Json(
+        serde_json::json!({"schema": state.info.schema, "revision": view.param_revision, "params": params}),
+    ))
 }
 
 /// Which channel a batch came in on; each has its own grant and schema rule.
@@ -153,7 +216,12 @@ enum Channel {
     Redundant,
 }
 
-async fn ingest(state: Shared, headers: HeaderMap, body: Result<Bytes, BytesRejection>, channel: Channel) -> ApiResult<Json<wire::BatchAck>> {
+async fn ingest(
+    state: Shared,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    channel: Channel,
+) -> ApiResult<Json<wire::BatchAck>> {
     let batch: Batch = wire::decode(&body?)?;
     let s = session(&state, &headers, Some(&batch.node_id)).await?;
     let view = state.view();
@@ -174,10 +242,17 @@ async fn ingest(state: Shared, headers: HeaderMap, body: Result<Bytes, BytesReje
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "schema_mismatch",
-            format!("batch says schema {}, but the {name} channel takes schema {} from this node", batch.schema, expected_schema(&state, &s, channel)),
+            format!(
+                "batch says schema {}, but the {name} channel takes schema {} from this node",
+                batch.schema,
+                expected_schema(&state, &s, channel)
+            ),
         ));
     }
-    let out = state.store.store_batch(&s.node_id, batch.schema, batch.first_seq, &batch.records).await?;
+    let out = state
+        .store
+        .store_batch(&s.node_id, batch.schema, batch.first_seq, &batch.records)
+        .await?;
     Ok(Json(wire::BatchAck {
         v: wire::MESSAGE_VERSION,
         acked_through: out.acked_through,
@@ -193,10 +268,18 @@ fn expected_schema(state: &Shared, s: &Session, channel: Channel) -> Schema {
     }
 }
 
-pub async fn records(State(state): State<Shared>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> ApiResult<Json<wire::BatchAck>> {
+pub async fn records(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<wire::BatchAck>> {
     ingest(state, headers, body, Channel::Main).await
 }
 
-pub async fn deliver(State(state): State<Shared>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> ApiResult<Json<wire::BatchAck>> {
+pub async fn deliver(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<wire::BatchAck>> {
     ingest(state, headers, body, Channel::Redundant).await
 }

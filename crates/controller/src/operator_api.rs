@@ -9,14 +9,19 @@ use axum::Json;
 use handover_core::grant::decide_grant;
 use handover_core::params::Group;
 use handover_core::{Grant, GrantReason, ProtocolRange, Release, ReleaseInfo, Schema};
-use handover_store::{ChannelSpec, ClusterState, EventSpec, EventView, NodeRow, RecordSummary, StoredRecord, RECORDS_PAGE_MAX};
+use handover_store::{
+    ChannelSpec, ClusterState, EventSpec, EventView, NodeRow, RecordSummary, StoredRecord,
+    RECORDS_PAGE_MAX,
+};
 use serde::{Deserialize, Serialize};
 
 fn operator(state: &Shared, headers: &HeaderMap) -> ApiResult<()> {
     match bearer(headers) {
         Some(t) if same_token(t, &state.config.operator_token) => Ok(()),
         Some(_) => Err(ApiError::unauthorized("wrong operator token")),
-        None => Err(ApiError::unauthorized("missing `Authorization: Bearer <operator token>` (see --operator-token)")),
+        None => Err(ApiError::unauthorized(
+            "missing `Authorization: Bearer <operator token>` (see --operator-token)",
+        )),
     }
 }
 
@@ -83,15 +88,27 @@ pub async fn status(State(state): State<Shared>, headers: HeaderMap) -> ApiResul
             }
         })
         .collect();
-    Ok(Json(Status { controller: state.info.into(), cluster, lease_ms: state.config.lease_ms, nodes }))
+    Ok(Json(Status {
+        controller: state.info.into(),
+        cluster,
+        lease_ms: state.config.lease_ms,
+        nodes,
+    }))
 }
 
-pub async fn channels(State(state): State<Shared>, headers: HeaderMap) -> ApiResult<Json<Vec<ChannelSpec>>> {
+pub async fn channels(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Vec<ChannelSpec>>> {
     operator(&state, &headers)?;
     Ok(Json(state.store.channels().await?))
 }
 
-pub async fn create_channel(State(state): State<Shared>, headers: HeaderMap, body: Result<Json<ChannelSpec>, JsonRejection>) -> ApiResult<Json<ChannelSpec>> {
+pub async fn create_channel(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Json<ChannelSpec>, JsonRejection>,
+) -> ApiResult<Json<ChannelSpec>> {
     operator(&state, &headers)?;
     let Json(spec) = body?;
     let created = state.store.create_channel(&spec).await?;
@@ -99,12 +116,19 @@ pub async fn create_channel(State(state): State<Shared>, headers: HeaderMap, bod
     Ok(Json(created))
 }
 
-pub async fn groups(State(state): State<Shared>, headers: HeaderMap) -> ApiResult<Json<Vec<Group>>> {
+pub async fn groups(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Vec<Group>>> {
     operator(&state, &headers)?;
     Ok(Json(state.store.groups().await?))
 }
 
-pub async fn create_group(State(state): State<Shared>, headers: HeaderMap, body: Result<Json<Group>, JsonRejection>) -> ApiResult<Json<Group>> {
+pub async fn create_group(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Json<Group>, JsonRejection>,
+) -> ApiResult<Json<Group>> {
     operator(&state, &headers)?;
     let Json(group) = body?;
     let created = state.store.create_group(&group).await?;
@@ -119,7 +143,11 @@ pub struct GroupNodes {
     pub hls_urls: Vec<String>,
 }
 
-pub async fn group_nodes(State(state): State<Shared>, headers: HeaderMap, Path(name): Path<String>) -> ApiResult<Json<GroupNodes>> {
+pub async fn group_nodes(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<Json<GroupNodes>> {
     operator(&state, &headers)?;
     let group = state
         .store
@@ -129,17 +157,35 @@ pub async fn group_nodes(State(state): State<Shared>, headers: HeaderMap, Path(n
         .find(|g| g.name == name)
         .ok_or_else(|| ApiError::not_found(format!("group {name:?} does not exist")))?;
     let nodes = state.store.nodes().await?;
-    let url = |id: &str| nodes.iter().find(|n| n.node_id == id).map(|n| n.hls_url.clone());
-    let hls_urls = [url(&group.primary), url(&group.backup)].into_iter().flatten().collect();
-    Ok(Json(GroupNodes { group: name, hls_urls }))
+    let url = |id: &str| {
+        nodes
+            .iter()
+            .find(|n| n.node_id == id)
+            .map(|n| n.hls_url.clone())
+    };
+    let hls_urls = [url(&group.primary), url(&group.backup)]
+        .into_iter()
+        .flatten()
+        .collect();
+    Ok(Json(GroupNodes {
+        group: name,
+        hls_urls,
+    }))
 }
 
-pub async fn events(State(state): State<Shared>, headers: HeaderMap) -> ApiResult<Json<Vec<EventView>>> {
+pub async fn events(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Vec<EventView>>> {
     operator(&state, &headers)?;
     Ok(Json(state.store.events().await?))
 }
 
-pub async fn create_event(State(state): State<Shared>, headers: HeaderMap, body: Result<Json<EventSpec>, JsonRejection>) -> ApiResult<Json<EventView>> {
+pub async fn create_event(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Json<EventSpec>, JsonRejection>,
+) -> ApiResult<Json<EventView>> {
     operator(&state, &headers)?;
     let Json(spec) = body?;
     let created = state.store.create_event(&spec).await?;
@@ -147,7 +193,10 @@ pub async fn create_event(State(state): State<Shared>, headers: HeaderMap, body:
     Ok(Json(created))
 }
 
-pub async fn fence(State(state): State<Shared>, headers: HeaderMap) -> ApiResult<Json<ClusterState>> {
+pub async fn fence(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+) -> ApiResult<Json<ClusterState>> {
     operator(&state, &headers)?;
     state.store.set_fence(true).await?;
     let c = state.refresh_cluster().await?;
@@ -155,7 +204,10 @@ pub async fn fence(State(state): State<Shared>, headers: HeaderMap) -> ApiResult
     Ok(Json(c))
 }
 
-pub async fn unfence(State(state): State<Shared>, headers: HeaderMap) -> ApiResult<Json<ClusterState>> {
+pub async fn unfence(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+) -> ApiResult<Json<ClusterState>> {
     operator(&state, &headers)?;
     state.store.set_fence(false).await?;
     let c = state.refresh_cluster().await?;
@@ -163,7 +215,10 @@ pub async fn unfence(State(state): State<Shared>, headers: HeaderMap) -> ApiResu
     Ok(Json(c))
 }
 
-pub async fn record_summary(State(state): State<Shared>, headers: HeaderMap) -> ApiResult<Json<Vec<RecordSummary>>> {
+pub async fn record_summary(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Vec<RecordSummary>>> {
     operator(&state, &headers)?;
     Ok(Json(state.store.record_summary().await?))
 }
@@ -177,9 +232,15 @@ pub struct RecordsQuery {
     limit: Option<u32>,
 }
 
-pub async fn records(State(state): State<Shared>, headers: HeaderMap, q: Result<Query<RecordsQuery>, QueryRejection>) -> ApiResult<Json<Vec<StoredRecord>>> {
+pub async fn records(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    q: Result<Query<RecordsQuery>, QueryRejection>,
+) -> ApiResult<Json<Vec<StoredRecord>>> {
     operator(&state, &headers)?;
     let Query(q) = q?;
     let limit = q.limit.unwrap_or(RECORDS_PAGE_MAX).min(RECORDS_PAGE_MAX);
-    Ok(Json(state.store.records(&q.node, q.after_seq, limit).await?))
+    Ok(Json(
+        state.store.records(&q.node, q.after_seq, limit).await?,
+    ))
 }

@@ -1,1 +1,320 @@
+//! The content node: handshake with the controller, parameter cache, durable
+//! outbox, record shipping over the main or the redundant channel, and HLS
+//! serving to viewers.
+//!
+//! Modules: [`store`] (node.db: outbox, journal, kv), [`session`] (hello,
+//! heartbeat, watch, params), [`producer`] (observations from the clock),
+//! [`shipper`] (outbox → controller), [`hls`] (HTTP). This file holds the
+//! config, `run` and the wiring. Core logic lives in `handover_core`; this
+//! crate is the IO shell around it.
 
+pub mod hls;
+pub mod producer;
+pub mod session;
+pub mod shipper;
+pub mod store;
+
+use anyhow::{bail, Context};
+use handover_core::wire::{limits, validate_id, Hello, OutboxState, Validate, MESSAGE_VERSION};
+use handover_core::ReleaseInfo;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+
+/// First retry delay after a failure (controller unreachable, disk error).
+pub const BACKOFF_MS_MIN: u64 = 100;
+/// Retry delays double up to this.
+pub const BACKOFF_MS_MAX: u64 = 2_000;
+/// How long shutdown waits for the loops before closing the database anyway.
+pub const LOOPS_STOP_TIMEOUT_MS: u64 = 5_000;
+
+pub struct NodeConfig {
+    pub node_id: String,
+    pub release: handover_core::Release,
+    pub role: handover_core::wire::Role,
+    pub group: String,
+    pub data_dir: std::path::PathBuf,
+    pub listen: std::net::SocketAddr,
+    /// HLS base URL advertised to the controller and viewers, e.g. http://127.0.0.5:7000
+    pub advertise_url: String,
+    pub controller_url: String,
+    pub join_token: String,
+}
+
+/// One record as a node's journal remembers it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Produced {
+    pub seq: u64,
+    pub natural_key: String,
+}
+
+/// What a node says it produced and what it still holds, for the
+/// exactly-once checker (which compares it with the database).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ledger {
+    /// The journal, oldest first (at most [`store::JOURNAL_ROWS_MAX`] rows).
+    pub produced: Vec<Produced>,
+    /// Seqs still in the outbox: produced, not yet acknowledged.
+    pub queued: Vec<u64>,
+}
+
+/// Reads the ledger of the node whose data dir is `data_dir`. Meant for a
+/// stopped node (a running one is fine too: SQLite readers see a committed
+/// snapshot, but journal and outbox are read one after the other).
+pub async fn ledger(data_dir: &std::path::Path) -> Result<Ledger, store::StoreError> {
+    let db = data_dir.join(store::DB_FILE);
+    if !db.exists() {
+        return Err(store::StoreError::Missing(db.display().to_string()));
+    }
+    let s = store::Store::open(data_dir).await?;
+    let read = async {
+        let produced = s
+            .journal_keys()
+            .await?
+            .into_iter()
+            .map(|(seq, natural_key)| Produced { seq, natural_key })
+            .collect();
+        Ok(Ledger {
+            produced,
+            queued: s.outbox_seqs().await?,
+        })
+    }
+    .await;
+    s.close().await;
+    read
+}
+
+/// Unix milliseconds from the system clock; the only clock the node reads.
+pub(crate) fn wall_clock_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Bounded exponential backoff: [`BACKOFF_MS_MIN`] doubling to [`BACKOFF_MS_MAX`].
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    next_ms: u64,
+}
+
+impl Backoff {
+    pub(crate) fn new() -> Backoff {
+        Backoff {
+            next_ms: BACKOFF_MS_MIN,
+        }
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.next_ms = BACKOFF_MS_MIN;
+    }
+
+    pub(crate) fn next(&mut self) -> Duration {
+        let d = self.next_ms;
+        self.next_ms = (d * 2).min(BACKOFF_MS_MAX);
+        Duration::from_millis(d)
+    }
+}
+
+/// The stop signal every loop watches.
+#[derive(Clone, Debug)]
+pub struct Stop(watch::Receiver<bool>);
+
+impl Stop {
+    /// Resolves once stop is requested (or the sender is gone).
+    pub async fn wait(&mut self) {
+        let _ = self.0.wait_for(|stop| *stop).await;
+    }
+
+    pub fn is_set(&self) -> bool {
+        *self.0.borrow()
+    }
+}
+
+/// Sleeps `d` unless stopped first; false means "stop".
+pub(crate) async fn sleep_or_stop(d: Duration, stop: &mut Stop) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = stop.wait() => false,
+    }
+}
+
+/// Checks the config with the same rules the controller applies to hello.
+fn validate(config: &NodeConfig, info: &ReleaseInfo) -> anyhow::Result<()> {
+    validate_id("node_id", &config.node_id)?;
+    validate_id("group", &config.group)?;
+    if config.join_token.is_empty() || config.join_token.len() > limits::TOKEN_CHARS_MAX {
+        bail!(
+            "join token must be 1 to {} characters",
+            limits::TOKEN_CHARS_MAX
+        );
+    }
+    if !config.controller_url.starts_with("http://") {
+        bail!(
+            "controller URL {:?} must be an http:// URL",
+            config.controller_url
+        );
+    }
+    Hello {
+        v: MESSAGE_VERSION,
+        node_id: config.node_id.clone(),
+        token: config.join_token.clone(),
+        release: info.release,
+        schema: info.schema,
+        protocol: info.protocol,
+        role: config.role,
+        group: config.group.clone(),
+        hls_url: config.advertise_url.clone(),
+        outbox: OutboxState::default(),
+        current_events: vec![],
+        param_revision: None,
+    }
+    .validate()
+    .context("advertise URL")?;
+    Ok(())
+}
+
+/// Binds `config.listen`, then as [`serve_on`].
+/// Runs until `shutdown` resolves; then stops accepting, finishes in-flight requests, flushes and returns.
+pub async fn run(
+    config: NodeConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    serve_on(config, listener, shutdown).await
+}
+
+/// Like [`run`] on a listener bound elsewhere (a supervisor hands sockets over).
+pub async fn serve_on(
+    config: NodeConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let info = ReleaseInfo::of(config.release)?;
+    validate(&config, info)?;
+    let store = Arc::new(
+        store::Store::open(&config.data_dir)
+            .await
+            .with_context(|| format!("opening {}", config.data_dir.display()))?,
+    );
+    let started = start(config, info, listener, shutdown, store.clone()).await;
+    store.close().await;
+    started
+}
+
+async fn start(
+    config: NodeConfig,
+    info: &'static ReleaseInfo,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    store: Arc<store::Store>,
+) -> anyhow::Result<()> {
+    match store.kv_get(store::keys::NODE_ID).await? {
+        Some(owner) if owner != config.node_id => bail!(
+            "{} belongs to node {owner:?}, not {:?}; refusing to mix their records",
+            config.data_dir.display(),
+            config.node_id
+        ),
+        Some(_) => {}
+        None => {
+            store
+                .kv_put(vec![(
+                    store::keys::NODE_ID.to_owned(),
+                    config.node_id.clone(),
+                )])
+                .await?
+        }
+    }
+    let params = session::load_params(&store, info.schema, &config.group).await?;
+    let progress = producer::load_state(&store).await?;
+    let identity = session::Identity {
+        node_id: config.node_id.clone(),
+        release: info,
+        role: config.role,
+        group: config.group.clone(),
+        hls_url: config.advertise_url.clone(),
+        join_token: config.join_token.clone(),
+    };
+    let session = Arc::new(
+        session::Session::new(identity, &config.controller_url, store.clone(), params).await?,
+    );
+    let viewers = Arc::new(hls::ViewerCounter::default());
+    let shipper_wake = Arc::new(Notify::new());
+    let ship_error = Arc::new(Mutex::new(None));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop = Stop(stop_rx);
+    let mut loops = tokio::task::JoinSet::new();
+    loops.spawn(session.clone().run(stop.clone()));
+    loops.spawn(session.clone().run_heartbeat(stop.clone()));
+    loops.spawn(session.clone().run_params(stop.clone()));
+    loops.spawn(
+        producer::Producer {
+            store: store.clone(),
+            schema: info.schema,
+            node_id: config.node_id.clone(),
+            params: session.params(),
+            viewers: viewers.clone(),
+            shipper_wake: shipper_wake.clone(),
+        }
+        .run(progress, stop.clone()),
+    );
+    loops.spawn(
+        shipper::Shipper {
+            store: store.clone(),
+            session: session.clone(),
+            node_id: config.node_id.clone(),
+            wake: shipper_wake,
+            error: ship_error.clone(),
+        }
+        .run(stop.clone()),
+    );
+
+    let app = hls::router(Arc::new(hls::HttpState {
+        node_id: config.node_id.clone(),
+        release: info,
+        role: config.role,
+        group: config.group.clone(),
+        store: store.clone(),
+        session: session.clone(),
+        params: session.params(),
+        viewers,
+        ship_error,
+    }));
+    tracing::info!(
+        node_id = config.node_id,
+        release = info.release.0,
+        role = config.role.as_str(),
+        group = config.group,
+        addr = ?listener.local_addr().ok(),
+        "node serving"
+    );
+    let stop_tx = Arc::new(stop_tx);
+    let signal = stop_tx.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        signal.send_replace(true);
+    });
+    let mut server_stop = stop.clone();
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { server_stop.wait().await })
+        .await
+        .context("HTTP server failed");
+    // The server is done (drained, or failed): stop the loops either way.
+    stop_tx.send_replace(true);
+    let joined = tokio::time::timeout(Duration::from_millis(LOOPS_STOP_TIMEOUT_MS), async {
+        while let Some(r) = loops.join_next().await {
+            if let Err(e) = r {
+                tracing::error!(error = %e, "a node loop ended abnormally");
+            }
+        }
+    })
+    .await;
+    if joined.is_err() {
+        tracing::warn!("loops did not stop in time; aborting them");
+        loops.shutdown().await;
+    }
+    tracing::info!(node_id = config.node_id, "node stopped");
+    served
+}

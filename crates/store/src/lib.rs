@@ -157,7 +157,14 @@ pub trait Store: Send + Sync + 'static {
     async fn node_credential(&self, node_id: &str) -> Result<Option<String>>;
     /// The node (and its schema) a credential belongs to.
     async fn node_by_credential(&self, credential: &str) -> Result<Option<(String, Schema)>>;
-    async fn heartbeat(&self, node_id: &str, outbox: &OutboxState, current_events: &[i64], grant: Grant, now_ms: i64) -> Result<()>;
+    async fn heartbeat(
+        &self,
+        node_id: &str,
+        outbox: &OutboxState,
+        current_events: &[i64],
+        grant: Grant,
+        now_ms: i64,
+    ) -> Result<()>;
     async fn nodes(&self) -> Result<Vec<NodeRow>>;
 
     async fn create_channel(&self, spec: &ChannelSpec) -> Result<ChannelSpec>;
@@ -173,9 +180,16 @@ pub trait Store: Send + Sync + 'static {
     /// Stores a batch idempotently on (node, seq), translating records of an
     /// older schema first. All or nothing: a record that cannot be decoded
     /// or translated refuses the whole batch and writes nothing.
-    async fn store_batch(&self, node_id: &str, from: Schema, first_seq: u64, records: &[serde_json::Value]) -> Result<BatchOutcome>;
+    async fn store_batch(
+        &self,
+        node_id: &str,
+        from: Schema,
+        first_seq: u64,
+        records: &[serde_json::Value],
+    ) -> Result<BatchOutcome>;
 
     async fn record_summary(&self) -> Result<Vec<RecordSummary>>;
     /// Records of one node with `seq > after_seq`, in order, at most `limit`.
-    async fn records(&self, node_id: &str, after_seq: u64, limit: u32) -> Result<Vec<StoredRecord>>;
+    async fn records(&self, node_id: &str, after_seq: u64, limit: u32)
+        -> Result<Vec<StoredRecord>>;
 }

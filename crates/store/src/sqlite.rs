@@ -3,17 +3,17 @@
 //! SQLITE_BUSY), readers in parallel.
 
 use crate::{
-    BatchOutcome, ChannelSpec, ClusterState, EventSpec, EventView, NodeRegistration, NodeRow, RecordSummary, Result,
-    Store, StoreError, StoredRecord,
+    BatchOutcome, ChannelSpec, ClusterState, EventSpec, EventView, NodeRegistration, NodeRow,
+    RecordSummary, Result, Store, StoreError, StoredRecord,
 };
 use handover_core::params::{v1, v2, Group};
-use handover_core::record::{v1 as rv1, v2 as rv2};
 use handover_core::record::{self, AnyRecord, ChannelDirectory, ChannelRef};
+use handover_core::record::{v1 as rv1, v2 as rv2};
 use handover_core::timefmt;
 use handover_core::wire::{validate_id, OutboxState, Role};
 use handover_core::{Grant, Release, ReleaseInfo, Schema};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool, Sqlite, Transaction};
+use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -83,8 +83,15 @@ impl SqliteStore {
             .max_connections(POOL_CONNECTIONS_MAX)
             .connect_with(opts)
             .await
-            .map_err(|e| StoreError::Open { path: path.display().to_string(), reason: e.to_string() })?;
-        let store = SqliteStore { pool, info, writer: Mutex::new(()) };
+            .map_err(|e| StoreError::Open {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        let store = SqliteStore {
+            pool,
+            info,
+            writer: Mutex::new(()),
+        };
         store.prepare(snapshot_dir).await?;
         Ok(store)
     }
@@ -93,22 +100,38 @@ impl SqliteStore {
         let _w = self.writer.lock().await;
         let mut tx = self.pool.begin().await?;
         sqlx::raw_sql(SHARED_TABLES).execute(&mut *tx).await?;
-        let schema: Option<i64> = sqlx::query_scalar("SELECT value FROM cluster WHERE key = 'schema'")
-            .fetch_optional(&mut *tx)
-            .await?;
+        let schema: Option<i64> =
+            sqlx::query_scalar("SELECT value FROM cluster WHERE key = 'schema'")
+                .fetch_optional(&mut *tx)
+                .await?;
         let Some(db_schema) = schema else {
-            sqlx::raw_sql(product_tables(self.info.schema)?).execute(&mut *tx).await?;
-            for (key, value) in [("schema", i64::from(self.info.schema.0)), ("epoch", 1), ("fenced", 0), ("param_revision", 1)] {
-                sqlx::query("INSERT INTO cluster (key, value) VALUES (?, ?)").bind(key).bind(value).execute(&mut *tx).await?;
+            sqlx::raw_sql(product_tables(self.info.schema)?)
+                .execute(&mut *tx)
+                .await?;
+            for (key, value) in [
+                ("schema", i64::from(self.info.schema.0)),
+                ("epoch", 1),
+                ("fenced", 0),
+                ("param_revision", 1),
+            ] {
+                sqlx::query("INSERT INTO cluster (key, value) VALUES (?, ?)")
+                    .bind(key)
+                    .bind(value)
+                    .execute(&mut *tx)
+                    .await?;
             }
             tx.commit().await?;
             return Ok(());
         };
         tx.commit().await?;
-        let db_schema = u32::try_from(db_schema).map_err(|_| StoreError::Corrupt(format!("schema {db_schema}")))?;
+        let db_schema = u32::try_from(db_schema)
+            .map_err(|_| StoreError::Corrupt(format!("schema {db_schema}")))?;
         let target = self.info.schema.0;
         if db_schema > target {
-            return Err(StoreError::SchemaAhead { db: db_schema, release: target });
+            return Err(StoreError::SchemaAhead {
+                db: db_schema,
+                release: target,
+            });
         }
         if db_schema < target {
             let snapshot = self.snapshot(snapshot_dir, db_schema).await?;
@@ -120,7 +143,10 @@ impl SqliteStore {
 
     /// A consistent copy of the database, taken online with `VACUUM INTO`.
     pub async fn snapshot(&self, dir: &Path, schema: u32) -> Result<PathBuf> {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::Open { path: dir.display().to_string(), reason: e.to_string() })?;
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+            path: dir.display().to_string(),
+            reason: e.to_string(),
+        })?;
         let mut n = 0u32;
         let path = loop {
             let candidate = dir.join(format!("schema-{schema}-{n}.db"));
@@ -129,8 +155,13 @@ impl SqliteStore {
             }
             n += 1;
         };
-        let target = path.to_str().ok_or_else(|| StoreError::Invalid("snapshot path is not UTF-8".into()))?;
-        sqlx::query("VACUUM INTO ?").bind(target).execute(&self.pool).await?;
+        let target = path
+            .to_str()
+            .ok_or_else(|| StoreError::Invalid("snapshot path is not UTF-8".into()))?;
+        sqlx::query("VACUUM INTO ?")
+            .bind(target)
+            .execute(&self.pool)
+            .await?;
         Ok(path)
     }
 
@@ -139,7 +170,10 @@ impl SqliteStore {
         let mut by_id = HashMap::new();
         match self.info.schema.0 {
             1 => {
-                for row in sqlx::query("SELECT name, segment_seconds FROM channels").fetch_all(&self.pool).await? {
+                for row in sqlx::query("SELECT name, segment_seconds FROM channels")
+                    .fetch_all(&self.pool)
+                    .await?
+                {
                     let name: String = row.try_get("name")?;
                     let secs: i64 = row.try_get("segment_seconds")?;
                     let segment_ms = u32::try_from(secs * 1000).unwrap_or(u32::MAX);
@@ -147,12 +181,21 @@ impl SqliteStore {
                 }
             }
             _ => {
-                for row in sqlx::query("SELECT id, name, segment_ms FROM channels").fetch_all(&self.pool).await? {
+                for row in sqlx::query("SELECT id, name, segment_ms FROM channels")
+                    .fetch_all(&self.pool)
+                    .await?
+                {
                     let id: i64 = row.try_get("id")?;
                     let name: String = row.try_get("name")?;
                     let segment_ms: i64 = row.try_get("segment_ms")?;
                     by_id.insert(id, name.clone());
-                    by_name.insert(name, ChannelRef { id, segment_ms: u32::try_from(segment_ms).unwrap_or(u32::MAX) });
+                    by_name.insert(
+                        name,
+                        ChannelRef {
+                            id,
+                            segment_ms: u32::try_from(segment_ms).unwrap_or(u32::MAX),
+                        },
+                    );
                 }
             }
         }
@@ -160,7 +203,9 @@ impl SqliteStore {
     }
 
     async fn bump_revision(tx: &mut Transaction<'_, Sqlite>) -> Result<()> {
-        sqlx::query("UPDATE cluster SET value = value + 1 WHERE key = 'param_revision'").execute(&mut **tx).await?;
+        sqlx::query("UPDATE cluster SET value = value + 1 WHERE key = 'param_revision'")
+            .execute(&mut **tx)
+            .await?;
         Ok(())
     }
 }
@@ -179,12 +224,29 @@ pub async fn migrate(pool: &SqlitePool, from: u32, to: u32) -> Result<()> {
     let mut tx = pool.begin().await?;
     for step in from..to {
         match step {
-            1 => migrate_1_to_2(&mut tx).await.map_err(|e| StoreError::Migration { from: 1, to: 2, reason: e.to_string() })?,
-            other => return Err(StoreError::Migration { from: other, to: other + 1, reason: "no such migration".into() }),
+            1 => migrate_1_to_2(&mut tx)
+                .await
+                .map_err(|e| StoreError::Migration {
+                    from: 1,
+                    to: 2,
+                    reason: e.to_string(),
+                })?,
+            other => {
+                return Err(StoreError::Migration {
+                    from: other,
+                    to: other + 1,
+                    reason: "no such migration".into(),
+                })
+            }
         }
-        sqlx::query("UPDATE cluster SET value = ? WHERE key = 'schema'").bind(i64::from(step + 1)).execute(&mut *tx).await?;
+        sqlx::query("UPDATE cluster SET value = ? WHERE key = 'schema'")
+            .bind(i64::from(step + 1))
+            .execute(&mut *tx)
+            .await?;
     }
-    sqlx::query("UPDATE cluster SET value = value + 1 WHERE key = 'param_revision'").execute(&mut *tx).await?;
+    sqlx::query("UPDATE cluster SET value = value + 1 WHERE key = 'param_revision'")
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(())
 }
@@ -200,31 +262,53 @@ async fn migrate_1_to_2(tx: &mut Transaction<'_, Sqlite>) -> Result<()> {
     .await?;
     sqlx::raw_sql(SCHEMA_2).execute(&mut **tx).await?;
     let mut dir = ChannelDirectory::new();
-    let channels = sqlx::query("SELECT name, segment_seconds, resolution, bitrate_kbps FROM channels_v1 ORDER BY name")
-        .fetch_all(&mut **tx)
-        .await?;
+    let channels = sqlx::query(
+        "SELECT name, segment_seconds, resolution, bitrate_kbps FROM channels_v1 ORDER BY name",
+    )
+    .fetch_all(&mut **tx)
+    .await?;
     for row in channels {
         let name: String = row.try_get("name")?;
         let secs: i64 = row.try_get("segment_seconds")?;
         let resolution: String = row.try_get("resolution")?;
         let kbps: i64 = row.try_get("bitrate_kbps")?;
-        let height = resolution.split_once('x').and_then(|(_, h)| h.parse::<u32>().ok()).unwrap_or(720);
-        let ladder = vec![v2::Rung { height, kbps: u32::try_from(kbps).unwrap_or(0) }];
-        let ladder = serde_json::to_string(&ladder).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        let id: i64 = sqlx::query_scalar("INSERT INTO channels (name, segment_ms, ladder) VALUES (?, ?, ?) RETURNING id")
-            .bind(&name)
-            .bind(secs * 1000)
-            .bind(ladder)
-            .fetch_one(&mut **tx)
-            .await?;
-        dir.insert(name, ChannelRef { id, segment_ms: u32::try_from(secs * 1000).unwrap_or(u32::MAX) });
+        let height = resolution
+            .split_once('x')
+            .and_then(|(_, h)| h.parse::<u32>().ok())
+            .unwrap_or(720);
+        let ladder = vec![v2::Rung {
+            height,
+            kbps: u32::try_from(kbps).unwrap_or(0),
+        }];
+        let ladder =
+            serde_json::to_string(&ladder).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO channels (name, segment_ms, ladder) VALUES (?, ?, ?) RETURNING id",
+        )
+        .bind(&name)
+        .bind(secs * 1000)
+        .bind(ladder)
+        .fetch_one(&mut **tx)
+        .await?;
+        dir.insert(
+            name,
+            ChannelRef {
+                id,
+                segment_ms: u32::try_from(secs * 1000).unwrap_or(u32::MAX),
+            },
+        );
     }
-    let events = sqlx::query("SELECT id, channel, group_name, start, duration_s FROM events_v1").fetch_all(&mut **tx).await?;
+    let events = sqlx::query("SELECT id, channel, group_name, start, duration_s FROM events_v1")
+        .fetch_all(&mut **tx)
+        .await?;
     for row in events {
         let channel: String = row.try_get("channel")?;
         let start: String = row.try_get("start")?;
-        let channel_id = dir.get(&channel).map(|c| c.id).ok_or_else(|| StoreError::Corrupt(format!("event names unknown channel {channel:?}")))?;
-        let start_ms = timefmt::ms_from_rfc3339(&start).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let channel_id = dir.get(&channel).map(|c| c.id).ok_or_else(|| {
+            StoreError::Corrupt(format!("event names unknown channel {channel:?}"))
+        })?;
+        let start_ms =
+            timefmt::ms_from_rfc3339(&start).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         sqlx::query("INSERT INTO events (id, channel_id, group_name, start_ms, duration_ms) VALUES (?, ?, ?, ?, ?)")
             .bind(row.try_get::<i64, _>("id")?)
             .bind(channel_id)
@@ -242,23 +326,32 @@ async fn migrate_1_to_2(tx: &mut Transaction<'_, Sqlite>) -> Result<()> {
         let node: String = row.try_get("node")?;
         let seq: i64 = row.try_get("seq")?;
         let old = v1_from_row(&row)?;
-        let new = record::upcast_1_to_2(old, &node, &dir).map_err(|source| StoreError::Untranslatable { seq: to_u64(seq), source })?;
+        let new = record::upcast_1_to_2(old, &node, &dir).map_err(|source| {
+            StoreError::Untranslatable {
+                seq: to_u64(seq),
+                source,
+            }
+        })?;
         insert_v2(tx, &node, seq, &new, Some(1), &by_id).await?;
     }
-    sqlx::raw_sql("DROP TABLE records_v1; DROP TABLE events_v1; DROP TABLE channels_v1;").execute(&mut **tx).await?;
+    sqlx::raw_sql("DROP TABLE records_v1; DROP TABLE events_v1; DROP TABLE channels_v1;")
+        .execute(&mut **tx)
+        .await?;
     Ok(())
 }
 
 fn v1_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<rv1::Record> {
     let kind: String = row.try_get("kind")?;
-    let kind: rv1::Kind =
-        serde_json::from_value(serde_json::Value::String(kind.clone())).map_err(|_| StoreError::Corrupt(format!("record kind {kind:?}")))?;
+    let kind: rv1::Kind = serde_json::from_value(serde_json::Value::String(kind.clone()))
+        .map_err(|_| StoreError::Corrupt(format!("record kind {kind:?}")))?;
     Ok(rv1::Record {
         kind,
         channel: row.try_get("channel")?,
         at: row.try_get("at")?,
         seq: row.try_get::<Option<i64>, _>("media_seq")?.map(to_u64),
-        viewers: row.try_get::<Option<i64>, _>("viewers")?.map(|v| u32::try_from(v).unwrap_or(0)),
+        viewers: row
+            .try_get::<Option<i64>, _>("viewers")?
+            .map(|v| u32::try_from(v).unwrap_or(0)),
         event: row.try_get("event")?,
         text: row.try_get("text")?,
     })
@@ -286,7 +379,12 @@ fn v1_natural_key(r: &rv1::Record) -> String {
     record::natural_key(kind, &r.channel, at_ms, r.seq, r.event)
 }
 
-async fn insert_v1(tx: &mut Transaction<'_, Sqlite>, node: &str, seq: i64, r: &rv1::Record) -> Result<u64> {
+async fn insert_v1(
+    tx: &mut Transaction<'_, Sqlite>,
+    node: &str,
+    seq: i64,
+    r: &rv1::Record,
+) -> Result<u64> {
     let done = sqlx::query(
         "INSERT INTO records (node, seq, kind, channel, at, media_seq, viewers, event, text, natural_key)
          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node, seq) DO NOTHING",
@@ -316,7 +414,10 @@ async fn insert_v2(
 ) -> Result<u64> {
     let channel = channel_names
         .get(&r.channel_id)
-        .ok_or_else(|| StoreError::Untranslatable { seq: to_u64(seq), source: record::RecordError::UnknownChannel(r.channel_id.to_string()) })?;
+        .ok_or_else(|| StoreError::Untranslatable {
+            seq: to_u64(seq),
+            source: record::RecordError::UnknownChannel(r.channel_id.to_string()),
+        })?;
     let key = record::natural_key(r.kind, channel, r.produced_at_ms, r.media_seq, r.event_id);
     let done = sqlx::query(
         "INSERT INTO records (node_id, seq, kind, channel_id, produced_at_ms, media_seq, duration_ms, viewers, event_id, message, natural_key, translated_from)
@@ -359,7 +460,9 @@ fn parse_grant(s: &str) -> Result<Grant> {
 fn check_spec(spec: &ChannelSpec) -> Result<()> {
     validate_id("name", &spec.name).map_err(|e| StoreError::Invalid(e.to_string()))?;
     if !(500..=60_000).contains(&spec.segment_ms) {
-        return Err(StoreError::Invalid("segment_ms must be between 500 and 60000".into()));
+        return Err(StoreError::Invalid(
+            "segment_ms must be between 500 and 60000".into(),
+        ));
     }
     if spec.ladder.len() > 16 {
         return Err(StoreError::Invalid("a ladder has at most 16 rungs".into()));
@@ -374,12 +477,21 @@ impl Store for SqliteStore {
     }
 
     async fn cluster(&self) -> Result<ClusterState> {
-        let rows = sqlx::query("SELECT key, value FROM cluster").fetch_all(&self.pool).await?;
+        let rows = sqlx::query("SELECT key, value FROM cluster")
+            .fetch_all(&self.pool)
+            .await?;
         let mut map = HashMap::new();
         for row in rows {
-            map.insert(row.try_get::<String, _>("key")?, row.try_get::<i64, _>("value")?);
+            map.insert(
+                row.try_get::<String, _>("key")?,
+                row.try_get::<i64, _>("value")?,
+            );
         }
-        let get = |k: &str| map.get(k).copied().ok_or_else(|| StoreError::Corrupt(format!("cluster.{k} missing")));
+        let get = |k: &str| {
+            map.get(k)
+                .copied()
+                .ok_or_else(|| StoreError::Corrupt(format!("cluster.{k} missing")))
+        };
         Ok(ClusterState {
             schema: Schema(u32::try_from(get("schema")?).unwrap_or(0)),
             epoch: to_u64(get("epoch")?),
@@ -392,9 +504,14 @@ impl Store for SqliteStore {
         let _w = self.writer.lock().await;
         let mut tx = self.pool.begin().await?;
         if fenced {
-            sqlx::query("UPDATE cluster SET value = value + 1 WHERE key = 'epoch'").execute(&mut *tx).await?;
+            sqlx::query("UPDATE cluster SET value = value + 1 WHERE key = 'epoch'")
+                .execute(&mut *tx)
+                .await?;
         }
-        sqlx::query("UPDATE cluster SET value = ? WHERE key = 'fenced'").bind(i64::from(fenced)).execute(&mut *tx).await?;
+        sqlx::query("UPDATE cluster SET value = ? WHERE key = 'fenced'")
+            .bind(i64::from(fenced))
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         drop(_w);
         self.cluster().await
@@ -432,15 +549,36 @@ impl Store for SqliteStore {
     }
 
     async fn node_credential(&self, node_id: &str) -> Result<Option<String>> {
-        Ok(sqlx::query_scalar("SELECT credential FROM nodes WHERE node_id = ?").bind(node_id).fetch_optional(&self.pool).await?)
+        Ok(
+            sqlx::query_scalar("SELECT credential FROM nodes WHERE node_id = ?")
+                .bind(node_id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 
     async fn node_by_credential(&self, credential: &str) -> Result<Option<(String, Schema)>> {
-        let row = sqlx::query("SELECT node_id, schema FROM nodes WHERE credential = ?").bind(credential).fetch_optional(&self.pool).await?;
-        row.map(|r| Ok((r.try_get("node_id")?, Schema(u32::try_from(r.try_get::<i64, _>("schema")?).unwrap_or(0))))).transpose()
+        let row = sqlx::query("SELECT node_id, schema FROM nodes WHERE credential = ?")
+            .bind(credential)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok((
+                r.try_get("node_id")?,
+                Schema(u32::try_from(r.try_get::<i64, _>("schema")?).unwrap_or(0)),
+            ))
+        })
+        .transpose()
     }
 
-    async fn heartbeat(&self, node_id: &str, outbox: &OutboxState, events: &[i64], grant: Grant, now_ms: i64) -> Result<()> {
+    async fn heartbeat(
+        &self,
+        node_id: &str,
+        outbox: &OutboxState,
+        events: &[i64],
+        grant: Grant,
+        now_ms: i64,
+    ) -> Result<()> {
         let _w = self.writer.lock().await;
         sqlx::query(
             "UPDATE nodes SET outbox_next_seq = ?, outbox_oldest = ?, outbox_count = ?, current_events = ?, grant_name = ?,
@@ -459,7 +597,9 @@ impl Store for SqliteStore {
     }
 
     async fn nodes(&self) -> Result<Vec<NodeRow>> {
-        let rows = sqlx::query("SELECT * FROM nodes ORDER BY group_name, role DESC, node_id").fetch_all(&self.pool).await?;
+        let rows = sqlx::query("SELECT * FROM nodes ORDER BY group_name, role DESC, node_id")
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter()
             .map(|row| {
                 let events: String = row.try_get("current_events")?;
@@ -474,7 +614,9 @@ impl Store for SqliteStore {
                     epoch: to_u64(row.try_get("epoch")?),
                     outbox: OutboxState {
                         next_seq: to_u64(row.try_get("outbox_next_seq")?),
-                        oldest_unacked_seq: row.try_get::<Option<i64>, _>("outbox_oldest")?.map(to_u64),
+                        oldest_unacked_seq: row
+                            .try_get::<Option<i64>, _>("outbox_oldest")?
+                            .map(to_u64),
                         count: to_u64(row.try_get("outbox_count")?),
                     },
                     current_events: serde_json::from_str(&events).unwrap_or_default(),
@@ -489,13 +631,22 @@ impl Store for SqliteStore {
         check_spec(spec)?;
         let mut spec = spec.clone();
         if spec.ladder.is_empty() {
-            spec.ladder = vec![v2::Rung { height: 720, kbps: 3000 }];
+            spec.ladder = vec![v2::Rung {
+                height: 720,
+                kbps: 3000,
+            }];
         }
         let _w = self.writer.lock().await;
         let mut tx = self.pool.begin().await?;
-        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM channels WHERE name = ?").bind(&spec.name).fetch_optional(&mut *tx).await?;
+        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM channels WHERE name = ?")
+            .bind(&spec.name)
+            .fetch_optional(&mut *tx)
+            .await?;
         if exists.is_some() {
-            return Err(StoreError::Exists { what: "channel", name: spec.name });
+            return Err(StoreError::Exists {
+                what: "channel",
+                name: spec.name,
+            });
         }
         match self.info.schema.0 {
             1 => {
@@ -514,7 +665,8 @@ impl Store for SqliteStore {
                     .await?;
             }
             _ => {
-                let ladder = serde_json::to_string(&spec.ladder).map_err(|e| StoreError::Invalid(e.to_string()))?;
+                let ladder = serde_json::to_string(&spec.ladder)
+                    .map_err(|e| StoreError::Invalid(e.to_string()))?;
                 sqlx::query("INSERT INTO channels (name, segment_ms, ladder) VALUES (?, ?, ?)")
                     .bind(&spec.name)
                     .bind(i64::from(spec.segment_ms))
@@ -533,33 +685,56 @@ impl Store for SqliteStore {
         let params = self.params().await?;
         match self.info.schema.0 {
             1 => {
-                let p: v1::Params = serde_json::from_value(params).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let p: v1::Params = serde_json::from_value(params)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 Ok(p.channels
                     .into_iter()
                     .map(|c| {
-                        let height = c.resolution.split_once('x').and_then(|(_, h)| h.parse().ok()).unwrap_or(0);
+                        let height = c
+                            .resolution
+                            .split_once('x')
+                            .and_then(|(_, h)| h.parse().ok())
+                            .unwrap_or(0);
                         ChannelSpec {
                             name: c.name,
                             title: Some(c.title),
                             segment_ms: c.segment_seconds.saturating_mul(1000),
-                            ladder: vec![v2::Rung { height, kbps: c.bitrate_kbps }],
+                            ladder: vec![v2::Rung {
+                                height,
+                                kbps: c.bitrate_kbps,
+                            }],
                         }
                     })
                     .collect())
             }
             _ => {
-                let p: v2::Params = serde_json::from_value(params).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                Ok(p.channels.into_iter().map(|c| ChannelSpec { name: c.name, title: None, segment_ms: c.segment_ms, ladder: c.ladder }).collect())
+                let p: v2::Params = serde_json::from_value(params)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                Ok(p.channels
+                    .into_iter()
+                    .map(|c| ChannelSpec {
+                        name: c.name,
+                        title: None,
+                        segment_ms: c.segment_ms,
+                        ladder: c.ladder,
+                    })
+                    .collect())
             }
         }
     }
 
     async fn create_group(&self, group: &Group) -> Result<Group> {
-        for (field, id) in [("name", &group.name), ("primary", &group.primary), ("backup", &group.backup)] {
+        for (field, id) in [
+            ("name", &group.name),
+            ("primary", &group.primary),
+            ("backup", &group.backup),
+        ] {
             validate_id(field, id).map_err(|e| StoreError::Invalid(e.to_string()))?;
         }
         if group.primary == group.backup {
-            return Err(StoreError::Invalid("primary and backup must be different nodes".into()));
+            return Err(StoreError::Invalid(
+                "primary and backup must be different nodes".into(),
+            ));
         }
         let _w = self.writer.lock().await;
         let mut tx = self.pool.begin().await?;
@@ -570,7 +745,10 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await?;
         if done.rows_affected() == 0 {
-            return Err(StoreError::Exists { what: "group", name: group.name.clone() });
+            return Err(StoreError::Exists {
+                what: "group",
+                name: group.name.clone(),
+            });
         }
         Self::bump_revision(&mut tx).await?;
         tx.commit().await?;
@@ -578,23 +756,42 @@ impl Store for SqliteStore {
     }
 
     async fn groups(&self) -> Result<Vec<Group>> {
-        let rows = sqlx::query("SELECT name, primary_node, backup_node FROM groups ORDER BY name").fetch_all(&self.pool).await?;
+        let rows = sqlx::query("SELECT name, primary_node, backup_node FROM groups ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter()
-            .map(|r| Ok(Group { name: r.try_get("name")?, primary: r.try_get("primary_node")?, backup: r.try_get("backup_node")? }))
+            .map(|r| {
+                Ok(Group {
+                    name: r.try_get("name")?,
+                    primary: r.try_get("primary_node")?,
+                    backup: r.try_get("backup_node")?,
+                })
+            })
             .collect()
     }
 
     async fn create_event(&self, spec: &EventSpec) -> Result<EventView> {
         if spec.duration_ms == 0 || spec.duration_ms > 7 * 24 * 3_600_000 {
-            return Err(StoreError::Invalid("duration_ms must be between 1 and one week".into()));
+            return Err(StoreError::Invalid(
+                "duration_ms must be between 1 and one week".into(),
+            ));
         }
         let (dir, _) = self.channel_directory().await?;
-        let channel = dir.get(&spec.channel).ok_or_else(|| StoreError::Missing { what: "channel", name: spec.channel.clone() })?;
+        let channel = dir.get(&spec.channel).ok_or_else(|| StoreError::Missing {
+            what: "channel",
+            name: spec.channel.clone(),
+        })?;
         let _w = self.writer.lock().await;
         let mut tx = self.pool.begin().await?;
-        let group: Option<i64> = sqlx::query_scalar("SELECT 1 FROM groups WHERE name = ?").bind(&spec.group).fetch_optional(&mut *tx).await?;
+        let group: Option<i64> = sqlx::query_scalar("SELECT 1 FROM groups WHERE name = ?")
+            .bind(&spec.group)
+            .fetch_optional(&mut *tx)
+            .await?;
         if group.is_none() {
-            return Err(StoreError::Missing { what: "group", name: spec.group.clone() });
+            return Err(StoreError::Missing {
+                what: "group",
+                name: spec.group.clone(),
+            });
         }
         let id: i64 = match self.info.schema.0 {
             1 => {
@@ -622,7 +819,13 @@ impl Store for SqliteStore {
         };
         Self::bump_revision(&mut tx).await?;
         tx.commit().await?;
-        Ok(EventView { id, channel: spec.channel.clone(), group: spec.group.clone(), start_ms: spec.start_ms, duration_ms: spec.duration_ms })
+        Ok(EventView {
+            id,
+            channel: spec.channel.clone(),
+            group: spec.group.clone(),
+            start_ms: spec.start_ms,
+            duration_ms: spec.duration_ms,
+        })
     }
 
     async fn events(&self) -> Result<Vec<EventView>> {
@@ -630,7 +833,8 @@ impl Store for SqliteStore {
         let params = self.params().await?;
         match self.info.schema.0 {
             1 => {
-                let p: v1::Params = serde_json::from_value(params).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let p: v1::Params = serde_json::from_value(params)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 p.events
                     .into_iter()
                     .map(|e| {
@@ -638,14 +842,16 @@ impl Store for SqliteStore {
                             id: e.id,
                             channel: e.channel,
                             group: e.group,
-                            start_ms: timefmt::ms_from_rfc3339(&e.start).map_err(|err| StoreError::Corrupt(err.to_string()))?,
+                            start_ms: timefmt::ms_from_rfc3339(&e.start)
+                                .map_err(|err| StoreError::Corrupt(err.to_string()))?,
                             duration_ms: u64::from(e.duration_s) * 1000,
                         })
                     })
                     .collect()
             }
             _ => {
-                let p: v2::Params = serde_json::from_value(params).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let p: v2::Params = serde_json::from_value(params)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 Ok(p.events
                     .into_iter()
                     .map(|e| EventView {
@@ -679,37 +885,47 @@ impl Store for SqliteStore {
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
-                let events = sqlx::query("SELECT id, channel, group_name, start, duration_s FROM events ORDER BY id")
-                    .fetch_all(&self.pool)
-                    .await?
-                    .iter()
-                    .map(|r| {
-                        Ok(v1::Event {
-                            id: r.try_get("id")?,
-                            channel: r.try_get("channel")?,
-                            group: r.try_get("group_name")?,
-                            start: r.try_get("start")?,
-                            duration_s: u32::try_from(r.try_get::<i64, _>("duration_s")?).unwrap_or(0),
-                        })
+                let events = sqlx::query(
+                    "SELECT id, channel, group_name, start, duration_s FROM events ORDER BY id",
+                )
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(|r| {
+                    Ok(v1::Event {
+                        id: r.try_get("id")?,
+                        channel: r.try_get("channel")?,
+                        group: r.try_get("group_name")?,
+                        start: r.try_get("start")?,
+                        duration_s: u32::try_from(r.try_get::<i64, _>("duration_s")?).unwrap_or(0),
                     })
-                    .collect::<Result<Vec<_>>>()?;
-                serde_json::to_value(v1::Params { revision, channels, groups, events })
+                })
+                .collect::<Result<Vec<_>>>()?;
+                serde_json::to_value(v1::Params {
+                    revision,
+                    channels,
+                    groups,
+                    events,
+                })
             }
             _ => {
-                let channels = sqlx::query("SELECT id, name, segment_ms, ladder FROM channels ORDER BY id")
-                    .fetch_all(&self.pool)
-                    .await?
-                    .iter()
-                    .map(|r| {
-                        let ladder: String = r.try_get("ladder")?;
-                        Ok(v2::Channel {
-                            id: r.try_get("id")?,
-                            name: r.try_get("name")?,
-                            segment_ms: u32::try_from(r.try_get::<i64, _>("segment_ms")?).unwrap_or(0),
-                            ladder: serde_json::from_str(&ladder).map_err(|e| StoreError::Corrupt(format!("ladder: {e}")))?,
+                let channels =
+                    sqlx::query("SELECT id, name, segment_ms, ladder FROM channels ORDER BY id")
+                        .fetch_all(&self.pool)
+                        .await?
+                        .iter()
+                        .map(|r| {
+                            let ladder: String = r.try_get("ladder")?;
+                            Ok(v2::Channel {
+                                id: r.try_get("id")?,
+                                name: r.try_get("name")?,
+                                segment_ms: u32::try_from(r.try_get::<i64, _>("segment_ms")?)
+                                    .unwrap_or(0),
+                                ladder: serde_json::from_str(&ladder)
+                                    .map_err(|e| StoreError::Corrupt(format!("ladder: {e}")))?,
+                            })
                         })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
+                        .collect::<Result<Vec<_>>>()?;
                 let events = sqlx::query("SELECT id, channel_id, group_name, start_ms, duration_ms FROM events ORDER BY id")
                     .fetch_all(&self.pool)
                     .await?
@@ -724,19 +940,31 @@ impl Store for SqliteStore {
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
-                serde_json::to_value(v2::Params { revision, channels, groups, events })
+                serde_json::to_value(v2::Params {
+                    revision,
+                    channels,
+                    groups,
+                    events,
+                })
             }
         };
         value.map_err(|e| StoreError::Corrupt(e.to_string()))
     }
 
-    async fn store_batch(&self, node_id: &str, from: Schema, first_seq: u64, raw: &[serde_json::Value]) -> Result<BatchOutcome> {
+    async fn store_batch(
+        &self,
+        node_id: &str,
+        from: Schema,
+        first_seq: u64,
+        raw: &[serde_json::Value],
+    ) -> Result<BatchOutcome> {
         let (dir, by_id) = self.channel_directory().await?;
         let to = self.info.schema;
         let mut decoded = Vec::with_capacity(raw.len());
         for (i, value) in raw.iter().enumerate() {
             let seq = first_seq + i as u64;
-            let rec = record::upcast(from, to, value, node_id, &dir).map_err(|source| StoreError::Untranslatable { seq, source })?;
+            let rec = record::upcast(from, to, value, node_id, &dir)
+                .map_err(|source| StoreError::Untranslatable { seq, source })?;
             decoded.push((to_i64(seq, "seq")?, rec));
         }
         let translated_from = (from != to).then_some(from.0);
@@ -746,7 +974,9 @@ impl Store for SqliteStore {
         for (seq, rec) in &decoded {
             stored += match rec {
                 AnyRecord::V1(r) => insert_v1(&mut tx, node_id, *seq, r).await?,
-                AnyRecord::V2(r) => insert_v2(&mut tx, node_id, *seq, r, translated_from, &by_id).await?,
+                AnyRecord::V2(r) => {
+                    insert_v2(&mut tx, node_id, *seq, r, translated_from, &by_id).await?
+                }
             };
         }
         let last = first_seq + raw.len() as u64 - 1;
@@ -757,7 +987,11 @@ impl Store for SqliteStore {
             .await?;
         tx.commit().await?;
         let translated = if translated_from.is_some() { stored } else { 0 };
-        Ok(BatchOutcome { acked_through: last, stored, translated })
+        Ok(BatchOutcome {
+            acked_through: last,
+            stored,
+            translated,
+        })
     }
 
     async fn record_summary(&self) -> Result<Vec<RecordSummary>> {
@@ -778,7 +1012,12 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn records(&self, node_id: &str, after_seq: u64, limit: u32) -> Result<Vec<StoredRecord>> {
+    async fn records(
+        &self,
+        node_id: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredRecord>> {
         let sql = match self.info.schema.0 {
             1 => "SELECT node AS node_id, seq, kind, natural_key, NULL AS translated_from FROM records WHERE node = ? AND seq > ? ORDER BY seq LIMIT ?",
             _ => "SELECT node_id, seq, kind, natural_key, translated_from FROM records WHERE node_id = ? AND seq > ? ORDER BY seq LIMIT ?",
@@ -796,7 +1035,9 @@ impl Store for SqliteStore {
                     seq: to_u64(r.try_get("seq")?),
                     kind: r.try_get("kind")?,
                     natural_key: r.try_get("natural_key")?,
-                    translated_from: r.try_get::<Option<i64>, _>("translated_from")?.map(|v| u32::try_from(v).unwrap_or(0)),
+                    translated_from: r
+                        .try_get::<Option<i64>, _>("translated_from")?
+                        .map(|v| u32::try_from(v).unwrap_or(0)),
                 })
             })
             .collect()

@@ -1,0 +1,162 @@
+//! The operator's HTTP client for the controller API.
+
+use crate::viewers::ChannelTarget;
+use anyhow::{anyhow, Context};
+use handover_controller::{GroupNodes, Status};
+use handover_core::wire::ErrorBody;
+use handover_store::EventView;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::fmt::Write;
+use std::time::Duration;
+
+/// No operator call waits longer than this.
+const REQUEST_TIMEOUT_MS: u64 = 10_000;
+
+pub struct Operator {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+impl Operator {
+    pub fn with(base: &str, token: &str) -> anyhow::Result<Operator> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(REQUEST_TIMEOUT_MS))
+            .no_proxy()
+            .build()
+            .context("cannot build the HTTP client")?;
+        Ok(Operator {
+            base: base.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
+            http,
+        })
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+        what: &str,
+    ) -> anyhow::Result<T> {
+        let resp =
+            req.bearer_auth(&self.token).send().await.with_context(|| {
+                format!("cannot reach the controller at {} ({what})", self.base)
+            })?;
+        let status = resp.status();
+        let body = resp
+            .bytes()
+            .await
+            .with_context(|| format!("controller answer to {what} was cut off"))?;
+        if !status.is_success() {
+            return Err(match serde_json::from_slice::<ErrorBody>(&body) {
+                Ok(e) => anyhow!(
+                    "controller refused {what}: {} ({}): {}",
+                    e.error,
+                    status,
+                    e.message
+                ),
+                Err(_) => anyhow!("controller refused {what}: {status}"),
+            });
+        }
+        serde_json::from_slice(&body)
+            .with_context(|| format!("controller answer to {what} is not the expected JSON"))
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.send(
+            self.http.get(format!("{}{path}", self.base)),
+            &format!("GET {path}"),
+        )
+        .await
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        self.send(
+            self.http.post(format!("{}{path}", self.base)).json(body),
+            &format!("POST {path}"),
+        )
+        .await
+    }
+
+    pub async fn status(&self) -> anyhow::Result<Status> {
+        self.get("/api/v1/status").await
+    }
+
+    /// Each channel with an event, and the HLS URLs of the group running it.
+    pub async fn viewer_targets(&self, only: &[String]) -> anyhow::Result<Vec<ChannelTarget>> {
+        let events: Vec<EventView> = self.get("/api/v1/events").await?;
+        let mut targets: Vec<ChannelTarget> = Vec::new();
+        for e in events {
+            if (!only.is_empty() && !only.contains(&e.channel))
+                || targets.iter().any(|t| t.channel == e.channel)
+            {
+                continue;
+            }
+            let nodes: GroupNodes = self
+                .get(&format!("/api/v1/groups/{}/nodes", e.group))
+                .await?;
+            if nodes.hls_urls.is_empty() {
+                anyhow::bail!("group {} has no node that said hello yet", e.group);
+            }
+            targets.push(ChannelTarget {
+                channel: e.channel,
+                node_urls: nodes.hls_urls,
+            });
+        }
+        Ok(targets)
+    }
+}
+
+pub fn render_status(s: &Status) -> String {
+    let mut out = String::new();
+    let c = &s.controller;
+    let _ = writeln!(
+        out,
+        "controller  release {} ({}), schema {}, protocol {}..={}",
+        c.release, c.semver, c.schema, c.protocol.min, c.protocol.max
+    );
+    let _ = writeln!(
+        out,
+        "cluster     epoch {}{}, parameter revision {}",
+        s.cluster.epoch,
+        if s.cluster.fenced { " FENCED" } else { "" },
+        s.cluster.param_revision
+    );
+    let _ = writeln!(
+        out,
+        "{:<16} {:>7} {:<8} {:<8} {:<8} {:>7} {:>7}  events",
+        "node", "release", "role", "group", "grant", "outbox", "acked"
+    );
+    for n in &s.nodes {
+        let r = &n.row;
+        let lease = if n.lease_expired {
+            " (lease expired)"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            out,
+            "{:<16} {:>7} {:<8} {:<8} {:<8} {:>7} {:>7}  {:?}{lease}",
+            r.node_id,
+            r.release.0,
+            r.role.as_str(),
+            r.group,
+            n.grant_now.as_str(),
+            n.outbox_depth,
+            r.acked_through,
+            r.current_events
+        );
+    }
+    out
+}

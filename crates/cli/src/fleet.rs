@@ -1,0 +1,334 @@
+//! A local fleet of real processes: one controller and nodes, each its own
+//! OS process on its own 127.x.y.z address and data dir. The demo and the
+//! process tests drive the same code. Every child is killed when the fleet is
+//! dropped, so nothing outlives a panic or Ctrl-C.
+
+use crate::check::{check_node, CheckReport};
+use crate::client::Operator;
+use anyhow::{bail, Context};
+use handover_controller::Status;
+use handover_core::wire::Role;
+use handover_store::StoredRecord;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+use tokio::process::{Child, Command};
+
+/// Longest wait for a process to answer its health check.
+pub const HEALTHY_WAIT_MS: u64 = 15_000;
+/// Grace a SIGTERM'd process gets before SIGKILL.
+pub const TERMINATE_GRACE_MS: u64 = 10_000;
+const CONTROLLER_PORT: u16 = 7400;
+const NODE_PORT: u16 = 7500;
+
+/// One child process with its log file.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(exe: &Path, name: &str, args: &[String], log: PathBuf) -> anyhow::Result<Proc> {
+        let out = std::fs::File::create(&log)
+            .with_context(|| format!("cannot create log {}", log.display()))?;
+        let err = out.try_clone().context("cannot share the log file")?;
+        let child = Command::new(exe)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {name} ({})", exe.display()))?;
+        Ok(Proc {
+            name: name.to_owned(),
+            child,
+            log,
+        })
+    }
+
+    pub fn pid(&self) -> Option<Pid> {
+        self.child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .map(Pid::from_raw)
+    }
+
+    pub fn signal(&self, sig: Signal) -> anyhow::Result<()> {
+        let pid = self
+            .pid()
+            .with_context(|| format!("{} has already exited", self.name))?;
+        kill(pid, sig).with_context(|| format!("cannot send {sig} to {}", self.name))
+    }
+
+    /// SIGTERM, then SIGKILL if the process has not exited within the grace.
+    pub async fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
+        if self.pid().is_some() {
+            self.signal(Signal::SIGTERM)?;
+        }
+        match tokio::time::timeout(Duration::from_millis(TERMINATE_GRACE_MS), self.child.wait())
+            .await
+        {
+            Ok(status) => status.with_context(|| format!("cannot wait for {}", self.name)),
+            Err(_) => {
+                tracing::warn!(name = %self.name, "did not stop within the grace; killing");
+                self.kill().await
+            }
+        }
+    }
+
+    /// SIGKILL: the crash a test wants.
+    pub async fn kill(&mut self) -> anyhow::Result<ExitStatus> {
+        self.child.start_kill().ok();
+        self.child
+            .wait()
+            .await
+            .with_context(|| format!("cannot wait for {}", self.name))
+    }
+}
+
+/// Polls `url` until it answers 200 or the wait ends.
+pub async fn wait_healthy(url: &str, proc: &mut Proc) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .no_proxy()
+        .build()?;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(HEALTHY_WAIT_MS);
+    loop {
+        if let Ok(Some(status)) = proc.child.try_wait() {
+            bail!(
+                "{} exited with {status} before it was healthy; see {}",
+                proc.name,
+                proc.log.display()
+            );
+        }
+        if let Ok(r) = http.get(url).send().await {
+            if r.status().is_success() {
+                return Ok(());
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "{} did not become healthy at {url} within {HEALTHY_WAIT_MS} ms; see {}",
+                proc.name,
+                proc.log.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub struct NodeProc {
+    pub id: String,
+    pub role: Role,
+    pub group: String,
+    pub release: u32,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub proc: Option<Proc>,
+}
+
+impl NodeProc {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// A controller and its nodes on `127.<subnet>.0.<n>`.
+pub struct Fleet {
+    pub exe: PathBuf,
+    pub dir: PathBuf,
+    pub subnet: u8,
+    pub join_token: String,
+    pub operator_token: String,
+    pub controller_release: u32,
+    pub controller: Option<Proc>,
+    pub nodes: Vec<NodeProc>,
+    pub op: Operator,
+}
+
+fn token() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+impl Fleet {
+    /// `dir` must exist; every process gets a data dir and a log below it.
+    pub fn new(exe: &Path, dir: &Path, subnet: u8) -> anyhow::Result<Fleet> {
+        let operator_token = token();
+        let base = format!(
+            "http://{}",
+            SocketAddr::from((Ipv4Addr::new(127, subnet, 0, 1), CONTROLLER_PORT))
+        );
+        let op = Operator::with(&base, &operator_token)?;
+        std::fs::create_dir_all(dir.join("logs")).context("cannot create the log dir")?;
+        Ok(Fleet {
+            exe: exe.to_owned(),
+            dir: dir.to_owned(),
+            subnet,
+            join_token: token(),
+            operator_token,
+            controller_release: 0,
+            controller: None,
+            nodes: Vec::new(),
+            op,
+        })
+    }
+
+    pub fn controller_addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::new(127, self.subnet, 0, 1), CONTROLLER_PORT))
+    }
+
+    pub fn controller_url(&self) -> String {
+        format!("http://{}", self.controller_addr())
+    }
+
+    pub async fn start_controller(&mut self, release: u32) -> anyhow::Result<()> {
+        let args = vec![
+            "controller".into(),
+            "--release".into(),
+            release.to_string(),
+            "--data-dir".into(),
+            self.dir.join("controller").display().to_string(),
+            "--listen".into(),
+            self.controller_addr().to_string(),
+            "--join-token".into(),
+            self.join_token.clone(),
+            "--operator-token".into(),
+            self.operator_token.clone(),
+        ];
+        let log = self
+            .dir
+            .join("logs")
+            .join(format!("controller-r{release}.log"));
+        let mut p = Proc::spawn(&self.exe, "controller", &args, log)?;
+        wait_healthy(&format!("{}/healthz", self.controller_url()), &mut p).await?;
+        self.controller = Some(p);
+        self.controller_release = release;
+        Ok(())
+    }
+
+    /// Declares a node (its address and data dir) without starting it.
+    pub fn add_node(&mut self, id: &str, role: Role, group: &str, release: u32) -> usize {
+        let n = u8::try_from(self.nodes.len() + 10).unwrap_or(250);
+        self.nodes.push(NodeProc {
+            id: id.to_owned(),
+            role,
+            group: group.to_owned(),
+            release,
+            addr: SocketAddr::from((Ipv4Addr::new(127, self.subnet, 0, n), NODE_PORT)),
+            data_dir: self.dir.join(id),
+            proc: None,
+        });
+        self.nodes.len() - 1
+    }
+
+    pub async fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
+        let controller = self.controller_url();
+        let node = self.nodes.get_mut(i).context("no such node")?;
+        let args = vec![
+            "node".into(),
+            "--release".into(),
+            node.release.to_string(),
+            "--id".into(),
+            node.id.clone(),
+            "--role".into(),
+            node.role.as_str().into(),
+            "--group".into(),
+            node.group.clone(),
+            "--data-dir".into(),
+            node.data_dir.display().to_string(),
+            "--listen".into(),
+            node.addr.to_string(),
+            "--controller".into(),
+            controller,
+            "--join-token".into(),
+            self.join_token.clone(),
+        ];
+        let log = self
+            .dir
+            .join("logs")
+            .join(format!("{}-r{}.log", node.id, node.release));
+        let mut p = Proc::spawn(&self.exe, &node.id, &args, log)?;
+        wait_healthy(&format!("{}/healthz", node.url()), &mut p).await?;
+        node.proc = Some(p);
+        Ok(())
+    }
+
+    pub fn node(&mut self, id: &str) -> anyhow::Result<&mut NodeProc> {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.id == id)
+            .with_context(|| format!("no node {id}"))
+    }
+
+    /// Waits until every started node holds a grant the controller agrees with.
+    pub async fn wait_nodes_registered(&self) -> anyhow::Result<Status> {
+        let want = self.nodes.iter().filter(|n| n.proc.is_some()).count();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(HEALTHY_WAIT_MS);
+        loop {
+            let status = self.op.status().await?;
+            if status.nodes.iter().filter(|n| !n.lease_expired).count() >= want {
+                return Ok(status);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "only {} of {want} nodes registered with the controller",
+                    status.nodes.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every record the database holds for `node`, page by page.
+    pub async fn stored_records(&self, node: &str) -> anyhow::Result<Vec<StoredRecord>> {
+        let mut all: Vec<StoredRecord> = Vec::new();
+        loop {
+            let after = all.last().map(|r| r.seq).unwrap_or(0);
+            let page: Vec<StoredRecord> = self
+                .op
+                .get(&format!("/api/v1/records?node={node}&after_seq={after}"))
+                .await?;
+            if page.is_empty() {
+                return Ok(all);
+            }
+            all.extend(page);
+        }
+    }
+
+    /// The exactly-once check over every node, from each node's own ledger
+    /// (read from its data dir: stop the node first) and the database.
+    pub async fn check(&self) -> anyhow::Result<CheckReport> {
+        let mut total = CheckReport::default();
+        for n in &self.nodes {
+            let ledger = handover_node::ledger(&n.data_dir)
+                .await
+                .with_context(|| format!("cannot read the ledger of {}", n.id))?;
+            let stored = self.stored_records(&n.id).await?;
+            total.add(&check_node(&ledger.produced, &ledger.queued, &stored));
+        }
+        Ok(total)
+    }
+
+    /// Stops every node (SIGTERM: they flush their outbox first), then the controller.
+    pub async fn stop_all(&mut self) -> anyhow::Result<()> {
+        self.stop_nodes().await?;
+        if let Some(mut c) = self.controller.take() {
+            c.terminate().await?;
+        }
+        Ok(())
+    }
+
+    pub async fn stop_nodes(&mut self) -> anyhow::Result<()> {
+        for n in &mut self.nodes {
+            if let Some(mut p) = n.proc.take() {
+                p.terminate().await?;
+            }
+        }
+        Ok(())
+    }
+}

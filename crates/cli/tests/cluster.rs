@@ -1,0 +1,544 @@
+//! Process tests: the controller and every node are separate OS processes of
+//! the real binary, each on its own 127.x.0.y address and data dir. Every
+//! test uses its own subnet so tests can run in parallel, and its fleet kills
+//! every process it started when dropped.
+
+use handover::check::CheckReport;
+use handover::fleet::Fleet;
+use handover::viewers::{self, ChannelTarget, ViewerConfig, ViewerReport};
+use handover_core::params::Group;
+use handover_core::wire::Role;
+use handover_store::{ChannelSpec, EventSpec};
+use serde_json::Value;
+use std::path::PathBuf;
+use std::time::Duration;
+
+const SEGMENT_MS: u32 = 1000;
+
+fn exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_handover"))
+}
+
+fn now_ms() -> i64 {
+    handover::client::now_ms()
+}
+
+struct Setup {
+    fleet: Fleet,
+    _dir: tempfile::TempDir,
+    event_start_ms: i64,
+    event_duration_ms: u64,
+}
+
+/// A controller of `controller_release`, one group `g1` of two nodes of
+/// `node_release`, one channel `ch1` with an event starting soon.
+async fn setup(subnet: u8, controller_release: u32, node_release: u32, event_ms: u64) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fleet = Fleet::new(&exe(), dir.path(), subnet).unwrap();
+    fleet.start_controller(controller_release).await.unwrap();
+    let group = Group {
+        name: "g1".into(),
+        primary: "g1-a".into(),
+        backup: "g1-b".into(),
+    };
+    let _: Value = fleet.op.post("/api/v1/groups", &group).await.unwrap();
+    let spec = ChannelSpec {
+        name: "ch1".into(),
+        title: None,
+        segment_ms: SEGMENT_MS,
+        ladder: vec![],
+    };
+    let _: Value = fleet.op.post("/api/v1/channels", &spec).await.unwrap();
+    let event_start_ms = now_ms() + 2_000;
+    let ev = EventSpec {
+        channel: "ch1".into(),
+        group: "g1".into(),
+        start_ms: event_start_ms,
+        duration_ms: event_ms,
+    };
+    let _: Value = fleet.op.post("/api/v1/events", &ev).await.unwrap();
+    fleet.add_node("g1-a", Role::Primary, "g1", node_release);
+    fleet.add_node("g1-b", Role::Backup, "g1", node_release);
+    Setup {
+        fleet,
+        _dir: dir,
+        event_start_ms,
+        event_duration_ms: event_ms,
+    }
+}
+
+async fn start_nodes(s: &mut Setup) {
+    for i in 0..s.fleet.nodes.len() {
+        s.fleet.start_node(i).await.unwrap();
+    }
+    s.fleet.wait_nodes_registered().await.unwrap();
+}
+
+async fn sleep_until(at_ms: i64) {
+    let wait = u64::try_from(at_ms - now_ms()).unwrap_or(0);
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+}
+
+/// Viewers on `ch1` against both nodes, until the event's ENDLIST (bounded).
+async fn watch_to_end(s: &Setup, per_channel: usize) -> ViewerReport {
+    sleep_until(s.event_start_ms + i64::from(SEGMENT_MS) + 300).await;
+    let config = ViewerConfig {
+        targets: vec![ChannelTarget {
+            channel: "ch1".into(),
+            node_urls: s.fleet.nodes.iter().map(|n| n.url()).collect(),
+        }],
+        viewers_per_channel: per_channel,
+        duration: Duration::from_millis(s.event_duration_ms + 10_000),
+        request_timeout: Duration::from_secs(5),
+    };
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    viewers::run(&config, rx).await.unwrap()
+}
+
+fn assert_clean_viewing(v: &ViewerReport, viewers: u64) {
+    assert_eq!(v.failed_requests, 0, "{v:?}");
+    assert_eq!(v.segments_missed, 0, "{v:?}");
+    assert_eq!(v.ended_streams, viewers, "{v:?}");
+    assert!(v.segments_received > 0, "{v:?}");
+}
+
+fn assert_exact(r: &CheckReport) {
+    assert!(r.produced > 0, "{r:?}");
+    assert_eq!((r.lost, r.duplicated, r.unexpected), (0, 0, 0), "{r:?}");
+    assert_eq!(r.stored + r.queued, r.produced, "{r:?}");
+}
+
+async fn node_status(url: &str) -> Value {
+    reqwest::get(format!("{url}/status"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn grant_of(fleet: &Fleet, node: &str) -> String {
+    let status = fleet.op.status().await.unwrap();
+    let n = status.nodes.iter().find(|n| n.row.node_id == node).unwrap();
+    n.grant_now.as_str().to_owned()
+}
+
+/// Polls until `node`'s own /status reports `grant`; bounded.
+async fn wait_node_grant(url: &str, grant: &str) {
+    for _ in 0..200 {
+        if node_status(url).await["grant"] == grant {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "node {url} never reported grant {grant}: {}",
+        node_status(url).await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_2_group_serves_both_nodes_and_stores_every_record_once() {
+    let mut s = setup(11, 2, 2, 6_000).await;
+    start_nodes(&mut s).await;
+    let v = watch_to_end(&s, 4).await;
+    assert_clean_viewing(&v, 4);
+
+    // Primary and backup serve byte-identical segments, and ffprobe accepts them.
+    let a = reqwest::get(format!("{}/hls/ch1/2.ts", s.fleet.nodes[0].url()))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let b = reqwest::get(format!("{}/hls/ch1/2.ts", s.fleet.nodes[1].url()))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(
+        a.len() > 188 && a == b,
+        "segments differ: {} vs {} bytes",
+        a.len(),
+        b.len()
+    );
+    let file = s.fleet.dir.join("segment.ts");
+    std::fs::write(&file, &a).unwrap();
+    let probe = std::process::Command::new("ffprobe")
+        .args(["-v", "error", "-show_streams", "-of", "json"])
+        .arg(&file)
+        .output()
+        .expect("ffprobe is needed: apt-get install ffmpeg (.ci/run installs it)");
+    assert!(
+        probe.status.success(),
+        "ffprobe refused the segment: {}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    assert!(String::from_utf8_lossy(&probe.stdout).contains("\"codec_name\": \"mp3\""));
+
+    s.fleet.stop_nodes().await.unwrap();
+    let r = s.fleet.check().await.unwrap();
+    assert_exact(&r);
+    assert_eq!(r.translated, 0, "{r:?}");
+    s.fleet.stop_all().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_1_nodes_get_deliver_from_a_release_2_controller_and_their_records_land_translated()
+{
+    // A release-1 cluster, so the nodes hold release-1 parameters in their cache.
+    let mut s = setup(12, 1, 1, 14_000).await;
+    start_nodes(&mut s).await;
+    for n in ["g1-a", "g1-b"] {
+        assert_eq!(grant_of(&s.fleet, n).await, "full");
+    }
+    sleep_until(s.event_start_ms + 2_500).await;
+    // Replace the controller with release 2 on the same database: it migrates 1 -> 2.
+    s.fleet
+        .controller
+        .take()
+        .unwrap()
+        .terminate()
+        .await
+        .unwrap();
+    s.fleet.start_controller(2).await.unwrap();
+    for n in &s.fleet.nodes {
+        wait_node_grant(&n.url(), "deliver").await;
+    }
+    let status = s.fleet.op.status().await.unwrap();
+    assert_eq!(status.controller.schema.0, 2);
+    // Nodes keep serving their release-1 parameters from the cache all the way to the end.
+    let v = watch_to_end(&s, 2).await;
+    assert_clean_viewing(&v, 2);
+
+    // A release-1 node is refused parameter reads with a clear error.
+    let probe = Probe::hello(&s.fleet, "probe-r1", 1).await;
+    assert_eq!(probe.welcome["grant"], "deliver");
+    let (code, body) = probe
+        .get(
+            &s.fleet,
+            &format!("/node/v1/params?epoch={}", probe.epoch()),
+        )
+        .await;
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (403, Some("grant_forbids_read")),
+        "{body}"
+    );
+
+    s.fleet.stop_nodes().await.unwrap();
+    let r = s.fleet.check().await.unwrap();
+    assert_exact(&r);
+    assert!(r.translated > 0, "{r:?}");
+    assert_eq!(
+        r.translated, r.stored,
+        "every release-1 record is stored translated: {r:?}"
+    );
+    s.fleet.stop_all().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_2_node_is_fenced_by_a_release_1_controller_and_stores_nothing() {
+    let mut s = setup(13, 1, 2, 4_000).await;
+    start_nodes(&mut s).await;
+    let status = s.fleet.op.status().await.unwrap();
+    for n in &status.nodes {
+        assert_eq!(n.grant_now.as_str(), "fenced", "{n:?}");
+        assert_eq!(format!("{:?}", n.grant_reason), "NodeNewerThanDatabase");
+    }
+    for n in &s.fleet.nodes {
+        wait_node_grant(&n.url(), "fenced").await;
+    }
+    let summary: Vec<Value> = s.fleet.op.get("/api/v1/records/summary").await.unwrap();
+    assert!(summary.is_empty(), "{summary:?}");
+    s.fleet.stop_all().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fence_reaches_nodes_at_once_they_queue_and_drain_after_unfence() {
+    let mut s = setup(14, 2, 2, 10_000).await;
+    start_nodes(&mut s).await;
+    sleep_until(s.event_start_ms + 2_000).await;
+    let _: Value = s
+        .fleet
+        .op
+        .post("/api/v1/fence", &serde_json::json!({}))
+        .await
+        .unwrap();
+    for n in &s.fleet.nodes {
+        wait_node_grant(&n.url(), "fenced").await;
+    }
+    let before: Vec<Value> = s.fleet.op.get("/api/v1/records/summary").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let during: Vec<Value> = s.fleet.op.get("/api/v1/records/summary").await.unwrap();
+    assert_eq!(before, during, "nothing is stored while fenced");
+    let queued = node_status(&s.fleet.nodes[0].url()).await["outbox"]["count"]
+        .as_u64()
+        .unwrap();
+    assert!(queued > 0, "a fenced node queues its records");
+    let _: Value = s
+        .fleet
+        .op
+        .post("/api/v1/unfence", &serde_json::json!({}))
+        .await
+        .unwrap();
+    for n in &s.fleet.nodes {
+        wait_node_grant(&n.url(), "full").await;
+    }
+    let v = watch_to_end(&s, 2).await;
+    assert_eq!(v.failed_requests, 0, "{v:?}");
+    s.fleet.stop_nodes().await.unwrap();
+    assert_exact(&s.fleet.check().await.unwrap());
+    s.fleet.stop_all().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_with_sigkill_and_restarted_loses_and_duplicates_nothing() {
+    let mut s = setup(15, 2, 2, 10_000).await;
+    start_nodes(&mut s).await;
+    sleep_until(s.event_start_ms + 3_000).await;
+    for round in 0..2 {
+        let node = s.fleet.node("g1-a").unwrap();
+        node.proc.as_mut().unwrap().kill().await.unwrap();
+        node.proc = None;
+        tokio::time::sleep(Duration::from_millis(300 + 400 * round)).await;
+        s.fleet.start_node(0).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+    }
+    sleep_until(s.event_start_ms + 11_000).await;
+    s.fleet.stop_nodes().await.unwrap();
+    let r = s.fleet.check().await.unwrap();
+    assert_exact(&r);
+    s.fleet.stop_all().await.unwrap();
+}
+
+/// A hand-made node speaking the protocol directly, to probe the controller.
+struct Probe {
+    welcome: Value,
+}
+
+impl Probe {
+    async fn hello(fleet: &Fleet, id: &str, release: u32) -> Probe {
+        let (code, welcome) = post(
+            fleet,
+            "/node/v1/hello",
+            None,
+            hello_body(fleet, id, release),
+        )
+        .await;
+        assert_eq!(code, 200, "{welcome}");
+        Probe { welcome }
+    }
+
+    fn credential(&self) -> &str {
+        self.welcome["credential"].as_str().unwrap()
+    }
+
+    fn epoch(&self) -> u64 {
+        self.welcome["epoch"].as_u64().unwrap()
+    }
+
+    async fn get(&self, fleet: &Fleet, path: &str) -> (u16, Value) {
+        let r = reqwest::Client::new()
+            .get(format!("{}{path}", fleet.controller_url()))
+            .bearer_auth(self.credential())
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+}
+
+fn hello_body(fleet: &Fleet, id: &str, release: u32) -> Value {
+    let info = handover_core::ReleaseInfo::of(handover_core::Release(release)).unwrap();
+    serde_json::json!({"v": 1, "node_id": id, "token": fleet.join_token, "release": release, "schema": info.schema,
+        "protocol": info.protocol, "role": "primary", "group": "g1", "hls_url": "http://127.0.0.1:9",
+        "outbox": {"next_seq": 1, "oldest_unacked_seq": null, "count": 0}, "current_events": [], "param_revision": null})
+}
+
+async fn post(fleet: &Fleet, path: &str, bearer: Option<&str>, body: Value) -> (u16, Value) {
+    post_raw(fleet, path, bearer, serde_json::to_vec(&body).unwrap()).await
+}
+
+async fn post_raw(fleet: &Fleet, path: &str, bearer: Option<&str>, body: Vec<u8>) -> (u16, Value) {
+    let mut req = reqwest::Client::new()
+        .post(format!("{}{path}", fleet.controller_url()))
+        .body(body);
+    if let Some(b) = bearer {
+        req = req.bearer_auth(b);
+    }
+    let r = req.send().await.unwrap();
+    let code = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    let json: Value = serde_json::from_str(&text)
+        .unwrap_or_else(|_| panic!("error answer is not JSON: {code} {text:?}"));
+    (code, json)
+}
+
+/// (what, path, bearer, body, expected status, expected error code)
+type BadInput<'a> = (&'a str, &'a str, Option<&'a str>, Vec<u8>, u16, &'a str);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_json_error_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fleet = Fleet::new(&exe(), dir.path(), 16).unwrap();
+    fleet.start_controller(2).await.unwrap();
+    let probe = Probe::hello(&fleet, "probe", 2).await;
+    let cred = probe.credential().to_owned();
+    let epoch = probe.epoch();
+    let nodes_before = fleet.op.status().await.unwrap().nodes.len();
+
+    let mut future = hello_body(&fleet, "n2", 2);
+    future["v"] = serde_json::json!(9);
+    let mut wrong_token = hello_body(&fleet, "n3", 2);
+    wrong_token["token"] = serde_json::json!("not-the-join-token");
+    let mut bad_id = hello_body(&fleet, "../n4", 2);
+    bad_id["hls_url"] = serde_json::json!("http://x");
+    let batch = |epoch: u64, schema: u32| {
+        serde_json::json!({"v": 1, "node_id": "probe", "epoch": epoch, "schema": schema, "first_seq": 1,
+            "records": [{"kind": "alert", "channel_id": 1, "node_id": "probe", "produced_at_ms": 1}]})
+    };
+    let cases: Vec<BadInput> = vec![
+        (
+            "malformed hello",
+            "/node/v1/hello",
+            None,
+            b"{not json".to_vec(),
+            400,
+            "malformed",
+        ),
+        (
+            "unknown version",
+            "/node/v1/hello",
+            None,
+            serde_json::to_vec(&future).unwrap(),
+            400,
+            "unsupported_version",
+        ),
+        (
+            "wrong token",
+            "/node/v1/hello",
+            None,
+            serde_json::to_vec(&wrong_token).unwrap(),
+            401,
+            "unauthorized",
+        ),
+        (
+            "bad node id",
+            "/node/v1/hello",
+            None,
+            serde_json::to_vec(&bad_id).unwrap(),
+            400,
+            "invalid_field",
+        ),
+        (
+            "oversized hello",
+            "/node/v1/hello",
+            None,
+            vec![b' '; 2 << 20],
+            413,
+            "too_large",
+        ),
+        (
+            "batch without credential",
+            "/node/v1/records",
+            None,
+            serde_json::to_vec(&batch(epoch, 2)).unwrap(),
+            401,
+            "unauthorized",
+        ),
+        (
+            "batch, stale epoch",
+            "/node/v1/records",
+            Some(&cred),
+            serde_json::to_vec(&batch(epoch + 7, 2)).unwrap(),
+            409,
+            "stale_epoch",
+        ),
+        (
+            "batch, unknown channel",
+            "/node/v1/records",
+            Some(&cred),
+            serde_json::to_vec(&batch(epoch, 2)).unwrap(),
+            422,
+            "untranslatable",
+        ),
+        (
+            "batch, wrong schema",
+            "/node/v1/records",
+            Some(&cred),
+            serde_json::to_vec(&batch(epoch, 1)).unwrap(),
+            400,
+            "schema_mismatch",
+        ),
+        (
+            "deliver with grant full",
+            "/node/v1/deliver",
+            Some(&cred),
+            serde_json::to_vec(&batch(epoch, 2)).unwrap(),
+            403,
+            "grant_forbids_write",
+        ),
+        (
+            "oversized batch",
+            "/node/v1/records",
+            Some(&cred),
+            vec![b' '; 2 << 20],
+            413,
+            "too_large",
+        ),
+        (
+            "unknown endpoint",
+            "/node/v9/hello",
+            None,
+            b"{}".to_vec(),
+            404,
+            "not_found",
+        ),
+    ];
+    for (what, path, bearer, body, status, code) in cases {
+        let (got_status, got) = post_raw(&fleet, path, bearer, body).await;
+        assert_eq!(
+            (got_status, got["error"].as_str()),
+            (status, Some(code)),
+            "{what}: {got}"
+        );
+        assert!(
+            got["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{what}: {got}"
+        );
+    }
+    // Stale epoch after a real fence, on the heartbeat too.
+    let _: Value = fleet
+        .op
+        .post("/api/v1/fence", &serde_json::json!({}))
+        .await
+        .unwrap();
+    let hb = serde_json::json!({"v": 1, "node_id": "probe", "epoch": epoch, "outbox": {"next_seq": 1, "oldest_unacked_seq": null, "count": 0}, "current_events": []});
+    let (code, body) = post(&fleet, "/node/v1/heartbeat", Some(&cred), hb).await;
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (409, Some("stale_epoch")),
+        "{body}"
+    );
+    assert!(body["message"]
+        .as_str()
+        .unwrap()
+        .contains("handshake again"));
+
+    let status = fleet.op.status().await.unwrap();
+    assert_eq!(
+        status.nodes.len(),
+        nodes_before,
+        "no node was registered by bad input"
+    );
+    let summary: Vec<Value> = fleet.op.get("/api/v1/records/summary").await.unwrap();
+    assert!(
+        summary.is_empty(),
+        "no record was stored by bad input: {summary:?}"
+    );
+    let (code, _) = probe.get(&fleet, "/healthz").await;
+    assert_eq!(code, 200, "the controller is still up");
+    fleet.stop_all().await.unwrap();
+}

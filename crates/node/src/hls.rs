@@ -1,0 +1,312 @@
+//! The node's HTTP face: HLS playlists and segments for viewers, plus
+//! `/healthz` and `/status` for the supervisor and operators.
+//!
+//! Everything is served from the in-memory parameter cache and core's pure
+//! schedule, so viewers keep playing whatever the grant or the controller's
+//! health. Every answer that is not content is JSON; nothing here panics.
+
+use crate::producer::current_events;
+use crate::session::{ParamsCache, Session};
+use crate::store::Store;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use handover_core::hls::WINDOW_SEGMENTS;
+use handover_core::params::LiveEvent;
+use handover_core::wire::{ErrorBody, Role};
+use handover_core::ReleaseInfo;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+
+/// An event that ended less than this long ago still has its playlist served
+/// (with ENDLIST), so players finish cleanly.
+pub const RECENTLY_ENDED_MS: i64 = 120_000;
+/// Segments older than this many playlist windows are no longer served.
+pub const SEGMENT_WINDOWS_SERVED: u64 = 3;
+/// Channels whose requests are counted; channels come from the parameters,
+/// this only guards the map against a pathological parameter set.
+pub const COUNTED_CHANNELS_MAX: usize = 4096;
+
+pub const PLAYLIST_CONTENT_TYPE: &str = "application/vnd.apple.mpegurl";
+pub const SEGMENT_CONTENT_TYPE: &str = "video/mp2t";
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Counts {
+    second: i64,
+    n: u32,
+    prev_second: i64,
+    prev_n: u32,
+}
+
+/// HLS requests per channel for the current and the previous whole second:
+/// enough for the producer's once-a-second `viewer_stats`.
+#[derive(Debug, Default)]
+pub struct ViewerCounter {
+    inner: Mutex<HashMap<String, Counts>>,
+}
+
+impl ViewerCounter {
+    pub fn hit(&self, channel: &str, now_ms: i64) {
+        let second = now_ms.div_euclid(1000);
+        let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if !map.contains_key(channel) && map.len() >= COUNTED_CHANNELS_MAX {
+            return;
+        }
+        let c = map.entry(channel.to_owned()).or_default();
+        if c.second == second {
+            c.n = c.n.saturating_add(1);
+        } else {
+            *c = Counts {
+                second,
+                n: 1,
+                prev_second: c.second,
+                prev_n: c.n,
+            };
+        }
+    }
+
+    /// Requests for `channel` during `second` (0 if we no longer know).
+    pub fn count(&self, channel: &str, second: i64) -> u32 {
+        let map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get(channel) {
+            Some(c) if c.second == second => c.n,
+            Some(c) if c.prev_second == second => c.prev_n,
+            _ => 0,
+        }
+    }
+}
+
+/// The event whose playlist `channel` shows at `now_ms`: the one live now
+/// (the latest started if several), else the one that ended most recently
+/// within [`RECENTLY_ENDED_MS`]; none if nothing on the channel has started.
+pub fn select_event<'a>(
+    events: &'a [LiveEvent],
+    channel: &str,
+    now_ms: i64,
+) -> Option<&'a LiveEvent> {
+    let on_channel = || events.iter().filter(move |e| e.channel == channel);
+    on_channel()
+        .filter(|e| e.is_live(now_ms))
+        .max_by_key(|e| e.start_ms)
+        .or_else(|| {
+            on_channel()
+                .filter(|e| e.has_ended(now_ms) && now_ms - e.end_ms() <= RECENTLY_ENDED_MS)
+                .max_by_key(|e| e.end_ms())
+        })
+}
+
+/// Whether `seq` of `e` may be served at `now_ms`: completed, and not older
+/// than [`SEGMENT_WINDOWS_SERVED`] playlist windows.
+pub fn segment_servable(e: &LiveEvent, seq: u64, now_ms: i64) -> bool {
+    let done = e.completed_segments(now_ms);
+    seq < done && seq >= done.saturating_sub(SEGMENT_WINDOWS_SERVED * WINDOW_SEGMENTS)
+}
+
+/// Everything the HTTP handlers read.
+pub struct HttpState {
+    pub node_id: String,
+    pub release: &'static ReleaseInfo,
+    pub role: Role,
+    pub group: String,
+    pub store: Arc<Store>,
+    pub session: Arc<Session>,
+    pub params: watch::Receiver<Arc<ParamsCache>>,
+    pub viewers: Arc<ViewerCounter>,
+    /// The shipper's last failure, for operators.
+    pub ship_error: Arc<Mutex<Option<String>>>,
+}
+
+type Shared = Arc<HttpState>;
+
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/status", get(status))
+        .route("/hls/{channel}/{file}", get(hls))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(ErrorBody {
+            error: code.to_owned(),
+            message: message.into(),
+        }),
+    )
+        .into_response()
+}
+
+async fn not_found() -> Response {
+    error(StatusCode::NOT_FOUND, "not_found", "no such resource")
+}
+
+async fn method_not_allowed() -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "only GET is served here",
+    )
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn status(State(s): State<Shared>) -> Response {
+    let link = s.session.link_now();
+    let outbox = s.store.outbox_state();
+    let params = s.params.borrow().clone();
+    let ship_error = s
+        .ship_error
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    Json(serde_json::json!({
+        "node_id": s.node_id,
+        "release": s.release.release,
+        "schema": s.release.schema,
+        "role": s.role,
+        "group": s.group,
+        "grant": link.grant,
+        "grant_reason": link.reason,
+        "epoch": link.epoch,
+        "outbox": outbox,
+        "produced": outbox.next_seq.saturating_sub(1),
+        "current_events": current_events(&params.events, crate::wall_clock_ms()),
+        "param_revision": params.revision,
+        "controller_reachable": s.session.reachable(),
+        "ship_error": ship_error,
+    }))
+    .into_response()
+}
+
+async fn hls(
+    State(s): State<Shared>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Response {
+    let Ok(Path((channel, file))) = path else {
+        return not_found().await;
+    };
+    let now = crate::wall_clock_ms();
+    let params = s.params.borrow().clone();
+    if params.events.iter().any(|e| e.channel == channel) {
+        s.viewers.hit(&channel, now);
+    }
+    let event = select_event(&params.events, &channel, now);
+    if file == "index.m3u8" {
+        return match event.and_then(|e| e.media_playlist(now)) {
+            Some(body) => (
+                [
+                    (header::CONTENT_TYPE, PLAYLIST_CONTENT_TYPE),
+                    (header::CACHE_CONTROL, "no-cache"),
+                ],
+                body,
+            )
+                .into_response(),
+            None => error(
+                StatusCode::NOT_FOUND,
+                "not_live",
+                format!("channel {channel:?} has no live or recently ended event on this node"),
+            ),
+        };
+    }
+    let Some(seq) = file
+        .strip_suffix(".ts")
+        .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|d| d.parse::<u64>().ok())
+    else {
+        return not_found().await;
+    };
+    match event {
+        Some(e) if segment_servable(e, seq, now) => (
+            [
+                (header::CONTENT_TYPE, SEGMENT_CONTENT_TYPE),
+                (header::CACHE_CONTROL, "max-age=60"),
+            ],
+            handover_core::ts::segment(&channel, seq, e.segment_duration_ms(seq)),
+        )
+            .into_response(),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "no_such_segment",
+            format!("segment {seq} of channel {channel:?} is not available"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(id: i64, start_ms: i64, duration_ms: u64) -> LiveEvent {
+        LiveEvent {
+            event_id: id,
+            channel: "news".into(),
+            channel_id: None,
+            start_ms,
+            duration_ms,
+            segment_ms: 2_000,
+        }
+    }
+
+    #[test]
+    fn playlist_event_selection() {
+        let events = [event(1, 0, 10_000), event(2, 50_000, 10_000)];
+        assert_eq!(
+            select_event(&events, "news", 5_000).map(|e| e.event_id),
+            Some(1)
+        );
+        assert_eq!(
+            select_event(&events, "news", 40_000).map(|e| e.event_id),
+            Some(1)
+        );
+        assert_eq!(
+            select_event(&events, "news", 55_000).map(|e| e.event_id),
+            Some(2)
+        );
+        assert_eq!(
+            select_event(&events, "news", 60_000 + RECENTLY_ENDED_MS).map(|e| e.event_id),
+            Some(2)
+        );
+        assert_eq!(
+            select_event(&events, "news", 60_000 + RECENTLY_ENDED_MS + 1),
+            None
+        );
+        assert_eq!(select_event(&events, "news", -1), None);
+        assert_eq!(select_event(&events, "sport", 5_000), None);
+    }
+
+    #[test]
+    fn servable_segments() {
+        let e = event(1, 0, 600_000);
+        assert!(!segment_servable(&e, 0, 1_999));
+        assert!(segment_servable(&e, 0, 2_000));
+        assert!(!segment_servable(&e, 1, 2_000));
+        let now = 100_000; // 50 completed
+        assert!(segment_servable(&e, 49, now));
+        assert!(segment_servable(&e, 50 - 18, now));
+        assert!(!segment_servable(&e, 50 - 19, now));
+    }
+
+    #[test]
+    fn counter_keeps_two_seconds() {
+        let c = ViewerCounter::default();
+        c.hit("news", 1_000);
+        c.hit("news", 1_999);
+        c.hit("news", 2_100);
+        assert_eq!(c.count("news", 1), 2);
+        assert_eq!(c.count("news", 2), 1);
+        assert_eq!(c.count("news", 0), 0);
+        assert_eq!(c.count("sport", 1), 0);
+        c.hit("news", 5_000);
+        assert_eq!(c.count("news", 1), 0);
+        assert_eq!(c.count("news", 2), 1);
+    }
+}

@@ -1,0 +1,210 @@
+//! The shipper: sends the outbox to the controller in order, one batch at a
+//! time, over the channel the grant allows, and trims only what was acked.
+//!
+//! `full` → `/node/v1/records` (main channel), `deliver` → `/node/v1/deliver`
+//! (redundant channel, the controller translates), `fenced` → nothing: wait
+//! for the grant to change. Storing is idempotent on (node, seq), so a batch
+//! resent after a crash or a timeout never duplicates a record.
+
+use crate::session::{CallError, Session};
+use crate::store::{OutboxRow, Store};
+use crate::{sleep_or_stop, Backoff, Stop};
+use handover_core::grant::Grant;
+use handover_core::wire::{Batch, BatchAck, MESSAGE_VERSION};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// Records in one batch (the wire allows more; smaller batches ack sooner).
+pub const BATCH_RECORDS_MAX: usize = 500;
+/// JSON bytes of records in one batch, well under the controller's body limit.
+pub const BATCH_BYTES_MAX: usize = handover_core::wire::limits::BODY_BYTES_MAX / 2;
+/// Timeout of one batch request.
+pub const SHIP_TIMEOUT_MS: u64 = 15_000;
+
+const _: () = assert!(BATCH_RECORDS_MAX <= handover_core::wire::limits::BATCH_RECORDS_MAX);
+
+/// Takes the longest prefix of `rows` that can go in one batch: one schema,
+/// consecutive seqs, at most [`BATCH_RECORDS_MAX`] records and
+/// [`BATCH_BYTES_MAX`] bytes (but always at least one record).
+pub fn batch_prefix(rows: &[OutboxRow]) -> &[OutboxRow] {
+    let Some(first) = rows.first() else {
+        return rows;
+    };
+    let mut bytes = 0usize;
+    let mut n = 0;
+    for (i, r) in rows.iter().enumerate().take(BATCH_RECORDS_MAX) {
+        let consecutive = first.seq.checked_add(i as u64) == Some(r.seq);
+        bytes = bytes.saturating_add(r.body_bytes + 1);
+        if r.schema != first.schema || !consecutive || (n > 0 && bytes > BATCH_BYTES_MAX) {
+            break;
+        }
+        n += 1;
+    }
+    &rows[..n]
+}
+
+pub struct Shipper {
+    pub store: Arc<Store>,
+    pub session: Arc<Session>,
+    pub node_id: String,
+    /// Notified after every append, so records do not wait for a timer.
+    pub wake: Arc<Notify>,
+    /// The last failure, shown on /status; cleared by the next ack.
+    pub error: Arc<Mutex<Option<String>>>,
+}
+
+impl Shipper {
+    fn set_error(&self, e: Option<String>) {
+        *self.error.lock().unwrap_or_else(|p| p.into_inner()) = e;
+    }
+
+    /// Ships until `stop`. Never two batches at once: this loop is the only sender.
+    pub async fn run(self, mut stop: Stop) {
+        let mut rx = self.session.link();
+        let mut backoff = Backoff::new();
+        loop {
+            if stop.is_set() {
+                return;
+            }
+            let link = rx.borrow_and_update().clone();
+            let (endpoint, epoch, credential) =
+                match (link.established, link.grant, link.epoch, &link.credential) {
+                    (true, Some(Grant::Full), Some(e), Some(c)) => {
+                        ("/node/v1/records", e, c.clone())
+                    }
+                    (true, Some(Grant::Deliver), Some(e), Some(c)) => {
+                        ("/node/v1/deliver", e, c.clone())
+                    }
+                    // Fenced or no session: queue locally and wait for the grant to change.
+                    _ => {
+                        tokio::select! {
+                            _ = rx.changed() => {}
+                            _ = stop.wait() => return,
+                        }
+                        continue;
+                    }
+                };
+            let rows = match self.store.oldest(BATCH_RECORDS_MAX).await {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the outbox");
+                    if !sleep_or_stop(backoff.next(), &mut stop).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let rows = batch_prefix(&rows);
+            let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    _ = rx.changed() => {}
+                    _ = stop.wait() => return,
+                }
+                continue;
+            };
+            let (first_seq, last_seq) = (first.seq, last.seq);
+            let batch = Batch {
+                v: MESSAGE_VERSION,
+                node_id: self.node_id.clone(),
+                epoch,
+                schema: first.schema,
+                first_seq,
+                records: rows.iter().map(|r| r.body.clone()).collect(),
+            };
+            let r = tokio::select! {
+                r = self.session.controller().post::<_, BatchAck>(
+                    endpoint,
+                    Some(&credential),
+                    &batch,
+                    Duration::from_millis(SHIP_TIMEOUT_MS),
+                ) => r,
+                _ = stop.wait() => return,
+            };
+            self.session.note(&r);
+            let failure = match r {
+                Ok(ack) if ack.v == MESSAGE_VERSION => {
+                    // Never trim past what this batch carried, whatever the answer says.
+                    let through = ack.acked_through.min(last_seq);
+                    if through < first_seq {
+                        format!(
+                            "controller acked through {} for a batch starting at {first_seq}",
+                            ack.acked_through
+                        )
+                    } else {
+                        match self.store.trim(through).await {
+                            Ok(_) => {
+                                tracing::debug!(
+                                    endpoint,
+                                    first_seq,
+                                    through,
+                                    stored = ack.stored,
+                                    translated = ack.translated,
+                                    "batch acked"
+                                );
+                                self.set_error(None);
+                                backoff.reset();
+                                continue;
+                            }
+                            Err(e) => format!("cannot trim the outbox: {e}"),
+                        }
+                    }
+                }
+                Ok(ack) => format!("batch ack of version {}", ack.v),
+                Err(e) if e.needs_handshake() || e.forbidden() => {
+                    self.set_error(Some(e.to_string()));
+                    self.session
+                        .request_handshake(link.generation, &e.to_string());
+                    continue;
+                }
+                Err(e @ CallError::Refused { .. }) => {
+                    // e.g. 422 untranslatable: the record is kept (never dropped) and retried;
+                    // it blocks the records behind it until an operator or a new controller helps.
+                    tracing::error!(error = %e, endpoint, first_seq, "batch refused");
+                    e.to_string()
+                }
+                Err(e) => e.to_string(),
+            };
+            tracing::warn!(failure, endpoint, first_seq, "batch not acked; retrying");
+            self.set_error(Some(failure));
+            if !sleep_or_stop(backoff.next(), &mut stop).await {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use handover_core::Schema;
+    use serde_json::json;
+
+    fn row(seq: u64, schema: u32, bytes: usize) -> OutboxRow {
+        OutboxRow {
+            seq,
+            schema: Schema(schema),
+            body: json!({}),
+            body_bytes: bytes,
+        }
+    }
+
+    #[test]
+    fn batches_are_one_schema_consecutive_and_bounded() {
+        assert!(batch_prefix(&[]).is_empty());
+        let rows: Vec<_> = (1..=700).map(|s| row(s, 1, 10)).collect();
+        assert_eq!(batch_prefix(&rows).len(), BATCH_RECORDS_MAX);
+        let mixed = [row(1, 1, 10), row(2, 1, 10), row(3, 2, 10)];
+        assert_eq!(batch_prefix(&mixed).len(), 2);
+        let gap = [row(1, 1, 10), row(3, 1, 10)];
+        assert_eq!(batch_prefix(&gap).len(), 1);
+        let big = [row(1, 1, BATCH_BYTES_MAX + 5), row(2, 1, 10)];
+        assert_eq!(batch_prefix(&big).len(), 1);
+        let halves = [
+            row(1, 1, BATCH_BYTES_MAX / 2),
+            row(2, 1, BATCH_BYTES_MAX / 2),
+        ];
+        assert_eq!(batch_prefix(&halves).len(), 1);
+    }
+}
