@@ -16,6 +16,7 @@ pub mod store;
 
 use anyhow::{bail, Context};
 use handover_core::wire::{limits, validate_id, Hello, OutboxState, Validate, MESSAGE_VERSION};
+use handover_core::Grant;
 use handover_core::ReleaseInfo;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,6 +28,9 @@ pub const BACKOFF_MS_MIN: u64 = 100;
 pub const BACKOFF_MS_MAX: u64 = 2_000;
 /// How long shutdown waits for the loops before closing the database anyway.
 pub const LOOPS_STOP_TIMEOUT_MS: u64 = 5_000;
+/// On a graceful stop the producer stops first and the shipper gets this
+/// long to empty the outbox; whatever is left stays durable for the next start.
+pub const DRAIN_ON_STOP_MS: u64 = 3_000;
 
 pub struct NodeConfig {
     pub node_id: String,
@@ -203,6 +207,22 @@ pub async fn serve_on(
     started
 }
 
+/// Waits (bounded) until the outbox is empty, while the grant lets it ship.
+async fn drain_outbox(store: &store::Store, session: &session::Session) {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(DRAIN_ON_STOP_MS);
+    while tokio::time::Instant::now() < deadline {
+        let can_ship = matches!(session.link_now().grant, Some(Grant::Full | Grant::Deliver));
+        if store.outbox_state().count == 0 || !can_ship {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::warn!(
+        queued = store.outbox_state().count,
+        "stopping with records queued; they ship on the next start"
+    );
+}
+
 async fn start(
     config: NodeConfig,
     info: &'static ReleaseInfo,
@@ -245,6 +265,8 @@ async fn start(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop = Stop(stop_rx);
+    // The producer has its own stop so the shipper can drain after it.
+    let (produce_stop_tx, produce_stop_rx) = watch::channel(false);
     let mut loops = tokio::task::JoinSet::new();
     loops.spawn(session.clone().run(stop.clone()));
     loops.spawn(session.clone().run_heartbeat(stop.clone()));
@@ -258,7 +280,7 @@ async fn start(
             viewers: viewers.clone(),
             shipper_wake: shipper_wake.clone(),
         }
-        .run(progress, stop.clone()),
+        .run(progress, Stop(produce_stop_rx)),
     );
     loops.spawn(
         shipper::Shipper {
@@ -301,7 +323,10 @@ async fn start(
         .with_graceful_shutdown(async move { server_stop.wait().await })
         .await
         .context("HTTP server failed");
-    // The server is done (drained, or failed): stop the loops either way.
+    // The server is done (drained, or failed): stop producing, give the
+    // shipper a bounded moment to empty the outbox, then stop the loops.
+    produce_stop_tx.send_replace(true);
+    drain_outbox(&store, &session).await;
     stop_tx.send_replace(true);
     let joined = tokio::time::timeout(Duration::from_millis(LOOPS_STOP_TIMEOUT_MS), async {
         while let Some(r) = loops.join_next().await {
