@@ -271,7 +271,7 @@ async fn start(
     loops.spawn(session.clone().run(stop.clone()));
     loops.spawn(session.clone().run_heartbeat(stop.clone()));
     loops.spawn(session.clone().run_params(stop.clone()));
-    loops.spawn(
+    let producer = tokio::spawn(
         producer::Producer {
             store: store.clone(),
             schema: info.schema,
@@ -326,6 +326,11 @@ async fn start(
     // The server is done (drained, or failed): stop producing, give the
     // shipper a bounded moment to empty the outbox, then stop the loops.
     produce_stop_tx.send_replace(true);
+    match tokio::time::timeout(Duration::from_millis(LOOPS_STOP_TIMEOUT_MS), producer).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "producer ended abnormally"),
+        Err(_) => tracing::warn!("producer did not stop in time"),
+    }
     drain_outbox(&store, &session).await;
     stop_tx.send_replace(true);
     let joined = tokio::time::timeout(Duration::from_millis(LOOPS_STOP_TIMEOUT_MS), async {
