@@ -160,3 +160,25 @@ pub fn render_status(s: &Status) -> String {
     }
     out
 }
+
+impl Operator {
+    /// PUT with a raw (possibly streamed) body and extra headers; `timeout`
+    /// replaces the usual per-request one (a large upload takes longer).
+    pub async fn put_raw<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: reqwest::Body,
+        timeout: Duration,
+    ) -> anyhow::Result<T> {
+        let mut req = self
+            .http
+            .put(format!("{}{path}", self.base))
+            .timeout(timeout)
+            .body(body);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        self.send(req, &format!("PUT {path}")).await
+    }
+}

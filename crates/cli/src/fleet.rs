@@ -146,6 +146,8 @@ pub struct Fleet {
     pub join_token: String,
     pub operator_token: String,
     pub controller_release: u32,
+    /// Run every process under its supervisor (the default) or bare.
+    pub supervised: bool,
     pub controller: Option<Proc>,
     pub nodes: Vec<NodeProc>,
     pub op: Operator,
@@ -172,6 +174,7 @@ impl Fleet {
             join_token: token(),
             operator_token,
             controller_release: 0,
+            supervised: true,
             controller: None,
             nodes: Vec::new(),
             op,
@@ -187,7 +190,7 @@ impl Fleet {
     }
 
     pub async fn start_controller(&mut self, release: u32) -> anyhow::Result<()> {
-        let args = vec![
+        let mut args: Vec<String> = vec![
             "controller".into(),
             "--release".into(),
             release.to_string(),
@@ -200,6 +203,9 @@ impl Fleet {
             "--operator-token".into(),
             self.operator_token.clone(),
         ];
+        if !self.supervised {
+            args.push("--no-supervisor".into());
+        }
         let log = self
             .dir
             .join("logs")
@@ -228,8 +234,9 @@ impl Fleet {
 
     pub async fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
         let controller = self.controller_url();
+        let supervised = self.supervised;
         let node = self.nodes.get_mut(i).context("no such node")?;
-        let args = vec![
+        let mut args = vec![
             "node".into(),
             "--release".into(),
             node.release.to_string(),
@@ -248,6 +255,9 @@ impl Fleet {
             "--join-token".into(),
             self.join_token.clone(),
         ];
+        if !supervised {
+            args.push("--no-supervisor".into());
+        }
         let log = self
             .dir
             .join("logs")

@@ -2,8 +2,10 @@
 //! load generator, the exactly-once checker, the local fleet of processes
 //! (used by the demo and the process tests) and the demo itself.
 
+pub mod artifact;
 pub mod check;
 pub mod client;
 pub mod demo;
 pub mod fleet;
+pub mod roles;
 pub mod viewers;

@@ -4,7 +4,7 @@
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use handover::client::{self, Operator};
-use handover::{demo, viewers};
+use handover::{demo, roles, viewers};
 use handover_core::release::{ReleaseInfo, NEWEST, RELEASES};
 use handover_core::wire::Role;
 use handover_core::Release;
@@ -108,6 +108,11 @@ struct ControllerArgs {
     /// A node's grant holds this long without a heartbeat.
     #[arg(long, default_value_t = handover_controller::LEASE_MS_DEFAULT)]
     lease_ms: u64,
+    /// Run the controller in this process, binding the socket itself, instead
+    /// of under a supervisor that can switch its release without refusing a
+    /// connection.
+    #[arg(long)]
+    no_supervisor: bool,
 }
 
 /// Run a content node.
@@ -141,6 +146,11 @@ struct NodeArgs {
     controller: String,
     #[arg(long, env = "HANDOVER_JOIN_TOKEN", hide_env_values = true)]
     join_token: String,
+    /// Run the node in this process, binding the socket itself, instead of
+    /// under a supervisor that can switch its release without refusing a
+    /// connection.
+    #[arg(long)]
+    no_supervisor: bool,
 }
 
 /// Run viewers like players with redundant streams: poll the playlist,
@@ -274,6 +284,15 @@ async fn shutdown_signal() {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // A supervisor hands tokens to its workers through the environment, never argv.
+    match &cli.command {
+        Command::Controller(a) => {
+            std::env::set_var("HANDOVER_JOIN_TOKEN", &a.join_token);
+            std::env::set_var("HANDOVER_OPERATOR_TOKEN", &a.operator_token);
+        }
+        Command::Node(a) => std::env::set_var("HANDOVER_JOIN_TOKEN", &a.join_token),
+        _ => {}
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -289,6 +308,27 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Controller(a) => {
             init_tracing("info");
+            let mode = roles::mode(a.no_supervisor);
+            if mode == roles::Mode::Supervisor {
+                let args = vec![
+                    "controller".into(),
+                    "--data-dir".into(),
+                    a.data_dir.display().to_string(),
+                    "--listen".into(),
+                    a.listen.to_string(),
+                    "--lease-ms".into(),
+                    a.lease_ms.to_string(),
+                ];
+                return roles::supervise(
+                    "controller",
+                    a.listen,
+                    &a.data_dir,
+                    release(a.release)?.0,
+                    args,
+                    shutdown_signal(),
+                )
+                .await;
+            }
             let config = handover_controller::ControllerConfig {
                 release: release(a.release)?,
                 data_dir: a.data_dir,
@@ -297,24 +337,57 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 operator_token: a.operator_token,
                 lease_ms: a.lease_ms,
             };
-            handover_controller::run(config, shutdown_signal()).await
+            let listener = roles::listener(mode, config.listen).await?;
+            handover_controller::serve_on(config, listener, shutdown_signal()).await
         }
         Command::Node(a) => {
             init_tracing("info");
+            let mode = roles::mode(a.no_supervisor);
+            let advertise = a
+                .advertise
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", a.listen));
+            if mode == roles::Mode::Supervisor {
+                let args = vec![
+                    "node".into(),
+                    "--id".into(),
+                    a.id.clone(),
+                    "--role".into(),
+                    a.role.as_str().into(),
+                    "--group".into(),
+                    a.group.clone(),
+                    "--data-dir".into(),
+                    a.data_dir.display().to_string(),
+                    "--listen".into(),
+                    a.listen.to_string(),
+                    "--advertise".into(),
+                    advertise,
+                    "--controller".into(),
+                    a.controller.clone(),
+                ];
+                return roles::supervise(
+                    &a.id,
+                    a.listen,
+                    &a.data_dir,
+                    release(a.release)?.0,
+                    args,
+                    shutdown_signal(),
+                )
+                .await;
+            }
             let config = handover_node::NodeConfig {
                 node_id: a.id,
                 release: release(a.release)?,
                 role: a.role,
                 group: a.group,
                 data_dir: a.data_dir,
-                advertise_url: a
-                    .advertise
-                    .unwrap_or_else(|| format!("http://{}", a.listen)),
+                advertise_url: advertise,
                 listen: a.listen,
                 controller_url: a.controller,
                 join_token: a.join_token,
             };
-            handover_node::run(config, shutdown_signal()).await
+            let listener = roles::listener(mode, config.listen).await?;
+            handover_node::serve_on(config, listener, shutdown_signal()).await
         }
         Command::Viewers(a) => {
             init_tracing("warn");

@@ -33,8 +33,19 @@ struct Setup {
 /// A controller of `controller_release`, one group `g1` of two nodes of
 /// `node_release`, one channel `ch1` with an event starting soon.
 async fn setup(subnet: u8, controller_release: u32, node_release: u32, event_ms: u64) -> Setup {
+    setup_with(subnet, controller_release, node_release, event_ms, true).await
+}
+
+async fn setup_with(
+    subnet: u8,
+    controller_release: u32,
+    node_release: u32,
+    event_ms: u64,
+    supervised: bool,
+) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let mut fleet = Fleet::new(&exe(), dir.path(), subnet).unwrap();
+    fleet.supervised = supervised;
     fleet.start_controller(controller_release).await.unwrap();
     let group = Group {
         name: "g1".into(),
@@ -189,7 +200,9 @@ async fn release_2_group_serves_both_nodes_and_stores_every_record_once() {
 async fn release_1_nodes_get_deliver_from_a_release_2_controller_and_their_records_land_translated()
 {
     // A release-1 cluster, so the nodes hold release-1 parameters in their cache.
-    let mut s = setup(12, 1, 1, 14_000).await;
+    // The controller's binary is swapped by hand here (no supervisor, no upgrade):
+    // this is the handshake between releases, not the upgrade.
+    let mut s = setup_with(12, 1, 1, 14_000, false).await;
     start_nodes(&mut s).await;
     for n in ["g1-a", "g1-b"] {
         assert_eq!(grant_of(&s.fleet, n).await, "full");
@@ -355,7 +368,7 @@ fn hello_body(fleet: &Fleet, id: &str, release: u32) -> Value {
     let info = handover_core::ReleaseInfo::of(handover_core::Release(release)).unwrap();
     serde_json::json!({"v": 1, "node_id": id, "token": fleet.join_token, "release": release, "schema": info.schema,
         "protocol": info.protocol, "role": "primary", "group": "g1", "hls_url": "http://127.0.0.1:9",
-        "outbox": {"next_seq": 1, "oldest_unacked_seq": null, "count": 0}, "current_events": [], "param_revision": null})
+        "outbox": {"next_seq": 1, "oldest_unacked_seq": null, "count": 0}, "current_events": [], "param_revision": null, "staged": []})
 }
 
 async fn post(fleet: &Fleet, path: &str, bearer: Option<&str>, body: Value) -> (u16, Value) {
@@ -469,7 +482,7 @@ async fn bad_input_gets_a_clear_json_error_and_changes_nothing() {
             "batch, wrong schema",
             "/node/v1/records",
             Some(&cred),
-            serde_json::to_vec(&batch(epoch, 1)).unwrap(),
+            serde_json::to_vec(&batch(epoch, 3)).unwrap(),
             400,
             "schema_mismatch",
         ),
@@ -516,7 +529,7 @@ async fn bad_input_gets_a_clear_json_error_and_changes_nothing() {
         .post("/api/v1/fence", &serde_json::json!({}))
         .await
         .unwrap();
-    let hb = serde_json::json!({"v": 1, "node_id": "probe", "epoch": epoch, "outbox": {"next_seq": 1, "oldest_unacked_seq": null, "count": 0}, "current_events": []});
+    let hb = serde_json::json!({"v": 1, "node_id": "probe", "epoch": epoch, "outbox": {"next_seq": 1, "oldest_unacked_seq": null, "count": 0}, "current_events": [], "staged": []});
     let (code, body) = post(&fleet, "/node/v1/heartbeat", Some(&cred), hb).await;
     assert_eq!(
         (code, body["error"].as_str()),

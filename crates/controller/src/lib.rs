@@ -2,17 +2,22 @@
 //! (`/node/v1/…`) and the operator API (`/api/v1/…`), decides grants and
 //! pushes grant changes to nodes over the watch stream.
 
+pub mod artifacts;
 mod error;
 mod node_api;
 mod operator_api;
+mod orchestrator;
+mod upgrade_api;
 
 pub use error::{ApiError, ApiResult};
 pub use operator_api::{ControllerInfo, GroupNodes, NodeStatus, Status};
+pub use upgrade_api::{PlanAnswer, UpgradeStatus};
 
 use anyhow::Context;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
+use handover_core::upgrade::{Desired, Upgrade};
 use handover_core::wire::{limits, ControllerView};
 use handover_core::{Release, ReleaseInfo, Schema};
 use handover_store::sqlite::SqliteStore;
@@ -20,6 +25,7 @@ use handover_store::{ClusterState, Store};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
 
@@ -51,6 +57,29 @@ pub(crate) struct AppState {
     pub cluster: watch::Sender<ClusterState>,
     /// Credential → session. Loaded lazily from the registry.
     pub sessions: RwLock<HashMap<String, Session>>,
+    /// Node → desired upgrade state, a cache of `node_desired`.
+    pub desired: RwLock<HashMap<String, Desired>>,
+    /// Bumped on every desired-state change; wakes the watchers.
+    pub desired_rev: watch::Sender<u64>,
+    pub artifacts: artifacts::ArtifactStore,
+    /// The upgrade (its id and state); the orchestrator steps it under this lock.
+    pub upgrade: tokio::sync::Mutex<Option<(i64, Upgrade)>>,
+    /// Set once this worker has asked its supervisor to switch release.
+    pub switching: AtomicBool,
+}
+
+impl artifacts::ArtifactHost for Shared {
+    fn artifacts(&self) -> &artifacts::ArtifactStore {
+        &self.artifacts
+    }
+
+    fn operator_token(&self) -> &str {
+        &self.config.operator_token
+    }
+
+    async fn check_node(&self, headers: &axum::http::HeaderMap) -> ApiResult<()> {
+        node_api::session(self, headers, None).await.map(|_| ())
+    }
 }
 
 impl AppState {
@@ -58,11 +87,41 @@ impl AppState {
         let c = *self.cluster.borrow();
         ControllerView {
             info: self.info,
+            desired_rev: *self.desired_rev.borrow(),
             epoch: c.epoch,
             fenced: c.fenced,
             lease_ms: self.config.lease_ms,
             param_revision: c.param_revision,
         }
+    }
+
+    pub async fn desired_of(&self, node_id: &str) -> ApiResult<Desired> {
+        if let Some(d) = self
+            .desired
+            .read()
+            .ok()
+            .and_then(|m| m.get(node_id).cloned())
+        {
+            return Ok(d);
+        }
+        let d = self.store.desired(node_id).await?;
+        if let Ok(mut m) = self.desired.write() {
+            m.insert(node_id.to_owned(), d.clone());
+        }
+        Ok(d)
+    }
+
+    /// Stores what a node should do and wakes every watcher so it learns at once.
+    pub async fn set_desired(&self, node_id: &str, desired: Desired) -> ApiResult<()> {
+        if self.desired_of(node_id).await? == desired {
+            return Ok(());
+        }
+        self.store.set_desired(node_id, &desired).await?;
+        if let Ok(mut m) = self.desired.write() {
+            m.insert(node_id.to_owned(), desired);
+        }
+        self.desired_rev.send_modify(|r| *r = r.wrapping_add(1));
+        Ok(())
     }
 
     /// Re-reads the cluster state after a write and wakes watchers if it changed.
@@ -119,10 +178,12 @@ pub async fn serve_on(
     let store = SqliteStore::open(&db, config.release, &config.data_dir.join("snapshots"))
         .await
         .with_context(|| format!("cannot open the database {}", db.display()))?;
-    let cluster = store
-        .cluster()
+    let cluster = self_check(&store, info).await?;
+    // An upgrade under way resumes where the last controller (of any release) left it.
+    let upgrade = store
+        .upgrade()
         .await
-        .context("cannot read the cluster state")?;
+        .context("cannot read the upgrade state")?;
     let (tx, _) = watch::channel(cluster);
     let state = Arc::new(AppState {
         store: Arc::new(store),
@@ -130,7 +191,22 @@ pub async fn serve_on(
         config: config.clone(),
         cluster: tx,
         sessions: RwLock::new(HashMap::new()),
+        desired: RwLock::new(HashMap::new()),
+        // Starts from the clock so a restarted controller never repeats a revision.
+        desired_rev: watch::channel(u64::try_from(now_ms()).unwrap_or(0)).0,
+        artifacts: artifacts::ArtifactStore::open(config.data_dir.join("artifacts"))
+            .context("cannot open the artifact store")?,
+        upgrade: tokio::sync::Mutex::new(upgrade),
+        switching: AtomicBool::new(false),
     });
+    tokio::spawn(orchestrator::run(state.clone()));
+    if let Some(client) = handover_supervisor::SupervisorClient::from_env() {
+        // Migrated and self-checked: the supervisor may retire the old worker.
+        client
+            .ready()
+            .await
+            .context("cannot report ready to the supervisor")?;
+    }
     let app = router(state);
     tracing::info!(
         release = info.release.0,
@@ -144,6 +220,31 @@ pub async fn serve_on(
         .await
         .context("controller server failed")?;
     Ok(())
+}
+
+/// What a new controller proves before it reports ready: the database is at
+/// this release's schema and its parameters read back in that schema.
+async fn self_check(
+    store: &SqliteStore,
+    info: &'static ReleaseInfo,
+) -> anyhow::Result<ClusterState> {
+    let cluster = store
+        .cluster()
+        .await
+        .context("cannot read the cluster state")?;
+    anyhow::ensure!(
+        cluster.schema == info.schema,
+        "self-check: the database is at schema {}, this release runs schema {}",
+        cluster.schema,
+        info.schema
+    );
+    let params = store
+        .params()
+        .await
+        .context("self-check: cannot read the parameters")?;
+    handover_core::params::events_for_group(info.schema, &params, "")
+        .map_err(|e| anyhow::anyhow!("self-check: the parameters do not read back: {e}"))?;
+    Ok(cluster)
 }
 
 fn router(state: Shared) -> Router {
@@ -176,6 +277,15 @@ fn router(state: Shared) -> Router {
         .route("/api/v1/unfence", post(operator_api::unfence))
         .route("/api/v1/records", get(operator_api::records))
         .route("/api/v1/records/summary", get(operator_api::record_summary))
+        .route(
+            "/api/v1/upgrade",
+            get(upgrade_api::status).post(upgrade_api::start),
+        )
+        .route("/api/v1/upgrade/plan", post(upgrade_api::plan))
+        .route("/api/v1/upgrade/pause", post(upgrade_api::pause))
+        .route("/api/v1/upgrade/resume", post(upgrade_api::resume))
+        .route("/api/v1/upgrade/abort", post(upgrade_api::abort))
+        .merge(artifacts::routes::<Shared>())
         .fallback(|| async {
             ApiError::not_found("no such endpoint; see /api/v1/status and the README")
         })

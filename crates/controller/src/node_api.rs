@@ -9,7 +9,7 @@ use axum::Json;
 use handover_core::wire::{
     self, check_epoch, limits, Batch, GrantState, Heartbeat, Hello, Welcome,
 };
-use handover_core::{Grant, Schema};
+use handover_core::{decide_grant, Grant};
 use handover_store::NodeRegistration;
 use serde::Deserialize;
 use std::time::Duration;
@@ -24,7 +24,7 @@ fn new_credential() -> String {
 
 /// Finds the session a bearer credential belongs to, from memory or, after
 /// a controller restart, from the registry.
-async fn session(
+pub(crate) async fn session(
     state: &Shared,
     headers: &HeaderMap,
     node_hint: Option<&str>,
@@ -82,7 +82,8 @@ pub async fn hello(
     };
     state.refresh_cluster().await?;
     let view = state.view();
-    let welcome = wire::welcome(&view, &hello, credential.clone())
+    let desired = state.desired_of(&hello.node_id).await?;
+    let welcome = wire::welcome(&view, &hello, credential.clone(), desired)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "no_common_protocol", e.to_string()))?;
     state
         .store
@@ -98,6 +99,7 @@ pub async fn hello(
             epoch: welcome.epoch,
             outbox: hello.outbox,
             current_events: hello.current_events.clone(),
+            staged: hello.staged.clone(),
             now_ms: now_ms(),
         })
         .await?;
@@ -124,16 +126,10 @@ pub async fn heartbeat(
     let s = session(&state, &headers, Some(&hb.node_id)).await?;
     let view = state.view();
     check_epoch(hb.epoch, view.epoch)?;
-    let grant = view.grant_state(s.schema);
+    let grant = view.grant_state(s.schema, state.desired_of(&s.node_id).await?);
     state
         .store
-        .heartbeat(
-            &s.node_id,
-            &hb.outbox,
-            &hb.current_events,
-            grant.grant,
-            now_ms(),
-        )
+        .heartbeat(&s.node_id, &hb, grant.grant, now_ms())
         .await?;
     Ok(Json(grant))
 }
@@ -145,6 +141,8 @@ pub struct WatchQuery {
     epoch: u64,
     grant: Grant,
     wait_ms: Option<u64>,
+    /// The desired-state revision the node holds; a newer one answers at once.
+    desired_rev: Option<u64>,
 }
 
 /// Long-poll: answers as soon as the node's grant or epoch differs from what
@@ -162,14 +160,24 @@ pub async fn watch(
             .unwrap_or(limits::WATCH_WAIT_MS_MAX)
             .min(limits::WATCH_WAIT_MS_MAX),
     );
-    let mut rx = state.cluster.subscribe();
+    let mut cluster = state.cluster.subscribe();
+    let mut desired = state.desired_rev.subscribe();
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        let current = state.view().grant_state(s.schema);
-        if current.epoch != q.epoch || current.grant != q.grant {
+        let current = state
+            .view()
+            .grant_state(s.schema, state.desired_of(&s.node_id).await?);
+        let desired_moved = q.desired_rev.is_some_and(|r| r != current.desired_rev);
+        if current.epoch != q.epoch || current.grant != q.grant || desired_moved {
             return Ok(Json(current));
         }
-        match tokio::time::timeout_at(deadline, rx.changed()).await {
+        let changed = tokio::time::timeout_at(deadline, async {
+            tokio::select! {
+                r = cluster.changed() => r,
+                r = desired.changed() => r,
+            }
+        });
+        match changed.await {
             Ok(Ok(())) => continue,
             Ok(Err(_)) | Err(_) => return Ok(Json(current)),
         }
@@ -192,14 +200,14 @@ pub async fn params(
     let s = session(&state, &headers, q.node.as_deref()).await?;
     let view = state.view();
     check_epoch(q.epoch, view.epoch)?;
-    let grant = view.grant_state(s.schema);
+    let grant = decide_grant(view.info, s.schema, view.fenced);
     if !grant.grant.may_read_params() {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "grant_forbids_read",
             format!(
                 "grant `{}` ({:?}) does not allow reading parameters: keep serving from the cached parameters",
-                grant.grant, grant.grant_reason
+                grant.grant, grant.reason
             ),
         ));
     }
@@ -226,10 +234,23 @@ async fn ingest(
     let s = session(&state, &headers, Some(&batch.node_id)).await?;
     let view = state.view();
     check_epoch(batch.epoch, view.epoch)?;
-    let grant = view.grant_state(s.schema).grant;
-    let (needed, schema_ok, name) = match channel {
-        Channel::Main => (Grant::Full, batch.schema == state.info.schema, "main"),
-        Channel::Redundant => (Grant::Deliver, batch.schema == s.schema, "redundant"),
+    let grant = decide_grant(view.info, s.schema, view.fenced).grant;
+    let info = state.info;
+    let (needed, schema_ok, name, takes) = match channel {
+        // The database's own schema; or leftovers a node queued under its
+        // previous release, still inside the window (translated like deliver).
+        Channel::Main => (
+            Grant::Full,
+            info.in_window(batch.schema),
+            "main",
+            format!("schemas {} to {}", info.window_min_schema, info.schema),
+        ),
+        Channel::Redundant => (
+            Grant::Deliver,
+            batch.schema == s.schema,
+            "redundant",
+            format!("schema {}", s.schema),
+        ),
     };
     if grant != needed {
         return Err(ApiError::new(
@@ -243,9 +264,8 @@ async fn ingest(
             StatusCode::BAD_REQUEST,
             "schema_mismatch",
             format!(
-                "batch says schema {}, but the {name} channel takes schema {} from this node",
-                batch.schema,
-                expected_schema(&state, &s, channel)
+                "batch says schema {}, but the {name} channel takes {takes} from this node",
+                batch.schema
             ),
         ));
     }
@@ -259,13 +279,6 @@ async fn ingest(
         stored: out.stored,
         translated: out.translated,
     }))
-}
-
-fn expected_schema(state: &Shared, s: &Session, channel: Channel) -> Schema {
-    match channel {
-        Channel::Main => state.info.schema,
-        Channel::Redundant => s.schema,
-    }
 }
 
 pub async fn records(

@@ -15,7 +15,7 @@ use handover_store::{
 };
 use serde::{Deserialize, Serialize};
 
-fn operator(state: &Shared, headers: &HeaderMap) -> ApiResult<()> {
+pub(crate) fn operator(state: &Shared, headers: &HeaderMap) -> ApiResult<()> {
     match bearer(headers) {
         Some(t) if same_token(t, &state.config.operator_token) => Ok(()),
         Some(_) => Err(ApiError::unauthorized("wrong operator token")),

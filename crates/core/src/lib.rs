@@ -6,6 +6,7 @@
 //! Nothing in this crate opens a socket, touches a disk or reads the clock:
 //! callers pass `now_ms` in. That is what lets every interleaving be tested.
 
+pub mod artifact;
 pub mod grant;
 pub mod hls;
 pub mod params;
@@ -13,6 +14,7 @@ pub mod record;
 pub mod release;
 pub mod timefmt;
 pub mod ts;
+pub mod upgrade;
 pub mod wire;
 
 pub use grant::{decide_grant, Grant, GrantDecision, GrantReason};

@@ -6,6 +6,7 @@
 
 use crate::grant::{decide_grant, Grant, GrantReason};
 use crate::release::{ProtocolRange, Release, ReleaseInfo, Schema};
+use crate::upgrade::Desired;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +27,8 @@ pub mod limits {
     pub const TEXT_CHARS_MAX: usize = 1024;
     /// Events a node may report running at once.
     pub const CURRENT_EVENTS_MAX: usize = 256;
+    /// Artifacts a node may report staged.
+    pub const STAGED_MAX: usize = 16;
     /// Longest a watch request is held open before it answers "unchanged".
     pub const WATCH_WAIT_MS_MAX: u64 = 30_000;
 }
@@ -73,13 +76,8 @@ pub struct Hello {
     pub outbox: OutboxState,
     pub current_events: Vec<i64>,
     pub param_revision: Option<u64>,
-}
-
-/// What the controller wants the node to do about upgrades.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "action")]
-pub enum DesiredState {
-    Hold,
+    /// Ids of the artifacts staged in the node's data dir.
+    pub staged: Vec<String>,
 }
 
 /// Controller → node, answer to [`Hello`].
@@ -94,7 +92,8 @@ pub struct Welcome {
     pub grant_reason: GrantReason,
     pub epoch: u64,
     pub lease_ms: u64,
-    pub desired: DesiredState,
+    pub desired: Desired,
+    pub desired_rev: u64,
     pub param_revision: u64,
     /// The node's own credential: every later request presents it.
     pub credential: String,
@@ -109,6 +108,7 @@ pub struct Heartbeat {
     pub epoch: u64,
     pub outbox: OutboxState,
     pub current_events: Vec<i64>,
+    pub staged: Vec<String>,
 }
 
 /// Controller → node: the grant in force now (also the watch answer).
@@ -121,6 +121,11 @@ pub struct GrantState {
     pub epoch: u64,
     pub lease_ms: u64,
     pub param_revision: u64,
+    /// What the node should do about upgrades (stage, quiesce, switch).
+    pub desired: Desired,
+    /// Changes whenever any node's desired state changes; a watch that
+    /// names an older one answers at once.
+    pub desired_rev: u64,
 }
 
 /// Records on either channel: main (`full`, database schema) or redundant
@@ -311,6 +316,7 @@ pub fn decode<T: DeserializeOwned + Validate>(body: &[u8]) -> Result<T, WireErro
 #[derive(Clone, Copy, Debug)]
 pub struct ControllerView {
     pub info: &'static ReleaseInfo,
+    pub desired_rev: u64,
     pub epoch: u64,
     pub fenced: bool,
     pub lease_ms: u64,
@@ -318,7 +324,7 @@ pub struct ControllerView {
 }
 
 impl ControllerView {
-    pub fn grant_state(&self, node_schema: Schema) -> GrantState {
+    pub fn grant_state(&self, node_schema: Schema, desired: Desired) -> GrantState {
         let d = decide_grant(self.info, node_schema, self.fenced);
         GrantState {
             v: MESSAGE_VERSION,
@@ -327,6 +333,8 @@ impl ControllerView {
             epoch: self.epoch,
             lease_ms: self.lease_ms,
             param_revision: self.param_revision,
+            desired,
+            desired_rev: self.desired_rev,
         }
     }
 }
@@ -346,6 +354,7 @@ pub fn welcome(
     view: &ControllerView,
     hello: &Hello,
     credential: String,
+    desired: Desired,
 ) -> Result<Welcome, HandshakeError> {
     let protocol =
         view.info
@@ -355,7 +364,7 @@ pub fn welcome(
                 node: hello.protocol,
                 controller: view.info.protocol,
             })?;
-    let g = view.grant_state(hello.schema);
+    let g = view.grant_state(hello.schema, desired);
     Ok(Welcome {
         v: MESSAGE_VERSION,
         controller_release: view.info.release,
@@ -365,7 +374,8 @@ pub fn welcome(
         grant_reason: g.grant_reason,
         epoch: view.epoch,
         lease_ms: view.lease_ms,
-        desired: DesiredState::Hold,
+        desired: g.desired,
+        desired_rev: g.desired_rev,
         param_revision: view.param_revision,
         credential,
     })
@@ -408,12 +418,14 @@ mod tests {
             outbox: OutboxState::default(),
             current_events: vec![],
             param_revision: None,
+            staged: vec![],
         }
     }
 
     fn view(release: u32, fenced: bool) -> ControllerView {
         ControllerView {
             info: ReleaseInfo::of(Release(release)).unwrap(),
+            desired_rev: 0,
             epoch: 5,
             fenced,
             lease_ms: 3000,
@@ -430,7 +442,13 @@ mod tests {
             (2, 2, true, Grant::Fenced, 2),
         ];
         for (ctl, node, fenced, grant, protocol) in cases {
-            let w = welcome(&view(ctl, fenced), &hello(node), "c".into()).unwrap();
+            let w = welcome(
+                &view(ctl, fenced),
+                &hello(node),
+                "c".into(),
+                Desired::default(),
+            )
+            .unwrap();
             assert_eq!(
                 (w.grant, w.protocol, w.epoch),
                 (grant, protocol, 5),
@@ -444,7 +462,7 @@ mod tests {
         let mut h = hello(2);
         h.protocol = ProtocolRange { min: 7, max: 9 };
         assert!(matches!(
-            welcome(&view(2, false), &h, "c".into()),
+            welcome(&view(2, false), &h, "c".into(), Desired::default()),
             Err(HandshakeError::NoCommonProtocol { .. })
         ));
     }

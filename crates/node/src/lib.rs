@@ -8,10 +8,12 @@
 //! config, `run` and the wiring. Core logic lives in `handover_core`; this
 //! crate is the IO shell around it.
 
+pub mod agent;
 pub mod hls;
 pub mod producer;
 pub mod session;
 pub mod shipper;
+pub mod stage;
 pub mod store;
 
 use anyhow::{bail, Context};
@@ -171,6 +173,7 @@ fn validate(config: &NodeConfig, info: &ReleaseInfo) -> anyhow::Result<()> {
         outbox: OutboxState::default(),
         current_events: vec![],
         param_revision: None,
+        staged: vec![],
     }
     .validate()
     .context("advertise URL")?;
@@ -221,6 +224,52 @@ async fn drain_outbox(store: &store::Store, session: &session::Session) {
         queued = store.outbox_state().count,
         "stopping with records queued; they ship on the next start"
     );
+}
+
+/// The node's moving parts and how they stop: producing first, then (after
+/// a bounded drain) the background loops, while HTTP keeps serving; HTTP
+/// stops on a signal or when a failed switch makes the worker give up.
+pub(crate) struct Lifecycle {
+    produce_stop: watch::Sender<bool>,
+    producer: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    loops_stop: watch::Sender<bool>,
+    http_stop: watch::Sender<bool>,
+    failure: Mutex<Option<String>>,
+    store: Arc<store::Store>,
+    session: Arc<session::Session>,
+}
+
+impl Lifecycle {
+    /// Stops producing, drains the outbox (bounded) and stops the loops;
+    /// HTTP keeps serving from the cache. Idempotent: a switch and a later
+    /// shutdown both call it.
+    pub(crate) async fn quiesce(&self) {
+        self.produce_stop.send_replace(true);
+        if let Some(producer) = self.producer.lock().await.take() {
+            match tokio::time::timeout(Duration::from_millis(LOOPS_STOP_TIMEOUT_MS), producer).await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "producer ended abnormally"),
+                Err(_) => tracing::warn!("producer did not stop in time"),
+            }
+            drain_outbox(&self.store, &self.session).await;
+        }
+        self.loops_stop.send_replace(true);
+    }
+
+    /// Gives up: HTTP stops gracefully and the worker exits with `why`, so
+    /// its supervisor starts the release it knows to work.
+    pub(crate) fn fail(&self, why: String) {
+        *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+        self.http_stop.send_replace(true);
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 async fn start(
@@ -277,6 +326,7 @@ async fn start(
             schema: info.schema,
             node_id: config.node_id.clone(),
             params: session.params(),
+            link: session.link(),
             viewers: viewers.clone(),
             shipper_wake: shipper_wake.clone(),
         }
@@ -292,6 +342,31 @@ async fn start(
         }
         .run(stop.clone()),
     );
+    let (http_stop_tx, http_stop_rx) = watch::channel(false);
+    let lifecycle = Arc::new(Lifecycle {
+        produce_stop: produce_stop_tx,
+        producer: tokio::sync::Mutex::new(Some(producer)),
+        loops_stop: stop_tx,
+        http_stop: http_stop_tx,
+        failure: Mutex::new(None),
+        store: store.clone(),
+        session: session.clone(),
+    });
+    let supervisor = handover_supervisor::SupervisorClient::from_env();
+    let agent = tokio::spawn(
+        agent::Agent {
+            session: session.clone(),
+            data_dir: config.data_dir.clone(),
+            controller_url: config.controller_url.clone(),
+            release: info,
+            lifecycle: lifecycle.clone(),
+            supervisor: supervisor.clone(),
+        }
+        .run(),
+    );
+    if let Some(client) = supervisor {
+        tokio::spawn(agent::report_ready(client, session.clone()));
+    }
 
     let app = hls::router(Arc::new(hls::HttpState {
         node_id: config.node_id.clone(),
@@ -312,27 +387,20 @@ async fn start(
         addr = ?listener.local_addr().ok(),
         "node serving"
     );
-    let stop_tx = Arc::new(stop_tx);
-    let signal = stop_tx.clone();
+    let signal = lifecycle.clone();
     tokio::spawn(async move {
         shutdown.await;
-        signal.send_replace(true);
+        signal.http_stop.send_replace(true);
     });
-    let mut server_stop = stop.clone();
+    let mut server_stop = Stop(http_stop_rx);
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move { server_stop.wait().await })
         .await
         .context("HTTP server failed");
     // The server is done (drained, or failed): stop producing, give the
     // shipper a bounded moment to empty the outbox, then stop the loops.
-    produce_stop_tx.send_replace(true);
-    match tokio::time::timeout(Duration::from_millis(LOOPS_STOP_TIMEOUT_MS), producer).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "producer ended abnormally"),
-        Err(_) => tracing::warn!("producer did not stop in time"),
-    }
-    drain_outbox(&store, &session).await;
-    stop_tx.send_replace(true);
+    lifecycle.quiesce().await;
+    agent.abort();
     let joined = tokio::time::timeout(Duration::from_millis(LOOPS_STOP_TIMEOUT_MS), async {
         while let Some(r) = loops.join_next().await {
             if let Err(e) = r {
@@ -344,6 +412,10 @@ async fn start(
     if joined.is_err() {
         tracing::warn!("loops did not stop in time; aborting them");
         loops.shutdown().await;
+    }
+    if let Some(why) = lifecycle.failure() {
+        tracing::info!(node_id = config.node_id, "node stopped");
+        bail!("{why}");
     }
     tracing::info!(node_id = config.node_id, "node stopped");
     served

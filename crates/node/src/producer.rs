@@ -136,9 +136,9 @@ fn observation(kind: Kind, e: &LiveEvent, at_ms: i64) -> Observation {
 ///
 /// * `event_started` the first time an event is seen live (once);
 /// * `segment_published` for each newly completed segment, never a media seq
-///   twice; for an event this process had not ticked over yet (restart, or
-///   parameters just cached) only from the newest completed one on (no
-///   back-fill), and none at all if it already ended;
+///   twice, catching up at most one playlist window after a restart; for an
+///   event never published before, from the newest completed one on, and
+///   none at all after a restart if it already ended;
 /// * `event_finished` once the event ended, only if it was seen started;
 /// * `viewer_stats` per live channel once per whole second.
 pub fn decide(state: &ProducerState, input: &TickInput<'_>) -> TickOutcome {
@@ -169,11 +169,12 @@ pub fn decide(state: &ProducerState, input: &TickInput<'_>) -> TickOutcome {
                 // After a restart an ended event gets no segments: they all completed while we were down.
                 if completed > 0 && !(resumed && ended) {
                     let newest = completed - 1;
+                    // Catch up at most one playlist window: a short restart (a
+                    // release switch) publishes every segment it missed.
                     let from = match p.last_seq {
-                        Some(last) if !resumed => last
+                        Some(last) => last
                             .saturating_add(1)
                             .max(completed.saturating_sub(SEGMENTS_CATCHUP_MAX)),
-                        Some(last) => last.saturating_add(1).max(newest),
                         None => newest,
                     };
                     for seq in from..completed {
@@ -275,6 +276,16 @@ pub fn fence_alert(
 }
 
 /// Events live at `now_ms` (bounded as the wire allows), for hello, heartbeat and /status.
+/// The events a node may run: all of them, or once quiesced (a primary
+/// waiting for its switch) only those that started before.
+pub fn runnable(events: &[LiveEvent], quiesce_since_ms: Option<i64>) -> Vec<LiveEvent> {
+    events
+        .iter()
+        .filter(|e| quiesce_since_ms.is_none_or(|q| e.start_ms < q))
+        .cloned()
+        .collect()
+}
+
 pub fn current_events(events: &[LiveEvent], now_ms: i64) -> Vec<i64> {
     let mut ids: Vec<i64> = events
         .iter()
@@ -342,6 +353,8 @@ pub struct Producer {
     pub schema: Schema,
     pub node_id: String,
     pub params: watch::Receiver<Arc<ParamsCache>>,
+    /// For the quiesce mark: a quiesced node starts no new event.
+    pub link: watch::Receiver<crate::session::Link>,
     pub viewers: Arc<ViewerCounter>,
     pub shipper_wake: Arc<Notify>,
 }
@@ -370,9 +383,9 @@ impl Producer {
                 continue;
             }
             let cache = self.params.borrow().clone();
+            let events = runnable(&cache.events, self.link.borrow().quiesce_since_ms);
             let second = now_ms.div_euclid(1000) - 1;
-            let viewers: HashMap<String, u32> = cache
-                .events
+            let viewers: HashMap<String, u32> = events
                 .iter()
                 .map(|e| (e.channel.clone(), self.viewers.count(&e.channel, second)))
                 .collect();
@@ -380,7 +393,7 @@ impl Producer {
                 &state,
                 &TickInput {
                     now_ms,
-                    events: &cache.events,
+                    events: &events,
                     viewers_last_second: &viewers,
                 },
             );
@@ -493,7 +506,7 @@ mod tests {
     }
 
     #[test]
-    fn restart_does_not_back_fill_and_never_repeats() {
+    fn restart_back_fills_at_most_one_window_and_never_repeats() {
         let events = [event(1, "news", START, 600_000)];
         let mut state = ProducerState::default();
         tick(&mut state, &events, START + 100, false);
@@ -502,7 +515,7 @@ mod tests {
         // "Crash": only the persisted state survives; 20 s later we resume.
         let mut restarted = state.clone();
         let got = tick(&mut restarted, &events, START + 26_100, true);
-        assert_eq!(segments(&got), vec![12]);
+        assert_eq!(segments(&got), vec![7, 8, 9, 10, 11, 12]);
         assert!(!got.iter().any(|o| o.kind == Kind::EventStarted));
         let got = tick(&mut restarted, &events, START + 28_100, false);
         assert_eq!(segments(&got), vec![13]);
@@ -538,14 +551,14 @@ mod tests {
     }
 
     #[test]
-    fn parameters_cached_late_do_not_back_fill() {
+    fn parameters_cached_late_catch_up_at_most_the_window() {
         let events = [event(1, "news", START, 600_000)];
         let mut state = ProducerState::default();
         tick(&mut state, &events, START + 2_100, false);
         // The same process, but the event vanished from the cache for a while.
         tick(&mut state, &[], START + 4_100, false);
         let got = tick(&mut state, &events, START + 20_100, false);
-        assert_eq!(segments(&got), vec![9]);
+        assert_eq!(segments(&got), vec![4, 5, 6, 7, 8, 9]);
     }
 
     #[test]

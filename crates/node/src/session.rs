@@ -7,11 +7,12 @@
 //! [`Session::request_handshake`]; only the session loop then says hello
 //! again, so there is never more than one handshake in flight.
 
-use crate::producer::{current_events, fence_alert};
+use crate::producer::{current_events, fence_alert, runnable};
 use crate::store::{keys, Commit, NewRecord, Store, StoreError};
 use crate::{sleep_or_stop, Backoff, Stop};
 use handover_core::grant::{Grant, GrantReason};
 use handover_core::params::{events_for_group, LiveEvent};
+use handover_core::upgrade::Desired;
 use handover_core::wire::{GrantState, Heartbeat, Hello, Role, Welcome, MESSAGE_VERSION};
 use handover_core::{ReleaseInfo, Schema};
 use serde::de::DeserializeOwned;
@@ -51,6 +52,11 @@ pub struct Link {
     pub established: bool,
     /// Counts successful hellos; a handshake request names the one it saw fail.
     pub generation: u64,
+    /// What the controller wants done about upgrades, and its revision.
+    pub desired: Desired,
+    pub desired_rev: Option<u64>,
+    /// Since when this node takes no new event (a primary before its switch).
+    pub quiesce_since_ms: Option<i64>,
 }
 
 /// The parameter cache in memory: the events of our group, from our schema.
@@ -224,9 +230,9 @@ pub struct Identity {
     pub join_token: String,
 }
 
-/// Reads the parameter cache from kv. A cache of another schema (the node
-/// was restarted as another release) or one that no longer parses is ignored:
-/// the node then serves nothing until it may read parameters again.
+/// Reads this schema's parameter cache from kv. A missing cache (the node
+/// was started as a new release) or one that no longer parses leaves the
+/// node serving nothing until it may read parameters again.
 pub async fn load_params(
     store: &Store,
     schema: Schema,
@@ -237,20 +243,11 @@ pub async fn load_params(
         revision: None,
         events: Vec::new(),
     };
-    let cached_schema = store.kv_get(keys::PARAMS_SCHEMA).await?;
-    let revision = store.kv_get(keys::PARAMS_REVISION).await?;
-    let raw = store.kv_get(keys::PARAMS_JSON).await?;
-    let (Some(cached_schema), Some(revision), Some(raw)) = (cached_schema, revision, raw) else {
+    let revision = store.kv_get(&keys::params_revision(schema)).await?;
+    let raw = store.kv_get(&keys::params_json(schema)).await?;
+    let (Some(revision), Some(raw)) = (revision, raw) else {
         return Ok(empty);
     };
-    if cached_schema != schema.0.to_string() {
-        tracing::warn!(
-            cached_schema,
-            own_schema = schema.0,
-            "ignoring the parameter cache of another schema"
-        );
-        return Ok(empty);
-    }
     let parsed = serde_json::from_str::<serde_json::Value>(&raw)
         .map_err(|e| e.to_string())
         .and_then(|v| events_for_group(schema, &v, group).map_err(|e| e.to_string()));
@@ -278,6 +275,8 @@ struct Adopt {
     epoch: u64,
     lease_ms: u64,
     param_revision: u64,
+    desired: Desired,
+    desired_rev: u64,
     /// Set for a welcome: it is authoritative and starts a new generation.
     credential: Option<String>,
 }
@@ -294,6 +293,8 @@ pub struct Session {
     adopt_lock: tokio::sync::Mutex<()>,
     reachable: AtomicBool,
     last_contact: Mutex<Option<Instant>>,
+    /// Ids of the artifacts staged in the data dir, reported to the controller.
+    staged: Mutex<Vec<String>>,
 }
 
 impl Session {
@@ -332,7 +333,25 @@ impl Session {
             adopt_lock: tokio::sync::Mutex::new(()),
             reachable: AtomicBool::new(false),
             last_contact: Mutex::new(None),
+            staged: Mutex::new(Vec::new()),
         })
+    }
+
+    pub fn set_staged(&self, ids: Vec<String>) {
+        *self.staged.lock().unwrap_or_else(|e| e.into_inner()) = ids;
+    }
+
+    pub fn staged(&self) -> Vec<String> {
+        self.staged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The events this node runs now: quiesced, it takes no new one.
+    fn current_events(&self, now_ms: i64) -> Vec<i64> {
+        let quiesce = self.link.borrow().quiesce_since_ms;
+        current_events(&runnable(&self.params.borrow().events, quiesce), now_ms)
     }
 
     pub fn controller(&self) -> &Controller {
@@ -398,8 +417,12 @@ impl Session {
             group: self.id.group.clone(),
             hls_url: self.id.hls_url.clone(),
             outbox: self.store.outbox_state(),
-            current_events: current_events(&params.events, now),
+            current_events: current_events(
+                &runnable(&params.events, self.link.borrow().quiesce_since_ms),
+                now,
+            ),
             param_revision: params.revision,
+            staged: self.staged(),
         }
     }
 
@@ -446,6 +469,8 @@ impl Session {
             epoch: welcome.epoch,
             lease_ms: welcome.lease_ms,
             param_revision: welcome.param_revision,
+            desired: welcome.desired,
+            desired_rev: welcome.desired_rev,
             credential: Some(welcome.credential),
         })
         .await?;
@@ -466,6 +491,8 @@ impl Session {
                 epoch: gs.epoch,
                 lease_ms: gs.lease_ms,
                 param_revision: gs.param_revision,
+                desired: gs.desired,
+                desired_rev: gs.desired_rev,
                 credential: None,
             })
             .await?)
@@ -518,6 +545,13 @@ impl Session {
             l.epoch = Some(a.epoch);
             l.lease_ms = a.lease_ms;
             l.controller_param_revision = Some(a.param_revision);
+            l.quiesce_since_ms = match (a.desired.quiesce, l.quiesce_since_ms) {
+                (true, Some(since)) => Some(since),
+                (true, None) => Some(crate::wall_clock_ms()),
+                (false, _) => None,
+            };
+            l.desired = a.desired.clone();
+            l.desired_rev = Some(a.desired_rev);
             if let Some(c) = &a.credential {
                 l.credential = Some(c.clone());
                 l.established = true;
@@ -528,7 +562,7 @@ impl Session {
         if a.grant.may_read_params() && self.params.borrow().revision != Some(a.param_revision) {
             self.params_wake.notify_one();
         }
-        Ok(grant_changed || epoch_changed)
+        Ok(grant_changed || epoch_changed || cur.desired != a.desired)
     }
 
     /// The session loop: hello whenever not established (with bounded
@@ -564,8 +598,11 @@ impl Session {
                 self.request_handshake(link.generation, "incomplete session state");
                 continue;
             };
-            let path =
+            let mut path =
                 format!("/node/v1/watch?epoch={epoch}&grant={grant}&wait_ms={WATCH_WAIT_MS}");
+            if let Some(rev) = link.desired_rev {
+                path.push_str(&format!("&desired_rev={rev}"));
+            }
             let started = Instant::now();
             let generation = link.generation;
             let r = tokio::select! {
@@ -630,10 +667,8 @@ impl Session {
                 node_id: self.id.node_id.clone(),
                 epoch,
                 outbox: self.store.outbox_state(),
-                current_events: current_events(
-                    &self.params.borrow().events,
-                    crate::wall_clock_ms(),
-                ),
+                current_events: self.current_events(crate::wall_clock_ms()),
+                staged: self.staged(),
             };
             let timeout = Duration::from_millis(lease_ms.clamp(1_000, REQUEST_TIMEOUT_MS));
             let r = tokio::select! {
@@ -750,12 +785,8 @@ impl Session {
             .map_err(|e| SessionError::Params(e.to_string()))?;
         self.store
             .kv_put(vec![
-                (keys::PARAMS_SCHEMA.to_owned(), own.0.to_string()),
-                (
-                    keys::PARAMS_REVISION.to_owned(),
-                    answer.revision.to_string(),
-                ),
-                (keys::PARAMS_JSON.to_owned(), answer.params.to_string()),
+                (keys::params_revision(own), answer.revision.to_string()),
+                (keys::params_json(own), answer.params.to_string()),
             ])
             .await?;
         self.params.send_replace(Arc::new(ParamsCache {

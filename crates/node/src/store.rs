@@ -47,10 +47,15 @@ pub mod keys {
     /// The epoch and grant the node holds ("full", "deliver", "fenced").
     pub const EPOCH: &str = "epoch";
     pub const GRANT: &str = "grant";
-    /// The parameter cache: schema, revision and the raw JSON as received.
-    pub const PARAMS_SCHEMA: &str = "params_schema";
-    pub const PARAMS_REVISION: &str = "params_revision";
-    pub const PARAMS_JSON: &str = "params_json";
+    /// The parameter cache, one per schema (revision and the raw JSON as
+    /// received), so a release switch that is rolled back finds its own
+    /// cache intact.
+    pub fn params_revision(schema: handover_core::Schema) -> String {
+        format!("params_revision/{}", schema.0)
+    }
+    pub fn params_json(schema: handover_core::Schema) -> String {
+        format!("params_json/{}", schema.0)
+    }
     /// Prefix of one JSON row per event: started/finished flags, last published media seq.
     pub const PROGRESS_PREFIX: &str = "progress/";
     /// The last whole second for which viewer_stats were written.

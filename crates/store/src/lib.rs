@@ -11,7 +11,8 @@ pub mod sqlite;
 
 use handover_core::params::{v2::Rung, Group};
 use handover_core::record::RecordError;
-use handover_core::wire::{OutboxState, Role};
+use handover_core::upgrade::{Desired, Upgrade};
+use handover_core::wire::{Heartbeat, OutboxState, Role};
 use handover_core::{Grant, Release, Schema};
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +43,8 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 /// Cluster-wide state, the same in every release.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
+    /// The cluster release: moves only when an upgrade finalizes.
+    pub release: Release,
     pub schema: Schema,
     pub epoch: u64,
     pub fenced: bool,
@@ -94,6 +97,7 @@ pub struct NodeRegistration {
     pub epoch: u64,
     pub outbox: OutboxState,
     pub current_events: Vec<i64>,
+    pub staged: Vec<String>,
     pub now_ms: i64,
 }
 
@@ -110,6 +114,7 @@ pub struct NodeRow {
     pub epoch: u64,
     pub outbox: OutboxState,
     pub current_events: Vec<i64>,
+    pub staged: Vec<String>,
     pub last_seen_ms: i64,
     /// Highest sequence acknowledged to this node.
     pub acked_through: u64,
@@ -160,12 +165,19 @@ pub trait Store: Send + Sync + 'static {
     async fn heartbeat(
         &self,
         node_id: &str,
-        outbox: &OutboxState,
-        current_events: &[i64],
+        hb: &Heartbeat,
         grant: Grant,
         now_ms: i64,
     ) -> Result<()>;
     async fn nodes(&self) -> Result<Vec<NodeRow>>;
+    /// What `node` is told to do about upgrades (default: hold).
+    async fn desired(&self, node_id: &str) -> Result<Desired>;
+    async fn set_desired(&self, node_id: &str, desired: &Desired) -> Result<()>;
+    /// The latest upgrade (id and state), if any was ever started.
+    async fn upgrade(&self) -> Result<Option<(i64, Upgrade)>>;
+    /// Stores an upgrade's state: a new row when `id` is None. Returns the id.
+    async fn save_upgrade(&self, id: Option<i64>, state: &Upgrade, now_ms: i64) -> Result<i64>;
+    async fn set_cluster_release(&self, release: Release) -> Result<()>;
 
     async fn create_channel(&self, spec: &ChannelSpec) -> Result<ChannelSpec>;
     async fn channels(&self) -> Result<Vec<ChannelSpec>>;

@@ -10,7 +10,8 @@ use handover_core::params::{v1, v2, Group};
 use handover_core::record::{self, AnyRecord, ChannelDirectory, ChannelRef};
 use handover_core::record::{v1 as rv1, v2 as rv2};
 use handover_core::timefmt;
-use handover_core::wire::{validate_id, OutboxState, Role};
+use handover_core::upgrade::{Desired, Upgrade};
+use handover_core::wire::{validate_id, Heartbeat, OutboxState, Role};
 use handover_core::{Grant, Release, ReleaseInfo, Schema};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, Sqlite, SqlitePool, Transaction};
@@ -30,7 +31,10 @@ CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY, credential TEXT NOT NULL, release INTEGER NOT NULL, schema INTEGER NOT NULL,
     role TEXT NOT NULL, group_name TEXT NOT NULL, hls_url TEXT NOT NULL, grant_name TEXT NOT NULL,
     epoch INTEGER NOT NULL, outbox_next_seq INTEGER NOT NULL, outbox_oldest INTEGER, outbox_count INTEGER NOT NULL,
-    current_events TEXT NOT NULL, last_seen_ms INTEGER NOT NULL, acked_through INTEGER NOT NULL DEFAULT 0);
+    current_events TEXT NOT NULL, staged TEXT NOT NULL DEFAULT '[]', last_seen_ms INTEGER NOT NULL,
+    acked_through INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS node_desired (node_id TEXT PRIMARY KEY, desired TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS upgrades (id INTEGER PRIMARY KEY, state TEXT NOT NULL, updated_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS groups (name TEXT PRIMARY KEY, primary_node TEXT NOT NULL, backup_node TEXT NOT NULL);
 ";
 
@@ -62,6 +66,10 @@ pub struct SqliteStore {
 
 fn to_i64(v: u64, what: &str) -> Result<i64> {
     i64::try_from(v).map_err(|_| StoreError::Invalid(format!("{what} {v} is too large")))
+}
+
+fn json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(|e| StoreError::Invalid(e.to_string()))
 }
 
 fn to_u64(v: i64) -> u64 {
@@ -109,6 +117,7 @@ impl SqliteStore {
                 .execute(&mut *tx)
                 .await?;
             for (key, value) in [
+                ("release", i64::from(self.info.release.0)),
                 ("schema", i64::from(self.info.schema.0)),
                 ("epoch", 1),
                 ("fenced", 0),
@@ -493,6 +502,7 @@ impl Store for SqliteStore {
                 .ok_or_else(|| StoreError::Corrupt(format!("cluster.{k} missing")))
         };
         Ok(ClusterState {
+            release: Release(u32::try_from(get("release")?).unwrap_or(0)),
             schema: Schema(u32::try_from(get("schema")?).unwrap_or(0)),
             epoch: to_u64(get("epoch")?),
             fenced: get("fenced")? != 0,
@@ -521,13 +531,13 @@ impl Store for SqliteStore {
         let _w = self.writer.lock().await;
         sqlx::query(
             "INSERT INTO nodes (node_id, credential, release, schema, role, group_name, hls_url, grant_name, epoch,
-                outbox_next_seq, outbox_oldest, outbox_count, current_events, last_seen_ms)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                outbox_next_seq, outbox_oldest, outbox_count, current_events, staged, last_seen_ms)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
              ON CONFLICT (node_id) DO UPDATE SET credential = excluded.credential, release = excluded.release,
                 schema = excluded.schema, role = excluded.role, group_name = excluded.group_name, hls_url = excluded.hls_url,
                 grant_name = excluded.grant_name, epoch = excluded.epoch, outbox_next_seq = excluded.outbox_next_seq,
                 outbox_oldest = excluded.outbox_oldest, outbox_count = excluded.outbox_count,
-                current_events = excluded.current_events, last_seen_ms = excluded.last_seen_ms",
+                current_events = excluded.current_events, staged = excluded.staged, last_seen_ms = excluded.last_seen_ms",
         )
         .bind(&r.node_id)
         .bind(&r.credential)
@@ -541,7 +551,8 @@ impl Store for SqliteStore {
         .bind(to_i64(r.outbox.next_seq, "next_seq")?)
         .bind(r.outbox.oldest_unacked_seq.map(|s| to_i64(s, "oldest_unacked_seq")).transpose()?)
         .bind(to_i64(r.outbox.count, "count")?)
-        .bind(serde_json::to_string(&r.current_events).map_err(|e| StoreError::Invalid(e.to_string()))?)
+        .bind(json(&r.current_events)?)
+        .bind(json(&r.staged)?)
         .bind(r.now_ms)
         .execute(&self.pool)
         .await?;
@@ -574,25 +585,94 @@ impl Store for SqliteStore {
     async fn heartbeat(
         &self,
         node_id: &str,
-        outbox: &OutboxState,
-        events: &[i64],
+        hb: &Heartbeat,
         grant: Grant,
         now_ms: i64,
     ) -> Result<()> {
         let _w = self.writer.lock().await;
         sqlx::query(
-            "UPDATE nodes SET outbox_next_seq = ?, outbox_oldest = ?, outbox_count = ?, current_events = ?, grant_name = ?,
-                last_seen_ms = ? WHERE node_id = ?",
+            "UPDATE nodes SET outbox_next_seq = ?, outbox_oldest = ?, outbox_count = ?, current_events = ?, staged = ?,
+                grant_name = ?, epoch = ?, last_seen_ms = ? WHERE node_id = ?",
         )
-        .bind(to_i64(outbox.next_seq, "next_seq")?)
-        .bind(outbox.oldest_unacked_seq.map(|s| to_i64(s, "oldest_unacked_seq")).transpose()?)
-        .bind(to_i64(outbox.count, "count")?)
-        .bind(serde_json::to_string(events).map_err(|e| StoreError::Invalid(e.to_string()))?)
+        .bind(to_i64(hb.outbox.next_seq, "next_seq")?)
+        .bind(hb.outbox.oldest_unacked_seq.map(|s| to_i64(s, "oldest_unacked_seq")).transpose()?)
+        .bind(to_i64(hb.outbox.count, "count")?)
+        .bind(json(&hb.current_events)?)
+        .bind(json(&hb.staged)?)
         .bind(grant.as_str())
+        .bind(to_i64(hb.epoch, "epoch")?)
         .bind(now_ms)
         .bind(node_id)
         .execute(&self.pool)
         .await?;
+        Ok(())
+    }
+
+    async fn desired(&self, node_id: &str) -> Result<Desired> {
+        let raw: Option<String> =
+            sqlx::query_scalar("SELECT desired FROM node_desired WHERE node_id = ?")
+                .bind(node_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        match raw {
+            Some(raw) => serde_json::from_str(&raw)
+                .map_err(|e| StoreError::Corrupt(format!("desired state of {node_id}: {e}"))),
+            None => Ok(Desired::default()),
+        }
+    }
+
+    async fn set_desired(&self, node_id: &str, desired: &Desired) -> Result<()> {
+        let _w = self.writer.lock().await;
+        sqlx::query("INSERT INTO node_desired (node_id, desired) VALUES (?, ?) ON CONFLICT (node_id) DO UPDATE SET desired = excluded.desired")
+            .bind(node_id)
+            .bind(json(desired)?)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn upgrade(&self) -> Result<Option<(i64, Upgrade)>> {
+        let row = sqlx::query("SELECT id, state FROM upgrades ORDER BY id DESC LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            let state: String = r.try_get("state")?;
+            let up = serde_json::from_str(&state)
+                .map_err(|e| StoreError::Corrupt(format!("upgrade state: {e}")))?;
+            Ok((r.try_get("id")?, up))
+        })
+        .transpose()
+    }
+
+    async fn save_upgrade(&self, id: Option<i64>, state: &Upgrade, now_ms: i64) -> Result<i64> {
+        let _w = self.writer.lock().await;
+        let state = json(state)?;
+        match id {
+            Some(id) => {
+                sqlx::query("UPDATE upgrades SET state = ?, updated_ms = ? WHERE id = ?")
+                    .bind(state)
+                    .bind(now_ms)
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(id)
+            }
+            None => Ok(sqlx::query_scalar(
+                "INSERT INTO upgrades (state, updated_ms) VALUES (?, ?) RETURNING id",
+            )
+            .bind(state)
+            .bind(now_ms)
+            .fetch_one(&self.pool)
+            .await?),
+        }
+    }
+
+    async fn set_cluster_release(&self, release: Release) -> Result<()> {
+        let _w = self.writer.lock().await;
+        sqlx::query("UPDATE cluster SET value = ? WHERE key = 'release'")
+            .bind(i64::from(release.0))
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -620,6 +700,8 @@ impl Store for SqliteStore {
                         count: to_u64(row.try_get("outbox_count")?),
                     },
                     current_events: serde_json::from_str(&events).unwrap_or_default(),
+                    staged: serde_json::from_str(&row.try_get::<String, _>("staged")?)
+                        .unwrap_or_default(),
                     last_seen_ms: row.try_get("last_seen_ms")?,
                     acked_through: to_u64(row.try_get("acked_through")?),
                 })

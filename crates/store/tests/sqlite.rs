@@ -58,6 +58,7 @@ async fn seed(store: &SqliteStore) {
             epoch: 1,
             outbox: OutboxState::default(),
             current_events: vec![],
+            staged: vec![],
             now_ms: 0,
         })
         .await

@@ -1,0 +1,65 @@
+//! How `handover controller` and `handover node` run: as a supervisor that
+//! owns the listening socket and runs a worker child of the chosen release
+//! (the default), as that worker (started by a supervisor, socket passed as
+//! `LISTEN_FDS`), or bare (`--no-supervisor`: binds the socket itself).
+
+use anyhow::Context;
+use handover_supervisor::{Release, SupervisorConfig};
+use std::net::SocketAddr;
+use std::path::Path;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Supervisor,
+    Worker,
+    Bare,
+}
+
+pub fn mode(no_supervisor: bool) -> Mode {
+    if std::env::var(handover_supervisor::ENV_WORKER).is_ok_and(|v| v == "1") {
+        Mode::Worker
+    } else if no_supervisor {
+        Mode::Bare
+    } else {
+        Mode::Supervisor
+    }
+}
+
+/// The socket a worker serves on: inherited from its supervisor, or bound here.
+pub async fn listener(mode: Mode, addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    if mode == Mode::Worker {
+        let std = handover_supervisor::inherited_listener()
+            .context("cannot take the socket passed by the supervisor")?
+            .context(
+                "started as a worker (HANDOVER_WORKER=1) but no socket was passed (LISTEN_FDS)",
+            )?;
+        std.set_nonblocking(true)
+            .context("cannot make the inherited socket non-blocking")?;
+        return tokio::net::TcpListener::from_std(std).context("cannot use the inherited socket");
+    }
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))
+}
+
+/// Runs the supervisor for one role until a signal.
+pub async fn supervise(
+    name: &str,
+    listen: SocketAddr,
+    data_dir: &Path,
+    release: u32,
+    worker_args: Vec<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let binary = std::env::current_exe().context("cannot find this binary to start the worker")?;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    let config = SupervisorConfig::new(
+        name,
+        listen,
+        data_dir.join("supervisor"),
+        Release { release, binary },
+        worker_args,
+    );
+    handover_supervisor::run(config, shutdown).await
+}

@@ -1,0 +1,200 @@
+//! The operator's upgrade API: plan (a dry run), start, status, pause,
+//! resume and abort. The same state `handover upgrade status` shows.
+
+use crate::operator_api::operator;
+use crate::orchestrator::{self, cluster_view, node_views, now_ms_u64};
+use crate::{ApiError, ApiResult, Shared};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use handover_core::upgrade::{
+    preflight, Input, NodeView, Plan, PlanGroup, PrimaryPolicy, Target, Upgrade,
+};
+use serde::{Deserialize, Serialize};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpgradeRequest {
+    /// Artifact id, as `handover artifact upload` printed it.
+    pub artifact: String,
+    /// `wait` (default), `failover` or `deadline=MS`.
+    #[serde(default)]
+    pub policy: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct PlanAnswer {
+    pub plan: Plan,
+    /// `None` when preflight passes now; otherwise why it would stop.
+    pub preflight_error: Option<String>,
+    /// The ordered steps, per group, with what each waits for.
+    pub steps: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct UpgradeStatus {
+    pub upgrade: Option<Upgrade>,
+    pub nodes: Vec<NodeView>,
+    /// What abort would do now (or why it is refused).
+    pub abort: Option<String>,
+}
+
+async fn plan_of(state: &Shared, req: &UpgradeRequest) -> ApiResult<Plan> {
+    let (manifest, _) = state.artifacts.get(&req.artifact).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "no artifact {:?} on the controller: upload it with `handover artifact upload`",
+            req.artifact
+        ))
+    })?;
+    let policy = match req.policy.as_deref() {
+        None => PrimaryPolicy::Wait,
+        Some(text) => PrimaryPolicy::parse(text)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", e))?,
+    };
+    let groups = state
+        .store
+        .groups()
+        .await?
+        .into_iter()
+        .map(|g| PlanGroup {
+            name: g.name,
+            primary: g.primary,
+            backup: g.backup,
+        })
+        .collect();
+    Ok(Plan {
+        target: Target {
+            artifact_id: manifest.id(),
+            release: manifest.release,
+            schema: manifest.schema,
+            size: manifest.size,
+        },
+        from_release: state.info.release,
+        policy,
+        groups,
+    })
+}
+
+fn steps(plan: &Plan, nodes: &[NodeView]) -> Vec<String> {
+    let t = &plan.target;
+    let events = |id: &str| {
+        nodes
+            .iter()
+            .find(|n| n.id == id)
+            .map(|n| format!("{:?}", n.current_events))
+            .unwrap_or_else(|| "[]".into())
+    };
+    let mut out = vec![
+        format!("1. preflight: artifact {} (release {}, schema {}), every node inside the support window, disk room", t.artifact_id, t.release, t.schema),
+        format!("2. stage: every node downloads and verifies {} ahead of time", t.artifact_id),
+        "3. fence: epoch + 1; wait for every node to persist the fence (a silent node is fenced by the epoch)".into(),
+        format!("4. controller: snapshot the database, start release {} on the same socket, migrate in one transaction, self-check; on failure roll back and unfence", t.release),
+        format!("5. deliver: release-{} nodes get `deliver` and drain their outboxes through the controller, translated", plan.from_release),
+    ];
+    for g in &plan.groups {
+        out.push(format!("6. backups/{}: {} drains, switches to release {}, says hello, gets `full`, passes its health gate", g.name, g.backup, t.release));
+    }
+    let wait = match plan.policy {
+        PrimaryPolicy::Wait => "waits for its current events to end".to_owned(),
+        PrimaryPolicy::Failover => {
+            "switches as soon as its backup passed its health gate".to_owned()
+        }
+        PrimaryPolicy::Deadline { ms } => {
+            format!("waits for its current events to end, at most {ms} ms, then switches")
+        }
+    };
+    for g in &plan.groups {
+        out.push(format!("7. primaries/{}: {} takes no new event, {wait} (now running {}), then switches the same way", g.name, g.primary, events(&g.primary)));
+    }
+    out.push(format!(
+        "8. finalize: every node on release {}: the cluster release moves (the point of no return)",
+        t.release
+    ));
+    out
+}
+
+pub async fn plan(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Json<UpgradeRequest>, JsonRejection>,
+) -> ApiResult<Json<PlanAnswer>> {
+    operator(&state, &headers)?;
+    let Json(req) = body?;
+    let plan = plan_of(&state, &req).await?;
+    let nodes = node_views(&state).await?;
+    let preflight_error = preflight(&plan, &nodes, &cluster_view(&state).await?).err();
+    let steps = steps(&plan, &nodes);
+    Ok(Json(PlanAnswer {
+        plan,
+        preflight_error,
+        steps,
+    }))
+}
+
+pub async fn start(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Json<UpgradeRequest>, JsonRejection>,
+) -> ApiResult<Json<Upgrade>> {
+    operator(&state, &headers)?;
+    let Json(req) = body?;
+    let plan = plan_of(&state, &req).await?;
+    Ok(Json(
+        orchestrator::start(&state, Upgrade::new(plan, now_ms_u64())).await?,
+    ))
+}
+
+pub async fn status(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+) -> ApiResult<Json<UpgradeStatus>> {
+    operator(&state, &headers)?;
+    let upgrade = state
+        .upgrade
+        .lock()
+        .await
+        .as_ref()
+        .map(|(_, up)| up.clone());
+    let abort = upgrade.as_ref().map(|u| match u.abort_answer() {
+        Ok(a) => a.to_owned(),
+        Err(refused) => format!("refused: {refused}"),
+    });
+    Ok(Json(UpgradeStatus {
+        upgrade,
+        nodes: node_views(&state).await?,
+        abort,
+    }))
+}
+
+async fn control(state: Shared, headers: HeaderMap, input: Input) -> ApiResult<Json<Upgrade>> {
+    operator(&state, &headers)?;
+    let refused = match &input {
+        Input::Abort => state
+            .upgrade
+            .lock()
+            .await
+            .as_ref()
+            .and_then(|(_, u)| u.abort_answer().err()),
+        _ => None,
+    };
+    if let Some(why) = refused {
+        return Err(ApiError::new(StatusCode::CONFLICT, "abort_refused", why));
+    }
+    let up = orchestrator::step(&state, input)
+        .await?
+        .ok_or_else(|| ApiError::not_found("no upgrade was ever started"))?;
+    Ok(Json(up))
+}
+
+pub async fn pause(State(state): State<Shared>, headers: HeaderMap) -> ApiResult<Json<Upgrade>> {
+    control(state, headers, Input::Pause).await
+}
+
+pub async fn resume(State(state): State<Shared>, headers: HeaderMap) -> ApiResult<Json<Upgrade>> {
+    control(state, headers, Input::Resume).await
+}
+
+pub async fn abort(State(state): State<Shared>, headers: HeaderMap) -> ApiResult<Json<Upgrade>> {
+    control(state, headers, Input::Abort).await
+}

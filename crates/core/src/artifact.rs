@@ -1,0 +1,622 @@
+//! Upgrade artifacts: the manifest that names a release binary, and the
+//! incremental digest check every receiver runs while the bytes arrive.
+//!
+//! An artifact on disk is a directory `<id>/` holding [`MANIFEST_FILE`] and
+//! [`BINARY_FILE`]. The manifest is what a later release signs; the binary is
+//! trusted only after its size and SHA-256 match the manifest. This module
+//! is pure: the shells (CLI, controller, node) do the reading and writing.
+
+use crate::release::{ProtocolRange, Release, ReleaseInfo, Schema, NEWEST};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+/// Largest binary an artifact may carry.
+pub const ARTIFACT_BYTES_MAX: u64 = 512 << 20;
+/// The only manifest version this release reads and writes.
+pub const MANIFEST_VERSION: u32 = 1;
+/// Largest manifest document accepted (a real one is about 250 bytes).
+pub const MANIFEST_BYTES_MAX: usize = 4096;
+/// Longest `semver` accepted.
+pub const SEMVER_CHARS_MAX: usize = 64;
+/// Hex digits of the SHA-256 that go into the artifact id.
+pub const ID_HEX_DIGITS: usize = 12;
+/// Name of the manifest file inside an artifact directory.
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// Name of the binary inside an artifact directory.
+pub const BINARY_FILE: &str = "handover";
+
+/// What an artifact is: a release binary, its size and digest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Manifest version, [`MANIFEST_VERSION`].
+    pub v: u32,
+    pub release: Release,
+    pub semver: String,
+    pub schema: Schema,
+    pub protocol: ProtocolRange,
+    /// Lowercase hex SHA-256 of the binary.
+    pub sha256: String,
+    /// Size of the binary in bytes.
+    pub size: u64,
+    /// When the artifact was built, Unix milliseconds (set by the CLI).
+    pub created_ms: i64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ArtifactError {
+    #[error("the manifest is not valid JSON of the expected shape: {0}")]
+    Malformed(String),
+    #[error("the manifest is {size} bytes; at most {MANIFEST_BYTES_MAX} are accepted")]
+    ManifestTooLarge { size: usize },
+    #[error(
+        "manifest version {found} is not supported (this binary reads version {MANIFEST_VERSION}); \
+         build the artifact with a matching `handover artifact create`"
+    )]
+    UnsupportedVersion { found: u32 },
+    #[error(
+        "release {release} is not carried by this binary (it knows releases 1 to {newest}); \
+         upgrade in steps, or build the artifact for a known release",
+        newest = NEWEST.0
+    )]
+    UnknownRelease { release: u32 },
+    #[error(
+        "the manifest says {field} {found} for release {release}, but release {release} has \
+         {field} {expected}; the manifest was edited or built by an incompatible version"
+    )]
+    ReleaseMismatch {
+        release: u32,
+        field: &'static str,
+        expected: String,
+        found: String,
+    },
+    #[error(
+        "semver {0:?} must be 1 to {SEMVER_CHARS_MAX} characters of letters, digits, '.', '-' and '+'"
+    )]
+    BadSemver(String),
+    #[error("sha256 {0:?} must be exactly 64 lowercase hex digits")]
+    BadSha256(String),
+    #[error("size {0} is out of range: an artifact binary is 1 to {ARTIFACT_BYTES_MAX} bytes")]
+    BadSize(u64),
+    #[error("created_ms {0} must not be negative")]
+    BadCreated(i64),
+    #[error(
+        "artifact id {0:?} is not of the form r<release>-<{ID_HEX_DIGITS} lowercase hex digits>"
+    )]
+    BadId(String),
+    #[error(
+        "size mismatch: the manifest says {expected} bytes but {actual} bytes arrived; \
+         the binary is truncated, padded or not the one the manifest names"
+    )]
+    SizeMismatch { expected: u64, actual: u64 },
+    #[error(
+        "digest mismatch: the manifest says sha256 {expected} but the bytes hash to {actual}; \
+         the binary is corrupt or was tampered with: rebuild or re-upload the artifact"
+    )]
+    DigestMismatch { expected: String, actual: String },
+}
+
+impl ArtifactError {
+    /// The stable error code shown in `{"error": code, ...}` answers.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ArtifactError::Malformed(_) => "malformed",
+            ArtifactError::ManifestTooLarge { .. } => "too_large",
+            ArtifactError::UnsupportedVersion { .. } => "unsupported_version",
+            ArtifactError::UnknownRelease { .. } => "unknown_release",
+            ArtifactError::ReleaseMismatch { .. } => "release_mismatch",
+            ArtifactError::BadSemver(_)
+            | ArtifactError::BadSha256(_)
+            | ArtifactError::BadSize(_)
+            | ArtifactError::BadCreated(_) => "invalid_manifest",
+            ArtifactError::BadId(_) => "invalid_id",
+            ArtifactError::SizeMismatch { .. } => "size_mismatch",
+            ArtifactError::DigestMismatch { .. } => "digest_mismatch",
+        }
+    }
+}
+
+fn info_of(release: Release) -> Result<&'static ReleaseInfo, ArtifactError> {
+    ReleaseInfo::of(release).map_err(|_| ArtifactError::UnknownRelease { release: release.0 })
+}
+
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+impl Manifest {
+    /// The manifest of a binary built for `release`: schema, protocol range
+    /// and semver come from that release's [`ReleaseInfo`].
+    pub fn for_release(
+        release: Release,
+        sha256: String,
+        size: u64,
+        created_ms: i64,
+    ) -> Result<Manifest, ArtifactError> {
+        let info = info_of(release)?;
+        let m = Manifest {
+            v: MANIFEST_VERSION,
+            release,
+            semver: info.semver.to_owned(),
+            schema: info.schema,
+            protocol: info.protocol,
+            sha256,
+            size,
+            created_ms,
+        };
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// Checks every field: the version, a release this binary knows with its
+    /// own schema and protocol range, a well-formed digest and a bounded size.
+    /// `semver` is checked for shape only, so a patch build of a release
+    /// (same schema and protocol) is accepted.
+    pub fn validate(&self) -> Result<(), ArtifactError> {
+        if self.v != MANIFEST_VERSION {
+            return Err(ArtifactError::UnsupportedVersion { found: self.v });
+        }
+        let info = info_of(self.release)?;
+        if self.schema != info.schema {
+            return Err(ArtifactError::ReleaseMismatch {
+                release: self.release.0,
+                field: "schema",
+                expected: info.schema.to_string(),
+                found: self.schema.to_string(),
+            });
+        }
+        if self.protocol != info.protocol {
+            let show = |p: ProtocolRange| format!("{}..={}", p.min, p.max);
+            return Err(ArtifactError::ReleaseMismatch {
+                release: self.release.0,
+                field: "protocol",
+                expected: show(info.protocol),
+                found: show(self.protocol),
+            });
+        }
+        if self.semver.is_empty()
+            || self.semver.len() > SEMVER_CHARS_MAX
+            || !self
+                .semver
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'+'))
+        {
+            return Err(ArtifactError::BadSemver(self.semver.clone()));
+        }
+        if !is_sha256_hex(&self.sha256) {
+            return Err(ArtifactError::BadSha256(self.sha256.clone()));
+        }
+        if self.size == 0 || self.size > ARTIFACT_BYTES_MAX {
+            return Err(ArtifactError::BadSize(self.size));
+        }
+        if self.created_ms < 0 {
+            return Err(ArtifactError::BadCreated(self.created_ms));
+        }
+        Ok(())
+    }
+
+    /// `r{release}-{first 12 hex digits of sha256}`: the artifact's directory
+    /// name everywhere (controller store, node releases dir) and its URL id.
+    pub fn id(&self) -> String {
+        let prefix = self.sha256.get(..ID_HEX_DIGITS).unwrap_or(&self.sha256);
+        format!("r{}-{prefix}", self.release.0)
+    }
+
+    /// Parses and validates a manifest document (bounded, strict fields).
+    pub fn decode(bytes: &[u8]) -> Result<Manifest, ArtifactError> {
+        if bytes.len() > MANIFEST_BYTES_MAX {
+            return Err(ArtifactError::ManifestTooLarge { size: bytes.len() });
+        }
+        let m: Manifest =
+            serde_json::from_slice(bytes).map_err(|e| ArtifactError::Malformed(e.to_string()))?;
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// The manifest document as written to disk: pretty JSON and a newline.
+    pub fn to_pretty_json(&self) -> String {
+        let mut s = serde_json::to_string_pretty(self).unwrap_or_default();
+        s.push('\n');
+        s
+    }
+}
+
+/// Checks that `id` has the shape [`Manifest::id`] produces, so it can be
+/// used as a path component. It says nothing about whether it exists.
+pub fn check_id(id: &str) -> Result<(), ArtifactError> {
+    let bad = || ArtifactError::BadId(id.chars().take(80).collect());
+    let rest = id.strip_prefix('r').ok_or_else(bad)?;
+    let (release, hex) = rest.split_once('-').ok_or_else(bad)?;
+    let release_ok = !release.is_empty()
+        && release.len() <= 10
+        && release.bytes().all(|b| b.is_ascii_digit())
+        && !release.starts_with('0')
+        && release.parse::<u32>().is_ok();
+    let hex_ok =
+        hex.len() == ID_HEX_DIGITS && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if release_ok && hex_ok {
+        Ok(())
+    } else {
+        Err(bad())
+    }
+}
+
+/// A running SHA-256 and byte count, for whoever builds a manifest.
+#[derive(Clone, Default)]
+pub struct Hasher {
+    sha: Sha256,
+    len: u64,
+}
+
+impl Hasher {
+    pub fn new() -> Hasher {
+        Hasher::default()
+    }
+
+    pub fn update(&mut self, chunk: &[u8]) {
+        self.sha.update(chunk);
+        self.len = self.len.saturating_add(chunk.len() as u64);
+    }
+
+    /// Bytes hashed so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Lowercase hex SHA-256 and the byte count.
+    pub fn finish(self) -> (String, u64) {
+        (to_hex(&self.sha.finalize()), self.len)
+    }
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    s
+}
+
+/// Lowercase hex SHA-256 of `bytes` (small inputs; stream large ones
+/// through [`Hasher`]).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let mut h = Hasher::new();
+    h.update(bytes);
+    h.finish().0
+}
+
+/// Incremental digest check: feed the binary in chunks as it arrives, then
+/// [`finish`](DigestCheck::finish) compares size and SHA-256 with the
+/// manifest. [`update`](DigestCheck::update) fails as soon as more bytes
+/// arrive than the manifest announces, so a receiver never stores more.
+pub struct DigestCheck {
+    expected_sha256: String,
+    expected_size: u64,
+    hasher: Hasher,
+}
+
+impl DigestCheck {
+    pub fn new(m: &Manifest) -> DigestCheck {
+        DigestCheck {
+            expected_sha256: m.sha256.clone(),
+            expected_size: m.size,
+            hasher: Hasher::new(),
+        }
+    }
+
+    pub fn update(&mut self, chunk: &[u8]) -> Result<(), ArtifactError> {
+        let total = self.hasher.len().saturating_add(chunk.len() as u64);
+        if total > self.expected_size {
+            return Err(ArtifactError::SizeMismatch {
+                expected: self.expected_size,
+                actual: total,
+            });
+        }
+        self.hasher.update(chunk);
+        Ok(())
+    }
+
+    /// Bytes accepted so far.
+    pub fn received(&self) -> u64 {
+        self.hasher.len()
+    }
+
+    pub fn finish(self) -> Result<(), ArtifactError> {
+        let (actual, size) = self.hasher.finish();
+        if size != self.expected_size {
+            return Err(ArtifactError::SizeMismatch {
+                expected: self.expected_size,
+                actual: size,
+            });
+        }
+        if actual != self.expected_sha256 {
+            return Err(ArtifactError::DigestMismatch {
+                expected: self.expected_sha256,
+                actual,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BINARY: &[u8] = b"#!/bin/sh\necho pretend this is handover\n";
+
+    fn good() -> Manifest {
+        Manifest::for_release(
+            Release(2),
+            sha256_hex(BINARY),
+            BINARY.len() as u64,
+            1_700_000_000_000,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn sha256_of_known_input() {
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn good_manifest_validates_and_round_trips() {
+        let m = good();
+        assert_eq!(m.v, 1);
+        assert_eq!(m.semver, "2.0.0");
+        assert_eq!(m.schema, Schema(2));
+        assert_eq!(m.protocol, ProtocolRange { min: 1, max: 2 });
+        m.validate().unwrap();
+        assert_eq!(m.id(), format!("r2-{}", &m.sha256[..12]));
+        check_id(&m.id()).unwrap();
+        let back = Manifest::decode(m.to_pretty_json().as_bytes()).unwrap();
+        assert_eq!(back, m);
+        let compact = serde_json::to_string(&m).unwrap();
+        assert_eq!(Manifest::decode(compact.as_bytes()).unwrap(), m);
+    }
+
+    #[test]
+    fn for_release_refuses_unknown_release() {
+        assert_eq!(
+            Manifest::for_release(Release(9), sha256_hex(BINARY), 1, 0),
+            Err(ArtifactError::UnknownRelease { release: 9 })
+        );
+    }
+
+    #[test]
+    fn each_bad_field_is_refused() {
+        type Spoil = Box<dyn Fn(&mut Manifest)>;
+        let cases: Vec<(&str, Spoil, &str)> = vec![
+            ("v", Box::new(|m| m.v = 2), "unsupported_version"),
+            ("v0", Box::new(|m| m.v = 0), "unsupported_version"),
+            (
+                "release",
+                Box::new(|m| m.release = Release(7)),
+                "unknown_release",
+            ),
+            (
+                "release0",
+                Box::new(|m| m.release = Release(0)),
+                "unknown_release",
+            ),
+            (
+                "schema",
+                Box::new(|m| m.schema = Schema(1)),
+                "release_mismatch",
+            ),
+            (
+                "protocol",
+                Box::new(|m| m.protocol = ProtocolRange { min: 2, max: 2 }),
+                "release_mismatch",
+            ),
+            (
+                "release-vs-schema",
+                Box::new(|m| m.release = Release(1)),
+                "release_mismatch",
+            ),
+            (
+                "semver-empty",
+                Box::new(|m| m.semver.clear()),
+                "invalid_manifest",
+            ),
+            (
+                "semver-chars",
+                Box::new(|m| m.semver = "2.0.0/../x".into()),
+                "invalid_manifest",
+            ),
+            (
+                "semver-long",
+                Box::new(|m| m.semver = "1".repeat(SEMVER_CHARS_MAX + 1)),
+                "invalid_manifest",
+            ),
+            (
+                "sha-upper",
+                Box::new(|m| m.sha256 = m.sha256.to_uppercase()),
+                "invalid_manifest",
+            ),
+            (
+                "sha-short",
+                Box::new(|m| m.sha256.truncate(63)),
+                "invalid_manifest",
+            ),
+            (
+                "sha-long",
+                Box::new(|m| m.sha256.push('0')),
+                "invalid_manifest",
+            ),
+            (
+                "sha-nonhex",
+                Box::new(|m| m.sha256.replace_range(0..1, "g")),
+                "invalid_manifest",
+            ),
+            ("size-zero", Box::new(|m| m.size = 0), "invalid_manifest"),
+            (
+                "size-huge",
+                Box::new(|m| m.size = ARTIFACT_BYTES_MAX + 1),
+                "invalid_manifest",
+            ),
+            (
+                "created",
+                Box::new(|m| m.created_ms = -1),
+                "invalid_manifest",
+            ),
+        ];
+        for (name, spoil, code) in cases {
+            let mut m = good();
+            spoil(&mut m);
+            let err = m.validate().expect_err(name);
+            assert_eq!(err.code(), code, "{name}: {err}");
+            let doc = serde_json::to_string(&m).unwrap();
+            assert_eq!(Manifest::decode(doc.as_bytes()), Err(err), "{name}");
+        }
+        let mut m = good();
+        m.size = ARTIFACT_BYTES_MAX;
+        m.validate().unwrap();
+    }
+
+    #[test]
+    fn malformed_documents_are_refused() {
+        let m = good();
+        let mut v = serde_json::to_value(&m).unwrap();
+        v["extra"] = serde_json::json!(1);
+        let err = Manifest::decode(v.to_string().as_bytes()).unwrap_err();
+        assert_eq!(err.code(), "malformed", "{err}");
+        let mut v = serde_json::to_value(&m).unwrap();
+        v.as_object_mut().unwrap().remove("sha256");
+        let err = Manifest::decode(v.to_string().as_bytes()).unwrap_err();
+        assert_eq!(err.code(), "malformed", "{err}");
+        let err = Manifest::decode(b"not json").unwrap_err();
+        assert_eq!(err.code(), "malformed");
+        let big = vec![b' '; MANIFEST_BYTES_MAX + 1];
+        assert_eq!(
+            Manifest::decode(&big),
+            Err(ArtifactError::ManifestTooLarge {
+                size: MANIFEST_BYTES_MAX + 1
+            })
+        );
+    }
+
+    #[test]
+    fn ids() {
+        for ok in [
+            "r1-0123456789ab",
+            "r42-abcdefabcdef",
+            "r4294967295-000000000000",
+        ] {
+            check_id(ok).unwrap();
+        }
+        for bad in [
+            "",
+            "r",
+            "r1",
+            "r1-",
+            "1-0123456789ab",
+            "r-0123456789ab",
+            "r01-0123456789ab",
+            "r4294967296-0123456789ab",
+            "r1-0123456789AB",
+            "r1-0123456789a",
+            "r1-0123456789abc",
+            "r1-../../etc/pa",
+            "r1-0123456789ab/",
+        ] {
+            assert_eq!(check_id(bad).unwrap_err().code(), "invalid_id", "{bad:?}");
+        }
+    }
+
+    fn check_chunks(m: &Manifest, bytes: &[u8], chunk: usize) -> Result<(), ArtifactError> {
+        let mut c = DigestCheck::new(m);
+        for piece in bytes.chunks(chunk) {
+            c.update(piece)?;
+        }
+        c.finish()
+    }
+
+    #[test]
+    fn digest_check_accepts_the_right_bytes_in_any_chunking() {
+        let m = good();
+        for chunk in [1, 3, 7, 64, BINARY.len()] {
+            check_chunks(&m, BINARY, chunk).unwrap();
+        }
+        let mut c = DigestCheck::new(&m);
+        c.update(&[]).unwrap();
+        c.update(BINARY).unwrap();
+        c.update(&[]).unwrap();
+        assert_eq!(c.received(), BINARY.len() as u64);
+        c.finish().unwrap();
+    }
+
+    #[test]
+    fn digest_check_refuses_a_flipped_byte() {
+        let m = good();
+        let mut bytes = BINARY.to_vec();
+        bytes[5] ^= 0x01;
+        match check_chunks(&m, &bytes, 4) {
+            Err(ArtifactError::DigestMismatch { expected, actual }) => {
+                assert_eq!(expected, m.sha256);
+                assert_eq!(actual, sha256_hex(&bytes));
+            }
+            other => panic!("expected a digest mismatch, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn digest_check_refuses_too_long_as_soon_as_it_is() {
+        let m = good();
+        let n = BINARY.len() as u64;
+        let mut c = DigestCheck::new(&m);
+        c.update(BINARY).unwrap();
+        assert_eq!(
+            c.update(b"x"),
+            Err(ArtifactError::SizeMismatch {
+                expected: n,
+                actual: n + 1
+            })
+        );
+        let mut long = BINARY.to_vec();
+        long.extend_from_slice(b"tail");
+        let err = check_chunks(&m, &long, 8).unwrap_err();
+        assert_eq!(err.code(), "size_mismatch", "{err}");
+    }
+
+    #[test]
+    fn digest_check_refuses_too_short() {
+        let m = good();
+        let n = BINARY.len() as u64;
+        assert_eq!(
+            check_chunks(&m, &BINARY[..BINARY.len() - 1], 5),
+            Err(ArtifactError::SizeMismatch {
+                expected: n,
+                actual: n - 1
+            })
+        );
+        assert_eq!(
+            check_chunks(&m, &[], 5),
+            Err(ArtifactError::SizeMismatch {
+                expected: n,
+                actual: 0
+            })
+        );
+    }
+
+    #[test]
+    fn messages_tell_the_operator_what_to_do() {
+        let e = ArtifactError::DigestMismatch {
+            expected: "a".into(),
+            actual: "b".into(),
+        };
+        assert!(e.to_string().contains("re-upload"), "{e}");
+        let e = ArtifactError::UnknownRelease { release: 9 };
+        assert!(e.to_string().contains("release 9"), "{e}");
+    }
+}

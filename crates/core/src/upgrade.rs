@@ -1,0 +1,1125 @@
+//! The upgrade as a persisted state machine (DESIGN.md "The upgrade").
+//!
+//! [`Upgrade::step`] takes an [`Input`] and `now_ms` and returns the
+//! [`Effect`]s the controller must perform; it never performs anything
+//! itself. The whole state is serializable: the controller stores it after
+//! every step in a table that is the same in every release, so the new
+//! controller resumes what the old one started, and a controller restart at
+//! any moment resumes from the last stored state.
+
+use crate::grant::Grant;
+use crate::release::{Release, ReleaseInfo, Schema};
+use crate::wire::Role;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// How long the fence phase waits for acknowledgements; a silent node stays
+/// fenced by the epoch anyway, so waiting longer buys nothing.
+pub const FENCE_ACK_WAIT_MS: u64 = 5_000;
+/// A node that has not come back on the new release within this long stops
+/// the upgrade (it stays paused in a state the operator can read).
+pub const NODE_SWITCH_WAIT_MS: u64 = 60_000;
+/// An outbox at or below this many records counts as drained: a live node
+/// keeps producing, so "exactly zero" may never be observed.
+pub const DRAINED_RECORDS_MAX: u64 = 50;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Preflight,
+    Stage,
+    Fence,
+    Controller,
+    Deliver,
+    Backups,
+    Primaries,
+    Finalize,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 8] = [
+        Phase::Preflight,
+        Phase::Stage,
+        Phase::Fence,
+        Phase::Controller,
+        Phase::Deliver,
+        Phase::Backups,
+        Phase::Primaries,
+        Phase::Finalize,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Preflight => "preflight",
+            Phase::Stage => "stage",
+            Phase::Fence => "fence",
+            Phase::Controller => "controller",
+            Phase::Deliver => "deliver",
+            Phase::Backups => "backups",
+            Phase::Primaries => "primaries",
+            Phase::Finalize => "finalize",
+        }
+    }
+}
+
+/// When a primary may switch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "policy")]
+pub enum PrimaryPolicy {
+    /// When its current events have ended (default).
+    Wait,
+    /// As soon as its backup runs the new release and passed its health gate.
+    Failover,
+    /// Wait, but fail over once this long has passed in the primaries phase.
+    Deadline { ms: u64 },
+}
+
+impl PrimaryPolicy {
+    /// `wait`, `failover` or `deadline=DURATION_MS`.
+    pub fn parse(text: &str) -> Result<PrimaryPolicy, String> {
+        match text {
+            "wait" => Ok(PrimaryPolicy::Wait),
+            "failover" => Ok(PrimaryPolicy::Failover),
+            other => match other.strip_prefix("deadline=") {
+                Some(ms) => ms
+                    .parse()
+                    .map(|ms| PrimaryPolicy::Deadline { ms })
+                    .map_err(|_| {
+                        format!("deadline takes milliseconds, e.g. deadline=30000, not {ms:?}")
+                    }),
+                None => Err(format!(
+                    "policy is wait, failover or deadline=MS, not {other:?}"
+                )),
+            },
+        }
+    }
+}
+
+/// The artifact an upgrade moves to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    pub artifact_id: String,
+    pub release: Release,
+    pub schema: Schema,
+    pub size: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanGroup {
+    pub name: String,
+    pub primary: String,
+    pub backup: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub target: Target,
+    pub from_release: Release,
+    pub policy: PrimaryPolicy,
+    pub groups: Vec<PlanGroup>,
+}
+
+/// What the controller tells one node to do (carried in every grant answer).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Desired {
+    /// Artifact to have staged (downloaded and verified) ahead of time.
+    pub stage: Option<String>,
+    /// Take no new event (a primary waiting for its current ones to end).
+    pub quiesce: bool,
+    /// Switch to this release (of the staged artifact) now.
+    pub switch_to: Option<Release>,
+}
+
+/// One node as the controller sees it at a tick.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub id: String,
+    pub role: Role,
+    pub group: String,
+    pub release: Release,
+    pub schema: Schema,
+    /// Heartbeats within the lease.
+    pub reachable: bool,
+    pub grant: Grant,
+    /// The epoch the node last reported holding.
+    pub epoch: u64,
+    pub staged: Vec<String>,
+    pub outbox_count: u64,
+    pub current_events: Vec<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterView {
+    pub epoch: u64,
+    pub fenced: bool,
+    /// Release of the controller running this step.
+    pub controller_release: Release,
+    /// Free bytes where artifacts are stored, for preflight.
+    pub disk_free_bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Input {
+    Tick {
+        nodes: Vec<NodeView>,
+        cluster: ClusterView,
+    },
+    Pause,
+    Resume,
+    Abort,
+    /// The controller's switch to the target failed; it still runs the old release.
+    ControllerSwitchFailed {
+        reason: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Effect {
+    /// Epoch + 1 and fenced.
+    Fence,
+    /// Lift the fence, same epoch.
+    Unfence,
+    /// Replace what `node` is told to do.
+    SetDesired { node: String, desired: Desired },
+    /// Switch this controller to the target release (through its supervisor).
+    SwitchController { target: Target },
+    /// The cluster release moves: the point of no return.
+    Finalize { release: Release },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum Status {
+    Running,
+    Paused,
+    Finalized,
+    Aborted { reason: String },
+    Failed { reason: String },
+}
+
+impl Status {
+    pub fn is_over(&self) -> bool {
+        matches!(
+            self,
+            Status::Finalized | Status::Aborted { .. } | Status::Failed { .. }
+        )
+    }
+}
+
+/// Where one node is in its own switch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "step")]
+pub enum NodeStep {
+    Pending,
+    /// A primary that takes no new event and waits for its policy.
+    Waiting {
+        since_ms: u64,
+    },
+    Switching {
+        since_ms: u64,
+    },
+    /// On the new release with `full`, serving and shipping.
+    Upgraded {
+        at_ms: u64,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhaseRecord {
+    pub phase: Phase,
+    pub started_ms: u64,
+    pub ended_ms: Option<u64>,
+}
+
+/// The whole persisted state of one upgrade.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upgrade {
+    pub plan: Plan,
+    pub phase: Phase,
+    pub status: Status,
+    pub phases: Vec<PhaseRecord>,
+    pub nodes: BTreeMap<String, NodeStep>,
+    /// Time primaries spent waiting for their operations to end.
+    pub waiting_for_operations_ms: u64,
+    /// What the current phase waits for, in words.
+    pub waiting_for: String,
+    pub started_ms: u64,
+    pub ended_ms: Option<u64>,
+}
+
+/// Why a plan cannot start; preflight's answer before anything changes.
+pub fn preflight(plan: &Plan, nodes: &[NodeView], cluster: &ClusterView) -> Result<(), String> {
+    let target = ReleaseInfo::of(plan.target.release).map_err(|e| e.to_string())?;
+    if target.schema != plan.target.schema {
+        return Err(format!(
+            "artifact says schema {}, release {} has schema {}",
+            plan.target.schema, target.release, target.schema
+        ));
+    }
+    if plan.target.release <= cluster.controller_release {
+        return Err(format!(
+            "the controller already runs release {}; the artifact is release {}",
+            cluster.controller_release, plan.target.release
+        ));
+    }
+    if cluster.disk_free_bytes < plan.target.size.saturating_mul(2) {
+        return Err(format!(
+            "not enough disk room: {} bytes free, the artifact needs {} (twice its size)",
+            cluster.disk_free_bytes, plan.target.size
+        ));
+    }
+    for g in &plan.groups {
+        for id in [&g.primary, &g.backup] {
+            let n = nodes
+                .iter()
+                .find(|n| &n.id == id)
+                .ok_or_else(|| format!("node {id} of group {} never said hello", g.name))?;
+            if !n.reachable {
+                return Err(format!(
+                    "node {id} is unreachable (no heartbeat within its lease)"
+                ));
+            }
+            if !target.in_window(n.schema) {
+                return Err(format!(
+                    "node {id} runs schema {}, outside release {}'s support window",
+                    n.schema, target.release
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Upgrade {
+    pub fn new(plan: Plan, now_ms: u64) -> Upgrade {
+        let mut nodes = BTreeMap::new();
+        for g in &plan.groups {
+            nodes.insert(g.backup.clone(), NodeStep::Pending);
+            nodes.insert(g.primary.clone(), NodeStep::Pending);
+        }
+        Upgrade {
+            plan,
+            phase: Phase::Preflight,
+            status: Status::Running,
+            phases: vec![PhaseRecord {
+                phase: Phase::Preflight,
+                started_ms: now_ms,
+                ended_ms: None,
+            }],
+            nodes,
+            waiting_for_operations_ms: 0,
+            waiting_for: String::new(),
+            started_ms: now_ms,
+            ended_ms: None,
+        }
+    }
+
+    fn phase_started_ms(&self) -> u64 {
+        self.phases
+            .last()
+            .map(|p| p.started_ms)
+            .unwrap_or(self.started_ms)
+    }
+
+    fn enter(&mut self, phase: Phase, now_ms: u64) {
+        if let Some(last) = self.phases.last_mut() {
+            last.ended_ms = Some(now_ms);
+        }
+        self.phase = phase;
+        self.phases.push(PhaseRecord {
+            phase,
+            started_ms: now_ms,
+            ended_ms: None,
+        });
+    }
+
+    fn end(&mut self, status: Status, now_ms: u64) {
+        if let Some(last) = self.phases.last_mut() {
+            last.ended_ms.get_or_insert(now_ms);
+        }
+        self.status = status;
+        self.ended_ms = Some(now_ms);
+    }
+
+    fn desired_all(&self, desired: Desired) -> Vec<Effect> {
+        self.nodes
+            .keys()
+            .map(|n| Effect::SetDesired {
+                node: n.clone(),
+                desired: desired.clone(),
+            })
+            .collect()
+    }
+
+    fn staged(&self) -> Desired {
+        Desired {
+            stage: Some(self.plan.target.artifact_id.clone()),
+            ..Desired::default()
+        }
+    }
+
+    /// What the operator may still undo, in words (shown with abort).
+    pub fn abort_answer(&self) -> Result<&'static str, &'static str> {
+        match self.phase {
+            _ if self.status.is_over() => Err("the upgrade is over; nothing to abort"),
+            Phase::Preflight | Phase::Stage => Ok("nothing had changed: staged artifacts stay on disk, unused"),
+            Phase::Fence => Ok("the fence is lifted; nodes get their old grants back at the new epoch"),
+            Phase::Controller => Err("the controller is switching release; wait until it finishes or fails, then abort"),
+            Phase::Deliver | Phase::Backups | Phase::Primaries => Ok(
+                "the upgrade stops here: the controller stays on the new release (its database is migrated); \
+                 upgraded nodes stay upgraded, the others keep running the old release with grant deliver; \
+                 start a new upgrade to finish",
+            ),
+            Phase::Finalize => Err("finalize is the point of no return"),
+        }
+    }
+
+    pub fn step(&mut self, input: Input, now_ms: u64) -> Vec<Effect> {
+        match input {
+            Input::Pause if self.status == Status::Running => {
+                self.status = Status::Paused;
+                vec![]
+            }
+            Input::Resume if self.status == Status::Paused => {
+                self.status = Status::Running;
+                vec![]
+            }
+            Input::Abort => self.abort(now_ms),
+            Input::ControllerSwitchFailed { reason }
+                if self.phase == Phase::Controller && !self.status.is_over() =>
+            {
+                let reason = format!("the new controller did not come up ({reason}); the old release runs on its database and the fence is lifted");
+                self.end(Status::Failed { reason }, now_ms);
+                let mut effects = vec![Effect::Unfence];
+                effects.extend(self.desired_all(Desired::default()));
+                effects
+            }
+            Input::Tick { nodes, cluster } if self.status == Status::Running => {
+                self.tick(&nodes, &cluster, now_ms)
+            }
+            _ => vec![],
+        }
+    }
+
+    fn abort(&mut self, now_ms: u64) -> Vec<Effect> {
+        let Ok(answer) = self.abort_answer() else {
+            return vec![];
+        };
+        let mut effects = match self.phase {
+            Phase::Fence => vec![Effect::Unfence],
+            _ => vec![],
+        };
+        // Nodes not yet switched go back to holding; a switch under way finishes.
+        for (id, step) in &self.nodes {
+            if !matches!(step, NodeStep::Switching { .. }) {
+                effects.push(Effect::SetDesired {
+                    node: id.clone(),
+                    desired: Desired::default(),
+                });
+            }
+        }
+        self.end(
+            Status::Aborted {
+                reason: answer.to_owned(),
+            },
+            now_ms,
+        );
+        effects
+    }
+
+    fn tick(&mut self, nodes: &[NodeView], cluster: &ClusterView, now_ms: u64) -> Vec<Effect> {
+        let node = |id: &str| nodes.iter().find(|n| n.id == id);
+        let target = self.plan.target.clone();
+        match self.phase {
+            Phase::Preflight => match preflight(&self.plan, nodes, cluster) {
+                Ok(()) => {
+                    self.enter(Phase::Stage, now_ms);
+                    self.desired_all(self.staged())
+                }
+                Err(reason) => {
+                    self.end(
+                        Status::Failed {
+                            reason: format!("preflight: {reason}; nothing was changed"),
+                        },
+                        now_ms,
+                    );
+                    vec![]
+                }
+            },
+            Phase::Stage => {
+                let missing: Vec<&String> = self
+                    .nodes
+                    .keys()
+                    .filter(|id| !node(id).is_some_and(|n| n.staged.contains(&target.artifact_id)))
+                    .collect();
+                if missing.is_empty() {
+                    self.enter(Phase::Fence, now_ms);
+                    self.waiting_for = "fence acknowledgements".into();
+                    vec![Effect::Fence]
+                } else {
+                    self.waiting_for = format!(
+                        "artifact {} staged on {}",
+                        target.artifact_id,
+                        join(&missing)
+                    );
+                    vec![]
+                }
+            }
+            Phase::Fence => {
+                if !cluster.fenced {
+                    // The fence effect has not landed yet (or was lost in a restart): ask again.
+                    return vec![Effect::Fence];
+                }
+                let unacked: Vec<&String> = self
+                    .nodes
+                    .keys()
+                    .filter(|id| {
+                        !node(id).is_some_and(|n| {
+                            !n.reachable || (n.grant == Grant::Fenced && n.epoch == cluster.epoch)
+                        })
+                    })
+                    .collect();
+                let waited = now_ms.saturating_sub(self.phase_started_ms());
+                if unacked.is_empty() || waited >= FENCE_ACK_WAIT_MS {
+                    self.enter(Phase::Controller, now_ms);
+                    self.waiting_for =
+                        format!("the controller to switch to release {}", target.release);
+                    vec![Effect::SwitchController { target }]
+                } else {
+                    self.waiting_for = format!(
+                        "fence acknowledgement at epoch {} from {}",
+                        cluster.epoch,
+                        join(&unacked)
+                    );
+                    vec![]
+                }
+            }
+            Phase::Controller => {
+                if cluster.controller_release == target.release {
+                    self.enter(Phase::Deliver, now_ms);
+                    self.waiting_for = "old nodes to drain their outboxes".into();
+                    vec![Effect::Unfence]
+                } else {
+                    // Still the old controller: the switch must be (or is being) done. The
+                    // shell starts it once and answers with ControllerSwitchFailed if it fails.
+                    vec![Effect::SwitchController { target }]
+                }
+            }
+            Phase::Deliver => {
+                if cluster.fenced {
+                    return vec![Effect::Unfence];
+                }
+                let busy: Vec<&String> = self
+                    .nodes
+                    .keys()
+                    .filter(|id| {
+                        !node(id).is_some_and(|n| {
+                            n.release == target.release
+                                || !n.reachable
+                                || (n.grant == Grant::Deliver
+                                    && n.outbox_count <= DRAINED_RECORDS_MAX)
+                        })
+                    })
+                    .collect();
+                if busy.is_empty() {
+                    self.enter(Phase::Backups, now_ms);
+                    self.tick(nodes, cluster, now_ms)
+                } else {
+                    self.waiting_for = format!(
+                        "outboxes of {} to drain over the redundant channel",
+                        join(&busy)
+                    );
+                    vec![]
+                }
+            }
+            Phase::Backups => {
+                let backups: Vec<String> =
+                    self.plan.groups.iter().map(|g| g.backup.clone()).collect();
+                let mut effects = Vec::new();
+                for id in &backups {
+                    effects.extend(self.advance_node(id, node(id), true, now_ms));
+                }
+                if self.status != Status::Running {
+                    return effects;
+                }
+                let pending: Vec<&String> = backups
+                    .iter()
+                    .filter(|id| !matches!(self.nodes.get(*id), Some(NodeStep::Upgraded { .. })))
+                    .collect();
+                if pending.is_empty() {
+                    self.enter(Phase::Primaries, now_ms);
+                    effects.extend(self.tick(nodes, cluster, now_ms));
+                } else {
+                    self.waiting_for = format!(
+                        "backups {} to switch and pass their health gate",
+                        join(&pending)
+                    );
+                }
+                effects
+            }
+            Phase::Primaries => self.primaries(nodes, now_ms),
+            Phase::Finalize => {
+                self.end(Status::Finalized, now_ms);
+                self.waiting_for.clear();
+                let mut effects = vec![Effect::Finalize {
+                    release: target.release,
+                }];
+                effects.extend(self.desired_all(Desired::default()));
+                effects
+            }
+        }
+    }
+
+    fn primaries(&mut self, nodes: &[NodeView], now_ms: u64) -> Vec<Effect> {
+        let node = |id: &str| nodes.iter().find(|n| n.id == id);
+        let phase_ms = now_ms.saturating_sub(self.phase_started_ms());
+        let mut effects = Vec::new();
+        let mut waiting = Vec::new();
+        let groups = self.plan.groups.clone();
+        for g in &groups {
+            let view = node(&g.primary);
+            let backup_ready = matches!(self.nodes.get(&g.backup), Some(NodeStep::Upgraded { .. }));
+            match self.nodes.get(&g.primary).cloned() {
+                Some(NodeStep::Pending) => {
+                    self.nodes
+                        .insert(g.primary.clone(), NodeStep::Waiting { since_ms: now_ms });
+                    effects.push(Effect::SetDesired {
+                        node: g.primary.clone(),
+                        desired: Desired {
+                            quiesce: true,
+                            ..self.staged()
+                        },
+                    });
+                    waiting.push(g.primary.clone());
+                }
+                Some(NodeStep::Waiting { .. }) => {
+                    let idle = view.is_some_and(|n| n.current_events.is_empty());
+                    let go = match self.plan.policy {
+                        PrimaryPolicy::Wait => idle,
+                        PrimaryPolicy::Failover => backup_ready,
+                        PrimaryPolicy::Deadline { ms } => idle || (backup_ready && phase_ms >= ms),
+                    };
+                    if go {
+                        effects.extend(self.advance_node(&g.primary, view, false, now_ms));
+                    } else {
+                        let events = view
+                            .map(|n| format!("{:?}", n.current_events))
+                            .unwrap_or_default();
+                        waiting.push(format!("{} (events {events})", g.primary));
+                    }
+                }
+                _ => effects.extend(self.advance_node(&g.primary, view, false, now_ms)),
+            }
+        }
+        if self.status != Status::Running {
+            return effects;
+        }
+        if !waiting.is_empty() {
+            self.waiting_for_operations_ms = phase_ms;
+        }
+        let pending: Vec<&String> = groups
+            .iter()
+            .map(|g| &g.primary)
+            .filter(|id| !matches!(self.nodes.get(*id), Some(NodeStep::Upgraded { .. })))
+            .collect();
+        if pending.is_empty() {
+            self.enter(Phase::Finalize, now_ms);
+            effects.extend(self.tick(nodes, &ClusterView::placeholder(), now_ms));
+        } else if waiting.is_empty() {
+            self.waiting_for = format!(
+                "primaries {} to switch and pass their health gate",
+                join(&pending)
+            );
+        } else {
+            self.waiting_for = format!(
+                "primaries waiting for their operations to end: {}",
+                waiting.join(", ")
+            );
+        }
+        effects
+    }
+
+    /// Moves one node through Pending/Waiting → Switching → Upgraded.
+    fn advance_node(
+        &mut self,
+        id: &str,
+        view: Option<&NodeView>,
+        _backup: bool,
+        now_ms: u64,
+    ) -> Vec<Effect> {
+        let target = self.plan.target.clone();
+        let on_target = view.is_some_and(|n| n.release == target.release);
+        let healthy = view.is_some_and(|n| {
+            n.reachable && n.grant == Grant::Full && n.outbox_count <= DRAINED_RECORDS_MAX
+        });
+        match self.nodes.get(id).cloned() {
+            Some(NodeStep::Pending) | Some(NodeStep::Waiting { .. }) => {
+                self.nodes
+                    .insert(id.to_owned(), NodeStep::Switching { since_ms: now_ms });
+                let desired = Desired {
+                    switch_to: Some(target.release),
+                    ..self.staged()
+                };
+                vec![Effect::SetDesired {
+                    node: id.to_owned(),
+                    desired,
+                }]
+            }
+            Some(NodeStep::Switching { since_ms }) => {
+                if on_target && healthy {
+                    self.nodes
+                        .insert(id.to_owned(), NodeStep::Upgraded { at_ms: now_ms });
+                    vec![Effect::SetDesired {
+                        node: id.to_owned(),
+                        desired: Desired::default(),
+                    }]
+                } else if now_ms.saturating_sub(since_ms) > NODE_SWITCH_WAIT_MS {
+                    self.status = Status::Paused;
+                    self.waiting_for = format!(
+                        "node {id} did not come back healthy on release {} within {NODE_SWITCH_WAIT_MS} ms; \
+                         the upgrade is paused: fix the node, then resume (or abort)",
+                        target.release
+                    );
+                    self.nodes
+                        .insert(id.to_owned(), NodeStep::Switching { since_ms: now_ms });
+                    vec![]
+                } else {
+                    vec![]
+                }
+            }
+            _ => vec![],
+        }
+    }
+}
+
+impl ClusterView {
+    /// For phases whose decision does not look at the cluster.
+    fn placeholder() -> ClusterView {
+        ClusterView {
+            epoch: 0,
+            fenced: false,
+            controller_release: Release(0),
+            disk_free_bytes: 0,
+        }
+    }
+}
+
+fn join(ids: &[impl AsRef<str>]) -> String {
+    ids.iter()
+        .map(|s| s.as_ref())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "r2-0123456789ab";
+
+    fn plan(policy: PrimaryPolicy) -> Plan {
+        Plan {
+            target: Target {
+                artifact_id: A.into(),
+                release: Release(2),
+                schema: Schema(2),
+                size: 1000,
+            },
+            from_release: Release(1),
+            policy,
+            groups: vec![PlanGroup {
+                name: "g1".into(),
+                primary: "p".into(),
+                backup: "b".into(),
+            }],
+        }
+    }
+
+    /// A tiny model cluster that applies effects the way the controller and nodes would.
+    struct Sim {
+        up: Upgrade,
+        nodes: Vec<NodeView>,
+        cluster: ClusterView,
+        desired: BTreeMap<String, Desired>,
+        now: u64,
+        finalized: Option<Release>,
+    }
+
+    fn node(id: &str, role: Role) -> NodeView {
+        NodeView {
+            id: id.into(),
+            role,
+            group: "g1".into(),
+            release: Release(1),
+            schema: Schema(1),
+            reachable: true,
+            grant: Grant::Full,
+            epoch: 1,
+            staged: vec![],
+            outbox_count: 3,
+            current_events: vec![7],
+        }
+    }
+
+    impl Sim {
+        fn new(policy: PrimaryPolicy) -> Sim {
+            Sim {
+                up: Upgrade::new(plan(policy), 0),
+                nodes: vec![node("p", Role::Primary), node("b", Role::Backup)],
+                cluster: ClusterView {
+                    epoch: 1,
+                    fenced: false,
+                    controller_release: Release(1),
+                    disk_free_bytes: 1 << 30,
+                },
+                desired: BTreeMap::new(),
+                now: 0,
+                finalized: None,
+            }
+        }
+
+        fn input(&mut self, input: Input) {
+            self.now += 100;
+            for e in self.up.step(input, self.now) {
+                match e {
+                    Effect::Fence => {
+                        self.cluster.epoch += 1;
+                        self.cluster.fenced = true;
+                    }
+                    Effect::Unfence => self.cluster.fenced = false,
+                    Effect::SetDesired { node, desired } => {
+                        self.desired.insert(node, desired);
+                    }
+                    Effect::SwitchController { .. } => self.cluster.controller_release = Release(2),
+                    Effect::Finalize { release } => self.finalized = Some(release),
+                }
+            }
+            // Nodes react: stage, take the grant, switch, go idle when quiesced.
+            let ctl = ReleaseInfo::of(self.cluster.controller_release).unwrap();
+            for n in &mut self.nodes {
+                let d = self.desired.get(&n.id).cloned().unwrap_or_default();
+                if let Some(a) = d.stage {
+                    if !n.staged.contains(&a) {
+                        n.staged.push(a);
+                    }
+                }
+                if let Some(r) = d.switch_to {
+                    n.release = r;
+                    n.schema = Schema(r.0);
+                }
+                if d.quiesce {
+                    n.current_events.clear();
+                }
+                n.grant = crate::grant::decide_grant(ctl, n.schema, self.cluster.fenced).grant;
+                n.epoch = self.cluster.epoch;
+                n.outbox_count = 0;
+            }
+        }
+
+        fn tick(&mut self) {
+            let input = Input::Tick {
+                nodes: self.nodes.clone(),
+                cluster: self.cluster.clone(),
+            };
+            self.input(input);
+        }
+
+        fn run_until(&mut self, phase: Phase) {
+            for _ in 0..50 {
+                if self.up.phase == phase || self.up.status.is_over() {
+                    return;
+                }
+                self.tick();
+            }
+            panic!("never reached {phase:?}: {:?}", self.up);
+        }
+    }
+
+    #[test]
+    fn every_phase_in_order_to_finalized() {
+        let mut s = Sim::new(PrimaryPolicy::Wait);
+        for _ in 0..30 {
+            s.tick();
+        }
+        assert_eq!(s.up.status, Status::Finalized, "{:?}", s.up);
+        let order: Vec<Phase> = s.up.phases.iter().map(|p| p.phase).collect();
+        assert_eq!(order, Phase::ALL.to_vec());
+        assert!(s.up.phases.iter().all(|p| p.ended_ms.is_some()));
+        assert_eq!(s.finalized, Some(Release(2)));
+        assert!(s
+            .nodes
+            .iter()
+            .all(|n| n.release == Release(2) && n.grant == Grant::Full));
+        assert!(!s.cluster.fenced);
+    }
+
+    #[test]
+    fn preflight_refuses_without_changing_anything() {
+        type Break = Box<dyn Fn(&mut Sim)>;
+        let cases: Vec<(&str, Break)> = vec![
+            ("unreachable", Box::new(|s| s.nodes[0].reachable = false)),
+            (
+                "never said hello",
+                Box::new(|s| {
+                    s.nodes.pop();
+                }),
+            ),
+            (
+                "support window",
+                Box::new(|s| s.nodes[1].schema = Schema(0)),
+            ),
+            ("disk room", Box::new(|s| s.cluster.disk_free_bytes = 10)),
+            (
+                "already runs",
+                Box::new(|s| s.cluster.controller_release = Release(2)),
+            ),
+        ];
+        for (what, breaks) in cases {
+            let mut s = Sim::new(PrimaryPolicy::Wait);
+            breaks(&mut s);
+            s.tick();
+            assert!(
+                matches!(&s.up.status, Status::Failed { reason } if reason.contains("preflight")),
+                "{what}: {:?}",
+                s.up.status
+            );
+            assert!(s.desired.is_empty() && !s.cluster.fenced, "{what}");
+        }
+    }
+
+    #[test]
+    fn stage_waits_for_every_node() {
+        let mut s = Sim::new(PrimaryPolicy::Wait);
+        s.tick();
+        assert_eq!(s.up.phase, Phase::Stage);
+        s.nodes[1].reachable = false;
+        s.up.step(
+            Input::Tick {
+                nodes: vec![s.nodes[0].clone()],
+                cluster: s.cluster.clone(),
+            },
+            500,
+        );
+        assert_eq!(s.up.phase, Phase::Stage);
+        assert!(s.up.waiting_for.contains("b"), "{}", s.up.waiting_for);
+    }
+
+    #[test]
+    fn fence_waits_for_acks_but_not_forever() {
+        let mut s = Sim::new(PrimaryPolicy::Wait);
+        s.run_until(Phase::Fence);
+        assert!(s.cluster.fenced);
+        let mut silent = s.nodes.clone();
+        silent[0].epoch = 1;
+        silent[0].grant = Grant::Full;
+        s.up.step(
+            Input::Tick {
+                nodes: silent.clone(),
+                cluster: s.cluster.clone(),
+            },
+            s.now + 100,
+        );
+        assert_eq!(s.up.phase, Phase::Fence);
+        let late = s.up.phase_started_ms() + FENCE_ACK_WAIT_MS;
+        let effects = s.up.step(
+            Input::Tick {
+                nodes: silent,
+                cluster: s.cluster.clone(),
+            },
+            late,
+        );
+        assert_eq!(s.up.phase, Phase::Controller);
+        assert!(matches!(effects[..], [Effect::SwitchController { .. }]));
+    }
+
+    #[test]
+    fn a_failed_controller_switch_unfences_and_fails() {
+        let mut s = Sim::new(PrimaryPolicy::Wait);
+        s.run_until(Phase::Controller);
+        let effects = s.up.step(
+            Input::ControllerSwitchFailed {
+                reason: "migration failed".into(),
+            },
+            9_000,
+        );
+        assert!(effects.contains(&Effect::Unfence));
+        assert!(
+            matches!(&s.up.status, Status::Failed { reason } if reason.contains("migration failed"))
+        );
+    }
+
+    #[test]
+    fn deliver_waits_for_outboxes_to_drain() {
+        let mut s = Sim::new(PrimaryPolicy::Wait);
+        s.run_until(Phase::Deliver);
+        let mut busy = s.nodes.clone();
+        for n in &mut busy {
+            n.grant = Grant::Deliver;
+            n.outbox_count = DRAINED_RECORDS_MAX + 1;
+        }
+        s.up.step(
+            Input::Tick {
+                nodes: busy,
+                cluster: s.cluster.clone(),
+            },
+            s.now + 1,
+        );
+        assert_eq!(s.up.phase, Phase::Deliver);
+        assert!(s.up.waiting_for.contains("drain"));
+    }
+
+    #[test]
+    fn backups_switch_before_primaries() {
+        let mut s = Sim::new(PrimaryPolicy::Wait);
+        s.run_until(Phase::Backups);
+        assert_eq!(s.desired["b"].switch_to, Some(Release(2)));
+        assert_eq!(s.desired.get("p").and_then(|d| d.switch_to), None);
+    }
+
+    fn primary_release_after(policy: PrimaryPolicy, primary_busy_forever: bool) -> Sim {
+        let mut s = Sim::new(policy);
+        s.run_until(Phase::Primaries);
+        for _ in 0..10 {
+            if primary_busy_forever {
+                s.nodes[0].current_events = vec![7];
+            }
+            let input = Input::Tick {
+                nodes: s.nodes.clone(),
+                cluster: s.cluster.clone(),
+            };
+            s.now += 1_000;
+            let effects = s.up.step(input, s.now);
+            for e in effects {
+                if let Effect::SetDesired { node, desired } = e {
+                    if node == "p" {
+                        if let Some(r) = desired.switch_to {
+                            s.nodes[0].release = r;
+                            s.nodes[0].schema = Schema(r.0);
+                        }
+                    }
+                    s.desired.insert(node, desired);
+                }
+            }
+        }
+        s
+    }
+
+    #[test]
+    fn primary_policies() {
+        // wait: a primary with an event that never ends is never switched.
+        let s = primary_release_after(PrimaryPolicy::Wait, true);
+        assert_eq!(s.nodes[0].release, Release(1));
+        assert!(
+            s.up.waiting_for.contains("operations"),
+            "{}",
+            s.up.waiting_for
+        );
+        assert!(s.up.waiting_for_operations_ms > 0);
+        assert!(s.desired["p"].quiesce);
+        // failover: switched as soon as the backup is upgraded, events or not.
+        let s = primary_release_after(PrimaryPolicy::Failover, true);
+        assert_eq!(s.nodes[0].release, Release(2));
+        // deadline: waits, then fails over.
+        let s = primary_release_after(PrimaryPolicy::Deadline { ms: 4_000 }, true);
+        assert_eq!(s.nodes[0].release, Release(2));
+        let s = primary_release_after(PrimaryPolicy::Deadline { ms: 60_000 }, true);
+        assert_eq!(s.nodes[0].release, Release(1));
+    }
+
+    #[test]
+    fn a_node_that_does_not_come_back_pauses_the_upgrade() {
+        let mut s = Sim::new(PrimaryPolicy::Wait);
+        s.run_until(Phase::Backups);
+        let mut stuck = s.nodes.clone();
+        stuck[1].release = Release(1);
+        s.up.step(
+            Input::Tick {
+                nodes: stuck,
+                cluster: s.cluster.clone(),
+            },
+            s.now + NODE_SWITCH_WAIT_MS + 1_000,
+        );
+        assert_eq!(s.up.status, Status::Paused, "{:?}", s.up);
+        assert!(s.up.waiting_for.contains("resume"), "{}", s.up.waiting_for);
+    }
+
+    #[test]
+    fn pause_and_resume() {
+        let mut s = Sim::new(PrimaryPolicy::Wait);
+        s.tick();
+        s.input(Input::Pause);
+        let phase = s.up.phase;
+        for _ in 0..5 {
+            s.tick();
+        }
+        assert_eq!((s.up.phase, &s.up.status), (phase, &Status::Paused));
+        s.input(Input::Resume);
+        s.run_until(Phase::Finalize);
+        s.tick();
+        assert_eq!(s.up.status, Status::Finalized);
+    }
+
+    #[test]
+    fn abort_from_each_phase() {
+        for phase in Phase::ALL {
+            let mut s = Sim::new(PrimaryPolicy::Wait);
+            s.run_until(phase);
+            if s.up.status.is_over() {
+                continue;
+            }
+            let answer = s.up.abort_answer();
+            let before = s.up.clone();
+            s.input(Input::Abort);
+            match (phase, answer) {
+                (Phase::Controller | Phase::Finalize, Err(_)) => {
+                    assert_eq!(s.up, before, "{phase:?}: refused abort changes nothing")
+                }
+                (Phase::Fence, Ok(_)) => {
+                    assert!(matches!(s.up.status, Status::Aborted { .. }));
+                    assert!(!s.cluster.fenced, "abort from fence unfences");
+                }
+                (_, Ok(_)) => assert!(matches!(s.up.status, Status::Aborted { .. }), "{phase:?}"),
+                (p, a) => panic!("{p:?}: unexpected {a:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn resume_from_every_persisted_state() {
+        // Persist after every step, restore into a new value (a new controller), go on.
+        let mut s = Sim::new(PrimaryPolicy::Wait);
+        let mut seen = Vec::new();
+        for _ in 0..40 {
+            let stored = serde_json::to_string(&s.up).unwrap();
+            s.up = serde_json::from_str(&stored).unwrap();
+            seen.push(s.up.phase);
+            s.tick();
+            if s.up.status.is_over() {
+                break;
+            }
+        }
+        assert_eq!(s.up.status, Status::Finalized);
+        for p in Phase::ALL {
+            assert!(
+                seen.contains(&p) || p == Phase::Finalize,
+                "{p:?} never persisted"
+            );
+        }
+    }
+
+    #[test]
+    fn policies_parse() {
+        assert_eq!(PrimaryPolicy::parse("wait"), Ok(PrimaryPolicy::Wait));
+        assert_eq!(
+            PrimaryPolicy::parse("failover"),
+            Ok(PrimaryPolicy::Failover)
+        );
+        assert_eq!(
+            PrimaryPolicy::parse("deadline=1500"),
+            Ok(PrimaryPolicy::Deadline { ms: 1500 })
+        );
+        assert!(PrimaryPolicy::parse("deadline=soon").is_err());
+        assert!(PrimaryPolicy::parse("yolo").is_err());
+    }
+}

@@ -1,0 +1,748 @@
+//! Staging an upgrade artifact: download it from the controller, verify it
+//! while it arrives, and keep it beside the other releases in the data dir:
+//!
+//! ```text
+//! DATA_DIR/releases/<id>/manifest.json
+//! DATA_DIR/releases/<id>/handover        (mode 0755)
+//! DATA_DIR/releases/.<id>.partial        (only while downloading)
+//! ```
+//!
+//! `releases/<id>/` appears (by one rename) only once the binary matched the
+//! manifest's size and SHA-256 and both files are fsync'd. Any failure leaves
+//! nothing staged and returns an error; the node keeps running.
+
+use futures_util::FutureExt as _;
+use handover_core::artifact::{
+    check_id, ArtifactError, DigestCheck, Manifest, BINARY_FILE, MANIFEST_BYTES_MAX, MANIFEST_FILE,
+};
+use std::collections::BTreeSet;
+use std::io::{Read as _, Write as _};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt as _;
+
+/// The directory under the data dir that holds staged releases.
+pub const RELEASES_DIR: &str = "releases";
+/// Longest wait for the manifest.
+pub const MANIFEST_TIMEOUT_MS: u64 = 10_000;
+/// Longest a whole binary download may take.
+pub const BINARY_TIMEOUT_MS: u64 = 30 * 60_000;
+/// A download that delivers no byte for this long is abandoned.
+pub const CHUNK_IDLE_TIMEOUT_MS: u64 = 30_000;
+/// Longest error answer read from the controller.
+const ERROR_BODY_BYTES_MAX: usize = 64 << 10;
+/// Write buffer of a download, read chunk of a re-verification.
+const IO_CHUNK_BYTES: usize = 256 << 10;
+
+/// A verified artifact in the releases dir.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Staged {
+    pub manifest: Manifest,
+    /// `DATA_DIR/releases/<id>/handover`, executable.
+    pub binary: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error("cannot stage: {0}")]
+    BadId(ArtifactError),
+    #[error("cannot fetch artifact {id} from the controller: {reason}; will retry")]
+    Unreachable { id: String, reason: String },
+    #[error("the controller refused artifact {id}: {code} (HTTP {status}): {message}")]
+    Refused {
+        id: String,
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("the controller's manifest for artifact {id} is not acceptable: {reason}")]
+    Manifest { id: String, reason: String },
+    #[error("artifact {id} failed verification and was not staged: {source}")]
+    Digest {
+        id: String,
+        #[source]
+        source: ArtifactError,
+    },
+    #[error("artifact {id} is already being staged by another task")]
+    Busy { id: String },
+    #[error("cannot {op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StageError {
+    let path = path.display().to_string();
+    move |source| StageError::Io { op, path, source }
+}
+
+/// `DATA_DIR/releases/<id>/handover`: where artifact `id`'s binary is once staged.
+pub fn binary_path(data_dir: &Path, id: &str) -> PathBuf {
+    data_dir.join(RELEASES_DIR).join(id).join(BINARY_FILE)
+}
+
+/// Staging dirs in progress in this process; a second `stage` of the same
+/// artifact would write the same partial file.
+static IN_FLIGHT: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+
+struct Claim(PathBuf);
+
+impl Claim {
+    fn take(target: PathBuf, id: &str) -> Result<Claim, StageError> {
+        let mut set = IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner());
+        if !set.insert(target.clone()) {
+            return Err(StageError::Busy { id: id.to_owned() });
+        }
+        Ok(Claim(target))
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut set = IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner());
+        set.remove(&self.0);
+    }
+}
+
+/// Removes a file or directory on drop unless disarmed, also when the
+/// staging future is dropped half-way.
+struct Cleanup(Option<PathBuf>);
+
+impl Cleanup {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), StageError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync", dir))
+}
+
+/// Reads and validates `<dir>/manifest.json`, and checks it names `id`.
+fn read_manifest(dir: &Path, id: &str) -> Result<Manifest, String> {
+    let path = dir.join(MANIFEST_FILE);
+    let mut buf = Vec::new();
+    std::fs::File::open(&path)
+        .and_then(|f| f.take(MANIFEST_BYTES_MAX as u64 + 1).read_to_end(&mut buf))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let m = Manifest::decode(&buf).map_err(|e| format!("{}: {e}", path.display()))?;
+    if m.id() != id {
+        return Err(format!(
+            "{} describes artifact {}, not {id}",
+            path.display(),
+            m.id()
+        ));
+    }
+    Ok(m)
+}
+
+/// The staged artifact in `dir`, with its binary's size and digest checked
+/// again (sync: call it off the async threads).
+fn verify_staged(dir: &Path, id: &str) -> Result<Staged, String> {
+    let manifest = read_manifest(dir, id)?;
+    let binary = dir.join(BINARY_FILE);
+    let mut f = std::fs::File::open(&binary).map_err(|e| format!("{}: {e}", binary.display()))?;
+    let mut check = DigestCheck::new(&manifest);
+    let mut buf = vec![0u8; IO_CHUNK_BYTES];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| format!("{}: {e}", binary.display()))?;
+        if n == 0 {
+            break;
+        }
+        check.update(&buf[..n]).map_err(|e| e.to_string())?;
+    }
+    check.finish().map_err(|e| e.to_string())?;
+    let mode = f.metadata().map(|m| m.permissions().mode()).unwrap_or(0);
+    if mode & 0o755 != 0o755 {
+        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| format!("{}: {e}", binary.display()))?;
+    }
+    Ok(Staged { manifest, binary })
+}
+
+async fn blocking<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> Result<T, StageError> + Send + 'static,
+) -> Result<T, StageError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(StageError::Io {
+            op: what,
+            path: String::new(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    })
+}
+
+/// Reads a whole answer, refusing more than `max` bytes.
+async fn read_bounded(
+    resp: &mut reqwest::Response,
+    max: usize,
+    id: &str,
+) -> Result<Vec<u8>, StageError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| StageError::Unreachable {
+        id: id.to_owned(),
+        reason: error_chain(&e),
+    })? {
+        if body.len() + chunk.len() > max {
+            return Err(StageError::Manifest {
+                id: id.to_owned(),
+                reason: format!("answer larger than {max} bytes"),
+            });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Sends a GET to the node artifact API; a non-2xx answer becomes `Refused`.
+async fn fetch(
+    http: &reqwest::Client,
+    url: String,
+    credential: &str,
+    timeout_ms: u64,
+    id: &str,
+) -> Result<reqwest::Response, StageError> {
+    let mut resp = http
+        .get(&url)
+        .bearer_auth(credential)
+        .timeout(Duration::from_millis(timeout_ms))
+        .send()
+        .await
+        .map_err(|e| StageError::Unreachable {
+            id: id.to_owned(),
+            reason: error_chain(&e),
+        })?;
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let body = read_bounded(&mut resp, ERROR_BODY_BYTES_MAX, id)
+        .await
+        .unwrap_or_default();
+    let (code, message) = match serde_json::from_slice::<handover_core::wire::ErrorBody>(&body) {
+        Ok(e) => (e.error, e.message),
+        Err(_) => (
+            format!("http_{}", status.as_u16()),
+            String::from_utf8_lossy(&body).chars().take(200).collect(),
+        ),
+    };
+    Err(StageError::Refused {
+        id: id.to_owned(),
+        status: status.as_u16(),
+        code,
+        message,
+    })
+}
+
+/// Downloads artifact `id` from the controller (manifest, then the binary,
+/// streamed and checked), and stages it as `DATA_DIR/releases/<id>/`.
+///
+/// Already staged: the binary on disk is verified again and returned at once
+/// (a staged copy that no longer verifies is removed and downloaded again).
+/// A binary that does not match its manifest gives [`StageError::Digest`]
+/// and stages nothing.
+pub async fn stage(
+    http: &reqwest::Client,
+    controller_url: &str,
+    credential: &str,
+    data_dir: &Path,
+    id: &str,
+) -> Result<Staged, StageError> {
+    check_id(id).map_err(StageError::BadId)?;
+    let releases = data_dir.join(RELEASES_DIR);
+    let target = releases.join(id);
+    let _claim = Claim::take(target.clone(), id)?;
+    tokio::fs::create_dir_all(&releases)
+        .await
+        .map_err(io_err("create", &releases))?;
+
+    if tokio::fs::metadata(&target).await.is_ok() {
+        let (dir, key) = (target.clone(), id.to_owned());
+        let verified = blocking("verify", move || Ok(verify_staged(&dir, &key))).await?;
+        match verified {
+            Ok(staged) => return Ok(staged),
+            Err(reason) => {
+                tracing::warn!(
+                    id,
+                    reason,
+                    "staged artifact no longer verifies; downloading it again"
+                );
+                let removed = if target.is_dir() {
+                    tokio::fs::remove_dir_all(&target).await
+                } else {
+                    tokio::fs::remove_file(&target).await
+                };
+                removed.map_err(io_err("remove", &target))?;
+            }
+        }
+    }
+
+    let base = controller_url.trim_end_matches('/');
+    let mut resp = fetch(
+        http,
+        format!("{base}/node/v1/artifacts/{id}/manifest"),
+        credential,
+        MANIFEST_TIMEOUT_MS,
+        id,
+    )
+    .await?;
+    let body = read_bounded(&mut resp, MANIFEST_BYTES_MAX, id).await?;
+    let manifest = Manifest::decode(&body).map_err(|e| StageError::Manifest {
+        id: id.to_owned(),
+        reason: e.to_string(),
+    })?;
+    if manifest.id() != id {
+        return Err(StageError::Manifest {
+            id: id.to_owned(),
+            reason: format!("it describes artifact {}", manifest.id()),
+        });
+    }
+
+    let digest = |source| StageError::Digest {
+        id: id.to_owned(),
+        source,
+    };
+    let mut resp = fetch(
+        http,
+        format!("{base}/node/v1/artifacts/{id}/binary"),
+        credential,
+        BINARY_TIMEOUT_MS,
+        id,
+    )
+    .await?;
+    if let Some(len) = resp.content_length() {
+        if len != manifest.size {
+            return Err(digest(ArtifactError::SizeMismatch {
+                expected: manifest.size,
+                actual: len,
+            }));
+        }
+    }
+    let partial = releases.join(format!(".{id}.partial"));
+    let file = tokio::fs::File::create(&partial)
+        .await
+        .map_err(io_err("create", &partial))?;
+    let partial_guard = Cleanup(Some(partial.clone()));
+    let mut out = tokio::io::BufWriter::with_capacity(IO_CHUNK_BYTES, file);
+    let mut check = DigestCheck::new(&manifest);
+    loop {
+        let next = tokio::time::timeout(
+            Duration::from_millis(CHUNK_IDLE_TIMEOUT_MS),
+            resp.chunk().map(|r| r.map_err(|e| error_chain(&e))),
+        )
+        .await
+        .unwrap_or_else(|_| Err(format!("no byte for {CHUNK_IDLE_TIMEOUT_MS} ms")));
+        let chunk = match next {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            Err(reason) => {
+                return Err(StageError::Unreachable {
+                    id: id.to_owned(),
+                    reason: format!(
+                        "download cut off after {} of {} bytes: {reason}",
+                        check.received(),
+                        manifest.size
+                    ),
+                })
+            }
+        };
+        check.update(&chunk).map_err(digest)?;
+        out.write_all(&chunk)
+            .await
+            .map_err(io_err("write", &partial))?;
+    }
+    check.finish().map_err(digest)?;
+    out.flush().await.map_err(io_err("write", &partial))?;
+    let file = out.into_inner();
+    file.set_permissions(std::fs::Permissions::from_mode(0o755))
+        .await
+        .map_err(io_err("chmod", &partial))?;
+    file.sync_all().await.map_err(io_err("fsync", &partial))?;
+    drop(file);
+
+    let staged = {
+        let (releases, manifest, id) = (releases.clone(), manifest.clone(), id.to_owned());
+        blocking("stage", move || {
+            let r = place(&releases, &partial, &manifest, &id);
+            drop(partial_guard);
+            r
+        })
+        .await?
+    };
+    tracing::info!(
+        id,
+        release = staged.manifest.release.0,
+        size = staged.manifest.size,
+        "artifact staged"
+    );
+    Ok(staged)
+}
+
+/// Moves the verified `partial` binary and the manifest into
+/// `releases/<id>/` by way of `releases/.<id>.staging/` and one rename.
+fn place(
+    releases: &Path,
+    partial: &Path,
+    manifest: &Manifest,
+    id: &str,
+) -> Result<Staged, StageError> {
+    let staging = releases.join(format!(".{id}.staging"));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(io_err("remove", &staging))?;
+    }
+    std::fs::create_dir(&staging).map_err(io_err("create", &staging))?;
+    let staging_guard = Cleanup(Some(staging.clone()));
+    let bin = staging.join(BINARY_FILE);
+    std::fs::rename(partial, &bin).map_err(io_err("move into place", &bin))?;
+    let mpath = staging.join(MANIFEST_FILE);
+    let mut f = std::fs::File::create(&mpath).map_err(io_err("create", &mpath))?;
+    f.write_all(manifest.to_pretty_json().as_bytes())
+        .map_err(io_err("write", &mpath))?;
+    f.sync_all().map_err(io_err("fsync", &mpath))?;
+    drop(f);
+    fsync_dir(&staging)?;
+    let target = releases.join(id);
+    std::fs::rename(&staging, &target).map_err(io_err("rename into", &target))?;
+    staging_guard.disarm();
+    fsync_dir(releases)?;
+    Ok(Staged {
+        manifest: manifest.clone(),
+        binary: target.join(BINARY_FILE),
+    })
+}
+
+/// The artifacts staged under `data_dir`, oldest release first: those whose
+/// manifest is valid, names its directory, and whose binary has the
+/// manifest's size. (The digest is checked when staged and again by
+/// [`stage`]; a listing does not re-read every binary.)
+pub fn staged(data_dir: &Path) -> Vec<Manifest> {
+    let releases = data_dir.join(RELEASES_DIR);
+    let Ok(entries) = std::fs::read_dir(&releases) else {
+        return Vec::new();
+    };
+    let mut out: Vec<Manifest> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|name| check_id(name).is_ok())
+        .filter_map(|id| {
+            let dir = releases.join(&id);
+            let m = match read_manifest(&dir, &id) {
+                Ok(m) => m,
+                Err(reason) => {
+                    tracing::warn!(id, reason, "ignoring a staged release");
+                    return None;
+                }
+            };
+            match std::fs::metadata(dir.join(BINARY_FILE)) {
+                Ok(md) if md.is_file() && md.len() == m.size => Some(m),
+                _ => {
+                    tracing::warn!(
+                        id,
+                        "ignoring a staged release whose binary is missing or torn"
+                    );
+                    None
+                }
+            }
+        })
+        .collect();
+    out.sort_by_key(|m| (m.release, m.created_ms, m.id()));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::extract::{Path as UrlPath, State};
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::get;
+    use axum::Router;
+    use handover_core::artifact::sha256_hex;
+    use handover_core::Release;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    const CRED: &str = "node-credential-0123456789";
+
+    /// What the fake controller serves.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Serve {
+        Good,
+        FlippedByte,
+        /// Extra bytes, sent chunked (no Content-Length).
+        TooLongChunked,
+        /// Fewer bytes, with an honest Content-Length.
+        TooShort,
+        /// Another artifact's manifest.
+        OtherManifest,
+    }
+
+    struct Fake {
+        manifest: Manifest,
+        bytes: Vec<u8>,
+        serve: Mutex<Serve>,
+        binary_gets: AtomicUsize,
+    }
+
+    fn authorized(h: &HeaderMap) -> bool {
+        h.get("authorization").and_then(|v| v.to_str().ok()) == Some(&format!("Bearer {CRED}"))
+    }
+
+    fn refuse() -> Response {
+        (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(
+                serde_json::json!({"error": "unauthorized", "message": "unknown credential"}),
+            ),
+        )
+            .into_response()
+    }
+
+    async fn serve_manifest(
+        State(f): State<Arc<Fake>>,
+        UrlPath(id): UrlPath<String>,
+        h: HeaderMap,
+    ) -> Response {
+        if !authorized(&h) {
+            return refuse();
+        }
+        if id != f.manifest.id() {
+            return StatusCode::NOT_FOUND.into_response();
+        }
+        let mut m = f.manifest.clone();
+        if *f.serve.lock().unwrap() == Serve::OtherManifest {
+            m.sha256 = "f".repeat(64);
+        }
+        axum::Json(m).into_response()
+    }
+
+    async fn serve_binary(State(f): State<Arc<Fake>>, h: HeaderMap) -> Response {
+        if !authorized(&h) {
+            return refuse();
+        }
+        f.binary_gets.fetch_add(1, Ordering::SeqCst);
+        let mut bytes = f.bytes.clone();
+        match *f.serve.lock().unwrap() {
+            Serve::Good | Serve::OtherManifest => bytes.into_response(),
+            Serve::FlippedByte => {
+                let mid = bytes.len() / 2;
+                bytes[mid] ^= 0x20;
+                bytes.into_response()
+            }
+            Serve::TooShort => {
+                bytes.pop();
+                bytes.into_response()
+            }
+            Serve::TooLongChunked => {
+                bytes.extend_from_slice(b"trailing junk");
+                let parts: Vec<Result<Vec<u8>, std::io::Error>> =
+                    bytes.chunks(1000).map(|c| Ok(c.to_vec())).collect();
+                Body::from_stream(futures_util::stream::iter(parts)).into_response()
+            }
+        }
+    }
+
+    async fn server(serve: Serve) -> (String, Arc<Fake>) {
+        let bytes: Vec<u8> = (0..50_000u32).map(|i| (i % 253) as u8).collect();
+        let manifest = Manifest::for_release(
+            Release(2),
+            sha256_hex(&bytes),
+            bytes.len() as u64,
+            1_700_000_000_000,
+        )
+        .unwrap();
+        let fake = Arc::new(Fake {
+            manifest,
+            bytes,
+            serve: Mutex::new(serve),
+            binary_gets: AtomicUsize::new(0),
+        });
+        let app = Router::new()
+            .route("/node/v1/artifacts/{id}/manifest", get(serve_manifest))
+            .route("/node/v1/artifacts/{id}/binary", get(serve_binary))
+            .with_state(fake.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://{addr}/"), fake)
+    }
+
+    fn leftovers(data_dir: &Path) -> Vec<String> {
+        match std::fs::read_dir(data_dir.join(RELEASES_DIR)) {
+            Ok(rd) => rd
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect(),
+            Err(_) => vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn stages_a_good_artifact_once() {
+        let (url, fake) = server(Serve::Good).await;
+        let dir = tempfile::tempdir().unwrap();
+        let http = reqwest::Client::new();
+        let id = fake.manifest.id();
+        let s = stage(&http, &url, CRED, dir.path(), &id).await.unwrap();
+        assert_eq!(s.manifest, fake.manifest);
+        assert_eq!(s.binary, binary_path(dir.path(), &id));
+        assert_eq!(std::fs::read(&s.binary).unwrap(), fake.bytes);
+        let mode = std::fs::metadata(&s.binary).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o755);
+        let on_disk =
+            std::fs::read(dir.path().join(RELEASES_DIR).join(&id).join(MANIFEST_FILE)).unwrap();
+        assert_eq!(Manifest::decode(&on_disk).unwrap(), fake.manifest);
+        assert_eq!(leftovers(dir.path()), vec![id.clone()]);
+        assert_eq!(staged(dir.path()), vec![fake.manifest.clone()]);
+
+        // Already staged: verified on disk, not downloaded again.
+        let again = stage(&http, &url, CRED, dir.path(), &id).await.unwrap();
+        assert_eq!(again, s);
+        assert_eq!(fake.binary_gets.load(Ordering::SeqCst), 1);
+
+        // Corrupted on disk: removed and downloaded again.
+        let mut bytes = std::fs::read(&s.binary).unwrap();
+        bytes[7] ^= 1;
+        std::fs::write(&s.binary, &bytes).unwrap();
+        let healed = stage(&http, &url, CRED, dir.path(), &id).await.unwrap();
+        assert_eq!(std::fs::read(&healed.binary).unwrap(), fake.bytes);
+        assert_eq!(fake.binary_gets.load(Ordering::SeqCst), 2);
+    }
+
+    async fn refused_and_nothing_staged(serve: Serve, code: &str) {
+        let (url, fake) = server(serve).await;
+        let dir = tempfile::tempdir().unwrap();
+        let http = reqwest::Client::new();
+        let id = fake.manifest.id();
+        let err = stage(&http, &url, CRED, dir.path(), &id).await.unwrap_err();
+        match &err {
+            StageError::Digest { source, .. } => assert_eq!(source.code(), code, "{err}"),
+            other => panic!("expected a digest error, got {other}"),
+        }
+        assert!(err.to_string().contains("not staged"), "{err}");
+        assert!(
+            leftovers(dir.path()).is_empty(),
+            "{:?}",
+            leftovers(dir.path())
+        );
+        assert!(staged(dir.path()).is_empty());
+
+        // Once the controller serves the right bytes, it stages.
+        *fake.serve.lock().unwrap() = Serve::Good;
+        stage(&http, &url, CRED, dir.path(), &id).await.unwrap();
+        assert_eq!(staged(dir.path()).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_flipped_byte_is_refused() {
+        refused_and_nothing_staged(Serve::FlippedByte, "digest_mismatch").await;
+    }
+
+    #[tokio::test]
+    async fn too_long_is_refused_while_streaming() {
+        refused_and_nothing_staged(Serve::TooLongChunked, "size_mismatch").await;
+    }
+
+    #[tokio::test]
+    async fn too_short_is_refused() {
+        refused_and_nothing_staged(Serve::TooShort, "size_mismatch").await;
+    }
+
+    #[tokio::test]
+    async fn other_refusals() {
+        let (url, fake) = server(Serve::OtherManifest).await;
+        let dir = tempfile::tempdir().unwrap();
+        let http = reqwest::Client::new();
+        let id = fake.manifest.id();
+        let err = stage(&http, &url, CRED, dir.path(), &id).await.unwrap_err();
+        assert!(matches!(err, StageError::Manifest { .. }), "{err}");
+        let err = stage(&http, &url, "wrong", dir.path(), &id)
+            .await
+            .unwrap_err();
+        match &err {
+            StageError::Refused { status, code, .. } => {
+                assert_eq!((*status, code.as_str()), (401, "unauthorized"))
+            }
+            other => panic!("expected a refusal, got {other}"),
+        }
+        let err = stage(&http, &url, CRED, dir.path(), "r2-000000000000")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StageError::Refused { status: 404, .. }),
+            "{err}"
+        );
+        let err = stage(&http, &url, CRED, dir.path(), "../../etc")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StageError::BadId(_)), "{err}");
+        let err = stage(&http, "http://127.0.0.1:9", CRED, dir.path(), &id)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StageError::Unreachable { .. }), "{err}");
+        assert_eq!(fake.binary_gets.load(Ordering::SeqCst), 0);
+        assert!(staged(dir.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_second_concurrent_stage_is_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = "r2-0123456789ab";
+        let _claim = Claim::take(dir.path().join(RELEASES_DIR).join(id), id).unwrap();
+        let err = stage(
+            &reqwest::Client::new(),
+            "http://127.0.0.1:9",
+            CRED,
+            dir.path(),
+            id,
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, StageError::Busy { .. }), "{err}");
+    }
+
+    #[test]
+    fn staged_ignores_torn_and_foreign_dirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let releases = dir.path().join(RELEASES_DIR);
+        std::fs::create_dir_all(releases.join("r2-0123456789ab")).unwrap();
+        std::fs::create_dir_all(releases.join(".r2-0123456789ab.staging")).unwrap();
+        std::fs::create_dir_all(releases.join("something-else")).unwrap();
+        std::fs::write(releases.join("r2-0123456789ab").join(MANIFEST_FILE), b"{}").unwrap();
+        assert!(staged(dir.path()).is_empty());
+        assert!(staged(&dir.path().join("missing")).is_empty());
+    }
+}

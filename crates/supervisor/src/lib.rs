@@ -1,0 +1,93 @@
+//! The supervisor of one role (controller or node).
+//!
+//! It binds the role's listening TCP socket once and keeps it open while it
+//! runs; the worker child of the chosen release serves on an inherited copy
+//! (`LISTEN_FDS=1`, fd 3, the systemd convention). A release switch starts
+//! the new worker on the same socket, waits until it is ready, and only then
+//! lets the old one finish its in-flight requests and exit. Connections that
+//! arrive while no worker is accepting wait in the socket's kernel backlog,
+//! so a switch or a worker crash never refuses a connection.
+//!
+//! Supervisor side: [`run`]. Worker side: [`inherited_listener`] and
+//! [`SupervisorClient`].
+
+mod control;
+mod protocol;
+mod spawn;
+mod state;
+mod supervisor;
+mod worker;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub use protocol::{SupervisorStatus, SwitchOutcome};
+pub use supervisor::run;
+pub use worker::{inherited_listener, SupervisorClient, SupervisorError};
+
+/// Default bound on a new worker becoming ready.
+pub const DEFAULT_READY_TIMEOUT_MS: u64 = 15_000;
+/// Default bound on an old worker finishing in-flight requests after SIGTERM.
+pub const DEFAULT_STOP_GRACE_MS: u64 = 10_000;
+
+/// Env var naming the supervisor's control socket, set for every worker.
+pub const ENV_SUPERVISOR_SOCK: &str = "HANDOVER_SUPERVISOR_SOCK";
+/// Env var set to `1` for every worker, so a worker knows it is supervised.
+pub const ENV_WORKER: &str = "HANDOVER_WORKER";
+/// Env var carrying the supervisor's `ready_timeout_ms`, so a worker's
+/// `switch` call waits long enough for the answer.
+pub const ENV_READY_TIMEOUT_MS: &str = "HANDOVER_SUPERVISOR_READY_TIMEOUT_MS";
+
+/// Which release a worker runs, and from which binary (releases live side by
+/// side in the data dir, so the binary is part of the release's identity).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Release {
+    pub release: u32,
+    pub binary: PathBuf,
+}
+
+/// What one supervisor runs, and its bounds.
+#[derive(Clone, Debug)]
+pub struct SupervisorConfig {
+    /// "controller" or the node id, for logs.
+    pub name: String,
+    /// Bound once (SO_REUSEADDR) and never closed while the supervisor runs.
+    pub listen: SocketAddr,
+    /// Holds `state.json` and `control.sock`, e.g. `DATA_DIR/supervisor`.
+    pub state_dir: PathBuf,
+    /// Used only when `state.json` does not exist yet.
+    pub initial: Release,
+    /// argv after the binary; the supervisor appends `["--release", N]`.
+    pub worker_args: Vec<String>,
+    /// Path the supervisor probes to confirm the socket serves, e.g. "/healthz".
+    pub health_url_path: String,
+    /// Bound on a new worker becoming ready.
+    pub ready_timeout_ms: u64,
+    /// Bound on an old worker finishing in-flight requests after SIGTERM.
+    pub stop_grace_ms: u64,
+}
+
+impl SupervisorConfig {
+    /// A config with the default bounds and `/healthz` as health path.
+    pub fn new(
+        name: impl Into<String>,
+        listen: SocketAddr,
+        state_dir: impl Into<PathBuf>,
+        initial: Release,
+        worker_args: Vec<String>,
+    ) -> Self {
+        SupervisorConfig {
+            name: name.into(),
+            listen,
+            state_dir: state_dir.into(),
+            initial,
+            worker_args,
+            health_url_path: "/healthz".to_string(),
+            ready_timeout_ms: DEFAULT_READY_TIMEOUT_MS,
+            stop_grace_ms: DEFAULT_STOP_GRACE_MS,
+        }
+    }
+}
