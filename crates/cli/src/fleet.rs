@@ -324,6 +324,35 @@ impl Fleet {
         Ok(total)
     }
 
+    /// Makes an artifact of this fleet's binary for `release` and uploads it;
+    /// returns its id.
+    pub async fn upload_artifact(&self, release: u32) -> anyhow::Result<String> {
+        let out = self.dir.join(format!("artifact-r{release}"));
+        if !out.join(handover_core::artifact::MANIFEST_FILE).is_file() {
+            crate::artifact::create(&self.exe, release, &out)?;
+        }
+        Ok(crate::artifact::upload(&self.op, &out).await?.id())
+    }
+
+    /// Polls the upgrade until it is over, tolerating the controller's own
+    /// switch; bounded by `timeout`.
+    pub async fn wait_upgrade_over(
+        &self,
+        timeout: Duration,
+    ) -> anyhow::Result<handover_controller::UpgradeStatus> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last = None;
+        while tokio::time::Instant::now() < deadline {
+            match crate::upgrade::status(&self.op).await {
+                Ok(s) if s.upgrade.as_ref().is_some_and(|u| u.status.is_over()) => return Ok(s),
+                Ok(s) => last = Some(s),
+                Err(_) => {}
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        bail!("the upgrade was not over within {timeout:?}; last status: {last:#?}")
+    }
+
     /// Stops every node (SIGTERM: they flush their outbox first), then the controller.
     pub async fn stop_all(&mut self) -> anyhow::Result<()> {
         self.stop_nodes().await?;

@@ -8,4 +8,5 @@ pub mod client;
 pub mod demo;
 pub mod fleet;
 pub mod roles;
+pub mod upgrade;
 pub mod viewers;

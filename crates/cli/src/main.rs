@@ -59,6 +59,82 @@ enum Command {
     Records(RecordsArgs),
     /// List the releases this binary can run as (`--release N`).
     Releases(JsonFlag),
+    /// Build, upload and list upgrade artifacts (a binary plus its manifest).
+    #[command(subcommand)]
+    Artifact(ArtifactCmd),
+    /// Upgrade the cluster to an artifact's release: plan, start, watch, pause, resume, abort.
+    #[command(subcommand)]
+    Upgrade(UpgradeCmd),
+}
+
+#[derive(Subcommand)]
+enum ArtifactCmd {
+    /// Make an artifact directory: the binary and a manifest with its
+    /// release, schema, protocol range, SHA-256 and size.
+    Create {
+        /// The binary to ship (e.g. target/release/handover).
+        #[arg(long)]
+        binary: PathBuf,
+        /// The release it runs as.
+        #[arg(long)]
+        release: u32,
+        /// Directory to create (must not exist, or be empty).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Upload an artifact directory to the controller (checked on both ends).
+    Upload {
+        #[command(flatten)]
+        op: OperatorArgs,
+        dir: PathBuf,
+    },
+    /// The artifacts the controller holds.
+    List(OperatorArgs),
+}
+
+/// Policy for primaries: `wait` for their events to end (default),
+/// `failover` as soon as the backup is upgraded, or `deadline=MS`.
+#[derive(Args, Clone)]
+struct UpgradeTarget {
+    /// Artifact id on the controller, or an artifact directory (uploaded first).
+    #[arg(long)]
+    to: String,
+    #[arg(long, default_value = "wait")]
+    policy: String,
+}
+
+#[derive(Subcommand)]
+enum UpgradeCmd {
+    /// Dry run: the ordered steps per group, what each waits for, and whether preflight passes.
+    Plan {
+        #[command(flatten)]
+        op: OperatorArgs,
+        #[command(flatten)]
+        target: UpgradeTarget,
+    },
+    /// Start the upgrade (then follow it with `upgrade status --watch`).
+    Start {
+        #[command(flatten)]
+        op: OperatorArgs,
+        #[command(flatten)]
+        target: UpgradeTarget,
+        /// Follow it live until it is over.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Phase, per-node progress, outbox depths and what the upgrade waits for.
+    Status {
+        #[command(flatten)]
+        op: OperatorArgs,
+        /// Live progress bars until the upgrade is over.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Pause at the next step; nothing new is started until resume.
+    Pause(OperatorArgs),
+    Resume(OperatorArgs),
+    /// Stop the upgrade; says what can still be undone (refused mid-switch and after finalize).
+    Abort(OperatorArgs),
 }
 
 #[derive(Args, Clone)]
@@ -501,6 +577,28 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .get("/api/v1/records/summary")
                 .await?,
         ),
+        Command::Artifact(ArtifactCmd::Create {
+            binary,
+            release,
+            out,
+        }) => {
+            let m = handover::artifact::create(&binary, release, &out)?;
+            println!("{}", serde_json::to_string_pretty(&m)?);
+            eprintln!("artifact {} written to {}", m.id(), out.display());
+            Ok(())
+        }
+        Command::Artifact(ArtifactCmd::Upload { op, dir }) => {
+            let m = handover::artifact::upload(&Operator::with(&op.controller, &op.token)?, &dir)
+                .await?;
+            print_json_or(&op, &serde_json::to_value(&m)?)
+        }
+        Command::Artifact(ArtifactCmd::List(op)) => print_json_or(
+            &op,
+            &Operator::with(&op.controller, &op.token)?
+                .get("/api/v1/artifacts")
+                .await?,
+        ),
+        Command::Upgrade(cmd) => run_upgrade(cmd).await,
         Command::Releases(f) => {
             if f.json {
                 println!("{}", serde_json::to_string_pretty(&RELEASES)?);
@@ -524,6 +622,72 @@ fn print_json_or(op: &OperatorArgs, value: &serde_json::Value) -> anyhow::Result
         println!("{}", serde_json::to_string(value)?);
     } else {
         println!("{}", serde_json::to_string_pretty(value)?);
+    }
+    Ok(())
+}
+
+async fn run_upgrade(cmd: UpgradeCmd) -> anyhow::Result<()> {
+    use handover::upgrade as up;
+    let show = |op: &OperatorArgs, s: &handover_controller::UpgradeStatus| -> anyhow::Result<()> {
+        if op.json {
+            println!("{}", serde_json::to_string(s)?);
+        } else {
+            print!("{}", up::render_status(s));
+        }
+        Ok(())
+    };
+    match cmd {
+        UpgradeCmd::Plan { op, target } => {
+            let o = Operator::with(&op.controller, &op.token)?;
+            let id = up::resolve_artifact(&o, &target.to).await?;
+            let p = up::plan(&o, &id, &target.policy).await?;
+            if op.json {
+                println!("{}", serde_json::to_string(&p)?);
+            } else {
+                print!("{}", up::render_plan(&p));
+            }
+            Ok(())
+        }
+        UpgradeCmd::Start { op, target, watch } => {
+            let o = Operator::with(&op.controller, &op.token)?;
+            let id = up::resolve_artifact(&o, &target.to).await?;
+            let started = up::start(&o, &id, &target.policy).await?;
+            if !op.json {
+                eprintln!("upgrade to release {} started", started.plan.target.release);
+            }
+            let s = if watch {
+                up::watch(&o).await?
+            } else {
+                up::status(&o).await?
+            };
+            show(&op, &s)
+        }
+        UpgradeCmd::Status { op, watch } => {
+            let o = Operator::with(&op.controller, &op.token)?;
+            let s = if watch {
+                up::watch(&o).await?
+            } else {
+                up::status(&o).await?
+            };
+            show(&op, &s)
+        }
+        UpgradeCmd::Pause(op) => control(&op, "pause").await,
+        UpgradeCmd::Resume(op) => control(&op, "resume").await,
+        UpgradeCmd::Abort(op) => control(&op, "abort").await,
+    }
+}
+
+/// Pause, resume or abort; prints the status that follows.
+async fn control(op: &OperatorArgs, verb: &str) -> anyhow::Result<()> {
+    let o = Operator::with(&op.controller, &op.token)?;
+    let _: serde_json::Value = o
+        .post(&format!("/api/v1/upgrade/{verb}"), &serde_json::json!({}))
+        .await?;
+    let s = handover::upgrade::status(&o).await?;
+    if op.json {
+        println!("{}", serde_json::to_string(&s)?);
+    } else {
+        print!("{}", handover::upgrade::render_status(&s));
     }
     Ok(())
 }
