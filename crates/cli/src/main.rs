@@ -101,6 +101,20 @@ struct UpgradeTarget {
     to: String,
     #[arg(long, default_value = "wait")]
     policy: String,
+    /// Pause at the start of these phases (e.g. `--pause-at primaries`) to look before going on.
+    #[arg(long, value_delimiter = ',')]
+    pause_at: Vec<String>,
+}
+
+impl UpgradeTarget {
+    async fn request(&self, o: &Operator) -> anyhow::Result<handover::upgrade::Request> {
+        let id = handover::upgrade::resolve_artifact(o, &self.to).await?;
+        Ok(handover::upgrade::Request {
+            artifact: id,
+            policy: self.policy.clone(),
+            pause_at: self.pause_at.clone(),
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -639,8 +653,7 @@ async fn run_upgrade(cmd: UpgradeCmd) -> anyhow::Result<()> {
     match cmd {
         UpgradeCmd::Plan { op, target } => {
             let o = Operator::with(&op.controller, &op.token)?;
-            let id = up::resolve_artifact(&o, &target.to).await?;
-            let p = up::plan(&o, &id, &target.policy).await?;
+            let p = up::plan(&o, &target.request(&o).await?).await?;
             if op.json {
                 println!("{}", serde_json::to_string(&p)?);
             } else {
@@ -650,8 +663,7 @@ async fn run_upgrade(cmd: UpgradeCmd) -> anyhow::Result<()> {
         }
         UpgradeCmd::Start { op, target, watch } => {
             let o = Operator::with(&op.controller, &op.token)?;
-            let id = up::resolve_artifact(&o, &target.to).await?;
-            let started = up::start(&o, &id, &target.policy).await?;
+            let started = up::start(&o, &target.request(&o).await?).await?;
             if !op.json {
                 eprintln!("upgrade to release {} started", started.plan.target.release);
             }

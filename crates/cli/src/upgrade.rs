@@ -28,17 +28,30 @@ pub async fn resolve_artifact(op: &Operator, to: &str) -> anyhow::Result<String>
     Ok(to.to_owned())
 }
 
-fn request(artifact: &str, policy: &str) -> serde_json::Value {
-    serde_json::json!({"artifact": artifact, "policy": policy})
+/// What to upgrade to and how.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Request {
+    pub artifact: String,
+    pub policy: String,
+    pub pause_at: Vec<String>,
 }
 
-pub async fn plan(op: &Operator, artifact: &str, policy: &str) -> anyhow::Result<PlanAnswer> {
-    op.post("/api/v1/upgrade/plan", &request(artifact, policy))
-        .await
+impl Request {
+    pub fn new(artifact: &str, policy: &str) -> Request {
+        Request {
+            artifact: artifact.to_owned(),
+            policy: policy.to_owned(),
+            pause_at: Vec::new(),
+        }
+    }
 }
 
-pub async fn start(op: &Operator, artifact: &str, policy: &str) -> anyhow::Result<Upgrade> {
-    op.post("/api/v1/upgrade", &request(artifact, policy)).await
+pub async fn plan(op: &Operator, req: &Request) -> anyhow::Result<PlanAnswer> {
+    op.post("/api/v1/upgrade/plan", req).await
+}
+
+pub async fn start(op: &Operator, req: &Request) -> anyhow::Result<Upgrade> {
+    op.post("/api/v1/upgrade", req).await
 }
 
 pub async fn status(op: &Operator) -> anyhow::Result<UpgradeStatus> {

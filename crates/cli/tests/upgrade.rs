@@ -5,7 +5,7 @@
 use handover::fleet::Fleet;
 use handover::viewers::{self, ChannelTarget, ViewerConfig, ViewerReport};
 use handover_core::params::Group;
-use handover_core::upgrade::Status;
+use handover_core::upgrade::{Phase, Status, Upgrade};
 use handover_core::wire::Role;
 use handover_store::{ChannelSpec, EventSpec};
 use serde_json::Value;
@@ -100,19 +100,46 @@ fn spawn_viewers(c: &Cluster, event_ms: u64) -> tokio::task::JoinHandle<ViewerRe
     })
 }
 
-async fn upgrade_with(subnet: u8, policy: &str, event_ms: u64) {
-    let mut c = release_1_cluster(subnet, event_ms).await;
-    let viewers = spawn_viewers(&c, event_ms);
-    tokio::time::sleep(Duration::from_millis(3_000)).await;
-    let _ = handover::upgrade::start(&c.fleet.op, &c.artifact, policy)
-        .await
-        .unwrap();
+async fn start_upgrade(c: &Cluster, policy: &str, pause_at: &[&str]) {
+    let mut req = handover::upgrade::Request::new(&c.artifact, policy);
+    req.pause_at = pause_at.iter().map(|p| p.to_string()).collect();
+    let _ = handover::upgrade::start(&c.fleet.op, &req).await.unwrap();
+}
+
+/// Waits for the upgrade to pause at `phase` (bounded).
+async fn wait_paused_at(c: &Cluster, phase: Phase) {
+    for _ in 0..600 {
+        if let Ok(s) = handover::upgrade::status(&c.fleet.op).await {
+            if let Some(up) = &s.upgrade {
+                if up.phase == phase && up.status == Status::Paused {
+                    return;
+                }
+                assert!(
+                    !up.status.is_over(),
+                    "over before pausing at {phase:?}: {up:?}"
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the upgrade never paused at {phase:?}");
+}
+
+/// SIGKILL the controller (supervisor and worker) and start it again.
+async fn crash_controller(c: &mut Cluster) {
+    c.fleet.controller.take().unwrap().kill().await.unwrap();
+    // The supervisor's own state decides the release it runs now.
+    c.fleet.start_controller(1).await.unwrap();
+}
+
+/// Waits for the end and asserts what the issue asks of every upgrade.
+async fn finish(mut c: Cluster, viewers: tokio::task::JoinHandle<ViewerReport>) -> Upgrade {
     let s = c
         .fleet
         .wait_upgrade_over(Duration::from_secs(150))
         .await
         .unwrap();
-    let up = s.upgrade.as_ref().unwrap();
+    let up = s.upgrade.clone().unwrap();
     eprintln!("{}", handover::upgrade::render_status(&s));
     assert_eq!(
         up.status,
@@ -159,9 +186,71 @@ async fn upgrade_with(subnet: u8, policy: &str, event_ms: u64) {
         "release-2 nodes write natively after their switch: {r:?}"
     );
     c.fleet.stop_all().await.unwrap();
+    up
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upgrade_release_1_to_2_waiting_for_events_loses_nothing() {
-    upgrade_with(21, "wait", 25_000).await;
+async fn upgrade_with_policy_wait_switches_primaries_after_their_events() {
+    let c = release_1_cluster(21, 22_000).await;
+    let viewers = spawn_viewers(&c, 22_000);
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    start_upgrade(&c, "wait", &[]).await;
+    let up = finish(c, viewers).await;
+    assert!(
+        up.waiting_for_operations_ms > 0,
+        "primaries waited for their events: {up:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_with_policy_failover_switches_primaries_mid_event() {
+    let c = release_1_cluster(22, 22_000).await;
+    let viewers = spawn_viewers(&c, 22_000);
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    start_upgrade(&c, "failover", &[]).await;
+    finish(c, viewers).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_with_policy_deadline_fails_over_after_the_deadline() {
+    let c = release_1_cluster(23, 22_000).await;
+    let viewers = spawn_viewers(&c, 22_000);
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    start_upgrade(&c, "deadline=3000", &[]).await;
+    let up = finish(c, viewers).await;
+    assert!(up.waiting_for_operations_ms > 0, "{up:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_killed_in_the_deliver_phase_resumes_and_loses_nothing() {
+    let mut c = release_1_cluster(24, 20_000).await;
+    let viewers = spawn_viewers(&c, 20_000);
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    start_upgrade(&c, "wait", &["deliver"]).await;
+    wait_paused_at(&c, Phase::Deliver).await;
+    crash_controller(&mut c).await;
+    let _: Value = c
+        .fleet
+        .op
+        .post("/api/v1/upgrade/resume", &serde_json::json!({}))
+        .await
+        .unwrap();
+    finish(c, viewers).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_killed_in_the_backups_phase_resumes_and_loses_nothing() {
+    let mut c = release_1_cluster(25, 20_000).await;
+    let viewers = spawn_viewers(&c, 20_000);
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    start_upgrade(&c, "wait", &["backups"]).await;
+    wait_paused_at(&c, Phase::Backups).await;
+    crash_controller(&mut c).await;
+    let _: Value = c
+        .fleet
+        .op
+        .post("/api/v1/upgrade/resume", &serde_json::json!({}))
+        .await
+        .unwrap();
+    finish(c, viewers).await;
 }

@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use handover_core::upgrade::{
-    preflight, Input, NodeView, Plan, PlanGroup, PrimaryPolicy, Target, Upgrade,
+    preflight, Input, NodeView, Phase, Plan, PlanGroup, PrimaryPolicy, Target, Upgrade,
 };
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +21,9 @@ pub struct UpgradeRequest {
     /// `wait` (default), `failover` or `deadline=MS`.
     #[serde(default)]
     pub policy: Option<String>,
+    /// Phases to pause at (e.g. `["primaries"]`), to look before going on.
+    #[serde(default)]
+    pub pause_at: Vec<Phase>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug)]
@@ -73,6 +76,7 @@ async fn plan_of(state: &Shared, req: &UpgradeRequest) -> ApiResult<Plan> {
         from_release: state.info.release,
         policy,
         groups,
+        pause_at: req.pause_at.clone(),
     })
 }
 

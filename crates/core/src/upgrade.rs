@@ -117,6 +117,10 @@ pub struct Plan {
     pub from_release: Release,
     pub policy: PrimaryPolicy,
     pub groups: Vec<PlanGroup>,
+    /// Phases at whose start the upgrade pauses (after that step's effects),
+    /// so an operator can look before going on.
+    #[serde(default)]
+    pub pause_at: Vec<Phase>,
 }
 
 /// What the controller tells one node to do (carried in every grant answer).
@@ -396,7 +400,19 @@ impl Upgrade {
                 effects
             }
             Input::Tick { nodes, cluster } if self.status == Status::Running => {
-                self.tick(&nodes, &cluster, now_ms)
+                let before = self.phase;
+                let effects = self.tick(&nodes, &cluster, now_ms);
+                if self.phase != before
+                    && self.status == Status::Running
+                    && self.plan.pause_at.contains(&self.phase)
+                {
+                    self.status = Status::Paused;
+                    self.waiting_for = format!(
+                        "paused at {} as the plan asked; resume to go on",
+                        self.phase.as_str()
+                    );
+                }
+                effects
             }
             _ => vec![],
         }
@@ -733,6 +749,7 @@ mod tests {
                 primary: "p".into(),
                 backup: "b".into(),
             }],
+            pause_at: vec![],
         }
     }
 
@@ -1106,6 +1123,33 @@ mod tests {
                 "{p:?} never persisted"
             );
         }
+    }
+
+    #[test]
+    fn pause_at_stops_at_the_start_of_a_phase() {
+        let mut s = Sim::new(PrimaryPolicy::Wait);
+        s.up.plan.pause_at = vec![Phase::Deliver, Phase::Backups];
+        s.run_until(Phase::Deliver);
+        assert_eq!(s.up.status, Status::Paused);
+        assert!(
+            !s.cluster.fenced,
+            "the phase's own effects ran before the pause"
+        );
+        s.tick();
+        assert_eq!(s.up.phase, Phase::Deliver, "paused: ticks change nothing");
+        s.input(Input::Resume);
+        s.run_until(Phase::Backups);
+        assert_eq!(s.up.status, Status::Paused);
+        assert_eq!(
+            s.desired["b"].switch_to,
+            Some(Release(2)),
+            "backups were told to switch before the pause"
+        );
+        s.input(Input::Resume);
+        for _ in 0..20 {
+            s.tick();
+        }
+        assert_eq!(s.up.status, Status::Finalized);
     }
 
     #[test]
