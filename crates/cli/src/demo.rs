@@ -1,41 +1,49 @@
-//! `handover demo`: a whole local cluster as separate processes, viewers
-//! against it, and a report of what the viewers saw and what the database
-//! holds compared with what every node produced.
+//! `handover demo`: a release-1 cluster of separate processes under viewer
+//! load, upgraded to release 2 by handover; then an identical fresh cluster
+//! under the same load, upgraded by the manual procedure operators use today.
+//! Both are judged the same way: what the viewers saw, and what every node
+//! produced compared with what the database holds.
 
 use crate::check::CheckReport;
 use crate::fleet::Fleet;
 use crate::viewers::{self, ChannelTarget, ViewerConfig, ViewerReport};
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::Args;
 use handover_core::params::Group;
-use handover_core::release::NEWEST;
+use handover_core::upgrade::Status;
 use handover_core::wire::Role;
 use handover_store::{ChannelSpec, EventSpec};
 use serde::Serialize;
 use std::fmt::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Run a local cluster and report.
+/// Upgrade a live local cluster from release 1 to release 2, twice.
 ///
-/// Starts a controller (embedded SQLite) and three redundancy groups of a
-/// primary and a backup node, each its own process on its own 127.x address
-/// and data dir; creates two channels per group with live events; runs HLS
-/// viewers; then stops every node, compares what each produced with what the
-/// database holds, and stops everything it started (also on Ctrl-C).
+/// First with handover: a controller (embedded SQLite) and three redundancy
+/// groups of a primary and a backup node, each its own supervised process on
+/// its own 127.x address and data dir; two channels per group with events of
+/// 20 to 40 s; HLS viewers throughout; the upgrade (stage, fence, controller,
+/// deliver, backups, primaries waiting for their events, finalize). Then the
+/// same cluster again, upgraded by hand as operators do today: controller
+/// first, then every node stopped and started on the new release, backups
+/// before primaries, with no fence, queue, translation or socket handover.
+/// Prints both reports; stops every process it started (also on Ctrl-C).
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// How long the viewers watch.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    pub duration: Duration,
     /// Viewers per channel.
     #[arg(long, default_value_t = 3)]
     pub viewers_per_channel: usize,
-    /// Release of the controller and the nodes.
-    #[arg(long, default_value_t = NEWEST.0)]
-    pub release: u32,
-    /// Second octet of the 127.x.0.y addresses the processes listen on.
+    /// Second octet of the 127.x.0.y addresses (the manual run uses x + 1).
     #[arg(long, default_value_t = 201)]
     pub subnet: u8,
+    /// Policy for primaries: wait, failover or deadline=MS.
+    #[arg(long, default_value = "wait")]
+    pub policy: String,
+    /// Skip the manual procedure (only the handover upgrade).
+    #[arg(long)]
+    pub skip_naive: bool,
     /// Keep the data dirs and logs (their path is printed).
     #[arg(long)]
     pub keep: bool,
@@ -44,37 +52,102 @@ pub struct DemoArgs {
     pub json: bool,
 }
 
-const GROUPS: usize = 3;
+const GROUPS: u64 = 3;
 const CHANNELS_PER_GROUP: usize = 2;
 const SEGMENT_MS: u32 = 1000;
 /// Events start this long after they are created, so every node has them.
 const EVENT_LEAD_MS: i64 = 3_000;
+/// Group g's events last 10 + 10·g s: 20, 30 and 40 s, so primaries really wait.
+fn event_ms(group: u64) -> u64 {
+    10_000 + 10_000 * group
+}
+/// Steady viewing before the upgrade starts.
+const STEADY_MS: u64 = 5_000;
+/// Longest the upgrade may take before the demo gives up.
+const UPGRADE_WAIT_MS: u64 = 150_000;
+
+#[derive(Serialize, Debug, Clone)]
+pub struct PhaseFigure {
+    pub name: String,
+    pub duration_ms: u64,
+}
+
+#[derive(Serialize, Debug, Clone)]
+pub struct UpgradeFigures {
+    pub outcome: String,
+    pub phases: Vec<PhaseFigure>,
+    pub total_ms: u64,
+    pub waiting_for_operations_ms: u64,
+}
+
+#[derive(Serialize, Debug, Clone)]
+pub struct NodeFigure {
+    pub id: String,
+    pub release: u32,
+    pub grant: String,
+}
+
+#[derive(Serialize, Debug, Clone)]
+pub struct ClusterFigures {
+    pub controller_release: u32,
+    pub schema: u32,
+    pub nodes: Vec<NodeFigure>,
+}
+
+#[derive(Serialize, Debug, Clone)]
+pub struct NaiveFigures {
+    pub total_ms: u64,
+    pub viewers: ViewerReport,
+    pub records: CheckReport,
+}
 
 #[derive(Serialize, Debug)]
 pub struct DemoReport {
-    pub release: u32,
-    pub processes: Vec<String>,
+    pub upgrade: UpgradeFigures,
     pub viewers: ViewerReport,
     pub records: CheckReport,
+    pub cluster: ClusterFigures,
+    pub naive: Option<NaiveFigures>,
+    pub processes: Vec<String>,
     pub data_dir: Option<String>,
     pub elapsed_ms: u64,
 }
 
+fn progress(args: &DemoArgs, msg: &str) {
+    if !args.json {
+        eprintln!("demo: {msg}");
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
     let dir = tempfile::Builder::new()
         .prefix("handover-demo-")
         .tempdir()
         .context("cannot create a temp dir")?;
     let exe = std::env::current_exe().context("cannot find this binary to start the cluster")?;
-    let mut fleet = Fleet::new(&exe, dir.path(), args.subnet)?;
+    let mut fleet = Fleet::new(&exe, &dir.path().join("handover"), args.subnet)?;
+    let mut naive_fleet = Fleet::new(
+        &exe,
+        &dir.path().join("manual"),
+        args.subnet.wrapping_add(1),
+    )?;
+    naive_fleet.supervised = false;
+    naive_fleet.legacy = true;
     let outcome = tokio::select! {
-        r = drive(&mut fleet, &args) => r,
+        r = drive(&mut fleet, &mut naive_fleet, &args) => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; stopping every process")),
     };
     // Always stop what was started, whatever happened above.
-    let stopped = fleet.stop_all().await;
+    let stopped = (fleet.stop_all().await, naive_fleet.stop_all().await);
     let mut report = outcome?;
-    stopped?;
+    stopped.0?;
+    stopped.1?;
+    report.elapsed_ms = ms(started.elapsed());
     if args.keep {
         report.data_dir = Some(dir.keep().display().to_string());
     }
@@ -86,24 +159,126 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn progress(args: &DemoArgs, msg: &str) {
-    if !args.json {
-        eprintln!("demo: {msg}");
-    }
-}
+async fn drive(
+    fleet: &mut Fleet,
+    naive: &mut Fleet,
+    args: &DemoArgs,
+) -> anyhow::Result<DemoReport> {
+    progress(
+        args,
+        &format!("handover: release-1 cluster at {}", fleet.controller_url()),
+    );
+    let live = build_cluster(fleet, args).await?;
+    let artifact = fleet.upload_artifact(2).await?;
+    progress(
+        args,
+        &format!("handover: artifact {artifact} uploaded; viewers watching"),
+    );
+    let steady = Arc::new(AtomicBool::new(true));
+    let viewers = spawn_viewers(&live, args, Some(steady.clone()));
+    sleep_until(live.start_ms + i64::from(SEGMENT_MS) + i64::try_from(STEADY_MS).unwrap_or(0))
+        .await;
 
-async fn drive(fleet: &mut Fleet, args: &DemoArgs) -> anyhow::Result<DemoReport> {
-    let started = Instant::now();
+    progress(
+        args,
+        &format!("handover: upgrading to release 2 (policy {})", args.policy),
+    );
+    steady.store(false, Ordering::Relaxed);
+    crate::upgrade::start(
+        &fleet.op,
+        &crate::upgrade::Request::new(&artifact, &args.policy),
+    )
+    .await?;
+    let s = fleet
+        .wait_upgrade_over(Duration::from_millis(UPGRADE_WAIT_MS))
+        .await?;
+    steady.store(true, Ordering::Relaxed);
+    let up = s.upgrade.context("the controller lost the upgrade")?;
     progress(
         args,
         &format!(
-            "starting controller (release {}) at {}",
-            args.release,
-            fleet.controller_url()
+            "handover: upgrade {:?}; waiting for the events to end",
+            up.status
         ),
     );
-    fleet.start_controller(args.release).await?;
-    let mut channels = Vec::new();
+    let viewers = viewers.await.context("viewers failed")??;
+    let status = fleet.op.status().await?;
+    let cluster = ClusterFigures {
+        controller_release: status.controller.release.0,
+        schema: status.cluster.schema.0,
+        nodes: status
+            .nodes
+            .iter()
+            .map(|n| NodeFigure {
+                id: n.row.node_id.clone(),
+                release: n.row.release.0,
+                grant: n.grant_now.as_str().into(),
+            })
+            .collect(),
+    };
+    fleet.stop_nodes().await?;
+    let records = fleet.check().await?;
+    let upgrade = UpgradeFigures {
+        outcome: match &up.status {
+            Status::Finalized => "finalized".into(),
+            Status::Aborted { reason } => format!("aborted: {reason}"),
+            Status::Failed { reason } => format!("failed: {reason}"),
+            other => format!("{other:?}"),
+        },
+        phases: up
+            .phases
+            .iter()
+            .map(|p| PhaseFigure {
+                name: p.phase.as_str().into(),
+                duration_ms: p
+                    .ended_ms
+                    .unwrap_or(p.started_ms)
+                    .saturating_sub(p.started_ms),
+            })
+            .collect(),
+        total_ms: up
+            .ended_ms
+            .unwrap_or(up.started_ms)
+            .saturating_sub(up.started_ms),
+        waiting_for_operations_ms: up.waiting_for_operations_ms,
+    };
+    let mut processes = vec![format!("controller {}", fleet.controller_url())];
+    processes.extend(
+        fleet
+            .nodes
+            .iter()
+            .map(|n| format!("{} {} {} {}", n.id, n.role.as_str(), n.group, n.url())),
+    );
+    fleet.stop_all().await?;
+
+    let naive = if args.skip_naive {
+        None
+    } else {
+        Some(manual_upgrade(naive, args).await?)
+    };
+    Ok(DemoReport {
+        upgrade,
+        viewers,
+        records,
+        cluster,
+        naive,
+        processes,
+        data_dir: None,
+        elapsed_ms: 0,
+    })
+}
+
+/// The cluster the demo runs: channels, groups and their nodes, and events.
+struct Live {
+    targets: Vec<ChannelTarget>,
+    start_ms: i64,
+    longest_ms: u64,
+}
+
+async fn build_cluster(fleet: &mut Fleet, args: &DemoArgs) -> anyhow::Result<Live> {
+    fleet.start_controller(1).await?;
+    let start_ms = crate::client::now_ms() + EVENT_LEAD_MS;
+    let mut targets = Vec::new();
     for g in 1..=GROUPS {
         let group = Group {
             name: format!("g{g}"),
@@ -111,107 +286,129 @@ async fn drive(fleet: &mut Fleet, args: &DemoArgs) -> anyhow::Result<DemoReport>
             backup: format!("g{g}-b"),
         };
         let _: serde_json::Value = fleet.op.post("/api/v1/groups", &group).await?;
-        fleet.add_node(&group.primary, Role::Primary, &group.name, args.release);
-        fleet.add_node(&group.backup, Role::Backup, &group.name, args.release);
+        let a = fleet.add_node(&group.primary, Role::Primary, &group.name, 1);
+        let b = fleet.add_node(&group.backup, Role::Backup, &group.name, 1);
         for c in 1..=CHANNELS_PER_GROUP {
-            let name = format!("ch{g}{c}");
+            let channel = format!("ch{g}{c}");
             let spec = ChannelSpec {
-                name: name.clone(),
+                name: channel.clone(),
                 title: None,
                 segment_ms: SEGMENT_MS,
                 ladder: vec![],
             };
             let _: serde_json::Value = fleet.op.post("/api/v1/channels", &spec).await?;
-            channels.push((name, group.name.clone()));
+            let ev = EventSpec {
+                channel: channel.clone(),
+                group: group.name.clone(),
+                start_ms,
+                duration_ms: event_ms(g),
+            };
+            let _: serde_json::Value = fleet.op.post("/api/v1/events", &ev).await?;
+            targets.push(ChannelTarget {
+                channel,
+                node_urls: vec![fleet.nodes[a].url(), fleet.nodes[b].url()],
+            });
         }
-    }
-    let start_ms = crate::client::now_ms() + EVENT_LEAD_MS;
-    let duration_ms = u64::try_from(args.duration.as_millis())
-        .unwrap_or(u64::MAX)
-        .saturating_add(10_000);
-    for (channel, group) in &channels {
-        let spec = EventSpec {
-            channel: channel.clone(),
-            group: group.clone(),
-            start_ms,
-            duration_ms,
-        };
-        let _: serde_json::Value = fleet.op.post("/api/v1/events", &spec).await?;
     }
     for i in 0..fleet.nodes.len() {
         progress(
             args,
-            &format!(
-                "starting node {} at {}",
-                fleet.nodes[i].id,
-                fleet.nodes[i].url()
-            ),
+            &format!("  node {} at {}", fleet.nodes[i].id, fleet.nodes[i].url()),
         );
         fleet.start_node(i).await?;
     }
     fleet.wait_nodes_registered().await?;
-    let first_segment_at = start_ms + i64::from(SEGMENT_MS) + 200;
-    let wait = u64::try_from(first_segment_at - crate::client::now_ms()).unwrap_or(0);
-    tokio::time::sleep(Duration::from_millis(wait)).await;
+    Ok(Live {
+        targets,
+        start_ms,
+        longest_ms: event_ms(GROUPS),
+    })
+}
 
-    let targets: Vec<ChannelTarget> = channels
-        .iter()
-        .map(|(channel, group)| ChannelTarget {
-            channel: channel.clone(),
-            node_urls: fleet
-                .nodes
-                .iter()
-                .filter(|n| &n.group == group)
-                .map(|n| n.url())
-                .collect(),
-        })
-        .collect();
+fn spawn_viewers(
+    live: &Live,
+    args: &DemoArgs,
+    steady: Option<Arc<AtomicBool>>,
+) -> tokio::task::JoinHandle<anyhow::Result<ViewerReport>> {
+    let config = ViewerConfig {
+        targets: live.targets.clone(),
+        viewers_per_channel: args.viewers_per_channel,
+        duration: Duration::from_millis(live.longest_ms + UPGRADE_WAIT_MS),
+        request_timeout: Duration::from_secs(5),
+        steady,
+    };
+    let start_at = live.start_ms + i64::from(SEGMENT_MS) + 200;
+    tokio::spawn(async move {
+        sleep_until(start_at).await;
+        let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        viewers::run(&config, stop_rx).await
+    })
+}
+
+async fn sleep_until(at_ms: i64) {
+    let wait = u64::try_from(at_ms - crate::client::now_ms()).unwrap_or(0);
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+}
+
+/// The procedure a careful operator follows today: the controller first
+/// (stopped, started on the new release, which migrates the database), then
+/// every node stopped and started on the new release, backups before
+/// primaries, each back before the next. No fence, no queue, no translation,
+/// no socket handover.
+async fn manual_upgrade(fleet: &mut Fleet, args: &DemoArgs) -> anyhow::Result<NaiveFigures> {
     progress(
         args,
         &format!(
-            "{} viewers on {} channels for {:?}",
-            targets.len() * args.viewers_per_channel,
-            targets.len(),
-            args.duration
+            "manual: the same release-1 cluster at {}",
+            fleet.controller_url()
         ),
     );
-    let config = ViewerConfig {
-        targets,
-        viewers_per_channel: args.viewers_per_channel,
-        duration: args.duration,
-        request_timeout: Duration::from_secs(5),
-    };
-    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let viewers = viewers::run(&config, stop_rx).await?;
-
+    let live = build_cluster(fleet, args).await?;
+    let viewers = spawn_viewers(&live, args, None);
+    sleep_until(live.start_ms + i64::from(SEGMENT_MS) + i64::try_from(STEADY_MS).unwrap_or(0))
+        .await;
+    progress(args, "manual: controller stopped, started on release 2");
+    let began = Instant::now();
+    let mut controller = fleet.controller.take().context("no controller")?;
+    controller.terminate().await?;
+    fleet.start_controller(2).await?;
+    let order: Vec<usize> = (0..fleet.nodes.len())
+        .filter(|&i| fleet.nodes[i].role == Role::Backup)
+        .chain((0..fleet.nodes.len()).filter(|&i| fleet.nodes[i].role == Role::Primary))
+        .collect();
+    for i in order {
+        progress(
+            args,
+            &format!(
+                "manual: node {} stopped, started on release 2",
+                fleet.nodes[i].id
+            ),
+        );
+        if let Some(mut p) = fleet.nodes[i].proc.take() {
+            p.terminate().await?;
+        }
+        fleet.nodes[i].release = 2;
+        fleet.start_node(i).await?;
+    }
+    let total_ms = ms(began.elapsed());
     progress(
         args,
-        "stopping nodes (each ships its outbox first) and checking records",
+        "manual: every node on release 2; waiting for the events to end",
     );
+    let viewers = viewers.await.context("viewers failed")??;
     fleet.stop_nodes().await?;
     let records = fleet.check().await?;
-    let mut processes = vec![format!(
-        "controller r{} {}",
-        args.release,
-        fleet.controller_url()
-    )];
-    processes.extend(fleet.nodes.iter().map(|n| {
-        format!(
-            "{} r{} {} {} {}",
-            n.id,
-            n.release,
-            n.role.as_str(),
-            n.group,
-            n.url()
-        )
-    }));
-    Ok(DemoReport {
-        release: args.release,
-        processes,
+    if records.produced == 0 {
+        bail!(
+            "the manual run produced no record; see the logs in {}",
+            fleet.dir.display()
+        );
+    }
+    fleet.stop_all().await?;
+    Ok(NaiveFigures {
+        total_ms,
         viewers,
         records,
-        data_dir: None,
-        elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
     })
 }
 
@@ -232,25 +429,103 @@ pub fn render_viewers(v: &ViewerReport) -> String {
 
 fn render(r: &DemoReport) -> String {
     let mut out = String::new();
+    let u = &r.upgrade;
     let _ = writeln!(
         out,
-        "handover demo: release {} cluster, {} processes, {:.1} s",
-        r.release,
-        r.processes.len(),
-        r.elapsed_ms as f64 / 1000.0
+        "handover demo ({:.0} s): release 1 -> 2 on {} processes",
+        r.elapsed_ms as f64 / 1000.0,
+        r.processes.len()
     );
-    for p in &r.processes {
-        let _ = writeln!(out, "  {p}");
-    }
-    out.push_str(&render_viewers(&r.viewers));
-    let c = &r.records;
     let _ = writeln!(
         out,
-        "records     {} produced, {} stored, {} queued, {} lost, {} duplicated, {} unexpected",
-        c.produced, c.stored, c.queued, c.lost, c.duplicated, c.unexpected
+        "\nhandover upgrade: {}, {:.1} s in all, {:.1} s of it waiting for events to end",
+        u.outcome,
+        u.total_ms as f64 / 1000.0,
+        u.waiting_for_operations_ms as f64 / 1000.0
+    );
+    for p in &u.phases {
+        let _ = writeln!(out, "  {:<11} {:>7} ms", p.name, p.duration_ms);
+    }
+    let _ = writeln!(
+        out,
+        "cluster: controller release {}, schema {}",
+        r.cluster.controller_release, r.cluster.schema
+    );
+    for n in &r.cluster.nodes {
+        let _ = writeln!(out, "  {:<8} release {} {}", n.id, n.release, n.grant);
+    }
+    let _ = writeln!(out, "\n{:<28} {:>12} {:>12}", "", "handover", "manual");
+    let naive_v = r.naive.as_ref().map(|n| &n.viewers);
+    let naive_r = r.naive.as_ref().map(|n| &n.records);
+    let row = |out: &mut String, name: &str, a: String, b: Option<String>| {
+        let _ = writeln!(
+            out,
+            "{name:<28} {a:>12} {:>12}",
+            b.unwrap_or_else(|| "-".into())
+        );
+    };
+    row(
+        &mut out,
+        "viewer requests",
+        r.viewers.requests.to_string(),
+        naive_v.map(|v| v.requests.to_string()),
+    );
+    row(
+        &mut out,
+        "failed viewer requests",
+        r.viewers.failed_requests.to_string(),
+        naive_v.map(|v| v.failed_requests.to_string()),
+    );
+    row(
+        &mut out,
+        "segments missed",
+        r.viewers.segments_missed.to_string(),
+        naive_v.map(|v| v.segments_missed.to_string()),
+    );
+    row(
+        &mut out,
+        "viewer p99 (ms)",
+        format!("{:.1}", r.viewers.p99_ms),
+        naive_v.map(|v| format!("{:.1}", v.p99_ms)),
+    );
+    row(
+        &mut out,
+        "viewer p99, steady (ms)",
+        format!("{:.1}", r.viewers.steady_p99_ms),
+        None,
+    );
+    row(
+        &mut out,
+        "records produced",
+        r.records.produced.to_string(),
+        naive_r.map(|c| c.produced.to_string()),
+    );
+    row(
+        &mut out,
+        "records stored",
+        r.records.stored.to_string(),
+        naive_r.map(|c| c.stored.to_string()),
+    );
+    row(
+        &mut out,
+        "records lost",
+        r.records.lost.to_string(),
+        naive_r.map(|c| c.lost.to_string()),
+    );
+    row(
+        &mut out,
+        "records duplicated",
+        r.records.duplicated.to_string(),
+        naive_r.map(|c| c.duplicated.to_string()),
+    );
+    row(
+        &mut out,
+        "records translated",
+        r.records.translated.to_string(),
+        naive_r.map(|c| c.translated.to_string()),
     );
     if let Some(d) = &r.data_dir {
-        let _ = writeln!(out, "data        {d}");
+        let _ = writeln!(out, "\ndata and logs: {d}");
     }
     out
 }

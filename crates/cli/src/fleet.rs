@@ -148,6 +148,8 @@ pub struct Fleet {
     pub controller_release: u32,
     /// Run every process under its supervisor (the default) or bare.
     pub supervised: bool,
+    /// Nodes drop what they cannot store at once (the demo's manual procedure).
+    pub legacy: bool,
     pub controller: Option<Proc>,
     pub nodes: Vec<NodeProc>,
     pub op: Operator,
@@ -175,6 +177,7 @@ impl Fleet {
             operator_token,
             controller_release: 0,
             supervised: true,
+            legacy: false,
             controller: None,
             nodes: Vec::new(),
             op,
@@ -257,6 +260,9 @@ impl Fleet {
         ];
         if !supervised {
             args.push("--no-supervisor".into());
+        }
+        if self.legacy {
+            args.push("--legacy".into());
         }
         let log = self
             .dir

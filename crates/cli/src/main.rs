@@ -241,6 +241,10 @@ struct NodeArgs {
     /// connection.
     #[arg(long)]
     no_supervisor: bool,
+    /// Demo comparison only: drop records that cannot be stored at once,
+    /// like nodes upgraded by hand today.
+    #[arg(long, hide = true)]
+    legacy: bool,
 }
 
 /// Run viewers like players with redundant streams: poll the playlist,
@@ -475,6 +479,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 listen: a.listen,
                 controller_url: a.controller,
                 join_token: a.join_token,
+                legacy: a.legacy,
             };
             let listener = roles::listener(mode, config.listen).await?;
             handover_node::serve_on(config, listener, shutdown_signal()).await
@@ -728,6 +733,7 @@ async fn run_viewers(a: ViewersArgs) -> anyhow::Result<()> {
         viewers_per_channel: a.per_channel,
         duration: a.duration,
         request_timeout: Duration::from_secs(5),
+        steady: None,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

@@ -2,6 +2,7 @@
 //! redundant streams, so an upgrade can be judged by what viewers actually saw
 //! (failed requests, failovers, missed segments, latency).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,6 +51,8 @@ pub struct ViewerConfig {
     pub viewers_per_channel: usize,
     pub duration: Duration,
     pub request_timeout: Duration,
+    /// While this is true, latencies also count as "steady" (no upgrade under way).
+    pub steady: Option<Arc<AtomicBool>>,
 }
 
 /// Totals over all viewers of all channels.
@@ -67,6 +70,8 @@ pub struct ViewerReport {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// p99 of the requests made while `steady` was set (0 without it).
+    pub steady_p99_ms: f64,
     pub ended_streams: u64,
 }
 
@@ -106,6 +111,8 @@ pub async fn run(config: &ViewerConfig, stop: watch::Receiver<bool>) -> Result<V
         latency: (0..LATENCY_SHARDS)
             .map(|_| new_histogram().map(Mutex::new))
             .collect::<Result<_>>()?,
+        steady_flag: config.steady.clone(),
+        steady: Mutex::new(new_histogram()?),
     });
     // `None` means the duration is too large to represent: run until stopped.
     let deadline = Instant::now().checked_add(config.duration);
@@ -147,6 +154,13 @@ pub async fn run(config: &ViewerConfig, stop: watch::Receiver<bool>) -> Result<V
         report.p99_ms = merged.value_at_quantile(0.99) as f64 / 1000.0;
         report.max_ms = merged.max() as f64 / 1000.0;
     }
+    let steady = shared
+        .steady
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if !steady.is_empty() {
+        report.steady_p99_ms = steady.value_at_quantile(0.99) as f64 / 1000.0;
+    }
     Ok(report)
 }
 
@@ -174,6 +188,8 @@ struct Shared {
     client: Client,
     request_timeout: Duration,
     latency: Vec<Mutex<Histogram<u64>>>,
+    steady_flag: Option<Arc<AtomicBool>>,
+    steady: Mutex<Histogram<u64>>,
 }
 
 enum Outcome {
@@ -197,6 +213,10 @@ impl Shared {
     /// would not cover a body trickling in chunk by chunk on every reqwest version).
     async fn fetch(&self, url: Url, limit: u64, keep_body: bool, shard: usize) -> Outcome {
         let started = Instant::now();
+        let steady = self
+            .steady_flag
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::Relaxed));
         let outcome =
             match tokio::time::timeout(self.request_timeout, self.get(url, limit, keep_body)).await
             {
@@ -207,6 +227,12 @@ impl Shared {
             let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
             if let Some(histogram) = self.latency.get(shard) {
                 histogram
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .saturating_record(micros.max(1));
+            }
+            if steady {
+                self.steady
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner())
                     .saturating_record(micros.max(1));
@@ -657,6 +683,7 @@ mod tests {
             viewers_per_channel: viewers,
             duration: Duration::from_secs(10),
             request_timeout: Duration::from_secs(3),
+            steady: None,
         }
     }
 

@@ -101,6 +101,7 @@ async fn watch_to_end(s: &Setup, per_channel: usize) -> ViewerReport {
         viewers_per_channel: per_channel,
         duration: Duration::from_millis(s.event_duration_ms + 10_000),
         request_timeout: Duration::from_secs(5),
+        steady: None,
     };
     let (_tx, rx) = tokio::sync::watch::channel(false);
     viewers::run(&config, rx).await.unwrap()

@@ -90,6 +90,7 @@ fn spawn_viewers(c: &Cluster, event_ms: u64) -> tokio::task::JoinHandle<ViewerRe
         viewers_per_channel: 2,
         duration: Duration::from_millis(event_ms + 60_000),
         request_timeout: Duration::from_secs(5),
+        steady: None,
     };
     let start_at = c.event_start_ms + i64::from(SEGMENT_MS) + 300;
     tokio::spawn(async move {

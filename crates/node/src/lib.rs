@@ -45,6 +45,9 @@ pub struct NodeConfig {
     pub advertise_url: String,
     pub controller_url: String,
     pub join_token: String,
+    /// Drop records that cannot be stored at once, as nodes managed by hand
+    /// do today (the demo's comparison); never set in production.
+    pub legacy: bool,
 }
 
 /// One record as a node's journal remembers it.
@@ -339,6 +342,7 @@ async fn start(
             node_id: config.node_id.clone(),
             wake: shipper_wake,
             error: ship_error.clone(),
+            legacy: config.legacy,
         }
         .run(stop.clone()),
     );

@@ -52,9 +52,30 @@ pub struct Shipper {
     pub wake: Arc<Notify>,
     /// The last failure, shown on /status; cleared by the next ack.
     pub error: Arc<Mutex<Option<String>>>,
+    /// Behave like the manual procedure's nodes (for the demo's comparison):
+    /// a record that cannot be stored right now is dropped, not queued, and
+    /// nothing goes over the redundant channel.
+    pub legacy: bool,
 }
 
 impl Shipper {
+    /// Legacy mode: forgets queued records up to `through` (they are lost,
+    /// which the checker then reports).
+    async fn drop_queued(&self, through: u64) {
+        let last = match self.store.oldest(BATCH_RECORDS_MAX).await {
+            Ok(rows) => rows.last().map(|r| r.seq.min(through)),
+            Err(_) => None,
+        };
+        if let Some(last) = last {
+            if let Ok(n) = self.store.trim(last).await {
+                tracing::warn!(
+                    dropped = n,
+                    "legacy mode: records that cannot be stored now are dropped"
+                );
+            }
+        }
+    }
+
     fn set_error(&self, e: Option<String>) {
         *self.error.lock().unwrap_or_else(|p| p.into_inner()) = e;
     }
@@ -73,12 +94,16 @@ impl Shipper {
                     (true, Some(Grant::Full), Some(e), Some(c)) => {
                         ("/node/v1/records", e, c.clone())
                     }
-                    (true, Some(Grant::Deliver), Some(e), Some(c)) => {
+                    (true, Some(Grant::Deliver), Some(e), Some(c)) if !self.legacy => {
                         ("/node/v1/deliver", e, c.clone())
                     }
                     // Fenced or no session: queue locally and wait for the grant to change.
                     _ => {
+                        if self.legacy {
+                            self.drop_queued(u64::MAX).await;
+                        }
                         tokio::select! {
+                            _ = self.wake.notified() => {}
                             _ = rx.changed() => {}
                             _ = stop.wait() => return,
                         }
@@ -166,6 +191,10 @@ impl Shipper {
                 }
                 Err(e) => e.to_string(),
             };
+            if self.legacy {
+                self.drop_queued(last_seq).await;
+                continue;
+            }
             tracing::warn!(failure, endpoint, first_seq, "batch not acked; retrying");
             self.set_error(Some(failure));
             if !sleep_or_stop(backoff.next(), &mut stop).await {
