@@ -15,9 +15,10 @@ use std::time::Duration;
 /// Upgrade a live content fleet and its controller to an incompatible
 /// release with no viewer disruption and no record lost or duplicated.
 ///
-/// Start with `handover demo`: it runs a whole local cluster (controller,
-/// three groups of primary + backup nodes, viewers), prints what happened and
-/// stops everything again.
+/// Start with `handover demo`: it runs a whole local release-1 cluster
+/// (controller, three groups of primary + backup nodes, viewers), upgrades it
+/// to release 2, does the same by hand for comparison, prints what viewers
+/// saw and what the database holds, and stops everything again.
 #[derive(Parser)]
 #[command(
     name = "handover",
@@ -32,7 +33,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a local cluster as separate processes with viewers, and report.
+    /// Upgrade a live local cluster with handover, then by hand, and compare.
     Demo(demo::DemoArgs),
     /// Run the controller: owns the database, serves nodes and operators.
     Controller(ControllerArgs),
@@ -92,13 +93,14 @@ enum ArtifactCmd {
     List(OperatorArgs),
 }
 
-/// Policy for primaries: `wait` for their events to end (default),
-/// `failover` as soon as the backup is upgraded, or `deadline=MS`.
 #[derive(Args, Clone)]
 struct UpgradeTarget {
     /// Artifact id on the controller, or an artifact directory (uploaded first).
     #[arg(long)]
     to: String,
+    /// When primaries switch: `wait` for their current events to end,
+    /// `failover` as soon as their backup passed its health gate, or
+    /// `deadline=MS` (wait at most MS, then fail over).
     #[arg(long, default_value = "wait")]
     policy: String,
     /// Pause at the start of these phases (e.g. `--pause-at primaries`) to look before going on.
