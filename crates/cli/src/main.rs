@@ -513,19 +513,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 segment_ms,
                 ladder,
             };
-            print_json_or(
-                &op,
-                &Operator::with(&op.controller, &op.token)?
-                    .post("/api/v1/channels", &spec)
-                    .await?,
-            )
+            api_post(&op, "/api/v1/channels", &spec).await
         }
-        Command::Channel(ChannelCmd::List(op)) => print_json_or(
-            &op,
-            &Operator::with(&op.controller, &op.token)?
-                .get("/api/v1/channels")
-                .await?,
-        ),
+        Command::Channel(ChannelCmd::List(op)) => api_get(&op, "/api/v1/channels").await,
         Command::Group(GroupCmd::Create {
             op,
             name,
@@ -537,19 +527,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 primary,
                 backup,
             };
-            print_json_or(
-                &op,
-                &Operator::with(&op.controller, &op.token)?
-                    .post("/api/v1/groups", &g)
-                    .await?,
-            )
+            api_post(&op, "/api/v1/groups", &g).await
         }
-        Command::Group(GroupCmd::List(op)) => print_json_or(
-            &op,
-            &Operator::with(&op.controller, &op.token)?
-                .get("/api/v1/groups")
-                .await?,
-        ),
+        Command::Group(GroupCmd::List(op)) => api_get(&op, "/api/v1/groups").await,
         Command::Event(EventCmd::Create {
             op,
             channel,
@@ -567,37 +547,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 start_ms,
                 duration_ms,
             };
-            print_json_or(
-                &op,
-                &Operator::with(&op.controller, &op.token)?
-                    .post("/api/v1/events", &spec)
-                    .await?,
-            )
+            api_post(&op, "/api/v1/events", &spec).await
         }
-        Command::Event(EventCmd::List(op)) => print_json_or(
-            &op,
-            &Operator::with(&op.controller, &op.token)?
-                .get("/api/v1/events")
-                .await?,
-        ),
-        Command::Fence(op) => print_json_or(
-            &op,
-            &Operator::with(&op.controller, &op.token)?
-                .post("/api/v1/fence", &serde_json::json!({}))
-                .await?,
-        ),
-        Command::Unfence(op) => print_json_or(
-            &op,
-            &Operator::with(&op.controller, &op.token)?
-                .post("/api/v1/unfence", &serde_json::json!({}))
-                .await?,
-        ),
-        Command::Records(a) => print_json_or(
-            &a.op,
-            &Operator::with(&a.op.controller, &a.op.token)?
-                .get("/api/v1/records/summary")
-                .await?,
-        ),
+        Command::Event(EventCmd::List(op)) => api_get(&op, "/api/v1/events").await,
+        Command::Fence(op) => api_post(&op, "/api/v1/fence", &serde_json::json!({})).await,
+        Command::Unfence(op) => api_post(&op, "/api/v1/unfence", &serde_json::json!({})).await,
+        Command::Records(a) => api_get(&a.op, "/api/v1/records/summary").await,
         Command::Artifact(ArtifactCmd::Create {
             binary,
             release,
@@ -613,12 +568,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .await?;
             print_json_or(&op, &serde_json::to_value(&m)?)
         }
-        Command::Artifact(ArtifactCmd::List(op)) => print_json_or(
-            &op,
-            &Operator::with(&op.controller, &op.token)?
-                .get("/api/v1/artifacts")
-                .await?,
-        ),
+        Command::Artifact(ArtifactCmd::List(op)) => api_get(&op, "/api/v1/artifacts").await,
         Command::Upgrade(cmd) => run_upgrade(cmd).await,
         Command::Releases(f) => {
             if f.json {
@@ -634,6 +584,26 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn api_get(op: &OperatorArgs, path: &str) -> anyhow::Result<()> {
+    print_json_or(
+        op,
+        &Operator::with(&op.controller, &op.token)?.get(path).await?,
+    )
+}
+
+async fn api_post<B: serde::Serialize>(
+    op: &OperatorArgs,
+    path: &str,
+    body: &B,
+) -> anyhow::Result<()> {
+    print_json_or(
+        op,
+        &Operator::with(&op.controller, &op.token)?
+            .post(path, body)
+            .await?,
+    )
 }
 
 /// Operator commands print what the controller answered: pretty JSON is

@@ -154,17 +154,6 @@ fn validate(config: &ControllerConfig) -> anyhow::Result<&'static ReleaseInfo> {
     Ok(info)
 }
 
-/// Binds `config.listen` and serves until `shutdown` resolves.
-pub async fn run(
-    config: ControllerConfig,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    serve_on(config, listener, shutdown).await
-}
-
 /// Serves on an already bound listener (a supervisor may hand one over).
 pub async fn serve_on(
     config: ControllerConfig,

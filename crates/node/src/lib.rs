@@ -5,7 +5,7 @@
 //! Modules: [`store`] (node.db: outbox, journal, kv), [`session`] (hello,
 //! heartbeat, watch, params), [`producer`] (observations from the clock),
 //! [`shipper`] (outbox → controller), [`hls`] (HTTP). This file holds the
-//! config, `run` and the wiring. Core logic lives in `handover_core`; this
+//! config, `serve_on` and the wiring. Core logic lives in `handover_core`; this
 //! crate is the IO shell around it.
 
 pub mod agent;
@@ -183,19 +183,9 @@ fn validate(config: &NodeConfig, info: &ReleaseInfo) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Binds `config.listen`, then as [`serve_on`].
-/// Runs until `shutdown` resolves; then stops accepting, finishes in-flight requests, flushes and returns.
-pub async fn run(
-    config: NodeConfig,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    serve_on(config, listener, shutdown).await
-}
-
-/// Like [`run`] on a listener bound elsewhere (a supervisor hands sockets over).
+/// Serves on a bound listener (bound by `roles`, or handed over by a
+/// supervisor) until `shutdown` resolves; then stops accepting, finishes
+/// in-flight requests, drains the outbox (bounded) and returns.
 pub async fn serve_on(
     config: NodeConfig,
     listener: tokio::net::TcpListener,

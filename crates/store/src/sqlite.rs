@@ -343,7 +343,15 @@ async fn migrate_1_to_2(tx: &mut Transaction<'_, Sqlite>) -> Result<()> {
         })?;
         insert_v2(tx, &node, seq, &new, Some(1), &by_id).await?;
     }
-    check_moved(tx, &[("channels_v1", "channels"), ("events_v1", "events"), ("records_v1", "records")]).await?;
+    check_moved(
+        tx,
+        &[
+            ("channels_v1", "channels"),
+            ("events_v1", "events"),
+            ("records_v1", "records"),
+        ],
+    )
+    .await?;
     sqlx::raw_sql("DROP TABLE records_v1; DROP TABLE events_v1; DROP TABLE channels_v1;")
         .execute(&mut **tx)
         .await?;
@@ -354,10 +362,16 @@ async fn migrate_1_to_2(tx: &mut Transaction<'_, Sqlite>) -> Result<()> {
 /// the database as it was): every row of every old table arrived.
 async fn check_moved(tx: &mut Transaction<'_, Sqlite>, pairs: &[(&str, &str)]) -> Result<()> {
     for (old, new) in pairs {
-        let before: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {old}")).fetch_one(&mut **tx).await?;
-        let after: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {new}")).fetch_one(&mut **tx).await?;
+        let before: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {old}"))
+            .fetch_one(&mut **tx)
+            .await?;
+        let after: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {new}"))
+            .fetch_one(&mut **tx)
+            .await?;
         if before != after {
-            return Err(StoreError::Corrupt(format!("self-check: {old} had {before} rows, {new} has {after}")));
+            return Err(StoreError::Corrupt(format!(
+                "self-check: {old} had {before} rows, {new} has {after}"
+            )));
         }
     }
     Ok(())
