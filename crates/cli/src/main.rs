@@ -619,14 +619,6 @@ fn print_json_or(op: &OperatorArgs, value: &serde_json::Value) -> anyhow::Result
 
 async fn run_upgrade(cmd: UpgradeCmd) -> anyhow::Result<()> {
     use handover::upgrade as up;
-    let show = |op: &OperatorArgs, s: &handover_controller::UpgradeStatus| -> anyhow::Result<()> {
-        if op.json {
-            println!("{}", serde_json::to_string(s)?);
-        } else {
-            print!("{}", up::render_status(s));
-        }
-        Ok(())
-    };
     match cmd {
         UpgradeCmd::Plan { op, target } => {
             let o = Operator::with(&op.controller, &op.token)?;
@@ -649,7 +641,7 @@ async fn run_upgrade(cmd: UpgradeCmd) -> anyhow::Result<()> {
             } else {
                 up::status(&o).await?
             };
-            show(&op, &s)
+            show_upgrade(&op, &s)
         }
         UpgradeCmd::Status { op, watch } => {
             let o = Operator::with(&op.controller, &op.token)?;
@@ -658,7 +650,7 @@ async fn run_upgrade(cmd: UpgradeCmd) -> anyhow::Result<()> {
             } else {
                 up::status(&o).await?
             };
-            show(&op, &s)
+            show_upgrade(&op, &s)
         }
         UpgradeCmd::Pause(op) => control(&op, "pause").await,
         UpgradeCmd::Resume(op) => control(&op, "resume").await,
@@ -672,11 +664,14 @@ async fn control(op: &OperatorArgs, verb: &str) -> anyhow::Result<()> {
     let _: serde_json::Value = o
         .post(&format!("/api/v1/upgrade/{verb}"), &serde_json::json!({}))
         .await?;
-    let s = handover::upgrade::status(&o).await?;
+    show_upgrade(op, &handover::upgrade::status(&o).await?)
+}
+
+fn show_upgrade(op: &OperatorArgs, s: &handover_controller::UpgradeStatus) -> anyhow::Result<()> {
     if op.json {
-        println!("{}", serde_json::to_string(&s)?);
+        println!("{}", serde_json::to_string(s)?);
     } else {
-        print!("{}", handover::upgrade::render_status(&s));
+        print!("{}", handover::upgrade::render_status(s));
     }
     Ok(())
 }
