@@ -288,6 +288,9 @@ pub struct Session {
     link: watch::Sender<Link>,
     params: watch::Sender<Arc<ParamsCache>>,
     params_wake: Notify,
+    /// A grant or epoch change is acknowledged at once (it is persisted
+    /// before), not at the next heartbeat: a fence completes in milliseconds.
+    heartbeat_wake: Notify,
     /// One adoption at a time, so a grant change is persisted (and its
     /// alert written) exactly once even when heartbeat and watch see it together.
     adopt_lock: tokio::sync::Mutex<()>,
@@ -330,6 +333,7 @@ impl Session {
             link: watch::channel(link).0,
             params: watch::channel(Arc::new(params)).0,
             params_wake: Notify::new(),
+            heartbeat_wake: Notify::new(),
             adopt_lock: tokio::sync::Mutex::new(()),
             reachable: AtomicBool::new(false),
             last_contact: Mutex::new(None),
@@ -562,6 +566,9 @@ impl Session {
         if a.grant.may_read_params() && self.params.borrow().revision != Some(a.param_revision) {
             self.params_wake.notify_one();
         }
+        if grant_changed || epoch_changed {
+            self.heartbeat_wake.notify_one();
+        }
         Ok(grant_changed || epoch_changed || cur.desired != a.desired)
     }
 
@@ -653,8 +660,10 @@ impl Session {
                 _ = stop.wait() => return,
             };
             let period = (lease_ms / 3).clamp(HEARTBEAT_MS_MIN, HEARTBEAT_MS_MAX);
-            if !sleep_or_stop(Duration::from_millis(period), &mut stop).await {
-                return;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(period)) => {}
+                _ = self.heartbeat_wake.notified() => {}
+                _ = stop.wait() => return,
             }
             let link = self.link_now();
             let (true, Some(epoch), Some(credential)) =
