@@ -1,15 +1,21 @@
-//! `handover artifact create|upload`: build an artifact directory from a
-//! binary, check one, and upload it to the controller.
+//! `handover artifact create|keygen|sign|verify|upload`: build an artifact
+//! directory from a binary, make a signing key, sign and check an artifact,
+//! and upload it to the controller.
 //!
 //! An artifact directory holds `manifest.json` (see
-//! [`handover_core::artifact::Manifest`]) and `handover`, the binary.
+//! [`handover_core::artifact::Manifest`]), `handover`, the binary, and once
+//! signed `manifest.json.minisig`: a standard minisign signature over the
+//! exact bytes of `manifest.json` (`minisign -Vm manifest.json -p
+//! handover.pub` verifies it too). The manifest names the binary's SHA-256,
+//! so the signature covers the binary.
 
 use crate::client::{now_ms, Operator};
 use anyhow::{bail, ensure, Context};
-use handover_controller::artifacts::MANIFEST_HEADER;
+use base64::Engine as _;
+use handover_controller::artifacts::{MANIFEST_HEADER, SIGNATURE_HEADER};
 use handover_core::artifact::{
-    DigestCheck, Hasher, Manifest, ARTIFACT_BYTES_MAX, BINARY_FILE, MANIFEST_BYTES_MAX,
-    MANIFEST_FILE,
+    verify_manifest, DigestCheck, Hasher, Manifest, PublicKey, ARTIFACT_BYTES_MAX, BINARY_FILE,
+    MANIFEST_BYTES_MAX, MANIFEST_FILE, PUBLIC_KEY_BYTES_MAX, SIGNATURE_BYTES_MAX, SIGNATURE_FILE,
 };
 use handover_core::{Release, ReleaseInfo};
 use std::fs::{File, OpenOptions};
@@ -24,6 +30,15 @@ const IO_CHUNK_BYTES: usize = 256 << 10;
 const UPLOAD_TIMEOUT_BASE_MS: u64 = 30_000;
 /// Allows uploads down to about 50 KiB/s.
 const UPLOAD_MS_PER_MIB: u64 = 20_000;
+/// Name of the secret key `keygen` writes.
+pub const SECRET_KEY_FILE: &str = "handover.key";
+/// Name of the public key `keygen` writes.
+pub const PUBLIC_KEY_FILE: &str = "handover.pub";
+/// Largest secret key file read (a minisign one is about 250 bytes).
+const SECRET_KEY_BYTES_MAX: usize = 4096;
+/// The password of a password-protected secret key (one made with
+/// `minisign -G`); `keygen` itself writes unencrypted keys.
+pub const KEY_PASSWORD_ENV: &str = "HANDOVER_KEY_PASSWORD";
 
 /// Removes what `create` made unless it finished.
 struct Undo {
@@ -156,20 +171,56 @@ pub fn create(binary: &Path, release: u32, out_dir: &Path) -> anyhow::Result<Man
     Ok(manifest)
 }
 
+/// Reads `path` whole, refusing more than `max` bytes.
+fn read_bounded(path: &Path, max: usize) -> anyhow::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    File::open(path)
+        .and_then(|f| f.take(max as u64 + 1).read_to_end(&mut buf))
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    ensure!(
+        buf.len() <= max,
+        "{} is larger than {max} bytes; it is not what it should be",
+        path.display()
+    );
+    Ok(buf)
+}
+
+/// The exact bytes of `dir/manifest.json`, and the manifest they validate to.
+fn read_manifest(dir: &Path) -> anyhow::Result<(Vec<u8>, Manifest)> {
+    let mpath = dir.join(MANIFEST_FILE);
+    let doc = read_bounded(&mpath, MANIFEST_BYTES_MAX)?;
+    let manifest = Manifest::decode(&doc)
+        .with_context(|| format!("{} is not a valid artifact manifest", mpath.display()))?;
+    Ok((doc, manifest))
+}
+
+/// `dir/manifest.json.minisig`, if the artifact is signed.
+fn read_signature(dir: &Path) -> anyhow::Result<Option<String>> {
+    let path = dir.join(SIGNATURE_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let bytes = read_bounded(&path, SIGNATURE_BYTES_MAX)?;
+    String::from_utf8(bytes)
+        .map(Some)
+        .with_context(|| format!("{} is not a minisign signature (not text)", path.display()))
+}
+
 /// Reads and validates `dir/manifest.json`, then re-checks the size and
 /// SHA-256 of `dir/handover` against it. Returns the manifest and the
 /// binary's path.
 pub fn load(dir: &Path) -> anyhow::Result<(Manifest, PathBuf)> {
+    let (_, manifest) = read_manifest(dir)?;
+    let binary = check_binary(dir, &manifest)?;
+    Ok((manifest, binary))
+}
+
+/// Re-checks the size and SHA-256 of `dir/handover` against `manifest`.
+fn check_binary(dir: &Path, manifest: &Manifest) -> anyhow::Result<PathBuf> {
     let mpath = dir.join(MANIFEST_FILE);
-    let mut doc = Vec::new();
-    File::open(&mpath)
-        .and_then(|f| f.take(MANIFEST_BYTES_MAX as u64 + 1).read_to_end(&mut doc))
-        .with_context(|| format!("cannot read {}", mpath.display()))?;
-    let manifest = Manifest::decode(&doc)
-        .with_context(|| format!("{} is not a valid artifact manifest", mpath.display()))?;
     let binary = dir.join(BINARY_FILE);
     let mut f = File::open(&binary).with_context(|| format!("cannot open {}", binary.display()))?;
-    let mut check = DigestCheck::new(&manifest);
+    let mut check = DigestCheck::new(manifest);
     let mut buf = vec![0u8; IO_CHUNK_BYTES];
     let checked = loop {
         let n = f
@@ -183,19 +234,261 @@ pub fn load(dir: &Path) -> anyhow::Result<(Manifest, PathBuf)> {
         }
     };
     checked.with_context(|| format!("{} does not match {}", binary.display(), mpath.display()))?;
-    Ok((manifest, binary))
+    Ok(binary)
+}
+
+/// The key files [`keygen`] wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyFiles {
+    pub secret: PathBuf,
+    pub public: PathBuf,
+    /// The key id, as minisign shows it.
+    pub key_id: String,
+}
+
+/// Writes a new minisign key pair into `out_dir` (created if needed):
+/// [`SECRET_KEY_FILE`] (mode 0600, **not** password-protected: keep it
+/// offline) and [`PUBLIC_KEY_FILE`] (give it to the controller and every
+/// node with `--trusted-key`). Existing key files are never overwritten;
+/// on failure nothing is left behind.
+pub fn keygen(out_dir: &Path) -> anyhow::Result<KeyFiles> {
+    std::fs::create_dir_all(out_dir)
+        .with_context(|| format!("cannot create {}", out_dir.display()))?;
+    let secret = out_dir.join(SECRET_KEY_FILE);
+    let public = out_dir.join(PUBLIC_KEY_FILE);
+    for p in [&secret, &public] {
+        ensure!(
+            !p.exists(),
+            "{} exists; keys are never overwritten: choose another --out or remove it",
+            p.display()
+        );
+    }
+    let kp = minisign::KeyPair::generate_unencrypted_keypair()
+        .map_err(|e| anyhow::anyhow!("cannot generate a key pair: {e}"))?;
+    let pk_text = kp
+        .pk
+        .to_box()
+        .map_err(|e| anyhow::anyhow!("cannot encode the public key: {e}"))?
+        .into_string();
+    let key_id = PublicKey::decode(&pk_text)
+        .context("the new public key does not read back")?
+        .id()
+        .to_owned();
+    let sk_text = kp
+        .sk
+        .to_box(Some(&format!(
+            "handover artifact signing key {key_id} (unencrypted)"
+        )))
+        .map_err(|e| anyhow::anyhow!("cannot encode the secret key: {e}"))?
+        .into_string();
+    let mut undo = Undo {
+        files: Vec::new(),
+        dir: None,
+        done: false,
+    };
+    for (path, text, mode) in [(&secret, &sk_text, 0o600), (&public, &pk_text, 0o644)] {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        undo.files.push(path.clone());
+        f.set_permissions(std::fs::Permissions::from_mode(mode))
+            .and_then(|()| f.write_all(text.as_bytes()))
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    fsync_dir(out_dir)?;
+    undo.done = true;
+    Ok(KeyFiles {
+        secret,
+        public,
+        key_id,
+    })
+}
+
+/// Reads a minisign secret key file: unencrypted (as [`keygen`] writes
+/// it), or password-protected (`minisign -G`) with `password`.
+fn read_secret_key(path: &Path, password: Option<String>) -> anyhow::Result<minisign::SecretKey> {
+    let bytes = read_bounded(path, SECRET_KEY_BYTES_MAX)?;
+    let text = String::from_utf8(bytes)
+        .with_context(|| format!("{} is not a minisign secret key", path.display()))?;
+    let not_a_key = || {
+        format!(
+            "{} is not a minisign secret key (made by `handover artifact keygen`)",
+            path.display()
+        )
+    };
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with("untrusted comment:"))
+        .with_context(not_a_key)?;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(line)
+        .ok()
+        .with_context(not_a_key)?;
+    let parsed = minisign::SecretKey::from_bytes(&raw)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(not_a_key)?;
+    let boxed = minisign::SecretKeyBox::from_string(&text)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(not_a_key)?;
+    if !parsed.is_encrypted() {
+        // minisign 0.11's `-W` keys carry no checksum (all zero), which the
+        // signing library refuses as corrupt.
+        let no_checksum = raw.len() > 32 && raw[raw.len() - 32..].iter().all(|b| *b == 0);
+        return boxed.into_unencrypted_secret_key().map_err(|e| {
+            if no_checksum {
+                anyhow::anyhow!(
+                    "{} is an unencrypted key without a checksum (as `minisign -G -W` makes \
+                     them), which cannot be used here: make one with `handover artifact keygen`, \
+                     or a password-protected one with `minisign -G`",
+                    path.display()
+                )
+            } else {
+                anyhow::anyhow!("{} is damaged: {e}", path.display())
+            }
+        });
+    }
+    let password = password.ok_or_else(|| {
+        anyhow::anyhow!(
+            "{} is password-protected: give its password in {KEY_PASSWORD_ENV}",
+            path.display()
+        )
+    })?;
+    boxed
+        .into_secret_key(Some(password))
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))
+}
+
+/// Reads a minisign public key file (`handover.pub`, or any `minisign.pub`).
+pub fn read_public_key(path: &Path) -> anyhow::Result<PublicKey> {
+    let bytes = read_bounded(path, PUBLIC_KEY_BYTES_MAX)?;
+    let text = String::from_utf8(bytes)
+        .with_context(|| format!("{} is not a minisign public key (not text)", path.display()))?;
+    PublicKey::decode(&text).with_context(|| format!("cannot use {}", path.display()))
+}
+
+/// What [`sign`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Signed {
+    pub manifest: Manifest,
+    pub key_id: String,
+    pub signature: PathBuf,
+}
+
+/// Signs the artifact in `dir` with the secret key in `key`: checks the
+/// artifact first (as [`load`]: a binary that does not match its manifest
+/// is never signed), signs the exact bytes of `manifest.json`, checks the
+/// signature with the key's public half, and writes
+/// `manifest.json.minisig` (replacing an older signature atomically). A
+/// password-protected key takes its password from [`KEY_PASSWORD_ENV`].
+pub fn sign(dir: &Path, key: &Path) -> anyhow::Result<Signed> {
+    sign_with(dir, key, std::env::var(KEY_PASSWORD_ENV).ok())
+}
+
+/// [`sign`] with the key's password (if it has one) given.
+pub fn sign_with(dir: &Path, key: &Path, password: Option<String>) -> anyhow::Result<Signed> {
+    let (doc, manifest) = read_manifest(dir)?;
+    check_binary(dir, &manifest).context("refusing to sign: the artifact does not check")?;
+    let sk = read_secret_key(key, password)?;
+    let pk = minisign::PublicKey::from_secret_key(&sk)
+        .map_err(|e| anyhow::anyhow!("cannot derive the public key of {}: {e}", key.display()))?;
+    let public = PublicKey::from_base64(&pk.to_base64())
+        .with_context(|| format!("cannot derive the public key of {}", key.display()))?;
+    let trusted_comment = format!(
+        "timestamp:{}\tfile:{MANIFEST_FILE}\thashed\tartifact:{} release:{}",
+        now_ms().max(0) / 1000,
+        manifest.id(),
+        manifest.release
+    );
+    let untrusted_comment = format!("signature from handover secret key {}", public.id());
+    let text = minisign::sign(
+        Some(&pk),
+        &sk,
+        doc.as_slice(),
+        Some(&trusted_comment),
+        Some(&untrusted_comment),
+    )
+    .map_err(|e| anyhow::anyhow!("cannot sign {}: {e}", dir.join(MANIFEST_FILE).display()))?
+    .into_string();
+    verify_manifest(&doc, Some(&text), std::slice::from_ref(&public))
+        .context("the new signature does not verify; nothing was written")?;
+    let path = dir.join(SIGNATURE_FILE);
+    let tmp = dir.join(format!(".{SIGNATURE_FILE}.tmp"));
+    let written = File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all(text.as_bytes())?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot write {}", path.display()));
+    }
+    fsync_dir(dir)?;
+    Ok(Signed {
+        manifest,
+        key_id: public.id().to_owned(),
+        signature: path,
+    })
+}
+
+/// Checks the artifact in `dir` as a controller or node with `pubkeys`
+/// trusted would: `manifest.json.minisig` is a valid signature of the exact
+/// `manifest.json` by one of them, and the binary matches the manifest.
+/// Returns the manifest and the id of the key that signed it.
+pub fn verify(dir: &Path, pubkeys: &[PathBuf]) -> anyhow::Result<(Manifest, String)> {
+    ensure!(
+        !pubkeys.is_empty(),
+        "give the public key(s) to trust with --pubkey"
+    );
+    let trusted = pubkeys
+        .iter()
+        .map(|p| read_public_key(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mpath = dir.join(MANIFEST_FILE);
+    let doc = read_bounded(&mpath, MANIFEST_BYTES_MAX)?;
+    let signature = read_signature(dir)?;
+    let manifest = verify_manifest(&doc, signature.as_deref(), &trusted).with_context(|| {
+        format!(
+            "{} does not verify{}",
+            dir.display(),
+            if signature.is_none() {
+                format!(" (there is no {SIGNATURE_FILE})")
+            } else {
+                String::new()
+            }
+        )
+    })?;
+    check_binary(dir, &manifest)?;
+    let key_id = signature
+        .as_deref()
+        .map(handover_core::artifact::signature_key_id)
+        .transpose()?
+        .unwrap_or_default();
+    Ok((manifest, key_id))
 }
 
 /// Checks the artifact in `dir` (as [`load`]) and uploads it to the
-/// controller: `PUT /api/v1/artifacts/{sha256}` with the manifest in the
-/// `x-handover-manifest` header and the binary streamed as the body.
-/// An artifact the controller already has is not sent again; the answer is
+/// controller: `PUT /api/v1/artifacts/{sha256}` with the base64 of the exact
+/// `manifest.json` in the `x-handover-manifest` header, the base64 of
+/// `manifest.json.minisig` (when signed) in the `x-handover-signature`
+/// header, and the binary streamed as the body. An artifact the controller
+/// already has (with the same signature) is not sent again; the answer is
 /// the controller's manifest.
 pub async fn upload(op: &Operator, dir: &Path) -> anyhow::Result<Manifest> {
     let owned = dir.to_path_buf();
-    let (manifest, binary) = tokio::task::spawn_blocking(move || load(&owned))
-        .await
-        .context("artifact check failed")??;
+    let (doc, manifest, signature, binary) = tokio::task::spawn_blocking(move || {
+        let (doc, manifest) = read_manifest(&owned)?;
+        let signature = read_signature(&owned)?;
+        let binary = check_binary(&owned, &manifest)?;
+        anyhow::Ok((doc, manifest, signature, binary))
+    })
+    .await
+    .context("artifact check failed")??;
     // A cheap call first: a wrong token or an unreachable controller shows
     // as such (not as a broken pipe mid-body), and an artifact the
     // controller already holds is not sent again.
@@ -207,7 +500,9 @@ pub async fn upload(op: &Operator, dir: &Path) -> anyhow::Result<Manifest> {
         .into_iter()
         .find(|m| m.sha256 == manifest.sha256 && m.release == manifest.release)
     {
-        return Ok(m);
+        if signature.is_none() || stored_signature(op, &m).await? == signature {
+            return Ok(m);
+        }
     }
     let file = tokio::fs::File::open(&binary)
         .await
@@ -225,15 +520,24 @@ pub async fn upload(op: &Operator, dir: &Path) -> anyhow::Result<Manifest> {
             Err(e) => Some((Err(e), r)),
         }
     });
-    let header = serde_json::to_string(&manifest).context("cannot encode the manifest")?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let header = b64.encode(&doc);
+    let sig_header = signature.as_ref().map(|s| b64.encode(s.as_bytes()));
     let size = manifest.size.to_string();
     let timeout = Duration::from_millis(
         UPLOAD_TIMEOUT_BASE_MS + manifest.size.div_ceil(1 << 20) * UPLOAD_MS_PER_MIB,
     );
+    let mut headers = vec![
+        (MANIFEST_HEADER, header.as_str()),
+        ("content-length", &size),
+    ];
+    if let Some(sig) = &sig_header {
+        headers.push((SIGNATURE_HEADER, sig));
+    }
     let stored: Manifest = op
         .put_raw(
             &format!("/api/v1/artifacts/{}", manifest.sha256),
-            &[(MANIFEST_HEADER, &header), ("content-length", &size)],
+            &headers,
             reqwest::Body::wrap_stream(stream),
             timeout,
         )
@@ -247,6 +551,13 @@ pub async fn upload(op: &Operator, dir: &Path) -> anyhow::Result<Manifest> {
         );
     }
     Ok(stored)
+}
+
+/// The signature the controller stores for `m` (`None`: unsigned).
+async fn stored_signature(op: &Operator, m: &Manifest) -> anyhow::Result<Option<String>> {
+    op.get_text(&format!("/api/v1/artifacts/{}/signature", m.id()))
+        .await
+        .with_context(|| format!("cannot ask the controller for the signature of {}", m.id()))
 }
 
 #[cfg(test)]
@@ -418,5 +729,192 @@ mod tests {
         std::fs::write(out.join(BINARY_FILE), &bad).unwrap();
         let err = format!("{:#}", upload(&op, &out).await.unwrap_err());
         assert!(err.contains("digest mismatch"), "{err}");
+    }
+
+    #[test]
+    fn keygen_sign_verify_round_trip() {
+        let tmp = tempfile::tempdir().unwrap();
+        let keys = keygen(&tmp.path().join("keys")).unwrap();
+        assert_eq!(keys.secret, tmp.path().join("keys").join(SECRET_KEY_FILE));
+        let mode = std::fs::metadata(&keys.secret)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let pub_text = std::fs::read_to_string(&keys.public).unwrap();
+        assert!(
+            pub_text.starts_with("untrusted comment: minisign public key: "),
+            "{pub_text}"
+        );
+        assert_eq!(read_public_key(&keys.public).unwrap().id(), keys.key_id);
+        // Never overwritten.
+        let err = format!("{:#}", keygen(&tmp.path().join("keys")).unwrap_err());
+        assert!(err.contains("never overwritten"), "{err}");
+
+        let (bin, _) = binary(tmp.path(), 300_000);
+        let out = tmp.path().join("art");
+        let m = create(&bin, 2, &out).unwrap();
+        let err = format!(
+            "{:#}",
+            verify(&out, std::slice::from_ref(&keys.public)).unwrap_err()
+        );
+        assert!(err.contains("not signed"), "{err}");
+        assert!(err.contains(SIGNATURE_FILE), "{err}");
+
+        let signed = sign(&out, &keys.secret).unwrap();
+        assert_eq!(signed.manifest, m);
+        assert_eq!(signed.key_id, keys.key_id);
+        assert_eq!(signed.signature, out.join(SIGNATURE_FILE));
+        let sig = std::fs::read_to_string(&signed.signature).unwrap();
+        assert!(sig.starts_with("untrusted comment: "), "{sig}");
+        assert!(sig.contains(&format!("artifact:{}", m.id())), "{sig}");
+        assert_eq!(
+            verify(&out, std::slice::from_ref(&keys.public)).unwrap(),
+            (m.clone(), keys.key_id.clone())
+        );
+        // Signing again replaces the signature; it still verifies.
+        sign(&out, &keys.secret).unwrap();
+        verify(&out, std::slice::from_ref(&keys.public)).unwrap();
+        assert!(!out.join(format!(".{SIGNATURE_FILE}.tmp")).exists());
+
+        // Another key is not trusted; trusting both is fine.
+        let other = keygen(&tmp.path().join("other")).unwrap();
+        let err = format!(
+            "{:#}",
+            verify(&out, std::slice::from_ref(&other.public)).unwrap_err()
+        );
+        assert!(
+            err.contains("untrusted") || err.contains("not trusted"),
+            "{err}"
+        );
+        assert!(err.contains(&keys.key_id), "{err}");
+        verify(&out, &[other.public.clone(), keys.public.clone()]).unwrap();
+        let err = format!("{:#}", verify(&out, &[]).unwrap_err());
+        assert!(err.contains("--pubkey"), "{err}");
+        // A secret key is not a public key, nor the reverse.
+        let err = format!(
+            "{:#}",
+            verify(&out, std::slice::from_ref(&keys.secret)).unwrap_err()
+        );
+        assert!(err.contains("not a minisign public key"), "{err}");
+        let err = format!("{:#}", sign(&out, &keys.public).unwrap_err());
+        assert!(err.contains("not a minisign secret key"), "{err}");
+    }
+
+    #[test]
+    fn verify_refuses_a_tampered_binary_or_manifest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let keys = keygen(tmp.path()).unwrap();
+        let (bin, mut bytes) = binary(tmp.path(), 20_000);
+        let out = tmp.path().join("art");
+        let m = create(&bin, 2, &out).unwrap();
+        sign(&out, &keys.secret).unwrap();
+        let trusted = [keys.public.clone()];
+
+        // The binary changed after signing: the signature still matches the
+        // manifest, but the binary does not match its digest.
+        bytes[10_000] ^= 0x40;
+        std::fs::write(out.join(BINARY_FILE), &bytes).unwrap();
+        let err = format!("{:#}", verify(&out, &trusted).unwrap_err());
+        assert!(err.contains("digest mismatch"), "{err}");
+        // ... and it is never signed as is.
+        let err = format!("{:#}", sign(&out, &keys.secret).unwrap_err());
+        assert!(
+            err.contains("refusing to sign") && err.contains("digest mismatch"),
+            "{err}"
+        );
+        bytes[10_000] ^= 0x40;
+        std::fs::write(out.join(BINARY_FILE), &bytes).unwrap();
+        verify(&out, &trusted).unwrap();
+
+        // The manifest changed after signing (still a valid manifest).
+        let mut edited = m.clone();
+        edited.created_ms += 1;
+        std::fs::write(out.join(MANIFEST_FILE), edited.to_pretty_json()).unwrap();
+        let err = format!("{:#}", verify(&out, &trusted).unwrap_err());
+        assert!(err.contains("changed after signing"), "{err}");
+        // Even a byte that does not change the JSON value.
+        let mut doc = m.to_pretty_json();
+        doc.push(' ');
+        std::fs::write(out.join(MANIFEST_FILE), &doc).unwrap();
+        let err = format!("{:#}", verify(&out, &trusted).unwrap_err());
+        assert!(err.contains("changed after signing"), "{err}");
+        std::fs::write(out.join(MANIFEST_FILE), m.to_pretty_json()).unwrap();
+        verify(&out, &trusted).unwrap();
+
+        // A damaged signature file.
+        std::fs::write(out.join(SIGNATURE_FILE), "untrusted comment: x\n").unwrap();
+        let err = format!("{:#}", verify(&out, &trusted).unwrap_err());
+        assert!(err.contains("not a minisign signature"), "{err}");
+    }
+
+    #[test]
+    fn a_password_protected_key_needs_its_password() {
+        let tmp = tempfile::tempdir().unwrap();
+        let kp =
+            minisign::KeyPair::generate_encrypted_keypair(Some("correct horse".into())).unwrap();
+        let key = tmp.path().join("enc.key");
+        std::fs::write(&key, kp.sk.to_box(None).unwrap().to_bytes()).unwrap();
+        let pubkey = tmp.path().join("enc.pub");
+        std::fs::write(&pubkey, kp.pk.to_box().unwrap().to_bytes()).unwrap();
+        let (bin, _) = binary(tmp.path(), 1000);
+        let out = tmp.path().join("art");
+        create(&bin, 2, &out).unwrap();
+        let err = format!("{:#}", sign_with(&out, &key, None).unwrap_err());
+        assert!(err.contains(KEY_PASSWORD_ENV), "{err}");
+        let err = format!(
+            "{:#}",
+            sign_with(&out, &key, Some("wrong".into())).unwrap_err()
+        );
+        assert!(err.contains("cannot open"), "{err}");
+        sign_with(&out, &key, Some("correct horse".into())).unwrap();
+        verify(&out, &[pubkey]).unwrap();
+    }
+
+    #[tokio::test]
+    async fn signed_upload_to_a_controller_with_trusted_keys() {
+        let tmp = tempfile::tempdir().unwrap();
+        let keys = keygen(&tmp.path().join("a")).unwrap();
+        let other = keygen(&tmp.path().join("b")).unwrap();
+        let store = ArtifactStore::open(tmp.path().join("store"))
+            .unwrap()
+            .with_trusted_keys(vec![read_public_key(&keys.public).unwrap()]);
+        let app = axum::Router::new()
+            .merge(routes::<Host>())
+            .with_state(Host(Arc::new(store)));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let op = Operator::with(&base, OP).unwrap();
+
+        let (bin, bytes) = binary(tmp.path(), 70_000);
+        let out = tmp.path().join("art");
+        let m = create(&bin, 2, &out).unwrap();
+        let err = format!("{:#}", upload(&op, &out).await.unwrap_err());
+        assert!(err.contains("unsigned (400"), "{err}");
+        sign(&out, &other.secret).unwrap();
+        let err = format!("{:#}", upload(&op, &out).await.unwrap_err());
+        assert!(err.contains("untrusted_key (400"), "{err}");
+        sign(&out, &keys.secret).unwrap();
+        assert_eq!(upload(&op, &out).await.unwrap(), m);
+        let stored = tmp.path().join("store").join(m.id());
+        assert_eq!(std::fs::read(stored.join(BINARY_FILE)).unwrap(), bytes);
+        assert_eq!(
+            std::fs::read(stored.join(MANIFEST_FILE)).unwrap(),
+            std::fs::read(out.join(MANIFEST_FILE)).unwrap()
+        );
+        assert_eq!(
+            std::fs::read(stored.join(SIGNATURE_FILE)).unwrap(),
+            std::fs::read(out.join(SIGNATURE_FILE)).unwrap()
+        );
+        // Again: the controller has it with this signature, nothing is sent.
+        assert_eq!(upload(&op, &out).await.unwrap(), m);
+        // Signed again (a new signature): sent, and it replaces the old one.
+        sign(&out, &keys.secret).unwrap();
+        assert_eq!(upload(&op, &out).await.unwrap(), m);
+        assert_eq!(
+            std::fs::read(stored.join(SIGNATURE_FILE)).unwrap(),
+            std::fs::read(out.join(SIGNATURE_FILE)).unwrap()
+        );
     }
 }

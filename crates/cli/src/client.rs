@@ -162,6 +162,39 @@ pub fn render_status(s: &Status) -> String {
 }
 
 impl Operator {
+    /// GET of a text answer; `None` for 404 (any code), as for a signature
+    /// the controller does not have.
+    pub async fn get_text(&self, path: &str) -> anyhow::Result<Option<String>> {
+        let what = format!("GET {path}");
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the controller at {} ({what})", self.base))?;
+        let status = resp.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let body = resp
+            .text()
+            .await
+            .with_context(|| format!("controller answer to {what} was cut off"))?;
+        if !status.is_success() {
+            return Err(match serde_json::from_str::<ErrorBody>(&body) {
+                Ok(e) => anyhow!(
+                    "controller refused {what}: {} ({}): {}",
+                    e.error,
+                    status,
+                    e.message
+                ),
+                Err(_) => anyhow!("controller refused {what}: {status}"),
+            });
+        }
+        Ok(Some(body))
+    }
+
     /// PUT with a raw (possibly streamed) body and extra headers; `timeout`
     /// replaces the usual per-request one (a large upload takes longer).
     pub async fn put_raw<T: DeserializeOwned>(

@@ -33,11 +33,23 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(exe: &Path, name: &str, args: &[String], log: PathBuf) -> anyhow::Result<Proc> {
+        Proc::spawn_with_env(exe, name, args, &[], log)
+    }
+
+    /// [`Proc::spawn`] with extra environment variables (e.g. a test fault).
+    pub fn spawn_with_env(
+        exe: &Path,
+        name: &str,
+        args: &[String],
+        env: &[(String, String)],
+        log: PathBuf,
+    ) -> anyhow::Result<Proc> {
         let out = std::fs::File::create(&log)
             .with_context(|| format!("cannot create log {}", log.display()))?;
         let err = out.try_clone().context("cannot share the log file")?;
         let child = Command::new(exe)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
@@ -91,6 +103,61 @@ impl Proc {
     }
 }
 
+/// `DIR/logs/STEM.log`, or `STEM.N.log` when a process of that name was
+/// started before (a restart keeps the log of the one before it).
+fn unique_log(dir: &Path, stem: &str) -> PathBuf {
+    let logs = dir.join("logs");
+    let first = logs.join(format!("{stem}.log"));
+    if !first.exists() {
+        return first;
+    }
+    (1u32..)
+        .map(|n| logs.join(format!("{stem}.{n}.log")))
+        .find(|p| !p.exists())
+        .unwrap_or(first)
+}
+
+/// Every worker a supervisor runs (none if it does not answer).
+async fn worker_pids(client: &handover_supervisor::SupervisorClient) -> Vec<u32> {
+    match client.status().await {
+        Ok(s) => s
+            .active_pid
+            .into_iter()
+            .chain(s.starting_pid)
+            .chain(s.retiring_pids)
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Waits (bounded) until none of `pids` runs any more: a worker killed by
+/// its supervisor's death (PDEATHSIG) still holds the role's socket until
+/// it is gone. A zombie holds nothing.
+async fn wait_gone(pids: &[u32]) -> anyhow::Result<()> {
+    let running = |pid: &u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let state = stat
+                    .rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .next()?
+                    .to_owned();
+                Some(state != "Z" && state != "X")
+            })
+            .unwrap_or(false)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(TERMINATE_GRACE_MS);
+    while pids.iter().any(running) {
+        if tokio::time::Instant::now() > deadline {
+            bail!("workers {pids:?} still run {TERMINATE_GRACE_MS} ms after their supervisor died");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
 /// Polls `url` until it answers 200 or the wait ends.
 pub async fn wait_healthy(url: &str, proc: &mut Proc) -> anyhow::Result<()> {
     let http = reqwest::Client::builder()
@@ -130,6 +197,11 @@ pub struct NodeProc {
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
     pub proc: Option<Proc>,
+    /// The controller URL this node is given, when not the fleet's own
+    /// (e.g. a fault proxy in front of the controller).
+    pub controller_url: Option<String>,
+    /// Extra environment of this node's supervisor (inherited by its workers).
+    pub env: Vec<(String, String)>,
 }
 
 impl NodeProc {
@@ -150,9 +222,14 @@ pub struct Fleet {
     pub supervised: bool,
     /// Nodes drop what they cannot store at once (the demo's manual procedure).
     pub legacy: bool,
+    /// Public key files the controller and nodes trust (`--trusted-key`);
+    /// empty: artifacts are not signature-checked.
+    pub trusted_keys: Vec<PathBuf>,
     pub controller: Option<Proc>,
     pub nodes: Vec<NodeProc>,
     pub op: Operator,
+    /// Extra environment of the controller's supervisor (and its workers).
+    pub controller_env: Vec<(String, String)>,
 }
 
 fn token() -> String {
@@ -178,9 +255,11 @@ impl Fleet {
             controller_release: 0,
             supervised: true,
             legacy: false,
+            trusted_keys: Vec::new(),
             controller: None,
             nodes: Vec::new(),
             op,
+            controller_env: Vec::new(),
         })
     }
 
@@ -209,11 +288,10 @@ impl Fleet {
         if !self.supervised {
             args.push("--no-supervisor".into());
         }
-        let log = self
-            .dir
-            .join("logs")
-            .join(format!("controller-r{release}.log"));
-        let mut p = Proc::spawn(&self.exe, "controller", &args, log)?;
+        args.extend(self.trusted_key_args());
+        let log = unique_log(&self.dir, &format!("controller-r{release}"));
+        let mut p =
+            Proc::spawn_with_env(&self.exe, "controller", &args, &self.controller_env, log)?;
         wait_healthy(&format!("{}/healthz", self.controller_url()), &mut p).await?;
         self.controller = Some(p);
         self.controller_release = release;
@@ -231,13 +309,28 @@ impl Fleet {
             addr: SocketAddr::from((Ipv4Addr::new(127, self.subnet, 0, n), NODE_PORT)),
             data_dir: self.dir.join(id),
             proc: None,
+            controller_url: None,
+            env: Vec::new(),
         });
         self.nodes.len() - 1
     }
 
+    fn trusted_key_args(&self) -> Vec<String> {
+        self.trusted_keys
+            .iter()
+            .flat_map(|p| ["--trusted-key".to_owned(), p.display().to_string()])
+            .collect()
+    }
+
     pub async fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
-        let controller = self.controller_url();
+        let own = self.controller_url();
+        let controller = self
+            .nodes
+            .get(i)
+            .and_then(|n| n.controller_url.clone())
+            .unwrap_or(own);
         let supervised = self.supervised;
+        let key_args = self.trusted_key_args();
         let node = self.nodes.get_mut(i).context("no such node")?;
         let mut args = vec![
             "node".into(),
@@ -264,11 +357,9 @@ impl Fleet {
         if self.legacy {
             args.push("--legacy".into());
         }
-        let log = self
-            .dir
-            .join("logs")
-            .join(format!("{}-r{}.log", node.id, node.release));
-        let mut p = Proc::spawn(&self.exe, &node.id, &args, log)?;
+        args.extend(key_args);
+        let log = unique_log(&self.dir, &format!("{}-r{}", node.id, node.release));
+        let mut p = Proc::spawn_with_env(&self.exe, &node.id, &args, &node.env, log)?;
         wait_healthy(&format!("{}/healthz", node.url()), &mut p).await?;
         node.proc = Some(p);
         Ok(())
@@ -338,6 +429,114 @@ impl Fleet {
             crate::artifact::create(&self.exe, release, &out)?;
         }
         Ok(crate::artifact::upload(&self.op, &out).await?.id())
+    }
+
+    /// Like [`Fleet::upload_artifact`], but the artifact's binary is a
+    /// wrapper script that runs this fleet's binary with `env` added, so a
+    /// test fault (`HANDOVER_TEST_FAULT`) affects only the processes that
+    /// run this release: the new controller and the nodes' new workers, not
+    /// the release they switch from. Wrappers `exec`, as the supervisor
+    /// requires (same pid, same inherited socket). Returns the artifact id.
+    pub async fn upload_artifact_with_env(
+        &self,
+        release: u32,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<String> {
+        let quote = |v: &str| format!("'{}'", v.replace('\'', "'\\''"));
+        let exe = std::fs::canonicalize(&self.exe)
+            .with_context(|| format!("cannot resolve {}", self.exe.display()))?;
+        let mut script = String::from(
+            "#!/bin/sh\n# A test release: this binary with a test environment.\nexec env",
+        );
+        for (k, v) in env {
+            anyhow::ensure!(
+                !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
+                "bad environment variable name {k:?}"
+            );
+            script.push_str(&format!(" {k}={}", quote(v)));
+        }
+        script.push_str(&format!(" {} \"$@\"\n", quote(&exe.display().to_string())));
+        let n = (1u32..)
+            .find(|n| {
+                !self
+                    .dir
+                    .join(format!("artifact-r{release}-env{n}"))
+                    .exists()
+            })
+            .unwrap_or(0);
+        let wrapper = self.dir.join(format!("wrapper-r{release}-env{n}.sh"));
+        std::fs::write(&wrapper, &script)
+            .with_context(|| format!("cannot write {}", wrapper.display()))?;
+        let out = self.dir.join(format!("artifact-r{release}-env{n}"));
+        crate::artifact::create(&wrapper, release, &out)?;
+        Ok(crate::artifact::upload(&self.op, &out).await?.id())
+    }
+
+    /// The control socket of the controller's supervisor.
+    pub fn controller_supervisor(&self) -> handover_supervisor::SupervisorClient {
+        handover_supervisor::SupervisorClient::new(
+            self.dir
+                .join("controller")
+                .join("supervisor")
+                .join("control.sock"),
+            handover_supervisor::DEFAULT_READY_TIMEOUT_MS,
+        )
+    }
+
+    /// The control socket of node `id`'s supervisor.
+    pub fn node_supervisor(
+        &self,
+        id: &str,
+    ) -> anyhow::Result<handover_supervisor::SupervisorClient> {
+        let n = self
+            .nodes
+            .iter()
+            .find(|n| n.id == id)
+            .with_context(|| format!("no node {id}"))?;
+        Ok(handover_supervisor::SupervisorClient::new(
+            n.data_dir.join("supervisor").join("control.sock"),
+            handover_supervisor::DEFAULT_READY_TIMEOUT_MS,
+        ))
+    }
+
+    /// The pid of the worker serving node `id`'s active release (bounded wait
+    /// while it restarts).
+    pub async fn node_worker_pid(&self, id: &str) -> anyhow::Result<Pid> {
+        let client = self.node_supervisor(id)?;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(HEALTHY_WAIT_MS);
+        loop {
+            if let Ok(status) = client.status().await {
+                if let Some(pid) = status.active_pid.and_then(|p| i32::try_from(p).ok()) {
+                    return Ok(Pid::from_raw(pid));
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("node {id}'s supervisor named no active worker within {HEALTHY_WAIT_MS} ms");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL of node `id`'s supervisor (its workers die with it): a
+    /// crash. Returns once the workers are gone too, so the node can be
+    /// started again on the same address at once.
+    pub async fn kill_node(&mut self, id: &str) -> anyhow::Result<()> {
+        let workers = worker_pids(&self.node_supervisor(id)?).await;
+        let node = self.node(id)?;
+        if let Some(mut p) = node.proc.take() {
+            p.kill().await?;
+        }
+        wait_gone(&workers).await
+    }
+
+    /// SIGKILL of the controller's supervisor (its workers die with it);
+    /// returns once the workers are gone too.
+    pub async fn kill_controller(&mut self) -> anyhow::Result<()> {
+        let workers = worker_pids(&self.controller_supervisor()).await;
+        if let Some(mut p) = self.controller.take() {
+            p.kill().await?;
+        }
+        wait_gone(&workers).await
     }
 
     /// Polls the upgrade until it is over, tolerating the controller's own

@@ -3,9 +3,11 @@
 //! (used by the demo and the process tests) and the demo itself.
 
 pub mod artifact;
+pub mod bench;
 pub mod check;
 pub mod client;
 pub mod demo;
+pub mod faultproxy;
 pub mod fleet;
 pub mod roles;
 pub mod upgrade;

@@ -35,6 +35,8 @@ struct Cli {
 enum Command {
     /// Upgrade a live local cluster with handover, then by hand, and compare.
     Demo(demo::DemoArgs),
+    /// Measure the design's limits on this machine; writes docs/benchmarks.md.
+    Bench(handover::bench::BenchArgs),
     /// Run the controller: owns the database, serves nodes and operators.
     Controller(ControllerArgs),
     /// Run a content node: serves HLS, produces records, ships them.
@@ -60,7 +62,7 @@ enum Command {
     Records(RecordsArgs),
     /// List the releases this binary can run as (`--release N`).
     Releases(JsonFlag),
-    /// Build, upload and list upgrade artifacts (a binary plus its manifest).
+    /// Build, sign, verify, upload and list upgrade artifacts (a binary, its manifest, its signature).
     #[command(subcommand)]
     Artifact(ArtifactCmd),
     /// Upgrade the cluster to an artifact's release: plan, start, watch, pause, resume, abort.
@@ -82,6 +84,32 @@ enum ArtifactCmd {
         /// Directory to create (must not exist, or be empty).
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Make an Ed25519 (minisign) key pair for signing artifacts:
+    /// DIR/handover.key (secret, not password-protected: keep it offline) and
+    /// DIR/handover.pub (give it to the controller and nodes with --trusted-key).
+    Keygen {
+        /// Directory to write the two key files into (created if missing;
+        /// existing key files are never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign an artifact directory: writes DIR/manifest.json.minisig, a minisign
+    /// signature of manifest.json (which names the binary's SHA-256).
+    Sign {
+        dir: PathBuf,
+        /// The secret key (handover.key; a password-protected minisign key
+        /// takes its password from HANDOVER_KEY_PASSWORD).
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Check an artifact directory as a controller or node trusting these keys
+    /// would: its signature, then its binary's size and SHA-256.
+    Verify {
+        dir: PathBuf,
+        /// A public key to trust (handover.pub); repeat for several.
+        #[arg(long, required = true)]
+        pubkey: Vec<PathBuf>,
     },
     /// Upload an artifact directory to the controller (checked on both ends).
     Upload {
@@ -200,6 +228,23 @@ struct ControllerArgs {
     /// A node's grant holds this long without a heartbeat.
     #[arg(long, default_value_t = handover_controller::LEASE_MS_DEFAULT)]
     lease_ms: u64,
+    /// Accept only artifacts signed by this minisign public key (a .pub file);
+    /// repeat for several. Without any, artifacts are not signature-checked.
+    #[arg(
+        long = "trusted-key",
+        value_name = "FILE",
+        env = "HANDOVER_TRUSTED_KEYS",
+        value_delimiter = ','
+    )]
+    trusted_keys: Vec<PathBuf>,
+    /// An upgrade pauses when a node has not come back healthy on the new
+    /// release within this long.
+    #[arg(
+        long,
+        env = "HANDOVER_NODE_SWITCH_WAIT_MS",
+        default_value_t = handover_core::upgrade::NODE_SWITCH_WAIT_MS
+    )]
+    node_switch_wait_ms: u64,
     /// Run the controller in this process, binding the socket itself, instead
     /// of under a supervisor that can switch its release without refusing a
     /// connection.
@@ -247,6 +292,15 @@ struct NodeArgs {
     /// like nodes upgraded by hand today.
     #[arg(long, hide = true)]
     legacy: bool,
+    /// Stage only artifacts signed by this minisign public key (a .pub file);
+    /// repeat for several. Without any, artifacts are not signature-checked.
+    #[arg(
+        long = "trusted-key",
+        value_name = "FILE",
+        env = "HANDOVER_TRUSTED_KEYS",
+        value_delimiter = ','
+    )]
+    trusted_keys: Vec<PathBuf>,
 }
 
 /// Run viewers like players with redundant streams: poll the playlist,
@@ -349,6 +403,30 @@ fn parse_rung(s: &str) -> Result<handover_core::params::v2::Rung, String> {
     })
 }
 
+/// Reads the `--trusted-key` files: their absolute paths (for a supervisor
+/// to hand to its workers, of any release) and the keys' base64 lines.
+fn trusted_keys(files: &[PathBuf]) -> anyhow::Result<(Vec<PathBuf>, Vec<String>)> {
+    let mut paths = Vec::new();
+    let mut keys = Vec::new();
+    for f in files {
+        let key = handover::artifact::read_public_key(f)
+            .with_context(|| format!("--trusted-key {}", f.display()))?;
+        paths.push(
+            std::fs::canonicalize(f).with_context(|| format!("--trusted-key {}", f.display()))?,
+        );
+        keys.push(key.to_base64().to_owned());
+    }
+    Ok((paths, keys))
+}
+
+/// `--trusted-key PATH` pairs for a worker's argv.
+fn trusted_key_args(paths: &[PathBuf]) -> Vec<String> {
+    paths
+        .iter()
+        .flat_map(|p| ["--trusted-key".to_owned(), p.display().to_string()])
+        .collect()
+}
+
 fn release(n: u32) -> anyhow::Result<Release> {
     Ok(ReleaseInfo::of(Release(n))?.release)
 }
@@ -379,6 +457,10 @@ async fn shutdown_signal() {
 }
 
 fn main() -> anyhow::Result<()> {
+    // An empty HANDOVER_TRUSTED_KEYS means no key (clap would want a value).
+    if std::env::var_os("HANDOVER_TRUSTED_KEYS").is_some_and(|v| v.is_empty()) {
+        std::env::remove_var("HANDOVER_TRUSTED_KEYS");
+    }
     let cli = Cli::parse();
     // A supervisor hands tokens to its workers through the environment, never argv.
     match &cli.command {
@@ -398,6 +480,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Bench(args) => handover::bench::run(args).await,
         Command::Demo(args) => {
             init_tracing("warn");
             demo::run(args).await
@@ -405,8 +488,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Controller(a) => {
             init_tracing("info");
             let mode = roles::mode(a.no_supervisor);
+            let (key_paths, trusted_keys) = trusted_keys(&a.trusted_keys)?;
             if mode == roles::Mode::Supervisor {
-                let args = vec![
+                let mut args = vec![
                     "controller".into(),
                     "--data-dir".into(),
                     a.data_dir.display().to_string(),
@@ -414,7 +498,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     a.listen.to_string(),
                     "--lease-ms".into(),
                     a.lease_ms.to_string(),
+                    "--node-switch-wait-ms".into(),
+                    a.node_switch_wait_ms.to_string(),
                 ];
+                args.extend(trusted_key_args(&key_paths));
                 return roles::supervise(
                     "controller",
                     a.listen,
@@ -432,6 +519,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 join_token: a.join_token,
                 operator_token: a.operator_token,
                 lease_ms: a.lease_ms,
+                node_switch_wait_ms: a.node_switch_wait_ms,
+                trusted_keys,
             };
             let listener = roles::listener(mode, config.listen).await?;
             handover_controller::serve_on(config, listener, shutdown_signal()).await
@@ -439,12 +528,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Node(a) => {
             init_tracing("info");
             let mode = roles::mode(a.no_supervisor);
+            if mode == roles::Mode::Worker && handover_node::test_fault("exit_at_start").is_some() {
+                // Test hook (handover_node::TEST_FAULT_ENV): a node release that dies at start.
+                bail!(
+                    "test hook HANDOVER_TEST_FAULT=exit_at_start: this node worker exits at start"
+                );
+            }
             let advertise = a
                 .advertise
                 .clone()
                 .unwrap_or_else(|| format!("http://{}", a.listen));
+            let (key_paths, trusted_keys) = trusted_keys(&a.trusted_keys)?;
             if mode == roles::Mode::Supervisor {
-                let args = vec![
+                let mut args = vec![
                     "node".into(),
                     "--id".into(),
                     a.id.clone(),
@@ -461,6 +557,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     "--controller".into(),
                     a.controller.clone(),
                 ];
+                args.extend(trusted_key_args(&key_paths));
                 return roles::supervise(
                     &a.id,
                     a.listen,
@@ -482,6 +579,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 controller_url: a.controller,
                 join_token: a.join_token,
                 legacy: a.legacy,
+                trusted_keys,
             };
             let listener = roles::listener(mode, config.listen).await?;
             handover_node::serve_on(config, listener, shutdown_signal()).await
@@ -561,6 +659,44 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let m = handover::artifact::create(&binary, release, &out)?;
             println!("{}", serde_json::to_string_pretty(&m)?);
             eprintln!("artifact {} written to {}", m.id(), out.display());
+            Ok(())
+        }
+        Command::Artifact(ArtifactCmd::Keygen { out }) => {
+            let k = handover::artifact::keygen(&out)?;
+            println!("{}", k.public.display());
+            eprintln!(
+                "key {} written: public {} (give it to the controller and every node with \
+                 --trusted-key), secret {}",
+                k.key_id,
+                k.public.display(),
+                k.secret.display()
+            );
+            eprintln!(
+                "WARNING: {} is NOT password-protected: anyone who can read it can sign \
+                 artifacts that every node will run. Keep it offline, readable only by \
+                 you (it is mode 0600), and never on a controller or node.",
+                k.secret.display()
+            );
+            Ok(())
+        }
+        Command::Artifact(ArtifactCmd::Sign { dir, key }) => {
+            let s = handover::artifact::sign(&dir, &key)?;
+            println!("{}", s.signature.display());
+            eprintln!(
+                "artifact {} (release {}) signed with key {}",
+                s.manifest.id(),
+                s.manifest.release,
+                s.key_id
+            );
+            Ok(())
+        }
+        Command::Artifact(ArtifactCmd::Verify { dir, pubkey }) => {
+            let (m, key_id) = handover::artifact::verify(&dir, &pubkey)?;
+            println!(
+                "artifact {} (release {}): signed by trusted key {key_id}; binary size and sha256 match",
+                m.id(),
+                m.release
+            );
             Ok(())
         }
         Command::Artifact(ArtifactCmd::Upload { op, dir }) => {

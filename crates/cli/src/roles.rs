@@ -37,10 +37,23 @@ pub async fn listener(mode: Mode, addr: SocketAddr) -> anyhow::Result<tokio::net
             .context("cannot make the inherited socket non-blocking")?;
         return tokio::net::TcpListener::from_std(std).context("cannot use the inherited socket");
     }
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr}"))
+    let bind = || {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    bind().with_context(|| format!("cannot listen on {addr}"))
 }
+
+/// Connections the kernel queues until the process accepts them, as the
+/// supervisor's socket does (tokio's default is 1024): 10,000 nodes
+/// reconnecting at once otherwise wait seconds in SYN retransmission.
+const LISTEN_BACKLOG: u32 = 4096;
 
 /// Runs the supervisor for one role until a signal.
 pub async fn supervise(

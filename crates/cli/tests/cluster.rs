@@ -566,29 +566,55 @@ async fn canary_the_checker_reports_records_removed_behind_the_systems_back() {
     start_nodes(&mut s).await;
     sleep_until(s.event_start_ms + 2_500).await;
     // Fenced, the nodes queue: their outboxes hold records that were never stored.
-    let _: Value = s.fleet.op.post("/api/v1/fence", &serde_json::json!({})).await.unwrap();
+    let _: Value = s
+        .fleet
+        .op
+        .post("/api/v1/fence", &serde_json::json!({}))
+        .await
+        .unwrap();
     for n in &s.fleet.nodes {
         wait_node_grant(&n.url(), "fenced").await;
     }
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     s.fleet.stop_nodes().await.unwrap();
     let clean = s.fleet.check().await.unwrap();
-    assert_eq!((clean.lost, clean.duplicated, clean.unexpected), (0, 0, 0), "{clean:?}");
+    assert_eq!(
+        (clean.lost, clean.duplicated, clean.unexpected),
+        (0, 0, 0),
+        "{clean:?}"
+    );
     assert!(clean.queued > 0 && clean.stored > 0, "{clean:?}");
 
     let db = s.fleet.dir.join("controller").join("controller.db");
-    let ctl = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display())).await.unwrap();
-    let gone = sqlx::query("DELETE FROM records WHERE node_id = 'g1-a' AND seq = 1").execute(&ctl).await.unwrap();
+    let ctl = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    let gone = sqlx::query("DELETE FROM records WHERE node_id = 'g1-a' AND seq = 1")
+        .execute(&ctl)
+        .await
+        .unwrap();
     assert_eq!(gone.rows_affected(), 1);
     ctl.close().await;
     let node_db = s.fleet.nodes[1].data_dir.join("node.db");
-    let node = sqlx::SqlitePool::connect(&format!("sqlite://{}", node_db.display())).await.unwrap();
-    let gone = sqlx::query("DELETE FROM outbox WHERE seq = (SELECT MAX(seq) FROM outbox)").execute(&node).await.unwrap();
+    let node = sqlx::SqlitePool::connect(&format!("sqlite://{}", node_db.display()))
+        .await
+        .unwrap();
+    let gone = sqlx::query("DELETE FROM outbox WHERE seq = (SELECT MAX(seq) FROM outbox)")
+        .execute(&node)
+        .await
+        .unwrap();
     assert_eq!(gone.rows_affected(), 1);
     node.close().await;
 
     let r = s.fleet.check().await.unwrap();
-    assert_eq!(r.lost, 2, "one stored record and one queued record are missing: {r:?}");
-    assert_eq!((r.stored, r.queued), (clean.stored - 1, clean.queued - 1), "{r:?}");
+    assert_eq!(
+        r.lost, 2,
+        "one stored record and one queued record are missing: {r:?}"
+    );
+    assert_eq!(
+        (r.stored, r.queued),
+        (clean.stored - 1, clean.queued - 1),
+        "{r:?}"
+    );
     s.fleet.stop_all().await.unwrap();
 }

@@ -1,15 +1,34 @@
 //! Upgrade artifacts on the controller: an [`ArtifactStore`] over
-//! `DATA_DIR/artifacts/<id>/{manifest.json,handover}`, the operator's upload
-//! and listing, and the nodes' download.
+//! `DATA_DIR/artifacts/<id>/{manifest.json,manifest.json.minisig,handover}`,
+//! the operator's upload and listing, and the nodes' download.
 //!
 //! Routes ([`routes`]):
 //!
 //! | method | path | who | what |
 //! | --- | --- | --- | --- |
-//! | `PUT` | `/api/v1/artifacts/{sha256}` | operator | upload: header [`MANIFEST_HEADER`] = the manifest JSON, body = the raw binary; 201 + manifest when stored, 200 + the stored manifest when already present |
-//! | `GET` | `/api/v1/artifacts` | operator | every stored manifest |
-//! | `GET` | `/node/v1/artifacts/{id}/manifest` | node | one manifest |
+//! | `PUT` | `/api/v1/artifacts/{sha256}` | operator | upload: header [`MANIFEST_HEADER`] = the manifest, header [`SIGNATURE_HEADER`] = its signature (optional), body = the raw binary; 201 + manifest when stored, 200 + the stored manifest when already present |
+//! | `GET` | `/api/v1/artifacts` | operator | every usable stored manifest |
+//! | `GET` | `/api/v1/artifacts/{id}/signature` | operator | its stored signature, as for nodes (the CLI skips re-sending an artifact stored with the same signature) |
+//! | `GET` | `/node/v1/artifacts/{id}/manifest` | node | one manifest: the exact bytes that were signed |
+//! | `GET` | `/node/v1/artifacts/{id}/signature` | node | its minisign signature (`text/plain`); 404 `unsigned` when it has none |
 //! | `GET` | `/node/v1/artifacts/{id}/binary` | node | the binary, streamed, with `Content-Length` |
+//!
+//! Headers of an upload (HTTP header values cannot carry newlines):
+//!
+//! - [`MANIFEST_HEADER`]: the standard base64 (with padding) of the exact
+//!   bytes of `manifest.json`, so a signature over the file verifies here.
+//!   A value starting with `{` is taken as the manifest JSON itself (one
+//!   line), as older clients send it.
+//! - [`SIGNATURE_HEADER`]: the standard base64 of the exact bytes of
+//!   `manifest.json.minisig` (a standard minisign signature).
+//!
+//! With trusted keys configured ([`ArtifactStore::with_trusted_keys`]) an
+//! upload is refused before its body is read unless its signature is a
+//! valid one by a trusted key (400 `unsigned`, `untrusted_key` or
+//! `bad_signature`), and the store serves (to nodes, to the upgrade and to
+//! the controller's own switch) only artifacts whose stored signature
+//! verifies. With none, unsigned artifacts are accepted (and a signature,
+//! if sent, is kept for the nodes).
 //!
 //! Authentication plugs in through [`ArtifactHost`], which the router's
 //! state implements. An upload is streamed to a temporary directory while
@@ -25,10 +44,12 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
+use base64::Engine as _;
 use futures_util::{Stream, StreamExt};
 use handover_core::artifact::{
-    check_id, ArtifactError, DigestCheck, Manifest, ARTIFACT_BYTES_MAX, BINARY_FILE,
-    MANIFEST_BYTES_MAX, MANIFEST_FILE,
+    check_id, signature_key_id, verify_manifest, ArtifactError, DigestCheck, Manifest, PublicKey,
+    ARTIFACT_BYTES_MAX, BINARY_FILE, MANIFEST_BYTES_MAX, MANIFEST_FILE, SIGNATURE_BYTES_MAX,
+    SIGNATURE_FILE,
 };
 use std::future::Future;
 use std::io::Write as _;
@@ -36,8 +57,12 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path as FsPath, PathBuf};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-/// The request header that carries the manifest JSON of an upload.
+/// The request header that carries the manifest of an upload: base64 of
+/// the exact `manifest.json` bytes (or, from older clients, one-line JSON).
 pub const MANIFEST_HEADER: &str = "x-handover-manifest";
+/// The request header that carries the signature of an upload: base64 of
+/// the exact `manifest.json.minisig` bytes.
+pub const SIGNATURE_HEADER: &str = "x-handover-signature";
 /// Artifacts the store holds at most; an upload beyond is refused (507).
 pub const ARTIFACTS_MAX: usize = 64;
 /// Write buffer of an upload, and read chunk of a download.
@@ -80,12 +105,20 @@ pub fn routes<H: ArtifactHost>() -> Router<H> {
     Router::new()
         .route("/api/v1/artifacts", get(list::<H>))
         .route(
+            "/api/v1/artifacts/{id}/signature",
+            get(operator_signature::<H>),
+        )
+        .route(
             "/api/v1/artifacts/{sha256}",
             put(upload::<H>).layer(DefaultBodyLimit::max(
                 usize::try_from(ARTIFACT_BYTES_MAX).unwrap_or(usize::MAX),
             )),
         )
         .route("/node/v1/artifacts/{id}/manifest", get(node_manifest::<H>))
+        .route(
+            "/node/v1/artifacts/{id}/signature",
+            get(node_signature::<H>),
+        )
         .route("/node/v1/artifacts/{id}/binary", get(node_binary::<H>))
 }
 
@@ -159,10 +192,74 @@ impl Put {
     }
 }
 
-/// Artifacts as directories `<dir>/<id>/{manifest.json,handover}`.
+/// Artifacts as directories `<dir>/<id>/{manifest.json,manifest.json.minisig,handover}`.
 #[derive(Debug)]
 pub struct ArtifactStore {
     dir: PathBuf,
+    /// With any, only artifacts signed by one of these are accepted or served.
+    trusted: Vec<PublicKey>,
+}
+
+/// An upload's manifest that passed [`ArtifactStore::accept`]: valid, and
+/// signed by a trusted key when the store has any. Only this can be stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    manifest: Manifest,
+    /// The exact manifest document, as signed; stored as is.
+    document: Vec<u8>,
+    signature: Option<String>,
+}
+
+impl Accepted {
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn is_signed(&self) -> bool {
+        self.signature.is_some()
+    }
+}
+
+/// Why [`ArtifactStore::find`] has no usable artifact.
+#[derive(Debug, thiserror::Error)]
+pub enum Missing {
+    #[error("no artifact {0} on this controller; the operator uploads it with `handover artifact upload`")]
+    NotFound(String),
+    #[error("artifact {id} is stored but unusable ({reason}); upload it again")]
+    Unusable { id: String, reason: String },
+    #[error(
+        "artifact {id} is stored but refused: {source}; then upload it again \
+         (`handover artifact sign`, `handover artifact upload`)"
+    )]
+    Unverified {
+        id: String,
+        #[source]
+        source: ArtifactError,
+    },
+}
+
+impl From<Missing> for ApiError {
+    fn from(m: Missing) -> ApiError {
+        match &m {
+            Missing::NotFound(_) => ApiError::not_found(m.to_string()),
+            Missing::Unusable { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "unusable", m.to_string())
+            }
+            Missing::Unverified { source, .. } => {
+                ApiError::new(StatusCode::BAD_REQUEST, source.code(), m.to_string())
+            }
+        }
+    }
+}
+
+/// A stored artifact that passed every check [`ArtifactStore::find`] makes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stored {
+    pub manifest: Manifest,
+    pub binary: PathBuf,
+    /// `manifest.json` exactly as stored (and signed).
+    pub document: Vec<u8>,
+    pub signature: Option<String>,
 }
 
 /// Removes a temporary upload directory unless disarmed, also when the
@@ -183,17 +280,31 @@ fn fsync_dir(dir: &FsPath) -> Result<(), ArtifactStoreError> {
         .map_err(io_err("fsync", dir))
 }
 
-/// Reads `<dir>/manifest.json` (bounded) and validates it.
-fn read_manifest(dir: &FsPath) -> Result<Manifest, String> {
-    let path = dir.join(MANIFEST_FILE);
-    let mut f = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+/// Reads `path` whole, refusing more than `max` bytes; `None` when absent.
+fn read_bounded(path: &FsPath, max: usize) -> Result<Option<Vec<u8>>, String> {
+    let f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
     let mut buf = Vec::new();
-    std::io::Read::read_to_end(
-        &mut std::io::Read::take(&mut f, MANIFEST_BYTES_MAX as u64 + 1),
-        &mut buf,
-    )
-    .map_err(|e| format!("{}: {e}", path.display()))?;
-    Manifest::decode(&buf).map_err(|e| format!("{}: {e}", path.display()))
+    std::io::Read::read_to_end(&mut std::io::Read::take(f, max as u64 + 1), &mut buf)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if buf.len() > max {
+        return Err(format!("{}: larger than {max} bytes", path.display()));
+    }
+    Ok(Some(buf))
+}
+
+/// Reads `<dir>/manifest.json.minisig` (bounded), if there is one.
+fn read_signature(dir: &FsPath) -> Result<Option<String>, String> {
+    let path = dir.join(SIGNATURE_FILE);
+    match read_bounded(&path, SIGNATURE_BYTES_MAX)? {
+        None => Ok(None),
+        Some(bytes) => String::from_utf8(bytes)
+            .map(Some)
+            .map_err(|_| format!("{}: not UTF-8 text", path.display())),
+    }
 }
 
 impl ArtifactStore {
@@ -210,52 +321,114 @@ impl ArtifactStore {
                 std::fs::remove_dir_all(&p).map_err(io_err("remove", &p))?;
             }
         }
-        Ok(ArtifactStore { dir })
+        Ok(ArtifactStore {
+            dir,
+            trusted: Vec::new(),
+        })
+    }
+
+    /// From now on, accept and serve only artifacts signed by one of `keys`
+    /// (none: accept unsigned artifacts, as before).
+    pub fn with_trusted_keys(mut self, keys: Vec<PublicKey>) -> ArtifactStore {
+        self.trusted = keys;
+        self
+    }
+
+    pub fn trusted_keys(&self) -> &[PublicKey] {
+        &self.trusted
     }
 
     pub fn dir(&self) -> &FsPath {
         &self.dir
     }
 
-    /// The manifest and binary path of artifact `id`, if it is stored and
-    /// whole (valid manifest named by its directory, binary of the right
-    /// size). The digest was checked when it was stored; receivers check it
-    /// again.
-    pub fn get(&self, id: &str) -> Option<(Manifest, PathBuf)> {
-        check_id(id).ok()?;
+    /// Checks an upload's manifest document and signature before anything
+    /// of its body is read: with trusted keys, a valid signature by one of
+    /// them ([`verify_manifest`]); without, a valid manifest (and, if a
+    /// signature is sent, one that parses: nodes may check it).
+    pub fn accept(
+        &self,
+        document: &[u8],
+        signature: Option<&str>,
+    ) -> Result<Accepted, ArtifactError> {
+        let signature = signature.filter(|s| !s.trim().is_empty());
+        let manifest = if self.trusted.is_empty() {
+            if let Some(text) = signature {
+                signature_key_id(text)?;
+            }
+            Manifest::decode(document)?
+        } else {
+            verify_manifest(document, signature, &self.trusted)?
+        };
+        Ok(Accepted {
+            manifest,
+            document: document.to_vec(),
+            signature: signature.map(str::to_owned),
+        })
+    }
+
+    /// Artifact `id` with every check: stored whole (valid manifest named by
+    /// its directory, binary of the right size) and, with trusted keys, its
+    /// stored signature verifies. The digest was checked when it was stored;
+    /// receivers check it again. Sync IO: call it off the async threads.
+    pub fn find(&self, id: &str) -> Result<Stored, Missing> {
+        let not_found = || Missing::NotFound(id.chars().take(80).collect());
+        check_id(id).map_err(|_| not_found())?;
         let dir = self.dir.join(id);
         if !dir.is_dir() {
-            return None;
+            return Err(not_found());
         }
-        let m = match read_manifest(&dir) {
-            Ok(m) if m.id() == id => m,
-            Ok(m) => {
-                tracing::warn!(
-                    id,
-                    manifest_id = m.id(),
-                    "artifact directory holds another artifact's manifest; ignored"
-                );
-                return None;
-            }
-            Err(e) => {
-                tracing::warn!(id, error = e, "unreadable artifact; ignored");
-                return None;
-            }
+        let unusable = |reason: String| Missing::Unusable {
+            id: id.to_owned(),
+            reason,
         };
-        let bin = dir.join(BINARY_FILE);
-        match std::fs::metadata(&bin) {
-            Ok(md) if md.is_file() && md.len() == m.size => Some((m, bin)),
-            Ok(md) => {
-                tracing::warn!(
-                    id,
-                    size = md.len(),
-                    expected = m.size,
-                    "artifact binary has the wrong size; ignored"
-                );
-                None
-            }
+        let mpath = dir.join(MANIFEST_FILE);
+        let document = read_bounded(&mpath, MANIFEST_BYTES_MAX)
+            .map_err(unusable)?
+            .ok_or_else(|| unusable(format!("{} is missing", mpath.display())))?;
+        let signature = read_signature(&dir).map_err(unusable)?;
+        let manifest = if self.trusted.is_empty() {
+            Manifest::decode(&document)
+                .map_err(|e| unusable(format!("{}: {e}", mpath.display())))?
+        } else {
+            verify_manifest(&document, signature.as_deref(), &self.trusted).map_err(|source| {
+                Missing::Unverified {
+                    id: id.to_owned(),
+                    source,
+                }
+            })?
+        };
+        if manifest.id() != id {
+            return Err(unusable(format!(
+                "its directory holds the manifest of artifact {}",
+                manifest.id()
+            )));
+        }
+        let binary = dir.join(BINARY_FILE);
+        match std::fs::metadata(&binary) {
+            Ok(md) if md.is_file() && md.len() == manifest.size => Ok(Stored {
+                manifest,
+                binary,
+                document,
+                signature,
+            }),
+            Ok(md) => Err(unusable(format!(
+                "the binary is {} bytes, the manifest says {}",
+                md.len(),
+                manifest.size
+            ))),
+            Err(e) => Err(unusable(format!("{}: {e}", binary.display()))),
+        }
+    }
+
+    /// The manifest and binary path of artifact `id`, if [`find`](Self::find)
+    /// accepts it; a stored artifact it refuses is logged and ignored.
+    pub fn get(&self, id: &str) -> Option<(Manifest, PathBuf)> {
+        match self.find(id) {
+            Ok(s) => Some((s.manifest, s.binary)),
+            Err(Missing::NotFound(_)) => None,
             Err(e) => {
-                tracing::warn!(id, error = %e, "artifact binary missing; ignored");
+                tracing::warn!(id, error = %e, "stored artifact ignored");
                 None
             }
         }
@@ -286,13 +459,35 @@ impl ArtifactStore {
         Ok(all)
     }
 
-    /// Stores the binary that `body` streams, checking it against `manifest`
-    /// on the way. Only a verified binary is kept; on any error (mismatch,
-    /// body cut off, disk) nothing is. Already stored with the same digest:
-    /// the body is still checked, then [`Put::Existing`].
+    /// Stores an unsigned artifact: `manifest` as pretty JSON and the binary
+    /// `body` streams (see [`put_accepted`](Self::put_accepted)). Refused
+    /// ([`ArtifactError::Unsigned`]) when the store has trusted keys.
     pub async fn put_stream<St, B, E>(
         &self,
         manifest: &Manifest,
+        body: St,
+    ) -> Result<Put, ArtifactStoreError>
+    where
+        St: Stream<Item = Result<B, E>> + Unpin,
+        B: AsRef<[u8]>,
+        E: std::fmt::Display,
+    {
+        let accepted = self.accept(manifest.to_pretty_json().as_bytes(), None)?;
+        self.put_accepted(&accepted, body).await
+    }
+
+    /// Stores the binary that `body` streams, checking it against the
+    /// accepted manifest on the way, with the manifest document and its
+    /// signature exactly as uploaded. Only a verified binary is kept; on any
+    /// error (mismatch, body cut off, disk) nothing is. Already stored with
+    /// the same digest: the body is still checked, then [`Put::Existing`];
+    /// but a stored copy that is unusable now (torn, or not signed by a
+    /// trusted key), or whose signature differs from this signed upload's
+    /// (unsigned, or signed again), is replaced: manifest, signature and
+    /// binary together, so the stored pair always verifies.
+    pub async fn put_accepted<St, B, E>(
+        &self,
+        upload: &Accepted,
         mut body: St,
     ) -> Result<Put, ArtifactStoreError>
     where
@@ -300,11 +495,25 @@ impl ArtifactStore {
         B: AsRef<[u8]>,
         E: std::fmt::Display,
     {
-        manifest.validate()?;
+        let manifest = &upload.manifest;
         let id = manifest.id();
         let mut check = DigestCheck::new(manifest);
-        let existing = self.get(&id);
-        if let Some((m, _)) = &existing {
+        let (existing, replace) = match self.find(&id) {
+            Ok(stored)
+                if stored.manifest.sha256 == manifest.sha256
+                    && upload.signature.is_some()
+                    && stored.signature != upload.signature =>
+            {
+                (None, true)
+            }
+            Ok(stored) => (Some(stored.manifest), false),
+            Err(Missing::NotFound(_)) => (None, false),
+            Err(why) => {
+                tracing::info!(id, reason = %why, "replacing a stored artifact with this upload");
+                (None, true)
+            }
+        };
+        if let Some(m) = &existing {
             if m.sha256 != manifest.sha256 {
                 return Err(ArtifactStoreError::Conflict {
                     id,
@@ -323,7 +532,7 @@ impl ArtifactStore {
             check.finish()?;
             return Ok(Put::Existing(m.clone()));
         }
-        if self.ids()?.len() >= ARTIFACTS_MAX {
+        if !replace && self.ids()?.len() >= ARTIFACTS_MAX {
             return Err(ArtifactStoreError::Full {
                 dir: self.dir.display().to_string(),
             });
@@ -359,9 +568,10 @@ impl ArtifactStore {
         drop(file);
 
         let dir = self.dir.clone();
-        let manifest = manifest.clone();
+        let upload = upload.clone();
+        let trusted = self.trusted.clone();
         let join = tokio::task::spawn_blocking(move || {
-            let placed = place(&dir, &tmp_path, &manifest);
+            let placed = place(&dir, &tmp_path, &upload, replace, &trusted);
             drop(tmp);
             placed
         })
@@ -377,20 +587,47 @@ impl ArtifactStore {
     }
 }
 
-/// Writes the manifest next to the verified binary in `tmp`, fsyncs, and
-/// renames `tmp` to `<dir>/<id>`. A concurrent upload of the same artifact
+fn write_synced(path: &FsPath, bytes: &[u8]) -> Result<(), ArtifactStoreError> {
+    let mut f = std::fs::File::create(path).map_err(io_err("create", path))?;
+    f.write_all(bytes).map_err(io_err("write", path))?;
+    f.sync_all().map_err(io_err("fsync", path))
+}
+
+/// Writes the manifest (and signature) next to the verified binary in
+/// `tmp`, fsyncs, and renames `tmp` to `<dir>/<id>`. With `replace`, a
+/// stored `<id>/` is first moved aside (as a temporary directory, removed
+/// after, or at the next open). A concurrent upload of the same artifact
 /// that won the rename makes this one [`Put::Existing`].
-fn place(dir: &FsPath, tmp: &FsPath, manifest: &Manifest) -> Result<Put, ArtifactStoreError> {
-    let mpath = tmp.join(MANIFEST_FILE);
-    let mut f = std::fs::File::create(&mpath).map_err(io_err("create", &mpath))?;
-    f.write_all(manifest.to_pretty_json().as_bytes())
-        .map_err(io_err("write", &mpath))?;
-    f.sync_all().map_err(io_err("fsync", &mpath))?;
-    drop(f);
+fn place(
+    dir: &FsPath,
+    tmp: &FsPath,
+    upload: &Accepted,
+    replace: bool,
+    trusted: &[PublicKey],
+) -> Result<Put, ArtifactStoreError> {
+    let manifest = &upload.manifest;
+    write_synced(&tmp.join(MANIFEST_FILE), &upload.document)?;
+    if let Some(sig) = &upload.signature {
+        write_synced(&tmp.join(SIGNATURE_FILE), sig.as_bytes())?;
+    }
     fsync_dir(tmp)?;
     let id = manifest.id();
     let target = dir.join(&id);
-    match std::fs::rename(tmp, &target) {
+    let mut old = None;
+    if replace {
+        let aside = dir.join(format!(
+            "{TMP_PREFIX}old-{id}-{:016x}",
+            rand::random::<u64>()
+        ));
+        match std::fs::rename(&target, &aside) {
+            Ok(()) => old = Some(TmpDir(Some(aside))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("move aside", &target)(e)),
+        }
+    }
+    let renamed = std::fs::rename(tmp, &target);
+    drop(old);
+    match renamed {
         Ok(()) => {
             fsync_dir(dir)?;
             tracing::info!(
@@ -402,11 +639,19 @@ fn place(dir: &FsPath, tmp: &FsPath, manifest: &Manifest) -> Result<Put, Artifac
             Ok(Put::Created(manifest.clone()))
         }
         Err(e) if target.is_dir() => {
-            let m = read_manifest(&target).map_err(|reason| ArtifactStoreError::Io {
-                op: "read",
-                path: target.display().to_string(),
-                source: std::io::Error::other(reason),
-            })?;
+            let store = ArtifactStore {
+                dir: dir.to_path_buf(),
+                trusted: trusted.to_vec(),
+            };
+            let m =
+                store
+                    .find(&id)
+                    .map(|s| s.manifest)
+                    .map_err(|reason| ArtifactStoreError::Io {
+                        op: "read",
+                        path: target.display().to_string(),
+                        source: std::io::Error::other(reason.to_string()),
+                    })?;
             if m.sha256 == manifest.sha256 {
                 Ok(Put::Existing(m))
             } else {
@@ -444,21 +689,24 @@ fn artifact_id(p: Result<Path<String>, PathRejection>) -> ApiResult<String> {
 }
 
 /// Looks an artifact up for a handler (sync IO off the async threads).
-async fn lookup<H: ArtifactHost>(host: &H, id: String) -> ApiResult<(Manifest, PathBuf)> {
+async fn lookup<H: ArtifactHost>(host: &H, id: String) -> ApiResult<Stored> {
     let h = host.clone();
-    let found = blocking(move || h.artifacts().get(&id).ok_or(id)).await?;
-    found.map_err(|id| {
-        ApiError::not_found(format!(
-            "no artifact {id} on this controller; the operator uploads it with `handover artifact upload`"
-        ))
+    let found = blocking(move || h.artifacts().find(&id)).await?;
+    found.map_err(|m| {
+        if !matches!(m, Missing::NotFound(_)) {
+            tracing::warn!(error = %m, "a node asked for an artifact this controller refuses to serve");
+        }
+        ApiError::from(m)
     })
 }
 
 /// `PUT /api/v1/artifacts/{sha256}`: the manifest in the
-/// `x-handover-manifest` header (compact JSON), the binary as the body.
-/// 201 and the manifest when stored, 200 and the stored manifest when it
-/// was already there; 400 `digest_mismatch` / `size_mismatch` and nothing
-/// kept when the bytes do not match.
+/// [`MANIFEST_HEADER`] header, its signature in [`SIGNATURE_HEADER`], the
+/// binary as the body. 201 and the manifest when stored, 200 and the
+/// stored manifest when it was already there; 400 `unsigned` /
+/// `untrusted_key` / `bad_signature` before the body is read (with trusted
+/// keys); 400 `digest_mismatch` / `size_mismatch` and nothing kept when the
+/// bytes do not match.
 pub async fn upload<H: ArtifactHost>(
     State(host): State<H>,
     sha256: Result<Path<String>, PathRejection>,
@@ -504,11 +752,32 @@ async fn store_upload<H: ArtifactHost>(
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "missing_manifest",
-            format!("send the artifact's manifest JSON in the `{MANIFEST_HEADER}` header"),
+            format!(
+                "send the artifact's manifest in the `{MANIFEST_HEADER}` header \
+                 (base64 of manifest.json)"
+            ),
         )
     })?;
-    let manifest = Manifest::decode(raw.as_bytes())
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()))?;
+    let document = manifest_document(raw.as_bytes())?;
+    let signature = headers
+        .get(SIGNATURE_HEADER)
+        .map(|v| signature_text(v.as_bytes()))
+        .transpose()?;
+    let accepted = host
+        .artifacts()
+        .accept(&document, signature.as_deref())
+        .map_err(|e| {
+            if matches!(
+                e,
+                ArtifactError::Unsigned
+                    | ArtifactError::UntrustedKey { .. }
+                    | ArtifactError::BadSignature(_)
+            ) {
+                tracing::warn!(error = %e, "artifact upload refused");
+            }
+            ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string())
+        })?;
+    let manifest = accepted.manifest().clone();
     if manifest.sha256 != sha256 {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -534,7 +803,57 @@ async fn store_upload<H: ArtifactHost>(
             ));
         }
     }
-    Ok(host.artifacts().put_stream(&manifest, stream).await?)
+    Ok(host.artifacts().put_accepted(&accepted, stream).await?)
+}
+
+/// The manifest document of an upload from its header value: base64 of the
+/// exact bytes, or (from older clients) the JSON itself when it starts
+/// with `{`.
+fn manifest_document(value: &[u8]) -> ApiResult<Vec<u8>> {
+    if value.trim_ascii_start().starts_with(b"{") {
+        return Ok(value.to_vec());
+    }
+    // 4 base64 characters per 3 bytes; anything longer cannot be a manifest.
+    if value.len() > MANIFEST_BYTES_MAX.div_ceil(3) * 4 {
+        let e = ArtifactError::ManifestTooLarge {
+            size: value.len() / 4 * 3,
+        };
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            e.code(),
+            e.to_string(),
+        ));
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(value.trim_ascii())
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "malformed",
+                format!(
+                    "the `{MANIFEST_HEADER}` header is neither base64 of manifest.json \
+                     nor manifest JSON: {e}"
+                ),
+            )
+        })
+}
+
+/// The signature of an upload from its header value: base64 of the exact
+/// bytes of `manifest.json.minisig`.
+fn signature_text(value: &[u8]) -> ApiResult<String> {
+    let bad = |why: String| {
+        let e = ArtifactError::BadSignature(format!(
+            "the `{SIGNATURE_HEADER}` header must be base64 of manifest.json.minisig: {why}"
+        ));
+        ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string())
+    };
+    if value.len() > SIGNATURE_BYTES_MAX.div_ceil(3) * 4 {
+        return Err(bad(format!("longer than {SIGNATURE_BYTES_MAX} bytes")));
+    }
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(value.trim_ascii())
+        .map_err(|e| bad(e.to_string()))?;
+    String::from_utf8(bytes).map_err(|_| bad("not UTF-8 text".into()))
 }
 
 /// `GET /api/v1/artifacts`: every stored manifest.
@@ -547,15 +866,62 @@ pub async fn list<H: ArtifactHost>(
     Ok(Json(blocking(move || h.artifacts().list()).await??))
 }
 
-/// `GET /node/v1/artifacts/{id}/manifest`.
+/// `GET /node/v1/artifacts/{id}/manifest`: the stored document, byte for
+/// byte (what was signed), as `application/json`.
 pub async fn node_manifest<H: ArtifactHost>(
     State(host): State<H>,
     id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
-) -> ApiResult<Json<Manifest>> {
+) -> ApiResult<Response> {
     host.check_node(&headers).await?;
     let id = artifact_id(id)?;
-    Ok(Json(lookup(&host, id).await?.0))
+    let stored = lookup(&host, id).await?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        stored.document,
+    )
+        .into_response())
+}
+
+/// `GET /node/v1/artifacts/{id}/signature`: the minisign signature of the
+/// manifest, byte for byte, as `text/plain`; 404 `unsigned` when the
+/// artifact was stored without one.
+pub async fn node_signature<H: ArtifactHost>(
+    State(host): State<H>,
+    id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    host.check_node(&headers).await?;
+    signature_answer(&host, id).await
+}
+
+/// `GET /api/v1/artifacts/{id}/signature`: as [`node_signature`], for the operator.
+pub async fn operator_signature<H: ArtifactHost>(
+    State(host): State<H>,
+    id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    host.check_operator(&headers)?;
+    signature_answer(&host, id).await
+}
+
+async fn signature_answer<H: ArtifactHost>(
+    host: &H,
+    id: Result<Path<String>, PathRejection>,
+) -> ApiResult<Response> {
+    let id = artifact_id(id)?;
+    let stored = lookup(host, id.clone()).await?;
+    let sig = stored.signature.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            ArtifactError::Unsigned.code(),
+            format!(
+                "artifact {id} was uploaded without a signature; the operator signs it \
+                 (`handover artifact sign`) and uploads it again"
+            ),
+        )
+    })?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], sig).into_response())
 }
 
 /// `GET /node/v1/artifacts/{id}/binary`: the binary, streamed in bounded
@@ -567,7 +933,11 @@ pub async fn node_binary<H: ArtifactHost>(
 ) -> ApiResult<Response> {
     host.check_node(&headers).await?;
     let id = artifact_id(id)?;
-    let (m, path) = lookup(&host, id).await?;
+    let Stored {
+        manifest: m,
+        binary: path,
+        ..
+    } = lookup(&host, id).await?;
     let file = tokio::fs::File::open(&path)
         .await
         .map_err(|e| ApiError::from(io_err("open", &path)(e)))?;
@@ -762,6 +1132,22 @@ mod tests {
         assert!(store.get(&m.id()).is_none());
     }
 
+    fn keypair() -> (minisign::KeyPair, PublicKey) {
+        let kp = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+        let key = PublicKey::decode(&kp.pk.to_box().unwrap().into_string()).unwrap();
+        (kp, key)
+    }
+
+    fn sign(kp: &minisign::KeyPair, doc: &[u8]) -> String {
+        minisign::sign(None, &kp.sk, doc, None, None)
+            .unwrap()
+            .into_string()
+    }
+
+    fn b64(bytes: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    }
+
     async fn serve(store: ArtifactStore) -> String {
         // As the controller mounts it: merged under a router whose default
         // body limit is small.
@@ -924,5 +1310,237 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(error_of(resp).await.1, "invalid_id");
+    }
+
+    /// One upload over HTTP: the manifest document and signature as the CLI
+    /// sends them (base64 headers).
+    async fn put(
+        http: &reqwest::Client,
+        base: &str,
+        doc: &[u8],
+        sig: Option<&str>,
+        body: &[u8],
+    ) -> reqwest::Response {
+        let m = Manifest::decode(doc)
+            .or_else(|_| serde_json::from_slice::<Manifest>(doc))
+            .unwrap();
+        let mut req = http
+            .put(format!("{base}/api/v1/artifacts/{}", m.sha256))
+            .bearer_auth(OP)
+            .header(MANIFEST_HEADER, b64(doc))
+            .body(body.to_vec());
+        if let Some(sig) = sig {
+            req = req.header(SIGNATURE_HEADER, b64(sig.as_bytes()));
+        }
+        req.send().await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn with_trusted_keys_only_signed_uploads_are_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (kp_a, key_a) = keypair();
+        let (kp_b, _) = keypair();
+        let store = ArtifactStore::open(tmp.path())
+            .unwrap()
+            .with_trusted_keys(vec![key_a.clone()]);
+        let base = serve(store).await;
+        let http = reqwest::Client::new();
+        let bytes = binary(200_000);
+        let m = manifest_of(&bytes);
+        let doc = m.to_pretty_json().into_bytes();
+        let good_sig = sign(&kp_a, &doc);
+
+        // (case, manifest document, signature, body, expected code)
+        type Case = (&'static str, Vec<u8>, Option<String>, Vec<u8>, &'static str);
+        let refusals: Vec<Case> = vec![
+            ("unsigned", doc.clone(), None, bytes.clone(), "unsigned"),
+            (
+                "other key",
+                doc.clone(),
+                Some(sign(&kp_b, &doc)),
+                bytes.clone(),
+                "untrusted_key",
+            ),
+            (
+                "manifest edited after signing",
+                {
+                    let mut edited = m.clone();
+                    edited.created_ms += 1;
+                    edited.to_pretty_json().into_bytes()
+                },
+                Some(good_sig.clone()),
+                bytes.clone(),
+                "bad_signature",
+            ),
+            (
+                "binary edited after signing",
+                doc.clone(),
+                Some(good_sig.clone()),
+                {
+                    let mut b = bytes.clone();
+                    b[100] ^= 1;
+                    b
+                },
+                "digest_mismatch",
+            ),
+            (
+                "not a signature",
+                doc.clone(),
+                Some("hello".into()),
+                bytes.clone(),
+                "bad_signature",
+            ),
+        ];
+        for (name, doc, sig, body, want) in refusals {
+            let resp = put(&http, &base, &doc, sig.as_deref(), &body).await;
+            let (status, code, message) = error_of(resp).await;
+            assert_eq!((status, code.as_str()), (400, want), "{name}: {message}");
+            assert!(entries(tmp.path()).is_empty(), "{name}: something was kept");
+        }
+        // The legacy one-line JSON header is unsigned, so refused too.
+        let resp = http
+            .put(format!("{base}/api/v1/artifacts/{}", m.sha256))
+            .bearer_auth(OP)
+            .header(MANIFEST_HEADER, serde_json::to_string(&m).unwrap())
+            .body(bytes.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(error_of(resp).await.1, "unsigned");
+        // A signature header that is not base64.
+        let resp = http
+            .put(format!("{base}/api/v1/artifacts/{}", m.sha256))
+            .bearer_auth(OP)
+            .header(MANIFEST_HEADER, b64(&doc))
+            .header(SIGNATURE_HEADER, "!!!")
+            .body(bytes.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(error_of(resp).await.1, "bad_signature");
+
+        let resp = put(&http, &base, &doc, Some(&good_sig), &bytes).await;
+        assert_eq!(resp.status().as_u16(), 201);
+        assert_eq!(resp.json::<Manifest>().await.unwrap(), m);
+        let dir = tmp.path().join(m.id());
+        assert_eq!(std::fs::read(dir.join(MANIFEST_FILE)).unwrap(), doc);
+        assert_eq!(
+            std::fs::read_to_string(dir.join(SIGNATURE_FILE)).unwrap(),
+            good_sig
+        );
+
+        // Nodes get the exact bytes that were signed, and the signature.
+        let murl = format!("{base}/node/v1/artifacts/{}/manifest", m.id());
+        let surl = format!("{base}/node/v1/artifacts/{}/signature", m.id());
+        let got_doc = http.get(&murl).bearer_auth(NODE).send().await.unwrap();
+        assert_eq!(got_doc.status().as_u16(), 200);
+        let got_doc = got_doc.bytes().await.unwrap();
+        assert_eq!(got_doc.as_ref(), doc.as_slice());
+        let got_sig = http
+            .get(&surl)
+            .bearer_auth(NODE)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(got_sig, good_sig);
+        assert_eq!(
+            verify_manifest(&got_doc, Some(&got_sig), &[key_a]),
+            Ok(m.clone())
+        );
+        assert_eq!(error_of(http.get(&surl).send().await.unwrap()).await.0, 401);
+    }
+
+    #[tokio::test]
+    async fn with_trusted_keys_an_unsigned_stored_artifact_is_not_served_until_signed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let bytes = binary(5_000);
+        let m = manifest_of(&bytes);
+        // Stored while no key was trusted.
+        let open = ArtifactStore::open(tmp.path()).unwrap();
+        open.put_stream(&m, chunks(&bytes, 1000)).await.unwrap();
+        assert!(open.get(&m.id()).is_some());
+
+        let (kp, key) = keypair();
+        let store = ArtifactStore::open(tmp.path())
+            .unwrap()
+            .with_trusted_keys(vec![key]);
+        match store.find(&m.id()) {
+            Err(Missing::Unverified { source, .. }) => assert_eq!(source, ArtifactError::Unsigned),
+            other => panic!("expected unverified, got {other:?}"),
+        }
+        assert!(store.get(&m.id()).is_none());
+        assert!(store.list().unwrap().is_empty());
+        let api = ApiError::from(store.find(&m.id()).unwrap_err());
+        assert_eq!(
+            (api.status, api.code),
+            (StatusCode::BAD_REQUEST, "unsigned")
+        );
+        let err = store
+            .put_stream(&m, chunks(&bytes, 1000))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ArtifactStoreError::Artifact(ArtifactError::Unsigned)),
+            "{err}"
+        );
+
+        // Uploading it signed replaces the unsigned copy.
+        let doc = m.to_pretty_json().into_bytes();
+        let sig = sign(&kp, &doc);
+        let accepted = store.accept(&doc, Some(&sig)).unwrap();
+        let put = store
+            .put_accepted(&accepted, chunks(&bytes, 1000))
+            .await
+            .unwrap();
+        assert_eq!(put, Put::Created(m.clone()));
+        let stored = store.find(&m.id()).unwrap();
+        assert_eq!(stored.signature.as_deref(), Some(sig.as_str()));
+        assert_eq!(std::fs::read(&stored.binary).unwrap(), bytes);
+        assert_eq!(entries(store.dir()), vec![m.id()]);
+        // Again: already there.
+        let put = store
+            .put_accepted(&accepted, chunks(&bytes, 1000))
+            .await
+            .unwrap();
+        assert_eq!(put, Put::Existing(m.clone()));
+    }
+
+    #[tokio::test]
+    async fn without_trusted_keys_unsigned_is_served_and_a_signature_is_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = serve(ArtifactStore::open(tmp.path()).unwrap()).await;
+        let http = reqwest::Client::new();
+        let bytes = binary(4_000);
+        let m = manifest_of(&bytes);
+        let doc = m.to_pretty_json().into_bytes();
+        let resp = put(&http, &base, &doc, None, &bytes).await;
+        assert_eq!(resp.status().as_u16(), 201);
+        let surl = format!("{base}/node/v1/artifacts/{}/signature", m.id());
+        let (status, code, _) =
+            error_of(http.get(&surl).bearer_auth(NODE).send().await.unwrap()).await;
+        assert_eq!((status, code.as_str()), (404, "unsigned"));
+        // A malformed signature is refused even here: nodes may check it.
+        let resp = put(&http, &base, &doc, Some("not a signature"), &bytes).await;
+        assert_eq!(error_of(resp).await.1, "bad_signature");
+        // A signed upload of the same artifact adds the signature.
+        let (kp, key) = keypair();
+        let sig = sign(&kp, &doc);
+        let resp = put(&http, &base, &doc, Some(&sig), &bytes).await;
+        assert_eq!(resp.status().as_u16(), 201);
+        let got = http
+            .get(&surl)
+            .bearer_auth(NODE)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(verify_manifest(&doc, Some(&got), &[key]), Ok(m.clone()));
+        let resp = put(&http, &base, &doc, Some(&sig), &bytes).await;
+        assert_eq!(resp.status().as_u16(), 200);
     }
 }

@@ -17,6 +17,7 @@ use anyhow::Context;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
+use handover_core::artifact::PublicKey;
 use handover_core::upgrade::{Desired, Upgrade};
 use handover_core::wire::{limits, ControllerView};
 use handover_core::{Release, ReleaseInfo, Schema};
@@ -40,6 +41,11 @@ pub struct ControllerConfig {
     pub join_token: String,
     pub operator_token: String,
     pub lease_ms: u64,
+    /// Minisign public keys (their base64 lines) whose signatures make an
+    /// artifact acceptable. Empty: artifacts are not signature-checked.
+    pub trusted_keys: Vec<String>,
+    /// Given to every upgrade's plan ([`handover_core::upgrade::Plan::node_switch_wait_ms`]).
+    pub node_switch_wait_ms: u64,
 }
 
 /// What the controller remembers of a node between requests.
@@ -154,6 +160,25 @@ fn validate(config: &ControllerConfig) -> anyhow::Result<&'static ReleaseInfo> {
     Ok(info)
 }
 
+/// The trusted keys of the config, parsed; says once at start what is checked.
+fn trusted_keys(config: &ControllerConfig) -> anyhow::Result<Vec<PublicKey>> {
+    let keys = config
+        .trusted_keys
+        .iter()
+        .map(|line| PublicKey::from_base64(line).context("a --trusted-key is not usable"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if keys.is_empty() {
+        tracing::warn!("artifacts are not signature-checked: configure --trusted-key");
+    } else {
+        let ids: Vec<&str> = keys.iter().map(PublicKey::id).collect();
+        tracing::info!(
+            keys = ids.join(","),
+            "artifacts must be signed by a trusted key"
+        );
+    }
+    Ok(keys)
+}
+
 /// Serves on an already bound listener (a supervisor may hand one over).
 pub async fn serve_on(
     config: ControllerConfig,
@@ -161,13 +186,21 @@ pub async fn serve_on(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let info = validate(&config)?;
+    let trusted = trusted_keys(&config)?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
-    let db = config.data_dir.join("controller.db");
-    let store = SqliteStore::open(&db, config.release, &config.data_dir.join("snapshots"))
-        .await
-        .with_context(|| format!("cannot open the database {}", db.display()))?;
-    let cluster = self_check(&store, info).await?;
+    let (store, cluster) = match open_checked(&config, info).await {
+        Ok(opened) => opened,
+        Err(e) => {
+            // A controller that is switched to says why it could not start;
+            // the old one reads it into the upgrade's reason.
+            let why = format!("release {}: {e:#}", info.release.0);
+            if let Err(w) = std::fs::write(config.data_dir.join(START_FAILURE_FILE), &why) {
+                tracing::warn!(error = %w, "cannot record why this controller could not start");
+            }
+            return Err(e);
+        }
+    };
     // An upgrade under way resumes where the last controller (of any release) left it.
     let upgrade = store
         .upgrade()
@@ -184,7 +217,8 @@ pub async fn serve_on(
         // Starts from the clock so a restarted controller never repeats a revision.
         desired_rev: watch::channel(u64::try_from(now_ms()).unwrap_or(0)).0,
         artifacts: artifacts::ArtifactStore::open(config.data_dir.join("artifacts"))
-            .context("cannot open the artifact store")?,
+            .context("cannot open the artifact store")?
+            .with_trusted_keys(trusted),
         upgrade: tokio::sync::Mutex::new(upgrade),
         switching: AtomicBool::new(false),
     });
@@ -204,11 +238,29 @@ pub async fn serve_on(
         listen = %config.listen,
         "controller serving"
     );
-    axum::serve(listener, app)
+    // Turned into a service once: serving a `Router` directly rebuilds its
+    // route table for every connection (~9 KB each with 10,000 nodes connected).
+    axum::serve(listener, app.into_make_service())
         .with_graceful_shutdown(shutdown)
         .await
         .context("controller server failed")?;
     Ok(())
+}
+
+/// `DATA_DIR/start-failure.txt`: why the last controller that could not
+/// open or self-check the database gave up (one line, overwritten).
+pub const START_FAILURE_FILE: &str = "start-failure.txt";
+
+async fn open_checked(
+    config: &ControllerConfig,
+    info: &'static ReleaseInfo,
+) -> anyhow::Result<(SqliteStore, ClusterState)> {
+    let db = config.data_dir.join("controller.db");
+    let store = SqliteStore::open(&db, config.release, &config.data_dir.join("snapshots"))
+        .await
+        .with_context(|| format!("cannot open the database {}", db.display()))?;
+    let cluster = self_check(&store, info).await?;
+    Ok((store, cluster))
 }
 
 /// What a new controller proves before it reports ready: the database is at

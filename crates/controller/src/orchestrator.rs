@@ -153,10 +153,22 @@ fn start_controller_switch(state: &Shared, target: Target) {
     }
     let state = state.clone();
     tokio::spawn(async move {
-        let failure = match switch_controller(&state, &target).await {
+        let asked = std::time::SystemTime::now();
+        let mut failure = match switch_controller(&state, &target).await {
             Ok(()) => return,
             Err(reason) => reason,
         };
+        // The new worker wrote why it could not start (e.g. its migration failed).
+        let said = state.config.data_dir.join(crate::START_FAILURE_FILE);
+        let fresh = std::fs::metadata(&said)
+            .and_then(|m| m.modified())
+            .is_ok_and(|at| at >= asked);
+        if let (true, Ok(why)) = (fresh, std::fs::read_to_string(&said)) {
+            let why: String = why.trim().chars().take(1_000).collect();
+            failure = format!("{failure}; the new controller said: {why}");
+        }
+        // A later upgrade may try again.
+        state.switching.store(false, Ordering::SeqCst);
         tracing::error!(reason = %failure, "controller switch failed");
         if let Err(e) = step(&state, Input::ControllerSwitchFailed { reason: failure }).await {
             tracing::error!(error = %e.message, "cannot record the failed controller switch");
@@ -175,14 +187,20 @@ async fn switch_controller(state: &Shared, target: &Target) -> Result<(), String
         "this controller runs without a supervisor (--no-supervisor), so it cannot switch release",
     )?;
     tracing::info!(release = manifest.release.0, binary = %binary.display(), "switching the controller");
-    client
+    match client
         .switch(&handover_supervisor::Release {
             release: manifest.release.0,
             binary,
         })
         .await
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?
+    {
+        // The old worker keeps serving: the state machine must hear why.
+        handover_supervisor::SwitchOutcome::Failed { release, reason } => Err(format!(
+            "the supervisor refused release {release}: {reason}; see the controller's log"
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Creates and stores a new upgrade; refuses while another one runs.

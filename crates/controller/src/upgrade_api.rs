@@ -44,12 +44,21 @@ pub struct UpgradeStatus {
 }
 
 async fn plan_of(state: &Shared, req: &UpgradeRequest) -> ApiResult<Plan> {
-    let (manifest, _) = state.artifacts.get(&req.artifact).ok_or_else(|| {
-        ApiError::not_found(format!(
-            "no artifact {:?} on the controller: upload it with `handover artifact upload`",
-            req.artifact
-        ))
-    })?;
+    // With trusted keys, only an artifact whose stored signature verifies
+    // is found: an unsigned or untrusted one is refused here, before any
+    // upgrade starts (400 `unsigned`, `untrusted_key` or `bad_signature`).
+    let s = state.clone();
+    let id = req.artifact.clone();
+    let manifest = tokio::task::spawn_blocking(move || s.artifacts.find(&id))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "storage_error",
+                format!("artifact store task failed: {e}"),
+            )
+        })??
+        .manifest;
     let policy = match req.policy.as_deref() {
         None => PrimaryPolicy::Wait,
         Some(text) => PrimaryPolicy::parse(text)
@@ -77,6 +86,7 @@ async fn plan_of(state: &Shared, req: &UpgradeRequest) -> ApiResult<Plan> {
         policy,
         groups,
         pause_at: req.pause_at.clone(),
+        node_switch_wait_ms: state.config.node_switch_wait_ms,
     })
 }
 

@@ -1,12 +1,17 @@
 //! Upgrade artifacts: the manifest that names a release binary, and the
 //! incremental digest check every receiver runs while the bytes arrive.
 //!
-//! An artifact on disk is a directory `<id>/` holding [`MANIFEST_FILE`] and
-//! [`BINARY_FILE`]. The manifest is what a later release signs; the binary is
-//! trusted only after its size and SHA-256 match the manifest. This module
-//! is pure: the shells (CLI, controller, node) do the reading and writing.
+//! An artifact on disk is a directory `<id>/` holding [`MANIFEST_FILE`],
+//! [`BINARY_FILE`] and, once signed, [`SIGNATURE_FILE`]: a standard minisign
+//! (Ed25519) signature over the exact bytes of the manifest. The manifest
+//! carries the binary's SHA-256, so the signature covers the binary too:
+//! [`verify_manifest`] checks the signature against the trusted keys, and the
+//! binary is trusted only after its size and SHA-256 match the manifest
+//! ([`DigestCheck`]). This module is pure: the shells (CLI, controller, node)
+//! do the reading and writing.
 
 use crate::release::{ProtocolRange, Release, ReleaseInfo, Schema, NEWEST};
+use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
@@ -24,6 +29,13 @@ pub const ID_HEX_DIGITS: usize = 12;
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// Name of the binary inside an artifact directory.
 pub const BINARY_FILE: &str = "handover";
+/// Name of the minisign signature of [`MANIFEST_FILE`] inside an artifact
+/// directory (what `minisign -Sm manifest.json` writes).
+pub const SIGNATURE_FILE: &str = "manifest.json.minisig";
+/// Largest signature document accepted (a real one is about 330 bytes).
+pub const SIGNATURE_BYTES_MAX: usize = 4096;
+/// Largest public key document accepted (a `.pub` file is about 110 bytes).
+pub const PUBLIC_KEY_BYTES_MAX: usize = 1024;
 
 /// What an artifact is: a release binary, its size and digest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,6 +106,20 @@ pub enum ArtifactError {
          the binary is corrupt or was tampered with: rebuild or re-upload the artifact"
     )]
     DigestMismatch { expected: String, actual: String },
+    #[error(
+        "the artifact is not signed, and only artifacts signed by a trusted key are accepted here: \
+         sign it with `handover artifact sign DIR --key KEY` and upload it again"
+    )]
+    Unsigned,
+    #[error(
+        "the artifact is signed by key {key_id}, which is not trusted here (trusted: {trusted}); \
+         sign it with a trusted key, or trust its public key with --trusted-key"
+    )]
+    UntrustedKey { key_id: String, trusted: String },
+    #[error("the artifact's signature is refused: {0}")]
+    BadSignature(String),
+    #[error("not a minisign public key: {0}")]
+    BadPublicKey(String),
 }
 
 impl ArtifactError {
@@ -112,6 +138,10 @@ impl ArtifactError {
             ArtifactError::BadId(_) => "invalid_id",
             ArtifactError::SizeMismatch { .. } => "size_mismatch",
             ArtifactError::DigestMismatch { .. } => "digest_mismatch",
+            ArtifactError::Unsigned => "unsigned",
+            ArtifactError::UntrustedKey { .. } => "untrusted_key",
+            ArtifactError::BadSignature(_) => "bad_signature",
+            ArtifactError::BadPublicKey(_) => "bad_public_key",
         }
     }
 }
@@ -239,6 +269,168 @@ pub fn check_id(id: &str) -> Result<(), ArtifactError> {
     } else {
         Err(bad())
     }
+}
+
+/// Bytes of a minisign public key: algorithm (2), key id (8), Ed25519 key (32).
+const PUBLIC_KEY_RAW_BYTES: usize = 42;
+
+/// The key id as minisign shows it (`minisign public key: <ID>`): the 8 id
+/// bytes as a little-endian number in 16 uppercase hex digits.
+fn key_id_of(raw: &[u8]) -> Option<String> {
+    let bytes: [u8; 8] = raw.get(2..10)?.try_into().ok()?;
+    Some(format!("{:016X}", u64::from_le_bytes(bytes)))
+}
+
+/// A trusted minisign (Ed25519) public key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublicKey {
+    key: minisign_verify::PublicKey,
+    id: String,
+    base64: String,
+}
+
+impl PublicKey {
+    /// The key from its base64 line (the second line of a `.pub` file).
+    pub fn from_base64(line: &str) -> Result<PublicKey, ArtifactError> {
+        let line = line.trim();
+        let bad = |why: &str| ArtifactError::BadPublicKey(why.to_owned());
+        if line.len() > PUBLIC_KEY_BYTES_MAX {
+            return Err(bad("the key line is too long"));
+        }
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(line)
+            .map_err(|_| bad("the key line is not base64"))?;
+        if raw.len() != PUBLIC_KEY_RAW_BYTES || raw.get(..2) != Some(b"Ed".as_slice()) {
+            return Err(bad(
+                "the key line does not hold an Ed25519 minisign key (56 base64 characters starting with RW)",
+            ));
+        }
+        let key = minisign_verify::PublicKey::from_base64(line)
+            .map_err(|e| ArtifactError::BadPublicKey(e.to_string()))?;
+        let id = key_id_of(&raw).ok_or_else(|| bad("no key id"))?;
+        Ok(PublicKey {
+            key,
+            id,
+            base64: line.to_owned(),
+        })
+    }
+
+    /// The key from the text of a `.pub` file (`untrusted comment: ...` then
+    /// the base64 line), or from the base64 line alone.
+    pub fn decode(text: &str) -> Result<PublicKey, ArtifactError> {
+        if text.len() > PUBLIC_KEY_BYTES_MAX {
+            return Err(ArtifactError::BadPublicKey(format!(
+                "{} bytes; a public key file is at most {PUBLIC_KEY_BYTES_MAX}",
+                text.len()
+            )));
+        }
+        let mut lines = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("untrusted comment:"));
+        let line = lines.next().ok_or_else(|| {
+            ArtifactError::BadPublicKey("no key line (expected a minisign .pub file)".into())
+        })?;
+        if lines.next().is_some() {
+            return Err(ArtifactError::BadPublicKey(
+                "more than one key line: give one key per file".into(),
+            ));
+        }
+        PublicKey::from_base64(line)
+    }
+
+    /// The key id, as minisign shows it (16 uppercase hex digits).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The base64 line, as in the `.pub` file.
+    pub fn to_base64(&self) -> &str {
+        &self.base64
+    }
+}
+
+/// Parses a minisign signature document and returns the id of the key that
+/// made it. Says nothing about whether it verifies.
+pub fn signature_key_id(signature_text: &str) -> Result<String, ArtifactError> {
+    if signature_text.len() > SIGNATURE_BYTES_MAX {
+        return Err(ArtifactError::BadSignature(format!(
+            "the signature is {} bytes; at most {SIGNATURE_BYTES_MAX} are accepted",
+            signature_text.len()
+        )));
+    }
+    let not_minisign = || {
+        ArtifactError::BadSignature(
+            "it is not a minisign signature (4 lines: untrusted comment, signature, \
+             trusted comment, global signature)"
+                .into(),
+        )
+    };
+    minisign_verify::Signature::decode(signature_text).map_err(|_| not_minisign())?;
+    let line = signature_text.lines().nth(1).ok_or_else(not_minisign)?;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(line.trim())
+        .map_err(|_| not_minisign())?;
+    key_id_of(&raw).ok_or_else(not_minisign)
+}
+
+/// Checks that `signature_text` is a valid minisign signature of exactly
+/// `manifest_bytes` by one of the `trusted` keys, then decodes and validates
+/// the manifest. Nothing of an artifact is used before this passes.
+///
+/// `None` (or an empty signature) is [`ArtifactError::Unsigned`]; a key not
+/// in `trusted` is [`ArtifactError::UntrustedKey`]; a signature that does not
+/// verify (the manifest changed after signing, a corrupt or legacy
+/// signature) is [`ArtifactError::BadSignature`].
+pub fn verify_manifest(
+    manifest_bytes: &[u8],
+    signature_text: Option<&str>,
+    trusted: &[PublicKey],
+) -> Result<Manifest, ArtifactError> {
+    if manifest_bytes.len() > MANIFEST_BYTES_MAX {
+        return Err(ArtifactError::ManifestTooLarge {
+            size: manifest_bytes.len(),
+        });
+    }
+    let text = signature_text
+        .filter(|t| !t.trim().is_empty())
+        .ok_or(ArtifactError::Unsigned)?;
+    let key_id = signature_key_id(text)?;
+    let signature = minisign_verify::Signature::decode(text)
+        .map_err(|e| ArtifactError::BadSignature(e.to_string()))?;
+    let mut candidates = trusted.iter().filter(|k| k.id == key_id).peekable();
+    if candidates.peek().is_none() {
+        let ids: Vec<&str> = trusted.iter().map(|k| k.id.as_str()).collect();
+        return Err(ArtifactError::UntrustedKey {
+            key_id,
+            trusted: if ids.is_empty() {
+                "no key".to_owned()
+            } else {
+                ids.join(", ")
+            },
+        });
+    }
+    let mut refusal = None;
+    for key in candidates {
+        match key.key.verify(manifest_bytes, &signature, false) {
+            Ok(()) => return Manifest::decode(manifest_bytes),
+            Err(minisign_verify::Error::UnexpectedAlgorithm) => {
+                refusal = Some(
+                    "it is a legacy (not pre-hashed) minisign signature; \
+                     sign again with `handover artifact sign` or minisign 0.8 or later",
+                )
+            }
+            Err(_) => {}
+        }
+    }
+    Err(ArtifactError::BadSignature(
+        refusal
+            .unwrap_or(
+                "it does not match the manifest: the manifest was changed after signing, \
+                 or the signature is corrupt; sign the artifact again",
+            )
+            .to_owned(),
+    ))
 }
 
 /// A running SHA-256 and byte count, for whoever builds a manifest.
@@ -618,5 +810,152 @@ mod tests {
         assert!(e.to_string().contains("re-upload"), "{e}");
         let e = ArtifactError::UnknownRelease { release: 9 };
         assert!(e.to_string().contains("release 9"), "{e}");
+    }
+
+    /// A fresh minisign key pair: the signer, and the key as trusted.
+    fn keypair() -> (minisign::KeyPair, PublicKey) {
+        let kp = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+        let text = kp.pk.to_box().unwrap().into_string();
+        let trusted = PublicKey::decode(&text).unwrap();
+        (kp, trusted)
+    }
+
+    fn sign(kp: &minisign::KeyPair, bytes: &[u8]) -> String {
+        minisign::sign(Some(&kp.pk), &kp.sk, bytes, None, None)
+            .unwrap()
+            .into_string()
+    }
+
+    #[test]
+    fn a_good_signature_verifies() {
+        let (kp, key) = keypair();
+        let doc = good().to_pretty_json();
+        let sig = sign(&kp, doc.as_bytes());
+        assert_eq!(
+            verify_manifest(doc.as_bytes(), Some(&sig), std::slice::from_ref(&key)),
+            Ok(good())
+        );
+        assert_eq!(signature_key_id(&sig).unwrap(), key.id());
+        // Any trusted key may have signed it.
+        let (_, other) = keypair();
+        assert_eq!(
+            verify_manifest(doc.as_bytes(), Some(&sig), &[other, key.clone()]),
+            Ok(good())
+        );
+        // The key id is the one minisign prints in the .pub comment.
+        let text = kp.pk.to_box().unwrap().into_string();
+        assert!(text.contains(key.id()), "{text} / {}", key.id());
+        assert_eq!(PublicKey::from_base64(key.to_base64()).unwrap(), key);
+    }
+
+    #[test]
+    fn unsigned_is_refused() {
+        let (_, key) = keypair();
+        let doc = good().to_pretty_json();
+        for sig in [None, Some(""), Some(" \n")] {
+            let err = verify_manifest(doc.as_bytes(), sig, std::slice::from_ref(&key)).unwrap_err();
+            assert_eq!(err, ArtifactError::Unsigned);
+            assert_eq!(err.code(), "unsigned");
+            assert!(err.to_string().contains("handover artifact sign"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_wrong_key_is_refused() {
+        let (kp_b, key_b) = keypair();
+        let (_, key_a) = keypair();
+        let doc = good().to_pretty_json();
+        let sig = sign(&kp_b, doc.as_bytes());
+        let err =
+            verify_manifest(doc.as_bytes(), Some(&sig), std::slice::from_ref(&key_a)).unwrap_err();
+        assert_eq!(err.code(), "untrusted_key", "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(key_b.id()) && msg.contains(key_a.id()),
+            "{msg}"
+        );
+        let err = verify_manifest(doc.as_bytes(), Some(&sig), &[]).unwrap_err();
+        assert_eq!(err.code(), "untrusted_key", "{err}");
+    }
+
+    #[test]
+    fn a_tampered_manifest_is_refused() {
+        let (kp, key) = keypair();
+        let doc = good().to_pretty_json();
+        let sig = sign(&kp, doc.as_bytes());
+        let trusted = std::slice::from_ref(&key);
+        // Still a valid manifest, but not the one signed.
+        let mut edited = good();
+        edited.created_ms += 1;
+        let err =
+            verify_manifest(edited.to_pretty_json().as_bytes(), Some(&sig), trusted).unwrap_err();
+        assert_eq!(err.code(), "bad_signature", "{err}");
+        assert!(err.to_string().contains("changed after signing"), "{err}");
+        // Same JSON value, other bytes: the signature covers bytes.
+        let compact = serde_json::to_string(&good()).unwrap();
+        let err = verify_manifest(compact.as_bytes(), Some(&sig), trusted).unwrap_err();
+        assert_eq!(err.code(), "bad_signature", "{err}");
+        // A corrupted signature line.
+        let mut lines: Vec<String> = sig.lines().map(str::to_owned).collect();
+        let mut line2 = lines[1].clone().into_bytes();
+        line2[40] = if line2[40] == b'A' { b'B' } else { b'A' };
+        lines[1] = String::from_utf8(line2).unwrap();
+        let err = verify_manifest(doc.as_bytes(), Some(&lines.join("\n")), trusted).unwrap_err();
+        assert_eq!(err.code(), "bad_signature", "{err}");
+        // An edited trusted comment breaks the global signature.
+        let edited_comment = sig.replace("trusted comment: ", "trusted comment: x");
+        let err = verify_manifest(doc.as_bytes(), Some(&edited_comment), trusted).unwrap_err();
+        assert_eq!(err.code(), "bad_signature", "{err}");
+    }
+
+    #[test]
+    fn garbage_signatures_and_signed_garbage_are_refused() {
+        let (kp, key) = keypair();
+        let trusted = std::slice::from_ref(&key);
+        let doc = good().to_pretty_json();
+        for junk in [
+            "hello",
+            "untrusted comment: x\nnot base64\n",
+            &"x".repeat(5000),
+        ] {
+            let err = verify_manifest(doc.as_bytes(), Some(junk), trusted).unwrap_err();
+            assert_eq!(err.code(), "bad_signature", "{junk:?}: {err}");
+        }
+        // A signature does not make an invalid manifest valid.
+        let mut bad = good();
+        bad.schema = Schema(1);
+        let doc = serde_json::to_string(&bad).unwrap();
+        let sig = sign(&kp, doc.as_bytes());
+        let err = verify_manifest(doc.as_bytes(), Some(&sig), trusted).unwrap_err();
+        assert_eq!(err.code(), "release_mismatch", "{err}");
+        let big = vec![b' '; MANIFEST_BYTES_MAX + 1];
+        let err = verify_manifest(&big, Some(&sig), trusted).unwrap_err();
+        assert_eq!(err.code(), "too_large", "{err}");
+    }
+
+    #[test]
+    fn public_keys_parse_from_pub_files_only() {
+        let (kp, key) = keypair();
+        let file = kp.pk.to_box().unwrap().into_string();
+        assert_eq!(PublicKey::decode(&file).unwrap(), key);
+        assert_eq!(PublicKey::decode(key.to_base64()).unwrap(), key);
+        assert_eq!(
+            PublicKey::decode(&format!("\n{}\n\n", key.to_base64())).unwrap(),
+            key
+        );
+        for bad in [
+            "",
+            "untrusted comment: nothing else\n",
+            "not base64!",
+            "RWQ=",
+            &format!("{}\n{}\n", key.to_base64(), key.to_base64()),
+            &"A".repeat(PUBLIC_KEY_BYTES_MAX + 1),
+        ] {
+            let err = PublicKey::decode(bad).unwrap_err();
+            assert_eq!(err.code(), "bad_public_key", "{bad:?}: {err}");
+        }
+        // A secret key file is not a public key.
+        let secret = kp.sk.to_box(None).unwrap().into_string();
+        assert!(PublicKey::decode(&secret).is_err());
     }
 }

@@ -194,17 +194,18 @@ fn check_text(schema: u32, field: &str, text: &str) -> Result<(), RecordError> {
 }
 
 /// Decodes one record as `schema` says it is, validating its sizes.
+/// Reads `raw` in place: no copy of the JSON tree per record.
 pub fn decode(schema: Schema, raw: &serde_json::Value) -> Result<AnyRecord, RecordError> {
     match schema.0 {
         1 => {
-            let r: v1::Record = serde_json::from_value(raw.clone()).map_err(|e| malformed(1, e))?;
+            let r = v1::Record::deserialize(raw).map_err(|e| malformed(1, e))?;
             check_text(1, "channel", &r.channel)?;
             check_text(1, "text", &r.text)?;
             crate::timefmt::ms_from_rfc3339(&r.at).map_err(|e| malformed(1, e))?;
             Ok(AnyRecord::V1(r))
         }
         2 => {
-            let r: v2::Record = serde_json::from_value(raw.clone()).map_err(|e| malformed(2, e))?;
+            let r = v2::Record::deserialize(raw).map_err(|e| malformed(2, e))?;
             check_text(2, "node_id", &r.node_id)?;
             if let Some(m) = &r.message {
                 check_text(2, "message", m)?;

@@ -17,8 +17,15 @@ use std::collections::BTreeMap;
 /// fenced by the epoch anyway, so waiting longer buys nothing.
 pub const FENCE_ACK_WAIT_MS: u64 = 5_000;
 /// A node that has not come back on the new release within this long stops
-/// the upgrade (it stays paused in a state the operator can read).
+/// the upgrade (it stays paused in a state the operator can read). The
+/// default of [`Plan::node_switch_wait_ms`].
 pub const NODE_SWITCH_WAIT_MS: u64 = 60_000;
+/// A node told to switch that is still (or again) reachable on its old
+/// release this long afterwards could not switch: a switching worker stops
+/// heartbeating once it has drained (a few seconds at most) and the new one
+/// says hello on the new release, while a worker whose supervisor refused the
+/// new release exits and the old release says hello again.
+pub const NODE_SWITCH_BACK_MS: u64 = 20_000;
 /// An outbox at or below this many records counts as drained: a live node
 /// keeps producing, so "exactly zero" may never be observed.
 pub const DRAINED_RECORDS_MAX: u64 = 50;
@@ -121,6 +128,15 @@ pub struct Plan {
     /// so an operator can look before going on.
     #[serde(default)]
     pub pause_at: Vec<Phase>,
+    /// How long a node may take to come back healthy on the new release
+    /// before the upgrade pauses ([`NODE_SWITCH_WAIT_MS`] unless the
+    /// controller is configured otherwise).
+    #[serde(default = "default_node_switch_wait_ms")]
+    pub node_switch_wait_ms: u64,
+}
+
+fn default_node_switch_wait_ms() -> u64 {
+    NODE_SWITCH_WAIT_MS
 }
 
 /// What the controller tells one node to do (carried in every grant answer).
@@ -444,9 +460,76 @@ impl Upgrade {
         effects
     }
 
+    /// Nodes whose switch failed: told to switch (or already switched) and
+    /// reachable on the old release again, because their supervisor refused
+    /// the new release and restarted the old one. The upgrade pauses naming
+    /// them, and they are told to stop trying (the node remembers a refused
+    /// switch and tries it again only when asked anew); resume asks anew.
+    fn failed_switches(&mut self, nodes: &[NodeView], now_ms: u64) -> Vec<Effect> {
+        let target = &self.plan.target;
+        let mut failed = Vec::new();
+        for (id, step) in &self.nodes {
+            let Some(n) = nodes.iter().find(|n| &n.id == id) else {
+                continue;
+            };
+            if !n.reachable || n.release == target.release {
+                continue;
+            }
+            let back = match step {
+                NodeStep::Upgraded { .. } => true,
+                NodeStep::Switching { since_ms } => {
+                    n.staged.contains(&target.artifact_id)
+                        && now_ms.saturating_sub(*since_ms) >= NODE_SWITCH_BACK_MS
+                }
+                NodeStep::Pending | NodeStep::Waiting { .. } => false,
+            };
+            if back {
+                failed.push((id.clone(), n.release));
+            }
+        }
+        if failed.is_empty() {
+            return vec![];
+        }
+        let said: Vec<String> = failed
+            .iter()
+            .map(|(id, release)| {
+                format!(
+                    "node {id} could not switch to release {}: it came back on release {release}",
+                    target.release
+                )
+            })
+            .collect();
+        self.status = Status::Paused;
+        self.waiting_for = format!(
+            "{} (its supervisor refused the new release; the node's /status shows why in switch_error); \
+             the upgrade is paused: fix the release, then resume to try again (or abort)",
+            said.join("; ")
+        );
+        let staged = self.staged();
+        failed
+            .into_iter()
+            .map(|(node, _)| {
+                self.nodes.insert(node.clone(), NodeStep::Pending);
+                Effect::SetDesired {
+                    node,
+                    desired: staged.clone(),
+                }
+            })
+            .collect()
+    }
+
     fn tick(&mut self, nodes: &[NodeView], cluster: &ClusterView, now_ms: u64) -> Vec<Effect> {
         let node = |id: &str| nodes.iter().find(|n| n.id == id);
         let target = self.plan.target.clone();
+        if matches!(
+            self.phase,
+            Phase::Backups | Phase::Primaries | Phase::Finalize
+        ) {
+            let effects = self.failed_switches(nodes, now_ms);
+            if self.status != Status::Running {
+                return effects;
+            }
+        }
         match self.phase {
             Phase::Preflight => match preflight(&self.plan, nodes, cluster) {
                 Ok(()) => {
@@ -576,6 +659,18 @@ impl Upgrade {
             }
             Phase::Primaries => self.primaries(nodes, now_ms),
             Phase::Finalize => {
+                // Never past the point of no return with a node not upgraded: one
+                // found back on its old release while this step waited (reset to
+                // pending by `failed_switches`, then resumed) switches again first.
+                if self
+                    .nodes
+                    .values()
+                    .any(|s| !matches!(s, NodeStep::Upgraded { .. }))
+                {
+                    self.enter(Phase::Primaries, now_ms);
+                    return self.primaries(nodes, now_ms);
+                }
+                // Its own step, so `pause_at: finalize` stops before the point of no return.
                 self.end(Status::Finalized, now_ms);
                 self.waiting_for.clear();
                 let mut effects = vec![Effect::Finalize {
@@ -593,6 +688,12 @@ impl Upgrade {
         let mut effects = Vec::new();
         let mut waiting = Vec::new();
         let groups = self.plan.groups.clone();
+        // A backup whose switch failed and was resumed switches again here.
+        for g in &groups {
+            if !matches!(self.nodes.get(&g.backup), Some(NodeStep::Upgraded { .. })) {
+                effects.extend(self.advance_node(&g.backup, node(&g.backup), true, now_ms));
+            }
+        }
         for g in &groups {
             let view = node(&g.primary);
             let backup_ready = matches!(self.nodes.get(&g.backup), Some(NodeStep::Upgraded { .. }));
@@ -636,17 +737,17 @@ impl Upgrade {
         }
         let pending: Vec<&String> = groups
             .iter()
-            .map(|g| &g.primary)
+            .flat_map(|g| [&g.primary, &g.backup])
             .filter(|id| !matches!(self.nodes.get(*id), Some(NodeStep::Upgraded { .. })))
             .collect();
         if pending.is_empty() {
             self.enter(Phase::Finalize, now_ms);
-            effects.extend(self.tick(nodes, &ClusterView::placeholder(), now_ms));
-        } else if waiting.is_empty() {
             self.waiting_for = format!(
-                "primaries {} to switch and pass their health gate",
-                join(&pending)
+                "finalize: the cluster release moves to {}",
+                self.plan.target.release
             );
+        } else if waiting.is_empty() {
+            self.waiting_for = format!("{} to switch and pass their health gate", join(&pending));
         } else {
             self.waiting_for = format!(
                 "primaries waiting for their operations to end: {}",
@@ -690,12 +791,12 @@ impl Upgrade {
                         node: id.to_owned(),
                         desired: Desired::default(),
                     }]
-                } else if now_ms.saturating_sub(since_ms) > NODE_SWITCH_WAIT_MS {
+                } else if now_ms.saturating_sub(since_ms) > self.plan.node_switch_wait_ms {
                     self.status = Status::Paused;
                     self.waiting_for = format!(
-                        "node {id} did not come back healthy on release {} within {NODE_SWITCH_WAIT_MS} ms; \
+                        "node {id} did not come back healthy on release {} within {} ms; \
                          the upgrade is paused: fix the node, then resume (or abort)",
-                        target.release
+                        target.release, self.plan.node_switch_wait_ms
                     );
                     self.nodes
                         .insert(id.to_owned(), NodeStep::Switching { since_ms: now_ms });
@@ -705,18 +806,6 @@ impl Upgrade {
                 }
             }
             _ => vec![],
-        }
-    }
-}
-
-impl ClusterView {
-    /// For phases whose decision does not look at the cluster.
-    fn placeholder() -> ClusterView {
-        ClusterView {
-            epoch: 0,
-            fenced: false,
-            controller_release: Release(0),
-            disk_free_bytes: 0,
         }
     }
 }
@@ -750,6 +839,7 @@ mod tests {
                 backup: "b".into(),
             }],
             pause_at: vec![],
+            node_switch_wait_ms: NODE_SWITCH_WAIT_MS,
         }
     }
 
@@ -1050,6 +1140,7 @@ mod tests {
         s.run_until(Phase::Backups);
         let mut stuck = s.nodes.clone();
         stuck[1].release = Release(1);
+        stuck[1].reachable = false;
         s.up.step(
             Input::Tick {
                 nodes: stuck,
@@ -1059,6 +1150,209 @@ mod tests {
         );
         assert_eq!(s.up.status, Status::Paused, "{:?}", s.up);
         assert!(s.up.waiting_for.contains("resume"), "{}", s.up.waiting_for);
+    }
+
+    /// The backup `b` told to switch, but back on release 1 and reachable
+    /// (its supervisor refused the new release), `ms` after the switch began.
+    fn backup_back_on_release_1(s: &mut Sim, ms: u64) -> Vec<Effect> {
+        let since = match s.up.nodes["b"] {
+            NodeStep::Switching { since_ms } => since_ms,
+            ref other => panic!("b is {other:?}"),
+        };
+        let mut back = s.nodes.clone();
+        back[1].release = Release(1);
+        back[1].schema = Schema(1);
+        back[1].grant = Grant::Deliver;
+        s.up.step(
+            Input::Tick {
+                nodes: back,
+                cluster: s.cluster.clone(),
+            },
+            since + ms,
+        )
+    }
+
+    #[test]
+    fn a_node_back_on_its_old_release_pauses_naming_it_and_is_asked_anew_on_resume() {
+        let mut s = Sim::new(PrimaryPolicy::Wait);
+        s.run_until(Phase::Backups);
+        // Still draining or starting the new release: not a failure yet.
+        assert!(backup_back_on_release_1(&mut s, NODE_SWITCH_BACK_MS - 1).is_empty());
+        assert_eq!(s.up.status, Status::Running);
+        let effects = backup_back_on_release_1(&mut s, NODE_SWITCH_BACK_MS);
+        assert_eq!(s.up.status, Status::Paused, "{:?}", s.up);
+        assert!(
+            s.up.waiting_for
+                .contains("node b could not switch to release 2: it came back on release 1"),
+            "{}",
+            s.up.waiting_for
+        );
+        // It is told to stop trying, and keeps its staged artifact.
+        assert_eq!(
+            effects,
+            vec![Effect::SetDesired {
+                node: "b".into(),
+                desired: Desired {
+                    stage: Some(A.into()),
+                    ..Desired::default()
+                }
+            }]
+        );
+        assert_eq!(s.up.nodes["b"], NodeStep::Pending);
+        // Resume asks anew.
+        s.up.step(Input::Resume, s.now + NODE_SWITCH_BACK_MS + 1);
+        let mut back = s.nodes.clone();
+        back[1].release = Release(1);
+        let effects = s.up.step(
+            Input::Tick {
+                nodes: back,
+                cluster: s.cluster.clone(),
+            },
+            s.now + NODE_SWITCH_BACK_MS + 2,
+        );
+        assert!(
+            effects
+                .iter()
+                .any(|e| matches!(e, Effect::SetDesired { node, desired }
+                if node == "b" && desired.switch_to == Some(Release(2)))),
+            "{effects:?}"
+        );
+        assert!(matches!(s.up.nodes["b"], NodeStep::Switching { .. }));
+    }
+
+    #[test]
+    fn a_node_restaging_after_a_restart_is_not_taken_for_a_failed_switch() {
+        let mut s = Sim::new(PrimaryPolicy::Wait);
+        s.run_until(Phase::Backups);
+        s.nodes[1].staged.clear();
+        assert!(backup_back_on_release_1(&mut s, NODE_SWITCH_BACK_MS + 1).is_empty());
+        assert_eq!(s.up.status, Status::Running);
+    }
+
+    #[test]
+    fn an_upgraded_node_that_falls_back_is_caught_before_finalize() {
+        // Failover: the primary switches as soon as the backup looks upgraded.
+        let mut s = Sim::new(PrimaryPolicy::Failover);
+        s.run_until(Phase::Finalize);
+        assert_eq!(
+            s.up.status,
+            Status::Running,
+            "finalize is a step of its own"
+        );
+        assert_eq!(s.finalized, None);
+        // The backup's new worker was never committed: its supervisor restarted release 1.
+        s.nodes[1].release = Release(1);
+        s.nodes[1].schema = Schema(1);
+        s.tick();
+        assert_eq!(s.up.status, Status::Paused, "{:?}", s.up);
+        assert_eq!(s.finalized, None, "never past the point of no return");
+        assert!(s.up.waiting_for.contains("node b could not switch"));
+        assert_eq!(s.desired["b"].switch_to, None, "b stops trying");
+        // Fixed and resumed: b switches again (the sim switches it), then finalize.
+        s.input(Input::Resume);
+        for _ in 0..5 {
+            s.tick();
+        }
+        assert_eq!(s.up.status, Status::Finalized, "{:?}", s.up);
+        assert_eq!(s.finalized, Some(Release(2)));
+        assert_eq!(
+            s.nodes[1].release,
+            Release(2),
+            "b was asked anew and switched"
+        );
+    }
+
+    /// Found by the simulation (crates/sim): a node reset to pending while the
+    /// upgrade waited at finalize was left on its old release, and resume
+    /// finalized anyway.
+    #[test]
+    fn resume_at_finalize_switches_a_node_that_fell_back_before_finalizing() {
+        let mut s = Sim::new(PrimaryPolicy::Wait);
+        s.run_until(Phase::Finalize);
+        let back_on_1 = |s: &mut Sim| {
+            s.nodes[1].release = Release(1);
+            s.nodes[1].schema = Schema(1);
+        };
+        back_on_1(&mut s);
+        s.tick();
+        assert_eq!(s.up.status, Status::Paused, "{:?}", s.up);
+        s.input(Input::Resume);
+        // b has not switched again yet: resume must not finalize without it.
+        back_on_1(&mut s);
+        let input = Input::Tick {
+            nodes: s.nodes.clone(),
+            cluster: s.cluster.clone(),
+        };
+        s.now += 100;
+        let effects = s.up.step(input, s.now);
+        assert_eq!(s.up.status, Status::Running, "{:?}", s.up);
+        assert!(
+            !effects.iter().any(|e| matches!(e, Effect::Finalize { .. })),
+            "{effects:?}"
+        );
+        assert!(
+            effects
+                .iter()
+                .any(|e| matches!(e, Effect::SetDesired { node, desired }
+                if node == "b" && desired.switch_to == Some(Release(2)))),
+            "b is asked to switch again: {effects:?}"
+        );
+        for e in effects {
+            if let Effect::SetDesired { node, desired } = e {
+                s.desired.insert(node, desired);
+            }
+        }
+        // Once b is back on release 2 and healthy, the upgrade finalizes.
+        for _ in 0..5 {
+            s.tick();
+        }
+        assert_eq!(s.up.status, Status::Finalized, "{:?}", s.up);
+        assert_eq!(s.finalized, Some(Release(2)));
+        assert!(s.nodes.iter().all(|n| n.release == Release(2)));
+    }
+
+    #[test]
+    fn pause_at_finalize_stops_before_the_point_of_no_return() {
+        let mut s = Sim::new(PrimaryPolicy::Failover);
+        s.up.plan.pause_at = vec![Phase::Finalize];
+        s.run_until(Phase::Finalize);
+        assert_eq!(s.up.status, Status::Paused);
+        s.tick();
+        assert_eq!(s.finalized, None);
+        s.input(Input::Resume);
+        s.tick();
+        assert_eq!(s.up.status, Status::Finalized);
+        assert_eq!(s.finalized, Some(Release(2)));
+    }
+
+    #[test]
+    fn the_node_switch_wait_comes_from_the_plan() {
+        let mut json = serde_json::to_value(plan(PrimaryPolicy::Wait)).unwrap();
+        json.as_object_mut().unwrap().remove("node_switch_wait_ms");
+        let old: Plan = serde_json::from_value(json).unwrap();
+        assert_eq!(
+            old.node_switch_wait_ms, NODE_SWITCH_WAIT_MS,
+            "a stored plan without it"
+        );
+        let mut s = Sim::new(PrimaryPolicy::Wait);
+        s.up.plan.node_switch_wait_ms = 5_000;
+        s.run_until(Phase::Backups);
+        let mut gone = s.nodes.clone();
+        gone[1].release = Release(1);
+        gone[1].reachable = false;
+        s.up.step(
+            Input::Tick {
+                nodes: gone,
+                cluster: s.cluster.clone(),
+            },
+            s.now + 5_001,
+        );
+        assert_eq!(s.up.status, Status::Paused);
+        assert!(
+            s.up.waiting_for.contains("within 5000 ms"),
+            "{}",
+            s.up.waiting_for
+        );
     }
 
     #[test]

@@ -22,7 +22,8 @@ fn json_value() -> impl Strategy<Value = Value> {
     leaf.prop_recursive(4, 64, 8, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
-            prop::collection::btree_map("[a-z_]{1,16}", inner, 0..8).prop_map(|m| Value::Object(m.into_iter().collect())),
+            prop::collection::btree_map("[a-z_]{1,16}", inner, 0..8)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
     })
 }
@@ -32,22 +33,42 @@ fn id() -> impl Strategy<Value = String> {
 }
 
 fn hello() -> impl Strategy<Value = Hello> {
-    (id(), id(), 1u32..3, prop::collection::vec(any::<i64>(), 0..8), any::<u64>(), prop::option::of(any::<u64>()))
-        .prop_map(|(node_id, group, release, current_events, next_seq, param_revision)| Hello {
-            v: MESSAGE_VERSION,
-            node_id,
-            token: "join-token-0123456789".into(),
-            release: Release(release),
-            schema: Schema(release),
-            protocol: ProtocolRange { min: 1, max: release },
-            role: if next_seq % 2 == 0 { Role::Primary } else { Role::Backup },
-            group,
-            hls_url: "http://127.0.0.1:7500".into(),
-            outbox: OutboxState { next_seq, oldest_unacked_seq: None, count: 0 },
-            current_events,
-            param_revision,
-            staged: vec![],
-        })
+    (
+        id(),
+        id(),
+        1u32..3,
+        prop::collection::vec(any::<i64>(), 0..8),
+        any::<u64>(),
+        prop::option::of(any::<u64>()),
+    )
+        .prop_map(
+            |(node_id, group, release, current_events, next_seq, param_revision)| Hello {
+                v: MESSAGE_VERSION,
+                node_id,
+                token: "join-token-0123456789".into(),
+                release: Release(release),
+                schema: Schema(release),
+                protocol: ProtocolRange {
+                    min: 1,
+                    max: release,
+                },
+                role: if next_seq % 2 == 0 {
+                    Role::Primary
+                } else {
+                    Role::Backup
+                },
+                group,
+                hls_url: "http://127.0.0.1:7500".into(),
+                outbox: OutboxState {
+                    next_seq,
+                    oldest_unacked_seq: None,
+                    count: 0,
+                },
+                current_events,
+                param_revision,
+                staged: vec![],
+            },
+        )
 }
 
 fn kind() -> impl Strategy<Value = Kind> {
@@ -62,19 +83,29 @@ fn kind() -> impl Strategy<Value = Kind> {
 
 /// Observations a node can make: times within the RFC 3339 range, text within limits.
 fn observation() -> impl Strategy<Value = Observation> {
-    (kind(), 0i64..4_102_444_800_000, any::<u64>(), 500u32..60_000, any::<u32>(), any::<i64>(), "[ -~]{1,100}").prop_map(
-        |(kind, at_ms, seq, duration_ms, viewers, event_id, message)| Observation {
-            kind,
-            channel: "news".into(),
-            channel_id: Some(4),
-            at_ms,
-            media_seq: (kind == Kind::SegmentPublished).then_some(seq),
-            duration_ms: (kind == Kind::SegmentPublished).then_some(duration_ms),
-            viewers: (kind == Kind::ViewerStats).then_some(viewers),
-            event_id: matches!(kind, Kind::EventStarted | Kind::EventFinished).then_some(event_id),
-            message: (kind == Kind::Alert).then_some(message),
-        },
+    (
+        kind(),
+        0i64..4_102_444_800_000,
+        any::<u64>(),
+        500u32..60_000,
+        any::<u32>(),
+        any::<i64>(),
+        "[ -~]{1,100}",
     )
+        .prop_map(
+            |(kind, at_ms, seq, duration_ms, viewers, event_id, message)| Observation {
+                kind,
+                channel: "news".into(),
+                channel_id: Some(4),
+                at_ms,
+                media_seq: (kind == Kind::SegmentPublished).then_some(seq),
+                duration_ms: (kind == Kind::SegmentPublished).then_some(duration_ms),
+                viewers: (kind == Kind::ViewerStats).then_some(viewers),
+                event_id: matches!(kind, Kind::EventStarted | Kind::EventFinished)
+                    .then_some(event_id),
+                message: (kind == Kind::Alert).then_some(message),
+            },
+        )
 }
 
 fn directory(segment_ms: u32) -> ChannelDirectory {

@@ -4,11 +4,14 @@
 
 use crate::session::Session;
 use crate::stage;
+use crate::store::{keys, Commit, Store};
 use crate::Lifecycle;
+use handover_core::artifact::PublicKey;
 use handover_core::{Grant, ReleaseInfo};
-use handover_supervisor::{Release as SupervisedRelease, SupervisorClient};
+use handover_supervisor::{Release as SupervisedRelease, SupervisorClient, SwitchOutcome};
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Staging retries back off up to this.
@@ -22,14 +25,48 @@ pub(crate) struct Agent {
     pub data_dir: PathBuf,
     pub controller_url: String,
     pub release: &'static ReleaseInfo,
+    pub store: Arc<Store>,
     pub lifecycle: Arc<Lifecycle>,
     pub supervisor: Option<SupervisorClient>,
+    /// Keys an artifact must be signed by (none: not signature-checked).
+    pub trusted: Vec<PublicKey>,
+    /// Why the artifact the controller names cannot be staged (shown on
+    /// /status); cleared once it is staged or no longer asked for.
+    pub stage_error: Arc<Mutex<Option<String>>>,
+}
+
+/// A switch the supervisor refused, kept in kv ([`keys::SWITCH_FAILED`]) so
+/// the worker restarted on the old release does not try it again at once
+/// (each try stops producing and restarts the worker); shown on /status.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchFailure {
+    pub artifact: String,
+    pub release: u32,
+    pub reason: String,
+    pub at_ms: i64,
+    /// The controller withdrew the switch since: a new request is a new try.
+    #[serde(default)]
+    pub withdrawn: bool,
+}
+
+async fn remember(store: &Store, failure: &SwitchFailure) -> Result<(), crate::store::StoreError> {
+    let value = serde_json::to_string(failure)
+        .map_err(|e| crate::store::StoreError::Corrupt(e.to_string()))?;
+    store
+        .kv_put(vec![(keys::SWITCH_FAILED.to_owned(), value)])
+        .await
+}
+
+/// The switch failure this node remembers, if any.
+pub async fn switch_failure(store: &Store) -> Option<SwitchFailure> {
+    let raw = store.kv_get(keys::SWITCH_FAILED).await.ok()??;
+    serde_json::from_str(&raw).ok()
 }
 
 impl Agent {
     pub(crate) async fn run(self) {
         self.session.set_staged(
-            stage::staged(&self.data_dir)
+            stage::staged(&self.data_dir, &self.trusted)
                 .iter()
                 .map(|m| m.id())
                 .collect(),
@@ -43,18 +80,53 @@ impl Agent {
         };
         let mut rx = self.session.link();
         let mut retry_ms = 100;
+        let mut failed = switch_failure(&self.store).await;
+        if failed
+            .as_ref()
+            .is_some_and(|f| f.release == self.release.release.0)
+        {
+            // This worker runs the release that once failed: the failure is history.
+            let forget = Commit {
+                delete: vec![keys::SWITCH_FAILED.to_owned()],
+                ..Commit::default()
+            };
+            match self.store.commit(&forget).await {
+                Ok(_) => failed = None,
+                Err(e) => tracing::warn!(error = %e, "cannot forget the failed switch"),
+            }
+        }
         loop {
             let link = rx.borrow_and_update().clone();
             let desired = link.desired.clone();
+            // Once the controller withdraws the switch, a later request is a new try.
+            if let Some(f) = failed.as_mut().filter(|f| !f.withdrawn) {
+                if link.desired_rev.is_some() && desired.switch_to.is_none() {
+                    f.withdrawn = true;
+                    if let Err(e) = remember(&self.store, f).await {
+                        tracing::warn!(error = %e, "cannot note that the failed switch was withdrawn");
+                    }
+                }
+            }
+            if desired.stage.is_none() {
+                self.set_stage_error(None);
+            }
             if let (Some(id), Some(credential)) = (&desired.stage, &link.credential) {
                 if !self.session.staged().contains(id) {
-                    match stage::stage(&http, &self.controller_url, credential, &self.data_dir, id)
-                        .await
+                    match stage::stage(
+                        &http,
+                        &self.controller_url,
+                        credential,
+                        &self.data_dir,
+                        id,
+                        &self.trusted,
+                    )
+                    .await
                     {
                         Ok(staged) => {
                             tracing::info!(artifact = %id, binary = %staged.binary.display(), "artifact staged");
+                            self.set_stage_error(None);
                             self.session.set_staged(
-                                stage::staged(&self.data_dir)
+                                stage::staged(&self.data_dir, &self.trusted)
                                     .iter()
                                     .map(|m| m.id())
                                     .collect(),
@@ -63,6 +135,7 @@ impl Agent {
                         }
                         Err(e) => {
                             tracing::error!(artifact = %id, error = %e, "cannot stage the artifact; this release keeps running");
+                            self.set_stage_error(Some(e.to_string()));
                             tokio::time::sleep(Duration::from_millis(retry_ms)).await;
                             retry_ms = (retry_ms * 2).min(STAGE_RETRY_MS_MAX);
                             continue;
@@ -72,8 +145,17 @@ impl Agent {
             }
             if let (Some(to), Some(id)) = (desired.switch_to, &desired.stage) {
                 if to != self.release.release && self.session.staged().contains(id) {
-                    self.switch(id).await;
-                    return;
+                    match &failed {
+                        Some(f) if f.artifact == *id && !f.withdrawn => tracing::warn!(
+                            artifact = %id,
+                            reason = %f.reason,
+                            "not switching again: this switch failed; waiting for the controller to ask anew"
+                        ),
+                        _ => {
+                            self.switch(id).await;
+                            return;
+                        }
+                    }
                 }
             }
             if rx.changed().await.is_err() {
@@ -82,12 +164,16 @@ impl Agent {
         }
     }
 
+    fn set_stage_error(&self, error: Option<String>) {
+        *self.stage_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+    }
+
     /// Quiesces this worker and asks the supervisor to start the staged
     /// release on the same socket. On success the supervisor stops this
     /// worker; on failure the worker exits so its supervisor restarts the
     /// release it knows to work.
     async fn switch(&self, id: &str) {
-        let Some(staged) = stage::staged(&self.data_dir)
+        let Some(staged) = stage::staged(&self.data_dir, &self.trusted)
             .into_iter()
             .find(|m| m.id() == id)
         else {
@@ -107,9 +193,29 @@ impl Agent {
             binary,
         };
         match client.switch(&to).await {
-            Ok(_) => tracing::info!(
-                "the new release is serving; this worker finishes its requests and exits"
-            ),
+            Ok(SwitchOutcome::Switched { .. } | SwitchOutcome::AlreadyActive { .. }) => {
+                tracing::info!(
+                    "the new release is serving; this worker finishes its requests and exits"
+                )
+            }
+            Ok(SwitchOutcome::Failed { reason, .. }) => {
+                // This worker has quiesced: it exits, and its supervisor starts
+                // the old release again, which remembers not to retry at once.
+                let failure = SwitchFailure {
+                    artifact: id.to_owned(),
+                    release: staged.release.0,
+                    reason: format!(
+                        "the supervisor refused the switch to release {}: {reason}",
+                        staged.release.0
+                    ),
+                    at_ms: crate::wall_clock_ms(),
+                    withdrawn: false,
+                };
+                if let Err(e) = remember(&self.store, &failure).await {
+                    tracing::error!(error = %e, "cannot remember the failed switch");
+                }
+                self.lifecycle.fail(failure.reason)
+            }
             Err(e) => self.lifecycle.fail(format!(
                 "switch to release {} failed: {e}",
                 staged.release.0
@@ -144,6 +250,16 @@ pub(crate) async fn report_ready(client: SupervisorClient, session: Arc<Session>
         tracing::warn!(
             "not welcomed by the controller yet; reporting ready to serve from the cache"
         );
+    }
+    // Test hooks (crate::TEST_FAULT_ENV): a release that is slow to become
+    // ready, or never does.
+    if crate::test_fault("never_ready").is_some() {
+        tracing::warn!("test hook: never reporting ready");
+        return;
+    }
+    if let Some(ms) = crate::test_fault_ms("ready_delay_ms") {
+        tracing::warn!(ms, "test hook: delaying the ready report");
+        tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     if let Err(e) = client.ready().await {
         tracing::error!(error = %e, "cannot report ready to the supervisor");

@@ -118,6 +118,11 @@ pub struct HttpState {
     pub viewers: Arc<ViewerCounter>,
     /// The shipper's last failure, for operators.
     pub ship_error: Arc<Mutex<Option<String>>>,
+    /// Why the artifact the controller names cannot be staged (e.g. its
+    /// signature is not by a key this node trusts), for operators.
+    pub stage_error: Arc<Mutex<Option<String>>>,
+    /// Ids of the keys artifacts must be signed by (empty: not checked).
+    pub trusted_key_ids: Vec<String>,
 }
 
 type Shared = Arc<HttpState>;
@@ -168,6 +173,12 @@ async fn status(State(s): State<Shared>) -> Response {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
+    let switch_error = crate::agent::switch_failure(&s.store).await;
+    let stage_error = s
+        .stage_error
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     Json(serde_json::json!({
         "node_id": s.node_id,
         "release": s.release.release,
@@ -183,6 +194,9 @@ async fn status(State(s): State<Shared>) -> Response {
         "param_revision": params.revision,
         "controller_reachable": s.session.reachable(),
         "ship_error": ship_error,
+        "switch_error": switch_error,
+        "stage_error": stage_error,
+        "trusted_keys": s.trusted_key_ids,
     }))
     .into_response()
 }

@@ -48,6 +48,9 @@ pub struct NodeConfig {
     /// Drop records that cannot be stored at once, as nodes managed by hand
     /// do today (the demo's comparison); never set in production.
     pub legacy: bool,
+    /// Minisign public keys (their base64 lines) an artifact must be signed
+    /// by before it is staged. Empty: artifacts are not signature-checked.
+    pub trusted_keys: Vec<String>,
 }
 
 /// One record as a node's journal remembers it.
@@ -91,6 +94,30 @@ pub async fn ledger(data_dir: &std::path::Path) -> Result<Ledger, store::StoreEr
     .await;
     s.close().await;
     read
+}
+
+/// Test hook, read only by the fault-injection process tests
+/// (`crates/cli/tests/faults.rs`), which set it for one release through an
+/// artifact whose binary is a wrapper script (or for one node's supervisor):
+/// a comma-separated list of `name` or `name:value`. Unset in production,
+/// where it changes nothing. The node reads `stage_slow_ms:N` (stage.rs),
+/// `ready_delay_ms:N` and `never_ready` (agent.rs), `drain_slow_ms:N`
+/// (`Lifecycle::quiesce`), and the CLI reads `exit_at_start` for a node
+/// worker.
+pub const TEST_FAULT_ENV: &str = "HANDOVER_TEST_FAULT";
+
+/// The value of test fault `name` in [`TEST_FAULT_ENV`] ("" for a bare name).
+pub fn test_fault(name: &str) -> Option<String> {
+    let all = std::env::var(TEST_FAULT_ENV).ok()?;
+    all.split(',').find_map(|f| {
+        let (n, v) = f.split_once(':').unwrap_or((f, ""));
+        (n.trim() == name).then(|| v.trim().to_owned())
+    })
+}
+
+/// Test fault `name` as milliseconds (see [`test_fault`]).
+pub(crate) fn test_fault_ms(name: &str) -> Option<u64> {
+    test_fault(name).and_then(|v| v.parse().ok())
 }
 
 /// Unix milliseconds from the system clock; the only clock the node reads.
@@ -145,6 +172,28 @@ pub(crate) async fn sleep_or_stop(d: Duration, stop: &mut Stop) -> bool {
         _ = tokio::time::sleep(d) => true,
         _ = stop.wait() => false,
     }
+}
+
+/// The trusted keys of the config, parsed; says once at start what is checked.
+fn trusted_keys(config: &NodeConfig) -> anyhow::Result<Vec<handover_core::artifact::PublicKey>> {
+    let keys = config
+        .trusted_keys
+        .iter()
+        .map(|line| {
+            handover_core::artifact::PublicKey::from_base64(line)
+                .context("a --trusted-key is not usable")
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if keys.is_empty() {
+        tracing::warn!("artifacts are not signature-checked: configure --trusted-key");
+    } else {
+        let ids: Vec<&str> = keys.iter().map(|k| k.id()).collect();
+        tracing::info!(
+            keys = ids.join(","),
+            "artifacts must be signed by a trusted key"
+        );
+    }
+    Ok(keys)
 }
 
 /// Checks the config with the same rules the controller applies to hello.
@@ -245,6 +294,11 @@ impl Lifecycle {
                 Ok(Err(e)) => tracing::error!(error = %e, "producer ended abnormally"),
                 Err(_) => tracing::warn!("producer did not stop in time"),
             }
+            if let Some(ms) = test_fault_ms("drain_slow_ms") {
+                // Test hook (TEST_FAULT_ENV): a drain that takes a while.
+                tracing::warn!(ms, "test hook: draining slowly");
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
             drain_outbox(&self.store, &self.session).await;
         }
         self.loops_stop.send_replace(true);
@@ -304,6 +358,9 @@ async fn start(
     let viewers = Arc::new(hls::ViewerCounter::default());
     let shipper_wake = Arc::new(Notify::new());
     let ship_error = Arc::new(Mutex::new(None));
+    let stage_error = Arc::new(Mutex::new(None));
+    let trusted = trusted_keys(&config)?;
+    let trusted_key_ids: Vec<String> = trusted.iter().map(|k| k.id().to_owned()).collect();
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop = Stop(stop_rx);
@@ -353,8 +410,11 @@ async fn start(
             data_dir: config.data_dir.clone(),
             controller_url: config.controller_url.clone(),
             release: info,
+            store: store.clone(),
             lifecycle: lifecycle.clone(),
             supervisor: supervisor.clone(),
+            trusted,
+            stage_error: stage_error.clone(),
         }
         .run(),
     );
@@ -372,6 +432,8 @@ async fn start(
         params: session.params(),
         viewers,
         ship_error,
+        stage_error,
+        trusted_key_ids,
     }));
     tracing::info!(
         node_id = config.node_id,

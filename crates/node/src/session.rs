@@ -91,9 +91,13 @@ pub enum CallError {
 
 impl CallError {
     /// `stale_epoch` and `unauthorized` are cured by a new hello.
+    /// Refusals a new hello heals: a stale epoch, an unknown credential, or
+    /// a registration of another schema (a late hello of this node's previous
+    /// release overtook the current one; found by the simulation).
     pub fn needs_handshake(&self) -> bool {
         matches!(self, CallError::Refused { status, code, .. }
-            if *status == 409 || *status == 401 || code == "stale_epoch" || code == "unauthorized")
+            if *status == 409 || *status == 401 || code == "stale_epoch" || code == "unauthorized"
+                || code == "schema_mismatch")
     }
 
     /// `grant_forbids_*`: our idea of the grant is out of date.
@@ -298,6 +302,8 @@ pub struct Session {
     last_contact: Mutex<Option<Instant>>,
     /// Ids of the artifacts staged in the data dir, reported to the controller.
     staged: Mutex<Vec<String>>,
+    /// The controller's release, from the last welcome.
+    controller_release: Mutex<Option<handover_core::Release>>,
 }
 
 impl Session {
@@ -338,6 +344,7 @@ impl Session {
             reachable: AtomicBool::new(false),
             last_contact: Mutex::new(None),
             staged: Mutex::new(Vec::new()),
+            controller_release: Mutex::new(None),
         })
     }
 
@@ -467,6 +474,10 @@ impl Session {
             protocol = welcome.protocol,
             "welcomed"
         );
+        *self
+            .controller_release
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(welcome.controller_release);
         self.adopt(Adopt {
             grant: welcome.grant,
             reason: welcome.grant_reason,
@@ -487,6 +498,24 @@ impl Session {
     async fn adopt_state(&self, gs: GrantState) -> Result<bool, SessionError> {
         if gs.v != MESSAGE_VERSION {
             return Err(CallError::BadAnswer(format!("grant state of version {}", gs.v)).into());
+        }
+        // A grant that contradicts this release's schema means the controller
+        // holds another registration for this node (a late hello of its
+        // previous release overtook ours; found by the simulation): hello again.
+        let controller = *self
+            .controller_release
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(info) = controller.and_then(|r| ReleaseInfo::of(r).ok()) {
+            let expected = handover_core::decide_grant(info, self.id.release.schema, false).grant;
+            if gs.grant != Grant::Fenced && gs.grant != expected {
+                let generation = self.link.borrow().generation;
+                self.request_handshake(
+                    generation,
+                    &format!("grant {} contradicts this release's schema", gs.grant),
+                );
+                return Ok(false);
+            }
         }
         Ok(self
             .adopt(Adopt {

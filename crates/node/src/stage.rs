@@ -2,18 +2,24 @@
 //! while it arrives, and keep it beside the other releases in the data dir:
 //!
 //! ```text
-//! DATA_DIR/releases/<id>/manifest.json
-//! DATA_DIR/releases/<id>/handover        (mode 0755)
-//! DATA_DIR/releases/.<id>.partial        (only while downloading)
+//! DATA_DIR/releases/<id>/manifest.json          (the exact bytes that were signed)
+//! DATA_DIR/releases/<id>/manifest.json.minisig  (with trusted keys)
+//! DATA_DIR/releases/<id>/handover               (mode 0755)
+//! DATA_DIR/releases/.<id>.partial               (only while downloading)
 //! ```
 //!
+//! With trusted keys (`--trusted-key`), the manifest and its signature are
+//! fetched first and the signature must be a valid one by a trusted key
+//! before a byte of the binary is downloaded; [`staged`] checks it again,
+//! so a release never runs from an artifact that does not verify.
 //! `releases/<id>/` appears (by one rename) only once the binary matched the
-//! manifest's size and SHA-256 and both files are fsync'd. Any failure leaves
+//! manifest's size and SHA-256 and every file is fsync'd. Any failure leaves
 //! nothing staged and returns an error; the node keeps running.
 
 use futures_util::FutureExt as _;
 use handover_core::artifact::{
-    check_id, ArtifactError, DigestCheck, Manifest, BINARY_FILE, MANIFEST_BYTES_MAX, MANIFEST_FILE,
+    check_id, verify_manifest, ArtifactError, DigestCheck, Manifest, PublicKey, BINARY_FILE,
+    MANIFEST_BYTES_MAX, MANIFEST_FILE, SIGNATURE_BYTES_MAX, SIGNATURE_FILE,
 };
 use std::collections::BTreeSet;
 use std::io::{Read as _, Write as _};
@@ -59,6 +65,15 @@ pub enum StageError {
     },
     #[error("the controller's manifest for artifact {id} is not acceptable: {reason}")]
     Manifest { id: String, reason: String },
+    #[error(
+        "artifact {id} is refused before download: {source}; nothing was staged and \
+         this node keeps running its release"
+    )]
+    Signature {
+        id: String,
+        #[source]
+        source: ArtifactError,
+    },
     #[error("artifact {id} failed verification and was not staged: {source}")]
     Digest {
         id: String,
@@ -148,14 +163,52 @@ fn fsync_dir(dir: &Path) -> Result<(), StageError> {
         .map_err(io_err("fsync", dir))
 }
 
-/// Reads and validates `<dir>/manifest.json`, and checks it names `id`.
-fn read_manifest(dir: &Path, id: &str) -> Result<Manifest, String> {
-    let path = dir.join(MANIFEST_FILE);
+/// Reads `path` whole, at most `max` bytes (one more is an error).
+fn read_bounded(path: &Path, max: usize) -> Result<Vec<u8>, String> {
     let mut buf = Vec::new();
-    std::fs::File::open(&path)
-        .and_then(|f| f.take(MANIFEST_BYTES_MAX as u64 + 1).read_to_end(&mut buf))
+    std::fs::File::open(path)
+        .and_then(|f| f.take(max as u64 + 1).read_to_end(&mut buf))
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    let m = Manifest::decode(&buf).map_err(|e| format!("{}: {e}", path.display()))?;
+    if buf.len() > max {
+        return Err(format!("{}: larger than {max} bytes", path.display()));
+    }
+    Ok(buf)
+}
+
+/// Checks a manifest document: with `trusted` keys, that `signature` is a
+/// valid one by one of them; without, only that the manifest is valid.
+fn check_manifest(
+    document: &[u8],
+    signature: Option<&str>,
+    trusted: &[PublicKey],
+) -> Result<Manifest, ArtifactError> {
+    if trusted.is_empty() {
+        Manifest::decode(document)
+    } else {
+        verify_manifest(document, signature, trusted)
+    }
+}
+
+/// Reads and validates `<dir>/manifest.json` (and, with trusted keys,
+/// verifies `<dir>/manifest.json.minisig`), and checks it names `id`.
+fn read_manifest(dir: &Path, id: &str, trusted: &[PublicKey]) -> Result<Manifest, String> {
+    let path = dir.join(MANIFEST_FILE);
+    let buf = read_bounded(&path, MANIFEST_BYTES_MAX)?;
+    let signature = if trusted.is_empty() {
+        None
+    } else {
+        let spath = dir.join(SIGNATURE_FILE);
+        match read_bounded(&spath, SIGNATURE_BYTES_MAX) {
+            Ok(bytes) => Some(
+                String::from_utf8(bytes)
+                    .map_err(|_| format!("{}: not UTF-8 text", spath.display()))?,
+            ),
+            Err(_) if !spath.exists() => None,
+            Err(e) => return Err(e),
+        }
+    };
+    let m = check_manifest(&buf, signature.as_deref(), trusted)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     if m.id() != id {
         return Err(format!(
             "{} describes artifact {}, not {id}",
@@ -168,8 +221,8 @@ fn read_manifest(dir: &Path, id: &str) -> Result<Manifest, String> {
 
 /// The staged artifact in `dir`, with its binary's size and digest checked
 /// again (sync: call it off the async threads).
-fn verify_staged(dir: &Path, id: &str) -> Result<Staged, String> {
-    let manifest = read_manifest(dir, id)?;
+fn verify_staged(dir: &Path, id: &str, trusted: &[PublicKey]) -> Result<Staged, String> {
+    let manifest = read_manifest(dir, id, trusted)?;
     let binary = dir.join(BINARY_FILE);
     let mut f = std::fs::File::open(&binary).map_err(|e| format!("{}: {e}", binary.display()))?;
     let mut check = DigestCheck::new(&manifest);
@@ -206,7 +259,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Reads a whole answer, refusing more than `max` bytes.
-async fn read_bounded(
+async fn read_answer(
     resp: &mut reqwest::Response,
     max: usize,
     id: &str,
@@ -249,7 +302,7 @@ async fn fetch(
     if status.is_success() {
         return Ok(resp);
     }
-    let body = read_bounded(&mut resp, ERROR_BODY_BYTES_MAX, id)
+    let body = read_answer(&mut resp, ERROR_BODY_BYTES_MAX, id)
         .await
         .unwrap_or_default();
     let (code, message) = match serde_json::from_slice::<handover_core::wire::ErrorBody>(&body) {
@@ -267,19 +320,49 @@ async fn fetch(
     })
 }
 
-/// Downloads artifact `id` from the controller (manifest, then the binary,
-/// streamed and checked), and stages it as `DATA_DIR/releases/<id>/`.
+/// The signature of artifact `id`; `None` when the controller has none
+/// (404 `unsigned`).
+async fn fetch_signature(
+    http: &reqwest::Client,
+    base: &str,
+    credential: &str,
+    id: &str,
+) -> Result<Option<String>, StageError> {
+    let url = format!("{base}/node/v1/artifacts/{id}/signature");
+    let mut resp = match fetch(http, url, credential, MANIFEST_TIMEOUT_MS, id).await {
+        Ok(resp) => resp,
+        Err(StageError::Refused {
+            status: 404, code, ..
+        }) if code == "unsigned" => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let bytes = read_answer(&mut resp, SIGNATURE_BYTES_MAX, id).await?;
+    String::from_utf8(bytes)
+        .map(Some)
+        .map_err(|_| StageError::Signature {
+            id: id.to_owned(),
+            source: ArtifactError::BadSignature("the signature is not UTF-8 text".into()),
+        })
+}
+
+/// Downloads artifact `id` from the controller (manifest and, with
+/// `trusted` keys, its signature; then the binary, streamed and checked),
+/// and stages it as `DATA_DIR/releases/<id>/`.
 ///
-/// Already staged: the binary on disk is verified again and returned at once
-/// (a staged copy that no longer verifies is removed and downloaded again).
-/// A binary that does not match its manifest gives [`StageError::Digest`]
-/// and stages nothing.
+/// Already staged: the signature and the binary on disk are verified again
+/// and returned at once (a staged copy that no longer verifies is removed
+/// and downloaded again). With trusted keys, a manifest that is unsigned,
+/// signed by another key or changed after signing gives
+/// [`StageError::Signature`] before the binary is requested; a binary that
+/// does not match its manifest gives [`StageError::Digest`]. Either way
+/// nothing is staged.
 pub async fn stage(
     http: &reqwest::Client,
     controller_url: &str,
     credential: &str,
     data_dir: &Path,
     id: &str,
+    trusted: &[PublicKey],
 ) -> Result<Staged, StageError> {
     check_id(id).map_err(StageError::BadId)?;
     let releases = data_dir.join(RELEASES_DIR);
@@ -290,8 +373,8 @@ pub async fn stage(
         .map_err(io_err("create", &releases))?;
 
     if tokio::fs::metadata(&target).await.is_ok() {
-        let (dir, key) = (target.clone(), id.to_owned());
-        let verified = blocking("verify", move || Ok(verify_staged(&dir, &key))).await?;
+        let (dir, key, keys) = (target.clone(), id.to_owned(), trusted.to_vec());
+        let verified = blocking("verify", move || Ok(verify_staged(&dir, &key, &keys))).await?;
         match verified {
             Ok(staged) => return Ok(staged),
             Err(reason) => {
@@ -319,10 +402,24 @@ pub async fn stage(
         id,
     )
     .await?;
-    let body = read_bounded(&mut resp, MANIFEST_BYTES_MAX, id).await?;
-    let manifest = Manifest::decode(&body).map_err(|e| StageError::Manifest {
-        id: id.to_owned(),
-        reason: e.to_string(),
+    let document = read_answer(&mut resp, MANIFEST_BYTES_MAX, id).await?;
+    let signature = if trusted.is_empty() {
+        None
+    } else {
+        fetch_signature(http, base, credential, id).await?
+    };
+    let manifest = check_manifest(&document, signature.as_deref(), trusted).map_err(|e| {
+        if trusted.is_empty() {
+            StageError::Manifest {
+                id: id.to_owned(),
+                reason: e.to_string(),
+            }
+        } else {
+            StageError::Signature {
+                id: id.to_owned(),
+                source: e,
+            }
+        }
     })?;
     if manifest.id() != id {
         return Err(StageError::Manifest {
@@ -358,6 +455,7 @@ pub async fn stage(
     let partial_guard = Cleanup(Some(partial.clone()));
     let mut out = tokio::io::BufWriter::with_capacity(IO_CHUNK_BYTES, file);
     let mut check = DigestCheck::new(&manifest);
+    let mut slow_ms = crate::test_fault_ms("stage_slow_ms");
     loop {
         let next = tokio::time::timeout(
             Duration::from_millis(CHUNK_IDLE_TIMEOUT_MS),
@@ -383,6 +481,12 @@ pub async fn stage(
         out.write_all(&chunk)
             .await
             .map_err(io_err("write", &partial))?;
+        if let Some(ms) = slow_ms.take() {
+            // Test hook (crate::TEST_FAULT_ENV): a download that stalls after its first chunk.
+            out.flush().await.map_err(io_err("write", &partial))?;
+            tracing::warn!(id, ms, "test hook: stalling the download");
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
     }
     check.finish().map_err(digest)?;
     out.flush().await.map_err(io_err("write", &partial))?;
@@ -396,7 +500,12 @@ pub async fn stage(
     let staged = {
         let (releases, manifest, id) = (releases.clone(), manifest.clone(), id.to_owned());
         blocking("stage", move || {
-            let r = place(&releases, &partial, &manifest, &id);
+            let files = Files {
+                manifest: &manifest,
+                document: &document,
+                signature: signature.as_deref(),
+            };
+            let r = place(&releases, &partial, &files, &id);
             drop(partial_guard);
             r
         })
@@ -411,14 +520,29 @@ pub async fn stage(
     Ok(staged)
 }
 
-/// Moves the verified `partial` binary and the manifest into
+/// What goes beside the binary in `releases/<id>/`.
+struct Files<'a> {
+    manifest: &'a Manifest,
+    /// The manifest document exactly as fetched (what was signed).
+    document: &'a [u8],
+    signature: Option<&'a str>,
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StageError> {
+    let mut f = std::fs::File::create(path).map_err(io_err("create", path))?;
+    f.write_all(bytes).map_err(io_err("write", path))?;
+    f.sync_all().map_err(io_err("fsync", path))
+}
+
+/// Moves the verified `partial` binary, the manifest and its signature into
 /// `releases/<id>/` by way of `releases/.<id>.staging/` and one rename.
 fn place(
     releases: &Path,
     partial: &Path,
-    manifest: &Manifest,
+    files: &Files<'_>,
     id: &str,
 ) -> Result<Staged, StageError> {
+    let manifest = files.manifest;
     let staging = releases.join(format!(".{id}.staging"));
     if staging.exists() {
         std::fs::remove_dir_all(&staging).map_err(io_err("remove", &staging))?;
@@ -427,12 +551,10 @@ fn place(
     let staging_guard = Cleanup(Some(staging.clone()));
     let bin = staging.join(BINARY_FILE);
     std::fs::rename(partial, &bin).map_err(io_err("move into place", &bin))?;
-    let mpath = staging.join(MANIFEST_FILE);
-    let mut f = std::fs::File::create(&mpath).map_err(io_err("create", &mpath))?;
-    f.write_all(manifest.to_pretty_json().as_bytes())
-        .map_err(io_err("write", &mpath))?;
-    f.sync_all().map_err(io_err("fsync", &mpath))?;
-    drop(f);
+    write_synced(&staging.join(MANIFEST_FILE), files.document)?;
+    if let Some(sig) = files.signature {
+        write_synced(&staging.join(SIGNATURE_FILE), sig.as_bytes())?;
+    }
     fsync_dir(&staging)?;
     let target = releases.join(id);
     std::fs::rename(&staging, &target).map_err(io_err("rename into", &target))?;
@@ -445,10 +567,11 @@ fn place(
 }
 
 /// The artifacts staged under `data_dir`, oldest release first: those whose
-/// manifest is valid, names its directory, and whose binary has the
+/// manifest is valid, names its directory, is signed by one of the
+/// `trusted` keys (when there are any), and whose binary has the
 /// manifest's size. (The digest is checked when staged and again by
 /// [`stage`]; a listing does not re-read every binary.)
-pub fn staged(data_dir: &Path) -> Vec<Manifest> {
+pub fn staged(data_dir: &Path, trusted: &[PublicKey]) -> Vec<Manifest> {
     let releases = data_dir.join(RELEASES_DIR);
     let Ok(entries) = std::fs::read_dir(&releases) else {
         return Vec::new();
@@ -459,7 +582,7 @@ pub fn staged(data_dir: &Path) -> Vec<Manifest> {
         .filter(|name| check_id(name).is_ok())
         .filter_map(|id| {
             let dir = releases.join(&id);
-            let m = match read_manifest(&dir, &id) {
+            let m = match read_manifest(&dir, &id, trusted) {
                 Ok(m) => m,
                 Err(reason) => {
                     tracing::warn!(id, reason, "ignoring a staged release");
@@ -497,6 +620,7 @@ mod tests {
     use std::sync::Arc;
 
     const CRED: &str = "node-credential-0123456789";
+    const NOKEYS: &[PublicKey] = &[];
 
     /// What the fake controller serves.
     #[derive(Clone, Copy, PartialEq)]
@@ -515,6 +639,8 @@ mod tests {
         manifest: Manifest,
         bytes: Vec<u8>,
         serve: Mutex<Serve>,
+        /// The signature served (`None`: 404 `unsigned`).
+        signature: Mutex<Option<String>>,
         binary_gets: AtomicUsize,
     }
 
@@ -547,7 +673,22 @@ mod tests {
         if *f.serve.lock().unwrap() == Serve::OtherManifest {
             m.sha256 = "f".repeat(64);
         }
-        axum::Json(m).into_response()
+        // As the controller serves it: the stored document, byte for byte.
+        m.to_pretty_json().into_response()
+    }
+
+    async fn serve_signature(State(f): State<Arc<Fake>>, h: HeaderMap) -> Response {
+        if !authorized(&h) {
+            return refuse();
+        }
+        match f.signature.lock().unwrap().clone() {
+            Some(sig) => sig.into_response(),
+            None => (
+                StatusCode::NOT_FOUND,
+                axum::Json(serde_json::json!({"error": "unsigned", "message": "no signature"})),
+            )
+                .into_response(),
+        }
     }
 
     async fn serve_binary(State(f): State<Arc<Fake>>, h: HeaderMap) -> Response {
@@ -589,11 +730,13 @@ mod tests {
             manifest,
             bytes,
             serve: Mutex::new(serve),
+            signature: Mutex::new(None),
             binary_gets: AtomicUsize::new(0),
         });
         let app = Router::new()
             .route("/node/v1/artifacts/{id}/manifest", get(serve_manifest))
             .route("/node/v1/artifacts/{id}/binary", get(serve_binary))
+            .route("/node/v1/artifacts/{id}/signature", get(serve_signature))
             .with_state(fake.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -616,7 +759,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let http = reqwest::Client::new();
         let id = fake.manifest.id();
-        let s = stage(&http, &url, CRED, dir.path(), &id).await.unwrap();
+        let s = stage(&http, &url, CRED, dir.path(), &id, NOKEYS)
+            .await
+            .unwrap();
         assert_eq!(s.manifest, fake.manifest);
         assert_eq!(s.binary, binary_path(dir.path(), &id));
         assert_eq!(std::fs::read(&s.binary).unwrap(), fake.bytes);
@@ -626,10 +771,12 @@ mod tests {
             std::fs::read(dir.path().join(RELEASES_DIR).join(&id).join(MANIFEST_FILE)).unwrap();
         assert_eq!(Manifest::decode(&on_disk).unwrap(), fake.manifest);
         assert_eq!(leftovers(dir.path()), vec![id.clone()]);
-        assert_eq!(staged(dir.path()), vec![fake.manifest.clone()]);
+        assert_eq!(staged(dir.path(), NOKEYS), vec![fake.manifest.clone()]);
 
         // Already staged: verified on disk, not downloaded again.
-        let again = stage(&http, &url, CRED, dir.path(), &id).await.unwrap();
+        let again = stage(&http, &url, CRED, dir.path(), &id, NOKEYS)
+            .await
+            .unwrap();
         assert_eq!(again, s);
         assert_eq!(fake.binary_gets.load(Ordering::SeqCst), 1);
 
@@ -637,7 +784,9 @@ mod tests {
         let mut bytes = std::fs::read(&s.binary).unwrap();
         bytes[7] ^= 1;
         std::fs::write(&s.binary, &bytes).unwrap();
-        let healed = stage(&http, &url, CRED, dir.path(), &id).await.unwrap();
+        let healed = stage(&http, &url, CRED, dir.path(), &id, NOKEYS)
+            .await
+            .unwrap();
         assert_eq!(std::fs::read(&healed.binary).unwrap(), fake.bytes);
         assert_eq!(fake.binary_gets.load(Ordering::SeqCst), 2);
     }
@@ -647,7 +796,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let http = reqwest::Client::new();
         let id = fake.manifest.id();
-        let err = stage(&http, &url, CRED, dir.path(), &id).await.unwrap_err();
+        let err = stage(&http, &url, CRED, dir.path(), &id, NOKEYS)
+            .await
+            .unwrap_err();
         match &err {
             StageError::Digest { source, .. } => assert_eq!(source.code(), code, "{err}"),
             other => panic!("expected a digest error, got {other}"),
@@ -658,12 +809,14 @@ mod tests {
             "{:?}",
             leftovers(dir.path())
         );
-        assert!(staged(dir.path()).is_empty());
+        assert!(staged(dir.path(), NOKEYS).is_empty());
 
         // Once the controller serves the right bytes, it stages.
         *fake.serve.lock().unwrap() = Serve::Good;
-        stage(&http, &url, CRED, dir.path(), &id).await.unwrap();
-        assert_eq!(staged(dir.path()).len(), 1);
+        stage(&http, &url, CRED, dir.path(), &id, NOKEYS)
+            .await
+            .unwrap();
+        assert_eq!(staged(dir.path(), NOKEYS).len(), 1);
     }
 
     #[tokio::test]
@@ -687,9 +840,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let http = reqwest::Client::new();
         let id = fake.manifest.id();
-        let err = stage(&http, &url, CRED, dir.path(), &id).await.unwrap_err();
+        let err = stage(&http, &url, CRED, dir.path(), &id, NOKEYS)
+            .await
+            .unwrap_err();
         assert!(matches!(err, StageError::Manifest { .. }), "{err}");
-        let err = stage(&http, &url, "wrong", dir.path(), &id)
+        let err = stage(&http, &url, "wrong", dir.path(), &id, NOKEYS)
             .await
             .unwrap_err();
         match &err {
@@ -698,23 +853,23 @@ mod tests {
             }
             other => panic!("expected a refusal, got {other}"),
         }
-        let err = stage(&http, &url, CRED, dir.path(), "r2-000000000000")
+        let err = stage(&http, &url, CRED, dir.path(), "r2-000000000000", NOKEYS)
             .await
             .unwrap_err();
         assert!(
             matches!(err, StageError::Refused { status: 404, .. }),
             "{err}"
         );
-        let err = stage(&http, &url, CRED, dir.path(), "../../etc")
+        let err = stage(&http, &url, CRED, dir.path(), "../../etc", NOKEYS)
             .await
             .unwrap_err();
         assert!(matches!(err, StageError::BadId(_)), "{err}");
-        let err = stage(&http, "http://127.0.0.1:9", CRED, dir.path(), &id)
+        let err = stage(&http, "http://127.0.0.1:9", CRED, dir.path(), &id, NOKEYS)
             .await
             .unwrap_err();
         assert!(matches!(err, StageError::Unreachable { .. }), "{err}");
         assert_eq!(fake.binary_gets.load(Ordering::SeqCst), 0);
-        assert!(staged(dir.path()).is_empty());
+        assert!(staged(dir.path(), NOKEYS).is_empty());
     }
 
     #[tokio::test]
@@ -728,6 +883,7 @@ mod tests {
             CRED,
             dir.path(),
             id,
+            NOKEYS,
         )
         .await
         .unwrap_err();
@@ -742,7 +898,151 @@ mod tests {
         std::fs::create_dir_all(releases.join(".r2-0123456789ab.staging")).unwrap();
         std::fs::create_dir_all(releases.join("something-else")).unwrap();
         std::fs::write(releases.join("r2-0123456789ab").join(MANIFEST_FILE), b"{}").unwrap();
-        assert!(staged(dir.path()).is_empty());
-        assert!(staged(&dir.path().join("missing")).is_empty());
+        assert!(staged(dir.path(), NOKEYS).is_empty());
+        assert!(staged(&dir.path().join("missing"), NOKEYS).is_empty());
+    }
+
+    fn keypair() -> (minisign::KeyPair, PublicKey) {
+        let kp = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+        let key = PublicKey::decode(&kp.pk.to_box().unwrap().into_string()).unwrap();
+        (kp, key)
+    }
+
+    fn sign(kp: &minisign::KeyPair, doc: &[u8]) -> String {
+        minisign::sign(None, &kp.sk, doc, None, None)
+            .unwrap()
+            .into_string()
+    }
+
+    #[tokio::test]
+    async fn stages_a_signed_artifact_and_checks_it_again() {
+        let (url, fake) = server(Serve::Good).await;
+        let (kp_a, key_a) = keypair();
+        let (_, key_b) = keypair();
+        let doc = fake.manifest.to_pretty_json();
+        let sig = sign(&kp_a, doc.as_bytes());
+        *fake.signature.lock().unwrap() = Some(sig.clone());
+        let dir = tempfile::tempdir().unwrap();
+        let http = reqwest::Client::new();
+        let id = fake.manifest.id();
+        let trusted = std::slice::from_ref(&key_a);
+        let s = stage(&http, &url, CRED, dir.path(), &id, trusted)
+            .await
+            .unwrap();
+        assert_eq!(s.manifest, fake.manifest);
+        let release_dir = dir.path().join(RELEASES_DIR).join(&id);
+        assert_eq!(
+            std::fs::read_to_string(release_dir.join(MANIFEST_FILE)).unwrap(),
+            doc
+        );
+        assert_eq!(
+            std::fs::read_to_string(release_dir.join(SIGNATURE_FILE)).unwrap(),
+            sig
+        );
+        assert_eq!(staged(dir.path(), trusted), vec![fake.manifest.clone()]);
+        // Another node's keys: this staged copy is not one it would run.
+        assert!(staged(dir.path(), &[key_b]).is_empty());
+        // Already staged and still verifies: not downloaded again.
+        stage(&http, &url, CRED, dir.path(), &id, trusted)
+            .await
+            .unwrap();
+        assert_eq!(fake.binary_gets.load(Ordering::SeqCst), 1);
+        // A staged manifest edited on disk no longer verifies: staged()
+        // drops it, and stage() downloads it again.
+        let mut edited = fake.manifest.clone();
+        edited.created_ms += 1;
+        std::fs::write(release_dir.join(MANIFEST_FILE), edited.to_pretty_json()).unwrap();
+        assert!(staged(dir.path(), trusted).is_empty());
+        stage(&http, &url, CRED, dir.path(), &id, trusted)
+            .await
+            .unwrap();
+        assert_eq!(fake.binary_gets.load(Ordering::SeqCst), 2);
+        assert_eq!(staged(dir.path(), trusted), vec![fake.manifest.clone()]);
+    }
+
+    #[tokio::test]
+    async fn an_artifact_staged_unsigned_is_fetched_again_once_keys_are_trusted() {
+        let (url, fake) = server(Serve::Good).await;
+        let dir = tempfile::tempdir().unwrap();
+        let http = reqwest::Client::new();
+        let id = fake.manifest.id();
+        stage(&http, &url, CRED, dir.path(), &id, NOKEYS)
+            .await
+            .unwrap();
+        let (kp, key) = keypair();
+        let trusted = std::slice::from_ref(&key);
+        assert!(staged(dir.path(), trusted).is_empty());
+        // The controller has no signature: refused, and nothing is left.
+        let err = stage(&http, &url, CRED, dir.path(), &id, trusted)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                StageError::Signature {
+                    source: ArtifactError::Unsigned,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            leftovers(dir.path()).is_empty(),
+            "{:?}",
+            leftovers(dir.path())
+        );
+        *fake.signature.lock().unwrap() =
+            Some(sign(&kp, fake.manifest.to_pretty_json().as_bytes()));
+        stage(&http, &url, CRED, dir.path(), &id, trusted)
+            .await
+            .unwrap();
+        assert_eq!(staged(dir.path(), trusted).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn unsigned_untrusted_or_tampered_is_refused_before_the_binary() {
+        let (kp_a, key_a) = keypair();
+        let (kp_b, _) = keypair();
+        let (url, fake) = server(Serve::Good).await;
+        let doc = fake.manifest.to_pretty_json();
+        let mut other = fake.manifest.clone();
+        other.created_ms += 1;
+        let cases = [
+            (None, "unsigned"),
+            (Some(sign(&kp_b, doc.as_bytes())), "untrusted_key"),
+            (
+                Some(sign(&kp_a, other.to_pretty_json().as_bytes())),
+                "bad_signature",
+            ),
+            (Some("junk".to_owned()), "bad_signature"),
+        ];
+        let http = reqwest::Client::new();
+        let id = fake.manifest.id();
+        for (sig, code) in cases {
+            *fake.signature.lock().unwrap() = sig;
+            let dir = tempfile::tempdir().unwrap();
+            let err = stage(
+                &http,
+                &url,
+                CRED,
+                dir.path(),
+                &id,
+                std::slice::from_ref(&key_a),
+            )
+            .await
+            .unwrap_err();
+            match &err {
+                StageError::Signature { source, .. } => assert_eq!(source.code(), code, "{err}"),
+                other => panic!("expected a signature refusal, got {other}"),
+            }
+            assert!(err.to_string().contains("keeps running"), "{err}");
+            assert!(
+                leftovers(dir.path()).is_empty(),
+                "{:?}",
+                leftovers(dir.path())
+            );
+            assert!(staged(dir.path(), NOKEYS).is_empty());
+        }
+        assert_eq!(fake.binary_gets.load(Ordering::SeqCst), 0);
     }
 }

@@ -60,6 +60,10 @@ pub mod keys {
     pub const PROGRESS_PREFIX: &str = "progress/";
     /// The last whole second for which viewer_stats were written.
     pub const LAST_STATS_SECOND: &str = "last_stats_second";
+    /// A switch this node's supervisor refused (JSON: artifact, release,
+    /// reason, at_ms). A worker restarted on the old release does not try
+    /// that switch again until the controller withdraws it and asks anew.
+    pub const SWITCH_FAILED: &str = "switch_failed";
 
     pub fn progress(event_id: i64) -> String {
         format!("{PROGRESS_PREFIX}{event_id}")
@@ -140,6 +144,66 @@ pub struct Store {
     state: Mutex<OutboxState>,
 }
 
+/// How every node.db is opened: WAL, `synchronous=FULL` (a commit is on
+/// disk before it returns), created if missing.
+fn connect_options(path: &Path) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS))
+}
+
+/// The floor `handover bench` holds [`Store::commit`] against: a file opened
+/// like node.db (WAL, `synchronous=FULL`) with one table shaped like the
+/// outbox, and one INSERT per record in one transaction per append; no
+/// journal, kv or sequence bookkeeping. Not used by the node itself.
+pub struct RawOutbox {
+    pool: SqlitePool,
+    next_seq: i64,
+}
+
+impl RawOutbox {
+    /// Creates `dir/raw-outbox.db` (dir is created if missing).
+    pub async fn open(dir: &Path) -> Result<RawOutbox, StoreError> {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|source| StoreError::DataDir {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(connect_options(&dir.join("raw-outbox.db")))
+            .await?;
+        sqlx::query("CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, schema INTEGER NOT NULL, body TEXT NOT NULL)")
+            .execute(&pool)
+            .await?;
+        Ok(RawOutbox { pool, next_seq: 1 })
+    }
+
+    /// Appends `records` in one durable transaction.
+    pub async fn append(&mut self, records: &[NewRecord]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for r in records {
+            sqlx::query("INSERT INTO outbox (seq, schema, body) VALUES (?, ?, ?)")
+                .bind(self.next_seq)
+                .bind(i64::from(r.schema.0))
+                .bind(r.body.to_string())
+                .execute(&mut *tx)
+                .await?;
+            self.next_seq += 1;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn close(self) {
+        self.pool.close().await;
+    }
+}
+
 fn to_i64(what: &str, v: u64) -> Result<i64, StoreError> {
     i64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} {v} exceeds SQLite's range")))
 }
@@ -157,12 +221,7 @@ impl Store {
                 path: data_dir.display().to_string(),
                 source,
             })?;
-        let opts = SqliteConnectOptions::new()
-            .filename(data_dir.join(DB_FILE))
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS));
+        let opts = connect_options(&data_dir.join(DB_FILE));
         let pool = SqlitePoolOptions::new()
             .max_connections(POOL_CONNECTIONS_MAX)
             .acquire_timeout(Duration::from_millis(POOL_ACQUIRE_TIMEOUT_MS))

@@ -62,7 +62,20 @@ pub struct SqliteStore {
     pool: SqlitePool,
     info: &'static ReleaseInfo,
     writer: Mutex<()>,
+    /// Writes waiting for the writer, by kind. Whoever takes the writer
+    /// next commits every waiting write of its kind in one transaction
+    /// (group commit): a burst of hellos or of record batches costs a few
+    /// fsyncs, not one each. Each caller is answered only after the commit
+    /// that holds its write.
+    registrations: Queue<Registration>,
+    batches: Queue<Rows>,
 }
+
+/// Hellos committed in one transaction at most; more wait for the next.
+const REGISTRATIONS_PER_COMMIT_MAX: usize = 2_000;
+/// Record batches (each at most `wire::limits::BATCH_RECORDS_MAX` records)
+/// committed in one transaction at most.
+const BATCHES_PER_COMMIT_MAX: usize = 16;
 
 fn to_i64(v: u64, what: &str) -> Result<i64> {
     i64::try_from(v).map_err(|_| StoreError::Invalid(format!("{what} {v} is too large")))
@@ -99,6 +112,8 @@ impl SqliteStore {
             pool,
             info,
             writer: Mutex::new(()),
+            registrations: Queue::new(REGISTRATIONS_PER_COMMIT_MAX),
+            batches: Queue::new(BATCHES_PER_COMMIT_MAX),
         };
         store.prepare(snapshot_dir).await?;
         Ok(store)
@@ -174,7 +189,8 @@ impl SqliteStore {
         Ok(path)
     }
 
-    async fn channel_directory(&self) -> Result<(ChannelDirectory, HashMap<i64, String>)> {
+    /// Channels by name (what the upcasters need) and names by id.
+    pub async fn channel_directory(&self) -> Result<(ChannelDirectory, HashMap<i64, String>)> {
         let mut by_name = ChannelDirectory::new();
         let mut by_id = HashMap::new();
         match self.info.schema.0 {
@@ -209,6 +225,30 @@ impl SqliteStore {
             }
         }
         Ok((by_name, by_id))
+    }
+
+    /// Inserts records already in this database's schema, `first_seq`
+    /// onwards, in one transaction with the statements `store_batch` uses and
+    /// nothing else: no decoding, no translation, no acknowledgement. The
+    /// floor `handover bench` holds the redundant channel against.
+    pub async fn insert_records(
+        &self,
+        node_id: &str,
+        first_seq: u64,
+        records: &[AnyRecord],
+        translated_from: Option<u32>,
+    ) -> Result<u64> {
+        let (_, by_id) = self.channel_directory().await?;
+        let rows = records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Ok((to_i64(first_seq + i as u64, "seq")?, r)))
+            .collect::<Result<Vec<_>>>()?;
+        let _w = self.writer.lock().await;
+        let mut tx = self.pool.begin().await?;
+        let stored = insert_rows(&mut tx, node_id, &rows, translated_from, &by_id).await?;
+        tx.commit().await?;
+        Ok(stored)
     }
 
     async fn bump_revision(tx: &mut Transaction<'_, Sqlite>) -> Result<()> {
@@ -256,8 +296,40 @@ pub async fn migrate(pool: &SqlitePool, from: u32, to: u32) -> Result<()> {
     sqlx::query("UPDATE cluster SET value = value + 1 WHERE key = 'param_revision'")
         .execute(&mut *tx)
         .await?;
+    if let Some(ms) = test_fault("migrate_slow_ms").and_then(|v| v.parse::<u64>().ok()) {
+        tracing::warn!(
+            ms,
+            "test hook: holding the migration open before its commit"
+        );
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if test_fault("migrate_fail").is_some() {
+        // Dropping `tx` rolls every step back.
+        return Err(StoreError::Migration {
+            from,
+            to,
+            reason: format!("refused before commit by the test hook {TEST_FAULT_ENV}=migrate_fail"),
+        });
+    }
     tx.commit().await?;
     Ok(())
+}
+
+/// Test hook, read only by the fault-injection process tests
+/// (`crates/cli/tests/faults.rs`), which set it for one release through an
+/// artifact whose binary is a wrapper script: a comma-separated list of
+/// `name` or `name:value`. Unset in production, where it changes nothing.
+/// Here: `migrate_slow_ms:N` holds the migration transaction open N ms
+/// before its commit; `migrate_fail` refuses to commit it.
+pub const TEST_FAULT_ENV: &str = "HANDOVER_TEST_FAULT";
+
+/// The value of test fault `name` in [`TEST_FAULT_ENV`] ("" for a bare name).
+fn test_fault(name: &str) -> Option<String> {
+    let all = std::env::var(TEST_FAULT_ENV).ok()?;
+    all.split(',').find_map(|f| {
+        let (n, v) = f.split_once(':').unwrap_or((f, ""));
+        (n.trim() == name).then(|| v.trim().to_owned())
+    })
 }
 
 /// Schema 1 → 2: channels get ids, ms durations and a ladder; events and
@@ -416,8 +488,69 @@ fn v1_natural_key(r: &rv1::Record) -> String {
     record::natural_key(kind, &r.channel, at_ms, r.seq, r.event)
 }
 
+/// Records of schema 2 a multi-row INSERT carries at once (12 values each,
+/// far below SQLite's 32,766): one statement, and one round trip to the
+/// connection's thread, per this many records instead of one per record.
+const INSERT_ROWS_PER_STATEMENT: usize = 100;
+
+/// Stores `rows` (seq, record) of one node; returns how many were new.
+/// Schema-2 records go in multi-row INSERTs, the same rows and conflict
+/// rule as [`insert_v2`].
+async fn insert_rows(
+    conn: &mut sqlx::SqliteConnection,
+    node: &str,
+    rows: &[(i64, &AnyRecord)],
+    translated_from: Option<u32>,
+    channel_names: &HashMap<i64, String>,
+) -> Result<u64> {
+    let mut stored = 0;
+    let mut v2_rows = Vec::with_capacity(rows.len());
+    for (seq, rec) in rows {
+        match rec {
+            AnyRecord::V1(r) => stored += insert_v1(conn, node, *seq, r).await?,
+            AnyRecord::V2(r) => v2_rows.push((*seq, r)),
+        }
+    }
+    for chunk in v2_rows.chunks(INSERT_ROWS_PER_STATEMENT) {
+        let mut values = Vec::with_capacity(chunk.len());
+        for (seq, r) in chunk {
+            let channel =
+                channel_names
+                    .get(&r.channel_id)
+                    .ok_or_else(|| StoreError::Untranslatable {
+                        seq: to_u64(*seq),
+                        source: record::RecordError::UnknownChannel(r.channel_id.to_string()),
+                    })?;
+            let key =
+                record::natural_key(r.kind, channel, r.produced_at_ms, r.media_seq, r.event_id);
+            let media_seq = r.media_seq.map(|s| to_i64(s, "media_seq")).transpose()?;
+            values.push((*seq, *r, key, media_seq));
+        }
+        let mut q = sqlx::QueryBuilder::<Sqlite>::new(
+            "INSERT INTO records (node_id, seq, kind, channel_id, produced_at_ms, media_seq, duration_ms, viewers, event_id, message, natural_key, translated_from) ",
+        );
+        q.push_values(values, |mut row, (seq, r, key, media_seq)| {
+            row.push_bind(node)
+                .push_bind(seq)
+                .push_bind(r.kind.as_str())
+                .push_bind(r.channel_id)
+                .push_bind(r.produced_at_ms)
+                .push_bind(media_seq)
+                .push_bind(r.duration_ms.map(i64::from))
+                .push_bind(r.viewers.map(i64::from))
+                .push_bind(r.event_id)
+                .push_bind(r.message.as_deref())
+                .push_bind(key)
+                .push_bind(translated_from.map(i64::from));
+        });
+        q.push(" ON CONFLICT (node_id, seq) DO NOTHING");
+        stored += q.build().execute(&mut *conn).await?.rows_affected();
+    }
+    Ok(stored)
+}
+
 async fn insert_v1(
-    tx: &mut Transaction<'_, Sqlite>,
+    conn: &mut sqlx::SqliteConnection,
     node: &str,
     seq: i64,
     r: &rv1::Record,
@@ -436,7 +569,7 @@ async fn insert_v1(
     .bind(r.event)
     .bind(&r.text)
     .bind(v1_natural_key(r))
-    .execute(&mut **tx)
+    .execute(&mut *conn)
     .await?;
     Ok(done.rows_affected())
 }
@@ -475,6 +608,183 @@ async fn insert_v2(
     .execute(&mut **tx)
     .await?;
     Ok(done.rows_affected())
+}
+
+/// A write that may share its transaction with others of its kind.
+trait Grouped: Send + Sync + 'static {
+    type Out: Send + 'static;
+    fn apply(
+        &self,
+        conn: &mut sqlx::SqliteConnection,
+    ) -> impl std::future::Future<Output = Result<Self::Out>> + Send;
+}
+
+type Reply<T> = tokio::sync::oneshot::Sender<Result<T>>;
+
+/// Writes of one kind waiting for the writer, with their answers.
+struct Queue<J: Grouped> {
+    pending: std::sync::Mutex<Vec<(J, Reply<J::Out>)>>,
+    /// Writes per transaction at most.
+    max: usize,
+}
+
+impl<J: Grouped> Queue<J> {
+    fn new(max: usize) -> Queue<J> {
+        Queue {
+            pending: std::sync::Mutex::new(Vec::new()),
+            max,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(J, Reply<J::Out>)>> {
+        // A plain queue: a panic elsewhere cannot leave it half-written.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl SqliteStore {
+    /// Queues `job`; once this caller holds the writer it commits every job
+    /// waiting in `queue` (its own, unless an earlier holder took it). Answers
+    /// after the commit that holds `job`.
+    async fn grouped<J: Grouped>(&self, queue: &Queue<J>, job: J) -> Result<J::Out> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        queue.lock().push((job, reply));
+        {
+            let _w = self.writer.lock().await;
+            let batch = {
+                let mut pending = queue.lock();
+                let n = pending.len().min(queue.max);
+                pending.drain(..n).collect::<Vec<_>>()
+            };
+            if !batch.is_empty() {
+                // In a task of its own, so a caller that goes away (its client
+                // hung up) cannot cancel the commit the others wait for.
+                let _ = tokio::spawn(commit_group(self.pool.clone(), batch)).await;
+            }
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(StoreError::Invalid(
+                "the write was not stored (its commit failed); send it again".into(),
+            ))
+        })
+    }
+}
+
+/// One transaction for every job in `batch`, each answered after the commit.
+/// If it fails, each job is tried in a transaction of its own, so one bad
+/// job fails only its own caller.
+async fn commit_group<J: Grouped>(pool: SqlitePool, batch: Vec<(J, Reply<J::Out>)>) {
+    let together = async {
+        let mut tx = pool.begin().await?;
+        let mut outs = Vec::with_capacity(batch.len());
+        for (job, _) in &batch {
+            outs.push(job.apply(&mut tx).await?);
+        }
+        tx.commit().await?;
+        Ok::<_, StoreError>(outs)
+    }
+    .await;
+    match together {
+        Ok(outs) => {
+            for ((_, reply), out) in batch.into_iter().zip(outs) {
+                let _ = reply.send(Ok(out));
+            }
+        }
+        Err(e) if batch.len() == 1 => {
+            if let Some((_, reply)) = batch.into_iter().next() {
+                let _ = reply.send(Err(e));
+            }
+        }
+        Err(_) => {
+            for (job, reply) in batch {
+                let alone = async {
+                    let mut tx = pool.begin().await?;
+                    let out = job.apply(&mut tx).await?;
+                    tx.commit().await?;
+                    Ok(out)
+                }
+                .await;
+                let _ = reply.send(alone);
+            }
+        }
+    }
+}
+
+/// A hello's row in the registry.
+struct Registration(NodeRegistration);
+
+impl Grouped for Registration {
+    type Out = ();
+    fn apply(
+        &self,
+        conn: &mut sqlx::SqliteConnection,
+    ) -> impl std::future::Future<Output = Result<()>> + Send {
+        upsert_node(conn, &self.0)
+    }
+}
+
+/// One node's batch, decoded and translated, and the ack it earns.
+struct Rows {
+    node_id: String,
+    rows: Vec<(i64, AnyRecord)>,
+    translated_from: Option<u32>,
+    acked_through: i64,
+    channel_names: HashMap<i64, String>,
+}
+
+impl Grouped for Rows {
+    type Out = u64;
+    async fn apply(&self, conn: &mut sqlx::SqliteConnection) -> Result<u64> {
+        let rows: Vec<(i64, &AnyRecord)> = self.rows.iter().map(|(seq, r)| (*seq, r)).collect();
+        let stored = insert_rows(
+            conn,
+            &self.node_id,
+            &rows,
+            self.translated_from,
+            &self.channel_names,
+        )
+        .await?;
+        sqlx::query("UPDATE nodes SET acked_through = MAX(acked_through, ?) WHERE node_id = ?")
+            .bind(self.acked_through)
+            .bind(&self.node_id)
+            .execute(&mut *conn)
+            .await?;
+        Ok(stored)
+    }
+}
+
+async fn upsert_node<'e, E>(db: E, r: &NodeRegistration) -> Result<()>
+where
+    E: sqlx::Executor<'e, Database = Sqlite>,
+{
+    sqlx::query(
+        "INSERT INTO nodes (node_id, credential, release, schema, role, group_name, hls_url, grant_name, epoch,
+            outbox_next_seq, outbox_oldest, outbox_count, current_events, staged, last_seen_ms)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+         ON CONFLICT (node_id) DO UPDATE SET credential = excluded.credential, release = excluded.release,
+            schema = excluded.schema, role = excluded.role, group_name = excluded.group_name, hls_url = excluded.hls_url,
+            grant_name = excluded.grant_name, epoch = excluded.epoch, outbox_next_seq = excluded.outbox_next_seq,
+            outbox_oldest = excluded.outbox_oldest, outbox_count = excluded.outbox_count,
+            current_events = excluded.current_events, staged = excluded.staged, last_seen_ms = excluded.last_seen_ms",
+    )
+    .bind(&r.node_id)
+    .bind(&r.credential)
+    .bind(i64::from(r.release.0))
+    .bind(i64::from(r.schema.0))
+    .bind(r.role.as_str())
+    .bind(&r.group)
+    .bind(&r.hls_url)
+    .bind(r.grant.as_str())
+    .bind(to_i64(r.epoch, "epoch")?)
+    .bind(to_i64(r.outbox.next_seq, "next_seq")?)
+    .bind(r.outbox.oldest_unacked_seq.map(|s| to_i64(s, "oldest_unacked_seq")).transpose()?)
+    .bind(to_i64(r.outbox.count, "count")?)
+    .bind(json(&r.current_events)?)
+    .bind(json(&r.staged)?)
+    .bind(r.now_ms)
+    .execute(db)
+    .await?;
+    Ok(())
 }
 
 fn parse_role(s: &str) -> Result<Role> {
@@ -556,35 +866,8 @@ impl Store for SqliteStore {
     }
 
     async fn register_node(&self, r: &NodeRegistration) -> Result<()> {
-        let _w = self.writer.lock().await;
-        sqlx::query(
-            "INSERT INTO nodes (node_id, credential, release, schema, role, group_name, hls_url, grant_name, epoch,
-                outbox_next_seq, outbox_oldest, outbox_count, current_events, staged, last_seen_ms)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-             ON CONFLICT (node_id) DO UPDATE SET credential = excluded.credential, release = excluded.release,
-                schema = excluded.schema, role = excluded.role, group_name = excluded.group_name, hls_url = excluded.hls_url,
-                grant_name = excluded.grant_name, epoch = excluded.epoch, outbox_next_seq = excluded.outbox_next_seq,
-                outbox_oldest = excluded.outbox_oldest, outbox_count = excluded.outbox_count,
-                current_events = excluded.current_events, staged = excluded.staged, last_seen_ms = excluded.last_seen_ms",
-        )
-        .bind(&r.node_id)
-        .bind(&r.credential)
-        .bind(i64::from(r.release.0))
-        .bind(i64::from(r.schema.0))
-        .bind(r.role.as_str())
-        .bind(&r.group)
-        .bind(&r.hls_url)
-        .bind(r.grant.as_str())
-        .bind(to_i64(r.epoch, "epoch")?)
-        .bind(to_i64(r.outbox.next_seq, "next_seq")?)
-        .bind(r.outbox.oldest_unacked_seq.map(|s| to_i64(s, "oldest_unacked_seq")).transpose()?)
-        .bind(to_i64(r.outbox.count, "count")?)
-        .bind(json(&r.current_events)?)
-        .bind(json(&r.staged)?)
-        .bind(r.now_ms)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        self.grouped(&self.registrations, Registration(r.clone()))
+            .await
     }
 
     async fn node_credential(&self, node_id: &str) -> Result<Option<String>> {
@@ -1078,24 +1361,15 @@ impl Store for SqliteStore {
             decoded.push((to_i64(seq, "seq")?, rec));
         }
         let translated_from = (from != to).then_some(from.0);
-        let _w = self.writer.lock().await;
-        let mut tx = self.pool.begin().await?;
-        let mut stored = 0;
-        for (seq, rec) in &decoded {
-            stored += match rec {
-                AnyRecord::V1(r) => insert_v1(&mut tx, node_id, *seq, r).await?,
-                AnyRecord::V2(r) => {
-                    insert_v2(&mut tx, node_id, *seq, r, translated_from, &by_id).await?
-                }
-            };
-        }
         let last = first_seq + raw.len() as u64 - 1;
-        sqlx::query("UPDATE nodes SET acked_through = MAX(acked_through, ?) WHERE node_id = ?")
-            .bind(to_i64(last, "seq")?)
-            .bind(node_id)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
+        let rows = Rows {
+            node_id: node_id.to_owned(),
+            rows: decoded,
+            translated_from,
+            acked_through: to_i64(last, "seq")?,
+            channel_names: by_id,
+        };
+        let stored = self.grouped(&self.batches, rows).await?;
         let translated = if translated_from.is_some() { stored } else { 0 };
         Ok(BatchOutcome {
             acked_through: last,

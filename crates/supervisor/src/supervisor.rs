@@ -78,8 +78,9 @@ pub async fn run(
         .with_context(|| format!("resolve state dir {}", config.state_dir.display()))?;
 
     // Bound before anything else: from here on connections queue, never fail.
-    let listener =
-        bind_listener(config.listen).with_context(|| format!("listen on {}", config.listen))?;
+    let listener = bind_listener_retrying(config.listen)
+        .await
+        .with_context(|| format!("listen on {}", config.listen))?;
 
     let dir = config.state_dir.clone();
     let stored = blocking(move || state::load(&dir))
@@ -732,6 +733,27 @@ fn validate(config: &SupervisorConfig) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Binds retries on EADDRINUSE: a worker of a supervisor that was just
+/// SIGKILLed may hold the inherited socket for a moment before it dies too.
+const BIND_RETRIES_MAX: u32 = 50;
+const BIND_RETRY_MS: u64 = 100;
+
+async fn bind_listener_retrying(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let mut tries = 0;
+    loop {
+        match bind_listener(addr) {
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && tries < BIND_RETRIES_MAX => {
+                tries += 1;
+                if tries == 1 {
+                    tracing::warn!(%addr, "address in use; retrying for a few seconds");
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(BIND_RETRY_MS)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// The role's listening socket, bound once with SO_REUSEADDR. In blocking

@@ -1,0 +1,66 @@
+//! Registrations arriving together are committed together (one transaction
+//! for a burst of hellos), each answered only after its commit; one bad
+//! registration fails only its own hello.
+
+use handover_core::wire::{OutboxState, Role};
+use handover_core::{Grant, Release, Schema};
+use handover_store::sqlite::SqliteStore;
+use handover_store::{NodeRegistration, Store};
+use std::sync::Arc;
+
+fn registration(node: &str, epoch: u64) -> NodeRegistration {
+    NodeRegistration {
+        node_id: node.into(),
+        credential: format!("cred-{node}"),
+        release: Release(2),
+        schema: Schema(2),
+        role: Role::Primary,
+        group: "g1".into(),
+        hls_url: "http://127.0.0.2:7000".into(),
+        grant: Grant::Full,
+        epoch,
+        outbox: OutboxState::default(),
+        current_events: vec![],
+        staged: vec![],
+        now_ms: 1,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_registrations_is_stored_and_one_bad_row_fails_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        SqliteStore::open(
+            &dir.path().join("db.sqlite"),
+            Release(2),
+            &dir.path().join("snapshots"),
+        )
+        .await
+        .unwrap(),
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    for k in 0..300u64 {
+        let store = store.clone();
+        // Node 150's epoch does not fit SQLite's integer: its row fails.
+        let epoch = if k == 150 { u64::MAX } else { 1 };
+        tasks.spawn(async move {
+            let r = store
+                .register_node(&registration(&format!("n{k}"), epoch))
+                .await;
+            (k, r.is_ok())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        let (k, ok) = r.unwrap();
+        assert_eq!(ok, k != 150, "registration of n{k}");
+    }
+    let nodes = store.nodes().await.unwrap();
+    assert_eq!(nodes.len(), 299);
+    assert!(nodes.iter().all(|n| n.node_id != "n150"));
+    for k in [0u64, 149, 151, 299] {
+        assert_eq!(
+            store.node_credential(&format!("n{k}")).await.unwrap(),
+            Some(format!("cred-n{k}"))
+        );
+    }
+}
