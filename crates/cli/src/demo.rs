@@ -9,10 +9,8 @@ use crate::fleet::Fleet;
 use crate::viewers::{self, ChannelTarget, ViewerConfig, ViewerReport};
 use anyhow::{bail, Context};
 use clap::Args;
-use handover_core::params::Group;
 use handover_core::upgrade::Status;
 use handover_core::wire::Role;
-use handover_store::{ChannelSpec, EventSpec};
 use serde::Serialize;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -280,35 +278,14 @@ async fn build_cluster(fleet: &mut Fleet, args: &DemoArgs) -> anyhow::Result<Liv
     let start_ms = crate::client::now_ms() + EVENT_LEAD_MS;
     let mut targets = Vec::new();
     for g in 1..=GROUPS {
-        let group = Group {
-            name: format!("g{g}"),
-            primary: format!("g{g}-a"),
-            backup: format!("g{g}-b"),
-        };
-        let _: serde_json::Value = fleet.op.post("/api/v1/groups", &group).await?;
-        let a = fleet.add_node(&group.primary, Role::Primary, &group.name, 1);
-        let b = fleet.add_node(&group.backup, Role::Backup, &group.name, 1);
-        for c in 1..=CHANNELS_PER_GROUP {
-            let channel = format!("ch{g}{c}");
-            let spec = ChannelSpec {
-                name: channel.clone(),
-                title: None,
-                segment_ms: SEGMENT_MS,
-                ladder: vec![],
-            };
-            let _: serde_json::Value = fleet.op.post("/api/v1/channels", &spec).await?;
-            let ev = EventSpec {
-                channel: channel.clone(),
-                group: group.name.clone(),
-                start_ms,
-                duration_ms: event_ms(g),
-            };
-            let _: serde_json::Value = fleet.op.post("/api/v1/events", &ev).await?;
-            targets.push(ChannelTarget {
-                channel,
-                node_urls: vec![fleet.nodes[a].url(), fleet.nodes[b].url()],
-            });
-        }
+        let names: Vec<String> = (1..=CHANNELS_PER_GROUP)
+            .map(|c| format!("ch{g}{c}"))
+            .collect();
+        targets.extend(
+            fleet
+                .add_live_group(g, &names, 1, SEGMENT_MS, start_ms, event_ms(g))
+                .await?,
+        );
     }
     for i in 0..fleet.nodes.len() {
         progress(

@@ -5,10 +5,12 @@
 
 use crate::check::{check_node, CheckReport};
 use crate::client::Operator;
+use crate::viewers::ChannelTarget;
 use anyhow::{bail, Context};
 use handover_controller::Status;
+use handover_core::params::Group;
 use handover_core::wire::Role;
-use handover_store::StoredRecord;
+use handover_store::{ChannelSpec, EventSpec, StoredRecord};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -296,6 +298,50 @@ impl Fleet {
         self.controller = Some(p);
         self.controller_release = release;
         Ok(())
+    }
+
+    /// Creates group `g{g}` (nodes `g{g}-a` primary, `g{g}-b` backup, declared
+    /// at `release`, not started) with channels `names`, each with one event
+    /// from `start_ms` for `duration_ms`. Returns what viewers watch.
+    pub async fn add_live_group(
+        &mut self,
+        g: u64,
+        names: &[String],
+        release: u32,
+        segment_ms: u32,
+        start_ms: i64,
+        duration_ms: u64,
+    ) -> anyhow::Result<Vec<ChannelTarget>> {
+        let group = Group {
+            name: format!("g{g}"),
+            primary: format!("g{g}-a"),
+            backup: format!("g{g}-b"),
+        };
+        let _: serde_json::Value = self.op.post("/api/v1/groups", &group).await?;
+        let a = self.add_node(&group.primary, Role::Primary, &group.name, release);
+        let b = self.add_node(&group.backup, Role::Backup, &group.name, release);
+        let mut targets = Vec::new();
+        for channel in names {
+            let spec = ChannelSpec {
+                name: channel.clone(),
+                title: None,
+                segment_ms,
+                ladder: vec![],
+            };
+            let _: serde_json::Value = self.op.post("/api/v1/channels", &spec).await?;
+            let ev = EventSpec {
+                channel: channel.clone(),
+                group: group.name.clone(),
+                start_ms,
+                duration_ms,
+            };
+            let _: serde_json::Value = self.op.post("/api/v1/events", &ev).await?;
+            targets.push(ChannelTarget {
+                channel: channel.clone(),
+                node_urls: vec![self.nodes[a].url(), self.nodes[b].url()],
+            });
+        }
+        Ok(targets)
     }
 
     /// Declares a node (its address and data dir) without starting it.

@@ -16,10 +16,7 @@ use handover::faultproxy::{Exchange, FaultProxy};
 use handover::fleet::Fleet;
 use handover::viewers::{self, ChannelTarget, ViewerConfig, ViewerReport};
 use handover_controller::UpgradeStatus;
-use handover_core::params::Group;
 use handover_core::upgrade::{Phase, Status, Upgrade};
-use handover_core::wire::Role;
-use handover_store::{ChannelSpec, EventSpec};
 use nix::sys::signal::{kill, Signal};
 use serde_json::Value;
 use std::future::Future;
@@ -99,33 +96,20 @@ async fn cluster(name: &str, subnet: u8, opts: Options) -> Cluster {
     let event_start_ms = now_ms() + 2_000;
     let mut targets = Vec::new();
     for g in 1..=opts.groups.max(1) {
-        let group = Group {
-            name: format!("g{g}"),
-            primary: format!("g{g}-a"),
-            backup: format!("g{g}-b"),
-        };
-        let _: Value = fleet.op.post("/api/v1/groups", &group).await.unwrap();
-        let channel = format!("ch{g}");
-        let spec = ChannelSpec {
-            name: channel.clone(),
-            title: None,
-            segment_ms: SEGMENT_MS,
-            ladder: vec![],
-        };
-        let _: Value = fleet.op.post("/api/v1/channels", &spec).await.unwrap();
-        let ev = EventSpec {
-            channel: channel.clone(),
-            group: group.name.clone(),
-            start_ms: event_start_ms,
-            duration_ms: opts.event_ms,
-        };
-        let _: Value = fleet.op.post("/api/v1/events", &ev).await.unwrap();
-        let a = fleet.add_node(&group.primary, Role::Primary, &group.name, release);
-        let b = fleet.add_node(&group.backup, Role::Backup, &group.name, release);
-        targets.push(ChannelTarget {
-            channel,
-            node_urls: vec![fleet.nodes[a].url(), fleet.nodes[b].url()],
-        });
+        let names = [format!("ch{g}")];
+        targets.extend(
+            fleet
+                .add_live_group(
+                    g as u64,
+                    &names,
+                    release,
+                    SEGMENT_MS,
+                    event_start_ms,
+                    opts.event_ms,
+                )
+                .await
+                .unwrap(),
+        );
     }
     if let (Some(id), Some(p)) = (opts.proxied, &proxy) {
         fleet.node(id).unwrap().controller_url = Some(p.url());

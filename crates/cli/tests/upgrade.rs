@@ -4,10 +4,7 @@
 
 use handover::fleet::Fleet;
 use handover::viewers::{self, ChannelTarget, ViewerConfig, ViewerReport};
-use handover_core::params::Group;
 use handover_core::upgrade::{Phase, Status, Upgrade};
-use handover_core::wire::Role;
-use handover_store::{ChannelSpec, EventSpec};
 use serde_json::Value;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -42,33 +39,13 @@ async fn release_1_cluster(subnet: u8, event_ms: u64) -> Cluster {
     let event_start_ms = now_ms() + 2_000;
     let mut targets = Vec::new();
     for g in 1..=GROUPS {
-        let group = Group {
-            name: format!("g{g}"),
-            primary: format!("g{g}-a"),
-            backup: format!("g{g}-b"),
-        };
-        let _: Value = fleet.op.post("/api/v1/groups", &group).await.unwrap();
-        let channel = format!("ch{g}");
-        let spec = ChannelSpec {
-            name: channel.clone(),
-            title: None,
-            segment_ms: SEGMENT_MS,
-            ladder: vec![],
-        };
-        let _: Value = fleet.op.post("/api/v1/channels", &spec).await.unwrap();
-        let ev = EventSpec {
-            channel: channel.clone(),
-            group: group.name.clone(),
-            start_ms: event_start_ms,
-            duration_ms: event_ms,
-        };
-        let _: Value = fleet.op.post("/api/v1/events", &ev).await.unwrap();
-        let a = fleet.add_node(&group.primary, Role::Primary, &group.name, 1);
-        let b = fleet.add_node(&group.backup, Role::Backup, &group.name, 1);
-        targets.push(ChannelTarget {
-            channel,
-            node_urls: vec![fleet.nodes[a].url(), fleet.nodes[b].url()],
-        });
+        let names = [format!("ch{g}")];
+        targets.extend(
+            fleet
+                .add_live_group(g as u64, &names, 1, SEGMENT_MS, event_start_ms, event_ms)
+                .await
+                .unwrap(),
+        );
     }
     for i in 0..fleet.nodes.len() {
         fleet.start_node(i).await.unwrap();

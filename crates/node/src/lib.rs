@@ -33,6 +33,10 @@ pub const LOOPS_STOP_TIMEOUT_MS: u64 = 5_000;
 /// On a graceful stop the producer stops first and the shipper gets this
 /// long to empty the outbox; whatever is left stays durable for the next start.
 pub const DRAIN_ON_STOP_MS: u64 = 3_000;
+/// On a stop, every answer says `Connection: close` for this long before the
+/// server stops: players drop their keep-alive connections at a request
+/// boundary instead of racing a server-side close (a failed request).
+pub const CLOSE_CONNECTIONS_MS: u64 = 1_000;
 
 pub struct NodeConfig {
     pub node_id: String,
@@ -444,8 +448,15 @@ async fn start(
         "node serving"
     );
     let signal = lifecycle.clone();
+    let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let app = app.layer(axum::middleware::map_response_with_state(
+        closing.clone(),
+        hls::close_when_stopping,
+    ));
     tokio::spawn(async move {
         shutdown.await;
+        closing.store(true, std::sync::atomic::Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(CLOSE_CONNECTIONS_MS)).await;
         signal.http_stop.send_replace(true);
     });
     let mut server_stop = Stop(http_stop_rx);
