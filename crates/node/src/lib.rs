@@ -280,6 +280,8 @@ pub(crate) struct Lifecycle {
     producer: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     loops_stop: watch::Sender<bool>,
     http_stop: watch::Sender<bool>,
+    /// Set while HTTP is being stopped: answers say `Connection: close`.
+    closing: Arc<std::sync::atomic::AtomicBool>,
     failure: Mutex<Option<String>>,
     store: Arc<store::Store>,
     session: Arc<session::Session>,
@@ -310,8 +312,18 @@ impl Lifecycle {
 
     /// Gives up: HTTP stops gracefully and the worker exits with `why`, so
     /// its supervisor starts the release it knows to work.
-    pub(crate) fn fail(&self, why: String) {
+    pub(crate) fn fail(self: &Arc<Self>, why: String) {
         *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+        tokio::spawn(self.clone().stop_http());
+    }
+
+    /// Every way HTTP stops: `Connection: close` on every answer for
+    /// [`CLOSE_CONNECTIONS_MS`], so players reconnect between requests (to
+    /// whichever worker serves the socket), then the graceful stop.
+    async fn stop_http(self: Arc<Self>) {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(CLOSE_CONNECTIONS_MS)).await;
         self.http_stop.send_replace(true);
     }
 
@@ -403,6 +415,7 @@ async fn start(
         producer: tokio::sync::Mutex::new(Some(producer)),
         loops_stop: stop_tx,
         http_stop: http_stop_tx,
+        closing: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         failure: Mutex::new(None),
         store: store.clone(),
         session: session.clone(),
@@ -447,17 +460,14 @@ async fn start(
         addr = ?listener.local_addr().ok(),
         "node serving"
     );
-    let signal = lifecycle.clone();
-    let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let app = app.layer(axum::middleware::map_response_with_state(
-        closing.clone(),
+        lifecycle.closing.clone(),
         hls::close_when_stopping,
     ));
+    let signal = lifecycle.clone();
     tokio::spawn(async move {
         shutdown.await;
-        closing.store(true, std::sync::atomic::Ordering::Relaxed);
-        tokio::time::sleep(Duration::from_millis(CLOSE_CONNECTIONS_MS)).await;
-        signal.http_stop.send_replace(true);
+        signal.stop_http().await;
     });
     let mut server_stop = Stop(http_stop_rx);
     let served = axum::serve(listener, app)
