@@ -86,6 +86,32 @@ pub mod v2 {
     }
 }
 
+/// The one mapping between the kinds of the two schemas, used by the
+/// encoder, the upcaster and the store.
+impl From<v1::Kind> for v2::Kind {
+    fn from(k: v1::Kind) -> v2::Kind {
+        match k {
+            v1::Kind::Segment => v2::Kind::SegmentPublished,
+            v1::Kind::Stats => v2::Kind::ViewerStats,
+            v1::Kind::Alert => v2::Kind::Alert,
+            v1::Kind::EventStart => v2::Kind::EventStarted,
+            v1::Kind::EventEnd => v2::Kind::EventFinished,
+        }
+    }
+}
+
+impl From<v2::Kind> for v1::Kind {
+    fn from(k: v2::Kind) -> v1::Kind {
+        match k {
+            v2::Kind::SegmentPublished => v1::Kind::Segment,
+            v2::Kind::ViewerStats => v1::Kind::Stats,
+            v2::Kind::Alert => v1::Kind::Alert,
+            v2::Kind::EventStarted => v1::Kind::EventStart,
+            v2::Kind::EventFinished => v1::Kind::EventEnd,
+        }
+    }
+}
+
 /// What a node saw happen, before it is written in any schema.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Observation {
@@ -227,13 +253,7 @@ pub fn upcast_1_to_2(
         .get(&r.channel)
         .ok_or_else(|| RecordError::UnknownChannel(r.channel.clone()))?;
     let produced_at_ms = crate::timefmt::ms_from_rfc3339(&r.at).map_err(|e| malformed(1, e))?;
-    let kind = match r.kind {
-        v1::Kind::Segment => v2::Kind::SegmentPublished,
-        v1::Kind::Stats => v2::Kind::ViewerStats,
-        v1::Kind::Alert => v2::Kind::Alert,
-        v1::Kind::EventStart => v2::Kind::EventStarted,
-        v1::Kind::EventEnd => v2::Kind::EventFinished,
-    };
+    let kind = v2::Kind::from(r.kind);
     let is_segment = kind == v2::Kind::SegmentPublished;
     Ok(v2::Record {
         kind,
@@ -289,13 +309,7 @@ pub fn encode(
 ) -> Result<serde_json::Value, RecordError> {
     let value = match schema.0 {
         1 => serde_json::to_value(v1::Record {
-            kind: match o.kind {
-                v2::Kind::SegmentPublished => v1::Kind::Segment,
-                v2::Kind::ViewerStats => v1::Kind::Stats,
-                v2::Kind::Alert => v1::Kind::Alert,
-                v2::Kind::EventStarted => v1::Kind::EventStart,
-                v2::Kind::EventFinished => v1::Kind::EventEnd,
-            },
+            kind: v1::Kind::from(o.kind),
             channel: o.channel.clone(),
             at: crate::timefmt::rfc3339_from_ms(o.at_ms).map_err(|e| malformed(1, e))?,
             seq: o.media_seq,

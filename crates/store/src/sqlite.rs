@@ -477,13 +477,7 @@ fn v1_kind_name(kind: rv1::Kind) -> &'static str {
 }
 
 fn v1_natural_key(r: &rv1::Record) -> String {
-    let kind = match r.kind {
-        rv1::Kind::Segment => rv2::Kind::SegmentPublished,
-        rv1::Kind::Stats => rv2::Kind::ViewerStats,
-        rv1::Kind::Alert => rv2::Kind::Alert,
-        rv1::Kind::EventStart => rv2::Kind::EventStarted,
-        rv1::Kind::EventEnd => rv2::Kind::EventFinished,
-    };
+    let kind = rv2::Kind::from(r.kind);
     let at_ms = timefmt::ms_from_rfc3339(&r.at).unwrap_or(0);
     record::natural_key(kind, &r.channel, at_ms, r.seq, r.event)
 }
