@@ -708,7 +708,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Upgrade(cmd) => run_upgrade(cmd).await,
         Command::Releases(f) => {
             if f.json {
-                println!("{}", serde_json::to_string_pretty(&RELEASES)?);
+                let facts = handover_core::release::BinaryFacts::of_this_binary();
+                println!("{}", serde_json::to_string_pretty(&facts)?);
             } else {
                 for r in RELEASES {
                     println!(
