@@ -13,11 +13,14 @@ use crate::client::{now_ms, Operator};
 use anyhow::{bail, ensure, Context};
 use base64::Engine as _;
 use handover_controller::artifacts::{MANIFEST_HEADER, SIGNATURE_HEADER};
+use handover_core::artifact::ArtifactError;
 use handover_core::artifact::{
     verify_manifest, DigestCheck, Hasher, Manifest, PublicKey, ARTIFACT_BYTES_MAX, BINARY_FILE,
-    MANIFEST_BYTES_MAX, MANIFEST_FILE, PUBLIC_KEY_BYTES_MAX, SIGNATURE_BYTES_MAX, SIGNATURE_FILE,
+    MANIFEST_BYTES_MAX, MANIFEST_FILE, MANIFEST_VERSION, PUBLIC_KEY_BYTES_MAX, SIGNATURE_BYTES_MAX,
+    SIGNATURE_FILE,
 };
-use handover_core::{Release, ReleaseInfo};
+use handover_core::release::{BinaryFacts, BINARY_FACTS_FORMAT};
+use handover_core::Release;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
@@ -67,13 +70,115 @@ fn fsync_dir(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot fsync {}", dir.display()))
 }
 
-/// Builds an artifact for `release` in `out_dir` (created; an existing one
-/// must be empty): copies `binary` to `out_dir/handover` (mode 0755) while
-/// hashing it, then writes `out_dir/manifest.json`. Both files and the
-/// directory are fsync'd. On failure nothing is left behind.
-pub fn create(binary: &Path, release: u32, out_dir: &Path) -> anyhow::Result<Manifest> {
-    let release = Release(release);
-    ReleaseInfo::of(release)?;
+/// Longest `BINARY releases --json` may take.
+const FACTS_WAIT_MS: u64 = 20_000;
+/// Largest answer of `BINARY releases --json` read.
+const FACTS_BYTES_MAX: u64 = 64 << 10;
+
+/// Builds an artifact in `out_dir` (created; an existing one must be empty)
+/// for `release` of `binary`, by default the newest release it carries:
+/// copies `binary` to `out_dir/handover` (mode 0755) while hashing it, asks
+/// that copy for its facts (`handover releases --json`: the release's
+/// schema, protocol range, window, migrations and contract versions come
+/// from the binary being packaged, never from this CLI's own table), then
+/// writes `out_dir/manifest.json`. Both files and the directory are fsync'd.
+/// On failure nothing is left behind.
+pub fn create(binary: &Path, release: Option<u32>, out_dir: &Path) -> anyhow::Result<Manifest> {
+    create_inner(binary, release, out_dir, binary_facts)
+}
+
+/// Like [`create`], for a binary that cannot be asked (test fixtures that
+/// are not programs): the facts are given.
+pub fn create_with_facts(
+    binary: &Path,
+    release: Option<u32>,
+    facts: &BinaryFacts,
+    out_dir: &Path,
+) -> anyhow::Result<Manifest> {
+    create_inner(binary, release, out_dir, |_| Ok(facts.clone()))
+}
+
+/// Runs `binary releases --json` (bounded in time and output) and reads
+/// its facts.
+pub fn binary_facts(binary: &Path) -> anyhow::Result<BinaryFacts> {
+    let out = tempfile::tempfile().context("cannot make a temporary file")?;
+    let mut child = std::process::Command::new(binary)
+        .args(["releases", "--json"])
+        .env_remove(handover_supervisor::ENV_WORKER)
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone().context("cannot reuse the temporary file")?)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| {
+            format!(
+                "cannot run {} to ask for its releases (is it a handover binary for this machine?)",
+                binary.display()
+            )
+        })?;
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().context("cannot wait for the binary")? {
+            break status;
+        }
+        if started.elapsed() > Duration::from_millis(FACTS_WAIT_MS) {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "{} did not answer `releases --json` within {FACTS_WAIT_MS} ms",
+                binary.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    ensure!(
+        status.success(),
+        "{} releases --json failed ({status}); is it a handover binary?",
+        binary.display()
+    );
+    let mut text = Vec::new();
+    let mut out = out;
+    std::io::Seek::rewind(&mut out).context("cannot read the binary's answer")?;
+    out.take(FACTS_BYTES_MAX + 1)
+        .read_to_end(&mut text)
+        .context("cannot read the binary's answer")?;
+    ensure!(
+        text.len() as u64 <= FACTS_BYTES_MAX,
+        "{} answered more than {FACTS_BYTES_MAX} bytes to `releases --json`",
+        binary.display()
+    );
+    #[derive(serde::Deserialize)]
+    struct Format {
+        format: Option<u32>,
+    }
+    let format = serde_json::from_slice::<Format>(&text)
+        .ok()
+        .and_then(|f| f.format)
+        .with_context(|| {
+            format!(
+                "{} answered `releases --json` without a facts format: it is older than \
+                 artifacts carrying release facts (manifest version {MANIFEST_VERSION})",
+                binary.display()
+            )
+        })?;
+    ensure!(
+        format == BINARY_FACTS_FORMAT,
+        "{} describes its releases in format {format}; this CLI reads format \
+         {BINARY_FACTS_FORMAT}: package it with its own CLI (`{} artifact create ...`)",
+        binary.display(),
+        binary.display()
+    );
+    serde_json::from_slice(&text)
+        .with_context(|| format!("{} answered `releases --json` malformed", binary.display()))
+}
+
+fn create_inner(
+    binary: &Path,
+    release: Option<u32>,
+    out_dir: &Path,
+    facts_of: impl FnOnce(&Path) -> anyhow::Result<BinaryFacts>,
+) -> anyhow::Result<Manifest> {
     let mut undo = Undo {
         files: Vec::new(),
         dir: None,
@@ -145,7 +250,25 @@ pub fn create(binary: &Path, release: u32, out_dir: &Path) -> anyhow::Result<Man
         .with_context(|| format!("cannot fsync {}", dst_path.display()))?;
     drop(dst);
     let (sha256, size) = hasher.finish();
-    let manifest = Manifest::for_release(release, sha256, size, now_ms())?;
+    // Asked of the copy: the facts describe exactly the bytes shipped.
+    let facts = facts_of(&dst_path)?;
+    let carried = || {
+        facts
+            .releases
+            .iter()
+            .map(|r| r.release.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let chosen = match release {
+        Some(n) => facts.releases.iter().find(|r| r.release == Release(n)),
+        None => facts.releases.iter().max_by_key(|r| r.release),
+    }
+    .ok_or_else(|| ArtifactError::UnknownRelease {
+        release: release.unwrap_or(0),
+        carried: carried(),
+    })?;
+    let manifest = Manifest::for_release(chosen, facts.contracts, sha256, size, now_ms())?;
 
     let mpath = out_dir.join(MANIFEST_FILE);
     let mut f = OpenOptions::new()
@@ -563,6 +686,10 @@ async fn stored_signature(op: &Operator, m: &Manifest) -> anyhow::Result<Option<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn own() -> BinaryFacts {
+        BinaryFacts::of_this_binary()
+    }
     use handover_controller::artifacts::{routes, ArtifactHost, ArtifactStore};
     use handover_controller::{ApiError, ApiResult};
     use handover_core::artifact::sha256_hex;
@@ -582,7 +709,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (bin, bytes) = binary(tmp.path(), 700_000);
         let out = tmp.path().join("a/r2");
-        let m = create(&bin, 2, &out).unwrap();
+        let m = create_with_facts(&bin, Some(2), &own(), &out).unwrap();
         assert_eq!(m.sha256, sha256_hex(&bytes));
         assert_eq!(m.size, bytes.len() as u64);
         assert_eq!(m.release, Release(2));
@@ -599,7 +726,7 @@ mod tests {
         // An existing empty directory is fine too.
         let empty = tmp.path().join("empty");
         std::fs::create_dir(&empty).unwrap();
-        create(&bin, 1, &empty).unwrap();
+        create_with_facts(&bin, Some(1), &own(), &empty).unwrap();
         assert_eq!(load(&empty).unwrap().0.release, Release(1));
     }
 
@@ -608,23 +735,24 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (bin, _) = binary(tmp.path(), 100);
         let out = tmp.path().join("out");
-        create(&bin, 2, &out).unwrap();
-        let err = create(&bin, 2, &out).unwrap_err();
+        create_with_facts(&bin, Some(2), &own(), &out).unwrap();
+        let err = create_with_facts(&bin, Some(2), &own(), &out).unwrap_err();
         assert!(format!("{err:#}").contains("not empty"), "{err:#}");
 
         let fresh = tmp.path().join("fresh");
-        let err = create(&bin, 9, &fresh).unwrap_err();
+        let err = create_with_facts(&bin, Some(9), &own(), &fresh).unwrap_err();
         assert!(format!("{err:#}").contains("release 9"), "{err:#}");
         assert!(!fresh.exists());
-        let err = create(&tmp.path().join("missing"), 2, &fresh).unwrap_err();
+        let err =
+            create_with_facts(&tmp.path().join("missing"), Some(2), &own(), &fresh).unwrap_err();
         assert!(format!("{err:#}").contains("cannot open"), "{err:#}");
         assert!(!fresh.exists());
         let empty_bin = tmp.path().join("zero");
         std::fs::write(&empty_bin, b"").unwrap();
-        let err = create(&empty_bin, 2, &fresh).unwrap_err();
+        let err = create_with_facts(&empty_bin, Some(2), &own(), &fresh).unwrap_err();
         assert!(format!("{err:#}").contains("1 to"), "{err:#}");
         assert!(!fresh.exists());
-        let err = create(&bin, 2, &bin).unwrap_err();
+        let err = create_with_facts(&bin, Some(2), &own(), &bin).unwrap_err();
         assert!(format!("{err:#}").contains("not a directory"), "{err:#}");
     }
 
@@ -633,7 +761,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (bin, mut bytes) = binary(tmp.path(), 5000);
         let out = tmp.path().join("out");
-        let m = create(&bin, 2, &out).unwrap();
+        let m = create_with_facts(&bin, Some(2), &own(), &out).unwrap();
 
         bytes[100] ^= 4;
         std::fs::write(out.join(BINARY_FILE), &bytes).unwrap();
@@ -687,7 +815,7 @@ mod tests {
 
         let (bin, bytes) = binary(tmp.path(), (2 << 20) + 123);
         let out = tmp.path().join("out");
-        let m = create(&bin, 2, &out).unwrap();
+        let m = create_with_facts(&bin, Some(2), &own(), &out).unwrap();
         let op = Operator::with(&base, OP).unwrap();
         assert_eq!(upload(&op, &out).await.unwrap(), m);
         // Again: idempotent.
@@ -753,7 +881,7 @@ mod tests {
 
         let (bin, _) = binary(tmp.path(), 300_000);
         let out = tmp.path().join("art");
-        let m = create(&bin, 2, &out).unwrap();
+        let m = create_with_facts(&bin, Some(2), &own(), &out).unwrap();
         let err = format!(
             "{:#}",
             verify(&out, std::slice::from_ref(&keys.public)).unwrap_err()
@@ -807,7 +935,7 @@ mod tests {
         let keys = keygen(tmp.path()).unwrap();
         let (bin, mut bytes) = binary(tmp.path(), 20_000);
         let out = tmp.path().join("art");
-        let m = create(&bin, 2, &out).unwrap();
+        let m = create_with_facts(&bin, Some(2), &own(), &out).unwrap();
         sign(&out, &keys.secret).unwrap();
         let trusted = [keys.public.clone()];
 
@@ -859,7 +987,7 @@ mod tests {
         std::fs::write(&pubkey, kp.pk.to_box().unwrap().to_bytes()).unwrap();
         let (bin, _) = binary(tmp.path(), 1000);
         let out = tmp.path().join("art");
-        create(&bin, 2, &out).unwrap();
+        create_with_facts(&bin, Some(2), &own(), &out).unwrap();
         let err = format!("{:#}", sign_with(&out, &key, None).unwrap_err());
         assert!(err.contains(KEY_PASSWORD_ENV), "{err}");
         let err = format!(
@@ -889,7 +1017,7 @@ mod tests {
 
         let (bin, bytes) = binary(tmp.path(), 70_000);
         let out = tmp.path().join("art");
-        let m = create(&bin, 2, &out).unwrap();
+        let m = create_with_facts(&bin, Some(2), &own(), &out).unwrap();
         let err = format!("{:#}", upload(&op, &out).await.unwrap_err());
         assert!(err.contains("unsigned (400"), "{err}");
         sign(&out, &other.secret).unwrap();

@@ -590,6 +590,7 @@ fn hello_body(node_id: &str, token: &str, release: u32, group: &str) -> anyhow::
         current_events: vec![],
         param_revision: None,
         staged: vec![],
+        binary_sha256: None,
     })?)
 }
 

@@ -472,7 +472,7 @@ impl Fleet {
     pub async fn upload_artifact(&self, release: u32) -> anyhow::Result<String> {
         let out = self.dir.join(format!("artifact-r{release}"));
         if !out.join(handover_core::artifact::MANIFEST_FILE).is_file() {
-            crate::artifact::create(&self.exe, release, &out)?;
+            crate::artifact::create(&self.exe, Some(release), &out)?;
         }
         Ok(crate::artifact::upload(&self.op, &out).await?.id())
     }
@@ -514,7 +514,7 @@ impl Fleet {
         std::fs::write(&wrapper, &script)
             .with_context(|| format!("cannot write {}", wrapper.display()))?;
         let out = self.dir.join(format!("artifact-r{release}-env{n}"));
-        crate::artifact::create(&wrapper, release, &out)?;
+        crate::artifact::create(&wrapper, Some(release), &out)?;
         Ok(crate::artifact::upload(&self.op, &out).await?.id())
     }
 
@@ -548,21 +548,63 @@ impl Fleet {
     /// The pid of the worker serving node `id`'s active release (bounded wait
     /// while it restarts).
     pub async fn node_worker_pid(&self, id: &str) -> anyhow::Result<Pid> {
-        let client = self.node_supervisor(id)?;
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(HEALTHY_WAIT_MS);
-        loop {
-            if let Ok(status) = client.status().await {
-                if let Some(pid) = status.active_pid.and_then(|p| i32::try_from(p).ok()) {
-                    return Ok(Pid::from_raw(pid));
-                }
-            }
-            if tokio::time::Instant::now() > deadline {
-                bail!("node {id}'s supervisor named no active worker within {HEALTHY_WAIT_MS} ms");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        active_worker(&self.node_supervisor(id)?, id).await
     }
 
+    /// The pid of the controller's active worker (bounded wait while it restarts).
+    pub async fn controller_worker_pid(&self) -> anyhow::Result<Pid> {
+        active_worker(&self.controller_supervisor(), "the controller").await
+    }
+
+    /// Every process of the fleet, supervisors and workers alike, with the
+    /// release it runs and the SHA-256 of the binary the kernel says it
+    /// executes (`/proc/PID/exe`): what "no process of the old binary is
+    /// left" is judged by.
+    pub async fn processes(&self) -> anyhow::Result<Vec<ProcessInfo>> {
+        let mut roles = vec![(
+            "controller".to_owned(),
+            self.controller.as_ref().and_then(Proc::pid),
+            self.controller_supervisor(),
+        )];
+        for n in &self.nodes {
+            roles.push((
+                n.id.clone(),
+                n.proc.as_ref().and_then(Proc::pid),
+                self.node_supervisor(&n.id)?,
+            ));
+        }
+        let mut out = Vec::new();
+        for (name, supervisor_pid, client) in roles {
+            let Some(supervisor_pid) = supervisor_pid else {
+                continue;
+            };
+            let status = client
+                .status()
+                .await
+                .with_context(|| format!("cannot ask {name}'s supervisor for its status"))?;
+            let worker_pid = status
+                .active_pid
+                .with_context(|| format!("{name}'s supervisor runs no worker"))?;
+            for (role, pid) in [
+                (format!("{name} supervisor"), supervisor_pid.as_raw()),
+                (
+                    format!("{name} worker"),
+                    i32::try_from(worker_pid).unwrap_or(0),
+                ),
+            ] {
+                out.push(ProcessInfo {
+                    role,
+                    pid,
+                    release: status.active.release,
+                    sha256: exe_sha256(pid)?,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Fleet {
     /// SIGKILL of node `id`'s supervisor (its workers die with it): a
     /// crash. Returns once the workers are gone too, so the node can be
     /// started again on the same address at once.
@@ -620,5 +662,62 @@ impl Fleet {
             }
         }
         Ok(())
+    }
+}
+
+/// One running process of a fleet.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProcessInfo {
+    /// e.g. "controller supervisor", "g1-a worker".
+    pub role: String,
+    pub pid: i32,
+    /// The release its role runs (the supervisor's active release).
+    pub release: u32,
+    /// SHA-256 of the binary the process executes.
+    pub sha256: String,
+}
+
+/// SHA-256 of the binary process `pid` executes, read through
+/// `/proc/PID/exe` (the file it was started from, even if renamed).
+pub fn exe_sha256(pid: i32) -> anyhow::Result<String> {
+    file_sha256(Path::new(&format!("/proc/{pid}/exe")))
+        .with_context(|| format!("cannot read the binary of process {pid}"))
+}
+
+/// SHA-256 of a file, streamed.
+pub fn file_sha256(path: &Path) -> anyhow::Result<String> {
+    use std::io::Read as _;
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut h = handover_core::artifact::Hasher::new();
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        if n == 0 {
+            return Ok(h.finish().0);
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+/// The pid of the worker serving a role's active release, from its
+/// supervisor (bounded wait while it restarts).
+async fn active_worker(
+    client: &handover_supervisor::SupervisorClient,
+    id: &str,
+) -> anyhow::Result<Pid> {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(HEALTHY_WAIT_MS);
+    loop {
+        if let Ok(status) = client.status().await {
+            if let Some(pid) = status.active_pid.and_then(|p| i32::try_from(p).ok()) {
+                return Ok(Pid::from_raw(pid));
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{id}'s supervisor named no active worker within {HEALTHY_WAIT_MS} ms");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -75,12 +75,14 @@ enum ArtifactCmd {
     /// Make an artifact directory: the binary and a manifest with its
     /// release, schema, protocol range, SHA-256 and size.
     Create {
-        /// The binary to ship (e.g. target/release/handover).
+        /// The binary to ship (e.g. target/release/handover of the new
+        /// build). It is asked for its facts (`BINARY releases --json`), so
+        /// it may carry releases this CLI has never heard of.
         #[arg(long)]
         binary: PathBuf,
-        /// The release it runs as.
+        /// The release it runs as; default: the newest the binary carries.
         #[arg(long)]
-        release: u32,
+        release: Option<u32>,
         /// Directory to create (must not exist, or be empty).
         #[arg(long)]
         out: PathBuf,

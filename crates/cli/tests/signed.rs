@@ -181,7 +181,7 @@ async fn only_an_artifact_signed_by_a_trusted_key_upgrades_the_cluster() {
 
     // The real release-2 artifact; every case below is a copy of it.
     let real = tmp.path().join("real");
-    let manifest = artifact::create(&exe(), 2, &real).unwrap();
+    let manifest = artifact::create(&exe(), Some(2), &real).unwrap();
 
     // (1) Signed with key B, which nobody trusts.
     let by_b = tmp.path().join("by-b");
@@ -215,7 +215,13 @@ async fn only_an_artifact_signed_by_a_trusted_key_upgrades_the_cluster() {
     let tampered_bin = tmp.path().join("tampered-binary");
     let small = tmp.path().join("small-binary");
     std::fs::write(&small, vec![7u8; 100_000]).unwrap();
-    artifact::create(&small, 2, &tampered_bin).unwrap();
+    artifact::create_with_facts(
+        &small,
+        Some(2),
+        &handover_core::release::BinaryFacts::of_this_binary(),
+        &tampered_bin,
+    )
+    .unwrap();
     artifact::sign(&tampered_bin, &key_a.secret).unwrap();
     let mut bytes = std::fs::read(tampered_bin.join(BINARY_FILE)).unwrap();
     bytes[50_000] ^= 1;

@@ -996,7 +996,14 @@ mod tests {
     }
 
     fn manifest_of(bytes: &[u8]) -> Manifest {
-        Manifest::for_release(Release(2), sha256_hex(bytes), bytes.len() as u64, 1_000).unwrap()
+        Manifest::for_release(
+            &handover_core::ReleaseInfo::of(Release(2)).unwrap().facts(),
+            handover_core::release::CONTRACTS,
+            sha256_hex(bytes),
+            bytes.len() as u64,
+            1_000,
+        )
+        .unwrap()
     }
 
     fn chunks(bytes: &[u8], n: usize) -> impl Stream<Item = Result<Vec<u8>, String>> + Unpin {
@@ -1200,7 +1207,7 @@ mod tests {
         let resp = http
             .put(&url)
             .bearer_auth(OP)
-            .header(MANIFEST_HEADER, header.replace("\"v\":1", "\"v\":3"))
+            .header(MANIFEST_HEADER, header.replace("\"v\":2", "\"v\":3"))
             .body(bytes.clone())
             .send()
             .await

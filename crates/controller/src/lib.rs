@@ -72,6 +72,8 @@ pub(crate) struct AppState {
     pub upgrade: tokio::sync::Mutex<Option<(i64, Upgrade)>>,
     /// Set once this worker has asked its supervisor to switch release.
     pub switching: AtomicBool,
+    /// SHA-256 of the binary this worker runs (from its supervisor).
+    pub binary_sha256: Option<String>,
 }
 
 impl artifacts::ArtifactHost for Shared {
@@ -221,6 +223,7 @@ pub async fn serve_on(
             .with_trusted_keys(trusted),
         upgrade: tokio::sync::Mutex::new(upgrade),
         switching: AtomicBool::new(false),
+        binary_sha256: handover_supervisor::binary_sha256(),
     });
     tokio::spawn(orchestrator::run(state.clone()));
     if let Some(client) = handover_supervisor::SupervisorClient::from_env() {

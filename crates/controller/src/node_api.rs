@@ -101,6 +101,7 @@ pub async fn hello(
             current_events: hello.current_events.clone(),
             staged: hello.staged.clone(),
             now_ms: now_ms(),
+            binary_sha256: hello.binary_sha256.clone(),
         })
         .await?;
     if let Ok(mut map) = state.sessions.write() {

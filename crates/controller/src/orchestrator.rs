@@ -97,6 +97,7 @@ pub(crate) async fn node_views(state: &Shared) -> ApiResult<Vec<NodeView>> {
             staged: n.staged,
             outbox_count: n.outbox.count,
             current_events: n.current_events,
+            binary_sha256: n.binary_sha256,
         })
         .collect())
 }
@@ -110,6 +111,8 @@ pub(crate) async fn cluster_view(state: &Shared) -> ApiResult<ClusterView> {
         epoch: c.epoch,
         fenced: c.fenced,
         controller_release: state.info.release,
+        controller_sha256: state.binary_sha256.clone(),
+        database_schema: c.schema,
         disk_free_bytes,
     })
 }

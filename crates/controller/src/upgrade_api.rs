@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use handover_core::upgrade::{
-    preflight, Input, NodeView, Phase, Plan, PlanGroup, PrimaryPolicy, Target, Upgrade,
+    preflight, Input, NodeView, Path, Phase, Plan, PlanGroup, PrimaryPolicy, Target, Upgrade,
 };
 use serde::{Deserialize, Serialize};
 
@@ -76,12 +76,7 @@ async fn plan_of(state: &Shared, req: &UpgradeRequest) -> ApiResult<Plan> {
         })
         .collect();
     Ok(Plan {
-        target: Target {
-            artifact_id: manifest.id(),
-            release: manifest.release,
-            schema: manifest.schema,
-            size: manifest.size,
-        },
+        target: Target::of(&manifest),
         from_release: state.info.release,
         policy,
         groups,
@@ -90,7 +85,7 @@ async fn plan_of(state: &Shared, req: &UpgradeRequest) -> ApiResult<Plan> {
     })
 }
 
-fn steps(plan: &Plan, nodes: &[NodeView]) -> Vec<String> {
+fn steps(plan: &Plan, nodes: &[NodeView], path: Path) -> Vec<String> {
     let t = &plan.target;
     let events = |id: &str| {
         nodes
@@ -100,12 +95,20 @@ fn steps(plan: &Plan, nodes: &[NodeView]) -> Vec<String> {
             .unwrap_or_else(|| "[]".into())
     };
     let mut out = vec![
-        format!("1. preflight: artifact {} (release {}, schema {}), every node inside the support window, disk room", t.artifact_id, t.release, t.schema),
+        format!("1. preflight: artifact {} (release {}, schema {}), judged by its manifest: every node inside its support window, the database among the schemas it migrates from, contracts, disk room", t.artifact_id, t.release, t.schema),
         format!("2. stage: every node downloads and verifies {} ahead of time", t.artifact_id),
-        "3. fence: epoch + 1; wait for every node to persist the fence (a silent node is fenced by the epoch)".into(),
-        format!("4. controller: snapshot the database, start release {} on the same socket, migrate in one transaction, self-check; on failure roll back and unfence", t.release),
-        format!("5. deliver: release-{} nodes get `deliver` and drain their outboxes through the controller, translated", plan.from_release),
     ];
+    match path {
+        Path::Incompatible => out.extend([
+            "3. fence: epoch + 1; wait for every node to persist the fence (a silent node is fenced by the epoch)".to_owned(),
+            format!("4. controller: snapshot the database, start release {} on the same socket, migrate in one transaction, self-check; on failure roll back and unfence", t.release),
+            format!("5. deliver: release-{} nodes get `deliver` and drain their outboxes through the controller, translated", plan.from_release),
+        ]),
+        Path::Compatible => out.push(format!(
+            "3-5. controller: same schema, so no fence and no deliver: start release {} on the same socket and self-check; nodes keep `full` throughout",
+            t.release
+        )),
+    }
     for g in &plan.groups {
         out.push(format!("6. backups/{}: {} drains, switches to release {}, says hello, gets `full`, passes its health gate", g.name, g.backup, t.release));
     }
@@ -137,8 +140,9 @@ pub async fn plan(
     let Json(req) = body?;
     let plan = plan_of(&state, &req).await?;
     let nodes = node_views(&state).await?;
-    let preflight_error = preflight(&plan, &nodes, &cluster_view(&state).await?).err();
-    let steps = steps(&plan, &nodes);
+    let checked = preflight(&plan, &nodes, &cluster_view(&state).await?);
+    let steps = steps(&plan, &nodes, checked.clone().unwrap_or_default());
+    let preflight_error = checked.err();
     Ok(Json(PlanAnswer {
         plan,
         preflight_error,

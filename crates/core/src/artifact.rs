@@ -10,16 +10,20 @@
 //! ([`DigestCheck`]). This module is pure: the shells (CLI, controller, node)
 //! do the reading and writing.
 
-use crate::release::{ProtocolRange, Release, ReleaseInfo, Schema, NEWEST};
+use crate::release::{Contracts, ProtocolRange, Release, ReleaseFacts, ReleaseInfo, Schema};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 /// Largest binary an artifact may carry.
 pub const ARTIFACT_BYTES_MAX: u64 = 512 << 20;
-/// The only manifest version this release reads and writes.
-pub const MANIFEST_VERSION: u32 = 1;
-/// Largest manifest document accepted (a real one is about 250 bytes).
+/// The only manifest version this release reads and writes. Version 2
+/// carries the release's facts and contract versions, so a process that does
+/// not carry the release can still judge it.
+pub const MANIFEST_VERSION: u32 = 2;
+/// Schemas a release may name in `migrates_from`.
+pub const MIGRATES_FROM_MAX: usize = 16;
+/// Largest manifest document accepted (a real one is about 500 bytes).
 pub const MANIFEST_BYTES_MAX: usize = 4096;
 /// Longest `semver` accepted.
 pub const SEMVER_CHARS_MAX: usize = 64;
@@ -37,7 +41,10 @@ pub const SIGNATURE_BYTES_MAX: usize = 4096;
 /// Largest public key document accepted (a `.pub` file is about 110 bytes).
 pub const PUBLIC_KEY_BYTES_MAX: usize = 1024;
 
-/// What an artifact is: a release binary, its size and digest.
+/// What an artifact is: a release binary, its size and digest, and the
+/// facts of the release it runs as, written from that binary itself
+/// (`BINARY releases --json`). Everything an older process needs to judge a
+/// release it has never seen is here, under the signature.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
@@ -47,6 +54,12 @@ pub struct Manifest {
     pub semver: String,
     pub schema: Schema,
     pub protocol: ProtocolRange,
+    /// Oldest node schema the release's controller serves.
+    pub window_min_schema: Schema,
+    /// Database schemas the release's controller migrates from.
+    pub migrates_from: Vec<Schema>,
+    /// Contract versions the binary speaks.
+    pub contracts: Contracts,
     /// Lowercase hex SHA-256 of the binary.
     pub sha256: String,
     /// Size of the binary in bytes.
@@ -67,11 +80,12 @@ pub enum ArtifactError {
     )]
     UnsupportedVersion { found: u32 },
     #[error(
-        "release {release} is not carried by this binary (it knows releases 1 to {newest}); \
-         upgrade in steps, or build the artifact for a known release",
-        newest = NEWEST.0
+        "the binary does not carry release {release} (it carries {carried}); \
+         build the artifact for one of those"
     )]
-    UnknownRelease { release: u32 },
+    UnknownRelease { release: u32, carried: String },
+    #[error("the manifest's release facts are inconsistent: {0}")]
+    BadFacts(String),
     #[error(
         "the manifest says {field} {found} for release {release}, but release {release} has \
          {field} {expected}; the manifest was edited or built by an incompatible version"
@@ -134,7 +148,8 @@ impl ArtifactError {
             ArtifactError::BadSemver(_)
             | ArtifactError::BadSha256(_)
             | ArtifactError::BadSize(_)
-            | ArtifactError::BadCreated(_) => "invalid_manifest",
+            | ArtifactError::BadCreated(_)
+            | ArtifactError::BadFacts(_) => "invalid_manifest",
             ArtifactError::BadId(_) => "invalid_id",
             ArtifactError::SizeMismatch { .. } => "size_mismatch",
             ArtifactError::DigestMismatch { .. } => "digest_mismatch",
@@ -146,30 +161,29 @@ impl ArtifactError {
     }
 }
 
-fn info_of(release: Release) -> Result<&'static ReleaseInfo, ArtifactError> {
-    ReleaseInfo::of(release).map_err(|_| ArtifactError::UnknownRelease { release: release.0 })
-}
-
 fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 impl Manifest {
-    /// The manifest of a binary built for `release`: schema, protocol range
-    /// and semver come from that release's [`ReleaseInfo`].
+    /// The manifest of a binary that runs as the release `facts` describes
+    /// and speaks `contracts`: both read from that binary.
     pub fn for_release(
-        release: Release,
+        facts: &ReleaseFacts,
+        contracts: Contracts,
         sha256: String,
         size: u64,
         created_ms: i64,
     ) -> Result<Manifest, ArtifactError> {
-        let info = info_of(release)?;
         let m = Manifest {
             v: MANIFEST_VERSION,
-            release,
-            semver: info.semver.to_owned(),
-            schema: info.schema,
-            protocol: info.protocol,
+            release: facts.release,
+            semver: facts.semver.clone(),
+            schema: facts.schema,
+            protocol: facts.protocol,
+            window_min_schema: facts.window_min_schema,
+            migrates_from: facts.migrates_from.clone(),
+            contracts,
             sha256,
             size,
             created_ms,
@@ -178,31 +192,69 @@ impl Manifest {
         Ok(m)
     }
 
-    /// Checks every field: the version, a release this binary knows with its
-    /// own schema and protocol range, a well-formed digest and a bounded size.
-    /// `semver` is checked for shape only, so a patch build of a release
-    /// (same schema and protocol) is accepted.
+    /// The release this artifact runs as, as the manifest describes it.
+    pub fn facts(&self) -> ReleaseFacts {
+        ReleaseFacts {
+            release: self.release,
+            semver: self.semver.clone(),
+            schema: self.schema,
+            protocol: self.protocol,
+            window_min_schema: self.window_min_schema,
+            migrates_from: self.migrates_from.clone(),
+        }
+    }
+
+    /// Checks what any process can know: the version, the shape of every
+    /// field, and facts that agree with each other. Only for a release this
+    /// binary carries does it also compare them with its own table (an edited
+    /// manifest); a release it does not carry is judged later, against the
+    /// live cluster, by preflight. `semver` is checked for shape only, so a
+    /// patch build of a release (same facts) is accepted.
     pub fn validate(&self) -> Result<(), ArtifactError> {
         if self.v != MANIFEST_VERSION {
             return Err(ArtifactError::UnsupportedVersion { found: self.v });
         }
-        let info = info_of(self.release)?;
-        if self.schema != info.schema {
-            return Err(ArtifactError::ReleaseMismatch {
-                release: self.release.0,
-                field: "schema",
-                expected: info.schema.to_string(),
-                found: self.schema.to_string(),
-            });
-        }
-        if self.protocol != info.protocol {
+        if let Ok(info) = ReleaseInfo::of(self.release) {
+            let own = info.facts();
             let show = |p: ProtocolRange| format!("{}..={}", p.min, p.max);
-            return Err(ArtifactError::ReleaseMismatch {
-                release: self.release.0,
-                field: "protocol",
-                expected: show(info.protocol),
-                found: show(self.protocol),
-            });
+            let list = |l: &[Schema]| format!("{l:?}");
+            for (field, expected, found) in [
+                ("schema", own.schema.to_string(), self.schema.to_string()),
+                ("protocol", show(own.protocol), show(self.protocol)),
+                (
+                    "window_min_schema",
+                    own.window_min_schema.to_string(),
+                    self.window_min_schema.to_string(),
+                ),
+                (
+                    "migrates_from",
+                    list(&own.migrates_from),
+                    list(&self.migrates_from),
+                ),
+            ] {
+                if expected != found {
+                    return Err(ArtifactError::ReleaseMismatch {
+                        release: self.release.0,
+                        field,
+                        expected,
+                        found,
+                    });
+                }
+            }
+        }
+        check_facts(&self.facts())?;
+        let c = self.contracts;
+        if [
+            c.worker_cli,
+            c.supervisor_control,
+            c.supervisor_handoff,
+            c.upgrade_state,
+        ]
+        .contains(&0)
+        {
+            return Err(ArtifactError::BadFacts(
+                "contract versions start at 1".into(),
+            ));
         }
         if self.semver.is_empty()
             || self.semver.len() > SEMVER_CHARS_MAX
@@ -249,6 +301,43 @@ impl Manifest {
         s.push('\n');
         s
     }
+}
+
+/// Facts that can describe a release at all: levels from 1, a protocol
+/// range, a window that ends at the release's own schema, and migrations
+/// only from older schemas.
+pub fn check_facts(f: &ReleaseFacts) -> Result<(), ArtifactError> {
+    let bad = |why: String| Err(ArtifactError::BadFacts(why));
+    if f.release.0 == 0 || f.schema.0 == 0 {
+        return bad("release and schema levels start at 1".into());
+    }
+    if f.protocol.min == 0 || f.protocol.min > f.protocol.max {
+        return bad(format!(
+            "protocol range {}..={} is empty",
+            f.protocol.min, f.protocol.max
+        ));
+    }
+    if f.window_min_schema.0 == 0 || f.window_min_schema > f.schema {
+        return bad(format!(
+            "window_min_schema {} must be 1 to the release's schema {}",
+            f.window_min_schema, f.schema
+        ));
+    }
+    if f.migrates_from.len() > MIGRATES_FROM_MAX {
+        return bad(format!(
+            "migrates_from lists more than {MIGRATES_FROM_MAX} schemas"
+        ));
+    }
+    if f.migrates_from.iter().any(|s| s.0 == 0 || *s >= f.schema) {
+        return bad(format!(
+            "migrates_from {:?} must hold only schemas older than {}",
+            f.migrates_from, f.schema
+        ));
+    }
+    if f.migrates_from.windows(2).any(|w| w[0] >= w[1]) {
+        return bad("migrates_from must be sorted without repeats".into());
+    }
+    Ok(())
 }
 
 /// Checks that `id` has the shape [`Manifest::id`] produces, so it can be
@@ -543,9 +632,27 @@ mod tests {
 
     const BINARY: &[u8] = b"#!/bin/sh\necho pretend this is handover\n";
 
+    fn facts_of(release: u32) -> ReleaseFacts {
+        ReleaseInfo::of(Release(release)).unwrap().facts()
+    }
+
+    /// A release no binary of this build carries, as a newer binary would
+    /// describe it.
+    fn future_facts() -> ReleaseFacts {
+        ReleaseFacts {
+            release: Release(9),
+            semver: "9.1.0".into(),
+            schema: Schema(9),
+            protocol: ProtocolRange { min: 8, max: 9 },
+            window_min_schema: Schema(8),
+            migrates_from: vec![Schema(8)],
+        }
+    }
+
     fn good() -> Manifest {
         Manifest::for_release(
-            Release(2),
+            &facts_of(2),
+            crate::release::CONTRACTS,
             sha256_hex(BINARY),
             BINARY.len() as u64,
             1_700_000_000_000,
@@ -564,7 +671,7 @@ mod tests {
     #[test]
     fn good_manifest_validates_and_round_trips() {
         let m = good();
-        assert_eq!(m.v, 1);
+        assert_eq!(m.v, MANIFEST_VERSION);
         assert_eq!(m.semver, "2.0.0");
         assert_eq!(m.schema, Schema(2));
         assert_eq!(m.protocol, ProtocolRange { min: 1, max: 2 });
@@ -578,28 +685,55 @@ mod tests {
     }
 
     #[test]
-    fn for_release_refuses_unknown_release() {
-        assert_eq!(
-            Manifest::for_release(Release(9), sha256_hex(BINARY), 1, 0),
-            Err(ArtifactError::UnknownRelease { release: 9 })
-        );
+    fn a_release_this_binary_does_not_carry_is_judged_by_shape() {
+        let m = Manifest::for_release(
+            &future_facts(),
+            crate::release::CONTRACTS,
+            sha256_hex(BINARY),
+            1,
+            0,
+        )
+        .unwrap();
+        assert_eq!(m.facts(), future_facts());
+        assert_eq!(Manifest::decode(m.to_pretty_json().as_bytes()), Ok(m));
+        // Facts that cannot describe any release are refused all the same.
+        type Spoil = Box<dyn Fn(&mut ReleaseFacts)>;
+        let spoiled: Vec<Spoil> = vec![
+            Box::new(|f| f.protocol = ProtocolRange { min: 3, max: 2 }),
+            Box::new(|f| f.window_min_schema = Schema(10)),
+            Box::new(|f| f.migrates_from = vec![Schema(9)]),
+            Box::new(|f| f.migrates_from = vec![Schema(8), Schema(7)]),
+            Box::new(|f| f.schema = Schema(0)),
+        ];
+        for spoil in spoiled {
+            let mut f = future_facts();
+            spoil(&mut f);
+            let e = Manifest::for_release(&f, crate::release::CONTRACTS, sha256_hex(BINARY), 1, 0)
+                .unwrap_err();
+            assert_eq!(e.code(), "invalid_manifest", "{f:?}: {e}");
+        }
     }
 
     #[test]
     fn each_bad_field_is_refused() {
         type Spoil = Box<dyn Fn(&mut Manifest)>;
         let cases: Vec<(&str, Spoil, &str)> = vec![
-            ("v", Box::new(|m| m.v = 2), "unsupported_version"),
+            ("v", Box::new(|m| m.v = 1), "unsupported_version"),
             ("v0", Box::new(|m| m.v = 0), "unsupported_version"),
-            (
-                "release",
-                Box::new(|m| m.release = Release(7)),
-                "unknown_release",
-            ),
             (
                 "release0",
                 Box::new(|m| m.release = Release(0)),
-                "unknown_release",
+                "invalid_manifest",
+            ),
+            (
+                "contracts",
+                Box::new(|m| m.contracts.worker_cli = 0),
+                "invalid_manifest",
+            ),
+            (
+                "window",
+                Box::new(|m| m.window_min_schema = Schema(2)),
+                "release_mismatch",
             ),
             (
                 "schema",
@@ -808,7 +942,10 @@ mod tests {
             actual: "b".into(),
         };
         assert!(e.to_string().contains("re-upload"), "{e}");
-        let e = ArtifactError::UnknownRelease { release: 9 };
+        let e = ArtifactError::UnknownRelease {
+            release: 9,
+            carried: "1, 2".into(),
+        };
         assert!(e.to_string().contains("release 9"), "{e}");
     }
 

@@ -159,7 +159,9 @@ pub const CONTRACTS: Contracts = Contracts {
     worker_cli: 1,
     supervisor_control: 1,
     supervisor_handoff: 1,
-    upgrade_state: 1,
+    // 2: targets carry their manifest's facts, digest and contracts; the
+    // upgrade stores the path preflight chose.
+    upgrade_state: 2,
 };
 
 /// One release as an artifact's manifest describes it: everything an older

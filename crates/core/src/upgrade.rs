@@ -7,8 +7,9 @@
 //! controller resumes what the old one started, and a controller restart at
 //! any moment resumes from the last stored state.
 
+use crate::artifact::Manifest;
 use crate::grant::Grant;
-use crate::release::{Release, ReleaseInfo, Schema};
+use crate::release::{Contracts, Release, ReleaseFacts, ReleaseInfo, Schema, CONTRACTS};
 use crate::wire::Role;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -109,6 +110,68 @@ pub struct Target {
     pub release: Release,
     pub schema: Schema,
     pub size: u64,
+    /// The release as the artifact's manifest describes it (upgrade state 2;
+    /// absent from states stored by upgrade state 1, whose targets were
+    /// always releases the binary carried).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub facts: Option<ReleaseFacts>,
+    /// SHA-256 of the artifact's binary: with the release, what a process
+    /// runs (a patch build has the release of the one it replaces).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// Contract versions the artifact's binary speaks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contracts: Option<Contracts>,
+}
+
+impl Target {
+    /// The target of an upgrade to the artifact `manifest` describes.
+    pub fn of(manifest: &Manifest) -> Target {
+        Target {
+            artifact_id: manifest.id(),
+            release: manifest.release,
+            schema: manifest.schema,
+            size: manifest.size,
+            facts: Some(manifest.facts()),
+            sha256: Some(manifest.sha256.clone()),
+            contracts: Some(manifest.contracts),
+        }
+    }
+
+    /// The target release's facts: from its manifest, or for a state stored
+    /// before manifests carried them, from this binary's own table.
+    pub fn facts(&self) -> Result<ReleaseFacts, String> {
+        match &self.facts {
+            Some(f) => Ok(f.clone()),
+            None => ReleaseInfo::of(self.release)
+                .map(ReleaseInfo::facts)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Whether a process of `release` running a binary of digest `sha256`
+    /// runs this target. A digest counts only when both sides know it.
+    pub fn runs_on(&self, release: Release, sha256: Option<&str>) -> bool {
+        release == self.release
+            && match (self.sha256.as_deref(), sha256) {
+                (Some(want), Some(have)) => want == have,
+                _ => true,
+            }
+    }
+}
+
+/// Which way an upgrade goes, decided by preflight and stored with it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Path {
+    /// The target's schema differs from the database's: fence, switch and
+    /// migrate the controller, old nodes deliver, then the groups.
+    #[default]
+    Incompatible,
+    /// Same schema (a patch build, or a release whose changes older nodes
+    /// can live with): no fence and no deliver; the controller switches on
+    /// its socket, then the groups as for any upgrade.
+    Compatible,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,6 +230,9 @@ pub struct NodeView {
     pub staged: Vec<String>,
     pub outbox_count: u64,
     pub current_events: Vec<i64>,
+    /// SHA-256 of the binary the node's worker runs, when it reports one.
+    #[serde(default)]
+    pub binary_sha256: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,6 +241,11 @@ pub struct ClusterView {
     pub fenced: bool,
     /// Release of the controller running this step.
     pub controller_release: Release,
+    /// SHA-256 of the binary the controller's worker runs, when known.
+    #[serde(default)]
+    pub controller_sha256: Option<String>,
+    /// Schema of the database.
+    pub database_schema: Schema,
     /// Free bytes where artifacts are stored, for preflight.
     pub disk_free_bytes: u64,
 }
@@ -266,29 +337,68 @@ pub struct Upgrade {
     pub waiting_for: String,
     pub started_ms: u64,
     pub ended_ms: Option<u64>,
+    /// Decided by preflight (states stored before it existed were all
+    /// incompatible upgrades).
+    #[serde(default)]
+    pub path: Path,
 }
 
 /// Why a plan cannot start; preflight's answer before anything changes.
-pub fn preflight(plan: &Plan, nodes: &[NodeView], cluster: &ClusterView) -> Result<(), String> {
-    let target = ReleaseInfo::of(plan.target.release).map_err(|e| e.to_string())?;
-    if target.schema != plan.target.schema {
+/// It judges the target from its manifest's facts against the live cluster
+/// and this binary's contracts; this binary's own release table is consulted
+/// only for the releases the nodes run now (all carried by the controller,
+/// or they would be fenced as newer). On success, the path it takes.
+pub fn preflight(plan: &Plan, nodes: &[NodeView], cluster: &ClusterView) -> Result<Path, String> {
+    let target = plan.target.facts()?;
+    let t = &plan.target;
+    if target.release != t.release || target.schema != t.schema {
         return Err(format!(
-            "artifact says schema {}, release {} has schema {}",
-            plan.target.schema, target.release, target.schema
+            "the plan names release {} schema {}, its manifest release {} schema {}",
+            t.release, t.schema, target.release, target.schema
         ));
     }
-    if plan.target.release <= cluster.controller_release {
+    if t.release < cluster.controller_release {
         return Err(format!(
-            "the controller already runs release {}; the artifact is release {}",
-            cluster.controller_release, plan.target.release
+            "release {} is older than the controller's release {}; handover does not downgrade",
+            t.release, cluster.controller_release
         ));
     }
-    if cluster.disk_free_bytes < plan.target.size.saturating_mul(2) {
+    if t.release == cluster.controller_release {
+        match (t.sha256.as_deref(), cluster.controller_sha256.as_deref()) {
+            (Some(want), Some(have)) if want != have => {}
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                "the controller already runs release {} from this very binary; nothing to upgrade",
+                t.release
+            ))
+            }
+            _ => {
+                return Err(format!(
+                    "the controller already runs release {}, and without both binaries' digests \
+                     a build of the same release cannot be told apart from it",
+                    t.release
+                ))
+            }
+        }
+    }
+    if let Some(c) = t.contracts {
+        contracts_fit(&c)?;
+    }
+    let compatible = target.schema == cluster.database_schema;
+    if !compatible && !target.migrates_from.contains(&cluster.database_schema) {
+        return Err(format!(
+            "the database is at schema {}, and release {} migrates only from schemas {:?}: \
+             upgrade to a release between them first",
+            cluster.database_schema, t.release, target.migrates_from
+        ));
+    }
+    if cluster.disk_free_bytes < t.size.saturating_mul(2) {
         return Err(format!(
             "not enough disk room: {} bytes free, the artifact needs {} (twice its size)",
-            cluster.disk_free_bytes, plan.target.size
+            cluster.disk_free_bytes, t.size
         ));
     }
+    let mut outside = Vec::new();
     for g in &plan.groups {
         for id in [&g.primary, &g.backup] {
             let n = nodes
@@ -300,15 +410,86 @@ pub fn preflight(plan: &Plan, nodes: &[NodeView], cluster: &ClusterView) -> Resu
                     "node {id} is unreachable (no heartbeat within its lease)"
                 ));
             }
+            let protocol = ReleaseInfo::of(n.release)
+                .map_err(|_| {
+                    format!(
+                        "node {id} runs release {}, which the controller does not know",
+                        n.release
+                    )
+                })?
+                .protocol;
             if !target.in_window(n.schema) {
+                outside.push(format!("{id} (schema {})", n.schema));
+            } else if target.protocol.negotiate(protocol).is_none() {
+                outside.push(format!(
+                    "{id} (protocol {}..={}, release {} speaks {}..={})",
+                    protocol.min, protocol.max, t.release, target.protocol.min, target.protocol.max
+                ));
+            } else if t.release == n.release && n.binary_sha256.is_none() && t.sha256.is_some() {
                 return Err(format!(
-                    "node {id} runs schema {}, outside release {}'s support window",
-                    n.schema, target.release
+                    "node {id} does not report the digest of its binary (it runs without a \
+                     supervisor?), so a build of its own release cannot be rolled onto it"
                 ));
             }
         }
     }
-    Ok(())
+    if !outside.is_empty() {
+        return Err(format!(
+            "release {} serves nodes of schemas {} to {}; outside its window: {}. \
+             Upgrade them to a release in between first",
+            t.release,
+            target.window_min_schema,
+            target.schema,
+            outside.join(", ")
+        ));
+    }
+    Ok(if compatible {
+        Path::Compatible
+    } else {
+        Path::Incompatible
+    })
+}
+
+/// Whether this binary (the old side) can hand over to a binary speaking
+/// `theirs`: same worker command line and supervisor control protocol (the
+/// old supervisor starts the new worker and hears from it), a hand-off this
+/// supervisor can make, and an upgrade state no older than ours (the new
+/// controller resumes what we stored).
+pub fn contracts_fit(theirs: &Contracts) -> Result<(), String> {
+    let ours = CONTRACTS;
+    let mut misfits = Vec::new();
+    for (name, o, t) in [
+        ("worker_cli", ours.worker_cli, theirs.worker_cli),
+        (
+            "supervisor_control",
+            ours.supervisor_control,
+            theirs.supervisor_control,
+        ),
+        (
+            "supervisor_handoff",
+            ours.supervisor_handoff,
+            theirs.supervisor_handoff,
+        ),
+    ] {
+        if o != t {
+            misfits.push(format!("{name} {t} (this binary speaks {o})"));
+        }
+    }
+    if theirs.upgrade_state < ours.upgrade_state {
+        misfits.push(format!(
+            "upgrade_state {} (older than this binary's {})",
+            theirs.upgrade_state, ours.upgrade_state
+        ));
+    }
+    if misfits.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "the artifact's binary speaks contracts this fleet cannot hand over to: {}; \
+             upgrade through a release that speaks both",
+            misfits.join(", ")
+        ))
+    }
 }
 
 impl Upgrade {
@@ -332,6 +513,7 @@ impl Upgrade {
             waiting_for: String::new(),
             started_ms: now_ms,
             ended_ms: None,
+            path: Path::Incompatible,
         }
     }
 
@@ -472,7 +654,7 @@ impl Upgrade {
             let Some(n) = nodes.iter().find(|n| &n.id == id) else {
                 continue;
             };
-            if !n.reachable || n.release == target.release {
+            if !n.reachable || target.runs_on(n.release, n.binary_sha256.as_deref()) {
                 continue;
             }
             let back = match step {
@@ -532,7 +714,8 @@ impl Upgrade {
         }
         match self.phase {
             Phase::Preflight => match preflight(&self.plan, nodes, cluster) {
-                Ok(()) => {
+                Ok(path) => {
+                    self.path = path;
                     self.enter(Phase::Stage, now_ms);
                     self.desired_all(self.staged())
                 }
@@ -552,7 +735,13 @@ impl Upgrade {
                     .keys()
                     .filter(|id| !node(id).is_some_and(|n| n.staged.contains(&target.artifact_id)))
                     .collect();
-                if missing.is_empty() {
+                if missing.is_empty() && self.path == Path::Compatible {
+                    // Same schema: nodes keep `full` across the controller's switch.
+                    self.enter(Phase::Controller, now_ms);
+                    self.waiting_for =
+                        format!("the controller to switch to release {}", target.release);
+                    vec![Effect::SwitchController { target }]
+                } else if missing.is_empty() {
                     self.enter(Phase::Fence, now_ms);
                     self.waiting_for = "fence acknowledgements".into();
                     vec![Effect::Fence]
@@ -595,7 +784,14 @@ impl Upgrade {
                 }
             }
             Phase::Controller => {
-                if cluster.controller_release == target.release {
+                let switched = target.runs_on(
+                    cluster.controller_release,
+                    cluster.controller_sha256.as_deref(),
+                );
+                if switched && self.path == Path::Compatible {
+                    self.enter(Phase::Backups, now_ms);
+                    self.tick(nodes, cluster, now_ms)
+                } else if switched {
                     self.enter(Phase::Deliver, now_ms);
                     self.waiting_for = "old nodes to drain their outboxes".into();
                     vec![Effect::Unfence]
@@ -614,7 +810,7 @@ impl Upgrade {
                     .keys()
                     .filter(|id| {
                         !node(id).is_some_and(|n| {
-                            n.release == target.release
+                            target.runs_on(n.release, n.binary_sha256.as_deref())
                                 || !n.reachable
                                 || (n.grant == Grant::Deliver
                                     && n.outbox_count <= DRAINED_RECORDS_MAX)
@@ -766,7 +962,7 @@ impl Upgrade {
         now_ms: u64,
     ) -> Vec<Effect> {
         let target = self.plan.target.clone();
-        let on_target = view.is_some_and(|n| n.release == target.release);
+        let on_target = view.is_some_and(|n| target.runs_on(n.release, n.binary_sha256.as_deref()));
         let healthy = view.is_some_and(|n| {
             n.reachable && n.grant == Grant::Full && n.outbox_count <= DRAINED_RECORDS_MAX
         });
@@ -830,6 +1026,9 @@ mod tests {
                 release: Release(2),
                 schema: Schema(2),
                 size: 1000,
+                facts: None,
+                sha256: None,
+                contracts: None,
             },
             from_release: Release(1),
             policy,
@@ -866,6 +1065,7 @@ mod tests {
             staged: vec![],
             outbox_count: 3,
             current_events: vec![7],
+            binary_sha256: None,
         }
     }
 
@@ -878,6 +1078,8 @@ mod tests {
                     epoch: 1,
                     fenced: false,
                     controller_release: Release(1),
+                    controller_sha256: None,
+                    database_schema: Schema(1),
                     disk_free_bytes: 1 << 30,
                 },
                 desired: BTreeMap::new(),
@@ -898,7 +1100,11 @@ mod tests {
                     Effect::SetDesired { node, desired } => {
                         self.desired.insert(node, desired);
                     }
-                    Effect::SwitchController { .. } => self.cluster.controller_release = Release(2),
+                    Effect::SwitchController { target } => {
+                        self.cluster.controller_release = target.release;
+                        self.cluster.controller_sha256 = target.sha256.clone();
+                        self.cluster.database_schema = target.schema;
+                    }
                     Effect::Finalize { release } => self.finalized = Some(release),
                 }
             }
@@ -913,7 +1119,8 @@ mod tests {
                 }
                 if let Some(r) = d.switch_to {
                     n.release = r;
-                    n.schema = Schema(r.0);
+                    n.schema = self.up.plan.target.schema;
+                    n.binary_sha256 = self.up.plan.target.sha256.clone();
                 }
                 if d.quiesce {
                     n.current_events.clear();
@@ -941,6 +1148,209 @@ mod tests {
             }
             panic!("never reached {phase:?}: {:?}", self.up);
         }
+    }
+
+    const PATCH_SHA: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+    const OLD_SHA: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+
+    /// A fleet on release 2 (binary OLD_SHA) and a target of release `to`
+    /// described only by its manifest facts.
+    fn on_release_2(target: Target) -> Sim {
+        let mut s = Sim::new(PrimaryPolicy::Wait);
+        s.up = Upgrade::new(
+            Plan {
+                target,
+                from_release: Release(2),
+                ..s.up.plan.clone()
+            },
+            0,
+        );
+        s.cluster.controller_release = Release(2);
+        s.cluster.controller_sha256 = Some(OLD_SHA.into());
+        s.cluster.database_schema = Schema(2);
+        for n in &mut s.nodes {
+            n.release = Release(2);
+            n.schema = Schema(2);
+            n.binary_sha256 = Some(OLD_SHA.into());
+        }
+        s
+    }
+
+    fn patch_target() -> Target {
+        Target {
+            artifact_id: "r2-222222222222".into(),
+            release: Release(2),
+            schema: Schema(2),
+            size: 1000,
+            facts: Some(ReleaseInfo::of(Release(2)).unwrap().facts()),
+            sha256: Some(PATCH_SHA.into()),
+            contracts: Some(CONTRACTS),
+        }
+    }
+
+    fn release_3_target() -> Target {
+        Target {
+            artifact_id: "r3-333333333333".into(),
+            release: Release(3),
+            schema: Schema(3),
+            size: 1000,
+            facts: Some(ReleaseFacts {
+                release: Release(3),
+                semver: "3.0.0".into(),
+                schema: Schema(3),
+                protocol: crate::ProtocolRange { min: 2, max: 3 },
+                window_min_schema: Schema(2),
+                migrates_from: vec![Schema(2)],
+            }),
+            sha256: Some("3".repeat(64)),
+            contracts: Some(CONTRACTS),
+        }
+    }
+
+    #[test]
+    fn a_patch_build_rolls_through_without_fence_or_deliver() {
+        let mut s = on_release_2(patch_target());
+        for _ in 0..30 {
+            s.tick();
+        }
+        assert_eq!(s.up.status, Status::Finalized, "{:?}", s.up);
+        assert_eq!(s.up.path, Path::Compatible);
+        let order: Vec<Phase> = s.up.phases.iter().map(|p| p.phase).collect();
+        assert_eq!(
+            order,
+            vec![
+                Phase::Preflight,
+                Phase::Stage,
+                Phase::Controller,
+                Phase::Backups,
+                Phase::Primaries,
+                Phase::Finalize
+            ]
+        );
+        assert_eq!(s.cluster.epoch, 1, "no fence");
+        assert_eq!(s.cluster.controller_sha256.as_deref(), Some(PATCH_SHA));
+        assert!(s
+            .nodes
+            .iter()
+            .all(|n| n.binary_sha256.as_deref() == Some(PATCH_SHA) && n.grant == Grant::Full));
+    }
+
+    #[test]
+    fn a_release_the_binary_does_not_carry_upgrades_from_its_manifest() {
+        let mut s = on_release_2(release_3_target());
+        // The simulated controller of release 3 grants by release 3's facts.
+        for _ in 0..40 {
+            if s.up.status.is_over() {
+                break;
+            }
+            s.now += 100;
+            let input = Input::Tick {
+                nodes: s.nodes.clone(),
+                cluster: s.cluster.clone(),
+            };
+            for e in s.up.step(input, s.now) {
+                match e {
+                    Effect::Fence => {
+                        s.cluster.epoch += 1;
+                        s.cluster.fenced = true;
+                    }
+                    Effect::Unfence => s.cluster.fenced = false,
+                    Effect::SetDesired { node, desired } => {
+                        s.desired.insert(node, desired);
+                    }
+                    Effect::SwitchController { target } => {
+                        s.cluster.controller_release = target.release;
+                        s.cluster.database_schema = target.schema;
+                        s.cluster.controller_sha256 = target.sha256;
+                    }
+                    Effect::Finalize { release } => s.finalized = Some(release),
+                }
+            }
+            let db = s.cluster.database_schema;
+            for n in &mut s.nodes {
+                let d = s.desired.get(&n.id).cloned().unwrap_or_default();
+                if let Some(a) = d.stage {
+                    if !n.staged.contains(&a) {
+                        n.staged.push(a);
+                    }
+                }
+                if d.switch_to.is_some() {
+                    n.release = Release(3);
+                    n.schema = Schema(3);
+                    n.binary_sha256 = s.up.plan.target.sha256.clone();
+                }
+                if d.quiesce {
+                    n.current_events.clear();
+                }
+                n.grant = if s.cluster.fenced {
+                    Grant::Fenced
+                } else if n.schema == db {
+                    Grant::Full
+                } else {
+                    Grant::Deliver
+                };
+                n.epoch = s.cluster.epoch;
+                n.outbox_count = 0;
+            }
+        }
+        assert_eq!(s.up.status, Status::Finalized, "{:?}", s.up);
+        assert_eq!(s.up.path, Path::Incompatible);
+        assert_eq!(s.finalized, Some(Release(3)));
+        let order: Vec<Phase> = s.up.phases.iter().map(|p| p.phase).collect();
+        assert_eq!(order, Phase::ALL.to_vec());
+    }
+
+    #[test]
+    fn preflight_judges_the_target_by_its_manifest_and_names_what_does_not_fit() {
+        let refused = |s: &Sim, needle: &str| {
+            let e = preflight(&s.up.plan, &s.nodes, &s.cluster).unwrap_err();
+            assert!(e.contains(needle), "{e:?} should say {needle:?}");
+        };
+        // 1 → 3 directly: the database and both nodes are outside its window.
+        let mut s = Sim::new(PrimaryPolicy::Wait);
+        s.up.plan.target = release_3_target();
+        refused(&s, "migrates only from schemas [Schema(2)]");
+        s.cluster.database_schema = Schema(2);
+        refused(&s, "outside its window: p (schema 1), b (schema 1)");
+        // The same binary again: nothing to do.
+        let mut s = on_release_2(patch_target());
+        s.cluster.controller_sha256 = Some(PATCH_SHA.into());
+        refused(&s, "from this very binary");
+        // A patch without the controller's digest cannot be told apart.
+        s.cluster.controller_sha256 = None;
+        refused(&s, "cannot be told apart");
+        // A node without a digest cannot be told it switched.
+        let mut s = on_release_2(patch_target());
+        s.nodes[0].binary_sha256 = None;
+        refused(&s, "does not report the digest");
+        // Downgrades are refused.
+        let mut s = on_release_2(patch_target());
+        s.cluster.controller_release = Release(3);
+        refused(&s, "does not downgrade");
+        // A binary that speaks another worker command line cannot be started by our supervisors.
+        let mut s = on_release_2(release_3_target());
+        if let Some(c) = s.up.plan.target.contracts.as_mut() {
+            c.worker_cli += 1;
+        }
+        refused(&s, "worker_cli 2 (this binary speaks 1)");
+        // A node of a release this controller does not know.
+        let mut s = on_release_2(release_3_target());
+        s.nodes[1].release = Release(7);
+        refused(
+            &s,
+            "node b runs release 7, which the controller does not know",
+        );
+        // And what fits is accepted, with its path.
+        let s = on_release_2(release_3_target());
+        assert_eq!(
+            preflight(&s.up.plan, &s.nodes, &s.cluster),
+            Ok(Path::Incompatible)
+        );
+        let s = on_release_2(patch_target());
+        assert_eq!(
+            preflight(&s.up.plan, &s.nodes, &s.cluster),
+            Ok(Path::Compatible)
+        );
     }
 
     #[test]

@@ -78,6 +78,11 @@ pub struct Hello {
     pub param_revision: Option<u64>,
     /// Ids of the artifacts staged in the node's data dir.
     pub staged: Vec<String>,
+    /// SHA-256 of the binary the node's worker runs, as its supervisor
+    /// hashed it at exec time: with the release, what tells a patch build
+    /// from the one it replaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binary_sha256: Option<String>,
 }
 
 /// Controller → node, answer to [`Hello`].
@@ -240,6 +245,17 @@ impl Validate for Hello {
                 "current_events",
                 format!("more than {}", limits::CURRENT_EVENTS_MAX),
             ));
+        }
+        if self.staged.len() > limits::STAGED_MAX {
+            return Err(invalid(
+                "staged",
+                format!("more than {}", limits::STAGED_MAX),
+            ));
+        }
+        if let Some(sha) = &self.binary_sha256 {
+            if sha.len() != 64 || !sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+                return Err(invalid("binary_sha256", "must be 64 lowercase hex digits"));
+            }
         }
         Ok(())
     }
@@ -419,6 +435,7 @@ mod tests {
             current_events: vec![],
             param_revision: None,
             staged: vec![],
+            binary_sha256: None,
         }
     }
 

@@ -67,6 +67,7 @@ fn hello() -> impl Strategy<Value = Hello> {
                 current_events,
                 param_revision,
                 staged: vec![],
+                binary_sha256: None,
             },
         )
 }

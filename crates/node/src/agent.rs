@@ -7,7 +7,7 @@ use crate::stage;
 use crate::store::{keys, Commit, Store};
 use crate::Lifecycle;
 use handover_core::artifact::PublicKey;
-use handover_core::{Grant, ReleaseInfo};
+use handover_core::{Grant, Release, ReleaseInfo};
 use handover_supervisor::{Release as SupervisedRelease, SupervisorClient, SwitchOutcome};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -144,7 +144,7 @@ impl Agent {
                 }
             }
             if let (Some(to), Some(id)) = (desired.switch_to, &desired.stage) {
-                if to != self.release.release && self.session.staged().contains(id) {
+                if !self.runs(to, id) && self.session.staged().contains(id) {
                     match &failed {
                         Some(f) if f.artifact == *id && !f.withdrawn => tracing::warn!(
                             artifact = %id,
@@ -162,6 +162,22 @@ impl Agent {
                 return;
             }
         }
+    }
+
+    /// Whether this worker already runs artifact `id` as release `to`: the
+    /// same release from the same bytes (a patch build has the release of
+    /// the one it replaces, so the release alone does not tell).
+    fn runs(&self, to: Release, id: &str) -> bool {
+        if to != self.release.release {
+            return false;
+        }
+        let Some(own) = handover_supervisor::binary_sha256() else {
+            return true;
+        };
+        stage::staged(&self.data_dir, &self.trusted)
+            .iter()
+            .find(|m| m.id() == id)
+            .is_none_or(|m| m.sha256 == own)
     }
 
     fn set_stage_error(&self, error: Option<String>) {

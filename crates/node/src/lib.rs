@@ -230,6 +230,7 @@ fn validate(config: &NodeConfig, info: &ReleaseInfo) -> anyhow::Result<()> {
         current_events: vec![],
         param_revision: None,
         staged: vec![],
+        binary_sha256: None,
     }
     .validate()
     .context("advertise URL")?;
@@ -367,6 +368,7 @@ async fn start(
         group: config.group.clone(),
         hls_url: config.advertise_url.clone(),
         join_token: config.join_token.clone(),
+        binary_sha256: handover_supervisor::binary_sha256(),
     };
     let session = Arc::new(
         session::Session::new(identity, &config.controller_url, store.clone(), params).await?,

@@ -232,6 +232,8 @@ pub struct Identity {
     pub group: String,
     pub hls_url: String,
     pub join_token: String,
+    /// SHA-256 of the binary this worker runs (from its supervisor).
+    pub binary_sha256: Option<String>,
 }
 
 /// Reads this schema's parameter cache from kv. A missing cache (the node
@@ -434,6 +436,7 @@ impl Session {
             ),
             param_revision: params.revision,
             staged: self.staged(),
+            binary_sha256: self.id.binary_sha256.clone(),
         }
     }
 

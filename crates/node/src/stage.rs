@@ -720,7 +720,8 @@ mod tests {
     async fn server(serve: Serve) -> (String, Arc<Fake>) {
         let bytes: Vec<u8> = (0..50_000u32).map(|i| (i % 253) as u8).collect();
         let manifest = Manifest::for_release(
-            Release(2),
+            &handover_core::ReleaseInfo::of(Release(2)).unwrap().facts(),
+            handover_core::release::CONTRACTS,
             sha256_hex(&bytes),
             bytes.len() as u64,
             1_700_000_000_000,

@@ -726,6 +726,7 @@ impl Controller {
                 staged: r.staged.clone(),
                 outbox_count: r.outbox.count,
                 current_events: r.current_events.clone(),
+                binary_sha256: None,
             })
             .collect()
     }
@@ -735,6 +736,8 @@ impl Controller {
             epoch: self.durable.epoch,
             fenced: self.durable.fenced,
             controller_release: self.info().release,
+            controller_sha256: None,
+            database_schema: self.info().schema,
             disk_free_bytes: DISK_FREE_BYTES,
         }
     }

@@ -510,6 +510,7 @@ impl Node {
                 current_events: self.current_events(io.now_ms),
                 param_revision: None,
                 staged: self.durable.staged.clone(),
+                binary_sha256: None,
             };
             let body = serde_json::to_vec(&hello).expect("hello serializes");
             self.send(

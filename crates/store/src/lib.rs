@@ -99,6 +99,8 @@ pub struct NodeRegistration {
     pub current_events: Vec<i64>,
     pub staged: Vec<String>,
     pub now_ms: i64,
+    /// SHA-256 of the binary the node's worker runs, if it says.
+    pub binary_sha256: Option<String>,
 }
 
 /// One row of the node registry.
@@ -118,6 +120,9 @@ pub struct NodeRow {
     pub last_seen_ms: i64,
     /// Highest sequence acknowledged to this node.
     pub acked_through: u64,
+    /// SHA-256 of the binary the node's worker runs, if it said.
+    #[serde(default)]
+    pub binary_sha256: Option<String>,
 }
 
 /// The answer to a stored batch.

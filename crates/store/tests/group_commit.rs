@@ -23,6 +23,7 @@ fn registration(node: &str, epoch: u64) -> NodeRegistration {
         current_events: vec![],
         staged: vec![],
         now_ms: 1,
+        binary_sha256: None,
     }
 }
 

@@ -60,6 +60,7 @@ async fn seed(store: &SqliteStore) {
             current_events: vec![],
             staged: vec![],
             now_ms: 0,
+            binary_sha256: None,
         })
         .await
         .unwrap();
