@@ -17,7 +17,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Upgrade a live local cluster from release 1 to release 2, twice.
+/// Upgrade a live local cluster from release 1 to release 2 (or to another
+/// binary's newest release, `--to-binary`), twice.
 ///
 /// First with handover: a controller (embedded SQLite) and three redundancy
 /// groups of a primary and a backup node, each its own supervised process on
@@ -48,6 +49,21 @@ pub struct DemoArgs {
     /// Print one JSON object instead of the report.
     #[arg(long)]
     pub json: bool,
+    /// Upgrade to another binary's newest release instead of this binary's
+    /// release 2: the cluster starts on this binary's newest release and is
+    /// upgraded to an artifact of PATH (e.g. a build with
+    /// `--features next-release`), so every process ends on PATH.
+    #[arg(long, value_name = "PATH")]
+    pub to_binary: Option<std::path::PathBuf>,
+}
+
+/// The upgrade a demo shows: from a release of this binary to a release of
+/// `to_exe` (this binary again, or `--to-binary`).
+#[derive(Clone, Debug)]
+struct Hop {
+    from: u32,
+    to: u32,
+    to_exe: std::path::PathBuf,
 }
 
 const GROUPS: u64 = 3;
@@ -90,6 +106,8 @@ pub struct ClusterFigures {
     pub controller_release: u32,
     pub schema: u32,
     pub nodes: Vec<NodeFigure>,
+    /// Every process after the upgrade, supervisors and workers alike.
+    pub processes: Vec<crate::fleet::ProcessInfo>,
 }
 
 #[derive(Serialize, Debug, Clone)]
@@ -101,6 +119,8 @@ pub struct NaiveFigures {
 
 #[derive(Serialize, Debug)]
 pub struct DemoReport {
+    /// The release the cluster ran before the upgrade.
+    pub from_release: u32,
     pub upgrade: UpgradeFigures,
     pub viewers: ViewerReport,
     pub records: CheckReport,
@@ -128,6 +148,29 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .tempdir()
         .context("cannot create a temp dir")?;
     let exe = std::env::current_exe().context("cannot find this binary to start the cluster")?;
+    let hop = match &args.to_binary {
+        None => Hop {
+            from: 1,
+            to: 2,
+            to_exe: exe.clone(),
+        },
+        Some(path) => {
+            let to_exe = std::fs::canonicalize(path)
+                .with_context(|| format!("cannot find {}", path.display()))?;
+            let facts = crate::artifact::binary_facts(&to_exe)?;
+            let to = facts
+                .releases
+                .iter()
+                .map(|r| r.release.0)
+                .max()
+                .with_context(|| format!("{} carries no release", to_exe.display()))?;
+            Hop {
+                from: handover_core::release::NEWEST.0,
+                to,
+                to_exe,
+            }
+        }
+    };
     let mut fleet = Fleet::new(&exe, &dir.path().join("handover"), args.subnet)?;
     let mut naive_fleet = Fleet::new(
         &exe,
@@ -137,7 +180,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     naive_fleet.supervised = false;
     naive_fleet.legacy = true;
     let outcome = tokio::select! {
-        r = drive(&mut fleet, &mut naive_fleet, &args) => r,
+        r = drive(&mut fleet, &mut naive_fleet, &args, &hop) => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; stopping every process")),
     };
     // Always stop what was started, whatever happened above.
@@ -161,13 +204,24 @@ async fn drive(
     fleet: &mut Fleet,
     naive: &mut Fleet,
     args: &DemoArgs,
+    hop: &Hop,
 ) -> anyhow::Result<DemoReport> {
     progress(
         args,
-        &format!("handover: release-1 cluster at {}", fleet.controller_url()),
+        &format!(
+            "handover: release-{} cluster at {}",
+            hop.from,
+            fleet.controller_url()
+        ),
     );
-    let live = build_cluster(fleet, args).await?;
-    let artifact = fleet.upload_artifact(2).await?;
+    let live = build_cluster(fleet, args, hop.from).await?;
+    let artifact = if args.to_binary.is_some() {
+        let out = fleet.dir.join("artifact-to-binary");
+        crate::artifact::create(&hop.to_exe, Some(hop.to), &out)?;
+        crate::artifact::upload(&fleet.op, &out).await?.id()
+    } else {
+        fleet.upload_artifact(hop.to).await?
+    };
     progress(
         args,
         &format!("handover: artifact {artifact} uploaded; viewers watching"),
@@ -179,7 +233,10 @@ async fn drive(
 
     progress(
         args,
-        &format!("handover: upgrading to release 2 (policy {})", args.policy),
+        &format!(
+            "handover: upgrading to release {} (policy {})",
+            hop.to, args.policy
+        ),
     );
     steady.store(false, Ordering::Relaxed);
     crate::upgrade::start(
@@ -213,6 +270,7 @@ async fn drive(
                 grant: n.grant_now.as_str().into(),
             })
             .collect(),
+        processes: fleet.processes().await?,
     };
     fleet.stop_nodes().await?;
     let records = fleet.check().await?;
@@ -252,9 +310,10 @@ async fn drive(
     let naive = if args.skip_naive {
         None
     } else {
-        Some(manual_upgrade(naive, args).await?)
+        Some(manual_upgrade(naive, args, hop).await?)
     };
     Ok(DemoReport {
+        from_release: hop.from,
         upgrade,
         viewers,
         records,
@@ -273,8 +332,8 @@ struct Live {
     longest_ms: u64,
 }
 
-async fn build_cluster(fleet: &mut Fleet, args: &DemoArgs) -> anyhow::Result<Live> {
-    fleet.start_controller(1).await?;
+async fn build_cluster(fleet: &mut Fleet, args: &DemoArgs, release: u32) -> anyhow::Result<Live> {
+    fleet.start_controller(release).await?;
     let start_ms = crate::client::now_ms() + EVENT_LEAD_MS;
     let mut targets = Vec::new();
     for g in 1..=GROUPS {
@@ -283,7 +342,7 @@ async fn build_cluster(fleet: &mut Fleet, args: &DemoArgs) -> anyhow::Result<Liv
             .collect();
         targets.extend(
             fleet
-                .add_live_group(g, &names, 1, SEGMENT_MS, start_ms, event_ms(g))
+                .add_live_group(g, &names, release, SEGMENT_MS, start_ms, event_ms(g))
                 .await?,
         );
     }
@@ -332,23 +391,33 @@ async fn sleep_until(at_ms: i64) {
 /// every node stopped and started on the new release, backups before
 /// primaries, each back before the next. No fence, no queue, no translation,
 /// no socket handover.
-async fn manual_upgrade(fleet: &mut Fleet, args: &DemoArgs) -> anyhow::Result<NaiveFigures> {
+async fn manual_upgrade(
+    fleet: &mut Fleet,
+    args: &DemoArgs,
+    hop: &Hop,
+) -> anyhow::Result<NaiveFigures> {
     progress(
         args,
         &format!(
-            "manual: the same release-1 cluster at {}",
+            "manual: the same release-{} cluster at {}",
+            hop.from,
             fleet.controller_url()
         ),
     );
-    let live = build_cluster(fleet, args).await?;
+    let live = build_cluster(fleet, args, hop.from).await?;
     let viewers = spawn_viewers(&live, args, None);
     sleep_until(live.start_ms + i64::from(SEGMENT_MS) + i64::try_from(STEADY_MS).unwrap_or(0))
         .await;
-    progress(args, "manual: controller stopped, started on release 2");
+    progress(
+        args,
+        &format!("manual: controller stopped, started on release {}", hop.to),
+    );
     let began = Instant::now();
     let mut controller = fleet.controller.take().context("no controller")?;
     controller.terminate().await?;
-    fleet.start_controller(2).await?;
+    // From here on every process starts from the new binary.
+    fleet.exe = hop.to_exe.clone();
+    fleet.start_controller(hop.to).await?;
     let order: Vec<usize> = (0..fleet.nodes.len())
         .filter(|&i| fleet.nodes[i].role == Role::Backup)
         .chain((0..fleet.nodes.len()).filter(|&i| fleet.nodes[i].role == Role::Primary))
@@ -357,20 +426,23 @@ async fn manual_upgrade(fleet: &mut Fleet, args: &DemoArgs) -> anyhow::Result<Na
         progress(
             args,
             &format!(
-                "manual: node {} stopped, started on release 2",
-                fleet.nodes[i].id
+                "manual: node {} stopped, started on release {}",
+                fleet.nodes[i].id, hop.to
             ),
         );
         if let Some(mut p) = fleet.nodes[i].proc.take() {
             p.terminate().await?;
         }
-        fleet.nodes[i].release = 2;
+        fleet.nodes[i].release = hop.to;
         fleet.start_node(i).await?;
     }
     let total_ms = ms(began.elapsed());
     progress(
         args,
-        "manual: every node on release 2; waiting for the events to end",
+        &format!(
+            "manual: every node on release {}; waiting for the events to end",
+            hop.to
+        ),
     );
     let viewers = viewers.await.context("viewers failed")??;
     fleet.stop_nodes().await?;
@@ -409,8 +481,10 @@ fn render(r: &DemoReport) -> String {
     let u = &r.upgrade;
     let _ = writeln!(
         out,
-        "handover demo ({:.0} s): release 1 -> 2 on {} processes",
+        "handover demo ({:.0} s): release {} -> {} on {} processes",
         r.elapsed_ms as f64 / 1000.0,
+        r.from_release,
+        r.cluster.controller_release,
         r.processes.len()
     );
     let _ = writeln!(
@@ -423,6 +497,20 @@ fn render(r: &DemoReport) -> String {
     for p in &u.phases {
         let _ = writeln!(out, "  {:<11} {:>7} ms", p.name, p.duration_ms);
     }
+    let mut binaries = std::collections::BTreeMap::<(u32, String), usize>::new();
+    for p in &r.cluster.processes {
+        let sha = p.sha256.get(..12).unwrap_or(&p.sha256).to_owned();
+        *binaries.entry((p.release, sha)).or_default() += 1;
+    }
+    let said: Vec<String> = binaries
+        .iter()
+        .map(|((release, sha), n)| format!("{n} on release {release} from binary {sha}"))
+        .collect();
+    let _ = writeln!(
+        out,
+        "  processes after the upgrade (supervisors and workers): {}",
+        said.join(", ")
+    );
     let _ = writeln!(
         out,
         "cluster: controller release {}, schema {}",
