@@ -1450,10 +1450,7 @@ async fn viewers(exe: &Path, dir: &Path, s: &Sizes, load: bool) -> anyhow::Resul
         tokio::time::sleep(Duration::from_millis(s.steady_ms)).await;
         let switch_from = Instant::now();
         let outcome = supervisor
-            .switch(&handover_supervisor::Release {
-                release: 2,
-                binary: exe.to_owned(),
-            })
+            .switch(&handover_supervisor::Release::new(2, exe))
             .await?;
         let switch_ms = ms(switch_from.elapsed());
         ensure!(

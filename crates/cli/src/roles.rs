@@ -71,7 +71,7 @@ pub async fn supervise(
         name,
         listen,
         data_dir.join("supervisor"),
-        Release { release, binary },
+        Release::new(release, binary),
         worker_args,
     );
     handover_supervisor::run(config, shutdown).await

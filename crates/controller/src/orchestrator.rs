@@ -194,6 +194,8 @@ async fn switch_controller(state: &Shared, target: &Target) -> Result<(), String
         .switch(&handover_supervisor::Release {
             release: manifest.release.0,
             binary,
+            sha256: None,
+            contracts: None,
         })
         .await
         .map_err(|e| e.to_string())?

@@ -207,6 +207,8 @@ impl Agent {
         let to = SupervisedRelease {
             release: staged.release.0,
             binary,
+            sha256: None,
+            contracts: None,
         };
         match client.switch(&to).await {
             Ok(SwitchOutcome::Switched { .. } | SwitchOutcome::AlreadyActive { .. }) => {

@@ -3,10 +3,11 @@
 //! loop is busy waiting for a new worker; `switch` goes to the main loop.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use handover_core::release::CONTRACTS;
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
@@ -34,6 +35,12 @@ pub(crate) struct Live {
     pub restarts: u64,
     /// A switch request was handed to the main loop and is not answered yet.
     pub switch_queued: bool,
+    /// Digest of the bytes the active worker was started from.
+    pub active_sha256: Option<String>,
+    /// Why the supervisor does not run the active release's binary.
+    pub reexec: Option<String>,
+    /// The supervisor is replacing its image: no switch may start.
+    pub reexecuting: bool,
 }
 
 /// A switch request for the main loop, with the channel for its answer.
@@ -45,6 +52,9 @@ pub(crate) struct SwitchRequest {
 /// State shared between the main loop and the control connections.
 pub(crate) struct Shared {
     pub name: String,
+    /// The file this image runs and its digest.
+    pub binary: PathBuf,
+    pub sha256: String,
     live: Mutex<Live>,
     /// Pids of workers that sent `ready`.
     pub ready: watch::Sender<BTreeSet<u32>>,
@@ -52,9 +62,16 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(name: String, live: Live, switches: mpsc::Sender<SwitchRequest>) -> Shared {
+    pub(crate) fn new(
+        name: String,
+        (binary, sha256): (PathBuf, String),
+        live: Live,
+        switches: mpsc::Sender<SwitchRequest>,
+    ) -> Shared {
         Shared {
             name,
+            binary,
+            sha256,
             live: Mutex::new(live),
             ready: watch::Sender::new(BTreeSet::new()),
             switches,
@@ -79,6 +96,11 @@ impl Shared {
             starting_pid: live.starting_pid,
             retiring_pids: live.retiring_pids.clone(),
             restarts: live.restarts,
+            binary: self.binary.clone(),
+            sha256: self.sha256.clone(),
+            contracts: Some(CONTRACTS),
+            active_sha256: live.active_sha256.clone(),
+            reexec: live.reexec.clone(),
         }
     }
 }
@@ -207,6 +229,31 @@ async fn switch(to: Release, shared: &Shared) -> Answer {
             format!("binary {} is not an absolute path", to.binary.display()),
         );
     }
+    if let Some(sha256) = &to.sha256 {
+        if !crate::digest::is_sha256_hex(sha256) {
+            return Answer::error(
+                "bad_request",
+                format!("sha256 {sha256:?} is not 64 lowercase hex digits"),
+            );
+        }
+    }
+    if let Some(contracts) = &to.contracts {
+        if contracts.worker_cli != CONTRACTS.worker_cli
+            || contracts.supervisor_control != CONTRACTS.supervisor_control
+        {
+            return Answer::error(
+                "incompatible_contracts",
+                format!(
+                    "release {} speaks worker_cli {} and supervisor_control {}; this supervisor speaks worker_cli {} and supervisor_control {}",
+                    to.release,
+                    contracts.worker_cli,
+                    contracts.supervisor_control,
+                    CONTRACTS.worker_cli,
+                    CONTRACTS.supervisor_control,
+                ),
+            );
+        }
+    }
     match tokio::fs::metadata(&to.binary).await {
         Ok(meta) if meta.is_file() => {}
         Ok(_) => {
@@ -226,6 +273,12 @@ async fn switch(to: Release, shared: &Shared) -> Answer {
         let mut live = shared.live();
         if live.switch_queued || live.switching.is_some() {
             return Answer::error("busy", "a switch is already in progress");
+        }
+        if live.reexecuting {
+            return Answer::error(
+                "busy",
+                "the supervisor is replacing itself with the active release's binary; try again",
+            );
         }
         if live.active_pid.is_none() {
             return Answer::error(

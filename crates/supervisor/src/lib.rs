@@ -11,19 +11,25 @@
 //! Supervisor side: [`run`]. Worker side: [`inherited_listener`] and
 //! [`SupervisorClient`].
 
+mod adopted;
 mod control;
+mod digest;
+mod handoff;
 mod protocol;
 mod spawn;
 mod state;
 mod supervisor;
 mod worker;
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use handover_core::release::Contracts;
 use serde::{Deserialize, Serialize};
 
-pub use protocol::{SupervisorStatus, SwitchOutcome};
+pub use handoff::HANDOFF_VERSION;
+pub use protocol::{SupervisorStatus, SwitchOutcome, CONTROL_VERSION};
 pub use supervisor::run;
 pub use worker::{inherited_listener, SupervisorClient, SupervisorError};
 
@@ -50,14 +56,60 @@ pub const ENV_WORKER: &str = "HANDOVER_WORKER";
 /// Env var carrying the supervisor's `ready_timeout_ms`, so a worker's
 /// `switch` call waits long enough for the answer.
 pub const ENV_READY_TIMEOUT_MS: &str = "HANDOVER_SUPERVISOR_READY_TIMEOUT_MS";
+/// Env var carrying the SHA-256 (lowercase hex) of exactly the bytes the
+/// supervisor executed as this worker, so the worker can report it.
+pub const ENV_BINARY_SHA256: &str = "HANDOVER_BINARY_SHA256";
+/// Env var carrying the hand-off document from a supervisor to the new image
+/// of itself (see [`handoff`](crate::handoff)): set only across its own
+/// `execve`, never for a worker.
+pub const ENV_SUPERVISOR_HANDOFF: &str = "HANDOVER_SUPERVISOR_HANDOFF";
+/// Env var set (to the digest of the binary exec'd) when a starting
+/// supervisor re-executed itself into the active release's binary; the new
+/// image never does it a second time, so a wrapper script cannot loop.
+pub const ENV_SUPERVISOR_EXECED_AT_START: &str = "HANDOVER_SUPERVISOR_EXECED_AT_START";
 
 /// Which release a worker runs, and from which binary (releases live side by
 /// side in the data dir, so the binary is part of the release's identity).
+///
+/// Persisted in `state.json` and sent in `switch` requests: the optional
+/// fields are left out when unset, so a document without them (every one
+/// written before they existed) still reads, and one written without them
+/// reads in an older binary too.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Release {
     pub release: u32,
     pub binary: PathBuf,
+    /// SHA-256 (64 lowercase hex digits) the binary's bytes must have: a
+    /// spawn of other bytes is refused, now and after any restart (it is
+    /// kept in `state.json`). What a worker actually runs is reported apart
+    /// (`SupervisorStatus::active_sha256`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// The contract versions the binary speaks. The supervisor re-executes
+    /// itself into a release's binary only when they are known and its
+    /// `supervisor_handoff` is this supervisor's; a switch to a binary of
+    /// another `worker_cli` or `supervisor_control` is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contracts: Option<Contracts>,
+}
+
+impl Release {
+    /// A release with no expected digest and unknown contracts.
+    pub fn new(release: u32, binary: impl Into<PathBuf>) -> Release {
+        Release {
+            release,
+            binary: binary.into(),
+            sha256: None,
+            contracts: None,
+        }
+    }
+
+    /// The same release and binary: what a switch compares (the digest and
+    /// contracts describe the binary, they do not name another release).
+    pub fn same_as(&self, other: &Release) -> bool {
+        self.release == other.release && self.binary == other.binary
+    }
 }
 
 /// What one supervisor runs, and its bounds.
@@ -79,6 +131,10 @@ pub struct SupervisorConfig {
     pub ready_timeout_ms: u64,
     /// Bound on an old worker finishing in-flight requests after SIGTERM.
     pub stop_grace_ms: u64,
+    /// The supervisor's own command line (`handover node ...`), argv[0]
+    /// included: when it re-executes itself into a new release's binary, the
+    /// new image gets this argv with argv[0] replaced by that binary.
+    pub argv: Vec<OsString>,
 }
 
 impl SupervisorConfig {
@@ -99,6 +155,7 @@ impl SupervisorConfig {
             health_url_path: "/healthz".to_string(),
             ready_timeout_ms: DEFAULT_READY_TIMEOUT_MS,
             stop_grace_ms: DEFAULT_STOP_GRACE_MS,
+            argv: std::env::args_os().collect(),
         }
     }
 }

@@ -2,15 +2,32 @@
 //! per line, one JSON answer per line, over the Unix socket
 //! `<state_dir>/control.sock`.
 //!
-//! Requests: `{"ready":{"pid":N}}`, `{"switch":{"release":N,"binary":"..."}}`,
-//! `{"status":{}}`. Answers: `{"ok":...}` or `{"error":code,"message":...}`.
+//! Requests: `{"ready":{"pid":N}}`,
+//! `{"switch":{"release":N,"binary":"...","sha256":"...","contracts":{...}}}`
+//! (`sha256` and `contracts` optional), `{"status":{}}`. Answers:
+//! `{"ok":...}` or `{"error":code,"message":...}`.
+//!
+//! This is version [`CONTROL_VERSION`] (`CONTRACTS.supervisor_control`) of
+//! the protocol. Fields are only ever added, optional, to requests and
+//! answers of the same version: a request without them parses as before,
+//! and an answer without them (from an older supervisor) reads with their
+//! defaults. A supervisor of this version refuses fields it does not know,
+//! so a client sends the optional `switch` fields only to a supervisor whose
+//! `status` shows it knows them (`contracts` set). A change an older peer
+//! could not live with gets a new version; a switch to a binary of another
+//! version is refused.
 
 use std::io;
+use std::path::PathBuf;
 
+use handover_core::release::{Contracts, CONTRACTS};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 
 use crate::Release;
+
+/// The version of this control protocol.
+pub const CONTROL_VERSION: u32 = CONTRACTS.supervisor_control;
 
 /// Bound on one request or answer line, newline excluded.
 pub(crate) const MAX_LINE_BYTES: usize = 64 * 1024;
@@ -89,6 +106,26 @@ pub struct SupervisorStatus {
     pub retiring_pids: Vec<u32>,
     /// Restarts of the active release after an unexpected exit.
     pub restarts: u64,
+    /// The file the supervisor itself runs (`/proc/self/exe`).
+    #[serde(default)]
+    pub binary: PathBuf,
+    /// SHA-256 of that file; empty from a supervisor older than this field.
+    #[serde(default)]
+    pub sha256: String,
+    /// The contract versions the supervisor speaks; None from a supervisor
+    /// older than this field (one that refuses a switch's `sha256` and
+    /// `contracts`).
+    #[serde(default)]
+    pub contracts: Option<Contracts>,
+    /// SHA-256 of exactly the bytes the active worker was started from; None
+    /// while no worker is active.
+    #[serde(default)]
+    pub active_sha256: Option<String>,
+    /// Set while the supervisor does not run the active release's binary,
+    /// saying why (its contracts are unknown or speak another hand-off, the
+    /// exec failed, or it waits for retiring workers before it execs).
+    #[serde(default)]
+    pub reexec: Option<String>,
 }
 
 /// Reads one line of at most `max_bytes` (newline excluded). `Ok(None)` at a
@@ -131,18 +168,31 @@ pub(crate) async fn read_line_bounded<R: AsyncBufRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
 
     #[test]
     fn requests_have_the_documented_shape() {
         let cases = [
             (Request::Ready { pid: 7 }, r#"{"ready":{"pid":7}}"#),
             (
-                Request::Switch(Release {
-                    release: 2,
-                    binary: PathBuf::from("/r/2/handover"),
-                }),
+                Request::Switch(Release::new(2, "/r/2/handover")),
                 r#"{"switch":{"release":2,"binary":"/r/2/handover"}}"#,
+            ),
+            (
+                Request::Switch(Release {
+                    sha256: Some("ab".repeat(32)),
+                    contracts: Some(Contracts {
+                        worker_cli: 1,
+                        supervisor_control: 1,
+                        supervisor_handoff: 1,
+                        upgrade_state: 1,
+                    }),
+                    ..Release::new(2, "/r/2/handover")
+                }),
+                concat!(
+                    r#"{"switch":{"release":2,"binary":"/r/2/handover","#,
+                    r#""sha256":"abababababababababababababababababababababababababababababababab","#,
+                    r#""contracts":{"worker_cli":1,"supervisor_control":1,"supervisor_handoff":1,"upgrade_state":1}}}"#,
+                ),
             ),
             (Request::Status {}, r#"{"status":{}}"#),
         ];
@@ -160,6 +210,7 @@ mod tests {
             r#"{"ready":{"pid":7,"extra":1}}"#,
             r#"{"switch":{"release":2}}"#,
             r#"{"switch":{"release":2,"binary":"/x","sha":"y"}}"#,
+            r#"{"switch":{"release":2,"binary":"/x","contracts":{"worker_cli":1}}}"#,
             r#"{"ready":{"pid":-1}}"#,
         ] {
             assert!(serde_json::from_str::<Request>(text).is_err(), "{text}");
@@ -177,6 +228,19 @@ mod tests {
         let line = err.to_line();
         let back: Answer = serde_json::from_slice(&line).expect("parse");
         assert_eq!(back, err);
+    }
+
+    #[test]
+    fn a_status_of_an_older_supervisor_still_reads() -> serde_json::Result<()> {
+        // The shape every supervisor before `binary`, `sha256`, `contracts`,
+        // `active_sha256` and `reexec` answered.
+        let old = r#"{"name":"n1","active":{"release":1,"binary":"/r/1/handover"},"switching":null,"active_pid":7,"starting_pid":null,"retiring_pids":[],"restarts":0}"#;
+        let status: SupervisorStatus = serde_json::from_str(old)?;
+        assert_eq!(status.active, Release::new(1, "/r/1/handover"));
+        assert_eq!(status.contracts, None);
+        assert_eq!(status.sha256, "");
+        assert_eq!(status.reexec, None);
+        Ok(())
     }
 
     #[tokio::test]

@@ -1,13 +1,27 @@
-//! Starting a worker process on the inherited listening socket.
+//! Starting a worker process on the inherited listening socket, and
+//! replacing the supervisor's own image with a new binary.
 //!
 //! Every spawn runs on one dedicated thread that lives as long as the
 //! supervisor: `PR_SET_PDEATHSIG` fires when the *thread* that forked the
 //! child exits, not the process, so forking from a runtime thread that may
 //! be retired would kill a healthy worker.
+//!
+//! The supervisor's own `execve` runs on that same thread, for the same
+//! reason: `execve` in a threaded process first ends every other thread, and
+//! each of those exits counts as the death of the parent for the children it
+//! forked (the kernel's `forget_original_parent` sends their PDEATHSIG). The
+//! thread that calls `execve` does not exit: it becomes the only thread of
+//! the new image, keeping the process's pid, so the workers it forked keep
+//! running and stay our children. `tests/process.rs` checks both sides of
+//! this with real processes (`pdeathsig_*` tests). It follows that only
+//! workers this image spawned may be alive when it execs: a worker adopted
+//! from an earlier image was forked by what is now the main thread, which
+//! the exec would end (the supervisor retires and reaps such a worker
+//! before it may exec again).
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -17,36 +31,62 @@ use std::thread;
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 
+use crate::digest::Opened;
+
 /// The systemd convention: passed sockets start at fd 3.
 pub(crate) const LISTEN_FDS_START: RawFd = 3;
 
 /// Env vars the supervisor sets for a worker; copies inherited from the
 /// supervisor's own environment are dropped so they cannot contradict.
-const OWN_ENV_KEYS: [&str; 6] = [
+/// The supervisor's own hand-off markers are dropped too: they are meant for
+/// a new image of the supervisor, never for a worker.
+const OWN_ENV_KEYS: [&str; 9] = [
     "LISTEN_FDS",
     "LISTEN_PID",
     "LISTEN_FDNAMES",
     crate::ENV_SUPERVISOR_SOCK,
     crate::ENV_WORKER,
     crate::ENV_READY_TIMEOUT_MS,
+    crate::ENV_BINARY_SHA256,
+    crate::ENV_SUPERVISOR_HANDOFF,
+    crate::ENV_SUPERVISOR_EXECED_AT_START,
 ];
 
 const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
 /// Room for the decimal digits of any pid_t plus the NUL.
 const LISTEN_PID_DIGITS_BYTES: usize = 21;
 
-/// What to start: the binary, its argv after the binary, the env vars to add
+/// What to start: the binary (its path is argv[0]; the exec goes through
+/// the open, hashed file), its argv after the binary, the env vars to add
 /// (besides `LISTEN_PID`, which only the child knows) and the listener fd.
 pub(crate) struct SpawnPlan {
     pub binary: PathBuf,
+    pub exec: Opened,
     pub args: Vec<String>,
     pub env: Vec<(String, OsString)>,
     pub listen_fd: RawFd,
 }
 
-struct Job {
-    plan: SpawnPlan,
-    reply: oneshot::Sender<io::Result<Child>>,
+/// What to become: the open, hashed binary, the whole argv (argv[0]
+/// included) and environment, and the fds the new image inherits (their
+/// close-on-exec flag is cleared right before the exec and set again if it
+/// fails).
+pub(crate) struct ExecPlan {
+    pub exec: Opened,
+    pub argv: Vec<OsString>,
+    pub env: Vec<(OsString, OsString)>,
+    pub inherit_fds: Vec<RawFd>,
+}
+
+enum Job {
+    Spawn {
+        plan: SpawnPlan,
+        reply: oneshot::Sender<io::Result<Child>>,
+    },
+    Exec {
+        plan: ExecPlan,
+        reply: oneshot::Sender<io::Error>,
+    },
 }
 
 /// Owner of the spawning thread.
@@ -66,9 +106,17 @@ impl Spawner {
             .spawn(move || {
                 let _entered = runtime.enter();
                 while let Ok(job) = queue.recv() {
-                    // The receiver is gone only if the supervisor stopped
-                    // waiting; kill_on_drop then stops the child.
-                    let _ = job.reply.send(spawn_now(job.plan));
+                    match job {
+                        // The receiver is gone only if the supervisor stopped
+                        // waiting; kill_on_drop then stops the child.
+                        Job::Spawn { plan, reply } => {
+                            let _ = reply.send(spawn_now(plan));
+                        }
+                        // Returns only if the exec failed.
+                        Job::Exec { plan, reply } => {
+                            let _ = reply.send(exec_now(plan));
+                        }
+                    }
                 }
             })?;
         Ok(Spawner {
@@ -79,15 +127,31 @@ impl Spawner {
 
     pub(crate) async fn spawn(&self, plan: SpawnPlan) -> io::Result<Child> {
         let (reply, answer) = oneshot::channel();
+        self.send(Job::Spawn { plan, reply })?;
+        answer
+            .await
+            .map_err(|_| io::Error::other("spawner thread dropped the job"))?
+    }
+
+    /// Replaces this process's image, from the spawner thread (see the
+    /// module doc). Returns only if the exec failed, with its error.
+    pub(crate) async fn exec(&self, plan: ExecPlan) -> io::Error {
+        let (reply, answer) = oneshot::channel();
+        if let Err(e) = self.send(Job::Exec { plan, reply }) {
+            return e;
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| io::Error::other("spawner thread dropped the job"))
+    }
+
+    fn send(&self, job: Job) -> io::Result<()> {
         let jobs = self
             .jobs
             .as_ref()
             .ok_or_else(|| io::Error::other("spawner stopped"))?;
-        jobs.send(Job { plan, reply })
-            .map_err(|_| io::Error::other("spawner thread is gone"))?;
-        answer
-            .await
-            .map_err(|_| io::Error::other("spawner thread dropped the job"))?
+        jobs.send(job)
+            .map_err(|_| io::Error::other("spawner thread is gone"))
     }
 }
 
@@ -103,7 +167,8 @@ impl Drop for Spawner {
 
 fn spawn_now(plan: SpawnPlan) -> io::Result<Child> {
     let mut exec = ChildExec::new(&plan)?;
-    let mut command = Command::new(&plan.binary);
+    // Never exec'd by std: `exec_in_child` execs or fails the spawn.
+    let mut command = Command::new(plan.exec.exec_path());
     command
         .args(&plan.args)
         .stdin(Stdio::null())
@@ -116,7 +181,84 @@ fn spawn_now(plan: SpawnPlan) -> io::Result<Child> {
     unsafe {
         command.pre_exec(move || exec.exec_in_child());
     }
+    // The parent's copy of the binary's fd closes when `plan` drops.
     command.spawn()
+}
+
+/// Clears close-on-exec on the fds the new image inherits and execs; on
+/// failure sets it again and returns the error.
+fn exec_now(plan: ExecPlan) -> io::Error {
+    let prepared = (|| -> io::Result<(CString, Vec<CString>, Vec<CString>)> {
+        let path = c_string(plan.exec.exec_path().as_os_str())?;
+        let argv = plan
+            .argv
+            .iter()
+            .map(|a| c_string(a))
+            .collect::<io::Result<Vec<_>>>()?;
+        let env = plan
+            .env
+            .iter()
+            .map(|(k, v)| env_entry(k, v))
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok((path, argv, env))
+    })();
+    let (path, argv, env) = match prepared {
+        Ok(prepared) => prepared,
+        Err(e) => return e,
+    };
+    if argv.is_empty() {
+        return io::Error::new(io::ErrorKind::InvalidInput, "empty argv");
+    }
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let mut envp_ptrs: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+    envp_ptrs.push(std::ptr::null());
+
+    let mut inherit = plan.inherit_fds.clone();
+    if plan.exec.script {
+        // The interpreter opens /proc/self/fd/N after the exec.
+        inherit.push(plan.exec.fd.as_raw_fd());
+    }
+    for fd in &inherit {
+        if let Err(e) = set_cloexec(*fd, false) {
+            restore_cloexec(&inherit);
+            return e;
+        }
+    }
+    // SAFETY: every pointer points into a CString owned above and both
+    // arrays end with NULL; execve returns only on failure.
+    unsafe {
+        libc::execve(path.as_ptr(), argv_ptrs.as_ptr(), envp_ptrs.as_ptr());
+    }
+    let e = io::Error::last_os_error();
+    restore_cloexec(&inherit);
+    e
+}
+
+fn restore_cloexec(fds: &[RawFd]) {
+    for fd in fds {
+        // Best effort: the fd is ours and open, so this does not fail.
+        let _ = set_cloexec(*fd, true);
+    }
+}
+
+pub(crate) fn set_cloexec(fd: RawFd, cloexec: bool) -> io::Result<()> {
+    // SAFETY: F_GETFD/F_SETFD only read and write the fd's flags.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFD);
+        if flags == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        let flags = if cloexec {
+            flags | libc::FD_CLOEXEC
+        } else {
+            flags & !libc::FD_CLOEXEC
+        };
+        if libc::fcntl(fd, libc::F_SETFD, flags) == -1 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Everything the child needs to exec, prepared before the fork so the child
@@ -126,6 +268,8 @@ fn spawn_now(plan: SpawnPlan) -> io::Result<Child> {
 /// or take a lock another thread held.
 struct ChildExec {
     listen_fd: RawFd,
+    /// The open binary; kept open across the exec only for a script.
+    exec_fd: Option<RawFd>,
     parent_pid: libc::pid_t,
     path: CString,
     _argv: Vec<CString>,
@@ -140,8 +284,8 @@ struct ChildExec {
 
 impl ChildExec {
     fn new(plan: &SpawnPlan) -> io::Result<ChildExec> {
-        let path = c_string(plan.binary.as_os_str())?;
-        let mut argv = vec![path.clone()];
+        let path = c_string(plan.exec.exec_path().as_os_str())?;
+        let mut argv = vec![c_string(plan.binary.as_os_str())?];
         for arg in &plan.args {
             argv.push(c_string(OsStr::new(arg))?);
         }
@@ -172,6 +316,7 @@ impl ChildExec {
             .map_err(|_| io::Error::other("own pid does not fit pid_t"))?;
         Ok(ChildExec {
             listen_fd: plan.listen_fd,
+            exec_fd: plan.exec.script.then(|| plan.exec.fd.as_raw_fd()),
             parent_pid,
             path,
             _argv: argv,
@@ -214,6 +359,13 @@ impl ChildExec {
             }
         } else if libc::dup2(self.listen_fd, LISTEN_FDS_START) == -1 {
             return Err(io::Error::last_os_error());
+        }
+        // A script's interpreter opens /proc/self/fd/N after the exec; the fd
+        // is at least 4, so the dup2 above cannot have replaced it.
+        if let Some(fd) = self.exec_fd {
+            if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                return Err(io::Error::last_os_error());
+            }
         }
 
         // Decimal digits of our pid, right-aligned in a stack buffer.

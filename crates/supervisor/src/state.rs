@@ -57,21 +57,66 @@ pub(crate) fn load(dir: &Path) -> io::Result<Option<State>> {
 /// Replaces the stored state atomically: temp file, fsync, rename, fsync of
 /// the directory, so a crash leaves either the old or the new state.
 pub(crate) fn store(dir: &Path, state: &State) -> io::Result<()> {
-    let path = state_path(dir);
-    let tmp = dir.join("state.json.tmp");
     let mut text = serde_json::to_vec_pretty(state).map_err(io::Error::other)?;
     text.push(b'\n');
+    write_atomically(dir, &state_path(dir), &text)
+}
+
+fn write_atomically(dir: &Path, path: &Path, text: &[u8]) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     {
         let mut file = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .open(&tmp)?;
-        file.write_all(&text)?;
+        file.write_all(text)?;
         file.sync_all()?;
     }
-    fs::rename(&tmp, &path)?;
+    fs::rename(&tmp, path)?;
     File::open(dir)?.sync_all()
+}
+
+/// `<state_dir>/reexec.json`: written right before the supervisor execs
+/// itself into a binary, removed by the new image once it serves. Found at
+/// start, it means that exec did not come up (the new image crashed, and the
+/// service manager started the old binary again): the supervisor then does
+/// not exec into that binary again, so a broken new supervisor costs one
+/// restart instead of a crash loop.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ReexecAttempt {
+    pub binary: PathBuf,
+    pub sha256: String,
+}
+
+fn attempt_path(dir: &Path) -> PathBuf {
+    dir.join("reexec.json")
+}
+
+/// The attempt a previous image left, if any (an unreadable one counts as
+/// none: it only ever stops an exec).
+pub(crate) fn load_attempt(dir: &Path) -> Option<ReexecAttempt> {
+    let file = File::open(attempt_path(dir)).ok()?;
+    let mut text = Vec::new();
+    file.take(MAX_STATE_FILE_BYTES)
+        .read_to_end(&mut text)
+        .ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+pub(crate) fn store_attempt(dir: &Path, attempt: &ReexecAttempt) -> io::Result<()> {
+    let text = serde_json::to_vec(attempt).map_err(io::Error::other)?;
+    write_atomically(dir, &attempt_path(dir), &text)
+}
+
+pub(crate) fn clear_attempt(dir: &Path) -> io::Result<()> {
+    match fs::remove_file(attempt_path(dir)) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
 }
 
 #[cfg(test)]
@@ -79,10 +124,58 @@ mod tests {
     use super::*;
 
     fn release(n: u32) -> Release {
-        Release {
-            release: n,
-            binary: PathBuf::from(format!("/releases/{n}/handover")),
+        Release::new(n, format!("/releases/{n}/handover"))
+    }
+
+    /// `state.json` as every supervisor before digests and contracts wrote
+    /// it (golden, checked in): it must still load, and a state without the
+    /// new fields must still write exactly that shape, so an older binary
+    /// reads it too.
+    #[test]
+    fn state_written_before_digests_still_loads() -> io::Result<()> {
+        let cases = [
+            (
+                &include_bytes!("../fixtures/state-before-digests.json")[..],
+                State {
+                    active: Release::new(1, "/var/lib/handover/node/releases/initial/handover"),
+                    switching: None,
+                },
+            ),
+            (
+                &include_bytes!("../fixtures/state-before-digests-switching.json")[..],
+                State {
+                    active: Release::new(1, "/usr/bin/handover"),
+                    switching: Some(Release::new(
+                        2,
+                        "/var/lib/handover/node/releases/a2/handover",
+                    )),
+                },
+            ),
+        ];
+        for (bytes, expected) in cases {
+            let dir = tempfile::tempdir()?;
+            fs::write(state_path(dir.path()), bytes)?;
+            assert_eq!(load(dir.path())?, Some(expected.clone()));
+            store(dir.path(), &expected)?;
+            assert_eq!(fs::read(state_path(dir.path()))?, bytes);
         }
+        Ok(())
+    }
+
+    #[test]
+    fn digests_and_contracts_read_back() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let state = State {
+            active: Release {
+                sha256: Some("0f".repeat(32)),
+                contracts: Some(handover_core::release::CONTRACTS),
+                ..release(3)
+            },
+            switching: None,
+        };
+        store(dir.path(), &state)?;
+        assert_eq!(load(dir.path())?, Some(state));
+        Ok(())
     }
 
     #[test]
@@ -102,6 +195,22 @@ mod tests {
         store(dir.path(), &committed)?;
         assert_eq!(load(dir.path())?, Some(committed));
         assert!(!dir.path().join("state.json.tmp").exists());
+        Ok(())
+    }
+
+    #[test]
+    fn a_reexec_attempt_is_stored_and_cleared() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        assert_eq!(load_attempt(dir.path()), None);
+        clear_attempt(dir.path())?;
+        let attempt = ReexecAttempt {
+            binary: PathBuf::from("/r/3/handover"),
+            sha256: "0f".repeat(32),
+        };
+        store_attempt(dir.path(), &attempt)?;
+        assert_eq!(load_attempt(dir.path()), Some(attempt));
+        clear_attempt(dir.path())?;
+        assert_eq!(load_attempt(dir.path()), None);
         Ok(())
     }
 

@@ -1,12 +1,26 @@
 //! The supervisor's main loop: start the active release, restart it when it
-//! crashes, switch releases on request, and resolve an interrupted switch on
-//! restart.
+//! crashes, switch releases on request, resolve an interrupted switch on
+//! restart, and replace its own image with the active release's binary.
+//!
+//! Re-exec: once the active worker runs a binary other than the supervisor's
+//! own (by SHA-256, not path), the supervisor `execve`s that binary (same
+//! pid) with its original argv, passing the listening socket, the control
+//! socket and the worker in a [`Handoff`](crate::handoff); the new image
+//! adopts the worker instead of starting another. It does so only when the
+//! release's `contracts` are known and name this supervisor's hand-off
+//! version, after every retiring worker was reaped, and after `state.json`
+//! records the release as active. A supervisor started (by a service
+//! manager, typically from the old binary) with `state.json` naming another
+//! binary execs into it before it binds anything, once
+//! ([`ENV_SUPERVISOR_EXECED_AT_START`](crate::ENV_SUPERVISOR_EXECED_AT_START)),
+//! so a restarted fleet never goes back to an old supervisor binary.
 
 use std::collections::BTreeSet;
+use std::ffi::OsString;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -14,19 +28,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use handover_core::release::CONTRACTS;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream, UnixListener, UnixStream};
-use tokio::process::Child;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
+use crate::adopted::{Adopted, Proc};
 use crate::control::{self, Live, Shared, SwitchRequest};
+use crate::digest::{self, Opened};
+use crate::handoff::{self, HandedWorker, Handoff, HANDOFF_VERSION};
 use crate::protocol::{Answer, SwitchOutcome};
-use crate::spawn::{SpawnPlan, Spawner};
+use crate::spawn::{ExecPlan, SpawnPlan, Spawner};
 use crate::state::{self, State};
 use crate::{Release, SupervisorConfig};
 
@@ -47,13 +64,55 @@ const PROBE_INTERVAL_MS: u64 = 50;
 /// Bound on the status line of a health probe answer.
 const PROBE_MAX_STATUS_LINE_BYTES: usize = 1024;
 
+/// Test hook, inert unless set: `kill_before_reexec` makes the supervisor
+/// SIGKILL itself after `state.json` committed a switch and right before it
+/// would re-execute, as a crash at the worst moment would;
+/// `exit_after_reexec` makes a re-executed image fail at start, as a broken
+/// new supervisor would.
+const TEST_FAULT_ENV: &str = "HANDOVER_TEST_SUPERVISOR_FAULT";
+
 /// A running worker process.
 struct Worker {
+    /// As asked for: `sha256` is the expected digest, if one was given.
+    /// Only that one is persisted: a release without one (the service's
+    /// own binary, say) may be replaced in place by a package upgrade, and
+    /// must still start after a restart.
     release: Release,
     pid: u32,
-    child: Child,
+    proc: Proc,
+    /// SHA-256 of exactly the bytes it was started from.
+    sha256: String,
     /// When it became ready; None until then.
     ready_at: Option<Instant>,
+}
+
+/// The file this image runs.
+#[derive(Clone, Debug)]
+struct Own {
+    binary: PathBuf,
+    sha256: String,
+    /// Digest of the file an earlier image exec'd to become this one (a
+    /// wrapper script's, say, when it differs from `sha256`).
+    exec_sha256: Option<String>,
+}
+
+impl Own {
+    /// Whether this image runs the binary of that digest.
+    fn runs(&self, sha256: &str) -> bool {
+        self.sha256 == sha256 || self.exec_sha256.as_deref() == Some(sha256)
+    }
+}
+
+/// What to do about the supervisor's own image.
+enum Reexec {
+    /// It runs the active release's binary.
+    Runs,
+    /// It will exec once the reason is gone.
+    Wait(String),
+    /// It stays on its binary, for the reason given.
+    Refused(String),
+    /// Exec now.
+    Go,
 }
 
 /// How starting a worker ended.
@@ -77,15 +136,59 @@ pub async fn run(
     config.state_dir = std::fs::canonicalize(&config.state_dir)
         .with_context(|| format!("resolve state dir {}", config.state_dir.display()))?;
 
-    // Bound before anything else: from here on connections queue, never fail.
-    let listener = bind_listener_retrying(config.listen)
+    let (binary, sha256) = blocking(digest::own_binary)
         .await
-        .with_context(|| format!("listen on {}", config.listen))?;
+        .context("hash this supervisor's own binary")?;
+    let handoff = Handoff::from_env().context("read the hand-off of the previous image")?;
+    let execed_at_start = std::env::var(crate::ENV_SUPERVISOR_EXECED_AT_START).ok();
+    let own = Own {
+        binary,
+        sha256,
+        exec_sha256: handoff
+            .as_ref()
+            .map(|h| h.exec_sha256.clone())
+            .or(execed_at_start.clone()),
+    };
+    let reexeced = handoff.is_some() || execed_at_start.is_some();
+    if reexeced && std::env::var(TEST_FAULT_ENV).is_ok_and(|f| f == "exit_after_reexec") {
+        bail!("test hook {TEST_FAULT_ENV}=exit_after_reexec: failing at start");
+    }
+    let spawner =
+        Spawner::start(tokio::runtime::Handle::current()).context("start the spawner thread")?;
 
     let dir = config.state_dir.clone();
     let stored = blocking(move || state::load(&dir))
         .await
         .with_context(|| format!("read {}", state::state_path(&config.state_dir).display()))?;
+    // An exec a previous image attempted that never came up: not again.
+    let failed_attempt = match reexeced {
+        true => None,
+        false => state::load_attempt(&config.state_dir),
+    };
+    let reexec_failed = failed_attempt.map(|attempt| {
+        let reason = format!(
+            "an earlier re-exec into {} (SHA-256 {}) did not come up; the supervisor stays on its binary until a switch to another binary (or remove {}/reexec.json)",
+            attempt.binary.display(),
+            attempt.sha256,
+            config.state_dir.display(),
+        );
+        error!(supervisor = %config.name, "{reason}");
+        (attempt.sha256, reason)
+    });
+    if let (false, Some(state)) = (reexeced, &stored) {
+        let blocked = reexec_failed.as_ref().map(|(sha256, _)| sha256.as_str());
+        exec_at_start(&spawner, &config, &state.active, &own, blocked).await;
+    }
+
+    // Bound (or inherited) before anything else: from here on connections
+    // queue, never fail.
+    let listener = match &handoff {
+        Some(handoff) => handoff::take_listener(handoff.listen_fd, config.listen)
+            .context("take the listening socket from the previous image")?,
+        None => bind_listener_retrying(config.listen)
+            .await
+            .with_context(|| format!("listen on {}", config.listen))?,
+    };
     let state = match stored {
         Some(state) => state,
         None => {
@@ -103,19 +206,31 @@ pub async fn run(
     };
 
     let control_path = config.state_dir.join("control.sock");
-    let control_listener = bind_control(&control_path).await?;
+    let control_listener = match &handoff {
+        Some(handoff) => UnixListener::from_std(
+            handoff::take_control(handoff.control_fd)
+                .context("take the control socket from the previous image")?,
+        )
+        .context("use the control socket of the previous image")?,
+        None => bind_control(&control_path).await?,
+    };
+    let control_fd = control_listener.as_raw_fd();
 
     let (switch_tx, switch_rx) = mpsc::channel(1);
     let shared = Arc::new(Shared::new(
         config.name.clone(),
+        (own.binary.clone(), own.sha256.clone()),
         Live {
             active: state.active.clone(),
             switching: state.switching.clone(),
             active_pid: None,
             starting_pid: None,
             retiring_pids: Vec::new(),
-            restarts: 0,
+            restarts: handoff.as_ref().map_or(0, |h| h.restarts),
             switch_queued: false,
+            active_sha256: None,
+            reexec: None,
+            reexecuting: false,
         },
         switch_tx,
     ));
@@ -127,16 +242,22 @@ pub async fn run(
         let _ = shutdown_tx.send(true);
     });
 
-    let spawner =
-        Spawner::start(tokio::runtime::Handle::current()).context("start the spawner thread")?;
     info!(
         supervisor = %config.name,
         listen = %config.listen,
         active = state.active.release,
+        binary = %own.binary.display(),
+        sha256 = %own.sha256,
+        handed_over = handoff.is_some(),
         "supervisor listening"
     );
     let mut supervisor = Supervisor {
         listen_fd: listener.as_raw_fd(),
+        control_fd,
+        own,
+        handoff,
+        reexec_failed,
+        reexeced,
         config,
         control_path: control_path.clone(),
         spawner,
@@ -167,7 +288,18 @@ pub async fn run(
 
 struct Supervisor {
     config: SupervisorConfig,
-    listen_fd: std::os::fd::RawFd,
+    listen_fd: RawFd,
+    /// The control socket's listener (served by the control task).
+    control_fd: RawFd,
+    own: Own,
+    /// From the previous image, until its worker is adopted.
+    handoff: Option<Handoff>,
+    /// The digest of a binary an exec into failed, and why: not tried again
+    /// for that binary.
+    reexec_failed: Option<(String, String)>,
+    /// This image came from an exec of the supervisor: once it serves, the
+    /// attempt is over (`reexec.json` is removed).
+    reexeced: bool,
     control_path: PathBuf,
     spawner: Spawner,
     shared: Arc<Shared>,
@@ -184,20 +316,34 @@ struct Supervisor {
 impl Supervisor {
     /// Returns once shutdown was asked for and every worker was told to stop.
     async fn main(&mut self) {
-        let Some(mut active) = self.start().await else {
+        let first = match self.handoff.take() {
+            Some(handoff) => self.adopt(handoff.worker).await,
+            None => self.start().await,
+        };
+        let Some(mut active) = first else {
             return;
         };
+        if self.reexeced {
+            let dir = self.config.state_dir.clone();
+            if let Err(e) = blocking(move || state::clear_attempt(&dir)).await {
+                // The next start from an older binary would not exec again.
+                error!(supervisor = %self.config.name, "cannot remove reexec.json: {e}");
+            }
+        }
         loop {
+            self.consider_reexec(&active).await;
             let shutdown = self.shutdown_signal();
             tokio::select! {
                 _ = shutdown => {
                     info!(supervisor = %self.config.name, "shutting down");
                     // No switch may start any more.
-                    self.shared.live().active_pid = None;
+                    self.clear_active();
                     self.retire(active);
                     return;
                 }
-                status = active.child.wait() => {
+                // Reaps retiring workers, so a re-exec waiting for them goes on.
+                Some(_) = self.retiring.join_next(), if !self.retiring.is_empty() => {}
+                status = active.proc.wait() => {
                     let served = active.ready_at.map(|at| at.elapsed());
                     error!(
                         supervisor = %self.config.name,
@@ -208,11 +354,8 @@ impl Supervisor {
                         active.release.release,
                     );
                     self.forget_ready(active.pid);
-                    {
-                        let mut live = self.shared.live();
-                        live.active_pid = None;
-                        live.restarts += 1;
-                    }
+                    self.clear_active();
+                    self.shared.live().restarts += 1;
                     if served.is_some_and(|d| d >= Duration::from_millis(BACKOFF_RESET_AFTER_MS)) {
                         self.backoff_ms = BACKOFF_MIN_MS;
                     }
@@ -246,7 +389,7 @@ impl Supervisor {
             match self.try_start(&next, None).await {
                 Started::Ready(worker) => {
                     let committed = State {
-                        active: next.clone(),
+                        active: worker.release.clone(),
                         switching: None,
                     };
                     match self.write_state(committed).await {
@@ -316,7 +459,11 @@ impl Supervisor {
         let SwitchRequest { to, reply } = request;
         let name = self.config.name.clone();
         let from = old.release.release;
-        if to == old.release && old.child.id().is_some() {
+        let same_bytes = to
+            .sha256
+            .as_ref()
+            .is_none_or(|sha256| *sha256 == old.sha256);
+        if to.same_as(&old.release) && same_bytes && old.proc.id().is_some() {
             let _ = reply.send(Answer::ok(&SwitchOutcome::AlreadyActive {
                 release: to.release,
             }));
@@ -351,7 +498,7 @@ impl Supervisor {
             Started::Ready(new) => {
                 let new = *new;
                 let committed = State {
-                    active: to.clone(),
+                    active: new.release.clone(),
                     switching: None,
                 };
                 match self.write_state(committed).await {
@@ -403,7 +550,7 @@ impl Supervisor {
             }
             Ok(()) => {
                 let _ = reply.send(Answer::error("shutting_down", "the supervisor is stopping"));
-                self.shared.live().active_pid = None;
+                self.clear_active();
                 self.retire(old);
                 None
             }
@@ -438,13 +585,13 @@ impl Supervisor {
         tokio::pin!(ready);
         let shutdown = self.shutdown_signal();
         tokio::pin!(shutdown);
-        let mut old_alive = old.as_mut().is_some_and(|o| o.child.id().is_some());
+        let mut old_alive = old.as_mut().is_some_and(|o| o.proc.id().is_some());
 
         let outcome = loop {
             tokio::select! {
                 biased;
                 _ = &mut shutdown => break Err(None),
-                status = worker.child.wait() => {
+                status = worker.proc.wait() => {
                     break Err(Some(format!("exited before it was ready ({})", describe(&status))));
                 }
                 _ = &mut ready => break Ok(()),
@@ -487,12 +634,29 @@ impl Supervisor {
         }
     }
 
+    /// Hashes the open binary and starts exactly that file; refused when a
+    /// digest was expected and the bytes differ.
     async fn spawn_worker(&self, release: &Release) -> io::Result<Worker> {
+        let path = release.binary.clone();
+        let exec = blocking(move || digest::open_and_hash(&path)).await?;
+        if let Some(expected) = &release.sha256 {
+            if *expected != exec.sha256 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "refused: its SHA-256 is {}, not the expected {expected}",
+                        exec.sha256
+                    ),
+                ));
+            }
+        }
+        let sha256 = exec.sha256.clone();
         let mut args = self.config.worker_args.clone();
         args.push("--release".to_string());
         args.push(release.release.to_string());
         let plan = SpawnPlan {
             binary: release.binary.clone(),
+            exec,
             args,
             env: vec![
                 ("LISTEN_FDS".to_string(), "1".into()),
@@ -506,6 +670,7 @@ impl Supervisor {
                     crate::ENV_READY_TIMEOUT_MS.to_string(),
                     self.config.ready_timeout_ms.to_string().into(),
                 ),
+                (crate::ENV_BINARY_SHA256.to_string(), sha256.clone().into()),
             ],
             listen_fd: self.listen_fd,
         };
@@ -516,7 +681,8 @@ impl Supervisor {
         Ok(Worker {
             release: release.clone(),
             pid,
-            child,
+            proc: Proc::Spawned(child),
+            sha256,
             ready_at: None,
         })
     }
@@ -527,7 +693,7 @@ impl Supervisor {
         self.forget_ready(worker.pid);
         while self.retiring.try_join_next().is_some() {}
         // None once reaped: its pid may belong to someone else by now.
-        let Some(pid) = worker.child.id() else {
+        let Some(pid) = worker.proc.id() else {
             return;
         };
         self.shared.live().retiring_pids.push(pid);
@@ -541,7 +707,7 @@ impl Supervisor {
         self.retiring.spawn(async move {
             let status = match tokio::time::timeout(
                 Duration::from_millis(grace_ms),
-                worker.child.wait(),
+                worker.proc.wait(),
             )
             .await
             {
@@ -552,10 +718,10 @@ impl Supervisor {
                         "pid {pid} (release {}) still runs {grace_ms} ms after SIGTERM; sending SIGKILL",
                         worker.release.release,
                     );
-                    if let Err(e) = worker.child.start_kill() {
+                    if let Err(e) = worker.proc.start_kill() {
                         warn!(supervisor = %shared.name, "SIGKILL to pid {pid}: {e}");
                     }
-                    worker.child.wait().await
+                    worker.proc.wait().await
                 }
             };
             info!(
@@ -568,11 +734,214 @@ impl Supervisor {
         });
     }
 
+    /// The worker the previous image of this process handed over: a child
+    /// of ours (exec kept the pid), ready and serving the release
+    /// `state.json` records as active. Anything else is a bug of the
+    /// previous image: that worker is retired and the active release
+    /// started afresh. None on shutdown.
+    async fn adopt(&mut self, handed: HandedWorker) -> Option<Worker> {
+        let name = self.config.name.clone();
+        let active = &self.state.active;
+        let matches = self.state.switching.is_none()
+            && active.release == handed.release
+            && active.binary == handed.binary
+            && active.sha256.as_ref().is_none_or(|s| *s == handed.sha256);
+        let adopted = match Adopted::new(handed.pid) {
+            Ok(adopted) => adopted,
+            Err(e) => {
+                error!(supervisor = %name, "cannot adopt worker pid {}: {e}; starting release {} afresh", handed.pid, active.release);
+                return self.start().await;
+            }
+        };
+        let worker = Worker {
+            release: active.clone(),
+            pid: handed.pid,
+            proc: Proc::Adopted(adopted),
+            sha256: handed.sha256,
+            ready_at: Some(Instant::now()),
+        };
+        if !matches {
+            error!(
+                supervisor = %name,
+                "the hand-off names worker pid {} of release {} ({}), but state.json says {:?}; retiring it",
+                handed.pid, handed.release, handed.binary.display(), self.state,
+            );
+            self.retire(worker);
+            return self.start().await;
+        }
+        info!(
+            supervisor = %name,
+            "adopted worker pid {} of release {} from the previous image", worker.pid, worker.release.release,
+        );
+        self.set_active(&worker);
+        Some(worker)
+    }
+
+    /// Re-executes into the active release's binary when due; records in
+    /// `status` why not otherwise. Returns only if it did not exec.
+    async fn consider_reexec(&mut self, active: &Worker) {
+        let reason = match self.reexec_decision(active) {
+            Reexec::Runs => None,
+            Reexec::Wait(reason) => Some(reason),
+            Reexec::Refused(reason) => {
+                let mut live = self.shared.live();
+                if live.reexec.as_deref() != Some(reason.as_str()) {
+                    warn!(supervisor = %self.config.name, "{reason}");
+                }
+                live.reexec = Some(reason);
+                return;
+            }
+            Reexec::Go => match self.reexec(active).await {
+                Ok(()) => return,
+                Err(reason) => Some(reason),
+            },
+        };
+        self.shared.live().reexec = reason;
+    }
+
+    fn reexec_decision(&self, active: &Worker) -> Reexec {
+        if self.own.runs(&active.sha256) {
+            return Reexec::Runs;
+        }
+        let release = active.release.release;
+        let stays = "; the supervisor stays on its binary (the worker runs the new one)";
+        if let Some((sha256, reason)) = &self.reexec_failed {
+            if *sha256 == active.sha256 {
+                return Reexec::Refused(reason.clone());
+            }
+        }
+        match &active.release.contracts {
+            None => {
+                return Reexec::Refused(format!(
+                    "release {release}'s contracts are unknown (its switch did not name them){stays}"
+                ))
+            }
+            Some(c) if c.supervisor_handoff != HANDOFF_VERSION => {
+                return Reexec::Refused(format!(
+                    "release {release} speaks hand-off version {}, this supervisor {HANDOFF_VERSION}{stays}",
+                    c.supervisor_handoff
+                ))
+            }
+            Some(_) => {}
+        }
+        if active.proc.is_adopted() {
+            // Forked by what is now the main thread: the exec would end it.
+            return Reexec::Refused(format!(
+                "the worker of release {release} was adopted from an earlier image{stays}"
+            ));
+        }
+        if !self.retiring.is_empty() {
+            return Reexec::Wait(format!(
+                "re-executing into release {release}'s binary once {} retiring worker(s) exited",
+                self.retiring.len()
+            ));
+        }
+        if self.shared.live().switch_queued {
+            return Reexec::Wait("re-executing after the queued switch".to_string());
+        }
+        Reexec::Go
+    }
+
+    /// Replaces this image with the active release's binary, handing over
+    /// the sockets and the worker. `state.json` already records the release
+    /// as active. Returns only if it did not exec, with the reason.
+    async fn reexec(&mut self, active: &Worker) -> Result<(), String> {
+        {
+            let mut live = self.shared.live();
+            if live.switch_queued {
+                return Err("re-executing after the queued switch".to_string());
+            }
+            live.reexecuting = true;
+        }
+        let result = self.try_reexec(active).await;
+        self.shared.live().reexecuting = false;
+        let reason = match result {
+            Ok(reason) | Err(reason) => reason,
+        };
+        error!(supervisor = %self.config.name, "{reason}");
+        self.reexec_failed = Some((active.sha256.clone(), reason.clone()));
+        Err(reason)
+    }
+
+    /// The exec; returns only on failure (in either arm), with the reason.
+    async fn try_reexec(&mut self, active: &Worker) -> Result<String, String> {
+        let release = active.release.release;
+        let path = active.release.binary.clone();
+        let exec = blocking(move || digest::open_and_hash(&path))
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot open release {release}'s binary {} to re-execute: {e}",
+                    active.release.binary.display()
+                )
+            })?;
+        if exec.sha256 != active.sha256 {
+            return Err(format!(
+                "release {release}'s binary {} changed since its worker started (SHA-256 {}, the worker runs {}); not re-executing",
+                active.release.binary.display(),
+                exec.sha256,
+                active.sha256,
+            ));
+        }
+        let handoff = Handoff {
+            v: HANDOFF_VERSION,
+            listen_fd: self.listen_fd,
+            control_fd: self.control_fd,
+            exec_sha256: exec.sha256.clone(),
+            worker: HandedWorker {
+                pid: active.pid,
+                release,
+                binary: active.release.binary.clone(),
+                sha256: active.sha256.clone(),
+            },
+            restarts: self.shared.live().restarts,
+        };
+        let text = handoff
+            .encode()
+            .map_err(|e| format!("cannot encode the hand-off: {e}"))?;
+        let plan = ExecPlan {
+            argv: exec_argv(&self.config.argv, &active.release.binary),
+            env: exec_env(crate::ENV_SUPERVISOR_HANDOFF, text.into()),
+            inherit_fds: vec![self.listen_fd, self.control_fd],
+            exec,
+        };
+        if std::env::var(TEST_FAULT_ENV).is_ok_and(|f| f == "kill_before_reexec") {
+            warn!(supervisor = %self.config.name, "test hook {TEST_FAULT_ENV}=kill_before_reexec: SIGKILL");
+            let _ = kill(Pid::this(), Signal::SIGKILL);
+        }
+        record_attempt(
+            &self.config.state_dir,
+            &active.release.binary,
+            &active.sha256,
+        )
+        .await
+        .map_err(|e| format!("cannot write reexec.json: {e}; not re-executing"))?;
+        info!(
+            supervisor = %self.config.name,
+            "re-executing into release {release}'s binary {} (SHA-256 {}), handing over worker pid {}",
+            active.release.binary.display(), active.sha256, active.pid,
+        );
+        let e = self.spawner.exec(plan).await;
+        forget_attempt(&self.config.state_dir).await;
+        Ok(format!(
+            "cannot re-execute into release {release}'s binary {}: {e}; the supervisor stays on its binary (the worker runs the new one)",
+            active.release.binary.display()
+        ))
+    }
+
     fn set_active(&self, worker: &Worker) {
         let mut live = self.shared.live();
         live.active = worker.release.clone();
         live.active_pid = Some(worker.pid);
+        live.active_sha256 = Some(worker.sha256.clone());
         live.switching = None;
+    }
+
+    /// No worker is active (stopping, or restarting a crashed one).
+    fn clear_active(&self) {
+        let mut live = self.shared.live();
+        live.active_pid = None;
+        live.active_sha256 = None;
     }
 
     /// Clears `switching` on disk and in the live state after a failed or
@@ -621,9 +990,113 @@ impl Supervisor {
     }
 }
 
+/// At start, before anything is bound: if `state.json`'s active release
+/// runs another binary than this one (by digest), that binary exists, and
+/// its contracts are known and match this supervisor's, exec into it (no
+/// worker yet, nothing to hand over but a marker that forbids doing it
+/// again). Returns only if it did not exec.
+async fn exec_at_start(
+    spawner: &Spawner,
+    config: &SupervisorConfig,
+    active: &Release,
+    own: &Own,
+    blocked: Option<&str>,
+) {
+    let name = &config.name;
+    let compatible = active.contracts.is_some_and(|c| {
+        c.supervisor_handoff == HANDOFF_VERSION
+            && c.worker_cli == CONTRACTS.worker_cli
+            && c.supervisor_control == CONTRACTS.supervisor_control
+    });
+    if !compatible {
+        return;
+    }
+    let path = active.binary.clone();
+    let exec: Opened = match blocking(move || digest::open_and_hash(&path)).await {
+        Ok(exec) => exec,
+        Err(e) => {
+            warn!(supervisor = %name, "state.json names release {}'s binary {}: {e}; staying on this binary", active.release, active.binary.display());
+            return;
+        }
+    };
+    if own.runs(&exec.sha256) || blocked == Some(exec.sha256.as_str()) {
+        return;
+    }
+    if active.sha256.as_ref().is_some_and(|s| *s != exec.sha256) {
+        error!(
+            supervisor = %name,
+            "release {}'s binary {} has SHA-256 {}, not the {} state.json records; not executing it",
+            active.release, active.binary.display(), exec.sha256, active.sha256.as_deref().unwrap_or_default(),
+        );
+        return;
+    }
+    info!(
+        supervisor = %name,
+        "state.json's active release {} runs {} (SHA-256 {}), not this binary; re-executing into it",
+        active.release, active.binary.display(), exec.sha256,
+    );
+    if let Err(e) = record_attempt(&config.state_dir, &active.binary, &exec.sha256).await {
+        error!(supervisor = %name, "cannot write reexec.json: {e}; staying on this binary");
+        return;
+    }
+    let plan = ExecPlan {
+        argv: exec_argv(&config.argv, &active.binary),
+        env: exec_env(
+            crate::ENV_SUPERVISOR_EXECED_AT_START,
+            exec.sha256.clone().into(),
+        ),
+        inherit_fds: Vec::new(),
+        exec,
+    };
+    let e = spawner.exec(plan).await;
+    forget_attempt(&config.state_dir).await;
+    error!(supervisor = %name, "cannot re-execute into {}: {e}; staying on this binary", active.binary.display());
+}
+
+/// Records, durably, that this process is about to exec into `binary`.
+async fn record_attempt(dir: &Path, binary: &Path, sha256: &str) -> io::Result<()> {
+    let dir = dir.to_owned();
+    let attempt = state::ReexecAttempt {
+        binary: binary.to_owned(),
+        sha256: sha256.to_owned(),
+    };
+    blocking(move || state::store_attempt(&dir, &attempt)).await
+}
+
+/// The exec failed: this image goes on, the attempt never happened.
+async fn forget_attempt(dir: &Path) {
+    let dir = dir.to_owned();
+    if let Err(e) = blocking(move || state::clear_attempt(&dir)).await {
+        warn!("cannot remove reexec.json after a failed exec: {e}");
+    }
+}
+
+/// The supervisor's own argv with argv[0] replaced by `binary`.
+fn exec_argv(argv: &[OsString], binary: &Path) -> Vec<OsString> {
+    let mut argv = argv.to_vec();
+    match argv.first_mut() {
+        Some(first) => *first = binary.as_os_str().to_owned(),
+        None => argv.push(binary.as_os_str().to_owned()),
+    }
+    argv
+}
+
+/// This process's environment without any hand-off marker, plus `key`.
+fn exec_env(key: &str, value: OsString) -> Vec<(OsString, OsString)> {
+    let markers = [
+        crate::ENV_SUPERVISOR_HANDOFF,
+        crate::ENV_SUPERVISOR_EXECED_AT_START,
+    ];
+    let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(k, _)| !markers.iter().any(|m| k == m))
+        .collect();
+    env.push((key.into(), value));
+    env
+}
+
 async fn wait_old(old: &mut Option<&mut Worker>) -> io::Result<ExitStatus> {
     match old {
-        Some(worker) => worker.child.wait().await,
+        Some(worker) => worker.proc.wait().await,
         None => std::future::pending().await,
     }
 }
@@ -828,10 +1301,7 @@ mod tests {
             "n1",
             "127.0.0.1:1".parse().expect("addr"),
             "/tmp/x",
-            Release {
-                release: 1,
-                binary: PathBuf::from("/bin/true"),
-            },
+            Release::new(1, "/bin/true"),
             Vec::new(),
         );
         assert!(validate(&config).is_ok());

@@ -154,11 +154,31 @@ impl SupervisorClient {
     /// success the supervisor then sends SIGTERM to the old worker, which
     /// must finish in-flight requests and exit; on failure the old worker
     /// goes on serving.
+    ///
+    /// `to.sha256` (the digest the binary must have) and `to.contracts` (the
+    /// binary's contract versions: a binary of another `worker_cli` or
+    /// `supervisor_control` is refused before anything starts, and the
+    /// supervisor re-executes itself into the binary only when they are
+    /// given) are sent only to a supervisor that knows them; an older one
+    /// gets the request without them (it checks no digest and never
+    /// re-executes).
     pub async fn switch(&self, to: &Release) -> Result<SwitchOutcome, SupervisorError> {
         let bound_ms = self
             .ready_timeout_ms
             .saturating_add(SWITCH_ANSWER_MARGIN_MS);
-        self.request(&Request::Switch(to.clone()), bound_ms).await
+        let mut to = to.clone();
+        if to.sha256.is_some() || to.contracts.is_some() {
+            let status = self.status().await?;
+            if status.contracts.is_none() {
+                tracing::warn!(
+                    release = to.release,
+                    "the supervisor predates digests and contracts in a switch; asking without them"
+                );
+                to.sha256 = None;
+                to.contracts = None;
+            }
+        }
+        self.request(&Request::Switch(to), bound_ms).await
     }
 
     /// Active release, pending switch, worker pids.
