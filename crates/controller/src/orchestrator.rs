@@ -194,8 +194,8 @@ async fn switch_controller(state: &Shared, target: &Target) -> Result<(), String
         .switch(&handover_supervisor::Release {
             release: manifest.release.0,
             binary,
-            sha256: None,
-            contracts: None,
+            sha256: Some(manifest.sha256.clone()),
+            contracts: Some(manifest.contracts),
         })
         .await
         .map_err(|e| e.to_string())?

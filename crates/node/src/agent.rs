@@ -207,8 +207,8 @@ impl Agent {
         let to = SupervisedRelease {
             release: staged.release.0,
             binary,
-            sha256: None,
-            contracts: None,
+            sha256: Some(staged.sha256.clone()),
+            contracts: Some(staged.contracts),
         };
         match client.switch(&to).await {
             Ok(SwitchOutcome::Switched { .. } | SwitchOutcome::AlreadyActive { .. }) => {

@@ -40,10 +40,6 @@ pub const DEFAULT_STOP_GRACE_MS: u64 = 10_000;
 
 /// Env var naming the supervisor's control socket, set for every worker.
 pub const ENV_SUPERVISOR_SOCK: &str = "HANDOVER_SUPERVISOR_SOCK";
-/// Env var carrying the SHA-256 of the binary a worker runs, as its
-/// supervisor hashed it at exec time.
-pub const ENV_BINARY_SHA256: &str = "HANDOVER_BINARY_SHA256";
-
 /// The SHA-256 of the binary this worker runs, as its supervisor reported
 /// it; None for a process without a supervisor (or a malformed value).
 pub fn binary_sha256() -> Option<String> {
