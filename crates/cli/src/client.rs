@@ -118,13 +118,24 @@ impl Operator {
     }
 }
 
+/// The first 12 hex digits of a SHA-256 (as in artifact ids), or "-".
+fn short_sha(sha: Option<&str>) -> &str {
+    sha.map(|s| s.get(..12).unwrap_or(s)).unwrap_or("-")
+}
+
 pub fn render_status(s: &Status) -> String {
     let mut out = String::new();
     let c = &s.controller;
     let _ = writeln!(
         out,
-        "controller  release {} ({}), schema {}, protocol {}..={}",
-        c.release, c.semver, c.schema, c.protocol.min, c.protocol.max
+        "controller  release {} ({}), schema {}, protocol {}..={}, worker binary {}, supervisor binary {}",
+        c.release,
+        c.semver,
+        c.schema,
+        c.protocol.min,
+        c.protocol.max,
+        short_sha(c.binary_sha256.as_deref()),
+        short_sha(c.supervisor_sha256.as_deref())
     );
     let _ = writeln!(
         out,
@@ -135,8 +146,8 @@ pub fn render_status(s: &Status) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<16} {:>7} {:<8} {:<8} {:<8} {:>7} {:>7}  events",
-        "node", "release", "role", "group", "grant", "outbox", "acked"
+        "{:<16} {:>7} {:<12} {:<8} {:<8} {:<8} {:>7} {:>7}  events",
+        "node", "release", "binary", "role", "group", "grant", "outbox", "acked"
     );
     for n in &s.nodes {
         let r = &n.row;
@@ -147,9 +158,10 @@ pub fn render_status(s: &Status) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<16} {:>7} {:<8} {:<8} {:<8} {:>7} {:>7}  {:?}{lease}",
+            "{:<16} {:>7} {:<12} {:<8} {:<8} {:<8} {:>7} {:>7}  {:?}{lease}",
             r.node_id,
             r.release.0,
+            short_sha(r.binary_sha256.as_deref()),
             r.role.as_str(),
             r.group,
             n.grant_now.as_str(),

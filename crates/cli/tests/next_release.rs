@@ -390,3 +390,71 @@ async fn a_node_of_release_3_meets_a_release_2_controller_and_is_fenced() {
     assert!(said.contains("node_newer_than_database"), "{said}");
     fleet.stop_all().await.unwrap();
 }
+
+/// A patch build of release 2: this binary with bytes appended (it runs the
+/// same, and has another digest, as a rebuilt 2.0.1 would).
+fn patch_binary(dir: &Path) -> PathBuf {
+    let path = dir.join("handover-2.0.1");
+    let mut bytes = std::fs::read(old_binary()).unwrap();
+    bytes.extend_from_slice(b"\nhandover 2.0.1 patch build\n");
+    std::fs::write(&path, bytes).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patch_build_rolls_through_without_fence_or_deliver() {
+    let event_ms = 25_000;
+    let mut c = old_cluster(64, 2, event_ms).await;
+    let viewers = spawn_viewers(&c, event_ms);
+    let patch = patch_binary(&c.fleet.dir);
+    let patch_sha = file_sha256(&patch).unwrap();
+    let artifact = upload_next(&c, &patch, "artifact-patch").await;
+    assert!(artifact.starts_with("r2-"), "{artifact}");
+    let epoch = c.fleet.op.status().await.unwrap().cluster.epoch;
+    start(&c, &artifact, &[]).await;
+    let s = c
+        .fleet
+        .wait_upgrade_over(Duration::from_secs(240))
+        .await
+        .unwrap();
+    let up = s.upgrade.clone().unwrap();
+    assert_eq!(
+        up.status,
+        Status::Finalized,
+        "{}",
+        handover::upgrade::render_status(&s)
+    );
+    let phases: Vec<Phase> = up.phases.iter().map(|p| p.phase).collect();
+    assert_eq!(
+        phases,
+        [
+            Phase::Preflight,
+            Phase::Stage,
+            Phase::Controller,
+            Phase::Backups,
+            Phase::Primaries,
+            Phase::Finalize
+        ]
+    );
+    let status = c.fleet.op.status().await.unwrap();
+    assert_eq!(status.cluster.epoch, epoch, "no fence");
+    assert_eq!(
+        status.controller.binary_sha256.as_deref(),
+        Some(patch_sha.as_str())
+    );
+    for p in c.fleet.processes().await.unwrap() {
+        assert_eq!((p.release, p.sha256.as_str()), (2, patch_sha.as_str()), "{p:?}");
+    }
+    let v = viewers.await.unwrap();
+    assert_eq!((v.failed_requests, v.segments_missed), (0, 0), "{v:?}");
+    c.fleet.stop_nodes().await.unwrap();
+    let r = c.fleet.check().await.unwrap();
+    assert_eq!(
+        (r.lost, r.duplicated, r.unexpected, r.queued, r.translated),
+        (0, 0, 0, 0, 0),
+        "{r:?}"
+    );
+    assert_eq!(r.stored, r.produced, "{r:?}");
+    c.fleet.stop_all().await.unwrap();
+}

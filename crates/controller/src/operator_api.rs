@@ -45,6 +45,12 @@ pub struct ControllerInfo {
     pub schema: Schema,
     pub protocol: ProtocolRange,
     pub window_min_schema: Schema,
+    /// SHA-256 of the binary this controller's worker runs.
+    #[serde(default)]
+    pub binary_sha256: Option<String>,
+    /// SHA-256 of the binary its supervisor runs (None without one).
+    #[serde(default)]
+    pub supervisor_sha256: Option<String>,
 }
 
 impl From<&ReleaseInfo> for ControllerInfo {
@@ -55,6 +61,8 @@ impl From<&ReleaseInfo> for ControllerInfo {
             schema: i.schema,
             protocol: i.protocol,
             window_min_schema: i.window_min_schema,
+            binary_sha256: None,
+            supervisor_sha256: None,
         }
     }
 }
@@ -89,7 +97,15 @@ pub async fn status(State(state): State<Shared>, headers: HeaderMap) -> ApiResul
         })
         .collect();
     Ok(Json(Status {
-        controller: state.info.into(),
+        controller: ControllerInfo {
+            binary_sha256: state.binary_sha256.clone(),
+            // Asked each time: the supervisor re-executes itself after an upgrade.
+            supervisor_sha256: match handover_supervisor::SupervisorClient::from_env() {
+                Some(client) => client.status().await.ok().map(|s| s.sha256).filter(|s| !s.is_empty()),
+                None => None,
+            },
+            ..state.info.into()
+        },
         cluster,
         lease_ms: state.config.lease_ms,
         nodes,
