@@ -72,6 +72,10 @@ pub(crate) struct AppState {
     pub upgrade: tokio::sync::Mutex<Option<(i64, Upgrade)>>,
     /// Set once this worker has asked its supervisor to switch release.
     pub switching: AtomicBool,
+    /// Node → the HLS requests its last heartbeat reported (protocol 3 on),
+    /// for the status. In memory only: one entry per node with a session,
+    /// and the count is per worker anyway.
+    pub hls_requests: RwLock<HashMap<String, u64>>,
 }
 
 impl artifacts::ArtifactHost for Shared {
@@ -221,6 +225,7 @@ pub async fn serve_on(
             .with_trusted_keys(trusted),
         upgrade: tokio::sync::Mutex::new(upgrade),
         switching: AtomicBool::new(false),
+        hls_requests: RwLock::new(HashMap::new()),
     });
     tokio::spawn(orchestrator::run(state.clone()));
     if let Some(client) = handover_supervisor::SupervisorClient::from_env() {
