@@ -22,7 +22,7 @@ use crate::fleet::Fleet;
 use anyhow::{anyhow, bail, ensure, Context};
 use clap::Args;
 use handover_core::params::Group;
-use handover_core::record::{self, v2::Kind, AnyRecord, Observation};
+use handover_core::record::{self, v2::Kind, v3::Severity, AnyRecord, Observation};
 use handover_core::wire::{Batch, BatchAck, GrantState, Hello, OutboxState, Role, Welcome};
 use handover_core::{Grant, Release, ReleaseInfo, Schema};
 use handover_store::{ChannelSpec, EventSpec, RecordSummary, Store as _};
@@ -688,6 +688,7 @@ fn drain_observation(k: usize, base_ms: i64) -> Observation {
         message: Some(format!(
             "segment {k:08} of ch1 ready at 1080p/6000 kbps, 720p/3000 kbps, 480p/1200 kbps; origin ok; cdn purge queued"
         )),
+        severity: (kind == Kind::Alert).then_some(Severity::Warning),
     }
 }
 
@@ -736,6 +737,7 @@ async fn drain(exe: &Path, dir: &Path, s: &Sizes) -> anyhow::Result<Figures> {
         title: None,
         segment_ms: 1000,
         ladder: vec![],
+        window_segments: None,
     };
     let _: Value = fleet.op.post("/api/v1/channels", &spec).await?;
     let base_ms = crate::client::now_ms();
@@ -854,6 +856,7 @@ async fn drain_limit(dir: &Path, s: &Sizes, base_ms: i64) -> anyhow::Result<f64>
             title: None,
             segment_ms: 1000,
             ladder: vec![],
+            window_segments: None,
         })
         .await?;
     let (directory, _) = store.channel_directory().await?;
@@ -904,6 +907,7 @@ fn tick_commit(node_id: &str, tick: usize) -> anyhow::Result<handover_node::stor
             viewers: None,
             event_id: Some(id),
             message: None,
+            severity: None,
         };
         let stats = Observation {
             kind: Kind::ViewerStats,
@@ -942,6 +946,7 @@ fn single_commit(node_id: &str, k: usize) -> anyhow::Result<handover_node::store
         viewers: None,
         event_id: None,
         message: Some(format!("alert {k}")),
+        severity: Some(Severity::Warning),
     };
     Ok(Commit {
         records: vec![NewRecord::encode(Schema(2), node_id, &o)?],
@@ -1368,6 +1373,7 @@ async fn viewers(exe: &Path, dir: &Path, s: &Sizes, load: bool) -> anyhow::Resul
         title: None,
         segment_ms: 1000,
         ladder: vec![],
+        window_segments: None,
     };
     let _: Value = fleet.op.post("/api/v1/channels", &spec).await?;
     let ev = EventSpec {
@@ -1565,6 +1571,7 @@ async fn upgrade_small(exe: &Path, dir: &Path) -> anyhow::Result<Figures> {
         title: None,
         segment_ms: 1000,
         ladder: vec![],
+        window_segments: None,
     };
     let _: Value = fleet.op.post("/api/v1/channels", &spec).await?;
     let ev = EventSpec {

@@ -156,9 +156,13 @@ pub fn render_status(s: &Status) -> String {
         } else {
             ""
         };
+        let hls = n
+            .hls_requests
+            .map(|h| format!("  ({h} HLS requests)"))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "{:<16} {:>7} {:<12} {:<8} {:<8} {:<8} {:>7} {:>7}  {:?}{lease}",
+            "{:<16} {:>7} {:<12} {:<8} {:<8} {:<8} {:>7} {:>7}  {:?}{lease}{hls}",
             r.node_id,
             r.release.0,
             short_sha(r.binary_sha256.as_deref()),

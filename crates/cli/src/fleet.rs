@@ -327,6 +327,7 @@ impl Fleet {
                 title: None,
                 segment_ms,
                 ladder: vec![],
+                window_segments: None,
             };
             let _: serde_json::Value = self.op.post("/api/v1/channels", &spec).await?;
             let ev = EventSpec {

@@ -343,6 +343,11 @@ enum ChannelCmd {
         ladder: Vec<handover_core::params::v2::Rung>,
         #[arg(long)]
         title: Option<String>,
+        /// Segments the live playlist lists (the DVR window, 3 to 720);
+        /// release 3 and newer [default there: 6]. An older controller
+        /// refuses it.
+        #[arg(long)]
+        window_segments: Option<u32>,
     },
     List(OperatorArgs),
 }
@@ -606,12 +611,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             segment_ms,
             ladder,
             title,
+            window_segments,
         }) => {
             let spec = handover_store::ChannelSpec {
                 name,
                 title,
                 segment_ms,
                 ladder,
+                window_segments,
             };
             api_post(&op, "/api/v1/channels", &spec).await
         }

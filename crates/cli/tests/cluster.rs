@@ -58,6 +58,7 @@ async fn setup_with(
         title: None,
         segment_ms: SEGMENT_MS,
         ladder: vec![],
+        window_segments: None,
     };
     let _: Value = fleet.op.post("/api/v1/channels", &spec).await.unwrap();
     let event_start_ms = now_ms() + 2_000;

@@ -133,6 +133,7 @@ async fn only_an_artifact_signed_by_a_trusted_key_upgrades_the_cluster() {
         title: None,
         segment_ms: 1000,
         ladder: vec![],
+        window_segments: None,
     };
     let _: Value = fleet.op.post("/api/v1/channels", &spec).await.unwrap();
     let event = EventSpec {

@@ -67,6 +67,8 @@ impl From<StoreError> for ApiError {
                 (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
             }
             StoreError::SchemaAhead { .. }
+            | StoreError::SchemaBehind { .. }
+            | StoreError::UnknownSchema(_)
             | StoreError::Migration { .. }
             | StoreError::Corrupt(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store_error"),
         };

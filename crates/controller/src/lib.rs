@@ -74,6 +74,10 @@ pub(crate) struct AppState {
     pub switching: AtomicBool,
     /// SHA-256 of the binary this worker runs (from its supervisor).
     pub binary_sha256: Option<String>,
+    /// Node → the HLS requests its last heartbeat reported (protocol 3 on),
+    /// for the status. In memory only: one entry per node with a session,
+    /// and the count is per worker anyway.
+    pub hls_requests: RwLock<HashMap<String, u64>>,
 }
 
 impl artifacts::ArtifactHost for Shared {
@@ -224,6 +228,7 @@ pub async fn serve_on(
         upgrade: tokio::sync::Mutex::new(upgrade),
         switching: AtomicBool::new(false),
         binary_sha256: handover_supervisor::binary_sha256(),
+        hls_requests: RwLock::new(HashMap::new()),
     });
     tokio::spawn(orchestrator::run(state.clone()));
     if let Some(client) = handover_supervisor::SupervisorClient::from_env() {

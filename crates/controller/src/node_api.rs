@@ -136,6 +136,9 @@ pub async fn heartbeat(
         .store
         .heartbeat(&s.node_id, &hb, grant.grant, now_ms())
         .await?;
+    if let (Some(n), Ok(mut map)) = (hb.hls_requests, state.hls_requests.write()) {
+        map.insert(s.node_id.clone(), n);
+    }
     Ok(Json(grant))
 }
 

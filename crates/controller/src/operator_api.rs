@@ -35,6 +35,10 @@ pub struct NodeStatus {
     pub grant_reason: GrantReason,
     pub outbox_depth: u64,
     pub lease_expired: bool,
+    /// HLS requests the node's worker answered, as its last heartbeat said
+    /// (nodes of protocol 3 and newer; none before this controller heard one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hls_requests: Option<u64>,
 }
 
 /// The running controller's release, as the operator sees it.
@@ -80,6 +84,11 @@ pub async fn status(State(state): State<Shared>, headers: HeaderMap) -> ApiResul
     let cluster = state.refresh_cluster().await?;
     let now = now_ms();
     let lease = i64::try_from(state.config.lease_ms).unwrap_or(i64::MAX);
+    let hls_requests = state
+        .hls_requests
+        .read()
+        .map(|m| m.clone())
+        .unwrap_or_default();
     let nodes = state
         .store
         .nodes()
@@ -92,6 +101,7 @@ pub async fn status(State(state): State<Shared>, headers: HeaderMap) -> ApiResul
                 grant_reason: d.reason,
                 outbox_depth: row.outbox.count,
                 lease_expired: now.saturating_sub(row.last_seen_ms) > lease,
+                hls_requests: hls_requests.get(&row.node_id).copied(),
                 row,
             }
         })

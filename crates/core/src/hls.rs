@@ -6,7 +6,8 @@
 
 use crate::params::LiveEvent;
 
-/// Segments listed in a live playlist (the sliding window).
+/// Segments listed in a live playlist (the sliding window) of every channel
+/// before schema 3, and the default window of a schema-3 channel.
 pub const WINDOW_SEGMENTS: u64 = 6;
 
 impl LiveEvent {
@@ -48,13 +49,14 @@ impl LiveEvent {
         u32::try_from(left.min(seg)).unwrap_or(self.segment_ms)
     }
 
-    /// The live media playlist at `now_ms`, or `None` before the event starts.
+    /// The live media playlist at `now_ms`, or `None` before the event
+    /// starts; it lists the event's last `window_segments` segments.
     pub fn media_playlist(&self, now_ms: i64) -> Option<String> {
         if now_ms < self.start_ms {
             return None;
         }
         let done = self.completed_segments(now_ms);
-        let first = done.saturating_sub(WINDOW_SEGMENTS);
+        let first = done.saturating_sub(self.window_segments);
         let target_s = u64::from(self.segment_ms).div_ceil(1000).max(1);
         let mut out = format!(
             "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:{target_s}\n#EXT-X-MEDIA-SEQUENCE:{first}\n"
@@ -82,6 +84,7 @@ mod tests {
             start_ms: 10_000,
             duration_ms: 9_000,
             segment_ms: 2_000,
+            window_segments: WINDOW_SEGMENTS,
         }
     }
 
@@ -121,5 +124,13 @@ mod tests {
         let p = long.media_playlist(10_000 + 30_000).unwrap();
         assert!(p.contains("#EXT-X-MEDIA-SEQUENCE:9\n"), "{p}");
         assert_eq!(p.matches(".ts").count() as u64, WINDOW_SEGMENTS);
+        // A channel's own window (schema 3): the playlist lists that many.
+        let deep = LiveEvent {
+            window_segments: 12,
+            ..long
+        };
+        let p = deep.media_playlist(10_000 + 30_000).unwrap();
+        assert!(p.contains("#EXT-X-MEDIA-SEQUENCE:3\n"), "{p}");
+        assert_eq!(p.matches(".ts").count(), 12);
     }
 }

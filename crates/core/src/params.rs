@@ -2,8 +2,9 @@
 //!
 //! Release 2 restructured channels (segment duration in ms and a bitrate
 //! ladder instead of whole seconds and one size) and events (start as Unix ms,
-//! channel by id). The types reject unknown fields, so a release-1 node that
-//! somehow got release-2 parameters fails loudly instead of guessing.
+//! channel by id). Release 3 gives every channel its own DVR window
+//! (`window_segments`). The types reject unknown fields, so a node that
+//! somehow got another release's parameters fails loudly instead of guessing.
 
 use crate::release::Schema;
 use serde::{Deserialize, Serialize};
@@ -94,6 +95,59 @@ pub mod v2 {
     }
 }
 
+pub mod v3 {
+    //! Release 3: release 2's parameters, and each channel sets how many
+    //! segments its live playlist lists (the DVR / timeshift depth).
+    pub use super::v2::{Event, Rung};
+    use super::Group;
+    use serde::{Deserialize, Serialize};
+
+    /// The shortest window a channel may have: fewer segments than this and
+    /// players stall at every segment boundary (RFC 8216 asks for three
+    /// target durations of playlist).
+    pub const WINDOW_SEGMENTS_MIN: u32 = 3;
+    /// The longest window a channel may have (an hour of 5-second segments):
+    /// bounds the playlist a node renders per request and the segments it
+    /// keeps servable.
+    pub const WINDOW_SEGMENTS_MAX: u32 = 720;
+    /// The window of a channel the operator gave none, and of every channel
+    /// a migration from schema 2 carries over: release 2's fixed window.
+    pub const WINDOW_SEGMENTS_DEFAULT: u32 = 6;
+    const _: () = assert!(WINDOW_SEGMENTS_DEFAULT as u64 == crate::hls::WINDOW_SEGMENTS);
+
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Channel {
+        pub id: i64,
+        pub name: String,
+        pub segment_ms: u32,
+        pub ladder: Vec<Rung>,
+        /// Segments the live media playlist lists, within
+        /// [`WINDOW_SEGMENTS_MIN`]..=[`WINDOW_SEGMENTS_MAX`].
+        pub window_segments: u32,
+    }
+
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Params {
+        pub revision: u64,
+        pub channels: Vec<Channel>,
+        pub groups: Vec<Group>,
+        pub events: Vec<Event>,
+    }
+
+    /// Whether `window_segments` is a window a channel may have.
+    pub fn check_window(window_segments: u32) -> Result<(), String> {
+        if (WINDOW_SEGMENTS_MIN..=WINDOW_SEGMENTS_MAX).contains(&window_segments) {
+            Ok(())
+        } else {
+            Err(format!(
+                "window_segments must be between {WINDOW_SEGMENTS_MIN} and {WINDOW_SEGMENTS_MAX}, not {window_segments}"
+            ))
+        }
+    }
+}
+
 /// One event as a node runs it, whatever schema its parameters came in.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LiveEvent {
@@ -104,6 +158,9 @@ pub struct LiveEvent {
     pub start_ms: i64,
     pub duration_ms: u64,
     pub segment_ms: u32,
+    /// Segments the live playlist lists: the channel's own from schema 3
+    /// on, [`crate::hls::WINDOW_SEGMENTS`] before.
+    pub window_segments: u64,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -114,6 +171,8 @@ pub enum ParamsError {
     UnknownChannel { event: i64, channel: String },
     #[error("event {event} has a bad start time: {reason}")]
     BadStart { event: i64, reason: String },
+    #[error("channel {channel:?}: {reason}")]
+    BadWindow { channel: String, reason: String },
 }
 
 /// Decodes parameters of `schema` and returns the events of `group`.
@@ -157,6 +216,7 @@ pub fn events_for_group(
                         start_ms,
                         duration_ms: u64::from(e.duration_s) * 1000,
                         segment_ms: ch.segment_seconds.saturating_mul(1000),
+                        window_segments: crate::hls::WINDOW_SEGMENTS,
                     })
                 })
                 .collect()
@@ -183,6 +243,40 @@ pub fn events_for_group(
                         start_ms: e.start_ms,
                         duration_ms: e.duration_ms,
                         segment_ms: ch.segment_ms,
+                        window_segments: crate::hls::WINDOW_SEGMENTS,
+                    })
+                })
+                .collect()
+        }
+        Schema(3) => {
+            let p: v3::Params =
+                serde_json::from_value(raw.clone()).map_err(|e| unreadable(e.to_string()))?;
+            p.events
+                .iter()
+                .filter(|e| e.group == group)
+                .map(|e| {
+                    let ch = p
+                        .channels
+                        .iter()
+                        .find(|c| c.id == e.channel_id)
+                        .ok_or_else(|| ParamsError::UnknownChannel {
+                            event: e.id,
+                            channel: e.channel_id.to_string(),
+                        })?;
+                    v3::check_window(ch.window_segments).map_err(|reason| {
+                        ParamsError::BadWindow {
+                            channel: ch.name.clone(),
+                            reason,
+                        }
+                    })?;
+                    Ok(LiveEvent {
+                        event_id: e.id,
+                        channel: ch.name.clone(),
+                        channel_id: Some(ch.id),
+                        start_ms: e.start_ms,
+                        duration_ms: e.duration_ms,
+                        segment_ms: ch.segment_ms,
+                        window_segments: u64::from(ch.window_segments),
                     })
                 })
                 .collect()
@@ -213,6 +307,13 @@ mod tests {
             "events": [{"id": 7, "channel_id": 1, "group": "g1", "start_ms": 1_795_000_000_000_i64, "duration_ms": 60000}]})
     }
 
+    fn v3_params() -> serde_json::Value {
+        json!({"revision": 5, "channels": [{"id": 1, "name": "news", "segment_ms": 2000,
+            "ladder": [{"height": 720, "kbps": 3000}], "window_segments": 30}],
+            "groups": [{"name": "g1", "primary": "n1", "backup": "n2"}],
+            "events": [{"id": 7, "channel_id": 1, "group": "g1", "start_ms": 1_795_000_000_000_i64, "duration_ms": 60000}]})
+    }
+
     #[test]
     fn each_release_reads_its_own_schema() {
         let e1 = events_for_group(Schema(1), &v1_params(), "g1").unwrap();
@@ -226,6 +327,33 @@ mod tests {
             (e2[0].channel.as_str(), e2[0].channel_id),
             ("news", Some(1))
         );
+        let window = crate::hls::WINDOW_SEGMENTS;
+        assert_eq!(
+            (e1[0].window_segments, e2[0].window_segments),
+            (window, window)
+        );
+        let e3 = events_for_group(Schema(3), &v3_params(), "g1").unwrap();
+        assert_eq!(
+            (
+                e3[0].channel.as_str(),
+                e3[0].segment_ms,
+                e3[0].window_segments
+            ),
+            ("news", 2000, 30)
+        );
+    }
+
+    #[test]
+    fn release_3_windows_are_bounded() {
+        for (window, ok) in [(2, false), (3, true), (720, true), (721, false), (0, false)] {
+            let mut p = v3_params();
+            p["channels"][0]["window_segments"] = json!(window);
+            let got = events_for_group(Schema(3), &p, "g1");
+            assert_eq!(got.is_ok(), ok, "{window}: {got:?}");
+            if !ok {
+                assert!(matches!(got, Err(ParamsError::BadWindow { .. })), "{got:?}");
+            }
+        }
     }
 
     #[test]
@@ -238,7 +366,20 @@ mod tests {
             events_for_group(Schema(2), &v1_params(), "g1"),
             Err(ParamsError::Unreadable { .. })
         ));
-        assert!(events_for_group(Schema(3), &v2_params(), "g1").is_err());
+        // Release 2 and release 3 cannot read each other's parameters.
+        assert!(matches!(
+            events_for_group(Schema(3), &v2_params(), "g1"),
+            Err(ParamsError::Unreadable { .. })
+        ));
+        assert!(matches!(
+            events_for_group(Schema(2), &v3_params(), "g1"),
+            Err(ParamsError::Unreadable { .. })
+        ));
+        assert!(matches!(
+            events_for_group(Schema(3), &v1_params(), "g1"),
+            Err(ParamsError::Unreadable { .. })
+        ));
+        assert!(events_for_group(Schema(4), &v3_params(), "g1").is_err());
     }
 
     #[test]

@@ -86,6 +86,79 @@ pub mod v2 {
     }
 }
 
+pub mod v3 {
+    //! Release 3: release 2's records, and every alert carries a severity.
+    //! The kinds are release 2's ([`super::v2::Kind`]).
+    use super::v2::Kind;
+    use serde::{Deserialize, Serialize};
+
+    /// How urgent an alert is.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum Severity {
+        Info,
+        Warning,
+        Critical,
+    }
+
+    impl Severity {
+        pub fn as_str(self) -> &'static str {
+            match self {
+                Severity::Info => "info",
+                Severity::Warning => "warning",
+                Severity::Critical => "critical",
+            }
+        }
+
+        /// The inverse of [`Severity::as_str`] (for the store's column).
+        pub fn parse(s: &str) -> Option<Severity> {
+            match s {
+                "info" => Some(Severity::Info),
+                "warning" => Some(Severity::Warning),
+                "critical" => Some(Severity::Critical),
+                _ => None,
+            }
+        }
+    }
+
+    /// Release 3's record: release 2's fields plus `severity`, which an
+    /// alert must carry and no other kind may.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Record {
+        pub kind: Kind,
+        pub channel_id: i64,
+        pub node_id: String,
+        pub produced_at_ms: i64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub media_seq: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub duration_ms: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub viewers: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub event_id: Option<i64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub message: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub severity: Option<Severity>,
+    }
+
+    impl Record {
+        /// The rule of release 3: severity exactly on alerts.
+        pub fn check_severity(&self) -> Result<(), String> {
+            match (self.kind, self.severity) {
+                (Kind::Alert, None) => Err("an alert must carry a severity".into()),
+                (Kind::Alert, Some(_)) | (_, None) => Ok(()),
+                (kind, Some(_)) => Err(format!(
+                    "a {} record carries no severity (only alerts do)",
+                    kind.as_str()
+                )),
+            }
+        }
+    }
+}
+
 /// The one mapping between the kinds of the two schemas, used by the
 /// encoder, the upcaster and the store.
 impl From<v1::Kind> for v2::Kind {
@@ -124,6 +197,10 @@ pub struct Observation {
     pub viewers: Option<u32>,
     pub event_id: Option<i64>,
     pub message: Option<String>,
+    /// How urgent an alert is; only alerts carry one. Written from schema 3
+    /// on (older schemas have no place for it).
+    #[serde(default)]
+    pub severity: Option<v3::Severity>,
 }
 
 impl Observation {
@@ -181,6 +258,7 @@ pub enum RecordError {
 pub enum AnyRecord {
     V1(v1::Record),
     V2(v2::Record),
+    V3(v3::Record),
 }
 
 impl AnyRecord {
@@ -188,6 +266,16 @@ impl AnyRecord {
         match self {
             AnyRecord::V1(_) => Schema(1),
             AnyRecord::V2(_) => Schema(2),
+            AnyRecord::V3(_) => Schema(3),
+        }
+    }
+
+    /// The node the record says produced it (schema 2 on).
+    fn claimed_node(&self) -> Option<&str> {
+        match self {
+            AnyRecord::V1(_) => None,
+            AnyRecord::V2(r) => Some(&r.node_id),
+            AnyRecord::V3(r) => Some(&r.node_id),
         }
     }
 }
@@ -238,8 +326,23 @@ pub fn decode(schema: Schema, raw: &serde_json::Value) -> Result<AnyRecord, Reco
             }
             Ok(AnyRecord::V2(r))
         }
+        3 => {
+            let r = v3::Record::deserialize(raw).map_err(|e| malformed(3, e))?;
+            check_v3(&r)?;
+            Ok(AnyRecord::V3(r))
+        }
         other => Err(RecordError::UnknownSchema(other)),
     }
+}
+
+/// What `decode` checks of a schema-3 record beyond its fields, also applied
+/// by `encode`: a node never writes what the controller would refuse.
+fn check_v3(r: &v3::Record) -> Result<(), RecordError> {
+    check_text(3, "node_id", &r.node_id)?;
+    if let Some(m) = &r.message {
+        check_text(3, "message", m)?;
+    }
+    r.check_severity().map_err(|e| malformed(3, e))
 }
 
 /// Upcaster `1 → 2`: channel name to id, text time to Unix ms, kinds renamed,
@@ -268,6 +371,24 @@ pub fn upcast_1_to_2(
     })
 }
 
+/// Upcaster `2 → 3`: alerts get severity `warning` (release 2 did not say,
+/// and an alert is worth a look); every other field and kind is unchanged.
+pub fn upcast_2_to_3(r: v2::Record) -> v3::Record {
+    let severity = (r.kind == v2::Kind::Alert).then_some(v3::Severity::Warning);
+    v3::Record {
+        kind: r.kind,
+        channel_id: r.channel_id,
+        node_id: r.node_id,
+        produced_at_ms: r.produced_at_ms,
+        media_seq: r.media_seq,
+        duration_ms: r.duration_ms,
+        viewers: r.viewers,
+        event_id: r.event_id,
+        message: r.message,
+        severity,
+    }
+}
+
 /// Decodes a record of `from` and translates it up to `to` by composing the
 /// upcasters. A record already in `to` passes through unchanged.
 pub fn upcast(
@@ -287,13 +408,14 @@ pub fn upcast(
     while record.schema() < to {
         record = match record {
             AnyRecord::V1(r) => AnyRecord::V2(upcast_1_to_2(r, node_id, channels)?),
-            AnyRecord::V2(_) => return Err(RecordError::UnknownSchema(to.0)),
+            AnyRecord::V2(r) => AnyRecord::V3(upcast_2_to_3(r)),
+            AnyRecord::V3(_) => return Err(RecordError::UnknownSchema(to.0)),
         };
     }
-    if let AnyRecord::V2(r) = &record {
-        if r.node_id != node_id {
+    if let Some(claimed) = record.claimed_node() {
+        if claimed != node_id {
             return Err(RecordError::WrongNode {
-                claimed: r.node_id.clone(),
+                claimed: claimed.to_owned(),
                 sender: node_id.to_owned(),
             });
         }
@@ -330,6 +452,24 @@ pub fn encode(
             event_id: o.event_id,
             message: o.message.clone(),
         }),
+        3 => {
+            let r = v3::Record {
+                kind: o.kind,
+                channel_id: o
+                    .channel_id
+                    .ok_or_else(|| RecordError::MissingChannelId(o.channel.clone()))?,
+                node_id: node_id.to_owned(),
+                produced_at_ms: o.at_ms,
+                media_seq: o.media_seq,
+                duration_ms: o.duration_ms,
+                viewers: o.viewers,
+                event_id: o.event_id,
+                message: o.message.clone(),
+                severity: o.severity,
+            };
+            check_v3(&r)?;
+            serde_json::to_value(r)
+        }
         other => return Err(RecordError::UnknownSchema(other)),
     };
     value.map_err(|e| malformed(schema.0, e))
@@ -361,6 +501,7 @@ mod tests {
             viewers: (kind == v2::Kind::ViewerStats).then_some(17),
             event_id: matches!(kind, v2::Kind::EventStarted | v2::Kind::EventFinished).then_some(9),
             message: (kind == v2::Kind::Alert).then(|| "outbox above 80%".to_owned()),
+            severity: (kind == v2::Kind::Alert).then_some(v3::Severity::Warning),
         }
     }
 
@@ -383,6 +524,97 @@ mod tests {
             let translated = upcast(Schema(1), Schema(2), &old, "n1", &dir()).unwrap();
             assert_eq!(translated, decode(Schema(2), &native).unwrap(), "{kind:?}");
         }
+    }
+
+    /// Every kind written by a release-2 node lands as the record a
+    /// release-3 node writes for the same observation (alerts: `warning`);
+    /// a release-1 record goes through both upcasters.
+    #[test]
+    fn upcaster_2_to_3_matches_native_release_3_records() {
+        for kind in KINDS {
+            let o = obs(kind);
+            let native = decode(Schema(3), &encode(Schema(3), "n1", &o).unwrap()).unwrap();
+            for from in [1, 2] {
+                let old = encode(Schema(from), "n1", &o).unwrap();
+                let translated = upcast(Schema(from), Schema(3), &old, "n1", &dir()).unwrap();
+                assert_eq!(translated, native, "{kind:?} from schema {from}");
+            }
+        }
+        let AnyRecord::V3(alert) = decode(
+            Schema(3),
+            &encode(Schema(3), "n1", &obs(v2::Kind::Alert)).unwrap(),
+        )
+        .unwrap() else {
+            panic!("not a v3 record")
+        };
+        assert_eq!(alert.severity, Some(v3::Severity::Warning));
+    }
+
+    /// Records of schema 2 cannot be stored as schema 3 without
+    /// translation, nor the other way round.
+    #[test]
+    fn release_2_and_3_records_are_incompatible() {
+        let v2_alert = encode(Schema(2), "n1", &obs(v2::Kind::Alert)).unwrap();
+        assert!(matches!(
+            decode(Schema(3), &v2_alert),
+            Err(RecordError::Malformed { schema: 3, .. })
+        ));
+        let v3_alert = encode(Schema(3), "n1", &obs(v2::Kind::Alert)).unwrap();
+        assert!(matches!(
+            decode(Schema(2), &v3_alert),
+            Err(RecordError::Malformed { schema: 2, .. })
+        ));
+        assert_eq!(
+            upcast(Schema(3), Schema(2), &v3_alert, "n1", &dir()),
+            Err(RecordError::Downcast { from: 3, to: 2 })
+        );
+        let mut stats = encode(Schema(3), "n1", &obs(v2::Kind::ViewerStats)).unwrap();
+        stats["severity"] = json!("info");
+        assert!(matches!(
+            decode(Schema(3), &stats),
+            Err(RecordError::Malformed { schema: 3, .. })
+        ));
+        let mut unknown = v3_alert.clone();
+        unknown["severity"] = json!("fatal");
+        assert!(matches!(
+            decode(Schema(3), &unknown),
+            Err(RecordError::Malformed { schema: 3, .. })
+        ));
+        assert!(matches!(
+            upcast(Schema(3), Schema(3), &v3_alert, "n2", &dir()),
+            Err(RecordError::WrongNode { .. })
+        ));
+    }
+
+    /// A node of release 3 never writes what its controller would refuse.
+    #[test]
+    fn release_3_encodes_severity_on_alerts_only() {
+        let mut alert = obs(v2::Kind::Alert);
+        alert.severity = None;
+        assert!(matches!(
+            encode(Schema(3), "n1", &alert),
+            Err(RecordError::Malformed { schema: 3, .. })
+        ));
+        let mut stats = obs(v2::Kind::ViewerStats);
+        stats.severity = Some(v3::Severity::Critical);
+        assert!(matches!(
+            encode(Schema(3), "n1", &stats),
+            Err(RecordError::Malformed { schema: 3, .. })
+        ));
+        for severity in [
+            v3::Severity::Info,
+            v3::Severity::Warning,
+            v3::Severity::Critical,
+        ] {
+            let mut o = obs(v2::Kind::Alert);
+            o.severity = Some(severity);
+            let raw = encode(Schema(3), "n1", &o).unwrap();
+            assert_eq!(raw["severity"], json!(severity.as_str()));
+            assert_eq!(v3::Severity::parse(severity.as_str()), Some(severity));
+        }
+        // Older schemas have no place for a severity: it is not written.
+        let raw = encode(Schema(2), "n1", &obs(v2::Kind::Alert)).unwrap();
+        assert!(raw.get("severity").is_none());
     }
 
     #[test]

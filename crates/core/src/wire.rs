@@ -3,6 +3,22 @@
 //! Every message carries `v` (its format version) and rejects unknown
 //! fields: a message this release does not understand is refused with a
 //! clear error and changes nothing.
+//!
+//! How messages grow without breaking older peers:
+//!
+//! * Messages stay strict: an unknown field is refused, never ignored.
+//! * A field added at protocol N is optional (`#[serde(default,
+//!   skip_serializing_if = "Option::is_none")]`) and is written only to a
+//!   peer whose negotiated protocol is at least N. The node learns the
+//!   negotiated protocol from [`Welcome::protocol`]; the controller from
+//!   the same negotiation at hello. A peer of protocol N-1 therefore never
+//!   sees the field, and a peer of protocol N reads a message without it.
+//! * [`Hello`] is sent before any negotiation, so it never gains a
+//!   required field: anything new in it is optional, and the controller
+//!   answers a hello without it as it did before.
+//! * A field never changes meaning; a new meaning is a new field.
+//!
+//! Fields added so far: protocol 3 — [`Heartbeat::hls_requests`].
 
 use crate::grant::{decide_grant, Grant, GrantReason};
 use crate::release::{ProtocolRange, Release, ReleaseInfo, Schema};
@@ -114,6 +130,21 @@ pub struct Heartbeat {
     pub outbox: OutboxState,
     pub current_events: Vec<i64>,
     pub staged: Vec<String>,
+    /// Protocol 3: HLS requests this node's worker answered since it
+    /// started. Sent only when the negotiated protocol is at least
+    /// [`HLS_REQUESTS_PROTOCOL`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hls_requests: Option<u64>,
+}
+
+/// The protocol that added [`Heartbeat::hls_requests`].
+pub const HLS_REQUESTS_PROTOCOL: u32 = 3;
+
+/// The rule for a field added at protocol `added_at`: `value` is written
+/// only to a peer whose negotiated protocol is at least `added_at` (none
+/// negotiated yet: not written).
+pub fn if_protocol<T>(negotiated: Option<u32>, added_at: u32, value: T) -> Option<T> {
+    negotiated.is_some_and(|p| p >= added_at).then_some(value)
 }
 
 /// Controller → node: the grant in force now (also the watch answer).
@@ -522,6 +553,49 @@ mod tests {
                 .code(),
             "malformed"
         );
+    }
+
+    fn heartbeat(hls_requests: Option<u64>) -> Heartbeat {
+        Heartbeat {
+            v: 1,
+            node_id: "n1".into(),
+            epoch: 2,
+            outbox: OutboxState::default(),
+            current_events: vec![],
+            staged: vec![],
+            hls_requests,
+        }
+    }
+
+    /// A heartbeat without `hls_requests` (protocol 2 and older) is what an
+    /// older peer writes and reads; with it, it round-trips.
+    #[test]
+    fn heartbeat_optional_field() {
+        let old = serde_json::to_value(heartbeat(None)).unwrap();
+        assert!(old.get("hls_requests").is_none(), "{old}");
+        assert_eq!(
+            decode::<Heartbeat>(&serde_json::to_vec(&old).unwrap()),
+            Ok(heartbeat(None))
+        );
+        let new = serde_json::to_vec(&heartbeat(Some(42))).unwrap();
+        assert_eq!(decode::<Heartbeat>(&new), Ok(heartbeat(Some(42))));
+        let mut unknown = old;
+        unknown["hls_requests_v2"] = json!(1);
+        assert_eq!(
+            decode::<Heartbeat>(&serde_json::to_vec(&unknown).unwrap())
+                .unwrap_err()
+                .code(),
+            "malformed"
+        );
+    }
+
+    #[test]
+    fn fields_follow_the_negotiated_protocol() {
+        assert_eq!(if_protocol(None, HLS_REQUESTS_PROTOCOL, 7), None);
+        assert_eq!(if_protocol(Some(1), HLS_REQUESTS_PROTOCOL, 7), None);
+        assert_eq!(if_protocol(Some(2), HLS_REQUESTS_PROTOCOL, 7), None);
+        assert_eq!(if_protocol(Some(3), HLS_REQUESTS_PROTOCOL, 7), Some(7));
+        assert_eq!(if_protocol(Some(4), HLS_REQUESTS_PROTOCOL, 7), Some(7));
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! known error code, and valid messages round-trip.
 
 use handover_core::params::{events_for_group, LiveEvent};
-use handover_core::record::{self, v2::Kind, ChannelDirectory, ChannelRef, Observation};
+use handover_core::record::{
+    self, v2::Kind, v3::Severity, ChannelDirectory, ChannelRef, Observation,
+};
 use handover_core::wire::{self, Batch, Heartbeat, Hello, OutboxState, Role, MESSAGE_VERSION};
 use handover_core::{ProtocolRange, Release, Schema};
 use proptest::prelude::*;
@@ -105,6 +107,7 @@ fn observation() -> impl Strategy<Value = Observation> {
                 event_id: matches!(kind, Kind::EventStarted | Kind::EventFinished)
                     .then_some(event_id),
                 message: (kind == Kind::Alert).then_some(message),
+                severity: (kind == Kind::Alert).then_some(Severity::Warning),
             },
         )
 }
@@ -129,12 +132,14 @@ proptest! {
     }
 
     #[test]
-    fn arbitrary_json_never_panics_the_decoders(v in json_value(), schema in 0u32..4) {
+    fn arbitrary_json_never_panics_the_decoders(v in json_value(), schema in 0u32..5) {
         let body = serde_json::to_vec(&v).unwrap();
         let _ = wire::decode::<Hello>(&body);
         let _ = wire::decode::<Batch>(&body);
+        let _ = wire::decode::<Heartbeat>(&body);
         let _ = record::decode(Schema(schema), &v);
         let _ = record::upcast(Schema(schema), Schema(2), &v, "n1", &directory(2000));
+        let _ = record::upcast(Schema(schema), Schema(3), &v, "n1", &directory(2000));
         let _ = events_for_group(Schema(schema), &v, "g1");
     }
 
@@ -164,17 +169,35 @@ proptest! {
         prop_assert_eq!(translated, record::decode(Schema(2), &native).unwrap());
     }
 
-    /// A live playlist is a window of contiguous sequence numbers, never
-    /// longer than the window, with ENDLIST exactly when the event ended.
+    /// The upcaster `2 → 3`: whatever a release-2 node writes lands exactly
+    /// as the record a release-3 node writes for the same observation
+    /// (alerts of release 2 become `warning`, so the observation says so),
+    /// and a release-1 record through both upcasters lands the same.
     #[test]
-    fn playlists_are_contiguous_windows(segment_ms in 500u32..60_000, duration_ms in 1u64..10_000_000, at in 0i64..20_000_000) {
-        let e = LiveEvent { event_id: 1, channel: "news".into(), channel_id: None, start_ms: 1_000_000, duration_ms, segment_ms };
+    fn upcast_2_to_3_equals_native_release_3(mut o in observation()) {
+        let native = record::decode(Schema(3), &record::encode(Schema(3), "n1", &o).unwrap()).unwrap();
+        let old = record::encode(Schema(2), "n1", &o).unwrap();
+        let translated = record::upcast(Schema(2), Schema(3), &old, "n1", &directory(2000)).unwrap();
+        prop_assert_eq!(&translated, &native);
+        if let Some(d) = o.duration_ms.as_mut() { *d = 2000; }
+        let native = record::decode(Schema(3), &record::encode(Schema(3), "n1", &o).unwrap()).unwrap();
+        let oldest = record::encode(Schema(1), "n1", &o).unwrap();
+        let translated = record::upcast(Schema(1), Schema(3), &oldest, "n1", &directory(2000)).unwrap();
+        prop_assert_eq!(translated, native);
+    }
+
+    /// A live playlist is a window of contiguous sequence numbers, as long
+    /// as the event's window once that many segments are done, with ENDLIST exactly when the event ended.
+    #[test]
+    fn playlists_are_contiguous_windows(segment_ms in 500u32..60_000, duration_ms in 1u64..10_000_000, at in 0i64..20_000_000, window_segments in 3u64..=720) {
+        let e = LiveEvent { event_id: 1, channel: "news".into(), channel_id: None, start_ms: 1_000_000, duration_ms, segment_ms, window_segments };
         let now = 1_000_000 - 1_000 + at;
         match e.media_playlist(now) {
             None => prop_assert!(now < e.start_ms),
             Some(p) => {
                 let seqs: Vec<u64> = p.lines().filter_map(|l| l.strip_suffix(".ts")).map(|s| s.parse().unwrap()).collect();
-                prop_assert!(seqs.len() as u64 <= handover_core::hls::WINDOW_SEGMENTS);
+                prop_assert!(seqs.len() as u64 <= window_segments);
+                prop_assert_eq!(seqs.len() as u64, e.completed_segments(now).min(window_segments));
                 prop_assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
                 prop_assert_eq!(p.contains("#EXT-X-ENDLIST"), e.has_ended(now));
                 if let Some(last) = seqs.last() {

@@ -14,18 +14,19 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use handover_core::hls::WINDOW_SEGMENTS;
 use handover_core::params::LiveEvent;
 use handover_core::wire::{ErrorBody, Role};
 use handover_core::ReleaseInfo;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 /// An event that ended less than this long ago still has its playlist served
 /// (with ENDLIST), so players finish cleanly.
 pub const RECENTLY_ENDED_MS: i64 = 120_000;
-/// Segments older than this many playlist windows are no longer served.
+/// Segments older than this many playlist windows (of the event's own
+/// window) are no longer served.
 pub const SEGMENT_WINDOWS_SERVED: u64 = 3;
 /// Channels whose requests are counted; channels come from the parameters,
 /// this only guards the map against a pathological parameter set.
@@ -43,13 +44,26 @@ struct Counts {
 }
 
 /// HLS requests per channel for the current and the previous whole second:
-/// enough for the producer's once-a-second `viewer_stats`.
+/// enough for the producer's once-a-second `viewer_stats`; and every HLS
+/// request this worker answered since it started (the heartbeat's
+/// `hls_requests`).
 #[derive(Debug, Default)]
 pub struct ViewerCounter {
     inner: Mutex<HashMap<String, Counts>>,
+    requests: AtomicU64,
 }
 
 impl ViewerCounter {
+    /// Counts one request on the HLS route, whatever its answer.
+    pub fn request(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// HLS requests answered since this worker started.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
     pub fn hit(&self, channel: &str, now_ms: i64) {
         let second = now_ms.div_euclid(1000);
         let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -100,10 +114,11 @@ pub fn select_event<'a>(
 }
 
 /// Whether `seq` of `e` may be served at `now_ms`: completed, and not older
-/// than [`SEGMENT_WINDOWS_SERVED`] playlist windows.
+/// than [`SEGMENT_WINDOWS_SERVED`] of the event's playlist windows.
 pub fn segment_servable(e: &LiveEvent, seq: u64, now_ms: i64) -> bool {
     let done = e.completed_segments(now_ms);
-    seq < done && seq >= done.saturating_sub(SEGMENT_WINDOWS_SERVED * WINDOW_SEGMENTS)
+    let kept = SEGMENT_WINDOWS_SERVED.saturating_mul(e.window_segments);
+    seq < done && seq >= done.saturating_sub(kept)
 }
 
 /// Everything the HTTP handlers read.
@@ -223,6 +238,7 @@ async fn hls(
     let Ok(Path((channel, file))) = path else {
         return not_found().await;
     };
+    s.viewers.request();
     let now = crate::wall_clock_ms();
     let params = s.params.borrow().clone();
     if params.events.iter().any(|e| e.channel == channel) {
@@ -282,6 +298,7 @@ mod tests {
             start_ms,
             duration_ms,
             segment_ms: 2_000,
+            window_segments: handover_core::hls::WINDOW_SEGMENTS,
         }
     }
 
@@ -322,6 +339,13 @@ mod tests {
         assert!(segment_servable(&e, 49, now));
         assert!(segment_servable(&e, 50 - 18, now));
         assert!(!segment_servable(&e, 50 - 19, now));
+        // A channel's own window (schema 3): three of its windows are kept.
+        let deep = LiveEvent {
+            window_segments: 10,
+            ..e
+        };
+        assert!(segment_servable(&deep, 50 - 30, now));
+        assert!(!segment_servable(&deep, 50 - 31, now));
     }
 
     #[test]
@@ -337,5 +361,9 @@ mod tests {
         c.hit("news", 5_000);
         assert_eq!(c.count("news", 1), 0);
         assert_eq!(c.count("news", 2), 1);
+        assert_eq!(c.requests(), 0);
+        c.request();
+        c.request();
+        assert_eq!(c.requests(), 2);
     }
 }

@@ -370,10 +370,17 @@ async fn start(
         join_token: config.join_token.clone(),
         binary_sha256: handover_supervisor::binary_sha256(),
     };
-    let session = Arc::new(
-        session::Session::new(identity, &config.controller_url, store.clone(), params).await?,
-    );
     let viewers = Arc::new(hls::ViewerCounter::default());
+    let session = Arc::new(
+        session::Session::new(
+            identity,
+            &config.controller_url,
+            store.clone(),
+            params,
+            viewers.clone(),
+        )
+        .await?,
+    );
     let shipper_wake = Arc::new(Notify::new());
     let ship_error = Arc::new(Mutex::new(None));
     let stage_error = Arc::new(Mutex::new(None));

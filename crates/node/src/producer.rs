@@ -12,7 +12,7 @@ use crate::store::{keys, Commit, NewRecord, Store, StoreError};
 use crate::Stop;
 use handover_core::grant::{Grant, GrantReason};
 use handover_core::params::LiveEvent;
-use handover_core::record::{v2::Kind, Observation};
+use handover_core::record::{v2::Kind, v3::Severity, Observation};
 use handover_core::wire::limits;
 use handover_core::Schema;
 use serde::{Deserialize, Serialize};
@@ -23,9 +23,11 @@ use tokio::sync::{watch, Notify};
 
 /// How often the producer looks at the clock.
 pub const TICK_MS: u64 = 200;
-/// Segments a stalled producer catches up at most (one playlist window);
-/// older ones were never in a playlist a viewer could see.
-pub const SEGMENTS_CATCHUP_MAX: u64 = handover_core::hls::WINDOW_SEGMENTS;
+/// Segments a stalled producer catches up at most: one playlist window of
+/// the event (`LiveEvent::window_segments`; older ones were never in a
+/// playlist a viewer could see), and never more than the longest window a
+/// channel may have.
+pub const SEGMENTS_CATCHUP_MAX: u64 = handover_core::params::v3::WINDOW_SEGMENTS_MAX as u64;
 /// How long an ended event's progress is kept, so a late tick cannot
 /// publish its segments again.
 pub const PROGRESS_RETENTION_MS: i64 = 24 * 3_600_000;
@@ -129,6 +131,7 @@ fn observation(kind: Kind, e: &LiveEvent, at_ms: i64) -> Observation {
         viewers: None,
         event_id: Some(e.event_id),
         message: None,
+        severity: None,
     }
 }
 
@@ -172,9 +175,9 @@ pub fn decide(state: &ProducerState, input: &TickInput<'_>) -> TickOutcome {
                     // Catch up at most one playlist window: a short restart (a
                     // release switch) publishes every segment it missed.
                     let from = match p.last_seq {
-                        Some(last) => last
-                            .saturating_add(1)
-                            .max(completed.saturating_sub(SEGMENTS_CATCHUP_MAX)),
+                        Some(last) => last.saturating_add(1).max(
+                            completed.saturating_sub(e.window_segments.min(SEGMENTS_CATCHUP_MAX)),
+                        ),
                         None => newest,
                     };
                     for seq in from..completed {
@@ -249,8 +252,10 @@ fn reason_text(reason: GrantReason) -> String {
         .unwrap_or_else(|| format!("{reason:?}"))
 }
 
-/// The alert written when the grant changes to fenced. Channel: the first
-/// channel of the group's events; none when the node runs no event.
+/// The alert written when the grant changes to fenced, of severity
+/// `warning` (nothing is lost, but nothing is stored either until the
+/// controller grants again). Channel: the first channel of the group's
+/// events; none when the node runs no event.
 pub fn fence_alert(
     events: &[LiveEvent],
     now_ms: i64,
@@ -272,6 +277,7 @@ pub fn fence_alert(
             Grant::Fenced,
             reason_text(reason)
         )),
+        severity: Some(Severity::Warning),
     })
 }
 
@@ -436,6 +442,7 @@ mod tests {
             start_ms,
             duration_ms,
             segment_ms: 2_000,
+            window_segments: handover_core::hls::WINDOW_SEGMENTS,
         }
     }
 
@@ -581,6 +588,20 @@ mod tests {
         assert_eq!(segments(&got), vec![24, 25, 26, 27, 28, 29]);
     }
 
+    /// The window is the event's own (schema 3): a deeper DVR window keeps
+    /// more segments in the playlist, so a stall catches up more.
+    #[test]
+    fn a_stall_catches_up_the_events_own_window() {
+        let events = [LiveEvent {
+            window_segments: 10,
+            ..event(1, "news", START, 600_000)
+        }];
+        let mut state = ProducerState::default();
+        tick(&mut state, &events, START + 2_100, false);
+        let got = tick(&mut state, &events, START + 60_100, false);
+        assert_eq!(segments(&got), (20..30).collect::<Vec<u64>>());
+    }
+
     #[test]
     fn ended_while_down_finishes_without_segments() {
         let events = [event(1, "news", START, 10_000)];
@@ -667,6 +688,7 @@ mod tests {
             .as_deref()
             .unwrap_or("")
             .contains("fence_in_force"));
+        assert_eq!(a.severity, Some(Severity::Warning));
         assert_eq!(fence_alert(&[], START, 7, GrantReason::FenceInForce), None);
     }
 

@@ -7,13 +7,17 @@
 //! [`Session::request_handshake`]; only the session loop then says hello
 //! again, so there is never more than one handshake in flight.
 
+use crate::hls::ViewerCounter;
 use crate::producer::{current_events, fence_alert, runnable};
 use crate::store::{keys, Commit, NewRecord, Store, StoreError};
 use crate::{sleep_or_stop, Backoff, Stop};
 use handover_core::grant::{Grant, GrantReason};
 use handover_core::params::{events_for_group, LiveEvent};
 use handover_core::upgrade::Desired;
-use handover_core::wire::{GrantState, Heartbeat, Hello, Role, Welcome, MESSAGE_VERSION};
+use handover_core::wire::{
+    if_protocol, GrantState, Heartbeat, Hello, Role, Welcome, HLS_REQUESTS_PROTOCOL,
+    MESSAGE_VERSION,
+};
 use handover_core::{ReleaseInfo, Schema};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -306,6 +310,11 @@ pub struct Session {
     staged: Mutex<Vec<String>>,
     /// The controller's release, from the last welcome.
     controller_release: Mutex<Option<handover_core::Release>>,
+    /// The protocol negotiated in the last welcome: which optional fields
+    /// the controller reads (see `wire`'s rule for added fields).
+    protocol: Mutex<Option<u32>>,
+    /// HLS requests answered, reported in heartbeats from protocol 3 on.
+    viewers: Arc<ViewerCounter>,
 }
 
 impl Session {
@@ -316,6 +325,7 @@ impl Session {
         controller_url: &str,
         store: Arc<Store>,
         params: ParamsCache,
+        viewers: Arc<ViewerCounter>,
     ) -> Result<Session, SessionError> {
         let grant = match store.kv_get(keys::GRANT).await?.as_deref() {
             Some("full") => Some(Grant::Full),
@@ -347,6 +357,8 @@ impl Session {
             last_contact: Mutex::new(None),
             staged: Mutex::new(Vec::new()),
             controller_release: Mutex::new(None),
+            protocol: Mutex::new(None),
+            viewers,
         })
     }
 
@@ -365,6 +377,13 @@ impl Session {
     fn current_events(&self, now_ms: i64) -> Vec<i64> {
         let quiesce = self.link.borrow().quiesce_since_ms;
         current_events(&runnable(&self.params.borrow().events, quiesce), now_ms)
+    }
+
+    /// The heartbeat's `hls_requests`: only for a controller that
+    /// negotiated protocol 3 or newer (an older one refuses the field).
+    fn hls_requests(&self) -> Option<u64> {
+        let negotiated = *self.protocol.lock().unwrap_or_else(|e| e.into_inner());
+        if_protocol(negotiated, HLS_REQUESTS_PROTOCOL, self.viewers.requests())
     }
 
     pub fn controller(&self) -> &Controller {
@@ -481,6 +500,7 @@ impl Session {
             .controller_release
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(welcome.controller_release);
+        *self.protocol.lock().unwrap_or_else(|e| e.into_inner()) = Some(welcome.protocol);
         self.adopt(Adopt {
             grant: welcome.grant,
             reason: welcome.grant_reason,
@@ -710,6 +730,7 @@ impl Session {
                 outbox: self.store.outbox_state(),
                 current_events: self.current_events(crate::wall_clock_ms()),
                 staged: self.staged(),
+                hls_requests: self.hls_requests(),
             };
             let timeout = Duration::from_millis(lease_ms.clamp(1_000, REQUEST_TIMEOUT_MS));
             let r = tokio::select! {

@@ -194,6 +194,18 @@ pub fn stored_natural_key(
                 r.event_id,
             ))
         }
+        AnyRecord::V3(r) => {
+            let channel = by_id
+                .get(&r.channel_id)
+                .ok_or_else(|| format!("unknown channel id {}", r.channel_id))?;
+            Ok(record::natural_key(
+                r.kind,
+                channel,
+                r.produced_at_ms,
+                r.media_seq,
+                r.event_id,
+            ))
+        }
     }
 }
 
@@ -299,8 +311,8 @@ impl Controller {
         }
     }
 
-    /// Schema 1 → 2 in one transaction: every record through the same
-    /// upcaster the redundant channel uses.
+    /// One schema step (the simulated upgrade is 1 → 2) in one transaction:
+    /// every record through the same upcaster the redundant channel uses.
     fn migrate(&mut self, io: &mut CtlIo) {
         let from = self.durable.schema;
         let to = Schema(from.0 + 1);
@@ -315,6 +327,9 @@ impl Controller {
                         return;
                     }
                 },
+                AnyRecord::V2(r) if to == Schema(3) => {
+                    AnyRecord::V3(record::upcast_2_to_3(r.clone()))
+                }
                 other => other.clone(),
             };
             let key = match stored_natural_key(&record, &by_id) {

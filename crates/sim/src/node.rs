@@ -10,7 +10,7 @@
 use crate::net::{Answer, Lane, NodeIx, Request, SentWith};
 use crate::{Canary, Stats};
 use handover_core::grant::{Grant, GrantReason};
-use handover_core::record::{self, v2::Kind, Observation};
+use handover_core::record::{self, v2::Kind, v3::Severity, Observation};
 use handover_core::release::{Release, ReleaseInfo, Schema};
 use handover_core::upgrade::Desired;
 use handover_core::wire::{
@@ -675,6 +675,7 @@ impl Node {
                     "grant changed to fenced at epoch {} ({:?}); records are queued locally",
                     a.epoch, a.reason
                 )),
+                severity: Some(Severity::Warning),
             };
             self.commit(vec![alert], io);
         }
@@ -735,6 +736,7 @@ impl Node {
             outbox: self.outbox_state(),
             current_events: self.current_events(io.now_ms),
             staged: self.durable.staged.clone(),
+            hls_requests: None,
         };
         let body = serde_json::to_vec(&hb).expect("heartbeat serializes");
         let timeout = self.mem.lease_ms.clamp(1_000, 10_000);
@@ -974,6 +976,7 @@ impl Node {
             viewers: None,
             event_id: None,
             message: None,
+            severity: None,
         };
         let mut obs = Vec::new();
         let ended: Vec<i64> = self
@@ -1020,6 +1023,7 @@ impl Node {
         if self.durable.progress.steps % 7 == 0 {
             obs.push(Observation {
                 message: Some(format!("simulated alert {}", self.durable.progress.steps)),
+                severity: Some(Severity::Warning),
                 ..base(Kind::Alert)
             });
         }

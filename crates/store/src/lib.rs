@@ -24,6 +24,19 @@ pub enum StoreError {
     Open { path: String, reason: String },
     #[error("the database is at schema {db}, but this release runs schema {release}; start the release that matches (or newer)")]
     SchemaAhead { db: u32, release: u32 },
+    /// The database is older than this release's schema, and this release
+    /// does not migrate from it (outside its `migrates_from`).
+    #[error("the database is at schema {db}, which release {release} does not migrate (it migrates from schema {migrates_from}); {advice}")]
+    SchemaBehind {
+        db: u32,
+        release: u32,
+        migrates_from: String,
+        advice: String,
+    },
+    /// A schema this store has no tables for: a release newer than the
+    /// store's code, or a corrupt `cluster.schema`.
+    #[error("this store has no tables for schema {0}")]
+    UnknownSchema(u32),
     #[error("migration from schema {from} to {to} failed: {reason}")]
     Migration { from: u32, to: u32, reason: String },
     #[error("{0}")]
@@ -62,6 +75,12 @@ pub struct ChannelSpec {
     /// Renditions, highest first; release 1 keeps only the first.
     #[serde(default)]
     pub ladder: Vec<Rung>,
+    /// Segments the channel's live playlist lists (its DVR window), from
+    /// schema 3 on (default `params::v3::WINDOW_SEGMENTS_DEFAULT`); refused
+    /// by a database of an older schema, where every channel lists
+    /// `hls::WINDOW_SEGMENTS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_segments: Option<u32>,
 }
 
 /// An event as the operator describes it.

@@ -6,9 +6,10 @@ use crate::{
     BatchOutcome, ChannelSpec, ClusterState, EventSpec, EventView, NodeRegistration, NodeRow,
     RecordSummary, Result, Store, StoreError, StoredRecord,
 };
-use handover_core::params::{v1, v2, Group};
+use handover_core::params::{v1, v2, v3, Group};
 use handover_core::record::{self, AnyRecord, ChannelDirectory, ChannelRef};
-use handover_core::record::{v1 as rv1, v2 as rv2};
+use handover_core::record::{v1 as rv1, v2 as rv2, v3 as rv3};
+use handover_core::release::RELEASES;
 use handover_core::timefmt;
 use handover_core::upgrade::{Desired, Upgrade};
 use handover_core::wire::{validate_id, Heartbeat, OutboxState, Role};
@@ -58,6 +59,21 @@ CREATE TABLE records (node_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT
     message TEXT, natural_key TEXT NOT NULL, translated_from INTEGER, PRIMARY KEY (node_id, seq));
 ";
 
+/// Schema 2's tables, and channels set their playlist window; alerts carry
+/// a severity (NULL for every other kind, which the CHECK holds too).
+const SCHEMA_3: &str = "
+CREATE TABLE channels (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, segment_ms INTEGER NOT NULL,
+    ladder TEXT NOT NULL, window_segments INTEGER NOT NULL);
+CREATE TABLE events (id INTEGER PRIMARY KEY, channel_id INTEGER NOT NULL, group_name TEXT NOT NULL,
+    start_ms INTEGER NOT NULL, duration_ms INTEGER NOT NULL);
+CREATE TABLE records (node_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, channel_id INTEGER NOT NULL,
+    produced_at_ms INTEGER NOT NULL, media_seq INTEGER, duration_ms INTEGER, viewers INTEGER, event_id INTEGER,
+    message TEXT, natural_key TEXT NOT NULL, translated_from INTEGER,
+    severity TEXT CHECK (CASE WHEN kind = 'alert' THEN COALESCE(severity IN ('info', 'warning', 'critical'), 0)
+        ELSE severity IS NULL END),
+    PRIMARY KEY (node_id, seq));
+";
+
 pub struct SqliteStore {
     pool: SqlitePool,
     info: &'static ReleaseInfo,
@@ -94,6 +110,17 @@ impl SqliteStore {
     /// migrating an older schema forward after a snapshot in `snapshot_dir`.
     pub async fn open(path: &Path, release: Release, snapshot_dir: &Path) -> Result<SqliteStore> {
         let info = ReleaseInfo::of(release).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        SqliteStore::open_as(path, info, snapshot_dir).await
+    }
+
+    /// [`SqliteStore::open`] for a release given by its facts rather than
+    /// looked up in this binary's `RELEASES` (tests of a release this build
+    /// does not carry yet).
+    pub async fn open_as(
+        path: &Path,
+        info: &'static ReleaseInfo,
+        snapshot_dir: &Path,
+    ) -> Result<SqliteStore> {
         let opts = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -170,6 +197,9 @@ impl SqliteStore {
             });
         }
         if db_schema < target {
+            if !self.info.migrates_from.contains(&Schema(db_schema)) {
+                return Err(schema_behind(self.info, db_schema));
+            }
             let snapshot = self.snapshot(snapshot_dir, db_schema).await?;
             tracing::info!(snapshot = %snapshot.display(), from = db_schema, to = target, "migrating database");
             migrate(&self.pool, db_schema, target).await?;
@@ -217,7 +247,7 @@ impl SqliteStore {
                     by_name.insert(name, ChannelRef { id: 0, segment_ms });
                 }
             }
-            _ => {
+            2 | 3 => {
                 for row in sqlx::query("SELECT id, name, segment_ms FROM channels")
                     .fetch_all(&self.pool)
                     .await?
@@ -235,6 +265,7 @@ impl SqliteStore {
                     );
                 }
             }
+            other => return Err(StoreError::UnknownSchema(other)),
         }
         Ok((by_name, by_id))
     }
@@ -258,9 +289,66 @@ impl SqliteStore {
             .collect::<Result<Vec<_>>>()?;
         let _w = self.writer.lock().await;
         let mut tx = self.pool.begin().await?;
-        let stored = insert_rows(&mut tx, node_id, &rows, translated_from, &by_id).await?;
+        let stored = insert_rows(
+            &mut tx,
+            node_id,
+            self.info.schema,
+            &rows,
+            translated_from,
+            &by_id,
+        )
+        .await?;
         tx.commit().await?;
         Ok(stored)
+    }
+
+    /// The channels of a schema-2 or schema-3 table, with the window of
+    /// each when `with_window` (schema 3; 0 otherwise).
+    async fn channels_by_id(&self, with_window: bool) -> Result<Vec<(v2::Channel, u32)>> {
+        let sql = if with_window {
+            "SELECT id, name, segment_ms, ladder, window_segments FROM channels ORDER BY id"
+        } else {
+            "SELECT id, name, segment_ms, ladder, 0 AS window_segments FROM channels ORDER BY id"
+        };
+        sqlx::query(sql)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| {
+                let ladder: String = r.try_get("ladder")?;
+                let window = r.try_get::<i64, _>("window_segments")?;
+                let channel = v2::Channel {
+                    id: r.try_get("id")?,
+                    name: r.try_get("name")?,
+                    segment_ms: u32::try_from(r.try_get::<i64, _>("segment_ms")?).unwrap_or(0),
+                    ladder: serde_json::from_str(&ladder)
+                        .map_err(|e| StoreError::Corrupt(format!("ladder: {e}")))?,
+                };
+                let window = u32::try_from(window)
+                    .map_err(|_| StoreError::Corrupt(format!("window_segments {window}")))?;
+                Ok((channel, window))
+            })
+            .collect()
+    }
+
+    /// The events of a schema-2 or schema-3 table (the same shape).
+    async fn events_by_id(&self) -> Result<Vec<v2::Event>> {
+        sqlx::query(
+            "SELECT id, channel_id, group_name, start_ms, duration_ms FROM events ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(v2::Event {
+                id: r.try_get("id")?,
+                channel_id: r.try_get("channel_id")?,
+                group: r.try_get("group_name")?,
+                start_ms: r.try_get("start_ms")?,
+                duration_ms: to_u64(r.try_get("duration_ms")?),
+            })
+        })
+        .collect()
     }
 
     async fn bump_revision(tx: &mut Transaction<'_, Sqlite>) -> Result<()> {
@@ -275,7 +363,41 @@ fn product_tables(schema: Schema) -> Result<&'static str> {
     match schema.0 {
         1 => Ok(SCHEMA_1),
         2 => Ok(SCHEMA_2),
-        other => Err(StoreError::Invalid(format!("no tables for schema {other}"))),
+        3 => Ok(SCHEMA_3),
+        other => Err(StoreError::UnknownSchema(other)),
+    }
+}
+
+/// The refusal of a database older than every schema `info` migrates from,
+/// naming the release to start on it first.
+fn schema_behind(info: &ReleaseInfo, db: u32) -> StoreError {
+    let migrates_from = info
+        .migrates_from
+        .iter()
+        .map(|s| s.0.to_string())
+        .collect::<Vec<_>>()
+        .join(" or ");
+    // A release this binary carries that takes the database one step on.
+    let via = RELEASES.iter().find(|r| {
+        r.release < info.release
+            && info.migrates_from.contains(&r.schema)
+            && r.migrates_from.contains(&Schema(db))
+    });
+    let advice = match via {
+        Some(r) => format!(
+            "upgrade the cluster to release {} first (it migrates schema {db} to {}), then to release {}",
+            r.release, r.schema, info.release
+        ),
+        None => format!(
+            "upgrade the cluster to a release of schema {migrates_from} first, then to release {}",
+            info.release
+        ),
+    };
+    StoreError::SchemaBehind {
+        db,
+        release: info.release.0,
+        migrates_from,
+        advice,
     }
 }
 
@@ -290,6 +412,13 @@ pub async fn migrate(pool: &SqlitePool, from: u32, to: u32) -> Result<()> {
                 .map_err(|e| StoreError::Migration {
                     from: 1,
                     to: 2,
+                    reason: e.to_string(),
+                })?,
+            2 => migrate_2_to_3(&mut tx)
+                .await
+                .map_err(|e| StoreError::Migration {
+                    from: 2,
+                    to: 3,
                     reason: e.to_string(),
                 })?,
             other => {
@@ -442,6 +571,104 @@ async fn migrate_1_to_2(tx: &mut Transaction<'_, Sqlite>) -> Result<()> {
     Ok(())
 }
 
+/// Rows of `records` a migration reads and writes at once: bounds its memory
+/// whatever the size of the table.
+const MIGRATE_ROWS_PER_PAGE: i64 = 10_000;
+
+/// Schema 2 → 3: channels get release 2's window (`WINDOW_SEGMENTS`),
+/// events are unchanged, records go through the upcaster the redundant
+/// channel uses (alerts become `warning`), so a migrated row equals a
+/// translated one. A record keeps the schema its node wrote it in as
+/// `translated_from` (2 for a native schema-2 row).
+async fn migrate_2_to_3(tx: &mut Transaction<'_, Sqlite>) -> Result<()> {
+    sqlx::raw_sql(
+        "ALTER TABLE channels RENAME TO channels_v2; ALTER TABLE events RENAME TO events_v2; ALTER TABLE records RENAME TO records_v2;",
+    )
+    .execute(&mut **tx)
+    .await?;
+    sqlx::raw_sql(SCHEMA_3).execute(&mut **tx).await?;
+    sqlx::query(
+        "INSERT INTO channels (id, name, segment_ms, ladder, window_segments)
+         SELECT id, name, segment_ms, ladder, ? FROM channels_v2",
+    )
+    .bind(i64::from(v3::WINDOW_SEGMENTS_DEFAULT))
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO events (id, channel_id, group_name, start_ms, duration_ms)
+         SELECT id, channel_id, group_name, start_ms, duration_ms FROM events_v2",
+    )
+    .execute(&mut **tx)
+    .await?;
+    let mut by_id = HashMap::new();
+    for row in sqlx::query("SELECT id, name FROM channels")
+        .fetch_all(&mut **tx)
+        .await?
+    {
+        by_id.insert(
+            row.try_get::<i64, _>("id")?,
+            row.try_get::<String, _>("name")?,
+        );
+    }
+    const COLUMNS: &str =
+        "SELECT node_id, seq, kind, channel_id, produced_at_ms, media_seq, duration_ms,
+        viewers, event_id, message, natural_key, translated_from FROM records_v2";
+    let first_page = format!("{COLUMNS} ORDER BY node_id, seq LIMIT ?");
+    let next_page =
+        format!("{COLUMNS} WHERE (node_id, seq) > (?, ?) ORDER BY node_id, seq LIMIT ?");
+    let mut after: Option<(String, i64)> = None;
+    loop {
+        let query = match &after {
+            None => sqlx::query(&first_page),
+            Some((node, seq)) => sqlx::query(&next_page).bind(node.clone()).bind(*seq),
+        };
+        let page = query
+            .bind(MIGRATE_ROWS_PER_PAGE)
+            .fetch_all(&mut **tx)
+            .await?;
+        let Some(last) = page.last() else { break };
+        after = Some((last.try_get("node_id")?, last.try_get("seq")?));
+        let mut by_node: Vec<(String, Vec<Columns>)> = Vec::new();
+        for row in &page {
+            let node: String = row.try_get("node_id")?;
+            let seq: i64 = row.try_get("seq")?;
+            let old_key: String = row.try_get("natural_key")?;
+            let from = row
+                .try_get::<Option<i64>, _>("translated_from")?
+                .and_then(|v| u32::try_from(v).ok())
+                .unwrap_or(2);
+            let new = record::upcast_2_to_3(v2_from_row(row)?);
+            let cols = Columns::v3(seq, &new, Some(from), &by_id)?;
+            if cols.natural_key != old_key {
+                return Err(StoreError::Corrupt(format!(
+                    "self-check: record ({node}, {seq}) changed its natural key: {old_key} to {}",
+                    cols.natural_key
+                )));
+            }
+            match by_node.last_mut() {
+                Some((n, rows)) if *n == node => rows.push(cols),
+                _ => by_node.push((node, vec![cols])),
+            }
+        }
+        for (node, rows) in &by_node {
+            insert_columns(tx, node, Schema(3), rows).await?;
+        }
+    }
+    check_moved(
+        tx,
+        &[
+            ("channels_v2", "channels"),
+            ("events_v2", "events"),
+            ("records_v2", "records"),
+        ],
+    )
+    .await?;
+    sqlx::raw_sql("DROP TABLE records_v2; DROP TABLE events_v2; DROP TABLE channels_v2;")
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
 /// The migration's self-check, inside its transaction (so a failure leaves
 /// the database as it was): every row of every old table arrived.
 async fn check_moved(tx: &mut Transaction<'_, Sqlite>, pairs: &[(&str, &str)]) -> Result<()> {
@@ -478,6 +705,32 @@ fn v1_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<rv1::Record> {
     })
 }
 
+fn v2_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<rv2::Record> {
+    let kind: String = row.try_get("kind")?;
+    let kind: rv2::Kind = serde_json::from_value(serde_json::Value::String(kind.clone()))
+        .map_err(|_| StoreError::Corrupt(format!("record kind {kind:?}")))?;
+    let small = |v: i64, what: &str| {
+        u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("record {what} {v}")))
+    };
+    Ok(rv2::Record {
+        kind,
+        channel_id: row.try_get("channel_id")?,
+        node_id: row.try_get("node_id")?,
+        produced_at_ms: row.try_get("produced_at_ms")?,
+        media_seq: row.try_get::<Option<i64>, _>("media_seq")?.map(to_u64),
+        duration_ms: row
+            .try_get::<Option<i64>, _>("duration_ms")?
+            .map(|v| small(v, "duration_ms"))
+            .transpose()?,
+        viewers: row
+            .try_get::<Option<i64>, _>("viewers")?
+            .map(|v| small(v, "viewers"))
+            .transpose()?,
+        event_id: row.try_get("event_id")?,
+        message: row.try_get("message")?,
+    })
+}
+
 fn v1_kind_name(kind: rv1::Kind) -> &'static str {
     match kind {
         rv1::Kind::Segment => "segment",
@@ -494,60 +747,158 @@ fn v1_natural_key(r: &rv1::Record) -> String {
     record::natural_key(kind, &r.channel, at_ms, r.seq, r.event)
 }
 
-/// Records of schema 2 a multi-row INSERT carries at once (12 values each,
-/// far below SQLite's 32,766): one statement, and one round trip to the
-/// connection's thread, per this many records instead of one per record.
+/// Records of schema 2 or 3 a multi-row INSERT carries at once (13 values
+/// each at most, far below SQLite's 32,766): one statement, and one round
+/// trip to the connection's thread, per this many records instead of one
+/// per record.
 const INSERT_ROWS_PER_STATEMENT: usize = 100;
 
-/// Stores `rows` (seq, record) of one node; returns how many were new.
-/// Schema-2 records go in multi-row INSERTs, the same rows and conflict
-/// rule as [`insert_v2`].
+/// One record of schema 2 or 3 as the columns of its `records` row.
+struct Columns {
+    seq: i64,
+    kind: &'static str,
+    channel_id: i64,
+    produced_at_ms: i64,
+    media_seq: Option<i64>,
+    duration_ms: Option<i64>,
+    viewers: Option<i64>,
+    event_id: Option<i64>,
+    message: Option<String>,
+    natural_key: String,
+    translated_from: Option<i64>,
+    /// Schema 3 only.
+    severity: Option<&'static str>,
+}
+
+impl Columns {
+    /// A schema-2 row: the schema-3 columns without a severity.
+    fn v2(
+        seq: i64,
+        r: &rv2::Record,
+        translated_from: Option<u32>,
+        channel_names: &HashMap<i64, String>,
+    ) -> Result<Columns> {
+        let as_columns = rv3::Record {
+            kind: r.kind,
+            channel_id: r.channel_id,
+            node_id: String::new(),
+            produced_at_ms: r.produced_at_ms,
+            media_seq: r.media_seq,
+            duration_ms: r.duration_ms,
+            viewers: r.viewers,
+            event_id: r.event_id,
+            message: None,
+            severity: None,
+        };
+        Ok(Columns {
+            message: r.message.clone(),
+            ..Columns::v3(seq, &as_columns, translated_from, channel_names)?
+        })
+    }
+
+    fn v3(
+        seq: i64,
+        r: &rv3::Record,
+        translated_from: Option<u32>,
+        channel_names: &HashMap<i64, String>,
+    ) -> Result<Columns> {
+        let channel =
+            channel_names
+                .get(&r.channel_id)
+                .ok_or_else(|| StoreError::Untranslatable {
+                    seq: to_u64(seq),
+                    source: record::RecordError::UnknownChannel(r.channel_id.to_string()),
+                })?;
+        Ok(Columns {
+            seq,
+            kind: r.kind.as_str(),
+            channel_id: r.channel_id,
+            produced_at_ms: r.produced_at_ms,
+            media_seq: r.media_seq.map(|s| to_i64(s, "media_seq")).transpose()?,
+            duration_ms: r.duration_ms.map(i64::from),
+            viewers: r.viewers.map(i64::from),
+            event_id: r.event_id,
+            message: r.message.clone(),
+            natural_key: record::natural_key(
+                r.kind,
+                channel,
+                r.produced_at_ms,
+                r.media_seq,
+                r.event_id,
+            ),
+            translated_from: translated_from.map(i64::from),
+            severity: r.severity.map(rv3::Severity::as_str),
+        })
+    }
+}
+
+/// Stores `rows` (seq, record) of one node in a database of `schema`;
+/// returns how many were new. Every record must be of `schema`: the table
+/// of one schema never holds another's record untranslated.
 async fn insert_rows(
     conn: &mut sqlx::SqliteConnection,
     node: &str,
+    schema: Schema,
     rows: &[(i64, &AnyRecord)],
     translated_from: Option<u32>,
     channel_names: &HashMap<i64, String>,
 ) -> Result<u64> {
     let mut stored = 0;
-    let mut v2_rows = Vec::with_capacity(rows.len());
+    let mut columns = Vec::with_capacity(rows.len());
     for (seq, rec) in rows {
+        if rec.schema() != schema {
+            return Err(StoreError::Invalid(format!(
+                "record {seq} is of schema {}, the database of schema {schema}",
+                rec.schema()
+            )));
+        }
         match rec {
             AnyRecord::V1(r) => stored += insert_v1(conn, node, *seq, r).await?,
-            AnyRecord::V2(r) => v2_rows.push((*seq, r)),
+            AnyRecord::V2(r) => columns.push(Columns::v2(*seq, r, translated_from, channel_names)?),
+            AnyRecord::V3(r) => columns.push(Columns::v3(*seq, r, translated_from, channel_names)?),
         }
     }
-    for chunk in v2_rows.chunks(INSERT_ROWS_PER_STATEMENT) {
-        let mut values = Vec::with_capacity(chunk.len());
-        for (seq, r) in chunk {
-            let channel =
-                channel_names
-                    .get(&r.channel_id)
-                    .ok_or_else(|| StoreError::Untranslatable {
-                        seq: to_u64(*seq),
-                        source: record::RecordError::UnknownChannel(r.channel_id.to_string()),
-                    })?;
-            let key =
-                record::natural_key(r.kind, channel, r.produced_at_ms, r.media_seq, r.event_id);
-            let media_seq = r.media_seq.map(|s| to_i64(s, "media_seq")).transpose()?;
-            values.push((*seq, *r, key, media_seq));
-        }
-        let mut q = sqlx::QueryBuilder::<Sqlite>::new(
-            "INSERT INTO records (node_id, seq, kind, channel_id, produced_at_ms, media_seq, duration_ms, viewers, event_id, message, natural_key, translated_from) ",
-        );
-        q.push_values(values, |mut row, (seq, r, key, media_seq)| {
+    if !columns.is_empty() {
+        stored += insert_columns(conn, node, schema, &columns).await?;
+    }
+    Ok(stored)
+}
+
+/// Multi-row INSERTs of schema-2 or schema-3 rows, idempotent on (node, seq).
+async fn insert_columns(
+    conn: &mut sqlx::SqliteConnection,
+    node: &str,
+    schema: Schema,
+    rows: &[Columns],
+) -> Result<u64> {
+    let with_severity = match schema.0 {
+        2 => false,
+        3 => true,
+        other => return Err(StoreError::UnknownSchema(other)),
+    };
+    let mut stored = 0;
+    for chunk in rows.chunks(INSERT_ROWS_PER_STATEMENT) {
+        let mut q = sqlx::QueryBuilder::<Sqlite>::new(if with_severity {
+            "INSERT INTO records (node_id, seq, kind, channel_id, produced_at_ms, media_seq, duration_ms, viewers, event_id, message, natural_key, translated_from, severity) "
+        } else {
+            "INSERT INTO records (node_id, seq, kind, channel_id, produced_at_ms, media_seq, duration_ms, viewers, event_id, message, natural_key, translated_from) "
+        });
+        q.push_values(chunk, |mut row, c| {
             row.push_bind(node)
-                .push_bind(seq)
-                .push_bind(r.kind.as_str())
-                .push_bind(r.channel_id)
-                .push_bind(r.produced_at_ms)
-                .push_bind(media_seq)
-                .push_bind(r.duration_ms.map(i64::from))
-                .push_bind(r.viewers.map(i64::from))
-                .push_bind(r.event_id)
-                .push_bind(r.message.as_deref())
-                .push_bind(key)
-                .push_bind(translated_from.map(i64::from));
+                .push_bind(c.seq)
+                .push_bind(c.kind)
+                .push_bind(c.channel_id)
+                .push_bind(c.produced_at_ms)
+                .push_bind(c.media_seq)
+                .push_bind(c.duration_ms)
+                .push_bind(c.viewers)
+                .push_bind(c.event_id)
+                .push_bind(c.message.as_deref())
+                .push_bind(c.natural_key.as_str())
+                .push_bind(c.translated_from);
+            if with_severity {
+                row.push_bind(c.severity);
+            }
         });
         q.push(" ON CONFLICT (node_id, seq) DO NOTHING");
         stored += q.build().execute(&mut *conn).await?.rows_affected();
@@ -580,6 +931,7 @@ async fn insert_v1(
     Ok(done.rows_affected())
 }
 
+/// One translated record into the schema-2 table (migration 1 → 2).
 async fn insert_v2(
     tx: &mut Transaction<'_, Sqlite>,
     node: &str,
@@ -588,32 +940,8 @@ async fn insert_v2(
     translated_from: Option<u32>,
     channel_names: &HashMap<i64, String>,
 ) -> Result<u64> {
-    let channel = channel_names
-        .get(&r.channel_id)
-        .ok_or_else(|| StoreError::Untranslatable {
-            seq: to_u64(seq),
-            source: record::RecordError::UnknownChannel(r.channel_id.to_string()),
-        })?;
-    let key = record::natural_key(r.kind, channel, r.produced_at_ms, r.media_seq, r.event_id);
-    let done = sqlx::query(
-        "INSERT INTO records (node_id, seq, kind, channel_id, produced_at_ms, media_seq, duration_ms, viewers, event_id, message, natural_key, translated_from)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node_id, seq) DO NOTHING",
-    )
-    .bind(node)
-    .bind(seq)
-    .bind(r.kind.as_str())
-    .bind(r.channel_id)
-    .bind(r.produced_at_ms)
-    .bind(r.media_seq.map(|s| to_i64(s, "media_seq")).transpose()?)
-    .bind(r.duration_ms.map(i64::from))
-    .bind(r.viewers.map(i64::from))
-    .bind(r.event_id)
-    .bind(&r.message)
-    .bind(key)
-    .bind(translated_from.map(i64::from))
-    .execute(&mut **tx)
-    .await?;
-    Ok(done.rows_affected())
+    let row = Columns::v2(seq, r, translated_from, channel_names)?;
+    insert_columns(tx, node, Schema(2), &[row]).await
 }
 
 /// A write that may share its transaction with others of its kind.
@@ -733,6 +1061,8 @@ impl Grouped for Registration {
 struct Rows {
     node_id: String,
     rows: Vec<(i64, AnyRecord)>,
+    /// The database's schema, which every record is in.
+    schema: Schema,
     translated_from: Option<u32>,
     acked_through: i64,
     channel_names: HashMap<i64, String>,
@@ -745,6 +1075,7 @@ impl Grouped for Rows {
         let stored = insert_rows(
             conn,
             &self.node_id,
+            self.schema,
             &rows,
             self.translated_from,
             &self.channel_names,
@@ -795,6 +1126,22 @@ where
     Ok(())
 }
 
+fn event_views(events: Vec<v2::Event>, channel_names: &HashMap<i64, String>) -> Vec<EventView> {
+    events
+        .into_iter()
+        .map(|e| EventView {
+            id: e.id,
+            channel: channel_names
+                .get(&e.channel_id)
+                .cloned()
+                .unwrap_or_default(),
+            group: e.group,
+            start_ms: e.start_ms,
+            duration_ms: e.duration_ms,
+        })
+        .collect()
+}
+
 fn parse_role(s: &str) -> Result<Role> {
     match s {
         "primary" => Ok(Role::Primary),
@@ -822,7 +1169,18 @@ fn check_spec(spec: &ChannelSpec) -> Result<()> {
     if spec.ladder.len() > 16 {
         return Err(StoreError::Invalid("a ladder has at most 16 rungs".into()));
     }
+    if let Some(window) = spec.window_segments {
+        v3::check_window(window).map_err(StoreError::Invalid)?;
+    }
     Ok(())
+}
+
+/// The refusal of a channel window on a database that has no place for it.
+fn window_needs_schema_3(schema: u32) -> StoreError {
+    StoreError::Invalid(format!(
+        "window_segments needs schema 3 (release 3); this database is at schema {schema}, where every channel lists {} segments: leave it out",
+        handover_core::hls::WINDOW_SEGMENTS
+    ))
 }
 
 #[async_trait::async_trait]
@@ -1031,6 +1389,9 @@ impl Store for SqliteStore {
 
     async fn create_channel(&self, spec: &ChannelSpec) -> Result<ChannelSpec> {
         check_spec(spec)?;
+        if spec.window_segments.is_some() && self.info.schema < Schema(3) {
+            return Err(window_needs_schema_3(self.info.schema.0));
+        }
         let mut spec = spec.clone();
         if spec.ladder.is_empty() {
             spec.ladder = vec![v2::Rung {
@@ -1066,7 +1427,7 @@ impl Store for SqliteStore {
                     .execute(&mut *tx)
                     .await?;
             }
-            _ => {
+            2 => {
                 let ladder = serde_json::to_string(&spec.ladder)
                     .map_err(|e| StoreError::Invalid(e.to_string()))?;
                 sqlx::query("INSERT INTO channels (name, segment_ms, ladder) VALUES (?, ?, ?)")
@@ -1077,6 +1438,22 @@ impl Store for SqliteStore {
                     .await?;
                 spec.title = None;
             }
+            3 => {
+                let ladder = serde_json::to_string(&spec.ladder)
+                    .map_err(|e| StoreError::Invalid(e.to_string()))?;
+                let window = *spec
+                    .window_segments
+                    .get_or_insert(v3::WINDOW_SEGMENTS_DEFAULT);
+                sqlx::query("INSERT INTO channels (name, segment_ms, ladder, window_segments) VALUES (?, ?, ?, ?)")
+                    .bind(&spec.name)
+                    .bind(i64::from(spec.segment_ms))
+                    .bind(ladder)
+                    .bind(i64::from(window))
+                    .execute(&mut *tx)
+                    .await?;
+                spec.title = None;
+            }
+            other => return Err(StoreError::UnknownSchema(other)),
         }
         Self::bump_revision(&mut tx).await?;
         tx.commit().await?;
@@ -1105,11 +1482,12 @@ impl Store for SqliteStore {
                                 height,
                                 kbps: c.bitrate_kbps,
                             }],
+                            window_segments: None,
                         }
                     })
                     .collect())
             }
-            _ => {
+            2 => {
                 let p: v2::Params = serde_json::from_value(params)
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 Ok(p.channels
@@ -1119,9 +1497,25 @@ impl Store for SqliteStore {
                         title: None,
                         segment_ms: c.segment_ms,
                         ladder: c.ladder,
+                        window_segments: None,
                     })
                     .collect())
             }
+            3 => {
+                let p: v3::Params = serde_json::from_value(params)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                Ok(p.channels
+                    .into_iter()
+                    .map(|c| ChannelSpec {
+                        name: c.name,
+                        title: None,
+                        segment_ms: c.segment_ms,
+                        ladder: c.ladder,
+                        window_segments: Some(c.window_segments),
+                    })
+                    .collect())
+            }
+            other => Err(StoreError::UnknownSchema(other)),
         }
     }
 
@@ -1209,7 +1603,7 @@ impl Store for SqliteStore {
                     .fetch_one(&mut *tx)
                     .await?
             }
-            _ => {
+            2 | 3 => {
                 sqlx::query_scalar("INSERT INTO events (channel_id, group_name, start_ms, duration_ms) VALUES (?, ?, ?, ?) RETURNING id")
                     .bind(channel.id)
                     .bind(&spec.group)
@@ -1218,6 +1612,7 @@ impl Store for SqliteStore {
                     .fetch_one(&mut *tx)
                     .await?
             }
+            other => return Err(StoreError::UnknownSchema(other)),
         };
         Self::bump_revision(&mut tx).await?;
         tx.commit().await?;
@@ -1251,20 +1646,17 @@ impl Store for SqliteStore {
                     })
                     .collect()
             }
-            _ => {
+            2 => {
                 let p: v2::Params = serde_json::from_value(params)
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                Ok(p.events
-                    .into_iter()
-                    .map(|e| EventView {
-                        id: e.id,
-                        channel: by_id.get(&e.channel_id).cloned().unwrap_or_default(),
-                        group: e.group,
-                        start_ms: e.start_ms,
-                        duration_ms: e.duration_ms,
-                    })
-                    .collect())
+                Ok(event_views(p.events, &by_id))
             }
+            3 => {
+                let p: v3::Params = serde_json::from_value(params)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                Ok(event_views(p.events, &by_id))
+            }
+            other => Err(StoreError::UnknownSchema(other)),
         }
     }
 
@@ -1310,45 +1702,41 @@ impl Store for SqliteStore {
                     events,
                 })
             }
-            _ => {
-                let channels =
-                    sqlx::query("SELECT id, name, segment_ms, ladder FROM channels ORDER BY id")
-                        .fetch_all(&self.pool)
-                        .await?
-                        .iter()
-                        .map(|r| {
-                            let ladder: String = r.try_get("ladder")?;
-                            Ok(v2::Channel {
-                                id: r.try_get("id")?,
-                                name: r.try_get("name")?,
-                                segment_ms: u32::try_from(r.try_get::<i64, _>("segment_ms")?)
-                                    .unwrap_or(0),
-                                ladder: serde_json::from_str(&ladder)
-                                    .map_err(|e| StoreError::Corrupt(format!("ladder: {e}")))?,
-                            })
-                        })
-                        .collect::<Result<Vec<_>>>()?;
-                let events = sqlx::query("SELECT id, channel_id, group_name, start_ms, duration_ms FROM events ORDER BY id")
-                    .fetch_all(&self.pool)
+            2 => {
+                let channels = self
+                    .channels_by_id(false)
                     .await?
-                    .iter()
-                    .map(|r| {
-                        Ok(v2::Event {
-                            id: r.try_get("id")?,
-                            channel_id: r.try_get("channel_id")?,
-                            group: r.try_get("group_name")?,
-                            start_ms: r.try_get("start_ms")?,
-                            duration_ms: to_u64(r.try_get("duration_ms")?),
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
+                    .into_iter()
+                    .map(|(c, _)| c)
+                    .collect();
                 serde_json::to_value(v2::Params {
                     revision,
                     channels,
                     groups,
-                    events,
+                    events: self.events_by_id().await?,
                 })
             }
+            3 => {
+                let channels = self
+                    .channels_by_id(true)
+                    .await?
+                    .into_iter()
+                    .map(|(c, window_segments)| v3::Channel {
+                        id: c.id,
+                        name: c.name,
+                        segment_ms: c.segment_ms,
+                        ladder: c.ladder,
+                        window_segments,
+                    })
+                    .collect();
+                serde_json::to_value(v3::Params {
+                    revision,
+                    channels,
+                    groups,
+                    events: self.events_by_id().await?,
+                })
+            }
+            other => return Err(StoreError::UnknownSchema(other)),
         };
         value.map_err(|e| StoreError::Corrupt(e.to_string()))
     }
@@ -1374,6 +1762,7 @@ impl Store for SqliteStore {
         let rows = Rows {
             node_id: node_id.to_owned(),
             rows: decoded,
+            schema: to,
             translated_from,
             acked_through: to_i64(last, "seq")?,
             channel_names: by_id,
@@ -1390,7 +1779,8 @@ impl Store for SqliteStore {
     async fn record_summary(&self) -> Result<Vec<RecordSummary>> {
         let sql = match self.info.schema.0 {
             1 => "SELECT node AS node_id, COUNT(*) AS n, MAX(seq) AS max_seq, 0 AS translated FROM records GROUP BY node ORDER BY node",
-            _ => "SELECT node_id, COUNT(*) AS n, MAX(seq) AS max_seq, COUNT(translated_from) AS translated FROM records GROUP BY node_id ORDER BY node_id",
+            2 | 3 => "SELECT node_id, COUNT(*) AS n, MAX(seq) AS max_seq, COUNT(translated_from) AS translated FROM records GROUP BY node_id ORDER BY node_id",
+            other => return Err(StoreError::UnknownSchema(other)),
         };
         let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
         rows.iter()
@@ -1413,7 +1803,8 @@ impl Store for SqliteStore {
     ) -> Result<Vec<StoredRecord>> {
         let sql = match self.info.schema.0 {
             1 => "SELECT node AS node_id, seq, kind, natural_key, NULL AS translated_from FROM records WHERE node = ? AND seq > ? ORDER BY seq LIMIT ?",
-            _ => "SELECT node_id, seq, kind, natural_key, translated_from FROM records WHERE node_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            2 | 3 => "SELECT node_id, seq, kind, natural_key, translated_from FROM records WHERE node_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            other => return Err(StoreError::UnknownSchema(other)),
         };
         let rows = sqlx::query(sql)
             .bind(node_id)

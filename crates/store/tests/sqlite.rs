@@ -1,10 +1,10 @@
 //! The SQLite store against real database files: idempotent batches,
-//! translation on the redundant channel, and the migration 1 → 2.
+//! translation on the redundant channel, and the migrations 1 → 2 and 2 → 3.
 
-use handover_core::params::Group;
-use handover_core::record::{encode, v2::Kind, Observation};
+use handover_core::params::{events_for_group, Group};
+use handover_core::record::{encode, v2::Kind, v3::Severity, Observation};
 use handover_core::wire::OutboxState;
-use handover_core::{Grant, Release, Schema};
+use handover_core::{Grant, ProtocolRange, Release, ReleaseInfo, Schema};
 use handover_store::sqlite::SqliteStore;
 use handover_store::{ChannelSpec, EventSpec, NodeRegistration, Store, StoreError};
 
@@ -25,6 +25,7 @@ async fn seed(store: &SqliteStore) {
             title: None,
             segment_ms: 2000,
             ladder: vec![],
+            window_segments: None,
         })
         .await
         .unwrap();
@@ -82,6 +83,7 @@ fn segments(
             viewers: None,
             event_id: None,
             message: None,
+            severity: None,
         };
         encode(Schema(schema), "n1", &o).unwrap()
     })
@@ -220,6 +222,7 @@ async fn release_1_rejects_what_it_cannot_represent() {
             title: None,
             segment_ms: 1500,
             ladder: vec![],
+            window_segments: None,
         })
         .await
         .unwrap_err();
@@ -231,9 +234,375 @@ async fn release_1_rejects_what_it_cannot_represent() {
                 name: "news".into(),
                 title: None,
                 segment_ms: 2000,
-                ladder: vec![]
+                ladder: vec![],
+                window_segments: None,
             })
             .await,
         Err(StoreError::Exists { .. })
     ));
+}
+
+/// Release 3 as `release.rs` defines it. The default build does not carry it
+/// in `RELEASES` (only `--features next-release` does), so the store is
+/// opened with these facts through `SqliteStore::open_as`; a build that
+/// carries it checks they are the same.
+static RELEASE_3: ReleaseInfo = ReleaseInfo {
+    release: Release(3),
+    semver: "3.0.0",
+    schema: Schema(3),
+    protocol: ProtocolRange { min: 2, max: 3 },
+    window_min_schema: Schema(2),
+    migrates_from: &[Schema(2)],
+};
+
+#[test]
+fn release_3_facts_match_the_release_table() {
+    if let Ok(carried) = ReleaseInfo::of(Release(3)) {
+        assert_eq!(carried, &RELEASE_3);
+    }
+}
+
+async fn open_release_3(dir: &tempfile::TempDir) -> Result<SqliteStore, StoreError> {
+    SqliteStore::open_as(
+        &dir.path().join("db.sqlite"),
+        &RELEASE_3,
+        &dir.path().join("snapshots"),
+    )
+    .await
+}
+
+/// Every kind a node produces, for channel "news" (id 1), in `schema`.
+fn every_kind(schema: u32, first_ms: i64) -> Vec<serde_json::Value> {
+    let kinds = [
+        Kind::EventStarted,
+        Kind::SegmentPublished,
+        Kind::ViewerStats,
+        Kind::Alert,
+        Kind::EventFinished,
+    ];
+    kinds
+        .iter()
+        .enumerate()
+        .map(|(i, &kind)| {
+            let o = Observation {
+                kind,
+                channel: "news".into(),
+                channel_id: (schema >= 2).then_some(1),
+                at_ms: first_ms + i as i64 * 1000,
+                media_seq: (kind == Kind::SegmentPublished).then_some(i as u64),
+                duration_ms: (kind == Kind::SegmentPublished).then_some(2000),
+                viewers: (kind == Kind::ViewerStats).then_some(3),
+                event_id: matches!(kind, Kind::EventStarted | Kind::EventFinished).then_some(1),
+                message: (kind == Kind::Alert).then(|| "outbox above 80%".to_owned()),
+                severity: (kind == Kind::Alert).then_some(Severity::Warning),
+            };
+            encode(Schema(schema), "n1", &o).unwrap()
+        })
+        .collect()
+}
+
+/// Every column of every record, in order: what "equal rows" means.
+async fn record_rows(dir: &tempfile::TempDir) -> Vec<String> {
+    use sqlx::Row;
+    let pool = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}?mode=ro",
+        dir.path().join("db.sqlite").display()
+    ))
+    .await
+    .unwrap();
+    let rows = sqlx::query(
+        "SELECT node_id, seq, kind, channel_id, produced_at_ms, media_seq, duration_ms, viewers,
+            event_id, message, natural_key, translated_from, severity FROM records ORDER BY node_id, seq",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let out = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {} {} {} {} {:?} {:?} {:?} {:?} {:?} {} {:?} {:?}",
+                r.get::<String, _>(0),
+                r.get::<i64, _>(1),
+                r.get::<String, _>(2),
+                r.get::<i64, _>(3),
+                r.get::<i64, _>(4),
+                r.get::<Option<i64>, _>(5),
+                r.get::<Option<i64>, _>(6),
+                r.get::<Option<i64>, _>(7),
+                r.get::<Option<i64>, _>(8),
+                r.get::<Option<String>, _>(9),
+                r.get::<String, _>(10),
+                r.get::<Option<i64>, _>(11),
+                r.get::<Option<String>, _>(12),
+            )
+        })
+        .collect();
+    pool.close().await;
+    out
+}
+
+/// A release-2 database with native and translated records moves to
+/// schema 3 keeping every row, and each migrated row equals the row a
+/// release-3 controller stores when the same records arrive translated.
+#[tokio::test]
+async fn migration_2_to_3_keeps_every_row_as_translated() {
+    let migrated = tempfile::tempdir().unwrap();
+    {
+        let store = open(&migrated, 2).await;
+        seed(&store).await;
+        store
+            .store_batch("n1", Schema(2), 1, &every_kind(2, 1_795_000_001_000))
+            .await
+            .unwrap();
+        store
+            .store_batch("n1", Schema(1), 6, &every_kind(1, 1_795_000_010_000))
+            .await
+            .unwrap();
+    }
+    let store = open_release_3(&migrated).await.unwrap();
+    assert_eq!(store.cluster().await.unwrap().schema, Schema(3));
+    assert!(migrated.path().join("snapshots/schema-2-0.db").exists());
+    let rows = store.records("n1", 0, 100).await.unwrap();
+    assert_eq!(rows.len(), 10);
+    let from: Vec<Option<u32>> = rows.iter().map(|r| r.translated_from).collect();
+    assert_eq!(from, [[Some(2); 5], [Some(1); 5]].concat());
+    let channels = store.channels().await.unwrap();
+    assert_eq!(channels[0].window_segments, Some(6));
+    let events = store.events().await.unwrap();
+    assert_eq!(
+        (
+            events[0].channel.as_str(),
+            events[0].start_ms,
+            events[0].duration_ms
+        ),
+        ("news", 1_795_000_000_000, 60_000)
+    );
+    let live = events_for_group(Schema(3), &store.params().await.unwrap(), "g1").unwrap();
+    assert_eq!(live[0].window_segments, 6);
+    // The same records arriving again are not duplicated.
+    let again = store
+        .store_batch("n1", Schema(2), 1, &every_kind(2, 1_795_000_001_000))
+        .await
+        .unwrap();
+    assert_eq!((again.acked_through, again.stored), (5, 0));
+    drop(store);
+
+    let translated = tempfile::tempdir().unwrap();
+    {
+        let store = open_release_3(&translated).await.unwrap();
+        seed(&store).await;
+        let out = store
+            .store_batch("n1", Schema(2), 1, &every_kind(2, 1_795_000_001_000))
+            .await
+            .unwrap();
+        assert_eq!((out.stored, out.translated), (5, 5));
+        store
+            .store_batch("n1", Schema(1), 6, &every_kind(1, 1_795_000_010_000))
+            .await
+            .unwrap();
+    }
+    let migrated_rows = record_rows(&migrated).await;
+    assert!(
+        migrated_rows[3].ends_with("Some(2) Some(\"warning\")"),
+        "{}",
+        migrated_rows[3]
+    );
+    assert_eq!(migrated_rows, record_rows(&translated).await);
+
+    // An older release no longer opens the migrated database.
+    let err = SqliteStore::open(
+        &migrated.path().join("db.sqlite"),
+        Release(2),
+        &migrated.path().join("snapshots"),
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(
+        matches!(err, StoreError::SchemaAhead { db: 3, release: 2 }),
+        "{err}"
+    );
+}
+
+/// Release 3 migrates only from schema 2: a schema-1 database is refused,
+/// untouched, with what to do; through release 2 it gets there.
+#[tokio::test]
+async fn release_3_refuses_a_schema_1_database() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(&dir, 1).await;
+        seed(&store).await;
+        store
+            .store_batch("n1", Schema(1), 1, &segments(1, None, 0..3))
+            .await
+            .unwrap();
+    }
+    let err = open_release_3(&dir).await.err().unwrap();
+    assert!(
+        matches!(
+            err,
+            StoreError::SchemaBehind {
+                db: 1,
+                release: 3,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("upgrade the cluster to release 2 first"),
+        "{err}"
+    );
+    assert!(!dir.path().join("snapshots").exists());
+    drop(open(&dir, 2).await);
+    let store = open_release_3(&dir).await.unwrap();
+    let rows = store.records("n1", 0, 100).await.unwrap();
+    assert_eq!(rows.len(), 3);
+    assert!(rows.iter().all(|r| r.translated_from == Some(1)));
+}
+
+#[tokio::test]
+async fn channel_windows_need_schema_3() {
+    let spec = |name: &str, window_segments: Option<u32>| ChannelSpec {
+        name: name.into(),
+        title: None,
+        segment_ms: 2000,
+        ladder: vec![],
+        window_segments,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_release_3(&dir).await.unwrap();
+    let default = store.create_channel(&spec("news", None)).await.unwrap();
+    assert_eq!(default.window_segments, Some(6));
+    let deep = store.create_channel(&spec("dvr", Some(720))).await.unwrap();
+    assert_eq!(deep.window_segments, Some(720));
+    for bad in [0, 2, 721] {
+        let err = store
+            .create_channel(&spec("bad", Some(bad)))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Invalid(_)), "{bad}: {err}");
+    }
+    let windows: Vec<_> = store
+        .channels()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.name, c.window_segments))
+        .collect();
+    assert_eq!(
+        windows,
+        [("news".to_owned(), Some(6)), ("dvr".to_owned(), Some(720))]
+    );
+
+    for release in [1, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir, release).await;
+        let err = store
+            .create_channel(&spec("news", Some(30)))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Invalid(m) if m.contains("needs schema 3")),
+            "{err}"
+        );
+        let plain = store.create_channel(&spec("news", None)).await.unwrap();
+        assert_eq!(plain.window_segments, None);
+    }
+}
+
+/// Release 3's main channel stores alerts with their severity and refuses
+/// a release-2 alert presented as schema 3.
+#[tokio::test]
+async fn release_3_stores_severities() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_release_3(&dir).await.unwrap();
+    seed(&store).await;
+    let mut batch = every_kind(3, 1_795_000_001_000);
+    batch[3]["severity"] = serde_json::json!("critical");
+    let out = store.store_batch("n1", Schema(3), 1, &batch).await.unwrap();
+    assert_eq!((out.stored, out.translated), (5, 0));
+    let v2_alert = every_kind(2, 1_795_000_020_000).remove(3);
+    let err = store
+        .store_batch("n1", Schema(3), 6, &[v2_alert])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Untranslatable { seq: 6, .. }),
+        "{err}"
+    );
+    drop(store);
+    let rows = record_rows(&dir).await;
+    assert_eq!(rows.len(), 5);
+    assert!(rows[3].ends_with("None Some(\"critical\")"), "{}", rows[3]);
+    assert!(rows[2].ends_with("None None"), "{}", rows[2]);
+    // The table holds the rule too: severity on alerts, and only there.
+    let pool = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        dir.path().join("db.sqlite").display()
+    ))
+    .await
+    .unwrap();
+    for (seq, kind, severity, ok) in [
+        (10, "alert", None, false),
+        (11, "alert", Some("fatal"), false),
+        (12, "viewer_stats", Some("info"), false),
+        (13, "alert", Some("info"), true),
+        (14, "viewer_stats", None, true),
+    ] {
+        let done = sqlx::query(
+            "INSERT INTO records (node_id, seq, kind, channel_id, produced_at_ms, natural_key, severity)
+             VALUES ('n1', ?, ?, 1, 0, ?, ?)",
+        )
+        .bind(seq)
+        .bind(kind)
+        .bind(format!("k{seq}"))
+        .bind(severity)
+        .execute(&pool)
+        .await;
+        assert_eq!(done.is_ok(), ok, "{kind} {severity:?}: {done:?}");
+    }
+    pool.close().await;
+}
+
+/// More records than the migration reads at once (10,000 a page), over two
+/// nodes: every one arrives, in order, once.
+#[tokio::test]
+async fn migration_2_to_3_pages_through_a_large_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let per_node = 6_000u64;
+    {
+        let store = open(&dir, 2).await;
+        seed(&store).await;
+        for node in ["n1", "n2"] {
+            for first in (0..per_node).step_by(1000) {
+                let batch: Vec<serde_json::Value> = segments(2, Some(1), first..first + 1000)
+                    .into_iter()
+                    .map(|mut r| {
+                        r["node_id"] = serde_json::json!(node);
+                        r
+                    })
+                    .collect();
+                store
+                    .store_batch(node, Schema(2), first + 1, &batch)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    let store = open_release_3(&dir).await.unwrap();
+    let summary = store.record_summary().await.unwrap();
+    let totals: Vec<(String, u64, u64, u64)> = summary
+        .into_iter()
+        .map(|s| (s.node_id, s.records, s.max_seq, s.translated))
+        .collect();
+    assert_eq!(
+        totals,
+        [
+            ("n1".to_owned(), per_node, per_node, per_node),
+            ("n2".to_owned(), per_node, per_node, per_node)
+        ]
+    );
 }
