@@ -18,7 +18,9 @@
 //!   answers a hello without it as it did before.
 //! * A field never changes meaning; a new meaning is a new field.
 //!
-//! Fields added so far: protocol 3 — [`Heartbeat::hls_requests`].
+//! Fields added so far: protocol 3 — [`Heartbeat::hls_requests`]. Optional
+//! in the hello since message version 1 (before release 3 shipped, so every
+//! controller of this code reads it): [`Hello::binary_sha256`].
 
 use crate::grant::{decide_grant, Grant, GrantReason};
 use crate::release::{ProtocolRange, Release, ReleaseInfo, Schema};
