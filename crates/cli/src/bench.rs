@@ -591,6 +591,7 @@ fn hello_body(node_id: &str, token: &str, release: u32, group: &str) -> anyhow::
         param_revision: None,
         staged: vec![],
         binary_sha256: None,
+        supervisor_sha256: None,
     })?)
 }
 

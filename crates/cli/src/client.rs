@@ -146,8 +146,8 @@ pub fn render_status(s: &Status) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<16} {:>7} {:<12} {:<8} {:<8} {:<8} {:>7} {:>7}  events",
-        "node", "release", "binary", "role", "group", "grant", "outbox", "acked"
+        "{:<16} {:>7} {:<12} {:<12} {:<8} {:<8} {:<8} {:>7} {:>7}  events",
+        "node", "release", "binary", "supervisor", "role", "group", "grant", "outbox", "acked"
     );
     for n in &s.nodes {
         let r = &n.row;
@@ -162,10 +162,11 @@ pub fn render_status(s: &Status) -> String {
             .unwrap_or_default();
         let _ = writeln!(
             out,
-            "{:<16} {:>7} {:<12} {:<8} {:<8} {:<8} {:>7} {:>7}  {:?}{lease}{hls}",
+            "{:<16} {:>7} {:<12} {:<12} {:<8} {:<8} {:<8} {:>7} {:>7}  {:?}{lease}{hls}",
             r.node_id,
             r.release.0,
             short_sha(r.binary_sha256.as_deref()),
+            short_sha(r.supervisor_sha256.as_deref()),
             r.role.as_str(),
             r.group,
             n.grant_now.as_str(),

@@ -444,7 +444,11 @@ async fn a_patch_build_rolls_through_without_fence_or_deliver() {
         Some(patch_sha.as_str())
     );
     for p in c.fleet.processes().await.unwrap() {
-        assert_eq!((p.release, p.sha256.as_str()), (2, patch_sha.as_str()), "{p:?}");
+        assert_eq!(
+            (p.release, p.sha256.as_str()),
+            (2, patch_sha.as_str()),
+            "{p:?}"
+        );
     }
     let v = viewers.await.unwrap();
     assert_eq!((v.failed_requests, v.segments_missed), (0, 0), "{v:?}");

@@ -102,6 +102,7 @@ pub async fn hello(
             staged: hello.staged.clone(),
             now_ms: now_ms(),
             binary_sha256: hello.binary_sha256.clone(),
+            supervisor_sha256: hello.supervisor_sha256.clone(),
         })
         .await?;
     if let Ok(mut map) = state.sessions.write() {

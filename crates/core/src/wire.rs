@@ -20,7 +20,8 @@
 //!
 //! Fields added so far: protocol 3 — [`Heartbeat::hls_requests`]. Optional
 //! in the hello since message version 1 (before release 3 shipped, so every
-//! controller of this code reads it): [`Hello::binary_sha256`].
+//! controller of this code reads it): [`Hello::binary_sha256`],
+//! [`Hello::supervisor_sha256`].
 
 use crate::grant::{decide_grant, Grant, GrantReason};
 use crate::release::{ProtocolRange, Release, ReleaseInfo, Schema};
@@ -101,6 +102,10 @@ pub struct Hello {
     /// from the one it replaces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub binary_sha256: Option<String>,
+    /// SHA-256 of the binary the node's supervisor runs (it re-executes
+    /// itself after an upgrade; the node says hello again when it did).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supervisor_sha256: Option<String>,
 }
 
 /// Controller → node, answer to [`Hello`].
@@ -285,9 +290,14 @@ impl Validate for Hello {
                 format!("more than {}", limits::STAGED_MAX),
             ));
         }
-        if let Some(sha) = &self.binary_sha256 {
-            if sha.len() != 64 || !sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-                return Err(invalid("binary_sha256", "must be 64 lowercase hex digits"));
+        for (field, sha) in [
+            ("binary_sha256", &self.binary_sha256),
+            ("supervisor_sha256", &self.supervisor_sha256),
+        ] {
+            if sha.as_ref().is_some_and(|s| {
+                s.len() != 64 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            }) {
+                return Err(invalid(field, "must be 64 lowercase hex digits"));
             }
         }
         Ok(())
@@ -469,6 +479,7 @@ mod tests {
             param_revision: None,
             staged: vec![],
             binary_sha256: None,
+            supervisor_sha256: None,
         }
     }
 

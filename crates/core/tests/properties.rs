@@ -70,6 +70,7 @@ fn hello() -> impl Strategy<Value = Hello> {
                 param_revision,
                 staged: vec![],
                 binary_sha256: None,
+                supervisor_sha256: None,
             },
         )
 }

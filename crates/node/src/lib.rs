@@ -231,6 +231,7 @@ fn validate(config: &NodeConfig, info: &ReleaseInfo) -> anyhow::Result<()> {
         param_revision: None,
         staged: vec![],
         binary_sha256: None,
+        supervisor_sha256: None,
     }
     .validate()
     .context("advertise URL")?;

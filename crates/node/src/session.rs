@@ -308,6 +308,8 @@ pub struct Session {
     last_contact: Mutex<Option<Instant>>,
     /// Ids of the artifacts staged in the data dir, reported to the controller.
     staged: Mutex<Vec<String>>,
+    /// The supervisor's binary digest the last hello said.
+    supervisor_sha256: Mutex<Option<String>>,
     /// The controller's release, from the last welcome.
     controller_release: Mutex<Option<handover_core::Release>>,
     /// The protocol negotiated in the last welcome: which optional fields
@@ -356,6 +358,7 @@ impl Session {
             reachable: AtomicBool::new(false),
             last_contact: Mutex::new(None),
             staged: Mutex::new(Vec::new()),
+            supervisor_sha256: Mutex::new(None),
             controller_release: Mutex::new(None),
             protocol: Mutex::new(None),
             viewers,
@@ -456,6 +459,11 @@ impl Session {
             param_revision: params.revision,
             staged: self.staged(),
             binary_sha256: self.id.binary_sha256.clone(),
+            supervisor_sha256: self
+                .supervisor_sha256
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
         }
     }
 
@@ -473,8 +481,20 @@ impl Session {
         r
     }
 
+    /// The digest of the binary this worker's supervisor runs now (asked
+    /// each time: it re-executes itself after an upgrade).
+    async fn ask_supervisor_sha256() -> Option<String> {
+        let client = handover_supervisor::SupervisorClient::from_env()?;
+        let sha = client.status().await.ok()?.sha256;
+        (!sha.is_empty()).then_some(sha)
+    }
+
     /// Hello with the persisted credential; on 401 once more with the join token.
     pub async fn hello(&self) -> Result<(), SessionError> {
+        *self
+            .supervisor_sha256
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Self::ask_supervisor_sha256().await;
         let credential = self.link.borrow().credential.clone();
         let welcome = match credential {
             Some(c) => match self.send_hello(&c).await {
@@ -754,6 +774,20 @@ impl Session {
                 .is_some_and(|d| d > Duration::from_millis(lease_ms.max(HEARTBEAT_MS_MIN)));
             if lost {
                 self.request_handshake(link.generation, "lease lost");
+            }
+            // Who this node is changed under it: say so in a new hello.
+            let said = self
+                .supervisor_sha256
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if let Some(now) = Self::ask_supervisor_sha256().await {
+                if said.as_deref() != Some(now.as_str()) {
+                    self.request_handshake(
+                        link.generation,
+                        "the supervisor now runs another binary",
+                    );
+                }
             }
         }
     }

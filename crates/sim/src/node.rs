@@ -511,6 +511,7 @@ impl Node {
                 param_revision: None,
                 staged: self.durable.staged.clone(),
                 binary_sha256: None,
+                supervisor_sha256: None,
             };
             let body = serde_json::to_vec(&hello).expect("hello serializes");
             self.send(

@@ -120,6 +120,8 @@ pub struct NodeRegistration {
     pub now_ms: i64,
     /// SHA-256 of the binary the node's worker runs, if it says.
     pub binary_sha256: Option<String>,
+    /// SHA-256 of the binary the node's supervisor runs, if it says.
+    pub supervisor_sha256: Option<String>,
 }
 
 /// One row of the node registry.
@@ -142,6 +144,9 @@ pub struct NodeRow {
     /// SHA-256 of the binary the node's worker runs, if it said.
     #[serde(default)]
     pub binary_sha256: Option<String>,
+    /// SHA-256 of the binary the node's supervisor runs, if it said.
+    #[serde(default)]
+    pub supervisor_sha256: Option<String>,
 }
 
 /// The answer to a stored batch.

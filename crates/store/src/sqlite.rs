@@ -33,7 +33,7 @@ CREATE TABLE IF NOT EXISTS nodes (
     role TEXT NOT NULL, group_name TEXT NOT NULL, hls_url TEXT NOT NULL, grant_name TEXT NOT NULL,
     epoch INTEGER NOT NULL, outbox_next_seq INTEGER NOT NULL, outbox_oldest INTEGER, outbox_count INTEGER NOT NULL,
     current_events TEXT NOT NULL, staged TEXT NOT NULL DEFAULT '[]', last_seen_ms INTEGER NOT NULL,
-    acked_through INTEGER NOT NULL DEFAULT 0, binary_sha256 TEXT);
+    acked_through INTEGER NOT NULL DEFAULT 0, binary_sha256 TEXT, supervisor_sha256 TEXT);
 CREATE TABLE IF NOT EXISTS node_desired (node_id TEXT PRIMARY KEY, desired TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS upgrades (id INTEGER PRIMARY KEY, state TEXT NOT NULL, updated_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS groups (name TEXT PRIMARY KEY, primary_node TEXT NOT NULL, backup_node TEXT NOT NULL);
@@ -152,15 +152,18 @@ impl SqliteStore {
         sqlx::raw_sql(SHARED_TABLES).execute(&mut *tx).await?;
         // Shared tables only ever gain nullable columns, added by whichever
         // release opens the database first; every release reads them by name.
-        let has_digest: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM pragma_table_info('nodes') WHERE name = 'binary_sha256'",
-        )
-        .fetch_one(&mut *tx)
-        .await?;
-        if has_digest == 0 {
-            sqlx::query("ALTER TABLE nodes ADD COLUMN binary_sha256 TEXT")
-                .execute(&mut *tx)
-                .await?;
+        for column in ["binary_sha256", "supervisor_sha256"] {
+            let present: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM pragma_table_info('nodes') WHERE name = ?",
+            )
+            .bind(column)
+            .fetch_one(&mut *tx)
+            .await?;
+            if present == 0 {
+                sqlx::query(&format!("ALTER TABLE nodes ADD COLUMN {column} TEXT"))
+                    .execute(&mut *tx)
+                    .await?;
+            }
         }
         let schema: Option<i64> =
             sqlx::query_scalar("SELECT value FROM cluster WHERE key = 'schema'")
@@ -1096,14 +1099,15 @@ where
 {
     sqlx::query(
         "INSERT INTO nodes (node_id, credential, release, schema, role, group_name, hls_url, grant_name, epoch,
-            outbox_next_seq, outbox_oldest, outbox_count, current_events, staged, last_seen_ms, binary_sha256)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            outbox_next_seq, outbox_oldest, outbox_count, current_events, staged, last_seen_ms, binary_sha256,
+            supervisor_sha256)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
          ON CONFLICT (node_id) DO UPDATE SET credential = excluded.credential, release = excluded.release,
             schema = excluded.schema, role = excluded.role, group_name = excluded.group_name, hls_url = excluded.hls_url,
             grant_name = excluded.grant_name, epoch = excluded.epoch, outbox_next_seq = excluded.outbox_next_seq,
             outbox_oldest = excluded.outbox_oldest, outbox_count = excluded.outbox_count,
             current_events = excluded.current_events, staged = excluded.staged, last_seen_ms = excluded.last_seen_ms,
-            binary_sha256 = excluded.binary_sha256",
+            binary_sha256 = excluded.binary_sha256, supervisor_sha256 = excluded.supervisor_sha256",
     )
     .bind(&r.node_id)
     .bind(&r.credential)
@@ -1121,6 +1125,7 @@ where
     .bind(json(&r.staged)?)
     .bind(r.now_ms)
     .bind(r.binary_sha256.as_deref())
+    .bind(r.supervisor_sha256.as_deref())
     .execute(db)
     .await?;
     Ok(())
@@ -1382,6 +1387,7 @@ impl Store for SqliteStore {
                     last_seen_ms: row.try_get("last_seen_ms")?,
                     acked_through: to_u64(row.try_get("acked_through")?),
                     binary_sha256: row.try_get("binary_sha256")?,
+                    supervisor_sha256: row.try_get("supervisor_sha256")?,
                 })
             })
             .collect()

@@ -24,6 +24,7 @@ fn registration(node: &str, epoch: u64) -> NodeRegistration {
         staged: vec![],
         now_ms: 1,
         binary_sha256: None,
+        supervisor_sha256: None,
     }
 }
 

@@ -62,6 +62,7 @@ async fn seed(store: &SqliteStore) {
             staged: vec![],
             now_ms: 0,
             binary_sha256: None,
+            supervisor_sha256: None,
         })
         .await
         .unwrap();
