@@ -109,16 +109,7 @@ pub async fn status(State(state): State<Shared>, headers: HeaderMap) -> ApiResul
     Ok(Json(Status {
         controller: ControllerInfo {
             binary_sha256: state.binary_sha256.clone(),
-            // Asked each time: the supervisor re-executes itself after an upgrade.
-            supervisor_sha256: match handover_supervisor::SupervisorClient::from_env() {
-                Some(client) => client
-                    .status()
-                    .await
-                    .ok()
-                    .map(|s| s.sha256)
-                    .filter(|s| !s.is_empty()),
-                None => None,
-            },
+            supervisor_sha256: handover_supervisor::supervisor_sha256().await,
             ..state.info.into()
         },
         cluster,

@@ -98,6 +98,7 @@ pub(crate) async fn node_views(state: &Shared) -> ApiResult<Vec<NodeView>> {
             outbox_count: n.outbox.count,
             current_events: n.current_events,
             binary_sha256: n.binary_sha256,
+            supervisor_sha256: n.supervisor_sha256,
         })
         .collect())
 }
@@ -112,6 +113,7 @@ pub(crate) async fn cluster_view(state: &Shared) -> ApiResult<ClusterView> {
         fenced: c.fenced,
         controller_release: state.info.release,
         controller_sha256: state.binary_sha256.clone(),
+        controller_supervisor_sha256: handover_supervisor::supervisor_sha256().await,
         database_schema: c.schema,
         disk_free_bytes,
     })

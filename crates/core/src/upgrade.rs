@@ -152,11 +152,16 @@ impl Target {
     /// Whether a process of `release` running a binary of digest `sha256`
     /// runs this target. A digest counts only when both sides know it.
     pub fn runs_on(&self, release: Release, sha256: Option<&str>) -> bool {
-        release == self.release
-            && match (self.sha256.as_deref(), sha256) {
-                (Some(want), Some(have)) => want == have,
-                _ => true,
-            }
+        release == self.release && self.same_binary(sha256)
+    }
+
+    /// Whether a binary of digest `sha256` is this target's (unknown on
+    /// either side counts as yes: a process without a supervisor has none).
+    pub fn same_binary(&self, sha256: Option<&str>) -> bool {
+        match (self.sha256.as_deref(), sha256) {
+            (Some(want), Some(have)) => want == have,
+            _ => true,
+        }
     }
 }
 
@@ -233,6 +238,9 @@ pub struct NodeView {
     /// SHA-256 of the binary the node's worker runs, when it reports one.
     #[serde(default)]
     pub binary_sha256: Option<String>,
+    /// SHA-256 of the binary the node's supervisor runs, when it reports one.
+    #[serde(default)]
+    pub supervisor_sha256: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -244,6 +252,9 @@ pub struct ClusterView {
     /// SHA-256 of the binary the controller's worker runs, when known.
     #[serde(default)]
     pub controller_sha256: Option<String>,
+    /// SHA-256 of the binary the controller's supervisor runs, when known.
+    #[serde(default)]
+    pub controller_supervisor_sha256: Option<String>,
     /// Schema of the database.
     pub database_schema: Schema,
     /// Free bytes where artifacts are stored, for preflight.
@@ -866,6 +877,11 @@ impl Upgrade {
                     self.enter(Phase::Primaries, now_ms);
                     return self.primaries(nodes, now_ms);
                 }
+                if !target.same_binary(cluster.controller_supervisor_sha256.as_deref()) {
+                    self.waiting_for =
+                        "the controller's supervisor to re-execute into the new binary".into();
+                    return vec![];
+                }
                 // Its own step, so `pause_at: finalize` stops before the point of no return.
                 self.end(Status::Finalized, now_ms);
                 self.waiting_for.clear();
@@ -962,7 +978,12 @@ impl Upgrade {
         now_ms: u64,
     ) -> Vec<Effect> {
         let target = self.plan.target.clone();
-        let on_target = view.is_some_and(|n| target.runs_on(n.release, n.binary_sha256.as_deref()));
+        // Upgraded means every process of the node runs the new binary: its
+        // supervisor re-executes itself once the old worker is gone.
+        let on_target = view.is_some_and(|n| {
+            target.runs_on(n.release, n.binary_sha256.as_deref())
+                && target.same_binary(n.supervisor_sha256.as_deref())
+        });
         let healthy = view.is_some_and(|n| {
             n.reachable && n.grant == Grant::Full && n.outbox_count <= DRAINED_RECORDS_MAX
         });
@@ -1066,6 +1087,7 @@ mod tests {
             outbox_count: 3,
             current_events: vec![7],
             binary_sha256: None,
+            supervisor_sha256: None,
         }
     }
 
@@ -1079,6 +1101,7 @@ mod tests {
                     fenced: false,
                     controller_release: Release(1),
                     controller_sha256: None,
+                    controller_supervisor_sha256: None,
                     database_schema: Schema(1),
                     disk_free_bytes: 1 << 30,
                 },
@@ -1233,6 +1256,41 @@ mod tests {
             .nodes
             .iter()
             .all(|n| n.binary_sha256.as_deref() == Some(PATCH_SHA) && n.grant == Grant::Full));
+    }
+
+    #[test]
+    fn upgraded_and_finalized_wait_for_supervisors_on_the_new_binary() {
+        let mut s = on_release_2(patch_target());
+        s.cluster.controller_supervisor_sha256 = Some(OLD_SHA.into());
+        for n in &mut s.nodes {
+            n.supervisor_sha256 = Some(OLD_SHA.into());
+        }
+        for _ in 0..30 {
+            s.tick();
+        }
+        // Workers switched, but supervisors still run the old binary.
+        assert_eq!(s.up.phase, Phase::Backups, "{:?}", s.up);
+        assert!(
+            s.up.waiting_for.contains("b to switch"),
+            "{}",
+            s.up.waiting_for
+        );
+        for n in &mut s.nodes {
+            n.supervisor_sha256 = Some(PATCH_SHA.into());
+        }
+        for _ in 0..30 {
+            s.tick();
+        }
+        assert_eq!(s.up.phase, Phase::Finalize, "{:?}", s.up);
+        assert!(s.up.status == Status::Running, "{:?}", s.up);
+        assert!(
+            s.up.waiting_for.contains("controller's supervisor"),
+            "{}",
+            s.up.waiting_for
+        );
+        s.cluster.controller_supervisor_sha256 = Some(PATCH_SHA.into());
+        s.tick();
+        assert_eq!(s.up.status, Status::Finalized, "{:?}", s.up);
     }
 
     #[test]

@@ -54,6 +54,7 @@ fn every_stored_state_of_every_release_decodes_and_steps() {
             fenced: matches!(phase, Phase::Fence | Phase::Controller),
             controller_release: Release(1),
             controller_sha256: None,
+            controller_supervisor_sha256: None,
             database_schema: Schema(1),
             disk_free_bytes: 1 << 30,
         };

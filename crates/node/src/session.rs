@@ -481,20 +481,12 @@ impl Session {
         r
     }
 
-    /// The digest of the binary this worker's supervisor runs now (asked
-    /// each time: it re-executes itself after an upgrade).
-    async fn ask_supervisor_sha256() -> Option<String> {
-        let client = handover_supervisor::SupervisorClient::from_env()?;
-        let sha = client.status().await.ok()?.sha256;
-        (!sha.is_empty()).then_some(sha)
-    }
-
     /// Hello with the persisted credential; on 401 once more with the join token.
     pub async fn hello(&self) -> Result<(), SessionError> {
         *self
             .supervisor_sha256
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Self::ask_supervisor_sha256().await;
+            .unwrap_or_else(|e| e.into_inner()) = handover_supervisor::supervisor_sha256().await;
         let credential = self.link.borrow().credential.clone();
         let welcome = match credential {
             Some(c) => match self.send_hello(&c).await {
@@ -781,7 +773,7 @@ impl Session {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone();
-            if let Some(now) = Self::ask_supervisor_sha256().await {
+            if let Some(now) = handover_supervisor::supervisor_sha256().await {
                 if said.as_deref() != Some(now.as_str()) {
                     self.request_handshake(
                         link.generation,

@@ -742,6 +742,7 @@ impl Controller {
                 outbox_count: r.outbox.count,
                 current_events: r.current_events.clone(),
                 binary_sha256: None,
+                supervisor_sha256: None,
             })
             .collect()
     }
@@ -752,6 +753,7 @@ impl Controller {
             fenced: self.durable.fenced,
             controller_release: self.info().release,
             controller_sha256: None,
+            controller_supervisor_sha256: None,
             database_schema: self.info().schema,
             disk_free_bytes: DISK_FREE_BYTES,
         }

@@ -47,6 +47,15 @@ pub fn binary_sha256() -> Option<String> {
     (v.len() == 64 && v.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))).then_some(v)
 }
 
+/// The digest of the binary this worker's supervisor runs now; asked each
+/// time, since a supervisor re-executes itself after an upgrade. None
+/// without a supervisor (or one too old to say).
+pub async fn supervisor_sha256() -> Option<String> {
+    let client = SupervisorClient::from_env()?;
+    let sha = client.status().await.ok()?.sha256;
+    (!sha.is_empty()).then_some(sha)
+}
+
 /// Env var set to `1` for every worker, so a worker knows it is supervised.
 pub const ENV_WORKER: &str = "HANDOVER_WORKER";
 /// Env var carrying the supervisor's `ready_timeout_ms`, so a worker's

@@ -109,7 +109,9 @@ pub struct SupervisorStatus {
     /// The file the supervisor itself runs (`/proc/self/exe`).
     #[serde(default)]
     pub binary: PathBuf,
-    /// SHA-256 of that file; empty from a supervisor older than this field.
+    /// SHA-256 of what this image was exec'd as: that file's, or for a
+    /// release whose binary is a wrapper script, the script's (the digest
+    /// an artifact names). Empty from a supervisor older than this field.
     #[serde(default)]
     pub sha256: String,
     /// The contract versions the supervisor speaks; None from a supervisor

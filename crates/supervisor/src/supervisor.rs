@@ -219,7 +219,12 @@ pub async fn run(
     let (switch_tx, switch_rx) = mpsc::channel(1);
     let shared = Arc::new(Shared::new(
         config.name.clone(),
-        (own.binary.clone(), own.sha256.clone()),
+        (
+            own.binary.clone(),
+            own.exec_sha256
+                .clone()
+                .unwrap_or_else(|| own.sha256.clone()),
+        ),
         Live {
             active: state.active.clone(),
             switching: state.switching.clone(),
