@@ -318,7 +318,15 @@ async fn release_1_fleet_goes_through_release_2_to_release_3() {
         .as_str()
         .unwrap_or_default()
         .to_owned();
-    assert!(refusal.contains("migrates only from schemas"), "{plan}");
+    assert!(refusal.contains("migrates only from schemas [2]"), "{plan}");
+    for g in 1..=GROUPS {
+        for n in ["a", "b"] {
+            assert!(
+                refusal.contains(&format!("g{g}-{n} (schema 1)")),
+                "{refusal}"
+            );
+        }
+    }
     let before = c.fleet.op.status().await.unwrap();
     let start_r3 =
         handover::upgrade::start(&c.fleet.op, &handover::upgrade::Request::new(&r3, "wait")).await;

@@ -396,11 +396,15 @@ pub fn preflight(plan: &Plan, nodes: &[NodeView], cluster: &ClusterView) -> Resu
         contracts_fit(&c)?;
     }
     let compatible = target.schema == cluster.database_schema;
+    // What lies outside the target's window, all named at once.
+    let mut outside = Vec::new();
     if !compatible && !target.migrates_from.contains(&cluster.database_schema) {
-        return Err(format!(
-            "the database is at schema {}, and release {} migrates only from schemas {:?}: \
-             upgrade to a release between them first",
-            cluster.database_schema, t.release, target.migrates_from
+        let from: Vec<String> = target.migrates_from.iter().map(|s| s.to_string()).collect();
+        outside.push(format!(
+            "the database (schema {}; release {} migrates only from schemas [{}])",
+            cluster.database_schema,
+            t.release,
+            from.join(", ")
         ));
     }
     if cluster.disk_free_bytes < t.size.saturating_mul(2) {
@@ -409,7 +413,6 @@ pub fn preflight(plan: &Plan, nodes: &[NodeView], cluster: &ClusterView) -> Resu
             cluster.disk_free_bytes, t.size
         ));
     }
-    let mut outside = Vec::new();
     for g in &plan.groups {
         for id in [&g.primary, &g.backup] {
             let n = nodes
@@ -447,7 +450,7 @@ pub fn preflight(plan: &Plan, nodes: &[NodeView], cluster: &ClusterView) -> Resu
     if !outside.is_empty() {
         return Err(format!(
             "release {} serves nodes of schemas {} to {}; outside its window: {}. \
-             Upgrade them to a release in between first",
+             Upgrade to a release in between first",
             t.release,
             target.window_min_schema,
             target.schema,
@@ -1367,7 +1370,11 @@ mod tests {
         // 1 → 3 directly: the database and both nodes are outside its window.
         let mut s = Sim::new(PrimaryPolicy::Wait);
         s.up.plan.target = release_3_target();
-        refused(&s, "migrates only from schemas [Schema(2)]");
+        refused(
+            &s,
+            "outside its window: the database (schema 1; release 3 migrates only from \
+             schemas [2]), p (schema 1), b (schema 1)",
+        );
         s.cluster.database_schema = Schema(2);
         refused(&s, "outside its window: p (schema 1), b (schema 1)");
         // The same binary again: nothing to do.
