@@ -72,6 +72,10 @@ fn fsync_dir(dir: &Path) -> anyhow::Result<()> {
 
 /// Longest `BINARY releases --json` may take.
 const FACTS_WAIT_MS: u64 = 20_000;
+/// Tries of `BINARY releases --json` while the file is busy (ETXTBSY).
+const FACTS_BUSY_RETRIES: u32 = 50;
+/// Pause between those tries.
+const FACTS_BUSY_PAUSE_MS: u64 = 20;
 /// Largest answer of `BINARY releases --json` read.
 const FACTS_BYTES_MAX: u64 = 64 << 10;
 
@@ -102,21 +106,36 @@ pub fn create_with_facts(
 /// its facts.
 pub fn binary_facts(binary: &Path) -> anyhow::Result<BinaryFacts> {
     let out = tempfile::tempfile().context("cannot make a temporary file")?;
-    let mut child = std::process::Command::new(binary)
-        .args(["releases", "--json"])
-        .env_remove(handover_supervisor::ENV_WORKER)
-        .env_remove("LISTEN_FDS")
-        .env_remove("LISTEN_PID")
-        .stdin(std::process::Stdio::null())
-        .stdout(out.try_clone().context("cannot reuse the temporary file")?)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .with_context(|| {
-            format!(
-                "cannot run {} to ask for its releases (is it a handover binary for this machine?)",
-                binary.display()
-            )
-        })?;
+    let spawn = || {
+        std::process::Command::new(binary)
+            .args(["releases", "--json"])
+            .env_remove(handover_supervisor::ENV_WORKER)
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+    };
+    // A file just written may be briefly held open for writing by a child
+    // another thread forked meanwhile (until it execs): ETXTBSY, retried.
+    let mut tries = 0;
+    let mut child = loop {
+        match spawn() {
+            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ETXTBSY as i32) && tries < FACTS_BUSY_RETRIES => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(FACTS_BUSY_PAUSE_MS));
+            }
+            other => {
+                break other.with_context(|| {
+                    format!(
+                        "cannot run {} to ask for its releases (is it a handover binary for this machine?)",
+                        binary.display()
+                    )
+                })?
+            }
+        }
+    };
     let started = std::time::Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().context("cannot wait for the binary")? {

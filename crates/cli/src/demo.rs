@@ -373,12 +373,7 @@ fn spawn_viewers(
         request_timeout: Duration::from_secs(5),
         steady,
     };
-    let start_at = live.start_ms + i64::from(SEGMENT_MS) + 200;
-    tokio::spawn(async move {
-        sleep_until(start_at).await;
-        let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        viewers::run(&config, stop_rx).await
-    })
+    viewers::spawn_at(config, live.start_ms + i64::from(SEGMENT_MS) + 200)
 }
 
 async fn sleep_until(at_ms: i64) {

@@ -24,6 +24,9 @@ pub const HEALTHY_WAIT_MS: u64 = 15_000;
 /// Grace a SIGTERM'd process gets before SIGKILL.
 pub const TERMINATE_GRACE_MS: u64 = 10_000;
 const CONTROLLER_PORT: u16 = 7400;
+/// Events of [`Fleet::start_live_groups`] start this long after they are
+/// created, so every node has them.
+const LIVE_LEAD_MS: i64 = 2_000;
 const NODE_PORT: u16 = 7500;
 
 /// One child process with its log file.
@@ -343,6 +346,56 @@ impl Fleet {
             });
         }
         Ok(targets)
+    }
+
+    /// `groups` groups of `release` (`g{g}`, one channel `ch{g}` each, one
+    /// event of `event_ms` from two seconds from now), their nodes started
+    /// and registered. Returns what viewers watch and when the events start.
+    pub async fn start_live_groups(
+        &mut self,
+        groups: u64,
+        release: u32,
+        segment_ms: u32,
+        event_ms: u64,
+    ) -> anyhow::Result<(Vec<ChannelTarget>, i64)> {
+        let start_ms = crate::client::now_ms() + LIVE_LEAD_MS;
+        let mut targets = Vec::new();
+        for g in 1..=groups {
+            let names = [format!("ch{g}")];
+            targets.extend(
+                self.add_live_group(g, &names, release, segment_ms, start_ms, event_ms)
+                    .await?,
+            );
+        }
+        for i in 0..self.nodes.len() {
+            self.start_node(i).await?;
+        }
+        self.wait_nodes_registered().await?;
+        Ok((targets, start_ms))
+    }
+
+    /// Waits (bounded by `timeout`) until the upgrade pauses at `phase`;
+    /// an error if it ends first.
+    pub async fn wait_paused_at(
+        &self,
+        phase: handover_core::upgrade::Phase,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            if let Ok(s) = crate::upgrade::status(&self.op).await {
+                if let Some(up) = &s.upgrade {
+                    if up.phase == phase && up.status == handover_core::upgrade::Status::Paused {
+                        return Ok(());
+                    }
+                    if up.status.is_over() {
+                        bail!("the upgrade ended before pausing at {phase:?}: {up:?}");
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("the upgrade did not pause at {phase:?} within {timeout:?}")
     }
 
     /// Declares a node (its address and data dir) without starting it.

@@ -77,6 +77,20 @@ pub struct ViewerReport {
 
 /// Runs `viewers_per_channel` viewers per target until every stream ended,
 /// `duration` passed or `stop` turned true, and reports what they saw.
+/// Runs `config` from wall-clock `start_at_ms` (Unix ms) in a task of its
+/// own, until its duration ends or every stream ended.
+pub fn spawn_at(
+    config: ViewerConfig,
+    start_at_ms: i64,
+) -> tokio::task::JoinHandle<Result<ViewerReport>> {
+    tokio::spawn(async move {
+        let wait = u64::try_from(start_at_ms - crate::client::now_ms()).unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        run(&config, stop_rx).await
+    })
+}
+
 pub async fn run(config: &ViewerConfig, stop: watch::Receiver<bool>) -> Result<ViewerReport> {
     let per_channel = config.viewers_per_channel;
     if per_channel > MAX_VIEWERS_PER_CHANNEL {

@@ -22,10 +22,6 @@ const GROUPS: u64 = 2;
 /// Bound on building the next-release binary.
 const BUILD_WAIT_S: u64 = 1_500;
 
-fn now_ms() -> i64 {
-    handover::client::now_ms()
-}
-
 fn old_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_handover"))
 }
@@ -86,21 +82,10 @@ async fn old_cluster(subnet: u8, release: u32, event_ms: u64) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let mut fleet = Fleet::new(&old_binary(), dir.path(), subnet).unwrap();
     fleet.start_controller(release).await.unwrap();
-    let event_start_ms = now_ms() + 2_000;
-    let mut targets = Vec::new();
-    for g in 1..=GROUPS {
-        let names = [format!("ch{g}")];
-        targets.extend(
-            fleet
-                .add_live_group(g, &names, release, SEGMENT_MS, event_start_ms, event_ms)
-                .await
-                .unwrap(),
-        );
-    }
-    for i in 0..fleet.nodes.len() {
-        fleet.start_node(i).await.unwrap();
-    }
-    fleet.wait_nodes_registered().await.unwrap();
+    let (targets, event_start_ms) = fleet
+        .start_live_groups(GROUPS, release, SEGMENT_MS, event_ms)
+        .await
+        .unwrap();
     Cluster {
         fleet,
         _dir: dir,
@@ -109,8 +94,10 @@ async fn old_cluster(subnet: u8, release: u32, event_ms: u64) -> Cluster {
     }
 }
 
+type Viewers = tokio::task::JoinHandle<anyhow::Result<ViewerReport>>;
+
 /// Viewers on every channel from the first segment until the ENDLIST.
-fn spawn_viewers(c: &Cluster, event_ms: u64) -> tokio::task::JoinHandle<ViewerReport> {
+fn spawn_viewers(c: &Cluster, event_ms: u64) -> Viewers {
     let config = ViewerConfig {
         targets: c.targets.clone(),
         viewers_per_channel: 2,
@@ -118,13 +105,7 @@ fn spawn_viewers(c: &Cluster, event_ms: u64) -> tokio::task::JoinHandle<ViewerRe
         request_timeout: Duration::from_secs(5),
         steady: None,
     };
-    let start_at = c.event_start_ms + i64::from(SEGMENT_MS) + 300;
-    tokio::spawn(async move {
-        let wait = u64::try_from(start_at - now_ms()).unwrap_or(0);
-        tokio::time::sleep(Duration::from_millis(wait)).await;
-        let (_tx, rx) = tokio::sync::watch::channel(false);
-        viewers::run(&config, rx).await.unwrap()
-    })
+    viewers::spawn_at(config, c.event_start_ms + i64::from(SEGMENT_MS) + 300)
 }
 
 /// An artifact of `binary` (its newest release), made by the old CLI code
@@ -153,18 +134,10 @@ async fn resume(c: &Cluster) {
 
 /// Waits for the upgrade to pause at `phase` (bounded).
 async fn wait_paused_at(c: &Cluster, phase: Phase) {
-    for _ in 0..1_200 {
-        if let Ok(s) = handover::upgrade::status(&c.fleet.op).await {
-            if let Some(up) = &s.upgrade {
-                if up.phase == phase && up.status == Status::Paused {
-                    return;
-                }
-                assert!(!up.status.is_over(), "over before {phase:?}: {up:?}");
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the upgrade never paused at {phase:?}");
+    c.fleet
+        .wait_paused_at(phase, Duration::from_secs(120))
+        .await
+        .unwrap();
 }
 
 /// SIGKILL of a worker; its supervisor starts the active release again.
@@ -182,6 +155,11 @@ async fn upgrade_with_crashes(c: &Cluster, artifact: &str) {
     wait_paused_at(c, Phase::Backups).await;
     sigkill(c.fleet.node_worker_pid("g1-a").await.unwrap());
     resume_when_back(c).await;
+    wait_finalized(c).await;
+}
+
+/// Waits (bounded) for the upgrade to end and asserts it finalized.
+async fn wait_finalized(c: &Cluster) -> handover_core::upgrade::Upgrade {
     let s = c
         .fleet
         .wait_upgrade_over(Duration::from_secs(240))
@@ -194,6 +172,7 @@ async fn upgrade_with_crashes(c: &Cluster, artifact: &str) {
         "{}",
         handover::upgrade::render_status(&s)
     );
+    up
 }
 
 /// Resume once the controller answers again (its worker may be restarting).
@@ -216,7 +195,7 @@ async fn resume_when_back(c: &Cluster) {
 /// cluster on release 3 and schema 3, every process (supervisors included)
 /// running the new binary, every record stored exactly once, release-2
 /// records translated.
-async fn assert_on_release_3(mut c: Cluster, viewers: tokio::task::JoinHandle<ViewerReport>) {
+async fn assert_on_release_3(mut c: Cluster, viewers: Viewers) {
     let next_sha = file_sha256(&next_binary()).unwrap();
     let status = c.fleet.op.status().await.unwrap();
     assert_eq!(
@@ -247,7 +226,7 @@ async fn assert_on_release_3(mut c: Cluster, viewers: tokio::task::JoinHandle<Vi
             "{p:?}"
         );
     }
-    let v = viewers.await.unwrap();
+    let v = viewers.await.unwrap().unwrap();
     eprintln!("{v:?}");
     assert_eq!(v.failed_requests, 0, "{v:?}");
     assert_eq!(v.segments_missed, 0, "{v:?}");
@@ -360,12 +339,7 @@ async fn release_1_fleet_goes_through_release_2_to_release_3() {
     );
 
     start(&c, &r2, &[]).await;
-    let s = c
-        .fleet
-        .wait_upgrade_over(Duration::from_secs(240))
-        .await
-        .unwrap();
-    assert_eq!(s.upgrade.unwrap().status, Status::Finalized);
+    wait_finalized(&c).await;
 
     upgrade_with_crashes(&c, &r3).await;
     assert_on_release_3(c, viewers).await;
@@ -421,18 +395,7 @@ async fn a_patch_build_rolls_through_without_fence_or_deliver() {
     assert!(artifact.starts_with("r2-"), "{artifact}");
     let epoch = c.fleet.op.status().await.unwrap().cluster.epoch;
     start(&c, &artifact, &[]).await;
-    let s = c
-        .fleet
-        .wait_upgrade_over(Duration::from_secs(240))
-        .await
-        .unwrap();
-    let up = s.upgrade.clone().unwrap();
-    assert_eq!(
-        up.status,
-        Status::Finalized,
-        "{}",
-        handover::upgrade::render_status(&s)
-    );
+    let up = wait_finalized(&c).await;
     let phases: Vec<Phase> = up.phases.iter().map(|p| p.phase).collect();
     assert_eq!(
         phases,
@@ -458,7 +421,7 @@ async fn a_patch_build_rolls_through_without_fence_or_deliver() {
             "{p:?}"
         );
     }
-    let v = viewers.await.unwrap();
+    let v = viewers.await.unwrap().unwrap();
     assert_eq!((v.failed_requests, v.segments_missed), (0, 0), "{v:?}");
     c.fleet.stop_nodes().await.unwrap();
     let r = c.fleet.check().await.unwrap();

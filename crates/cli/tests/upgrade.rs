@@ -10,11 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 const SEGMENT_MS: u32 = 1000;
-const GROUPS: usize = 2;
-
-fn now_ms() -> i64 {
-    handover::client::now_ms()
-}
+const GROUPS: u64 = 2;
 
 struct Cluster {
     fleet: Fleet,
@@ -36,21 +32,10 @@ async fn release_1_cluster(subnet: u8, event_ms: u64) -> Cluster {
     fleet.start_controller(1).await.unwrap();
     // Uploaded first, so the events below are still live when the upgrade runs.
     let artifact = fleet.upload_artifact(2).await.unwrap();
-    let event_start_ms = now_ms() + 2_000;
-    let mut targets = Vec::new();
-    for g in 1..=GROUPS {
-        let names = [format!("ch{g}")];
-        targets.extend(
-            fleet
-                .add_live_group(g as u64, &names, 1, SEGMENT_MS, event_start_ms, event_ms)
-                .await
-                .unwrap(),
-        );
-    }
-    for i in 0..fleet.nodes.len() {
-        fleet.start_node(i).await.unwrap();
-    }
-    fleet.wait_nodes_registered().await.unwrap();
+    let (targets, event_start_ms) = fleet
+        .start_live_groups(GROUPS, 1, SEGMENT_MS, event_ms)
+        .await
+        .unwrap();
     Cluster {
         fleet,
         _dir: dir,
@@ -61,7 +46,10 @@ async fn release_1_cluster(subnet: u8, event_ms: u64) -> Cluster {
 }
 
 /// Viewers on every channel from the first segment until the ENDLIST.
-fn spawn_viewers(c: &Cluster, event_ms: u64) -> tokio::task::JoinHandle<ViewerReport> {
+fn spawn_viewers(
+    c: &Cluster,
+    event_ms: u64,
+) -> tokio::task::JoinHandle<anyhow::Result<ViewerReport>> {
     let config = ViewerConfig {
         targets: c.targets.clone(),
         viewers_per_channel: 2,
@@ -69,13 +57,7 @@ fn spawn_viewers(c: &Cluster, event_ms: u64) -> tokio::task::JoinHandle<ViewerRe
         request_timeout: Duration::from_secs(5),
         steady: None,
     };
-    let start_at = c.event_start_ms + i64::from(SEGMENT_MS) + 300;
-    tokio::spawn(async move {
-        let wait = u64::try_from(start_at - now_ms()).unwrap_or(0);
-        tokio::time::sleep(Duration::from_millis(wait)).await;
-        let (_tx, rx) = tokio::sync::watch::channel(false);
-        viewers::run(&config, rx).await.unwrap()
-    })
+    viewers::spawn_at(config, c.event_start_ms + i64::from(SEGMENT_MS) + 300)
 }
 
 async fn start_upgrade(c: &Cluster, policy: &str, pause_at: &[&str]) {
@@ -86,21 +68,10 @@ async fn start_upgrade(c: &Cluster, policy: &str, pause_at: &[&str]) {
 
 /// Waits for the upgrade to pause at `phase` (bounded).
 async fn wait_paused_at(c: &Cluster, phase: Phase) {
-    for _ in 0..600 {
-        if let Ok(s) = handover::upgrade::status(&c.fleet.op).await {
-            if let Some(up) = &s.upgrade {
-                if up.phase == phase && up.status == Status::Paused {
-                    return;
-                }
-                assert!(
-                    !up.status.is_over(),
-                    "over before pausing at {phase:?}: {up:?}"
-                );
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the upgrade never paused at {phase:?}");
+    c.fleet
+        .wait_paused_at(phase, Duration::from_secs(60))
+        .await
+        .unwrap();
 }
 
 /// SIGKILL the controller (supervisor and worker) and start it again.
@@ -111,7 +82,10 @@ async fn crash_controller(c: &mut Cluster) {
 }
 
 /// Waits for the end and asserts what the issue asks of every upgrade.
-async fn finish(mut c: Cluster, viewers: tokio::task::JoinHandle<ViewerReport>) -> Upgrade {
+async fn finish(
+    mut c: Cluster,
+    viewers: tokio::task::JoinHandle<anyhow::Result<ViewerReport>>,
+) -> Upgrade {
     let s = c
         .fleet
         .wait_upgrade_over(Duration::from_secs(150))
@@ -125,7 +99,7 @@ async fn finish(mut c: Cluster, viewers: tokio::task::JoinHandle<ViewerReport>) 
         "{}",
         handover::upgrade::render_status(&s)
     );
-    let v = viewers.await.unwrap();
+    let v = viewers.await.unwrap().unwrap();
     assert_eq!(v.failed_requests, 0, "{v:?}");
     assert_eq!(v.segments_missed, 0, "{v:?}");
     assert_eq!(v.ended_streams, v.viewers, "{v:?}");
