@@ -476,11 +476,12 @@ fn render(r: &DemoReport) -> String {
     let u = &r.upgrade;
     let _ = writeln!(
         out,
-        "handover demo ({:.0} s): release {} -> {} on {} processes",
+        "handover demo ({:.0} s): release {} -> {} on {} roles ({} processes with their supervisors)",
         r.elapsed_ms as f64 / 1000.0,
         r.from_release,
         r.cluster.controller_release,
-        r.processes.len()
+        r.processes.len(),
+        r.cluster.processes.len()
     );
     let _ = writeln!(
         out,

@@ -721,9 +721,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&facts)?);
             } else {
                 for r in RELEASES {
+                    let from: Vec<String> = r.migrates_from.iter().map(|s| s.to_string()).collect();
                     println!(
-                        "release {} ({}): schema {}, protocol {}..={}, serves nodes of schema {}..={}",
-                        r.release, r.semver, r.schema, r.protocol.min, r.protocol.max, r.window_min_schema, r.schema
+                        "release {} ({}): schema {}, protocol {}..={}, serves nodes of schema {}..={}, migrates databases of schema [{}]",
+                        r.release, r.semver, r.schema, r.protocol.min, r.protocol.max, r.window_min_schema, r.schema, from.join(", ")
                     );
                 }
             }
