@@ -4,6 +4,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use handover_core::admission::{ErrorCode, Refusal};
 use handover_core::wire::{ErrorBody, StaleEpoch, WireError};
 use handover_store::StoreError;
 
@@ -24,7 +25,7 @@ impl ApiError {
     }
 
     pub fn unauthorized(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+        ApiError::node(ErrorCode::Unauthorized, message)
     }
 
     pub fn not_found(message: impl Into<String>) -> ApiError {
@@ -42,15 +43,30 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl ApiError {
+    /// The answer of a node-protocol refusal: its code and that code's status.
+    pub fn node(code: ErrorCode, message: impl Into<String>) -> ApiError {
+        let status =
+            StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        ApiError::new(status, code.as_str(), message)
+    }
+}
+
 impl From<WireError> for ApiError {
     fn from(e: WireError) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string())
+        ApiError::node(e.error_code(), e.to_string())
     }
 }
 
 impl From<StaleEpoch> for ApiError {
     fn from(e: StaleEpoch) -> ApiError {
-        ApiError::new(StatusCode::CONFLICT, "stale_epoch", e.to_string())
+        ApiError::node(ErrorCode::StaleEpoch, e.to_string())
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(r: Refusal) -> ApiError {
+        ApiError::node(r.code, r.message)
     }
 }
 

@@ -95,6 +95,16 @@ impl artifacts::ArtifactHost for Shared {
 }
 
 impl AppState {
+    /// What admits node requests now (epoch, fence, this release).
+    pub fn admission(&self) -> handover_core::admission::Admission<'static> {
+        let c = *self.cluster.borrow();
+        handover_core::admission::Admission {
+            controller: self.info,
+            epoch: c.epoch,
+            fenced: c.fenced,
+        }
+    }
+
     pub fn view(&self) -> ControllerView {
         let c = *self.cluster.borrow();
         ControllerView {

@@ -4,12 +4,11 @@ use crate::{bearer, now_ms, same_token, ApiError, ApiResult, Session, Shared};
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::Json;
-use handover_core::wire::{
-    self, check_epoch, limits, Batch, GrantState, Heartbeat, Hello, Welcome,
-};
-use handover_core::{decide_grant, Grant};
+use handover_core::admission::{Channel, ErrorCode};
+use handover_core::wire::{self, limits, Batch, GrantState, Heartbeat, Hello, Welcome};
+use handover_core::Grant;
 use handover_store::NodeRegistration;
 use serde::Deserialize;
 use std::time::Duration;
@@ -84,7 +83,7 @@ pub async fn hello(
     let view = state.view();
     let desired = state.desired_of(&hello.node_id).await?;
     let welcome = wire::welcome(&view, &hello, credential.clone(), desired)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "no_common_protocol", e.to_string()))?;
+        .map_err(|e| ApiError::node(ErrorCode::NoCommonProtocol, e.to_string()))?;
     state
         .store
         .register_node(&NodeRegistration {
@@ -130,9 +129,10 @@ pub async fn heartbeat(
 ) -> ApiResult<Json<GrantState>> {
     let hb: Heartbeat = wire::decode(&body?)?;
     let s = session(&state, &headers, Some(&hb.node_id)).await?;
-    let view = state.view();
-    check_epoch(hb.epoch, view.epoch)?;
-    let grant = view.grant_state(s.schema, state.desired_of(&s.node_id).await?);
+    state.admission().heartbeat(hb.epoch)?;
+    let grant = state
+        .view()
+        .grant_state(s.schema, state.desired_of(&s.node_id).await?);
     state
         .store
         .heartbeat(&s.node_id, &hb, grant.grant, now_ms())
@@ -208,29 +208,11 @@ pub async fn params(
     let Query(q) = q?;
     let s = session(&state, &headers, q.node.as_deref()).await?;
     let view = state.view();
-    check_epoch(q.epoch, view.epoch)?;
-    let grant = decide_grant(view.info, s.schema, view.fenced);
-    if !grant.grant.may_read_params() {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "grant_forbids_read",
-            format!(
-                "grant `{}` ({:?}) does not allow reading parameters: keep serving from the cached parameters",
-                grant.grant, grant.reason
-            ),
-        ));
-    }
+    state.admission().params(s.schema, q.epoch)?;
     let params = state.store.params().await?;
     Ok(Json(
         serde_json::json!({"schema": state.info.schema, "revision": view.param_revision, "params": params}),
     ))
-}
-
-/// Which channel a batch came in on; each has its own grant and schema rule.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Channel {
-    Main,
-    Redundant,
 }
 
 async fn ingest(
@@ -241,43 +223,9 @@ async fn ingest(
 ) -> ApiResult<Json<wire::BatchAck>> {
     let batch: Batch = wire::decode(&body?)?;
     let s = session(&state, &headers, Some(&batch.node_id)).await?;
-    let view = state.view();
-    check_epoch(batch.epoch, view.epoch)?;
-    let grant = decide_grant(view.info, s.schema, view.fenced).grant;
-    let info = state.info;
-    let (needed, schema_ok, name, takes) = match channel {
-        // The database's own schema; or leftovers a node queued under its
-        // previous release, still inside the window (translated like deliver).
-        Channel::Main => (
-            Grant::Full,
-            info.in_window(batch.schema),
-            "main",
-            format!("schemas {} to {}", info.window_min_schema, info.schema),
-        ),
-        Channel::Redundant => (
-            Grant::Deliver,
-            batch.schema == s.schema,
-            "redundant",
-            format!("schema {}", s.schema),
-        ),
-    };
-    if grant != needed {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "grant_forbids_write",
-            format!("the {name} channel needs grant `{needed}`, this node holds `{grant}`"),
-        ));
-    }
-    if !schema_ok {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "schema_mismatch",
-            format!(
-                "batch says schema {}, but the {name} channel takes {takes} from this node",
-                batch.schema
-            ),
-        ));
-    }
+    state
+        .admission()
+        .batch(channel, s.schema, batch.epoch, batch.schema)?;
     let out = state
         .store
         .store_batch(&s.node_id, batch.schema, batch.first_seq, &batch.records)

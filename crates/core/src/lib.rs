@@ -6,6 +6,7 @@
 //! Nothing in this crate opens a socket, touches a disk or reads the clock:
 //! callers pass `now_ms` in. That is what lets every interleaving be tested.
 
+pub mod admission;
 pub mod artifact;
 pub mod grant;
 pub mod hls;

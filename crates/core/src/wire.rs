@@ -213,12 +213,18 @@ pub enum WireError {
 }
 
 impl WireError {
-    pub fn code(&self) -> &'static str {
+    /// The code of the answer that refuses the message.
+    pub fn error_code(&self) -> crate::admission::ErrorCode {
+        use crate::admission::ErrorCode;
         match self {
-            WireError::Malformed(_) => "malformed",
-            WireError::UnsupportedVersion { .. } => "unsupported_version",
-            WireError::Invalid { .. } => "invalid_field",
+            WireError::Malformed(_) => ErrorCode::Malformed,
+            WireError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
+            WireError::Invalid { .. } => ErrorCode::InvalidField,
         }
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.error_code().as_str()
     }
 }
 

@@ -94,14 +94,10 @@ pub enum CallError {
 }
 
 impl CallError {
-    /// `stale_epoch` and `unauthorized` are cured by a new hello.
-    /// Refusals a new hello heals: a stale epoch, an unknown credential, or
-    /// a registration of another schema (a late hello of this node's previous
-    /// release overtook the current one; found by the simulation).
+    /// Refusals a new hello heals (the core's rule, shared with the simulation).
     pub fn needs_handshake(&self) -> bool {
         matches!(self, CallError::Refused { status, code, .. }
-            if *status == 409 || *status == 401 || code == "stale_epoch" || code == "unauthorized"
-                || code == "schema_mismatch")
+            if handover_core::admission::refusal_needs_handshake(*status, code))
     }
 
     /// `grant_forbids_*`: our idea of the grant is out of date.

@@ -9,15 +9,16 @@
 use crate::net::{Answer, Lane, NodeIx, Request, SentWith};
 use crate::node::{CHANNELS, JOIN_TOKEN, WALL_BASE_MS};
 use crate::{Canary, Stats};
-use handover_core::grant::{decide_grant, Grant};
+use handover_core::admission::{Admission, Channel, ErrorCode, Refusal};
+use handover_core::grant::Grant;
 use handover_core::record::{self, AnyRecord, ChannelDirectory, ChannelRef};
 use handover_core::release::{Release, ReleaseInfo, Schema};
 use handover_core::upgrade::{
     ClusterView, Desired, Effect, Input, NodeStep, NodeView, Plan, Status, Target, Upgrade,
 };
 use handover_core::wire::{
-    self, check_epoch, limits, Batch, BatchAck, ControllerView, Heartbeat, Hello, OutboxState,
-    Role, WireError, MESSAGE_VERSION,
+    self, limits, Batch, BatchAck, ControllerView, Heartbeat, Hello, OutboxState, Role, WireError,
+    MESSAGE_VERSION,
 };
 use std::collections::BTreeMap;
 
@@ -136,8 +137,19 @@ pub struct Controller {
 
 type Handled = Result<Option<Vec<u8>>, Answer>;
 
+/// A refusal of the admission as an answer, counted as the real
+/// controller's logs would show it.
+fn refused(r: Refusal, io: &mut CtlIo) -> Answer {
+    match r.code {
+        ErrorCode::StaleEpoch => io.stats.stale_epoch_refusals += 1,
+        c if c.grant_outdated() => io.stats.forbidden_refusals += 1,
+        _ => {}
+    }
+    Answer::refused(r.code, r.message)
+}
+
 fn wire_error(e: WireError) -> Answer {
-    Answer::error(400, e.code(), e.to_string())
+    Answer::refused(e.error_code(), e.to_string())
 }
 
 fn ok(body: serde_json::Result<Vec<u8>>) -> Handled {
@@ -363,6 +375,15 @@ impl Controller {
         ));
     }
 
+    /// What admits node requests: the shipped controller's own rule.
+    fn admission(&self) -> Admission<'static> {
+        Admission {
+            controller: self.info(),
+            epoch: self.durable.epoch,
+            fenced: self.durable.fenced,
+        }
+    }
+
     fn view(&self) -> ControllerView {
         let mem = self
             .mem
@@ -395,14 +416,12 @@ impl Controller {
             .find(|(_, r)| r.credential == credential)
             .map(|(id, r)| (id.clone(), r.schema));
         match found {
-            None => Err(Answer::error(
-                401,
-                "unauthorized",
+            None => Err(Answer::refused(
+                ErrorCode::Unauthorized,
                 "unknown credential; send hello again with the join token",
             )),
-            Some((id, _)) if id != node_hint => Err(Answer::error(
-                401,
-                "unauthorized",
+            Some((id, _)) if id != node_hint => Err(Answer::refused(
+                ErrorCode::Unauthorized,
                 "this credential belongs to another node",
             )),
             Some(s) => Ok(s),
@@ -483,9 +502,8 @@ impl Controller {
                 format!("cred-{}-{}", hello.node_id, self.durable.credentials_issued)
             }
             _ => {
-                return Err(Answer::error(
-                    401,
-                    "unauthorized",
+                return Err(Answer::refused(
+                    ErrorCode::Unauthorized,
                     "wrong token: present the join token or this node's credential",
                 ))
             }
@@ -493,7 +511,7 @@ impl Controller {
         let view = self.view();
         let desired = self.desired_of(&hello.node_id);
         let welcome = wire::welcome(&view, &hello, credential.clone(), desired)
-            .map_err(|e| Answer::error(400, "no_common_protocol", e.to_string()))?;
+            .map_err(|e| Answer::refused(ErrorCode::NoCommonProtocol, e.to_string()))?;
         self.durable.nodes.insert(
             hello.node_id.clone(),
             Registration {
@@ -520,12 +538,10 @@ impl Controller {
     fn heartbeat(&mut self, credential: &str, body: &[u8], io: &mut CtlIo) -> Handled {
         let hb: Heartbeat = wire::decode(body).map_err(wire_error)?;
         let (node_id, schema) = self.session(credential, &hb.node_id)?;
-        let view = self.view();
-        check_epoch(hb.epoch, view.epoch).map_err(|e| {
-            io.stats.stale_epoch_refusals += 1;
-            Answer::error(409, "stale_epoch", e.to_string())
-        })?;
-        let grant = view.grant_state(schema, self.desired_of(&node_id));
+        self.admission()
+            .heartbeat(hb.epoch)
+            .map_err(|r| refused(r, io))?;
+        let grant = self.view().grant_state(schema, self.desired_of(&node_id));
         if let Some(r) = self.durable.nodes.get_mut(&node_id) {
             r.outbox = hb.outbox;
             r.current_events = hb.current_events;
@@ -593,38 +609,21 @@ impl Controller {
     ) -> Handled {
         let batch: Batch = wire::decode(body).map_err(wire_error)?;
         let (node_id, schema) = self.session(credential, &batch.node_id)?;
-        let view = self.view();
-        if io.canary != Some(Canary::SkipBatchEpochCheck) {
-            check_epoch(batch.epoch, view.epoch).map_err(|e| {
-                io.stats.stale_epoch_refusals += 1;
-                Answer::error(409, "stale_epoch", e.to_string())
-            })?;
-        }
-        let info = self.info();
-        let grant = decide_grant(info, schema, view.fenced).grant;
-        let (name, schema_ok) = match needed {
-            // The database's own schema, or leftovers from the node's previous release.
-            Grant::Full => ("main", info.in_window(batch.schema)),
-            _ => ("redundant", batch.schema == schema),
+        // The canary pretends the batch carried the current epoch, so the
+        // invariants below must catch what the admission would have refused.
+        let held = if io.canary == Some(Canary::SkipBatchEpochCheck) {
+            self.durable.epoch
+        } else {
+            batch.epoch
         };
-        if grant != needed {
-            io.stats.forbidden_refusals += 1;
-            return Err(Answer::error(
-                403,
-                "grant_forbids_write",
-                format!("the {name} channel needs grant `{needed}`, this node holds `{grant}`"),
-            ));
-        }
-        if !schema_ok {
-            return Err(Answer::error(
-                400,
-                "schema_mismatch",
-                format!(
-                    "batch says schema {}, the {name} channel does not take it from this node",
-                    batch.schema
-                ),
-            ));
-        }
+        let channel = match needed {
+            Grant::Full => Channel::Main,
+            _ => Channel::Redundant,
+        };
+        let name = channel.as_str();
+        self.admission()
+            .batch(channel, schema, held, batch.schema)
+            .map_err(|r| refused(r, io))?;
         // The invariants, asserted where a record is accepted.
         if batch.epoch != self.durable.epoch {
             io.violate(format!(

@@ -5,6 +5,7 @@
 //! controller reads them with `wire::decode`); answers are serialized too
 //! and read back with serde on the node, as over HTTP.
 
+use handover_core::admission::ErrorCode;
 use handover_core::Grant;
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -88,6 +89,11 @@ pub enum Answer {
 }
 
 impl Answer {
+    /// A node-protocol refusal: the code and the status it carries.
+    pub fn refused(code: ErrorCode, message: impl Into<String>) -> Answer {
+        Answer::error(code.status(), code.as_str(), message)
+    }
+
     pub fn error(status: u16, code: &str, message: impl Into<String>) -> Answer {
         Answer::Error {
             status,

@@ -305,8 +305,7 @@ struct Adopt {
 /// a late hello of this node's previous release overtook the current one.
 fn needs_handshake(answer: &Answer) -> bool {
     matches!(answer, Answer::Error { status, code, .. }
-        if *status == 409 || *status == 401 || code == "stale_epoch" || code == "unauthorized"
-            || code == "schema_mismatch")
+        if handover_core::admission::refusal_needs_handshake(*status, code))
 }
 
 fn forbidden(answer: &Answer) -> bool {
