@@ -272,8 +272,9 @@ mod tests {
     fn batch_admission_table() {
         use Channel::*;
         use ErrorCode::*;
-        let cases: &[(bool, Channel, u32, u64, u32, Option<ErrorCode>)] = &[
-            // fenced, channel, node schema, held epoch, batch schema, refusal
+        /// fenced, channel, node schema, held epoch, batch schema, refusal
+        type Case = (bool, Channel, u32, u64, u32, Option<ErrorCode>);
+        let cases: &[Case] = &[
             (false, Main, 2, 5, 2, None),
             (false, Main, 2, 5, 1, None), // leftovers of the previous release
             (false, Main, 2, 4, 2, Some(StaleEpoch)),
