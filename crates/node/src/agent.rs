@@ -2,10 +2,10 @@
 //! switches release through the supervisor when told to. Also tells the
 //! supervisor when this worker is ready to serve.
 
+use crate::lifecycle::Lifecycle;
 use crate::session::Session;
 use crate::stage;
 use crate::store::{keys, Commit, Store};
-use crate::Lifecycle;
 use handover_core::artifact::PublicKey;
 use handover_core::{Grant, Release, ReleaseInfo};
 use handover_supervisor::{Release as SupervisedRelease, SupervisorClient, SwitchOutcome};
@@ -226,7 +226,7 @@ impl Agent {
                         "the supervisor refused the switch to release {}: {reason}",
                         staged.release.0
                     ),
-                    at_ms: crate::wall_clock_ms(),
+                    at_ms: crate::runtime::wall_clock_ms(),
                     withdrawn: false,
                 };
                 if let Err(e) = remember(&self.store, &failure).await {
@@ -269,13 +269,13 @@ pub(crate) async fn report_ready(client: SupervisorClient, session: Arc<Session>
             "not welcomed by the controller yet; reporting ready to serve from the cache"
         );
     }
-    // Test hooks (crate::TEST_FAULT_ENV): a release that is slow to become
+    // Test hooks (crate::runtime::TEST_FAULT_ENV): a release that is slow to become
     // ready, or never does.
-    if crate::test_fault("never_ready").is_some() {
+    if crate::runtime::test_fault("never_ready").is_some() {
         tracing::warn!("test hook: never reporting ready");
         return;
     }
-    if let Some(ms) = crate::test_fault_ms("ready_delay_ms") {
+    if let Some(ms) = crate::runtime::test_fault_ms("ready_delay_ms") {
         tracing::warn!(ms, "test hook: delaying the ready report");
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }

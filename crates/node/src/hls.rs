@@ -5,9 +5,11 @@
 //! schedule, so viewers keep playing whatever the grant or the controller's
 //! health. Every answer that is not content is JSON; nothing here panics.
 
+use crate::link::ParamsCache;
 use crate::producer::current_events;
-use crate::session::{ParamsCache, Session};
+use crate::session::Session;
 use crate::store::Store;
+use crate::viewer_counter::ViewerCounter;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
@@ -17,8 +19,6 @@ use axum::{Json, Router};
 use handover_core::params::LiveEvent;
 use handover_core::wire::{ErrorBody, Role};
 use handover_core::ReleaseInfo;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
@@ -28,71 +28,8 @@ pub const RECENTLY_ENDED_MS: i64 = 120_000;
 /// Segments older than this many playlist windows (of the event's own
 /// window) are no longer served.
 pub const SEGMENT_WINDOWS_SERVED: u64 = 3;
-/// Channels whose requests are counted; channels come from the parameters,
-/// this only guards the map against a pathological parameter set.
-pub const COUNTED_CHANNELS_MAX: usize = 4096;
-
 pub const PLAYLIST_CONTENT_TYPE: &str = "application/vnd.apple.mpegurl";
 pub const SEGMENT_CONTENT_TYPE: &str = "video/mp2t";
-
-#[derive(Clone, Copy, Debug, Default)]
-struct Counts {
-    second: i64,
-    n: u32,
-    prev_second: i64,
-    prev_n: u32,
-}
-
-/// HLS requests per channel for the current and the previous whole second:
-/// enough for the producer's once-a-second `viewer_stats`; and every HLS
-/// request this worker answered since it started (the heartbeat's
-/// `hls_requests`).
-#[derive(Debug, Default)]
-pub struct ViewerCounter {
-    inner: Mutex<HashMap<String, Counts>>,
-    requests: AtomicU64,
-}
-
-impl ViewerCounter {
-    /// Counts one request on the HLS route, whatever its answer.
-    pub fn request(&self) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// HLS requests answered since this worker started.
-    pub fn requests(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
-    }
-
-    pub fn hit(&self, channel: &str, now_ms: i64) {
-        let second = now_ms.div_euclid(1000);
-        let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if !map.contains_key(channel) && map.len() >= COUNTED_CHANNELS_MAX {
-            return;
-        }
-        let c = map.entry(channel.to_owned()).or_default();
-        if c.second == second {
-            c.n = c.n.saturating_add(1);
-        } else {
-            *c = Counts {
-                second,
-                n: 1,
-                prev_second: c.second,
-                prev_n: c.n,
-            };
-        }
-    }
-
-    /// Requests for `channel` during `second` (0 if we no longer know).
-    pub fn count(&self, channel: &str, second: i64) -> u32 {
-        let map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        match map.get(channel) {
-            Some(c) if c.second == second => c.n,
-            Some(c) if c.prev_second == second => c.prev_n,
-            _ => 0,
-        }
-    }
-}
 
 /// The event whose playlist `channel` shows at `now_ms`: the one live now
 /// (the latest started if several), else the one that ended most recently
@@ -220,7 +157,7 @@ async fn status(State(s): State<Shared>) -> Response {
         "epoch": link.epoch,
         "outbox": outbox,
         "produced": outbox.next_seq.saturating_sub(1),
-        "current_events": current_events(&params.events, crate::wall_clock_ms()),
+        "current_events": current_events(&params.events, crate::runtime::wall_clock_ms()),
         "param_revision": params.revision,
         "controller_reachable": s.session.reachable(),
         "ship_error": ship_error,
@@ -239,7 +176,7 @@ async fn hls(
         return not_found().await;
     };
     s.viewers.request();
-    let now = crate::wall_clock_ms();
+    let now = crate::runtime::wall_clock_ms();
     let params = s.params.borrow().clone();
     if params.events.iter().any(|e| e.channel == channel) {
         s.viewers.hit(&channel, now);

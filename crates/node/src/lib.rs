@@ -4,39 +4,37 @@
 //!
 //! Modules: [`store`] (node.db: outbox, journal, kv), [`session`] (hello,
 //! heartbeat, watch, params), [`producer`] (observations from the clock),
-//! [`shipper`] (outbox → controller), [`hls`] (HTTP). This file holds the
-//! config, `serve_on` and the wiring. Core logic lives in `handover_core`; this
+//! [`shipper`] (outbox → controller), [`hls`] (HTTP), [`agent`] (stage and
+//! switch), [`lifecycle`] (how the parts stop), and the leaf modules
+//! [`link`] (what the session publishes), [`viewer_counter`] and
+//! [`runtime`] (clock, stop signal, backoff, test hooks). Modules depend one
+//! way: no two import each other, directly or around a circle. This file
+//! holds the config, `serve_on` and the wiring. Core logic lives in `handover_core`; this
 //! crate is the IO shell around it.
 
 pub mod agent;
 pub mod hls;
+pub mod lifecycle;
+pub mod link;
 pub mod producer;
+pub mod runtime;
 pub mod session;
 pub mod shipper;
 pub mod stage;
 pub mod store;
+pub mod viewer_counter;
+
+use lifecycle::Lifecycle;
+pub use lifecycle::{CLOSE_CONNECTIONS_MS, DRAIN_ON_STOP_MS, LOOPS_STOP_TIMEOUT_MS};
+use runtime::Stop;
+pub use runtime::{test_fault, BACKOFF_MS_MAX, BACKOFF_MS_MIN, TEST_FAULT_ENV};
 
 use anyhow::{bail, Context};
 use handover_core::wire::{limits, validate_id, Hello, OutboxState, Validate, MESSAGE_VERSION};
-use handover_core::Grant;
 use handover_core::ReleaseInfo;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
-
-/// First retry delay after a failure (controller unreachable, disk error).
-pub const BACKOFF_MS_MIN: u64 = 100;
-/// Retry delays double up to this.
-pub const BACKOFF_MS_MAX: u64 = 2_000;
-/// How long shutdown waits for the loops before closing the database anyway.
-pub const LOOPS_STOP_TIMEOUT_MS: u64 = 5_000;
-/// On a graceful stop the producer stops first and the shipper gets this
-/// long to empty the outbox; whatever is left stays durable for the next start.
-pub const DRAIN_ON_STOP_MS: u64 = 3_000;
-/// On a stop, every answer says `Connection: close` for this long before the
-/// server stops: players drop their keep-alive connections at a request
-/// boundary instead of racing a server-side close (a failed request).
-pub const CLOSE_CONNECTIONS_MS: u64 = 1_000;
 
 pub struct NodeConfig {
     pub node_id: String,
@@ -98,84 +96,6 @@ pub async fn ledger(data_dir: &std::path::Path) -> Result<Ledger, store::StoreEr
     .await;
     s.close().await;
     read
-}
-
-/// Test hook, read only by the fault-injection process tests
-/// (`crates/cli/tests/faults.rs`), which set it for one release through an
-/// artifact whose binary is a wrapper script (or for one node's supervisor):
-/// a comma-separated list of `name` or `name:value`. Unset in production,
-/// where it changes nothing. The node reads `stage_slow_ms:N` (stage.rs),
-/// `ready_delay_ms:N` and `never_ready` (agent.rs), `drain_slow_ms:N`
-/// (`Lifecycle::quiesce`), and the CLI reads `exit_at_start` for a node
-/// worker.
-pub const TEST_FAULT_ENV: &str = "HANDOVER_TEST_FAULT";
-
-/// The value of test fault `name` in [`TEST_FAULT_ENV`] ("" for a bare name).
-pub fn test_fault(name: &str) -> Option<String> {
-    let all = std::env::var(TEST_FAULT_ENV).ok()?;
-    all.split(',').find_map(|f| {
-        let (n, v) = f.split_once(':').unwrap_or((f, ""));
-        (n.trim() == name).then(|| v.trim().to_owned())
-    })
-}
-
-/// Test fault `name` as milliseconds (see [`test_fault`]).
-pub(crate) fn test_fault_ms(name: &str) -> Option<u64> {
-    test_fault(name).and_then(|v| v.parse().ok())
-}
-
-/// Unix milliseconds from the system clock; the only clock the node reads.
-pub(crate) fn wall_clock_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-/// Bounded exponential backoff: [`BACKOFF_MS_MIN`] doubling to [`BACKOFF_MS_MAX`].
-#[derive(Debug)]
-pub(crate) struct Backoff {
-    next_ms: u64,
-}
-
-impl Backoff {
-    pub(crate) fn new() -> Backoff {
-        Backoff {
-            next_ms: BACKOFF_MS_MIN,
-        }
-    }
-
-    pub(crate) fn reset(&mut self) {
-        self.next_ms = BACKOFF_MS_MIN;
-    }
-
-    pub(crate) fn next(&mut self) -> Duration {
-        let d = self.next_ms;
-        self.next_ms = (d * 2).min(BACKOFF_MS_MAX);
-        Duration::from_millis(d)
-    }
-}
-
-/// The stop signal every loop watches.
-#[derive(Clone, Debug)]
-pub struct Stop(watch::Receiver<bool>);
-
-impl Stop {
-    /// Resolves once stop is requested (or the sender is gone).
-    pub async fn wait(&mut self) {
-        let _ = self.0.wait_for(|stop| *stop).await;
-    }
-
-    pub fn is_set(&self) -> bool {
-        *self.0.borrow()
-    }
-}
-
-/// Sleeps `d` unless stopped first; false means "stop".
-pub(crate) async fn sleep_or_stop(d: Duration, stop: &mut Stop) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(d) => true,
-        _ = stop.wait() => false,
-    }
 }
 
 /// The trusted keys of the config, parsed; says once at start what is checked.
@@ -258,85 +178,6 @@ pub async fn serve_on(
     started
 }
 
-/// Waits (bounded) until the outbox is empty, while the grant lets it ship.
-async fn drain_outbox(store: &store::Store, session: &session::Session) {
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(DRAIN_ON_STOP_MS);
-    while tokio::time::Instant::now() < deadline {
-        let can_ship = matches!(session.link_now().grant, Some(Grant::Full | Grant::Deliver));
-        if store.outbox_state().count == 0 || !can_ship {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tracing::warn!(
-        queued = store.outbox_state().count,
-        "stopping with records queued; they ship on the next start"
-    );
-}
-
-/// The node's moving parts and how they stop: producing first, then (after
-/// a bounded drain) the background loops, while HTTP keeps serving; HTTP
-/// stops on a signal or when a failed switch makes the worker give up.
-pub(crate) struct Lifecycle {
-    produce_stop: watch::Sender<bool>,
-    producer: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
-    loops_stop: watch::Sender<bool>,
-    http_stop: watch::Sender<bool>,
-    /// Set while HTTP is being stopped: answers say `Connection: close`.
-    closing: Arc<std::sync::atomic::AtomicBool>,
-    failure: Mutex<Option<String>>,
-    store: Arc<store::Store>,
-    session: Arc<session::Session>,
-}
-
-impl Lifecycle {
-    /// Stops producing, drains the outbox (bounded) and stops the loops;
-    /// HTTP keeps serving from the cache. Idempotent: a switch and a later
-    /// shutdown both call it.
-    pub(crate) async fn quiesce(&self) {
-        self.produce_stop.send_replace(true);
-        if let Some(producer) = self.producer.lock().await.take() {
-            match tokio::time::timeout(Duration::from_millis(LOOPS_STOP_TIMEOUT_MS), producer).await
-            {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::error!(error = %e, "producer ended abnormally"),
-                Err(_) => tracing::warn!("producer did not stop in time"),
-            }
-            if let Some(ms) = test_fault_ms("drain_slow_ms") {
-                // Test hook (TEST_FAULT_ENV): a drain that takes a while.
-                tracing::warn!(ms, "test hook: draining slowly");
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-            }
-            drain_outbox(&self.store, &self.session).await;
-        }
-        self.loops_stop.send_replace(true);
-    }
-
-    /// Gives up: HTTP stops gracefully and the worker exits with `why`, so
-    /// its supervisor starts the release it knows to work.
-    pub(crate) fn fail(self: &Arc<Self>, why: String) {
-        *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
-        tokio::spawn(self.clone().stop_http());
-    }
-
-    /// Every way HTTP stops: `Connection: close` on every answer for
-    /// [`CLOSE_CONNECTIONS_MS`], so players reconnect between requests (to
-    /// whichever worker serves the socket), then the graceful stop.
-    async fn stop_http(self: Arc<Self>) {
-        self.closing
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        tokio::time::sleep(Duration::from_millis(CLOSE_CONNECTIONS_MS)).await;
-        self.http_stop.send_replace(true);
-    }
-
-    fn failure(&self) -> Option<String> {
-        self.failure
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-}
-
 async fn start(
     config: NodeConfig,
     info: &'static ReleaseInfo,
@@ -371,7 +212,7 @@ async fn start(
         join_token: config.join_token.clone(),
         binary_sha256: handover_supervisor::binary_sha256(),
     };
-    let viewers = Arc::new(hls::ViewerCounter::default());
+    let viewers = Arc::new(viewer_counter::ViewerCounter::default());
     let session = Arc::new(
         session::Session::new(
             identity,
@@ -389,7 +230,7 @@ async fn start(
     let trusted_key_ids: Vec<String> = trusted.iter().map(|k| k.id().to_owned()).collect();
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let stop = Stop(stop_rx);
+    let stop = Stop::new(stop_rx);
     // The producer has its own stop so the shipper can drain after it.
     let (produce_stop_tx, produce_stop_rx) = watch::channel(false);
     let mut loops = tokio::task::JoinSet::new();
@@ -406,7 +247,7 @@ async fn start(
             viewers: viewers.clone(),
             shipper_wake: shipper_wake.clone(),
         }
-        .run(progress, Stop(produce_stop_rx)),
+        .run(progress, Stop::new(produce_stop_rx)),
     );
     loops.spawn(
         shipper::Shipper {
@@ -479,7 +320,7 @@ async fn start(
         shutdown.await;
         signal.stop_http().await;
     });
-    let mut server_stop = Stop(http_stop_rx);
+    let mut server_stop = Stop::new(http_stop_rx);
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move { server_stop.wait().await })
         .await

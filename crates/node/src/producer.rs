@@ -6,10 +6,10 @@
 //! in-memory state. A failed commit therefore changes nothing and the next
 //! tick decides again: no record is produced twice, none is lost.
 
-use crate::hls::ViewerCounter;
-use crate::session::ParamsCache;
+use crate::link::{Link, ParamsCache};
+use crate::runtime::Stop;
 use crate::store::{keys, Commit, NewRecord, Store, StoreError};
-use crate::Stop;
+use crate::viewer_counter::ViewerCounter;
 use handover_core::grant::{Grant, GrantReason};
 use handover_core::params::LiveEvent;
 use handover_core::record::{v2::Kind, v3::Severity, Observation};
@@ -360,7 +360,7 @@ pub struct Producer {
     pub node_id: String,
     pub params: watch::Receiver<Arc<ParamsCache>>,
     /// For the quiesce mark: a quiesced node starts no new event.
-    pub link: watch::Receiver<crate::session::Link>,
+    pub link: watch::Receiver<Link>,
     pub viewers: Arc<ViewerCounter>,
     pub shipper_wake: Arc<Notify>,
 }
@@ -377,7 +377,7 @@ impl Producer {
                 _ = ticker.tick() => {}
                 _ = stop.wait() => return,
             }
-            let now_ms = crate::wall_clock_ms();
+            let now_ms = crate::runtime::wall_clock_ms();
             if self.store.outbox_state().count >= OUTBOX_RECORDS_MAX {
                 if full_warned_at.is_none_or(|t| now_ms - t >= OUTBOX_FULL_WARN_EVERY_MS) {
                     tracing::error!(

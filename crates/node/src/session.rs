@@ -7,12 +7,13 @@
 //! [`Session::request_handshake`]; only the session loop then says hello
 //! again, so there is never more than one handshake in flight.
 
-use crate::hls::ViewerCounter;
+use crate::link::{Link, ParamsCache};
 use crate::producer::{current_events, fence_alert, runnable};
+use crate::runtime::{sleep_or_stop, Backoff, Stop};
 use crate::store::{keys, Commit, NewRecord, Store, StoreError};
-use crate::{sleep_or_stop, Backoff, Stop};
+use crate::viewer_counter::ViewerCounter;
 use handover_core::grant::{Grant, GrantReason};
-use handover_core::params::{events_for_group, LiveEvent};
+use handover_core::params::events_for_group;
 use handover_core::upgrade::Desired;
 use handover_core::wire::{
     if_protocol, GrantState, Heartbeat, Hello, Role, Welcome, HLS_REQUESTS_PROTOCOL,
@@ -41,35 +42,6 @@ pub const REQUEST_TIMEOUT_MS: u64 = 10_000;
 pub const CONNECT_TIMEOUT_MS: u64 = 2_000;
 /// Largest answer we read: parameters are the largest message.
 pub const RESPONSE_BYTES_MAX: usize = 8 << 20;
-
-/// The grant this node holds, as the rest of the node sees it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Link {
-    pub grant: Option<Grant>,
-    pub reason: Option<GrantReason>,
-    pub epoch: Option<u64>,
-    pub lease_ms: u64,
-    /// The parameter revision the controller announced last.
-    pub controller_param_revision: Option<u64>,
-    pub credential: Option<String>,
-    /// A hello succeeded and nothing since asked for another one.
-    pub established: bool,
-    /// Counts successful hellos; a handshake request names the one it saw fail.
-    pub generation: u64,
-    /// What the controller wants done about upgrades, and its revision.
-    pub desired: Desired,
-    pub desired_rev: Option<u64>,
-    /// Since when this node takes no new event (a primary before its switch).
-    pub quiesce_since_ms: Option<i64>,
-}
-
-/// The parameter cache in memory: the events of our group, from our schema.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ParamsCache {
-    pub schema: Schema,
-    pub revision: Option<u64>,
-    pub events: Vec<LiveEvent>,
-}
 
 /// The answer of `GET /node/v1/params`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -435,7 +407,7 @@ impl Session {
     }
 
     fn hello_body(&self, token: &str) -> Hello {
-        let now = crate::wall_clock_ms();
+        let now = crate::runtime::wall_clock_ms();
         let params = self.params.borrow();
         Hello {
             v: MESSAGE_VERSION,
@@ -591,7 +563,9 @@ impl Session {
         if a.grant == Grant::Fenced && cur.grant != Some(Grant::Fenced) {
             let events = self.params.borrow().events.clone();
             // An alert belongs to a channel; a node with no events only logs it.
-            if let Some(alert) = fence_alert(&events, crate::wall_clock_ms(), a.epoch, a.reason) {
+            if let Some(alert) =
+                fence_alert(&events, crate::runtime::wall_clock_ms(), a.epoch, a.reason)
+            {
                 match NewRecord::encode(self.id.release.schema, &self.id.node_id, &alert) {
                     Ok(r) => commit.records.push(r),
                     Err(e) => {
@@ -611,7 +585,7 @@ impl Session {
             l.controller_param_revision = Some(a.param_revision);
             l.quiesce_since_ms = match (a.desired.quiesce, l.quiesce_since_ms) {
                 (true, Some(since)) => Some(since),
-                (true, None) => Some(crate::wall_clock_ms()),
+                (true, None) => Some(crate::runtime::wall_clock_ms()),
                 (false, _) => None,
             };
             l.desired = a.desired.clone();
@@ -736,7 +710,7 @@ impl Session {
                 node_id: self.id.node_id.clone(),
                 epoch,
                 outbox: self.store.outbox_state(),
-                current_events: self.current_events(crate::wall_clock_ms()),
+                current_events: self.current_events(crate::runtime::wall_clock_ms()),
                 staged: self.staged(),
                 hls_requests: self.hls_requests(),
             };

@@ -6,9 +6,9 @@
 //! for the grant to change. Storing is idempotent on (node, seq), so a batch
 //! resent after a crash or a timeout never duplicates a record.
 
+use crate::runtime::{sleep_or_stop, Backoff, Stop};
 use crate::session::{CallError, Session};
 use crate::store::{OutboxRow, Store};
-use crate::{sleep_or_stop, Backoff, Stop};
 use handover_core::grant::Grant;
 use handover_core::wire::{Batch, BatchAck, MESSAGE_VERSION};
 use std::sync::{Arc, Mutex};

@@ -455,7 +455,7 @@ pub async fn stage(
     let partial_guard = Cleanup(Some(partial.clone()));
     let mut out = tokio::io::BufWriter::with_capacity(IO_CHUNK_BYTES, file);
     let mut check = DigestCheck::new(&manifest);
-    let mut slow_ms = crate::test_fault_ms("stage_slow_ms");
+    let mut slow_ms = crate::runtime::test_fault_ms("stage_slow_ms");
     loop {
         let next = tokio::time::timeout(
             Duration::from_millis(CHUNK_IDLE_TIMEOUT_MS),
@@ -482,7 +482,7 @@ pub async fn stage(
             .await
             .map_err(io_err("write", &partial))?;
         if let Some(ms) = slow_ms.take() {
-            // Test hook (crate::TEST_FAULT_ENV): a download that stalls after its first chunk.
+            // Test hook (crate::runtime::TEST_FAULT_ENV): a download that stalls after its first chunk.
             out.flush().await.map_err(io_err("write", &partial))?;
             tracing::warn!(id, ms, "test hook: stalling the download");
             tokio::time::sleep(Duration::from_millis(ms)).await;

@@ -1,0 +1,92 @@
+//! The node's runtime plumbing every loop shares: the wall clock, the stop
+//! signal, bounded backoff and the test hooks. A leaf module: it imports no
+//! other module of this crate.
+
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// First retry delay after a failure (controller unreachable, disk error).
+pub const BACKOFF_MS_MIN: u64 = 100;
+/// Retry delays double up to this.
+pub const BACKOFF_MS_MAX: u64 = 2_000;
+/// Test hook, read only by the fault-injection process tests
+/// (`crates/cli/tests/faults.rs`), which set it for one release through an
+/// artifact whose binary is a wrapper script (or for one node's supervisor):
+/// a comma-separated list of `name` or `name:value`. Unset in production,
+/// where it changes nothing. The node reads `stage_slow_ms:N` (stage.rs),
+/// `ready_delay_ms:N` and `never_ready` (agent.rs), `drain_slow_ms:N`
+/// (`Lifecycle::quiesce`), and the CLI reads `exit_at_start` for a node
+/// worker.
+pub const TEST_FAULT_ENV: &str = "HANDOVER_TEST_FAULT";
+
+/// The value of test fault `name` in [`TEST_FAULT_ENV`] ("" for a bare name).
+pub fn test_fault(name: &str) -> Option<String> {
+    let all = std::env::var(TEST_FAULT_ENV).ok()?;
+    all.split(',').find_map(|f| {
+        let (n, v) = f.split_once(':').unwrap_or((f, ""));
+        (n.trim() == name).then(|| v.trim().to_owned())
+    })
+}
+
+/// Test fault `name` as milliseconds (see [`test_fault`]).
+pub(crate) fn test_fault_ms(name: &str) -> Option<u64> {
+    test_fault(name).and_then(|v| v.parse().ok())
+}
+
+/// Unix milliseconds from the system clock; the only clock the node reads.
+pub(crate) fn wall_clock_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Bounded exponential backoff: [`BACKOFF_MS_MIN`] doubling to [`BACKOFF_MS_MAX`].
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    next_ms: u64,
+}
+
+impl Backoff {
+    pub(crate) fn new() -> Backoff {
+        Backoff {
+            next_ms: BACKOFF_MS_MIN,
+        }
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.next_ms = BACKOFF_MS_MIN;
+    }
+
+    pub(crate) fn next(&mut self) -> Duration {
+        let d = self.next_ms;
+        self.next_ms = (d * 2).min(BACKOFF_MS_MAX);
+        Duration::from_millis(d)
+    }
+}
+
+/// The stop signal every loop watches.
+#[derive(Clone, Debug)]
+pub struct Stop(watch::Receiver<bool>);
+
+impl Stop {
+    pub(crate) fn new(rx: watch::Receiver<bool>) -> Stop {
+        Stop(rx)
+    }
+
+    /// Resolves once stop is requested (or the sender is gone).
+    pub async fn wait(&mut self) {
+        let _ = self.0.wait_for(|stop| *stop).await;
+    }
+
+    pub fn is_set(&self) -> bool {
+        *self.0.borrow()
+    }
+}
+
+/// Sleeps `d` unless stopped first; false means "stop".
+pub(crate) async fn sleep_or_stop(d: Duration, stop: &mut Stop) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = stop.wait() => false,
+    }
+}
