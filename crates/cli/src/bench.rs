@@ -172,7 +172,7 @@ const BEFORE: &[(&str, &str, &str)] = &[
 pub struct Sizes {
     pub drain_nodes: usize,
     pub drain_records_per_node: usize,
-    /// Records per deliver request (the shipper's `BATCH_RECORDS_MAX`).
+    /// Records per deliver request (the core's `ship::BATCH_RECORDS_MAX`).
     pub drain_batch_records: usize,
     pub raw_rows_per_transaction: usize,
     pub outbox_commits: usize,
@@ -187,7 +187,7 @@ pub struct Sizes {
 const FULL: Sizes = Sizes {
     drain_nodes: 8,
     drain_records_per_node: 100_000,
-    drain_batch_records: handover_node::shipper::BATCH_RECORDS_MAX,
+    drain_batch_records: handover_core::ship::BATCH_RECORDS_MAX,
     raw_rows_per_transaction: 1_000,
     outbox_commits: 2_000,
     fence_small: 1_000,
@@ -201,7 +201,7 @@ const FULL: Sizes = Sizes {
 const QUICK: Sizes = Sizes {
     drain_nodes: 8,
     drain_records_per_node: 1_000,
-    drain_batch_records: handover_node::shipper::BATCH_RECORDS_MAX,
+    drain_batch_records: handover_core::ship::BATCH_RECORDS_MAX,
     raw_rows_per_transaction: 1_000,
     outbox_commits: 50,
     fence_small: 50,

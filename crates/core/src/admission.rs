@@ -158,6 +158,14 @@ impl Channel {
         }
     }
 
+    /// The node-protocol path a batch of this channel is posted to.
+    pub fn path(self) -> &'static str {
+        match self {
+            Channel::Main => "/node/v1/records",
+            Channel::Redundant => "/node/v1/deliver",
+        }
+    }
+
     /// The grant that may write on this channel.
     pub fn grant(self) -> Grant {
         match self {

@@ -13,6 +13,7 @@ pub mod hls;
 pub mod params;
 pub mod record;
 pub mod release;
+pub mod ship;
 pub mod timefmt;
 pub mod ts;
 pub mod upgrade;

@@ -9,38 +9,23 @@
 use crate::runtime::{sleep_or_stop, Backoff, Stop};
 use crate::session::{CallError, Session};
 use crate::store::{OutboxRow, Store};
-use handover_core::grant::Grant;
+use handover_core::admission::Channel;
+use handover_core::ship;
 use handover_core::wire::{Batch, BatchAck, MESSAGE_VERSION};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 
-/// Records in one batch (the wire allows more; smaller batches ack sooner).
-pub const BATCH_RECORDS_MAX: usize = 500;
-/// JSON bytes of records in one batch, well under the controller's body limit.
-pub const BATCH_BYTES_MAX: usize = handover_core::wire::limits::BODY_BYTES_MAX / 2;
 /// Timeout of one batch request.
 pub const SHIP_TIMEOUT_MS: u64 = 15_000;
 
-const _: () = assert!(BATCH_RECORDS_MAX <= handover_core::wire::limits::BATCH_RECORDS_MAX);
-
-/// Takes the longest prefix of `rows` that can go in one batch: one schema,
-/// consecutive seqs, at most [`BATCH_RECORDS_MAX`] records and
-/// [`BATCH_BYTES_MAX`] bytes (but always at least one record).
+/// The longest prefix of `rows` that can go in one batch (the core's rule).
 pub fn batch_prefix(rows: &[OutboxRow]) -> &[OutboxRow] {
-    let Some(first) = rows.first() else {
-        return rows;
-    };
-    let mut bytes = 0usize;
-    let mut n = 0;
-    for (i, r) in rows.iter().enumerate().take(BATCH_RECORDS_MAX) {
-        let consecutive = first.seq.checked_add(i as u64) == Some(r.seq);
-        bytes = bytes.saturating_add(r.body_bytes + 1);
-        if r.schema != first.schema || !consecutive || (n > 0 && bytes > BATCH_BYTES_MAX) {
-            break;
-        }
-        n += 1;
-    }
+    let n = ship::batch_len(rows.iter().map(|r| ship::Queued {
+        seq: r.seq,
+        schema: r.schema,
+        bytes: r.body_bytes,
+    }));
     &rows[..n]
 }
 
@@ -62,7 +47,7 @@ impl Shipper {
     /// Legacy mode: forgets queued records up to `through` (they are lost,
     /// which the checker then reports).
     async fn drop_queued(&self, through: u64) {
-        let last = match self.store.oldest(BATCH_RECORDS_MAX).await {
+        let last = match self.store.oldest(ship::BATCH_RECORDS_MAX).await {
             Ok(rows) => rows.last().map(|r| r.seq.min(through)),
             Err(_) => None,
         };
@@ -89,13 +74,13 @@ impl Shipper {
                 return;
             }
             let link = rx.borrow_and_update().clone();
+            let channel = link.grant.and_then(ship::channel_of);
             let (endpoint, epoch, credential) =
-                match (link.established, link.grant, link.epoch, &link.credential) {
-                    (true, Some(Grant::Full), Some(e), Some(c)) => {
-                        ("/node/v1/records", e, c.clone())
-                    }
-                    (true, Some(Grant::Deliver), Some(e), Some(c)) if !self.legacy => {
-                        ("/node/v1/deliver", e, c.clone())
+                match (link.established, channel, link.epoch, &link.credential) {
+                    (true, Some(ch), Some(e), Some(c))
+                        if !(self.legacy && ch == Channel::Redundant) =>
+                    {
+                        (ch.path(), e, c.clone())
                     }
                     // Fenced or no session: queue locally and wait for the grant to change.
                     _ => {
@@ -110,7 +95,7 @@ impl Shipper {
                         continue;
                     }
                 };
-            let rows = match self.store.oldest(BATCH_RECORDS_MAX).await {
+            let rows = match self.store.oldest(ship::BATCH_RECORDS_MAX).await {
                 Ok(rows) => rows,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the outbox");
@@ -150,15 +135,9 @@ impl Shipper {
             self.session.note(&r);
             let failure = match r {
                 Ok(ack) if ack.v == MESSAGE_VERSION => {
-                    // Never trim past what this batch carried, whatever the answer says.
-                    let through = ack.acked_through.min(last_seq);
-                    if through < first_seq {
-                        format!(
-                            "controller acked through {} for a batch starting at {first_seq}",
-                            ack.acked_through
-                        )
-                    } else {
-                        match self.store.trim(through).await {
+                    match ship::trim_through(first_seq, last_seq, ack.acked_through) {
+                        Err(e) => e,
+                        Ok(through) => match self.store.trim(through).await {
                             Ok(_) => {
                                 tracing::debug!(
                                     endpoint,
@@ -173,7 +152,7 @@ impl Shipper {
                                 continue;
                             }
                             Err(e) => format!("cannot trim the outbox: {e}"),
-                        }
+                        },
                     }
                 }
                 Ok(ack) => format!("batch ack of version {}", ack.v),
@@ -210,30 +189,20 @@ mod tests {
     use handover_core::Schema;
     use serde_json::json;
 
-    fn row(seq: u64, schema: u32, bytes: usize) -> OutboxRow {
+    fn row(seq: u64, schema: u32) -> OutboxRow {
         OutboxRow {
             seq,
             schema: Schema(schema),
             body: json!({}),
-            body_bytes: bytes,
+            body_bytes: 10,
         }
     }
 
+    /// The rule itself is tested in the core (`ship::batch_len`).
     #[test]
-    fn batches_are_one_schema_consecutive_and_bounded() {
+    fn the_prefix_is_the_cores_batch() {
+        let rows = [row(1, 1), row(2, 1), row(3, 2)];
+        assert_eq!(batch_prefix(&rows).len(), 2);
         assert!(batch_prefix(&[]).is_empty());
-        let rows: Vec<_> = (1..=700).map(|s| row(s, 1, 10)).collect();
-        assert_eq!(batch_prefix(&rows).len(), BATCH_RECORDS_MAX);
-        let mixed = [row(1, 1, 10), row(2, 1, 10), row(3, 2, 10)];
-        assert_eq!(batch_prefix(&mixed).len(), 2);
-        let gap = [row(1, 1, 10), row(3, 1, 10)];
-        assert_eq!(batch_prefix(&gap).len(), 1);
-        let big = [row(1, 1, BATCH_BYTES_MAX + 5), row(2, 1, 10)];
-        assert_eq!(batch_prefix(&big).len(), 1);
-        let halves = [
-            row(1, 1, BATCH_BYTES_MAX / 2),
-            row(2, 1, BATCH_BYTES_MAX / 2),
-        ];
-        assert_eq!(batch_prefix(&halves).len(), 1);
     }
 }

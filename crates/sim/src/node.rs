@@ -9,9 +9,11 @@
 
 use crate::net::{Answer, Lane, NodeIx, Request, SentWith};
 use crate::{Canary, Stats};
+use handover_core::admission::Channel as ShipChannel;
 use handover_core::grant::{Grant, GrantReason};
 use handover_core::record::{self, v2::Kind, v3::Severity, Observation};
 use handover_core::release::{Release, ReleaseInfo, Schema};
+use handover_core::ship;
 use handover_core::upgrade::Desired;
 use handover_core::wire::{
     Batch, BatchAck, GrantState, Heartbeat, Hello, OutboxState, Role, Welcome, MESSAGE_VERSION,
@@ -33,8 +35,6 @@ pub const HEARTBEAT_MS_MIN: u64 = 100;
 pub const HEARTBEAT_MS_MAX: u64 = 10_000;
 pub const BACKOFF_MS_MIN: u64 = 100;
 pub const BACKOFF_MS_MAX: u64 = 2_000;
-/// Records in one batch (the real node: 500; smaller batches mean more of them).
-pub const BATCH_RECORDS_MAX: usize = 50;
 /// A switching node drains its outbox at most this long before it stops.
 pub const DRAIN_ON_STOP_MS: u64 = 3_000;
 /// A failed staging is retried after this long.
@@ -790,22 +790,20 @@ impl Node {
         ) else {
             return;
         };
-        if grant == Grant::Fenced {
-            return; // queue locally until the grant changes
-        }
+        // The shipped node's decisions: channel, then batch.
+        let Some(channel) = ship::channel_of(grant) else {
+            return; // fenced: queue locally until the grant changes
+        };
         let Some(first) = self.durable.outbox.front() else {
             return;
         };
         let (first_seq, schema) = (first.seq, first.schema);
-        let rows: Vec<&OutboxRow> = self
-            .durable
-            .outbox
-            .iter()
-            .take(BATCH_RECORDS_MAX)
-            .enumerate()
-            .take_while(|(i, r)| r.schema == schema && r.seq == first_seq + *i as u64)
-            .map(|(_, r)| r)
-            .collect();
+        let n = ship::batch_len(self.durable.outbox.iter().map(|r| ship::Queued {
+            seq: r.seq,
+            schema: r.schema,
+            bytes: serde_json::to_vec(&r.body).map_or(0, |b| b.len()),
+        }));
+        let rows: Vec<&OutboxRow> = self.durable.outbox.iter().take(n).collect();
         let last_seq = first_seq + rows.len() as u64 - 1;
         let batch = Batch {
             v: MESSAGE_VERSION,
@@ -818,18 +816,17 @@ impl Node {
         let body = serde_json::to_vec(&batch).expect("batch serializes");
         // What the node held, checked by the controller where it accepts the batch.
         let sent_with = SentWith { grant, epoch };
-        let req = match grant {
-            Grant::Full => Request::Records {
+        let req = match channel {
+            ShipChannel::Main => Request::Records {
                 credential,
                 body,
                 sent_with,
             },
-            Grant::Deliver => Request::Deliver {
+            ShipChannel::Redundant => Request::Deliver {
                 credential,
                 body,
                 sent_with,
             },
-            Grant::Fenced => unreachable!("fenced nodes ship nothing"),
         };
         self.send(
             Lane::Shipper,
@@ -869,17 +866,13 @@ impl Node {
         let failure = match answer {
             Some(Answer::Ok(body)) => match serde_json::from_slice::<BatchAck>(&body) {
                 Ok(ack) if ack.v == MESSAGE_VERSION => {
-                    // Never trim past what this batch carried, whatever the answer says.
-                    let through = ack.acked_through.min(last);
-                    if through < first {
-                        format!(
-                            "acked through {} for a batch from {first}",
-                            ack.acked_through
-                        )
-                    } else {
-                        self.trim(through);
-                        self.mem.shipper.reset(now);
-                        return;
+                    match ship::trim_through(first, last, ack.acked_through) {
+                        Err(e) => e,
+                        Ok(through) => {
+                            self.trim(through);
+                            self.mem.shipper.reset(now);
+                            return;
+                        }
                     }
                 }
                 Ok(ack) => format!("batch ack of version {}", ack.v),
