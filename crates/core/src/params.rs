@@ -175,6 +175,27 @@ pub enum ParamsError {
     BadWindow { channel: String, reason: String },
 }
 
+/// The events of `group` whose channel `channel` finds by id (schema 2 on),
+/// each made live by `live`.
+fn by_channel_id<'p, C: 'p>(
+    events: &[v2::Event],
+    group: &str,
+    channel: impl Fn(i64) -> Option<&'p C>,
+    live: impl Fn(&v2::Event, &'p C) -> Result<LiveEvent, ParamsError>,
+) -> Result<Vec<LiveEvent>, ParamsError> {
+    events
+        .iter()
+        .filter(|e| e.group == group)
+        .map(|e| {
+            let ch = channel(e.channel_id).ok_or_else(|| ParamsError::UnknownChannel {
+                event: e.id,
+                channel: e.channel_id.to_string(),
+            })?;
+            live(e, ch)
+        })
+        .collect()
+}
+
 /// Decodes parameters of `schema` and returns the events of `group`.
 /// `reader` is the schema the calling release understands: a node only reads
 /// parameters of its own schema.
@@ -224,18 +245,11 @@ pub fn events_for_group(
         Schema(2) => {
             let p: v2::Params =
                 serde_json::from_value(raw.clone()).map_err(|e| unreadable(e.to_string()))?;
-            p.events
-                .iter()
-                .filter(|e| e.group == group)
-                .map(|e| {
-                    let ch = p
-                        .channels
-                        .iter()
-                        .find(|c| c.id == e.channel_id)
-                        .ok_or_else(|| ParamsError::UnknownChannel {
-                            event: e.id,
-                            channel: e.channel_id.to_string(),
-                        })?;
+            by_channel_id(
+                &p.events,
+                group,
+                |id| p.channels.iter().find(|c| c.id == id),
+                |e, ch| {
                     Ok(LiveEvent {
                         event_id: e.id,
                         channel: ch.name.clone(),
@@ -245,24 +259,17 @@ pub fn events_for_group(
                         segment_ms: ch.segment_ms,
                         window_segments: crate::hls::WINDOW_SEGMENTS,
                     })
-                })
-                .collect()
+                },
+            )
         }
         Schema(3) => {
             let p: v3::Params =
                 serde_json::from_value(raw.clone()).map_err(|e| unreadable(e.to_string()))?;
-            p.events
-                .iter()
-                .filter(|e| e.group == group)
-                .map(|e| {
-                    let ch = p
-                        .channels
-                        .iter()
-                        .find(|c| c.id == e.channel_id)
-                        .ok_or_else(|| ParamsError::UnknownChannel {
-                            event: e.id,
-                            channel: e.channel_id.to_string(),
-                        })?;
+            by_channel_id(
+                &p.events,
+                group,
+                |id| p.channels.iter().find(|c| c.id == id),
+                |e, ch| {
                     v3::check_window(ch.window_segments).map_err(|reason| {
                         ParamsError::BadWindow {
                             channel: ch.name.clone(),
@@ -278,8 +285,8 @@ pub fn events_for_group(
                         segment_ms: ch.segment_ms,
                         window_segments: u64::from(ch.window_segments),
                     })
-                })
-                .collect()
+                },
+            )
         }
         other => Err(unreadable(format!(
             "schema {other} is unknown to this release"
