@@ -68,6 +68,17 @@ impl Phase {
             Phase::Finalize => "finalize",
         }
     }
+
+    /// The phase named `text` (as [`Phase::as_str`] writes it).
+    pub fn parse(text: &str) -> Result<Phase, String> {
+        Phase::ALL
+            .into_iter()
+            .find(|p| p.as_str() == text)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Phase::ALL.iter().map(|p| p.as_str()).collect();
+                format!("no phase {text:?}; the phases are {}", names.join(", "))
+            })
+    }
 }
 
 /// When a primary may switch.
@@ -1042,6 +1053,19 @@ mod tests {
     use super::*;
 
     const A: &str = "r2-0123456789ab";
+
+    #[test]
+    fn a_phase_parses_from_its_wire_name() {
+        for p in Phase::ALL {
+            assert_eq!(
+                serde_json::to_value(p).ok(),
+                Some(serde_json::Value::from(p.as_str()))
+            );
+            assert_eq!(Phase::parse(p.as_str()), Ok(p));
+        }
+        assert!(Phase::parse("Primaries").is_err());
+        assert!(Phase::parse("").is_err());
+    }
 
     fn plan(policy: PrimaryPolicy) -> Plan {
         Plan {
