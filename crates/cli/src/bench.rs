@@ -21,11 +21,12 @@
 use crate::fleet::Fleet;
 use anyhow::{anyhow, bail, ensure, Context};
 use clap::Args;
+use handover_core::api::{ChannelSpec, EventSpec, RecordSummary, UpgradeRequest};
 use handover_core::params::Group;
 use handover_core::record::{self, v2::Kind, v3::Severity, AnyRecord, Observation};
 use handover_core::wire::{Batch, BatchAck, GrantState, Hello, OutboxState, Role, Welcome};
 use handover_core::{Grant, Release, ReleaseInfo, Schema};
-use handover_store::{ChannelSpec, EventSpec, RecordSummary, Store as _};
+use handover_store::Store as _;
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -1588,7 +1589,7 @@ async fn upgrade_small(exe: &Path, dir: &Path) -> anyhow::Result<Figures> {
         fleet.start_node(i).await?;
     }
     fleet.wait_nodes_registered().await?;
-    crate::upgrade::start(&fleet.op, &crate::upgrade::Request::new(&artifact, "wait")).await?;
+    crate::upgrade::start(&fleet.op, &UpgradeRequest::new(&artifact, "wait")).await?;
     let s = fleet.wait_upgrade_over(Duration::from_secs(120)).await?;
     fleet.stop_all().await?;
     let up = s.upgrade.context("the controller lost the upgrade")?;

@@ -1,7 +1,7 @@
 //! The exactly-once check: what each node says it produced against what the
 //! database holds. Computed from both sides, never from success counters.
 
-use handover_store::StoredRecord;
+use handover_core::api::StoredRecord;
 use serde::Serialize;
 use std::collections::{BTreeSet, HashMap, HashSet};
 

@@ -2,9 +2,8 @@
 
 use crate::viewers::ChannelTarget;
 use anyhow::{anyhow, Context};
-use handover_controller::{GroupNodes, Status};
+use handover_core::api::{EventView, GroupNodes, Status};
 use handover_core::wire::ErrorBody;
-use handover_store::EventView;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::fmt::Write;
@@ -150,7 +149,7 @@ pub fn render_status(s: &Status) -> String {
         "node", "release", "binary", "supervisor", "role", "group", "grant", "outbox", "acked"
     );
     for n in &s.nodes {
-        let r = &n.row;
+        let r = &n.node;
         let lease = if n.lease_expired {
             " (lease expired)"
         } else {

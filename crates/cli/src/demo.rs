@@ -9,6 +9,7 @@ use crate::fleet::Fleet;
 use crate::viewers::{self, ChannelTarget, ViewerConfig, ViewerReport};
 use anyhow::{bail, Context};
 use clap::Args;
+use handover_core::api::UpgradeRequest;
 use handover_core::upgrade::Status;
 use handover_core::wire::Role;
 use serde::Serialize;
@@ -239,11 +240,7 @@ async fn drive(
         ),
     );
     steady.store(false, Ordering::Relaxed);
-    crate::upgrade::start(
-        &fleet.op,
-        &crate::upgrade::Request::new(&artifact, &args.policy),
-    )
-    .await?;
+    crate::upgrade::start(&fleet.op, &UpgradeRequest::new(&artifact, &args.policy)).await?;
     let s = fleet
         .wait_upgrade_over(Duration::from_millis(UPGRADE_WAIT_MS))
         .await?;
@@ -265,8 +262,8 @@ async fn drive(
             .nodes
             .iter()
             .map(|n| NodeFigure {
-                id: n.row.node_id.clone(),
-                release: n.row.release.0,
+                id: n.node.node_id.clone(),
+                release: n.node.release.0,
                 grant: n.grant_now.as_str().into(),
             })
             .collect(),

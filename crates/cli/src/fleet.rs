@@ -7,10 +7,9 @@ use crate::check::{check_node, CheckReport};
 use crate::client::Operator;
 use crate::viewers::ChannelTarget;
 use anyhow::{bail, Context};
-use handover_controller::Status;
+use handover_core::api::{ChannelSpec, EventSpec, Status, StoredRecord, UpgradeStatus};
 use handover_core::params::Group;
 use handover_core::wire::Role;
-use handover_store::{ChannelSpec, EventSpec, StoredRecord};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -683,10 +682,7 @@ impl Fleet {
 
     /// Polls the upgrade until it is over, tolerating the controller's own
     /// switch; bounded by `timeout`.
-    pub async fn wait_upgrade_over(
-        &self,
-        timeout: Duration,
-    ) -> anyhow::Result<handover_controller::UpgradeStatus> {
+    pub async fn wait_upgrade_over(&self, timeout: Duration) -> anyhow::Result<UpgradeStatus> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut last = None;
         while tokio::time::Instant::now() < deadline {

@@ -5,7 +5,9 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use handover::client::{self, Operator};
 use handover::{demo, roles, viewers};
+use handover_core::api::{ChannelSpec, EventSpec, UpgradeRequest, UpgradeStatus};
 use handover_core::release::{ReleaseInfo, NEWEST, RELEASES};
+use handover_core::upgrade::Phase;
 use handover_core::wire::Role;
 use handover_core::Release;
 use std::net::SocketAddr;
@@ -134,16 +136,16 @@ struct UpgradeTarget {
     #[arg(long, default_value = "wait")]
     policy: String,
     /// Pause at the start of these phases (e.g. `--pause-at primaries`) to look before going on.
-    #[arg(long, value_delimiter = ',')]
-    pause_at: Vec<String>,
+    #[arg(long, value_delimiter = ',', value_parser = Phase::parse)]
+    pause_at: Vec<Phase>,
 }
 
 impl UpgradeTarget {
-    async fn request(&self, o: &Operator) -> anyhow::Result<handover::upgrade::Request> {
+    async fn request(&self, o: &Operator) -> anyhow::Result<UpgradeRequest> {
         let id = handover::upgrade::resolve_artifact(o, &self.to).await?;
-        Ok(handover::upgrade::Request {
+        Ok(UpgradeRequest {
             artifact: id,
-            policy: self.policy.clone(),
+            policy: Some(self.policy.clone()),
             pause_at: self.pause_at.clone(),
         })
     }
@@ -613,7 +615,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             title,
             window_segments,
         }) => {
-            let spec = handover_store::ChannelSpec {
+            let spec = ChannelSpec {
                 name,
                 title,
                 segment_ms,
@@ -648,7 +650,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 + i64::try_from(start_in.as_millis()).context("--start-in too large")?;
             let duration_ms =
                 u64::try_from(duration.as_millis()).context("--duration too large")?;
-            let spec = handover_store::EventSpec {
+            let spec = EventSpec {
                 channel,
                 group,
                 start_ms,
@@ -814,7 +816,7 @@ async fn control(op: &OperatorArgs, verb: &str) -> anyhow::Result<()> {
     show_upgrade(op, &handover::upgrade::status(&o).await?)
 }
 
-fn show_upgrade(op: &OperatorArgs, s: &handover_controller::UpgradeStatus) -> anyhow::Result<()> {
+fn show_upgrade(op: &OperatorArgs, s: &UpgradeStatus) -> anyhow::Result<()> {
     if op.json {
         println!("{}", serde_json::to_string(s)?);
     } else {

@@ -3,7 +3,7 @@
 
 use crate::client::Operator;
 use anyhow::Context;
-use handover_controller::{PlanAnswer, UpgradeStatus};
+use handover_core::api::{PlanAnswer, UpgradeRequest, UpgradeStatus};
 use handover_core::upgrade::{NodeStep, Phase, Status, Upgrade};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::collections::BTreeMap;
@@ -28,29 +28,11 @@ pub async fn resolve_artifact(op: &Operator, to: &str) -> anyhow::Result<String>
     Ok(to.to_owned())
 }
 
-/// What to upgrade to and how.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct Request {
-    pub artifact: String,
-    pub policy: String,
-    pub pause_at: Vec<String>,
-}
-
-impl Request {
-    pub fn new(artifact: &str, policy: &str) -> Request {
-        Request {
-            artifact: artifact.to_owned(),
-            policy: policy.to_owned(),
-            pause_at: Vec::new(),
-        }
-    }
-}
-
-pub async fn plan(op: &Operator, req: &Request) -> anyhow::Result<PlanAnswer> {
+pub async fn plan(op: &Operator, req: &UpgradeRequest) -> anyhow::Result<PlanAnswer> {
     op.post("/api/v1/upgrade/plan", req).await
 }
 
-pub async fn start(op: &Operator, req: &Request) -> anyhow::Result<Upgrade> {
+pub async fn start(op: &Operator, req: &UpgradeRequest) -> anyhow::Result<Upgrade> {
     op.post("/api/v1/upgrade", req).await
 }
 

@@ -6,9 +6,9 @@
 use handover::check::CheckReport;
 use handover::fleet::Fleet;
 use handover::viewers::{self, ChannelTarget, ViewerConfig, ViewerReport};
+use handover_core::api::{ChannelSpec, EventSpec};
 use handover_core::params::Group;
 use handover_core::wire::Role;
-use handover_store::{ChannelSpec, EventSpec};
 use serde_json::Value;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -133,7 +133,11 @@ async fn node_status(url: &str) -> Value {
 
 async fn grant_of(fleet: &Fleet, node: &str) -> String {
     let status = fleet.op.status().await.unwrap();
-    let n = status.nodes.iter().find(|n| n.row.node_id == node).unwrap();
+    let n = status
+        .nodes
+        .iter()
+        .find(|n| n.node.node_id == node)
+        .unwrap();
     n.grant_now.as_str().to_owned()
 }
 

@@ -15,7 +15,7 @@ use handover::check::CheckReport;
 use handover::faultproxy::{Exchange, FaultProxy};
 use handover::fleet::Fleet;
 use handover::viewers::{self, ChannelTarget, ViewerConfig, ViewerReport};
-use handover_controller::UpgradeStatus;
+use handover_core::api::UpgradeStatus;
 use handover_core::upgrade::{Phase, Status, Upgrade};
 use nix::sys::signal::{kill, Signal};
 use serde_json::Value;
@@ -174,8 +174,11 @@ fn spawn_viewers(c: &Cluster, request_timeout: Duration) -> tokio::task::JoinHan
 }
 
 async fn start_upgrade(c: &Cluster, policy: &str, pause_at: &[&str]) {
-    let mut req = handover::upgrade::Request::new(&c.artifact, policy);
-    req.pause_at = pause_at.iter().map(|p| p.to_string()).collect();
+    let mut req = handover_core::api::UpgradeRequest::new(&c.artifact, policy);
+    req.pause_at = pause_at
+        .iter()
+        .map(|p| handover_core::upgrade::Phase::parse(p).unwrap())
+        .collect();
     let _ = handover::upgrade::start(&c.fleet.op, &req).await.unwrap();
 }
 
@@ -380,7 +383,7 @@ async fn finish(
     );
     for n in &status.nodes {
         assert_eq!(
-            (n.row.release.0, n.grant_now.as_str()),
+            (n.node.release.0, n.grant_now.as_str()),
             (2, "full"),
             "{}: {n:?}",
             c.name
@@ -706,7 +709,7 @@ async fn a_node_cut_off_across_the_fence_handshakes_again_and_its_records_arrive
     let b = status
         .nodes
         .iter()
-        .find(|n| n.row.node_id == "g1-b")
+        .find(|n| n.node.node_id == "g1-b")
         .unwrap();
     assert!(b.lease_expired, "{name}: g1-b is cut off: {b:?}");
     let url = c.fleet.nodes[1].url();
@@ -785,7 +788,7 @@ async fn a_node_paused_past_its_lease_is_refused_every_stale_write_and_loses_not
     let paused_at = Instant::now();
     let expired = wait_for(name, Duration::from_secs(10), || async {
         let s = c.fleet.op.status().await.ok()?;
-        let b = s.nodes.iter().find(|n| n.row.node_id == "g1-b")?;
+        let b = s.nodes.iter().find(|n| n.node.node_id == "g1-b")?;
         b.lease_expired.then_some(())
     })
     .await;

@@ -118,8 +118,11 @@ async fn upload_next(c: &Cluster, binary: &Path, name: &str) -> String {
 }
 
 async fn start(c: &Cluster, artifact: &str, pause_at: &[&str]) {
-    let mut req = handover::upgrade::Request::new(artifact, "wait");
-    req.pause_at = pause_at.iter().map(|p| p.to_string()).collect();
+    let mut req = handover_core::api::UpgradeRequest::new(artifact, "wait");
+    req.pause_at = pause_at
+        .iter()
+        .map(|p| handover_core::upgrade::Phase::parse(p).unwrap())
+        .collect();
     handover::upgrade::start(&c.fleet.op, &req).await.unwrap();
 }
 
@@ -208,7 +211,7 @@ async fn assert_on_release_3(mut c: Cluster, viewers: Viewers) {
     );
     for n in &status.nodes {
         assert_eq!(
-            (n.row.release.0, n.grant_now.as_str()),
+            (n.node.release.0, n.grant_now.as_str()),
             (3, "full"),
             "{n:?}"
         );
@@ -289,7 +292,7 @@ async fn release_1_fleet_goes_through_release_2_to_release_3() {
         .op
         .post(
             "/api/v1/upgrade/plan",
-            &handover::upgrade::Request::new(&r3, "wait"),
+            &handover_core::api::UpgradeRequest::new(&r3, "wait"),
         )
         .await
         .unwrap();
@@ -307,8 +310,11 @@ async fn release_1_fleet_goes_through_release_2_to_release_3() {
         }
     }
     let before = c.fleet.op.status().await.unwrap();
-    let start_r3 =
-        handover::upgrade::start(&c.fleet.op, &handover::upgrade::Request::new(&r3, "wait")).await;
+    let start_r3 = handover::upgrade::start(
+        &c.fleet.op,
+        &handover_core::api::UpgradeRequest::new(&r3, "wait"),
+    )
+    .await;
     if start_r3.is_ok() {
         let s = c
             .fleet
@@ -364,7 +370,7 @@ async fn a_node_of_release_3_meets_a_release_2_controller_and_is_fenced() {
     let status = fleet.wait_nodes_registered().await.unwrap();
     let n = &status.nodes[0];
     assert_eq!(
-        (n.row.release.0, n.grant_now.as_str()),
+        (n.node.release.0, n.grant_now.as_str()),
         (3, "fenced"),
         "{n:?}"
     );

@@ -7,9 +7,9 @@
 
 use handover::check::CheckReport;
 use handover::fleet::Fleet;
+use handover_core::api::{ChannelSpec, EventSpec};
 use handover_core::params::Group;
 use handover_core::wire::Role;
-use handover_store::{ChannelSpec, EventSpec};
 use serde_json::Value;
 use std::path::PathBuf;
 use std::time::Duration;

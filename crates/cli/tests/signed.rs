@@ -11,11 +11,11 @@ use base64::Engine as _;
 use handover::artifact::{self, KeyFiles};
 use handover::fleet::Fleet;
 use handover_controller::artifacts::{MANIFEST_HEADER, SIGNATURE_HEADER};
+use handover_core::api::{ChannelSpec, EventSpec};
 use handover_core::artifact::{Manifest, BINARY_FILE, MANIFEST_FILE, SIGNATURE_FILE};
 use handover_core::params::Group;
 use handover_core::upgrade::{Phase, Status};
 use handover_core::wire::Role;
-use handover_store::{ChannelSpec, EventSpec};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -78,7 +78,10 @@ async fn assert_still_serving(fleet: &Fleet, after: &str) {
     assert!(text.contains("controller  release 1"), "{after}: {text}");
     let status = fleet.op.status().await.unwrap();
     assert_eq!(status.nodes.len(), fleet.nodes.len(), "{after}");
-    assert!(status.nodes.iter().all(|n| n.row.release.0 == 1), "{after}");
+    assert!(
+        status.nodes.iter().all(|n| n.node.release.0 == 1),
+        "{after}"
+    );
     let up = handover::upgrade::status(&fleet.op).await.unwrap();
     assert!(up.upgrade.is_none(), "{after}: an upgrade started: {up:?}");
     let stored: Vec<Manifest> = fleet.op.get("/api/v1/artifacts").await.unwrap();
@@ -198,7 +201,7 @@ async fn only_an_artifact_signed_by_a_trusted_key_upgrades_the_cluster() {
     // Nothing was kept, so no upgrade can start from it.
     let start = handover::upgrade::start(
         &fleet.op,
-        &handover::upgrade::Request::new(&manifest.id(), "failover"),
+        &handover_core::api::UpgradeRequest::new(&manifest.id(), "failover"),
     )
     .await;
     assert!(start.is_err(), "{start:?}");
@@ -279,7 +282,7 @@ async fn only_an_artifact_signed_by_a_trusted_key_upgrades_the_cluster() {
     restart_node_trusting(&mut fleet, 1, &key_b.public).await;
     let _ = handover::upgrade::start(
         &fleet.op,
-        &handover::upgrade::Request::new(&stored.id(), "failover"),
+        &handover_core::api::UpgradeRequest::new(&stored.id(), "failover"),
     )
     .await
     .unwrap();
@@ -334,7 +337,7 @@ async fn only_an_artifact_signed_by_a_trusted_key_upgrades_the_cluster() {
     // nodes (which check the signature themselves) and the cluster upgrades.
     let _ = handover::upgrade::start(
         &fleet.op,
-        &handover::upgrade::Request::new(&stored.id(), "failover"),
+        &handover_core::api::UpgradeRequest::new(&stored.id(), "failover"),
     )
     .await
     .unwrap();
@@ -362,7 +365,7 @@ async fn only_an_artifact_signed_by_a_trusted_key_upgrades_the_cluster() {
         (2, 2)
     );
     for n in &status.nodes {
-        assert_eq!(n.row.release.0, 2, "{n:?}");
+        assert_eq!(n.node.release.0, 2, "{n:?}");
     }
     fleet.stop_all().await.unwrap();
 }

@@ -61,8 +61,11 @@ fn spawn_viewers(
 }
 
 async fn start_upgrade(c: &Cluster, policy: &str, pause_at: &[&str]) {
-    let mut req = handover::upgrade::Request::new(&c.artifact, policy);
-    req.pause_at = pause_at.iter().map(|p| p.to_string()).collect();
+    let mut req = handover_core::api::UpgradeRequest::new(&c.artifact, policy);
+    req.pause_at = pause_at
+        .iter()
+        .map(|p| handover_core::upgrade::Phase::parse(p).unwrap())
+        .collect();
     let _ = handover::upgrade::start(&c.fleet.op, &req).await.unwrap();
 }
 
@@ -115,7 +118,7 @@ async fn finish(
     );
     for n in &status.nodes {
         assert_eq!(
-            (n.row.release.0, n.grant_now.as_str()),
+            (n.node.release.0, n.grant_now.as_str()),
             (2, "full"),
             "{n:?}"
         );

@@ -10,8 +10,6 @@ mod orchestrator;
 mod upgrade_api;
 
 pub use error::{ApiError, ApiResult};
-pub use operator_api::{ControllerInfo, GroupNodes, NodeStatus, Status};
-pub use upgrade_api::{PlanAnswer, UpgradeStatus};
 
 use anyhow::Context;
 use axum::extract::DefaultBodyLimit;

@@ -1,19 +1,19 @@
 //! The operator API: status, channels, groups, events, fence, records.
-//! Every call needs `Authorization: Bearer <operator token>`.
+//! Every call needs `Authorization: Bearer <operator token>`. Requests and
+//! answers are the types of [`handover_core::api`], which the CLI reads too.
 
 use crate::{bearer, now_ms, same_token, ApiError, ApiResult, Shared};
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::Json;
+use handover_core::api::{
+    ChannelSpec, ClusterInfo, ControllerInfo, EventSpec, EventView, GroupNodes, NodeStatus,
+    RecordSummary, RecordsQuery, Status, StoredRecord,
+};
 use handover_core::grant::decide_grant;
 use handover_core::params::Group;
-use handover_core::{Grant, GrantReason, ProtocolRange, Release, ReleaseInfo, Schema};
-use handover_store::{
-    ChannelSpec, ClusterState, EventSpec, EventView, NodeRow, RecordSummary, StoredRecord,
-    RECORDS_PAGE_MAX,
-};
-use serde::{Deserialize, Serialize};
+use handover_store::RECORDS_PAGE_MAX;
 
 pub(crate) fn operator(state: &Shared, headers: &HeaderMap) -> ApiResult<()> {
     match bearer(headers) {
@@ -23,60 +23,6 @@ pub(crate) fn operator(state: &Shared, headers: &HeaderMap) -> ApiResult<()> {
             "missing `Authorization: Bearer <operator token>` (see --operator-token)",
         )),
     }
-}
-
-/// One node as the operator sees it: the registry row plus the grant in
-/// force now (a fence changes it before the node's next heartbeat).
-#[derive(Serialize, Deserialize, Clone, Debug)]
-pub struct NodeStatus {
-    #[serde(flatten)]
-    pub row: NodeRow,
-    pub grant_now: Grant,
-    pub grant_reason: GrantReason,
-    pub outbox_depth: u64,
-    pub lease_expired: bool,
-    /// HLS requests the node's worker answered, as its last heartbeat said
-    /// (nodes of protocol 3 and newer; none before this controller heard one).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hls_requests: Option<u64>,
-}
-
-/// The running controller's release, as the operator sees it.
-#[derive(Serialize, Deserialize, Clone, Debug)]
-pub struct ControllerInfo {
-    pub release: Release,
-    pub semver: String,
-    pub schema: Schema,
-    pub protocol: ProtocolRange,
-    pub window_min_schema: Schema,
-    /// SHA-256 of the binary this controller's worker runs.
-    #[serde(default)]
-    pub binary_sha256: Option<String>,
-    /// SHA-256 of the binary its supervisor runs (None without one).
-    #[serde(default)]
-    pub supervisor_sha256: Option<String>,
-}
-
-impl From<&ReleaseInfo> for ControllerInfo {
-    fn from(i: &ReleaseInfo) -> ControllerInfo {
-        ControllerInfo {
-            release: i.release,
-            semver: i.semver.to_owned(),
-            schema: i.schema,
-            protocol: i.protocol,
-            window_min_schema: i.window_min_schema,
-            binary_sha256: None,
-            supervisor_sha256: None,
-        }
-    }
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug)]
-pub struct Status {
-    pub controller: ControllerInfo,
-    pub cluster: ClusterState,
-    pub lease_ms: u64,
-    pub nodes: Vec<NodeStatus>,
 }
 
 pub async fn status(State(state): State<Shared>, headers: HeaderMap) -> ApiResult<Json<Status>> {
@@ -102,7 +48,7 @@ pub async fn status(State(state): State<Shared>, headers: HeaderMap) -> ApiResul
                 outbox_depth: row.outbox.count,
                 lease_expired: now.saturating_sub(row.last_seen_ms) > lease,
                 hls_requests: hls_requests.get(&row.node_id).copied(),
-                row,
+                node: row.into(),
             }
         })
         .collect();
@@ -112,7 +58,7 @@ pub async fn status(State(state): State<Shared>, headers: HeaderMap) -> ApiResul
             supervisor_sha256: handover_supervisor::supervisor_sha256().await,
             ..state.info.into()
         },
-        cluster,
+        cluster: cluster.into(),
         lease_ms: state.config.lease_ms,
         nodes,
     }))
@@ -156,13 +102,6 @@ pub async fn create_group(
     let created = state.store.create_group(&group).await?;
     state.refresh_cluster().await?;
     Ok(Json(created))
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug)]
-pub struct GroupNodes {
-    pub group: String,
-    /// HLS base URLs, primary first; a node that never said hello is missing.
-    pub hls_urls: Vec<String>,
 }
 
 pub async fn group_nodes(
@@ -218,23 +157,23 @@ pub async fn create_event(
 pub async fn fence(
     State(state): State<Shared>,
     headers: HeaderMap,
-) -> ApiResult<Json<ClusterState>> {
+) -> ApiResult<Json<ClusterInfo>> {
     operator(&state, &headers)?;
     state.store.set_fence(true).await?;
     let c = state.refresh_cluster().await?;
     tracing::warn!(epoch = c.epoch, "cluster fenced");
-    Ok(Json(c))
+    Ok(Json(c.into()))
 }
 
 pub async fn unfence(
     State(state): State<Shared>,
     headers: HeaderMap,
-) -> ApiResult<Json<ClusterState>> {
+) -> ApiResult<Json<ClusterInfo>> {
     operator(&state, &headers)?;
     state.store.set_fence(false).await?;
     let c = state.refresh_cluster().await?;
     tracing::info!(epoch = c.epoch, "cluster unfenced");
-    Ok(Json(c))
+    Ok(Json(c.into()))
 }
 
 pub async fn record_summary(
@@ -243,15 +182,6 @@ pub async fn record_summary(
 ) -> ApiResult<Json<Vec<RecordSummary>>> {
     operator(&state, &headers)?;
     Ok(Json(state.store.record_summary().await?))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RecordsQuery {
-    node: String,
-    #[serde(default)]
-    after_seq: u64,
-    limit: Option<u32>,
 }
 
 pub async fn records(

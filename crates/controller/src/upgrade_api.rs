@@ -1,5 +1,6 @@
 //! The operator's upgrade API: plan (a dry run), start, status, pause,
-//! resume and abort. The same state `handover upgrade status` shows.
+//! resume and abort. The same state `handover upgrade status` shows; the
+//! requests and answers are [`handover_core::api`]'s.
 
 use crate::operator_api::operator;
 use crate::orchestrator::{self, cluster_view, node_views, now_ms_u64};
@@ -8,40 +9,10 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
+use handover_core::api::{PlanAnswer, UpgradeRequest, UpgradeStatus};
 use handover_core::upgrade::{
-    preflight, Input, NodeView, Path, Phase, Plan, PlanGroup, PrimaryPolicy, Target, Upgrade,
+    preflight, Input, NodeView, Path, Plan, PlanGroup, PrimaryPolicy, Target, Upgrade,
 };
-use serde::{Deserialize, Serialize};
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UpgradeRequest {
-    /// Artifact id, as `handover artifact upload` printed it.
-    pub artifact: String,
-    /// `wait` (default), `failover` or `deadline=MS`.
-    #[serde(default)]
-    pub policy: Option<String>,
-    /// Phases to pause at (e.g. `["primaries"]`), to look before going on.
-    #[serde(default)]
-    pub pause_at: Vec<Phase>,
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug)]
-pub struct PlanAnswer {
-    pub plan: Plan,
-    /// `None` when preflight passes now; otherwise why it would stop.
-    pub preflight_error: Option<String>,
-    /// The ordered steps, per group, with what each waits for.
-    pub steps: Vec<String>,
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug)]
-pub struct UpgradeStatus {
-    pub upgrade: Option<Upgrade>,
-    pub nodes: Vec<NodeView>,
-    /// What abort would do now (or why it is refused).
-    pub abort: Option<String>,
-}
 
 async fn plan_of(state: &Shared, req: &UpgradeRequest) -> ApiResult<Plan> {
     // With trusted keys, only an artifact whose stored signature verifies

@@ -2,7 +2,8 @@
 //! to the operator API and the node protocol, seen from a release-2
 //! controller (the newest the default build carries).
 
-use handover_controller::{serve_on, ControllerConfig, Status};
+use handover_controller::{serve_on, ControllerConfig};
+use handover_core::api::Status;
 use handover_core::{Release, ReleaseInfo};
 use serde_json::{json, Value};
 

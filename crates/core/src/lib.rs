@@ -2,11 +2,13 @@
 //!
 //! Everything here is a plain type or a pure function: releases and their
 //! compatibility, grants, the handshake decision, wire messages, parameter and
-//! record formats with their upcasters, the HLS schedule and segment bytes.
+//! record formats with their upcasters, the HLS schedule and segment bytes,
+//! and the operator API's requests and answers.
 //! Nothing in this crate opens a socket, touches a disk or reads the clock:
 //! callers pass `now_ms` in. That is what lets every interleaving be tested.
 
 pub mod admission;
+pub mod api;
 pub mod artifact;
 pub mod grant;
 pub mod hls;

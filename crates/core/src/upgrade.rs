@@ -71,6 +71,17 @@ impl Phase {
             Phase::Finalize => "finalize",
         }
     }
+
+    /// The phase named `text` (as [`Phase::as_str`] writes it).
+    pub fn parse(text: &str) -> Result<Phase, String> {
+        Phase::ALL
+            .into_iter()
+            .find(|p| p.as_str() == text)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Phase::ALL.iter().map(|p| p.as_str()).collect();
+                format!("no phase {text:?}; the phases are {}", names.join(", "))
+            })
+    }
 }
 
 /// When a primary may switch.

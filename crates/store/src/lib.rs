@@ -6,15 +6,23 @@
 //! shares (`cluster`, `nodes`) keep one shape forever; the product tables
 //! (`channels`, `events`, `records`) change with the schema and are moved by
 //! the migrations in [`sqlite::migrate`].
+//!
+//! The operator API's types are not the store's: it takes and gives the
+//! specs and views of [`handover_core::api`] where they are exactly what it
+//! stores or reads, and keeps its own rows ([`ClusterState`], [`NodeRow`])
+//! for what the controller works with, converted into the API's
+//! [`ClusterInfo`] and [`NodeInfo`] here.
 
 pub mod sqlite;
 
-use handover_core::params::{v2::Rung, Group};
+use handover_core::api::{
+    ChannelSpec, ClusterInfo, EventSpec, EventView, NodeInfo, RecordSummary, StoredRecord,
+};
+use handover_core::params::Group;
 use handover_core::record::RecordError;
 use handover_core::upgrade::{Desired, Upgrade};
 use handover_core::wire::{Heartbeat, OutboxState, Role};
 use handover_core::{Grant, Release, Schema};
-use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -53,8 +61,8 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-/// Cluster-wide state, the same in every release.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Cluster-wide state, the same in every release: the `cluster` row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClusterState {
     /// The cluster release: moves only when an upgrade finalizes.
     pub release: Release,
@@ -64,46 +72,8 @@ pub struct ClusterState {
     pub param_revision: u64,
 }
 
-/// A channel as the operator describes it, whatever the schema.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ChannelSpec {
-    pub name: String,
-    #[serde(default)]
-    pub title: Option<String>,
-    pub segment_ms: u32,
-    /// Renditions, highest first; release 1 keeps only the first.
-    #[serde(default)]
-    pub ladder: Vec<Rung>,
-    /// Segments the channel's live playlist lists (its DVR window), from
-    /// schema 3 on (default `params::v3::WINDOW_SEGMENTS_DEFAULT`); refused
-    /// by a database of an older schema, where every channel lists
-    /// `hls::WINDOW_SEGMENTS`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub window_segments: Option<u32>,
-}
-
-/// An event as the operator describes it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EventSpec {
-    pub channel: String,
-    pub group: String,
-    pub start_ms: i64,
-    pub duration_ms: u64,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EventView {
-    pub id: i64,
-    pub channel: String,
-    pub group: String,
-    pub start_ms: i64,
-    pub duration_ms: u64,
-}
-
 /// What the controller learns from a hello.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeRegistration {
     pub node_id: String,
     pub credential: String,
@@ -125,7 +95,7 @@ pub struct NodeRegistration {
 }
 
 /// One row of the node registry.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeRow {
     pub node_id: String,
     pub release: Release,
@@ -142,38 +112,52 @@ pub struct NodeRow {
     /// Highest sequence acknowledged to this node.
     pub acked_through: u64,
     /// SHA-256 of the binary the node's worker runs, if it said.
-    #[serde(default)]
     pub binary_sha256: Option<String>,
     /// SHA-256 of the binary the node's supervisor runs, if it said.
-    #[serde(default)]
     pub supervisor_sha256: Option<String>,
 }
 
+/// The cluster row as the operator API shows it.
+impl From<ClusterState> for ClusterInfo {
+    fn from(c: ClusterState) -> ClusterInfo {
+        ClusterInfo {
+            release: c.release,
+            schema: c.schema,
+            epoch: c.epoch,
+            fenced: c.fenced,
+            param_revision: c.param_revision,
+        }
+    }
+}
+
+/// The registry row as the operator API shows it.
+impl From<NodeRow> for NodeInfo {
+    fn from(n: NodeRow) -> NodeInfo {
+        NodeInfo {
+            node_id: n.node_id,
+            release: n.release,
+            schema: n.schema,
+            role: n.role,
+            group: n.group,
+            hls_url: n.hls_url,
+            grant: n.grant,
+            epoch: n.epoch,
+            outbox: n.outbox,
+            current_events: n.current_events,
+            staged: n.staged,
+            last_seen_ms: n.last_seen_ms,
+            acked_through: n.acked_through,
+            binary_sha256: n.binary_sha256,
+            supervisor_sha256: n.supervisor_sha256,
+        }
+    }
+}
+
 /// The answer to a stored batch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchOutcome {
     pub acked_through: u64,
     pub stored: u64,
-    pub translated: u64,
-}
-
-/// One stored record, reduced to what a checker compares.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StoredRecord {
-    pub node_id: String,
-    pub seq: u64,
-    pub kind: String,
-    pub natural_key: String,
-    /// Schema the node wrote it in, when it was translated on the way in.
-    pub translated_from: Option<u32>,
-}
-
-/// Per-node totals of what the database holds.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RecordSummary {
-    pub node_id: String,
-    pub records: u64,
-    pub max_seq: u64,
     pub translated: u64,
 }
 

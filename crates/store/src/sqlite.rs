@@ -2,10 +2,8 @@
 //! at a time (a mutex, so a read-then-write transaction never meets
 //! SQLITE_BUSY), readers in parallel.
 
-use crate::{
-    BatchOutcome, ChannelSpec, ClusterState, EventSpec, EventView, NodeRegistration, NodeRow,
-    RecordSummary, Result, Store, StoreError, StoredRecord,
-};
+use crate::{BatchOutcome, ClusterState, NodeRegistration, NodeRow, Result, Store, StoreError};
+use handover_core::api::{ChannelSpec, EventSpec, EventView, RecordSummary, StoredRecord};
 use handover_core::params::{v1, v2, v3, Group};
 use handover_core::record::{self, AnyRecord, ChannelDirectory, ChannelRef};
 use handover_core::record::{v1 as rv1, v2 as rv2, v3 as rv3};

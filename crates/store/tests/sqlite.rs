@@ -1,12 +1,13 @@
 //! The SQLite store against real database files: idempotent batches,
 //! translation on the redundant channel, and the migrations 1 → 2 and 2 → 3.
 
+use handover_core::api::{ChannelSpec, EventSpec};
 use handover_core::params::{events_for_group, Group};
 use handover_core::record::{encode, v2::Kind, v3::Severity, Observation};
 use handover_core::wire::OutboxState;
 use handover_core::{Grant, ProtocolRange, Release, ReleaseInfo, Schema};
 use handover_store::sqlite::SqliteStore;
-use handover_store::{ChannelSpec, EventSpec, NodeRegistration, Store, StoreError};
+use handover_store::{NodeRegistration, Store, StoreError};
 
 async fn open(dir: &tempfile::TempDir, release: u32) -> SqliteStore {
     SqliteStore::open(

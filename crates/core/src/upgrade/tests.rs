@@ -6,6 +6,19 @@ use crate::release::CONTRACTS;
 
 const A: &str = "r2-0123456789ab";
 
+#[test]
+fn a_phase_parses_from_its_wire_name() {
+    for p in Phase::ALL {
+        assert_eq!(
+            serde_json::to_value(p).ok(),
+            Some(serde_json::Value::from(p.as_str()))
+        );
+        assert_eq!(Phase::parse(p.as_str()), Ok(p));
+    }
+    assert!(Phase::parse("Primaries").is_err());
+    assert!(Phase::parse("").is_err());
+}
+
 fn plan(policy: PrimaryPolicy) -> Plan {
     Plan {
         target: Target {
