@@ -12,12 +12,15 @@
 use crate::client::{now_ms, Operator};
 use anyhow::{bail, ensure, Context};
 use base64::Engine as _;
+use handover_artifacts::{
+    self as artifacts, file_chunks, read_text, replace_file, write_new, ArtifactDir, BinaryCheck,
+    NewDir, BINARY_MODE, FILE_MODE, IO_CHUNK_BYTES,
+};
 use handover_controller::artifacts::{MANIFEST_HEADER, SIGNATURE_HEADER};
 use handover_core::artifact::ArtifactError;
 use handover_core::artifact::{
-    verify_manifest, DigestCheck, Hasher, Manifest, PublicKey, ARTIFACT_BYTES_MAX, BINARY_FILE,
-    MANIFEST_BYTES_MAX, MANIFEST_FILE, MANIFEST_VERSION, PUBLIC_KEY_BYTES_MAX, SIGNATURE_BYTES_MAX,
-    SIGNATURE_FILE,
+    verify_manifest, Hasher, Manifest, PublicKey, ARTIFACT_BYTES_MAX, BINARY_FILE, MANIFEST_FILE,
+    MANIFEST_VERSION, PUBLIC_KEY_BYTES_MAX, SIGNATURE_FILE,
 };
 use handover_core::release::{BinaryFacts, BINARY_FACTS_FORMAT};
 use handover_core::Release;
@@ -27,8 +30,6 @@ use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Read buffer while hashing and copying.
-const IO_CHUNK_BYTES: usize = 256 << 10;
 /// An upload may take this long plus [`UPLOAD_MS_PER_MIB`] per MiB.
 const UPLOAD_TIMEOUT_BASE_MS: u64 = 30_000;
 /// Allows uploads down to about 50 KiB/s.
@@ -42,33 +43,6 @@ const SECRET_KEY_BYTES_MAX: usize = 4096;
 /// The password of a password-protected secret key (one made with
 /// `minisign -G`); `keygen` itself writes unencrypted keys.
 pub const KEY_PASSWORD_ENV: &str = "HANDOVER_KEY_PASSWORD";
-
-/// Removes what `create` made unless it finished.
-struct Undo {
-    files: Vec<PathBuf>,
-    dir: Option<PathBuf>,
-    done: bool,
-}
-
-impl Drop for Undo {
-    fn drop(&mut self) {
-        if self.done {
-            return;
-        }
-        for f in &self.files {
-            let _ = std::fs::remove_file(f);
-        }
-        if let Some(d) = &self.dir {
-            let _ = std::fs::remove_dir(d);
-        }
-    }
-}
-
-fn fsync_dir(dir: &Path) -> anyhow::Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("cannot fsync {}", dir.display()))
-}
 
 /// Longest `BINARY releases --json` may take.
 const FACTS_WAIT_MS: u64 = 20_000;
@@ -198,11 +172,6 @@ fn create_inner(
     out_dir: &Path,
     facts_of: impl FnOnce(&Path) -> anyhow::Result<BinaryFacts>,
 ) -> anyhow::Result<Manifest> {
-    let mut undo = Undo {
-        files: Vec::new(),
-        dir: None,
-        done: false,
-    };
     match std::fs::read_dir(out_dir) {
         Ok(mut entries) => {
             ensure!(
@@ -212,9 +181,10 @@ fn create_inner(
             );
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(out_dir)
-                .with_context(|| format!("cannot create {}", out_dir.display()))?;
-            undo.dir = Some(out_dir.to_path_buf());
+            if let Some(parent) = out_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("cannot create {}", parent.display()))?;
+            }
         }
         Err(e) => {
             return Err(e).with_context(|| {
@@ -236,14 +206,16 @@ fn create_inner(
         md.len()
     );
 
-    let dst_path = out_dir.join(BINARY_FILE);
+    // Built beside `out_dir` and renamed onto it once whole: dropped on
+    // any failure, so nothing is left behind.
+    let new = NewDir::create(out_dir)?;
+    let dst_path = new.path().join(BINARY_FILE);
     let mut dst = OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o755)
+        .mode(BINARY_MODE)
         .open(&dst_path)
         .with_context(|| format!("cannot create {}", dst_path.display()))?;
-    undo.files.push(dst_path.clone());
     let mut hasher = Hasher::new();
     let mut buf = vec![0u8; IO_CHUNK_BYTES];
     loop {
@@ -263,7 +235,7 @@ fn create_inner(
             .with_context(|| format!("cannot write {}", dst_path.display()))?;
     }
     // The umask may have narrowed the mode given at creation.
-    dst.set_permissions(std::fs::Permissions::from_mode(0o755))
+    dst.set_permissions(std::fs::Permissions::from_mode(BINARY_MODE))
         .with_context(|| format!("cannot chmod {}", dst_path.display()))?;
     dst.sync_all()
         .with_context(|| format!("cannot fsync {}", dst_path.display()))?;
@@ -288,95 +260,21 @@ fn create_inner(
         carried: carried(),
     })?;
     let manifest = Manifest::for_release(chosen, facts.contracts, sha256, size, now_ms())?;
-
-    let mpath = out_dir.join(MANIFEST_FILE);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&mpath)
-        .with_context(|| format!("cannot create {}", mpath.display()))?;
-    undo.files.push(mpath.clone());
-    f.write_all(manifest.to_pretty_json().as_bytes())
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("cannot write {}", mpath.display()))?;
-    drop(f);
-    fsync_dir(out_dir)?;
-    if let Some(parent) = out_dir.parent().filter(|_| undo.dir.is_some()) {
-        let parent = if parent.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            parent
-        };
-        fsync_dir(parent)?;
-    }
-    undo.done = true;
+    write_new(
+        &new.path().join(MANIFEST_FILE),
+        manifest.to_pretty_json().as_bytes(),
+        FILE_MODE,
+    )?;
+    new.place()?;
     Ok(manifest)
-}
-
-/// Reads `path` whole, refusing more than `max` bytes.
-fn read_bounded(path: &Path, max: usize) -> anyhow::Result<Vec<u8>> {
-    let mut buf = Vec::new();
-    File::open(path)
-        .and_then(|f| f.take(max as u64 + 1).read_to_end(&mut buf))
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    ensure!(
-        buf.len() <= max,
-        "{} is larger than {max} bytes; it is not what it should be",
-        path.display()
-    );
-    Ok(buf)
-}
-
-/// The exact bytes of `dir/manifest.json`, and the manifest they validate to.
-fn read_manifest(dir: &Path) -> anyhow::Result<(Vec<u8>, Manifest)> {
-    let mpath = dir.join(MANIFEST_FILE);
-    let doc = read_bounded(&mpath, MANIFEST_BYTES_MAX)?;
-    let manifest = Manifest::decode(&doc)
-        .with_context(|| format!("{} is not a valid artifact manifest", mpath.display()))?;
-    Ok((doc, manifest))
-}
-
-/// `dir/manifest.json.minisig`, if the artifact is signed.
-fn read_signature(dir: &Path) -> anyhow::Result<Option<String>> {
-    let path = dir.join(SIGNATURE_FILE);
-    if !path.exists() {
-        return Ok(None);
-    }
-    let bytes = read_bounded(&path, SIGNATURE_BYTES_MAX)?;
-    String::from_utf8(bytes)
-        .map(Some)
-        .with_context(|| format!("{} is not a minisign signature (not text)", path.display()))
 }
 
 /// Reads and validates `dir/manifest.json`, then re-checks the size and
 /// SHA-256 of `dir/handover` against it. Returns the manifest and the
 /// binary's path.
 pub fn load(dir: &Path) -> anyhow::Result<(Manifest, PathBuf)> {
-    let (_, manifest) = read_manifest(dir)?;
-    let binary = check_binary(dir, &manifest)?;
-    Ok((manifest, binary))
-}
-
-/// Re-checks the size and SHA-256 of `dir/handover` against `manifest`.
-fn check_binary(dir: &Path, manifest: &Manifest) -> anyhow::Result<PathBuf> {
-    let mpath = dir.join(MANIFEST_FILE);
-    let binary = dir.join(BINARY_FILE);
-    let mut f = File::open(&binary).with_context(|| format!("cannot open {}", binary.display()))?;
-    let mut check = DigestCheck::new(manifest);
-    let mut buf = vec![0u8; IO_CHUNK_BYTES];
-    let checked = loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("cannot read {}", binary.display()))?;
-        if n == 0 {
-            break check.finish();
-        }
-        if let Err(e) = check.update(&buf[..n]) {
-            break Err(e);
-        }
-    };
-    checked.with_context(|| format!("{} does not match {}", binary.display(), mpath.display()))?;
-    Ok(binary)
+    let a = artifacts::load(dir, &[], BinaryCheck::Digest)?;
+    Ok((a.manifest, a.binary))
 }
 
 /// The key files [`keygen`] wrote.
@@ -423,26 +321,11 @@ pub fn keygen(out_dir: &Path) -> anyhow::Result<KeyFiles> {
         )))
         .map_err(|e| anyhow::anyhow!("cannot encode the secret key: {e}"))?
         .into_string();
-    let mut undo = Undo {
-        files: Vec::new(),
-        dir: None,
-        done: false,
-    };
-    for (path, text, mode) in [(&secret, &sk_text, 0o600), (&public, &pk_text, 0o644)] {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        undo.files.push(path.clone());
-        f.set_permissions(std::fs::Permissions::from_mode(mode))
-            .and_then(|()| f.write_all(text.as_bytes()))
-            .and_then(|()| f.sync_all())
-            .with_context(|| format!("cannot write {}", path.display()))?;
+    write_new(&secret, sk_text.as_bytes(), 0o600)?;
+    if let Err(e) = write_new(&public, pk_text.as_bytes(), 0o644) {
+        let _ = std::fs::remove_file(&secret);
+        return Err(e.into());
     }
-    fsync_dir(out_dir)?;
-    undo.done = true;
     Ok(KeyFiles {
         secret,
         public,
@@ -453,9 +336,7 @@ pub fn keygen(out_dir: &Path) -> anyhow::Result<KeyFiles> {
 /// Reads a minisign secret key file: unencrypted (as [`keygen`] writes
 /// it), or password-protected (`minisign -G`) with `password`.
 fn read_secret_key(path: &Path, password: Option<String>) -> anyhow::Result<minisign::SecretKey> {
-    let bytes = read_bounded(path, SECRET_KEY_BYTES_MAX)?;
-    let text = String::from_utf8(bytes)
-        .with_context(|| format!("{} is not a minisign secret key", path.display()))?;
+    let text = read_text(path, SECRET_KEY_BYTES_MAX)?;
     let not_a_key = || {
         format!(
             "{} is not a minisign secret key (made by `handover artifact keygen`)",
@@ -507,9 +388,7 @@ fn read_secret_key(path: &Path, password: Option<String>) -> anyhow::Result<mini
 
 /// Reads a minisign public key file (`handover.pub`, or any `minisign.pub`).
 pub fn read_public_key(path: &Path) -> anyhow::Result<PublicKey> {
-    let bytes = read_bounded(path, PUBLIC_KEY_BYTES_MAX)?;
-    let text = String::from_utf8(bytes)
-        .with_context(|| format!("{} is not a minisign public key (not text)", path.display()))?;
+    let text = read_text(path, PUBLIC_KEY_BYTES_MAX)?;
     PublicKey::decode(&text).with_context(|| format!("cannot use {}", path.display()))
 }
 
@@ -533,8 +412,12 @@ pub fn sign(dir: &Path, key: &Path) -> anyhow::Result<Signed> {
 
 /// [`sign`] with the key's password (if it has one) given.
 pub fn sign_with(dir: &Path, key: &Path, password: Option<String>) -> anyhow::Result<Signed> {
-    let (doc, manifest) = read_manifest(dir)?;
-    check_binary(dir, &manifest).context("refusing to sign: the artifact does not check")?;
+    let ArtifactDir {
+        document: doc,
+        manifest,
+        ..
+    } = artifacts::load(dir, &[], BinaryCheck::Digest)
+        .context("refusing to sign: the artifact does not check")?;
     let sk = read_secret_key(key, password)?;
     let pk = minisign::PublicKey::from_secret_key(&sk)
         .map_err(|e| anyhow::anyhow!("cannot derive the public key of {}: {e}", key.display()))?;
@@ -559,18 +442,7 @@ pub fn sign_with(dir: &Path, key: &Path, password: Option<String>) -> anyhow::Re
     verify_manifest(&doc, Some(&text), std::slice::from_ref(&public))
         .context("the new signature does not verify; nothing was written")?;
     let path = dir.join(SIGNATURE_FILE);
-    let tmp = dir.join(format!(".{SIGNATURE_FILE}.tmp"));
-    let written = File::create(&tmp)
-        .and_then(|mut f| {
-            f.write_all(text.as_bytes())?;
-            f.sync_all()
-        })
-        .and_then(|()| std::fs::rename(&tmp, &path));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("cannot write {}", path.display()));
-    }
-    fsync_dir(dir)?;
+    replace_file(&path, text.as_bytes(), FILE_MODE)?;
     Ok(Signed {
         manifest,
         key_id: public.id().to_owned(),
@@ -591,21 +463,11 @@ pub fn verify(dir: &Path, pubkeys: &[PathBuf]) -> anyhow::Result<(Manifest, Stri
         .iter()
         .map(|p| read_public_key(p))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let mpath = dir.join(MANIFEST_FILE);
-    let doc = read_bounded(&mpath, MANIFEST_BYTES_MAX)?;
-    let signature = read_signature(dir)?;
-    let manifest = verify_manifest(&doc, signature.as_deref(), &trusted).with_context(|| {
-        format!(
-            "{} does not verify{}",
-            dir.display(),
-            if signature.is_none() {
-                format!(" (there is no {SIGNATURE_FILE})")
-            } else {
-                String::new()
-            }
-        )
-    })?;
-    check_binary(dir, &manifest)?;
+    let ArtifactDir {
+        manifest,
+        signature,
+        ..
+    } = artifacts::load(dir, &trusted, BinaryCheck::Digest)?;
     let key_id = signature
         .as_deref()
         .map(handover_core::artifact::signature_key_id)
@@ -624,10 +486,8 @@ pub fn verify(dir: &Path, pubkeys: &[PathBuf]) -> anyhow::Result<(Manifest, Stri
 pub async fn upload(op: &Operator, dir: &Path) -> anyhow::Result<Manifest> {
     let owned = dir.to_path_buf();
     let (doc, manifest, signature, binary) = tokio::task::spawn_blocking(move || {
-        let (doc, manifest) = read_manifest(&owned)?;
-        let signature = read_signature(&owned)?;
-        let binary = check_binary(&owned, &manifest)?;
-        anyhow::Ok((doc, manifest, signature, binary))
+        let a = artifacts::load(&owned, &[], BinaryCheck::Digest)?;
+        anyhow::Ok((a.document, a.manifest, a.signature, a.binary))
     })
     .await
     .context("artifact check failed")??;
@@ -650,18 +510,7 @@ pub async fn upload(op: &Operator, dir: &Path) -> anyhow::Result<Manifest> {
         .await
         .with_context(|| format!("cannot open {}", binary.display()))?;
     // Never more than the manifest's size, even if the file grew since.
-    let reader = tokio::io::AsyncReadExt::take(file, manifest.size);
-    let stream = futures_util::stream::unfold(reader, |mut r| async move {
-        let mut buf = vec![0u8; IO_CHUNK_BYTES];
-        match tokio::io::AsyncReadExt::read(&mut r, &mut buf).await {
-            Ok(0) => None,
-            Ok(n) => {
-                buf.truncate(n);
-                Some((Ok::<_, std::io::Error>(buf), r))
-            }
-            Err(e) => Some((Err(e), r)),
-        }
-    });
+    let stream = file_chunks(file, manifest.size);
     let b64 = base64::engine::general_purpose::STANDARD;
     let header = b64.encode(&doc);
     let sig_header = signature.as_ref().map(|s| b64.encode(s.as_bytes()));

@@ -536,15 +536,20 @@ async fn a_node_killed_while_it_stages_stages_again_and_loses_nothing() {
     let viewers = spawn_viewers(&c, Duration::from_secs(5));
     tokio::time::sleep(Duration::from_millis(2_000)).await;
     start_upgrade(&c, "failover", &[]).await;
-    let partial = c
-        .fleet
-        .node("g1-b")
-        .unwrap()
-        .data_dir
-        .join("releases")
-        .join(format!(".{}.partial", c.artifact));
+    let releases = c.fleet.node("g1-b").unwrap().data_dir.join("releases");
+    // The artifact's temporary directory, while it downloads.
+    let artifact = c.artifact.clone();
+    let partial = |releases: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(releases)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter(|n| handover_artifacts::is_temporary(n, Some(&artifact)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
     wait_for(name, Duration::from_secs(20), || async {
-        partial.exists().then_some(())
+        (!partial(&releases).is_empty()).then_some(())
     })
     .await;
     c.fleet.kill_node("g1-b").await.unwrap();
@@ -571,8 +576,9 @@ async fn a_node_killed_while_it_stages_stages_again_and_loses_nothing() {
     .await;
     assert!(staged.join("manifest.json").is_file(), "{name}");
     assert!(
-        !partial.exists(),
-        "{name}: the stalled download was replaced"
+        partial(&releases).is_empty(),
+        "{name}: the stalled download was replaced: {:?}",
+        partial(&releases)
     );
     let seen = finish(c, viewers, Viewing::NodeKilled).await;
     eprintln!("{name}: {seen:?}");

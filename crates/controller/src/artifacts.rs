@@ -37,7 +37,7 @@
 //! nothing.
 
 use crate::{bearer, same_token, ApiError, ApiResult};
-use axum::body::{Body, BodyDataStream, Bytes};
+use axum::body::{Body, BodyDataStream};
 use axum::extract::rejection::PathRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -46,16 +46,17 @@ use axum::routing::{get, put};
 use axum::{Json, Router};
 use base64::Engine as _;
 use futures_util::{Stream, StreamExt};
+use handover_artifacts::{
+    check_stream, file_chunks, list_ids, load_id, write_checked, write_new, ArtifactDir,
+    BinaryCheck, IoError, LoadError, NewDir, PlaceError, StreamError, FILE_MODE,
+};
 use handover_core::artifact::{
-    check_id, signature_key_id, verify_manifest, ArtifactError, DigestCheck, Manifest, PublicKey,
+    check_id, signature_key_id, verify_manifest, ArtifactError, Manifest, PublicKey,
     ARTIFACT_BYTES_MAX, BINARY_FILE, MANIFEST_BYTES_MAX, MANIFEST_FILE, SIGNATURE_BYTES_MAX,
     SIGNATURE_FILE,
 };
 use std::future::Future;
-use std::io::Write as _;
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path as FsPath, PathBuf};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// The request header that carries the manifest of an upload: base64 of
 /// the exact `manifest.json` bytes (or, from older clients, one-line JSON).
@@ -65,10 +66,6 @@ pub const MANIFEST_HEADER: &str = "x-handover-manifest";
 pub const SIGNATURE_HEADER: &str = "x-handover-signature";
 /// Artifacts the store holds at most; an upload beyond is refused (507).
 pub const ARTIFACTS_MAX: usize = 64;
-/// Write buffer of an upload, and read chunk of a download.
-const IO_CHUNK_BYTES: usize = 256 << 10;
-/// Temporary upload directories start with this (never a valid id).
-const TMP_PREFIX: &str = ".tmp-";
 
 /// What the router's state provides to the artifact handlers.
 ///
@@ -153,9 +150,26 @@ pub enum ArtifactStoreError {
     },
 }
 
-fn io_err(op: &'static str, path: &FsPath) -> impl FnOnce(std::io::Error) -> ArtifactStoreError {
-    let path = path.display().to_string();
-    move |source| ArtifactStoreError::Io { op, path, source }
+impl From<IoError> for ArtifactStoreError {
+    fn from(e: IoError) -> ArtifactStoreError {
+        ArtifactStoreError::Io {
+            op: e.op,
+            path: e.path.display().to_string(),
+            source: e.error,
+        }
+    }
+}
+
+impl From<StreamError> for ArtifactStoreError {
+    fn from(e: StreamError) -> ArtifactStoreError {
+        match e {
+            StreamError::Interrupted { received, reason } => {
+                ArtifactStoreError::Interrupted { received, reason }
+            }
+            StreamError::Check(e) => ArtifactStoreError::Artifact(e),
+            StreamError::Io(e) => e.into(),
+        }
+    }
 }
 
 impl From<ArtifactStoreError> for ApiError {
@@ -253,73 +267,20 @@ impl From<Missing> for ApiError {
 }
 
 /// A stored artifact that passed every check [`ArtifactStore::find`] makes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Stored {
-    pub manifest: Manifest,
-    pub binary: PathBuf,
-    /// `manifest.json` exactly as stored (and signed).
-    pub document: Vec<u8>,
-    pub signature: Option<String>,
-}
-
-/// Removes a temporary upload directory unless disarmed, also when the
-/// upload future is dropped (client gone).
-struct TmpDir(Option<PathBuf>);
-
-impl Drop for TmpDir {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = std::fs::remove_dir_all(&p);
-        }
-    }
-}
-
-fn fsync_dir(dir: &FsPath) -> Result<(), ArtifactStoreError> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync", dir))
-}
-
-/// Reads `path` whole, refusing more than `max` bytes; `None` when absent.
-fn read_bounded(path: &FsPath, max: usize) -> Result<Option<Vec<u8>>, String> {
-    let f = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
-    };
-    let mut buf = Vec::new();
-    std::io::Read::read_to_end(&mut std::io::Read::take(f, max as u64 + 1), &mut buf)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    if buf.len() > max {
-        return Err(format!("{}: larger than {max} bytes", path.display()));
-    }
-    Ok(Some(buf))
-}
-
-/// Reads `<dir>/manifest.json.minisig` (bounded), if there is one.
-fn read_signature(dir: &FsPath) -> Result<Option<String>, String> {
-    let path = dir.join(SIGNATURE_FILE);
-    match read_bounded(&path, SIGNATURE_BYTES_MAX)? {
-        None => Ok(None),
-        Some(bytes) => String::from_utf8(bytes)
-            .map(Some)
-            .map_err(|_| format!("{}: not UTF-8 text", path.display())),
-    }
-}
+pub type Stored = ArtifactDir;
 
 impl ArtifactStore {
     /// Opens (creating) the store at `dir`, usually `DATA_DIR/artifacts`, and
     /// removes what an interrupted upload left behind.
     pub fn open(dir: impl Into<PathBuf>) -> Result<ArtifactStore, ArtifactStoreError> {
         let dir = dir.into();
-        std::fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
-        for entry in std::fs::read_dir(&dir).map_err(io_err("list", &dir))? {
-            let entry = entry.map_err(io_err("list", &dir))?;
-            if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
-                let p = entry.path();
-                tracing::info!(path = %p.display(), "removing an interrupted artifact upload");
-                std::fs::remove_dir_all(&p).map_err(io_err("remove", &p))?;
-            }
+        std::fs::create_dir_all(&dir).map_err(|error| IoError {
+            op: "create",
+            path: dir.clone(),
+            error,
+        })?;
+        for p in handover_artifacts::sweep(&dir, None)? {
+            tracing::info!(path = %p.display(), "removed an interrupted artifact upload");
         }
         Ok(ArtifactStore {
             dir,
@@ -372,52 +333,23 @@ impl ArtifactStore {
     /// stored signature verifies. The digest was checked when it was stored;
     /// receivers check it again. Sync IO: call it off the async threads.
     pub fn find(&self, id: &str) -> Result<Stored, Missing> {
-        let not_found = || Missing::NotFound(id.chars().take(80).collect());
-        check_id(id).map_err(|_| not_found())?;
-        let dir = self.dir.join(id);
-        if !dir.is_dir() {
-            return Err(not_found());
-        }
         let unusable = |reason: String| Missing::Unusable {
             id: id.to_owned(),
             reason,
         };
-        let mpath = dir.join(MANIFEST_FILE);
-        let document = read_bounded(&mpath, MANIFEST_BYTES_MAX)
-            .map_err(unusable)?
-            .ok_or_else(|| unusable(format!("{} is missing", mpath.display())))?;
-        let signature = read_signature(&dir).map_err(unusable)?;
-        let manifest = if self.trusted.is_empty() {
-            Manifest::decode(&document)
-                .map_err(|e| unusable(format!("{}: {e}", mpath.display())))?
-        } else {
-            verify_manifest(&document, signature.as_deref(), &self.trusted).map_err(|source| {
-                Missing::Unverified {
-                    id: id.to_owned(),
-                    source,
-                }
-            })?
-        };
-        if manifest.id() != id {
-            return Err(unusable(format!(
-                "its directory holds the manifest of artifact {}",
-                manifest.id()
-            )));
-        }
-        let binary = dir.join(BINARY_FILE);
-        match std::fs::metadata(&binary) {
-            Ok(md) if md.is_file() && md.len() == manifest.size => Ok(Stored {
-                manifest,
-                binary,
-                document,
-                signature,
+        match load_id(&self.dir, id, &self.trusted, BinaryCheck::Size) {
+            Ok(stored) => Ok(stored),
+            Err(LoadError::BadId(_) | LoadError::Absent { .. }) => {
+                Err(Missing::NotFound(id.chars().take(80).collect()))
+            }
+            Err(LoadError::Unverified { error, .. }) => Err(Missing::Unverified {
+                id: id.to_owned(),
+                source: error,
             }),
-            Ok(md) => Err(unusable(format!(
-                "the binary is {} bytes, the manifest says {}",
-                md.len(),
-                manifest.size
+            Err(LoadError::Misnamed { found, .. }) => Err(unusable(format!(
+                "its directory holds the manifest of artifact {found}"
             ))),
-            Err(e) => Err(unusable(format!("{}: {e}", binary.display()))),
+            Err(e) => Err(unusable(e.to_string())),
         }
     }
 
@@ -434,27 +366,13 @@ impl ArtifactStore {
         }
     }
 
-    fn ids(&self) -> Result<Vec<String>, ArtifactStoreError> {
-        let mut ids = Vec::new();
-        for entry in std::fs::read_dir(&self.dir).map_err(io_err("list", &self.dir))? {
-            let entry = entry.map_err(io_err("list", &self.dir))?;
-            if let Ok(name) = entry.file_name().into_string() {
-                if check_id(&name).is_ok() {
-                    ids.push(name);
-                }
-            }
-        }
-        Ok(ids)
-    }
-
     /// Every whole artifact, oldest release first (at most [`ARTIFACTS_MAX`]).
     pub fn list(&self) -> Result<Vec<Manifest>, ArtifactStoreError> {
-        let mut all: Vec<Manifest> = self
-            .ids()?
-            .iter()
-            .filter_map(|id| self.get(id).map(|(m, _)| m))
-            .collect();
-        all.sort_by_key(|m| (m.release, m.created_ms, m.id()));
+        let listing = handover_artifacts::list(&self.dir, &self.trusted)?;
+        for (id, e) in &listing.refused {
+            tracing::warn!(id, error = %e, "stored artifact ignored");
+        }
+        let mut all: Vec<Manifest> = listing.artifacts.into_iter().map(|a| a.manifest).collect();
         all.truncate(ARTIFACTS_MAX);
         Ok(all)
     }
@@ -468,7 +386,7 @@ impl ArtifactStore {
         body: St,
     ) -> Result<Put, ArtifactStoreError>
     where
-        St: Stream<Item = Result<B, E>> + Unpin,
+        St: Stream<Item = Result<B, E>>,
         B: AsRef<[u8]>,
         E: std::fmt::Display,
     {
@@ -488,16 +406,15 @@ impl ArtifactStore {
     pub async fn put_accepted<St, B, E>(
         &self,
         upload: &Accepted,
-        mut body: St,
+        body: St,
     ) -> Result<Put, ArtifactStoreError>
     where
-        St: Stream<Item = Result<B, E>> + Unpin,
+        St: Stream<Item = Result<B, E>>,
         B: AsRef<[u8]>,
         E: std::fmt::Display,
     {
         let manifest = &upload.manifest;
         let id = manifest.id();
-        let mut check = DigestCheck::new(manifest);
         let (existing, replace) = match self.find(&id) {
             Ok(stored)
                 if stored.manifest.sha256 == manifest.sha256
@@ -513,69 +430,31 @@ impl ArtifactStore {
                 (None, true)
             }
         };
-        if let Some(m) = &existing {
+        if let Some(m) = existing {
             if m.sha256 != manifest.sha256 {
                 return Err(ArtifactStoreError::Conflict {
                     id,
-                    existing: m.sha256.clone(),
+                    existing: m.sha256,
                     uploaded: manifest.sha256.clone(),
                 });
             }
             // Same artifact: read and check the upload, keep the stored one.
-            while let Some(chunk) = body.next().await {
-                let chunk = chunk.map_err(|e| ArtifactStoreError::Interrupted {
-                    received: check.received(),
-                    reason: e.to_string(),
-                })?;
-                check.update(chunk.as_ref())?;
-            }
-            check.finish()?;
-            return Ok(Put::Existing(m.clone()));
+            check_stream(manifest, body).await?;
+            return Ok(Put::Existing(m));
         }
-        if !replace && self.ids()?.len() >= ARTIFACTS_MAX {
+        if !replace && list_ids(&self.dir)?.len() >= ARTIFACTS_MAX {
             return Err(ArtifactStoreError::Full {
                 dir: self.dir.display().to_string(),
             });
         }
 
-        let tmp_path = self
-            .dir
-            .join(format!("{TMP_PREFIX}{id}-{:016x}", rand::random::<u64>()));
-        std::fs::create_dir(&tmp_path).map_err(io_err("create", &tmp_path))?;
-        let tmp = TmpDir(Some(tmp_path.clone()));
-        let bin_path = tmp_path.join(BINARY_FILE);
-        let file = tokio::fs::File::create(&bin_path)
-            .await
-            .map_err(io_err("create", &bin_path))?;
-        let mut out = tokio::io::BufWriter::with_capacity(IO_CHUNK_BYTES, file);
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| ArtifactStoreError::Interrupted {
-                received: check.received(),
-                reason: e.to_string(),
-            })?;
-            check.update(chunk.as_ref())?;
-            out.write_all(chunk.as_ref())
-                .await
-                .map_err(io_err("write", &bin_path))?;
-        }
-        check.finish()?;
-        out.flush().await.map_err(io_err("write", &bin_path))?;
-        let file = out.into_inner();
-        file.set_permissions(std::fs::Permissions::from_mode(0o755))
-            .await
-            .map_err(io_err("chmod", &bin_path))?;
-        file.sync_all().await.map_err(io_err("fsync", &bin_path))?;
-        drop(file);
-
-        let dir = self.dir.clone();
+        let new = NewDir::create(&self.dir.join(&id))?;
+        write_checked(&new.path().join(BINARY_FILE), manifest, body).await?;
         let upload = upload.clone();
         let trusted = self.trusted.clone();
-        let join = tokio::task::spawn_blocking(move || {
-            let placed = place(&dir, &tmp_path, &upload, replace, &trusted);
-            drop(tmp);
-            placed
-        })
-        .await;
+        let dir = self.dir.clone();
+        let join =
+            tokio::task::spawn_blocking(move || place(new, &dir, &upload, replace, &trusted)).await;
         match join {
             Ok(r) => r,
             Err(e) => Err(ArtifactStoreError::Io {
@@ -587,49 +466,30 @@ impl ArtifactStore {
     }
 }
 
-fn write_synced(path: &FsPath, bytes: &[u8]) -> Result<(), ArtifactStoreError> {
-    let mut f = std::fs::File::create(path).map_err(io_err("create", path))?;
-    f.write_all(bytes).map_err(io_err("write", path))?;
-    f.sync_all().map_err(io_err("fsync", path))
-}
-
 /// Writes the manifest (and signature) next to the verified binary in
-/// `tmp`, fsyncs, and renames `tmp` to `<dir>/<id>`. With `replace`, a
-/// stored `<id>/` is first moved aside (as a temporary directory, removed
-/// after, or at the next open). A concurrent upload of the same artifact
-/// that won the rename makes this one [`Put::Existing`].
+/// `new` and places it as `<dir>/<id>`; with `replace`, over a stored
+/// `<id>/`. A concurrent upload of the same artifact that was placed first
+/// makes this one [`Put::Existing`].
 fn place(
+    new: NewDir,
     dir: &FsPath,
-    tmp: &FsPath,
     upload: &Accepted,
     replace: bool,
     trusted: &[PublicKey],
 ) -> Result<Put, ArtifactStoreError> {
     let manifest = &upload.manifest;
-    write_synced(&tmp.join(MANIFEST_FILE), &upload.document)?;
+    write_new(&new.path().join(MANIFEST_FILE), &upload.document, FILE_MODE)?;
     if let Some(sig) = &upload.signature {
-        write_synced(&tmp.join(SIGNATURE_FILE), sig.as_bytes())?;
+        write_new(&new.path().join(SIGNATURE_FILE), sig.as_bytes(), FILE_MODE)?;
     }
-    fsync_dir(tmp)?;
+    let placed = if replace {
+        new.place_replacing()
+    } else {
+        new.place()
+    };
     let id = manifest.id();
-    let target = dir.join(&id);
-    let mut old = None;
-    if replace {
-        let aside = dir.join(format!(
-            "{TMP_PREFIX}old-{id}-{:016x}",
-            rand::random::<u64>()
-        ));
-        match std::fs::rename(&target, &aside) {
-            Ok(()) => old = Some(TmpDir(Some(aside))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err("move aside", &target)(e)),
-        }
-    }
-    let renamed = std::fs::rename(tmp, &target);
-    drop(old);
-    match renamed {
-        Ok(()) => {
-            fsync_dir(dir)?;
+    match placed {
+        Ok(_) => {
             tracing::info!(
                 id,
                 release = manifest.release.0,
@@ -638,7 +498,7 @@ fn place(
             );
             Ok(Put::Created(manifest.clone()))
         }
-        Err(e) if target.is_dir() => {
+        Err(PlaceError::Taken { target, error }) => {
             let store = ArtifactStore {
                 dir: dir.to_path_buf(),
                 trusted: trusted.to_vec(),
@@ -655,7 +515,7 @@ fn place(
             if m.sha256 == manifest.sha256 {
                 Ok(Put::Existing(m))
             } else {
-                tracing::warn!(error = %e, "artifact id taken while uploading");
+                tracing::warn!(%error, "artifact id taken while uploading");
                 Err(ArtifactStoreError::Conflict {
                     id,
                     existing: m.sha256,
@@ -663,7 +523,7 @@ fn place(
                 })
             }
         }
-        Err(e) => Err(io_err("rename into", &target)(e)),
+        Err(PlaceError::Io(e)) => Err(e.into()),
     }
 }
 
@@ -938,21 +798,14 @@ pub async fn node_binary<H: ArtifactHost>(
         binary: path,
         ..
     } = lookup(&host, id).await?;
-    let file = tokio::fs::File::open(&path)
-        .await
-        .map_err(|e| ApiError::from(io_err("open", &path)(e)))?;
-    let reader = file.take(m.size);
-    let stream = futures_util::stream::unfold(reader, |mut r| async move {
-        let mut buf = vec![0u8; IO_CHUNK_BYTES];
-        match r.read(&mut buf).await {
-            Ok(0) => None,
-            Ok(n) => {
-                buf.truncate(n);
-                Some((Ok::<_, std::io::Error>(Bytes::from(buf)), r))
-            }
-            Err(e) => Some((Err(e), r)),
-        }
-    });
+    let file = tokio::fs::File::open(&path).await.map_err(|error| {
+        ApiError::from(ArtifactStoreError::from(IoError {
+            op: "open",
+            path: path.clone(),
+            error,
+        }))
+    })?;
+    let stream = file_chunks(file, m.size);
     let mut resp = Body::from_stream(stream).into_response();
     let h = resp.headers_mut();
     h.insert(
@@ -968,6 +821,7 @@ mod tests {
     use super::*;
     use handover_core::artifact::sha256_hex;
     use handover_core::Release;
+    use std::os::unix::fs::PermissionsExt as _;
     use std::sync::Arc;
 
     const OP: &str = "operator-token-0123456789";

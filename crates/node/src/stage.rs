@@ -5,7 +5,7 @@
 //! DATA_DIR/releases/<id>/manifest.json          (the exact bytes that were signed)
 //! DATA_DIR/releases/<id>/manifest.json.minisig  (with trusted keys)
 //! DATA_DIR/releases/<id>/handover               (mode 0755)
-//! DATA_DIR/releases/.<id>.partial               (only while downloading)
+//! DATA_DIR/releases/.tmp-<id>-<16 hex>/        (only while downloading)
 //! ```
 //!
 //! With trusted keys (`--trusted-key`), the manifest and its signature are
@@ -14,20 +14,23 @@
 //! so a release never runs from an artifact that does not verify.
 //! `releases/<id>/` appears (by one rename) only once the binary matched the
 //! manifest's size and SHA-256 and every file is fsync'd. Any failure leaves
-//! nothing staged and returns an error; the node keeps running.
+//! nothing staged and returns an error; the node keeps running. Reading,
+//! writing, placing and listing the directories is `handover_artifacts`'s.
 
 use futures_util::FutureExt as _;
+use handover_artifacts::{
+    load_id, sweep, write_checked, write_new, BinaryCheck, IoError, LoadError, NewDir, PlaceError,
+    StreamError, BINARY_MODE, FILE_MODE,
+};
 use handover_core::artifact::{
-    check_id, verify_manifest, ArtifactError, DigestCheck, Manifest, PublicKey, BINARY_FILE,
-    MANIFEST_BYTES_MAX, MANIFEST_FILE, SIGNATURE_BYTES_MAX, SIGNATURE_FILE,
+    check_id, verify_manifest, ArtifactError, Manifest, PublicKey, BINARY_FILE, MANIFEST_BYTES_MAX,
+    MANIFEST_FILE, SIGNATURE_BYTES_MAX, SIGNATURE_FILE,
 };
 use std::collections::BTreeSet;
-use std::io::{Read as _, Write as _};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt as _;
 
 /// The directory under the data dir that holds staged releases.
 pub const RELEASES_DIR: &str = "releases";
@@ -39,8 +42,6 @@ pub const BINARY_TIMEOUT_MS: u64 = 30 * 60_000;
 pub const CHUNK_IDLE_TIMEOUT_MS: u64 = 30_000;
 /// Longest error answer read from the controller.
 const ERROR_BODY_BYTES_MAX: usize = 64 << 10;
-/// Write buffer of a download, read chunk of a re-verification.
-const IO_CHUNK_BYTES: usize = 256 << 10;
 
 /// A verified artifact in the releases dir.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -96,6 +97,21 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Stage
     move |source| StageError::Io { op, path, source }
 }
 
+impl From<IoError> for StageError {
+    fn from(e: IoError) -> StageError {
+        io_err(e.op, &e.path)(e.error)
+    }
+}
+
+impl From<PlaceError> for StageError {
+    fn from(e: PlaceError) -> StageError {
+        match e {
+            PlaceError::Taken { target, error } => io_err("rename into", &target)(error),
+            PlaceError::Io(e) => e.into(),
+        }
+    }
+}
+
 /// `DATA_DIR/releases/<id>/handover`: where artifact `id`'s binary is once staged.
 pub fn binary_path(data_dir: &Path, id: &str) -> PathBuf {
     data_dir.join(RELEASES_DIR).join(id).join(BINARY_FILE)
@@ -124,28 +140,6 @@ impl Drop for Claim {
     }
 }
 
-/// Removes a file or directory on drop unless disarmed, also when the
-/// staging future is dropped half-way.
-struct Cleanup(Option<PathBuf>);
-
-impl Cleanup {
-    fn disarm(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = if p.is_dir() {
-                std::fs::remove_dir_all(&p)
-            } else {
-                std::fs::remove_file(&p)
-            };
-        }
-    }
-}
-
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
@@ -155,24 +149,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
-}
-
-fn fsync_dir(dir: &Path) -> Result<(), StageError> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync", dir))
-}
-
-/// Reads `path` whole, at most `max` bytes (one more is an error).
-fn read_bounded(path: &Path, max: usize) -> Result<Vec<u8>, String> {
-    let mut buf = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(max as u64 + 1).read_to_end(&mut buf))
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    if buf.len() > max {
-        return Err(format!("{}: larger than {max} bytes", path.display()));
-    }
-    Ok(buf)
 }
 
 /// Checks a manifest document: with `trusted` keys, that `signature` is a
@@ -189,60 +165,31 @@ fn check_manifest(
     }
 }
 
-/// Reads and validates `<dir>/manifest.json` (and, with trusted keys,
-/// verifies `<dir>/manifest.json.minisig`), and checks it names `id`.
-fn read_manifest(dir: &Path, id: &str, trusted: &[PublicKey]) -> Result<Manifest, String> {
-    let path = dir.join(MANIFEST_FILE);
-    let buf = read_bounded(&path, MANIFEST_BYTES_MAX)?;
-    let signature = if trusted.is_empty() {
-        None
-    } else {
-        let spath = dir.join(SIGNATURE_FILE);
-        match read_bounded(&spath, SIGNATURE_BYTES_MAX) {
-            Ok(bytes) => Some(
-                String::from_utf8(bytes)
-                    .map_err(|_| format!("{}: not UTF-8 text", spath.display()))?,
-            ),
-            Err(_) if !spath.exists() => None,
-            Err(e) => return Err(e),
-        }
+/// The staged artifact `releases/<id>/` (`None`: there is none), with its
+/// signature and its binary's size and digest checked again, and its binary
+/// made executable if it lost the mode (sync: call it off the async threads).
+fn verify_staged(
+    releases: &Path,
+    id: &str,
+    trusted: &[PublicKey],
+) -> Result<Option<Staged>, String> {
+    let found = match load_id(releases, id, trusted, BinaryCheck::Digest) {
+        Ok(found) => found,
+        Err(LoadError::Absent { .. }) => return Ok(None),
+        Err(e) => return Err(e.to_string()),
     };
-    let m = check_manifest(&buf, signature.as_deref(), trusted)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    if m.id() != id {
-        return Err(format!(
-            "{} describes artifact {}, not {id}",
-            path.display(),
-            m.id()
-        ));
-    }
-    Ok(m)
-}
-
-/// The staged artifact in `dir`, with its binary's size and digest checked
-/// again (sync: call it off the async threads).
-fn verify_staged(dir: &Path, id: &str, trusted: &[PublicKey]) -> Result<Staged, String> {
-    let manifest = read_manifest(dir, id, trusted)?;
-    let binary = dir.join(BINARY_FILE);
-    let mut f = std::fs::File::open(&binary).map_err(|e| format!("{}: {e}", binary.display()))?;
-    let mut check = DigestCheck::new(&manifest);
-    let mut buf = vec![0u8; IO_CHUNK_BYTES];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| format!("{}: {e}", binary.display()))?;
-        if n == 0 {
-            break;
-        }
-        check.update(&buf[..n]).map_err(|e| e.to_string())?;
-    }
-    check.finish().map_err(|e| e.to_string())?;
-    let mode = f.metadata().map(|m| m.permissions().mode()).unwrap_or(0);
-    if mode & 0o755 != 0o755 {
-        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755))
+    let binary = found.binary;
+    let mode = std::fs::metadata(&binary)
+        .map(|m| m.permissions().mode())
+        .unwrap_or(0);
+    if mode & BINARY_MODE != BINARY_MODE {
+        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(BINARY_MODE))
             .map_err(|e| format!("{}: {e}", binary.display()))?;
     }
-    Ok(Staged { manifest, binary })
+    Ok(Some(Staged {
+        manifest: found.manifest,
+        binary,
+    }))
 }
 
 async fn blocking<T: Send + 'static>(
@@ -372,25 +319,29 @@ pub async fn stage(
         .await
         .map_err(io_err("create", &releases))?;
 
-    if tokio::fs::metadata(&target).await.is_ok() {
-        let (dir, key, keys) = (target.clone(), id.to_owned(), trusted.to_vec());
-        let verified = blocking("verify", move || Ok(verify_staged(&dir, &key, &keys))).await?;
-        match verified {
-            Ok(staged) => return Ok(staged),
-            Err(reason) => {
-                tracing::warn!(
-                    id,
-                    reason,
-                    "staged artifact no longer verifies; downloading it again"
-                );
-                let removed = if target.is_dir() {
-                    tokio::fs::remove_dir_all(&target).await
-                } else {
-                    tokio::fs::remove_file(&target).await
-                };
-                removed.map_err(io_err("remove", &target))?;
-            }
+    let (root, key, keys) = (releases.clone(), id.to_owned(), trusted.to_vec());
+    match blocking("verify", move || Ok(verify_staged(&root, &key, &keys))).await? {
+        Ok(Some(staged)) => return Ok(staged),
+        Ok(None) => {}
+        Err(reason) => {
+            tracing::warn!(
+                id,
+                reason,
+                "staged artifact no longer verifies; downloading it again"
+            );
+            let removed = if target.is_dir() {
+                tokio::fs::remove_dir_all(&target).await
+            } else {
+                tokio::fs::remove_file(&target).await
+            };
+            removed.map_err(io_err("remove", &target))?;
         }
+    }
+    // What a stage of this artifact left when its process died (this
+    // process holds the artifact's claim, so nothing else builds it).
+    let (root, key) = (releases.clone(), id.to_owned());
+    for p in blocking("sweep", move || Ok(sweep(&root, Some(&key))?)).await? {
+        tracing::info!(id, path = %p.display(), "removed an interrupted stage");
     }
 
     let base = controller_url.trim_end_matches('/');
@@ -432,7 +383,7 @@ pub async fn stage(
         id: id.to_owned(),
         source,
     };
-    let mut resp = fetch(
+    let resp = fetch(
         http,
         format!("{base}/node/v1/artifacts/{id}/binary"),
         credential,
@@ -448,69 +399,53 @@ pub async fn stage(
             }));
         }
     }
-    let partial = releases.join(format!(".{id}.partial"));
-    let file = tokio::fs::File::create(&partial)
-        .await
-        .map_err(io_err("create", &partial))?;
-    let partial_guard = Cleanup(Some(partial.clone()));
-    let mut out = tokio::io::BufWriter::with_capacity(IO_CHUNK_BYTES, file);
-    let mut check = DigestCheck::new(&manifest);
+    let new = NewDir::create(&target)?;
     let mut slow_ms = crate::runtime::test_fault_ms("stage_slow_ms");
-    loop {
-        let next = tokio::time::timeout(
-            Duration::from_millis(CHUNK_IDLE_TIMEOUT_MS),
-            resp.chunk().map(|r| r.map_err(|e| error_chain(&e))),
-        )
-        .await
-        .unwrap_or_else(|_| Err(format!("no byte for {CHUNK_IDLE_TIMEOUT_MS} ms")));
-        let chunk = match next {
-            Ok(Some(chunk)) => chunk,
-            Ok(None) => break,
-            Err(reason) => {
-                return Err(StageError::Unreachable {
-                    id: id.to_owned(),
-                    reason: format!(
-                        "download cut off after {} of {} bytes: {reason}",
-                        check.received(),
-                        manifest.size
-                    ),
-                })
+    let chunks = futures_util::stream::unfold((resp, false), move |(mut resp, started)| {
+        let slow = if started { slow_ms.take() } else { None };
+        async move {
+            if let Some(ms) = slow {
+                // Test hook (crate::runtime::TEST_FAULT_ENV): a download that stalls after its first chunk.
+                tracing::warn!(ms, "test hook: stalling the download");
+                tokio::time::sleep(Duration::from_millis(ms)).await;
             }
-        };
-        check.update(&chunk).map_err(digest)?;
-        out.write_all(&chunk)
+            let next = tokio::time::timeout(
+                Duration::from_millis(CHUNK_IDLE_TIMEOUT_MS),
+                resp.chunk().map(|r| r.map_err(|e| error_chain(&e))),
+            )
             .await
-            .map_err(io_err("write", &partial))?;
-        if let Some(ms) = slow_ms.take() {
-            // Test hook (crate::runtime::TEST_FAULT_ENV): a download that stalls after its first chunk.
-            out.flush().await.map_err(io_err("write", &partial))?;
-            tracing::warn!(id, ms, "test hook: stalling the download");
-            tokio::time::sleep(Duration::from_millis(ms)).await;
+            .unwrap_or_else(|_| Err(format!("no byte for {CHUNK_IDLE_TIMEOUT_MS} ms")));
+            match next {
+                Ok(Some(chunk)) => Some((Ok(chunk), (resp, true))),
+                Ok(None) => None,
+                Err(reason) => Some((Err(reason), (resp, true))),
+            }
         }
-    }
-    check.finish().map_err(digest)?;
-    out.flush().await.map_err(io_err("write", &partial))?;
-    let file = out.into_inner();
-    file.set_permissions(std::fs::Permissions::from_mode(0o755))
+    });
+    let size = manifest.size;
+    write_checked(&new.path().join(BINARY_FILE), &manifest, chunks)
         .await
-        .map_err(io_err("chmod", &partial))?;
-    file.sync_all().await.map_err(io_err("fsync", &partial))?;
-    drop(file);
+        .map_err(|e| match e {
+            StreamError::Interrupted { received, reason } => StageError::Unreachable {
+                id: id.to_owned(),
+                reason: format!("download cut off after {received} of {size} bytes: {reason}"),
+            },
+            StreamError::Check(source) => digest(source),
+            StreamError::Io(e) => e.into(),
+        })?;
 
-    let staged = {
-        let (releases, manifest, id) = (releases.clone(), manifest.clone(), id.to_owned());
-        blocking("stage", move || {
-            let files = Files {
-                manifest: &manifest,
-                document: &document,
-                signature: signature.as_deref(),
-            };
-            let r = place(&releases, &partial, &files, &id);
-            drop(partial_guard);
-            r
+    let staged = blocking("stage", move || {
+        write_new(&new.path().join(MANIFEST_FILE), &document, FILE_MODE)?;
+        if let Some(sig) = &signature {
+            write_new(&new.path().join(SIGNATURE_FILE), sig.as_bytes(), FILE_MODE)?;
+        }
+        let dir = new.place()?;
+        Ok(Staged {
+            manifest,
+            binary: dir.join(BINARY_FILE),
         })
-        .await?
-    };
+    })
+    .await?;
     tracing::info!(
         id,
         release = staged.manifest.release.0,
@@ -520,52 +455,6 @@ pub async fn stage(
     Ok(staged)
 }
 
-/// What goes beside the binary in `releases/<id>/`.
-struct Files<'a> {
-    manifest: &'a Manifest,
-    /// The manifest document exactly as fetched (what was signed).
-    document: &'a [u8],
-    signature: Option<&'a str>,
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StageError> {
-    let mut f = std::fs::File::create(path).map_err(io_err("create", path))?;
-    f.write_all(bytes).map_err(io_err("write", path))?;
-    f.sync_all().map_err(io_err("fsync", path))
-}
-
-/// Moves the verified `partial` binary, the manifest and its signature into
-/// `releases/<id>/` by way of `releases/.<id>.staging/` and one rename.
-fn place(
-    releases: &Path,
-    partial: &Path,
-    files: &Files<'_>,
-    id: &str,
-) -> Result<Staged, StageError> {
-    let manifest = files.manifest;
-    let staging = releases.join(format!(".{id}.staging"));
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging).map_err(io_err("remove", &staging))?;
-    }
-    std::fs::create_dir(&staging).map_err(io_err("create", &staging))?;
-    let staging_guard = Cleanup(Some(staging.clone()));
-    let bin = staging.join(BINARY_FILE);
-    std::fs::rename(partial, &bin).map_err(io_err("move into place", &bin))?;
-    write_synced(&staging.join(MANIFEST_FILE), files.document)?;
-    if let Some(sig) = files.signature {
-        write_synced(&staging.join(SIGNATURE_FILE), sig.as_bytes())?;
-    }
-    fsync_dir(&staging)?;
-    let target = releases.join(id);
-    std::fs::rename(&staging, &target).map_err(io_err("rename into", &target))?;
-    staging_guard.disarm();
-    fsync_dir(releases)?;
-    Ok(Staged {
-        manifest: manifest.clone(),
-        binary: target.join(BINARY_FILE),
-    })
-}
-
 /// The artifacts staged under `data_dir`, oldest release first: those whose
 /// manifest is valid, names its directory, is signed by one of the
 /// `trusted` keys (when there are any), and whose binary has the
@@ -573,36 +462,17 @@ fn place(
 /// [`stage`]; a listing does not re-read every binary.)
 pub fn staged(data_dir: &Path, trusted: &[PublicKey]) -> Vec<Manifest> {
     let releases = data_dir.join(RELEASES_DIR);
-    let Ok(entries) = std::fs::read_dir(&releases) else {
-        return Vec::new();
+    let listing = match handover_artifacts::list(&releases, trusted) {
+        Ok(listing) => listing,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list the staged releases");
+            return Vec::new();
+        }
     };
-    let mut out: Vec<Manifest> = entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|name| check_id(name).is_ok())
-        .filter_map(|id| {
-            let dir = releases.join(&id);
-            let m = match read_manifest(&dir, &id, trusted) {
-                Ok(m) => m,
-                Err(reason) => {
-                    tracing::warn!(id, reason, "ignoring a staged release");
-                    return None;
-                }
-            };
-            match std::fs::metadata(dir.join(BINARY_FILE)) {
-                Ok(md) if md.is_file() && md.len() == m.size => Some(m),
-                _ => {
-                    tracing::warn!(
-                        id,
-                        "ignoring a staged release whose binary is missing or torn"
-                    );
-                    None
-                }
-            }
-        })
-        .collect();
-    out.sort_by_key(|m| (m.release, m.created_ms, m.id()));
-    out
+    for (id, e) in &listing.refused {
+        tracing::warn!(id, error = %e, "ignoring a staged release");
+    }
+    listing.artifacts.into_iter().map(|a| a.manifest).collect()
 }
 
 #[cfg(test)]
