@@ -1,0 +1,412 @@
+//! The report: JSON, the table and docs/benchmarks.md.
+
+use super::*;
+
+pub struct Report {
+    pub machine: Machine,
+    pub runs: usize,
+    pub quick: bool,
+    pub sizes: Sizes,
+    pub fd_limit: u64,
+    pub elapsed_s: f64,
+    pub summary: BTreeMap<String, Stat>,
+    pub per_run: Vec<Figures>,
+}
+
+pub(super) fn round3(v: f64) -> Value {
+    if v.is_finite() {
+        json!((v * 1000.0).round() / 1000.0)
+    } else {
+        Value::Null
+    }
+}
+
+pub(super) fn report_json(r: &Report) -> Value {
+    let mut root = serde_json::Map::new();
+    let set = |root: &mut serde_json::Map<String, Value>, key: &str, v: Value| {
+        let (group, name) = key.split_once('.').unwrap_or(("other", key));
+        let obj = root.entry(group.to_owned()).or_insert_with(|| json!({}));
+        if let Some(o) = obj.as_object_mut() {
+            o.insert(name.to_owned(), v);
+        }
+    };
+    for key in JSON_KEYS {
+        set(&mut root, key, Value::Null);
+    }
+    for (key, stat) in &r.summary {
+        set(&mut root, key, round3(stat.median));
+    }
+    root.insert("machine".into(), json!(r.machine));
+    root.insert("runs".into(), json!(r.runs));
+    root.insert("quick".into(), json!(r.quick));
+    root.insert("sizes".into(), json!(r.sizes));
+    root.insert("elapsed_s".into(), round3(r.elapsed_s));
+    root.insert(
+        "per_run".into(),
+        Value::Array(
+            r.per_run
+                .iter()
+                .map(|f| Value::Object(f.iter().map(|(k, v)| (k.clone(), round3(*v))).collect()))
+                .collect(),
+        ),
+    );
+    Value::Object(root)
+}
+
+/// 12345.6 → "12,346".
+pub(super) fn thousands(v: f64) -> String {
+    if !v.is_finite() {
+        return "—".into();
+    }
+    let n = v.round() as i64;
+    let digits = n.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 {
+        out.insert(0, '-');
+    }
+    out
+}
+
+pub(super) struct Row {
+    pub(super) key: &'static str,
+    pub(super) bench: String,
+    pub(super) result: String,
+    pub(super) limit: String,
+    pub(super) ratio: String,
+    pub(super) goal: String,
+    pub(super) met: Option<bool>,
+}
+
+pub(super) fn rows(r: &Report) -> Vec<Row> {
+    let s = &r.sizes;
+    let get = |k: &str| r.summary.get(k).copied();
+    let med = |k: &str| get(k).map(|x| x.median);
+    let spread = |k: &str, f: &dyn Fn(f64) -> String| match get(k) {
+        Some(x) if x.n > 1 => format!("{} ({}–{})", f(x.median), f(x.min), f(x.max)),
+        Some(x) => f(x.median),
+        None => "not run".into(),
+    };
+    let per_s = |v: f64| format!("{}/s", thousands(v));
+    let msf = |v: f64| format!("{v:.0} ms");
+    let msf1 = |v: f64| format!("{v:.1} ms");
+    let mib = |v: f64| format!("{v:.1} MiB");
+    let ratio = |k: &str| med(k).map_or("—".into(), |v| format!("{v:.2}"));
+    let at_least = |k: &str, goal: f64| med(k).map(|v| v >= goal);
+    let at_most = |k: &str, goal: f64| med(k).map(|v| v <= goal);
+    let mut out = vec![
+        Row {
+            key: "drain.records_per_s",
+            bench: format!(
+                "1. redundant-channel drain: {} nodes × {} release-1 records (~{:.0} B) → release-2 controller, {} per request",
+                s.drain_nodes,
+                thousands(s.drain_records_per_node as f64),
+                med("drain.record_bytes").unwrap_or(0.0),
+                s.drain_batch_records
+            ),
+            result: spread("drain.records_per_s", &per_s),
+            limit: format!(
+                "raw insert of the upcast rows, {} per transaction: {}",
+                thousands(s.raw_rows_per_transaction as f64),
+                spread("drain.limit_records_per_s", &per_s)
+            ),
+            ratio: ratio("drain.ratio"),
+            goal: "≥ 0.5 × raw".into(),
+            met: at_least("drain.ratio", GOAL_RATIO),
+        },
+        Row {
+            key: "outbox.tick_per_s",
+            bench: format!(
+                "2a. node outbox, producer tick ({:.0} records + 3 kv rows per commit)",
+                med("outbox.tick_records_per_commit").unwrap_or(0.0)
+            ),
+            result: spread("outbox.tick_per_s", &per_s),
+            limit: format!(
+                "raw insert, same file settings and records per transaction: {}",
+                spread("outbox.tick_limit_per_s", &per_s)
+            ),
+            ratio: ratio("outbox.tick_ratio"),
+            goal: "≥ 0.5 × raw".into(),
+            met: at_least("outbox.tick_ratio", GOAL_RATIO),
+        },
+        Row {
+            key: "outbox.single_per_s",
+            bench: "2b. node outbox, 1 record per commit".into(),
+            result: spread("outbox.single_per_s", &per_s),
+            limit: format!(
+                "raw insert, 1 per transaction: {}",
+                spread("outbox.single_limit_per_s", &per_s)
+            ),
+            ratio: ratio("outbox.single_ratio"),
+            goal: "≥ 0.5 × raw".into(),
+            met: at_least("outbox.single_ratio", GOAL_RATIO),
+        },
+    ];
+    for (label, n, goal) in [
+        ("nodes_1000", s.fence_small, GOAL_FENCE_1000_MS),
+        ("nodes_10000", s.fence_large, GOAL_FENCE_10000_MS),
+    ] {
+        let p = |q: &str| {
+            med(&format!("fence.{label}_{q}_ms")).map_or("—".into(), |v| format!("{v:.0}"))
+        };
+        out.push(Row {
+            key: if label == "nodes_1000" {
+                "fence.nodes_1000_ms"
+            } else {
+                "fence.nodes_10000_ms"
+            },
+            bench: format!(
+                "3. fence: {} watching nodes, fence request → every watcher fenced",
+                thousands(n as f64)
+            ),
+            result: format!(
+                "{} (per node p50 {} / p99 {} ms)",
+                spread(&format!("fence.{label}_ms"), &msf),
+                p("p50"),
+                p("p99")
+            ),
+            limit: "goal".into(),
+            ratio: "—".into(),
+            goal: format!("≤ {goal:.0} ms"),
+            met: at_most(&format!("fence.{label}_ms"), goal),
+        });
+    }
+    out.push(Row {
+        key: "storm.nodes_10000_ms",
+        bench: format!(
+            "4. reconnect storm: {} registered nodes say hello at once after a controller restart",
+            thousands(s.fence_large as f64)
+        ),
+        result: format!(
+            "{} ({} retries)",
+            spread("storm.nodes_10000_ms", &msf),
+            med("storm.retries").map_or("—".into(), thousands)
+        ),
+        limit: "goal".into(),
+        ratio: "—".into(),
+        goal: format!("≤ {GOAL_STORM_MS:.0} ms"),
+        met: at_most("storm.nodes_10000_ms", GOAL_STORM_MS),
+    });
+    out.push(Row {
+        key: "viewers.segments_per_s",
+        bench: format!(
+            "5a. HLS served by one node process, {} concurrent client loops",
+            s.hls_loops
+        ),
+        result: format!(
+            "segments {}; playlists {}",
+            spread("viewers.segments_per_s", &per_s),
+            spread("viewers.playlists_per_s", &per_s)
+        ),
+        limit: "—".into(),
+        ratio: "—".into(),
+        goal: "—".into(),
+        met: None,
+    });
+    out.push(Row {
+        key: "viewers.switch_p99_ms",
+        bench: format!(
+            "5b. viewer latency p99 ({} viewers), during a release 1 → 2 switch of that node",
+            s.paced_viewers
+        ),
+        result: format!(
+            "{} ({} failed requests; switch {})",
+            spread("viewers.switch_p99_ms", &msf1),
+            med("viewers.failed_requests").map_or("—".into(), thousands),
+            med("viewers.switch_ms").map_or("—".into(), msf)
+        ),
+        limit: format!("steady p99: {}", spread("viewers.steady_p99_ms", &msf1)),
+        ratio: match (med("viewers.switch_p99_ms"), med("viewers.steady_p99_ms")) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.1}", a / b),
+            _ => "—".into(),
+        },
+        goal: "no failed request".into(),
+        met: med("viewers.failed_requests").map(|v| v == 0.0),
+    });
+    out.push(Row {
+        key: "memory.controller_10000_nodes_mib",
+        bench: format!(
+            "6a. controller resident memory with {} connected nodes",
+            thousands(s.fence_large as f64)
+        ),
+        result: spread("memory.controller_10000_nodes_mib", &mib),
+        limit: "goal".into(),
+        ratio: "—".into(),
+        goal: format!("≤ {GOAL_CONTROLLER_MIB:.0} MiB"),
+        met: at_most("memory.controller_10000_nodes_mib", GOAL_CONTROLLER_MIB),
+    });
+    out.push(Row {
+        key: "memory.node_idle_mib",
+        bench: "6b. idle node (worker) resident memory, one live event, no viewers".into(),
+        result: spread("memory.node_idle_mib", &mib),
+        limit: "goal".into(),
+        ratio: "—".into(),
+        goal: format!("≤ {GOAL_NODE_MIB:.0} MiB"),
+        met: at_most("memory.node_idle_mib", GOAL_NODE_MIB),
+    });
+    out.push(Row {
+        key: "upgrade.overhead_ms",
+        bench: if r.quick {
+            "7. upgrade overhead (quick: one group, 3 s event)".into()
+        } else {
+            "7. upgrade overhead of the demo cluster (`demo --skip-naive`)".into()
+        },
+        result: format!(
+            "{} (total {}, waiting {})",
+            spread("upgrade.overhead_ms", &msf),
+            med("upgrade.total_ms").map_or("—".into(), msf),
+            med("upgrade.waiting_ms").map_or("—".into(), msf)
+        ),
+        limit: "goal".into(),
+        ratio: "—".into(),
+        goal: format!("≤ {GOAL_UPGRADE_OVERHEAD_MS:.0} ms"),
+        met: at_most("upgrade.overhead_ms", GOAL_UPGRADE_OVERHEAD_MS),
+    });
+    out.retain(|row| {
+        let bench = row.key.split('.').next().unwrap_or("");
+        r.summary
+            .keys()
+            .any(|k| k.starts_with(&format!("{bench}.")))
+    });
+    out
+}
+
+pub(super) fn before_of(key: &str) -> String {
+    BEFORE
+        .iter()
+        .find(|(k, _, _)| *k == key)
+        .map_or("—".into(), |(_, figure, _)| (*figure).to_owned())
+}
+
+pub(super) fn render_table(r: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| benchmark | result (median{}) | limit measured in the same run | ratio | goal | met | before fix |",
+        if r.runs > 1 { " (min–max)" } else { "" }
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+    for row in rows(r) {
+        let met = match row.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "—",
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            row.bench,
+            row.result,
+            row.limit,
+            row.ratio,
+            row.goal,
+            met,
+            before_of(row.key)
+        );
+    }
+    out
+}
+
+pub(super) fn render_markdown(r: &Report) -> String {
+    let m = &r.machine;
+    let mut out = String::new();
+    let _ = writeln!(out, "# Benchmarks\n");
+    let _ = writeln!(
+        out,
+        "Written by `handover bench{}` ({} build) on {}: {} cores ({}), {} MiB of memory, {}; \
+         load average {} at the start; {} run{} per figure, {:.0} s in all. Open-file limit {}.\n",
+        if r.quick { " --quick" } else { "" },
+        m.build,
+        m.date,
+        m.cores,
+        m.cpu_model,
+        thousands(m.memory_mib as f64),
+        m.kernel,
+        m.load_average,
+        r.runs,
+        if r.runs == 1 { "" } else { "s" },
+        r.elapsed_s,
+        r.fd_limit
+    );
+    if r.quick {
+        let _ = writeln!(
+            out,
+            "**`--quick`: tiny sizes, one run. These figures check that every benchmark runs; they measure nothing worth keeping.**\n"
+        );
+    }
+    out.push_str(&render_table(r));
+    out.push_str(METHOD);
+    if !BEFORE.is_empty() {
+        let _ = writeln!(out, "\n## Before and after\n");
+        for (key, figure, note) in BEFORE {
+            let _ = writeln!(out, "- `{key}`: before {figure}. {note}");
+        }
+    }
+    out
+}
+
+pub(super) const METHOD: &str = r#"
+Each figure is the median of the runs (min–max in brackets); a ratio is the
+median of the per-run ratios, each taken against the limit measured in the
+same run. `handover bench --json` prints the same figures (and every run's).
+
+## What each benchmark measures
+
+1. **Redundant-channel drain.** A release-2 controller process
+   (`controller --no-supervisor --release 2`, embedded SQLite, WAL,
+   `synchronous=FULL`) with one channel. Eight in-process clients speak the
+   node protocol: `hello` with the join token as release 1 (grant `deliver`),
+   then `POST /node/v1/deliver` batches of 500 release-1 records
+   (`record::encode(Schema(1), …)`, about 200 bytes each), one batch at a time
+   per client, each sent after the previous one was acknowledged, as the
+   shipper does. The clock runs from the first batch sent to the last
+   acknowledgement; each acknowledgement comes after the upcast, the
+   idempotent insert and the commit. The database must then hold every record,
+   translated. **Limit:** the same rows, upcast beforehand, inserted into a
+   fresh release-2 database by one in-process writer with the statement
+   `store_batch` uses (`SqliteStore::insert_records`: multi-row INSERTs of
+   100 records), one transaction per 1,000 rows.
+2. **Node outbox.** `handover_node::store::Store::commit` on a fresh node.db:
+   (a) the commit a producer tick makes on a node running two channels at a
+   second boundary (a segment and viewer stats per channel, two progress rows
+   and the stats second), (b) one record per commit. Every commit is durable
+   (`synchronous=FULL`) before the next. **Limit:** `RawOutbox`, a file opened
+   the same way with one outbox-shaped table and one INSERT per record, the
+   same records per transaction.
+3. **Fence.** A fresh release-2 controller; N simulated nodes in this process,
+   each on its own TCP connection (source addresses 127.52.x.y), say `hello`
+   as distinct node ids and then long-poll
+   `GET /node/v1/watch?node=…&epoch=…&grant=full&wait_ms=25000&desired_rev=…`
+   as `handover_node::session` does. Once all wait, `POST /api/v1/fence`.
+   Latency per node: from sending the fence request until that node has read
+   its `fenced` answer; the figure is the last one (every watcher fenced).
+4. **Reconnect storm.** After the 10,000-node fence: unfence, stop the
+   controller (SIGTERM), start it again on the same database, then every node
+   says `hello` with its own credential at the same instant, each on a new
+   connection, retrying as a node does (100 ms doubling) on any error. The
+   figure runs from the go signal to the last `welcome` (grant `full`).
+5. **Viewers.** A release-1 node under its supervisor serves one live channel
+   (1 s segments); its controller is then restarted as release 2, so the node
+   serves from its cache on `deliver`, as in an upgrade's deliver phase.
+   (a) Playlists, then the newest segment, requested in tight loops by
+   concurrent in-process clients (keep-alive), per second. (b) Viewers
+   fetching the playlist and its newest segment every 100 ms: p99 over a
+   steady period, then over the node's switch to release 2 (the supervisor's
+   control socket: new worker on the same socket, ready after its
+   parameters, old worker retired) plus 1.5 s after it. The bench triggers
+   the switch directly, so the old worker is not quiesced first as the
+   upgrade agent would do.
+6. **Memory.** VmRSS from `/proc/PID/status`: the controller while the
+   10,000 simulated nodes of benchmark 3 wait on the watch; the node worker
+   of benchmark 5 (release 1, one live event, no viewers) one second after
+   it got `deliver`.
+7. **Upgrade overhead.** `handover demo --json --skip-naive` as a child
+   process (3 groups of supervised primary and backup nodes, 6 channels,
+   events of 20–40 s, viewers): `upgrade.total_ms −
+   upgrade.waiting_for_operations_ms`.
+"#;
