@@ -7,7 +7,6 @@ pub mod bench;
 pub mod check;
 pub mod client;
 pub mod demo;
-pub mod faultproxy;
 pub mod fleet;
 pub mod roles;
 pub mod upgrade;

@@ -12,11 +12,11 @@
 //! bounded waits, and its fleet kills every process when dropped.
 
 use handover::check::CheckReport;
-use handover::faultproxy::{Exchange, FaultProxy};
 use handover::fleet::Fleet;
 use handover::viewers::{self, ChannelTarget, ViewerConfig, ViewerReport};
 use handover_core::api::UpgradeStatus;
 use handover_core::upgrade::{Phase, Status, Upgrade};
+use handover_testkit::faultproxy::{Exchange, FaultProxy};
 use nix::sys::signal::{kill, Signal};
 use serde_json::Value;
 use std::future::Future;
