@@ -46,6 +46,8 @@ pub const KEY_PASSWORD_ENV: &str = "HANDOVER_KEY_PASSWORD";
 
 /// Longest `BINARY releases --json` may take.
 const FACTS_WAIT_MS: u64 = 20_000;
+/// Pause between two looks at whether `BINARY releases --json` exited.
+const FACTS_POLL_MS: u64 = 10;
 /// Tries of `BINARY releases --json` while the file is busy (ETXTBSY).
 const FACTS_BUSY_RETRIES: u32 = 50;
 /// Pause between those tries.
@@ -123,7 +125,7 @@ pub fn binary_facts(binary: &Path) -> anyhow::Result<BinaryFacts> {
                 binary.display()
             );
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(FACTS_POLL_MS));
     };
     ensure!(
         status.success(),

@@ -23,6 +23,13 @@ pub const HEALTHY_WAIT_MS: u64 = 15_000;
 /// Grace a SIGTERM'd process gets before SIGKILL.
 pub const TERMINATE_GRACE_MS: u64 = 10_000;
 const CONTROLLER_PORT: u16 = 7400;
+/// Pause between two looks while waiting for a process or an answer (every
+/// such wait is bounded by its own deadline).
+const POLL_MS: u64 = 50;
+/// Pause between two looks at the upgrade's status.
+const STATUS_POLL_MS: u64 = 200;
+/// Bound on one health probe.
+const PROBE_TIMEOUT_MS: u64 = 1_000;
 /// Events of [`Fleet::start_live_groups`] start this long after they are
 /// created, so every node has them.
 const LIVE_LEAD_MS: i64 = 2_000;
@@ -157,7 +164,7 @@ async fn wait_gone(pids: &[u32]) -> anyhow::Result<()> {
         if tokio::time::Instant::now() > deadline {
             bail!("workers {pids:?} still run {TERMINATE_GRACE_MS} ms after their supervisor died");
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
     }
     Ok(())
 }
@@ -165,7 +172,7 @@ async fn wait_gone(pids: &[u32]) -> anyhow::Result<()> {
 /// Polls `url` until it answers 200 or the wait ends.
 pub async fn wait_healthy(url: &str, proc: &mut Proc) -> anyhow::Result<()> {
     let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(1))
+        .timeout(Duration::from_millis(PROBE_TIMEOUT_MS))
         .no_proxy()
         .build()?;
     let deadline = tokio::time::Instant::now() + Duration::from_millis(HEALTHY_WAIT_MS);
@@ -189,7 +196,7 @@ pub async fn wait_healthy(url: &str, proc: &mut Proc) -> anyhow::Result<()> {
                 proc.log.display()
             );
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
     }
 }
 
@@ -392,7 +399,7 @@ impl Fleet {
                     }
                 }
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
         }
         bail!("the upgrade did not pause at {phase:?} within {timeout:?}")
     }
@@ -486,7 +493,7 @@ impl Fleet {
                     status.nodes.len()
                 );
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
         }
     }
 
@@ -691,7 +698,7 @@ impl Fleet {
                 Ok(s) => last = Some(s),
                 Err(_) => {}
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_millis(STATUS_POLL_MS)).await;
         }
         bail!("the upgrade was not over within {timeout:?}; last status: {last:#?}")
     }
@@ -768,6 +775,6 @@ async fn active_worker(
         if tokio::time::Instant::now() > deadline {
             bail!("{id}'s supervisor named no active worker within {HEALTHY_WAIT_MS} ms");
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
     }
 }
