@@ -8,6 +8,7 @@
 //! callers pass `now_ms` in. That is what lets every interleaving be tested.
 
 pub mod admission;
+pub mod agent;
 pub mod api;
 pub mod artifact;
 pub mod grant;

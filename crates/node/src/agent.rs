@@ -6,6 +6,7 @@ use crate::lifecycle::Lifecycle;
 use crate::session::Session;
 use crate::stage;
 use crate::store::{keys, Commit, Store};
+use handover_core::agent;
 use handover_core::artifact::PublicKey;
 use handover_core::{Grant, Release, ReleaseInfo};
 use handover_supervisor::{Release as SupervisedRelease, SupervisorClient, SwitchOutcome};
@@ -16,6 +17,8 @@ use std::time::Duration;
 
 /// Staging retries back off up to this.
 pub const STAGE_RETRY_MS_MAX: u64 = 5_000;
+/// First pause after a failed staging; doubles up to [`STAGE_RETRY_MS_MAX`].
+pub const STAGE_RETRY_MS_MIN: u64 = 100;
 /// A worker reports ready at the latest this long after start, even if the
 /// controller is unreachable: it can serve viewers from its cache.
 pub const READY_WAIT_MS: u64 = 10_000;
@@ -79,7 +82,7 @@ impl Agent {
             }
         };
         let mut rx = self.session.link();
-        let mut retry_ms = 100;
+        let mut retry_ms = STAGE_RETRY_MS_MIN;
         let mut failed = switch_failure(&self.store).await;
         if failed
             .as_ref()
@@ -100,7 +103,7 @@ impl Agent {
             let desired = link.desired.clone();
             // Once the controller withdraws the switch, a later request is a new try.
             if let Some(f) = failed.as_mut().filter(|f| !f.withdrawn) {
-                if link.desired_rev.is_some() && desired.switch_to.is_none() {
+                if agent::switch_withdrawn(&desired, link.desired_rev.is_some()) {
                     f.withdrawn = true;
                     if let Err(e) = remember(&self.store, f).await {
                         tracing::warn!(error = %e, "cannot note that the failed switch was withdrawn");
@@ -110,52 +113,63 @@ impl Agent {
             if desired.stage.is_none() {
                 self.set_stage_error(None);
             }
-            if let (Some(id), Some(credential)) = (&desired.stage, &link.credential) {
-                if !self.session.staged().contains(id) {
-                    match stage::stage(
-                        &http,
-                        &self.controller_url,
-                        credential,
-                        &self.data_dir,
-                        id,
-                        &self.trusted,
-                    )
-                    .await
-                    {
-                        Ok(staged) => {
-                            tracing::info!(artifact = %id, binary = %staged.binary.display(), "artifact staged");
-                            self.set_stage_error(None);
-                            self.session.set_staged(
-                                stage::staged(&self.data_dir, &self.trusted)
-                                    .iter()
-                                    .map(|m| m.id())
-                                    .collect(),
-                            );
-                            retry_ms = 100;
+            let staged_ids = self.session.staged();
+            let already_runs = match (desired.switch_to, &desired.stage) {
+                (Some(to), Some(id)) => self.runs(to, id),
+                _ => false,
+            };
+            let refused = failed
+                .as_ref()
+                .filter(|f| !f.withdrawn)
+                .map(|f| f.artifact.as_str());
+            let todo = agent::plan(&desired, &staged_ids, already_runs, refused);
+            if let (Some(id), Some(credential)) = (&todo.stage, &link.credential) {
+                match stage::stage(
+                    &http,
+                    &self.controller_url,
+                    credential,
+                    &self.data_dir,
+                    id,
+                    &self.trusted,
+                )
+                .await
+                {
+                    Ok(staged) => {
+                        tracing::info!(artifact = %id, binary = %staged.binary.display(), "artifact staged");
+                        self.set_stage_error(None);
+                        self.session.set_staged(
+                            stage::staged(&self.data_dir, &self.trusted)
+                                .iter()
+                                .map(|m| m.id())
+                                .collect(),
+                        );
+                        retry_ms = STAGE_RETRY_MS_MIN;
+                        if !self.session.staged().contains(id) {
+                            // Staged but not usable here (e.g. its signature no longer
+                            // verifies): wait as after a failure, never spin.
+                            tokio::time::sleep(Duration::from_millis(STAGE_RETRY_MS_MAX)).await;
                         }
-                        Err(e) => {
-                            tracing::error!(artifact = %id, error = %e, "cannot stage the artifact; this release keeps running");
-                            self.set_stage_error(Some(e.to_string()));
-                            tokio::time::sleep(Duration::from_millis(retry_ms)).await;
-                            retry_ms = (retry_ms * 2).min(STAGE_RETRY_MS_MAX);
-                            continue;
-                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(artifact = %id, error = %e, "cannot stage the artifact; this release keeps running");
+                        self.set_stage_error(Some(e.to_string()));
+                        tokio::time::sleep(Duration::from_millis(retry_ms)).await;
+                        retry_ms = (retry_ms * 2).min(STAGE_RETRY_MS_MAX);
                     }
                 }
+                // Plan again with what is staged now (a switch may be due).
+                continue;
             }
-            if let (Some(to), Some(id)) = (desired.switch_to, &desired.stage) {
-                if !self.runs(to, id) && self.session.staged().contains(id) {
-                    match &failed {
-                        Some(f) if f.artifact == *id && !f.withdrawn => tracing::warn!(
-                            artifact = %id,
-                            reason = %f.reason,
-                            "not switching again: this switch failed; waiting for the controller to ask anew"
-                        ),
-                        _ => {
-                            self.switch(id).await;
-                            return;
-                        }
-                    }
+            if let Some((id, _)) = &todo.switch {
+                self.switch(id).await;
+                return;
+            }
+            if let (Some(f), Some(id)) = (refused, &desired.stage) {
+                if f == id && desired.switch_to.is_some() {
+                    tracing::warn!(
+                        artifact = %id,
+                        "not switching again: this switch failed; waiting for the controller to ask anew"
+                    );
                 }
             }
             if rx.changed().await.is_err() {

@@ -10,6 +10,7 @@
 use crate::net::{Answer, Lane, NodeIx, Request, SentWith};
 use crate::{Canary, Stats};
 use handover_core::admission::Channel as ShipChannel;
+use handover_core::agent;
 use handover_core::grant::{Grant, GrantReason};
 use handover_core::record::{self, v2::Kind, v3::Severity, Observation};
 use handover_core::release::{Release, ReleaseInfo, Schema};
@@ -914,26 +915,25 @@ impl Node {
             return;
         }
         let desired = self.mem.desired.clone();
-        if let (Some(id), Some(_)) = (&desired.stage, &self.durable.credential) {
-            let staged = self.durable.staged.contains(id);
-            if !staged && self.mem.staging.is_none() && io.now_ms >= self.mem.stage_not_before_ms {
+        // The shipped agent's plan. The simulated binary of a release is
+        // one binary, so running the release is running the artifact.
+        let already_runs = desired.switch_to == Some(self.durable.release);
+        let todo = agent::plan(&desired, &self.durable.staged, already_runs, None);
+        if let (Some(id), Some(_)) = (todo.stage, &self.durable.credential) {
+            if self.mem.staging.is_none() && io.now_ms >= self.mem.stage_not_before_ms {
                 self.mem.staging = Some(id.clone());
-                io.out.push(Out::Stage {
-                    artifact: id.clone(),
-                });
+                io.out.push(Out::Stage { artifact: id });
             }
         }
-        if let (Some(to), Some(id)) = (desired.switch_to, &desired.stage) {
-            if to != self.durable.release && self.durable.staged.contains(id) {
-                io.log.push(format!(
-                    "{} quiesces to switch to release {to}",
-                    self.spec.id
-                ));
-                self.life = Life::Quiescing {
-                    until_ms: io.now_ms + DRAIN_ON_STOP_MS,
-                    to,
-                };
-            }
+        if let Some((_, to)) = todo.switch {
+            io.log.push(format!(
+                "{} quiesces to switch to release {to}",
+                self.spec.id
+            ));
+            self.life = Life::Quiescing {
+                until_ms: io.now_ms + DRAIN_ON_STOP_MS,
+                to,
+            };
         }
     }
 
