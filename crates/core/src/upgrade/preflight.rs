@@ -48,7 +48,7 @@ pub fn preflight(plan: &Plan, nodes: &[NodeView], cluster: &ClusterView) -> Resu
     let compatible = target.schema == cluster.database_schema;
     // What lies outside the target's window, all named at once.
     let mut outside = Vec::new();
-    if !compatible && !target.migrates_from.contains(&cluster.database_schema) {
+    if !target.opens_database(cluster.database_schema) {
         let from: Vec<String> = target.migrates_from.iter().map(|s| s.to_string()).collect();
         outside.push(format!(
             "the database (schema {}; release {} migrates only from schemas [{}])",
