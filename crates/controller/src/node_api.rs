@@ -7,7 +7,9 @@ use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::Json;
 use handover_core::admission::{Channel, ErrorCode};
-use handover_core::wire::{self, limits, Batch, GrantState, Heartbeat, Hello, Welcome};
+use handover_core::wire::{
+    self, limits, Batch, GrantState, Heartbeat, Hello, ParamsAnswer, Welcome,
+};
 use handover_core::Grant;
 use handover_store::NodeRegistration;
 use serde::Deserialize;
@@ -204,15 +206,17 @@ pub async fn params(
     State(state): State<Shared>,
     headers: HeaderMap,
     q: Result<Query<ParamsQuery>, QueryRejection>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<ParamsAnswer>> {
     let Query(q) = q?;
     let s = session(&state, &headers, q.node.as_deref()).await?;
     let view = state.view();
     state.admission().params(s.schema, q.epoch)?;
     let params = state.store.params().await?;
-    Ok(Json(
-        serde_json::json!({"schema": state.info.schema, "revision": view.param_revision, "params": params}),
-    ))
+    Ok(Json(ParamsAnswer {
+        schema: state.info.schema,
+        revision: view.param_revision,
+        params,
+    }))
 }
 
 async fn ingest(

@@ -4,6 +4,21 @@
 
 use crate::release::Release;
 use crate::upgrade::Desired;
+use serde::{Deserialize, Serialize};
+
+/// A switch the supervisor refused, kept durably by the node so the worker
+/// restarted on the old release does not try it again at once (each try
+/// stops producing and restarts the worker); shown on the node's /status.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchFailure {
+    pub artifact: String,
+    pub release: u32,
+    pub reason: String,
+    pub at_ms: i64,
+    /// The controller withdrew the switch since: a new request is a new try.
+    #[serde(default)]
+    pub withdrawn: bool,
+}
 
 /// What the agent should start now.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -195,6 +195,16 @@ pub struct BatchAck {
     pub translated: u64,
 }
 
+/// Controller → node: the answer of `GET /node/v1/params`, parameters in
+/// the controller's schema (a node caches only its own schema's).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParamsAnswer {
+    pub schema: Schema,
+    pub revision: u64,
+    pub params: serde_json::Value,
+}
+
 /// The JSON body of every error answer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
