@@ -260,7 +260,7 @@ pub enum Action {
         credential: Option<String>,
         fence_alert: Option<FenceAlert>,
     },
-    Send(Send),
+    Send(Box<Send>),
     /// Abandon a request; its answer, if one comes, is ignored anyway.
     Cancel(RequestId),
     /// Read the oldest queued records and answer with [`Event::OutboxHead`].
@@ -694,13 +694,13 @@ impl Machine {
             generation,
             kind,
         });
-        self.out.push(Action::Send(Send {
+        self.out.push(Action::Send(Box::new(Send {
             id,
             lane,
             timeout_ms,
             credential,
             request,
-        }));
+        })));
     }
 
     fn on_reply(&mut self, id: RequestId, reply: Reply, now: &Now) {

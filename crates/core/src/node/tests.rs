@@ -61,7 +61,7 @@ fn sends(actions: &[Action]) -> Vec<&Send> {
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::Send(s) => Some(s),
+            Action::Send(s) => Some(s.as_ref()),
             _ => None,
         })
         .collect()
