@@ -163,15 +163,9 @@ fn hello_with_the_join_token_then_persist_then_watch() {
     let persist = a
         .iter()
         .position(|a| matches!(a, Action::Persist { grant: Grant::Full, epoch: 5, credential: Some(c), fence_alert: None } if c == "cred"));
-    let watch = a.iter().position(|a| {
-        matches!(
-            a,
-            Action::Send(Send {
-                request: Request::Watch { .. },
-                ..
-            })
-        )
-    });
+    let watch = a
+        .iter()
+        .position(|a| matches!(a, Action::Send(s) if matches!(s.request, Request::Watch { .. })));
     assert!(
         persist.is_some() && watch.is_some() && persist < watch,
         "{a:?}"
