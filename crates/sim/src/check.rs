@@ -46,7 +46,7 @@ pub fn settled(ctl: &Controller, nodes: &[Node], expect: &Expected) -> Result<()
         let d = &n.durable;
         if n.life != Life::Up {
             waiting.push(format!("{id} is {:?}", n.life));
-        } else if !n.mem.established {
+        } else if !n.established() {
             waiting.push(format!("{id} has no session"));
         } else if d.release != expect.release() {
             waiting.push(format!("{id} runs release {}", d.release));

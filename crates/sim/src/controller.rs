@@ -17,8 +17,8 @@ use handover_core::upgrade::{
     ClusterView, Desired, Effect, Input, NodeStep, NodeView, Plan, Status, Target, Upgrade,
 };
 use handover_core::wire::{
-    self, limits, Batch, BatchAck, ControllerView, Heartbeat, Hello, OutboxState, Role, WireError,
-    MESSAGE_VERSION,
+    self, limits, Batch, BatchAck, ControllerView, Heartbeat, Hello, OutboxState, ParamsAnswer,
+    Role, WireError, MESSAGE_VERSION,
 };
 use std::collections::BTreeMap;
 
@@ -28,6 +28,70 @@ pub const LEASE_MS: u64 = 3_000;
 pub const TICK_MS: u64 = 200;
 /// Free disk the preflight sees.
 pub const DISK_FREE_BYTES: u64 = 1 << 40;
+
+/// The simulated cluster's parameters in `schema`: its channels, no
+/// events (a simulated node's events come from its [`crate::node::Spec`]).
+fn params_document(schema: Schema, revision: u64) -> Result<serde_json::Value, Answer> {
+    use handover_core::params::{v1, v2, v3};
+    let ladder = vec![v2::Rung {
+        height: 720,
+        kbps: 3_000,
+    }];
+    let doc = match schema {
+        Schema(1) => serde_json::to_value(v1::Params {
+            revision,
+            channels: CHANNELS
+                .iter()
+                .map(|c| v1::Channel {
+                    name: c.name.to_owned(),
+                    title: c.name.to_owned(),
+                    segment_seconds: c.segment_ms / 1000,
+                    resolution: "1280x720".into(),
+                    bitrate_kbps: 3_000,
+                })
+                .collect(),
+            groups: vec![],
+            events: vec![],
+        }),
+        Schema(2) => serde_json::to_value(v2::Params {
+            revision,
+            channels: CHANNELS
+                .iter()
+                .map(|c| v2::Channel {
+                    id: c.id,
+                    name: c.name.to_owned(),
+                    segment_ms: c.segment_ms,
+                    ladder: ladder.clone(),
+                })
+                .collect(),
+            groups: vec![],
+            events: vec![],
+        }),
+        Schema(3) => serde_json::to_value(v3::Params {
+            revision,
+            channels: CHANNELS
+                .iter()
+                .map(|c| v3::Channel {
+                    id: c.id,
+                    name: c.name.to_owned(),
+                    segment_ms: c.segment_ms,
+                    ladder: ladder.clone(),
+                    window_segments: v3::WINDOW_SEGMENTS_DEFAULT,
+                })
+                .collect(),
+            groups: vec![],
+            events: vec![],
+        }),
+        other => {
+            return Err(Answer::error(
+                500,
+                "internal",
+                format!("no parameters of schema {other}"),
+            ))
+        }
+    };
+    doc.map_err(|e| Answer::error(500, "internal", e.to_string()))
+}
 
 /// One row of the node registry.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -463,6 +527,11 @@ impl Controller {
                 };
                 self.watch(&credential, held, io)
             }
+            Request::Params {
+                credential,
+                node: node_id,
+                epoch,
+            } => self.params(&credential, &node_id, epoch, io),
             Request::Records {
                 credential,
                 body,
@@ -551,6 +620,22 @@ impl Controller {
             r.last_seen_ms = io.now_ms;
         }
         ok(serde_json::to_vec(&grant))
+    }
+
+    /// `GET /node/v1/params`: admitted as the shipped controller admits it,
+    /// answered with parameters of the database's schema.
+    fn params(&mut self, credential: &str, node_id: &str, epoch: u64, io: &mut CtlIo) -> Handled {
+        let (_, schema) = self.session(credential, node_id)?;
+        self.admission()
+            .params(schema, epoch)
+            .map_err(|r| refused(r, io))?;
+        let revision = self.durable.param_revision;
+        let answer = ParamsAnswer {
+            schema: self.durable.schema,
+            revision,
+            params: params_document(self.durable.schema, revision)?,
+        };
+        ok(serde_json::to_vec(&answer))
     }
 
     fn watch(&mut self, credential: &str, mut held: HeldWatch, io: &mut CtlIo) -> Handled {

@@ -36,14 +36,14 @@
 //!   [`handover_core::record::Observation`]s every few hundred ms (segments,
 //!   viewer stats, alerts, event start/end, and the fence alert), encode
 //!   them with [`handover_core::record::encode`] in their release's schema,
-//!   and run the three loops of the real node: session (hello, then the
-//!   watch long-poll), heartbeat (lease / 3, lease loss → hello) and shipper
-//!   (one batch at a time over the channel the grant allows: `full` → main,
-//!   `deliver` → redundant, `fenced` → nothing; trim only on ack; a
-//!   stale-epoch or forbidden answer → hello again). They obey `Desired`:
-//!   stage (a delay), quiesce (no new event), `switch_to` (stop producing,
-//!   drain for a bounded time, restart as the new release with the outbox
-//!   kept; a switch can crash midway and revert).
+//!   and run the shipped node machine ([`handover_core::node::Machine`]):
+//!   every protocol decision (hello and hello again, the watch long-poll,
+//!   heartbeats and the lease, parameters, the channel and size of each
+//!   batch, trimming on ack, stage, quiesce, drain, switch, remembering a
+//!   refused switch) is the machine's, with the node's own timeouts and
+//!   limits; [`node`] only performs its actions on the simulated network and
+//!   database. A switch can be refused (the new release does not come up):
+//!   the old worker remembers it, exits, and its supervisor starts it again.
 //! * **network** ([`net`]): every request and answer is a message with a
 //!   delivery time. Requests to a controller that is down wait in the
 //!   supervisor's listen backlog until it is back; answers to a node process

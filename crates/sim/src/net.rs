@@ -13,14 +13,8 @@ use std::collections::BinaryHeap;
 /// Index of a node in the simulated fleet.
 pub type NodeIx = usize;
 
-/// The three request loops of a node; each has at most one request in flight.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Lane {
-    /// `hello`, then the `watch` long-poll.
-    Session,
-    Heartbeat,
-    Shipper,
-}
+/// The node machine's request loops (`handover_core::node::Lane`).
+pub use handover_core::node::Lane;
 
 /// What a node held when it sent a batch: simulation metadata beside the
 /// wire body, for the invariant checked when the controller accepts it.
@@ -48,6 +42,12 @@ pub enum Request {
         wait_ms: u64,
         desired_rev: Option<u64>,
     },
+    /// `GET /node/v1/params?node=..&epoch=..`
+    Params {
+        credential: String,
+        node: String,
+        epoch: u64,
+    },
     /// Main channel (`full`).
     Records {
         credential: String,
@@ -68,6 +68,7 @@ impl Request {
             Request::Hello { .. } => "hello",
             Request::Heartbeat { .. } => "heartbeat",
             Request::Watch { .. } => "watch",
+            Request::Params { .. } => "params",
             Request::Records { .. } => "records",
             Request::Deliver { .. } => "deliver",
         }

@@ -4,7 +4,7 @@
 use crate::check;
 use crate::controller::{Controller, CtlIo, Reply};
 use crate::net::{Answer, Event, NodeIx, Payload, Queue};
-use crate::node::{Io, Life, Node, Out, Spec, CHANNELS};
+use crate::node::{Io, Node, Out, Spec, CHANNELS};
 use crate::trace::Trace;
 use crate::{SimConfig, SimFailure, SimReport, Stats};
 use handover_core::release::{Release, Schema};
@@ -143,9 +143,7 @@ impl World {
                     event_period_ms: period,
                     event_len_ms: period * rng.random_range(50..=90) / 100,
                 };
-                let mut n = Node::new(spec, Release(1));
-                n.life = Life::Down;
-                nodes.push(n);
+                nodes.push(Node::new(spec, Release(1), config.heal_stale_registration));
             }
         }
         let n = nodes.len();
@@ -408,7 +406,7 @@ impl World {
             Event::ControllerSwitchDone { incarnation } => self.controller_switch_done(incarnation),
             Event::NodeRestart { node, incarnation } => {
                 let n = &mut self.nodes[node];
-                if n.incarnation == incarnation && n.life == Life::Down {
+                if n.incarnation == incarnation && !n.is_up() {
                     let release = n.durable.release;
                     n.start(release, self.now);
                     let id = n.spec.id.clone();
@@ -422,12 +420,12 @@ impl World {
                 artifact,
                 ok,
             } => {
-                let now = self.now;
-                let n = &mut self.nodes[node];
+                let n = &self.nodes[node];
                 if n.incarnation == incarnation && n.is_up() {
-                    n.stage_done(&artifact, ok, now);
                     let id = n.spec.id.clone();
                     self.log(format!("{id} staging {artifact}: ok {ok}"));
+                    let release = ok.then_some(self.plan().target.release);
+                    self.with_node(node, |n, io| n.stage_done(&artifact, release, io));
                 }
             }
             Event::Fault => self.fault(),
@@ -500,7 +498,6 @@ impl World {
             now_ms: self.now,
             produce: self.producing,
             canary: self.config.canary,
-            heal_stale_registration: self.config.heal_stale_registration,
             out: Vec::new(),
             log: Vec::new(),
             violation: None,
@@ -543,30 +540,55 @@ impl World {
                     );
                 }
                 Out::Switch { to } => self.node_switch(ix, to),
+                Out::Exit => self.node_exit(ix),
             }
         }
     }
 
-    /// A drained node stops; its supervisor starts `to`, or the switch
-    /// crashes midway and the supervisor reverts to the release it knew.
+    /// A drained node asks its supervisor to switch: the supervisor starts
+    /// `to`, or the new release does not come up and the supervisor refuses
+    /// the switch, which the old worker remembers before it exits.
     fn node_switch(&mut self, ix: NodeIx, to: Release) {
-        let crashed = self.faults_on && self.chance(self.p.switch_crash);
-        let down_ms = self.between(300, 2_500);
-        let n = &mut self.nodes[ix];
-        let from = n.durable.release;
-        n.crash();
-        if crashed {
+        let refused = self.faults_on && self.chance(self.p.switch_crash);
+        let n = &self.nodes[ix];
+        let (id, from) = (n.spec.id.clone(), n.durable.release);
+        if refused {
             self.stats.node_switch_crashes += 1;
             self.reverted[ix] = true;
-        } else {
-            n.durable.release = to;
+            self.log(format!(
+                "{id} switch {from} → {to} fails; the supervisor keeps {from}"
+            ));
+            self.with_node(ix, |n, io| {
+                n.switch_refused("the new release did not become ready", io)
+            });
+            return;
         }
-        let (id, inc) = (n.spec.id.clone(), n.incarnation);
-        self.log(if crashed {
-            format!("{id} switch {from} → {to} crashes midway; the supervisor reverts to {from}")
-        } else {
-            format!("{id} stops release {from}; the supervisor starts {to}")
-        });
+        let down_ms = self.between(300, 2_500);
+        let n = &mut self.nodes[ix];
+        n.crash();
+        n.durable.release = to;
+        let inc = n.incarnation;
+        self.log(format!(
+            "{id} stops release {from}; the supervisor starts {to}"
+        ));
+        self.queue.push(
+            self.now + down_ms,
+            Event::NodeRestart {
+                node: ix,
+                incarnation: inc,
+            },
+        );
+    }
+
+    /// A worker gave up: it exits, and its supervisor starts the release it runs again.
+    fn node_exit(&mut self, ix: NodeIx) {
+        let down_ms = self.between(300, 2_500);
+        let n = &mut self.nodes[ix];
+        n.crash();
+        let (id, inc, release) = (n.spec.id.clone(), n.incarnation, n.durable.release);
+        self.log(format!(
+            "{id} exits; the supervisor starts release {release} again"
+        ));
         self.queue.push(
             self.now + down_ms,
             Event::NodeRestart {
