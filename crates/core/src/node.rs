@@ -226,8 +226,8 @@ pub enum Event {
     SupervisorDigest(Option<String>),
     /// The answer to [`Action::Switch`].
     Switch(SwitchResult),
-    /// A local write an action asked for failed; the lane backs off.
-    WriteFailed {
+    /// A local read or write an action asked for failed; the lane backs off.
+    DiskFailed {
         lane: Lane,
         error: String,
     },
@@ -566,7 +566,7 @@ impl Machine {
             Event::Staged { artifact, result } => self.on_staged(artifact, result, now),
             Event::SupervisorDigest(d) => self.supervisor_now = d,
             Event::Switch(result) => self.on_switch(result, now),
-            Event::WriteFailed { lane, error } => self.on_write_failed(lane, error, now),
+            Event::DiskFailed { lane, error } => self.on_disk_failed(lane, error, now),
             Event::Stop => self.on_stop(now),
         }
         self.poll(now);
@@ -613,6 +613,11 @@ impl Machine {
             staged: self.staged_ids(),
             leaving: self.phase != Phase::Running,
         }
+    }
+
+    /// The credential to present (for downloads the shell makes on the machine's behalf).
+    pub fn credential(&self) -> Option<&str> {
+        self.credential.as_deref()
     }
 
     pub fn params(&self) -> &ParamsCache {
@@ -852,7 +857,7 @@ impl Machine {
         self.lane(Lane::Shipper).back_off(now.ms);
     }
 
-    fn on_write_failed(&mut self, lane: Lane, error: String, now: &Now) {
+    fn on_disk_failed(&mut self, lane: Lane, error: String, now: &Now) {
         self.log(Level::Error, format!("local write failed: {error}"));
         if lane == Lane::Shipper {
             self.ship_error = Some(error);

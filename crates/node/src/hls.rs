@@ -5,9 +5,8 @@
 //! schedule, so viewers keep playing whatever the grant or the controller's
 //! health. Every answer that is not content is JSON; nothing here panics.
 
-use crate::link::ParamsCache;
+use crate::link::{ParamsCache, View};
 use crate::producer::current_events;
-use crate::session::Session;
 use crate::store::Store;
 use crate::viewer_counter::ViewerCounter;
 use axum::extract::rejection::PathRejection;
@@ -19,7 +18,7 @@ use axum::{Json, Router};
 use handover_core::params::LiveEvent;
 use handover_core::wire::{ErrorBody, Role};
 use handover_core::ReleaseInfo;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio::sync::watch;
 
 /// An event that ended less than this long ago still has its playlist served
@@ -65,14 +64,11 @@ pub struct HttpState {
     pub role: Role,
     pub group: String,
     pub store: Arc<Store>,
-    pub session: Arc<Session>,
+    /// The node machine's view: grant, epoch, reachability, and why the
+    /// outbox does not ship or the named artifact does not stage.
+    pub view: watch::Receiver<View>,
     pub params: watch::Receiver<Arc<ParamsCache>>,
     pub viewers: Arc<ViewerCounter>,
-    /// The shipper's last failure, for operators.
-    pub ship_error: Arc<Mutex<Option<String>>>,
-    /// Why the artifact the controller names cannot be staged (e.g. its
-    /// signature is not by a key this node trusts), for operators.
-    pub stage_error: Arc<Mutex<Option<String>>>,
     /// Ids of the keys artifacts must be signed by (empty: not checked).
     pub trusted_key_ids: Vec<String>,
 }
@@ -132,20 +128,9 @@ async fn healthz() -> &'static str {
 }
 
 async fn status(State(s): State<Shared>) -> Response {
-    let link = s.session.link_now();
+    let link = s.view.borrow().clone();
     let outbox = s.store.outbox_state();
     let params = s.params.borrow().clone();
-    let ship_error = s
-        .ship_error
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
-    let switch_error = crate::agent::switch_failure(&s.store).await;
-    let stage_error = s
-        .stage_error
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
     Json(serde_json::json!({
         "node_id": s.node_id,
         "release": s.release.release,
@@ -159,10 +144,10 @@ async fn status(State(s): State<Shared>) -> Response {
         "produced": outbox.next_seq.saturating_sub(1),
         "current_events": current_events(&params.events, crate::runtime::wall_clock_ms()),
         "param_revision": params.revision,
-        "controller_reachable": s.session.reachable(),
-        "ship_error": ship_error,
-        "switch_error": switch_error,
-        "stage_error": stage_error,
+        "controller_reachable": link.reachable,
+        "ship_error": link.ship_error,
+        "switch_error": link.switch_failure,
+        "stage_error": link.stage_error,
         "trusted_keys": s.trusted_key_ids,
     }))
     .into_response()

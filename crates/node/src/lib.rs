@@ -2,24 +2,27 @@
 //! outbox, record shipping over the main or the redundant channel, and HLS
 //! serving to viewers.
 //!
-//! Modules: [`store`] (node.db: outbox, journal, kv), [`session`] (hello,
-//! heartbeat, watch, params), [`producer`] (observations from the clock),
-//! [`shipper`] (outbox → controller), [`hls`] (HTTP), [`agent`] (stage and
-//! switch), [`lifecycle`] (how the parts stop), and the leaf modules
-//! [`link`] (what the session publishes), [`viewer_counter`] and
-//! [`runtime`] (clock, stop signal, backoff, test hooks). Modules depend one
-//! way: no two import each other, directly or around a circle. This file
-//! holds the config, `serve_on` and the wiring. Core logic lives in `handover_core`; this
-//! crate is the IO shell around it.
+//! The protocol is the node machine of the core
+//! (`handover_core::node::Machine`): every decision towards the controller
+//! is made there. Modules: [`driver`] (feeds the machine its events and
+//! performs its actions), [`session`] (the HTTP client of the node API and
+//! the parameter cache on disk), [`store`] (node.db: outbox, journal, kv),
+//! [`producer`] (observations from the clock), [`stage`] (artifact
+//! downloads), [`hls`] (HTTP), [`agent`] (readiness), [`lifecycle`] (how
+//! the parts stop), and the leaf modules [`link`] (what the machine
+//! publishes), [`viewer_counter`] and [`runtime`] (clock, stop signal,
+//! backoff, test hooks). Modules depend one way: no two import each other,
+//! directly or around a circle. This file holds the config, `serve_on` and
+//! the wiring.
 
 pub mod agent;
+pub mod driver;
 pub mod hls;
 pub mod lifecycle;
 pub mod link;
 pub mod producer;
 pub mod runtime;
 pub mod session;
-pub mod shipper;
 pub mod stage;
 pub mod store;
 pub mod viewer_counter;
@@ -203,7 +206,7 @@ async fn start(
     }
     let params = session::load_params(&store, info.schema, &config.group).await?;
     let progress = producer::load_state(&store).await?;
-    let identity = session::Identity {
+    let identity = handover_core::node::Identity {
         node_id: config.node_id.clone(),
         release: info,
         role: config.role,
@@ -212,82 +215,95 @@ async fn start(
         join_token: config.join_token.clone(),
         binary_sha256: handover_supervisor::binary_sha256(),
     };
-    let viewers = Arc::new(viewer_counter::ViewerCounter::default());
-    let session = Arc::new(
-        session::Session::new(
-            identity,
-            &config.controller_url,
-            store.clone(),
-            params,
-            viewers.clone(),
-        )
-        .await?,
-    );
-    let shipper_wake = Arc::new(Notify::new());
-    let ship_error = Arc::new(Mutex::new(None));
-    let stage_error = Arc::new(Mutex::new(None));
     let trusted = trusted_keys(&config)?;
     let trusted_key_ids: Vec<String> = trusted.iter().map(|k| k.id().to_owned()).collect();
+    let grant = match store.kv_get(store::keys::GRANT).await?.as_deref() {
+        Some("full") => Some(handover_core::Grant::Full),
+        Some("deliver") => Some(handover_core::Grant::Deliver),
+        Some("fenced") => Some(handover_core::Grant::Fenced),
+        _ => None,
+    };
+    let durable = handover_core::node::Durable {
+        grant,
+        epoch: store
+            .kv_get(store::keys::EPOCH)
+            .await?
+            .and_then(|e| e.parse::<u64>().ok()),
+        credential: store.kv_get(store::keys::CREDENTIAL).await?,
+        switch_failure: driver::switch_failure(&store).await,
+    };
+    let machine = handover_core::node::Machine::new(
+        identity,
+        handover_core::node::Config {
+            legacy: config.legacy,
+            heal_stale_registration: true,
+        },
+        durable,
+        params.clone(),
+        driver::staged_artifacts(&config.data_dir, &trusted),
+    );
+    let viewers = Arc::new(viewer_counter::ViewerCounter::default());
+    let (view_tx, view_rx) = watch::channel(machine.view());
+    let (params_tx, params_rx) = watch::channel(Arc::new(params));
+    let appended = Arc::new(Notify::new());
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stop = Stop::new(stop_rx);
-    // The producer has its own stop so the shipper can drain after it.
+    // The producer has its own stop so the outbox can drain after it.
     let (produce_stop_tx, produce_stop_rx) = watch::channel(false);
-    let mut loops = tokio::task::JoinSet::new();
-    loops.spawn(session.clone().run(stop.clone()));
-    loops.spawn(session.clone().run_heartbeat(stop.clone()));
-    loops.spawn(session.clone().run_params(stop.clone()));
     let producer = tokio::spawn(
         producer::Producer {
             store: store.clone(),
             schema: info.schema,
             node_id: config.node_id.clone(),
-            params: session.params(),
-            link: session.link(),
+            params: params_rx.clone(),
+            link: view_rx.clone(),
             viewers: viewers.clone(),
-            shipper_wake: shipper_wake.clone(),
+            shipper_wake: appended.clone(),
         }
         .run(progress, Stop::new(produce_stop_rx)),
     );
-    loops.spawn(
-        shipper::Shipper {
-            store: store.clone(),
-            session: session.clone(),
-            node_id: config.node_id.clone(),
-            wake: shipper_wake,
-            error: ship_error.clone(),
-            legacy: config.legacy,
-        }
-        .run(stop.clone()),
-    );
+    let (driver_stop_tx, driver_stop_rx) = watch::channel(false);
     let (http_stop_tx, http_stop_rx) = watch::channel(false);
     let lifecycle = Arc::new(Lifecycle {
         produce_stop: produce_stop_tx,
         producer: tokio::sync::Mutex::new(Some(producer)),
-        loops_stop: stop_tx,
+        driver_stop: driver_stop_tx,
         http_stop: http_stop_tx,
         closing: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         failure: Mutex::new(None),
-        store: store.clone(),
-        session: session.clone(),
     });
     let supervisor = handover_supervisor::SupervisorClient::from_env();
-    let agent = tokio::spawn(
-        agent::Agent {
-            session: session.clone(),
-            data_dir: config.data_dir.clone(),
-            controller_url: config.controller_url.clone(),
-            release: info,
+    let controller = Arc::new(
+        session::Controller::new(&config.controller_url)
+            .map_err(|e| anyhow::anyhow!("cannot build the controller client: {e}"))?,
+    );
+    let driver = tokio::spawn(
+        driver::Driver {
+            machine,
             store: store.clone(),
-            lifecycle: lifecycle.clone(),
-            supervisor: supervisor.clone(),
+            controller,
+            controller_url: config.controller_url.clone(),
+            node_id: config.node_id.clone(),
+            schema: info.schema,
+            data_dir: config.data_dir.clone(),
             trusted,
-            stage_error: stage_error.clone(),
+            supervisor: supervisor.clone(),
+            lifecycle: lifecycle.clone(),
+            viewers: viewers.clone(),
+            published: driver::Published {
+                view: view_tx,
+                params: params_tx,
+            },
+            appended,
+            stop: driver_stop_rx,
         }
         .run(),
     );
     if let Some(client) = supervisor {
-        tokio::spawn(agent::report_ready(client, session.clone()));
+        tokio::spawn(agent::report_ready(
+            client,
+            view_rx.clone(),
+            params_rx.clone(),
+        ));
     }
 
     let app = hls::router(Arc::new(hls::HttpState {
@@ -296,11 +312,9 @@ async fn start(
         role: config.role,
         group: config.group.clone(),
         store: store.clone(),
-        session: session.clone(),
-        params: session.params(),
+        view: view_rx,
+        params: params_rx,
         viewers,
-        ship_error,
-        stage_error,
         trusted_key_ids,
     }));
     tracing::info!(
@@ -325,22 +339,20 @@ async fn start(
         .with_graceful_shutdown(async move { server_stop.wait().await })
         .await
         .context("HTTP server failed");
-    // The server is done (drained, or failed): stop producing, give the
-    // shipper a bounded moment to empty the outbox, then stop the loops.
-    lifecycle.quiesce().await;
-    agent.abort();
-    let joined = tokio::time::timeout(Duration::from_millis(LOOPS_STOP_TIMEOUT_MS), async {
-        while let Some(r) = loops.join_next().await {
-            if let Err(e) = r {
-                tracing::error!(error = %e, "a node loop ended abnormally");
-            }
+    // The server is done (drained, or failed): the machine stops producing,
+    // drains the outbox (bounded) and ends its driver.
+    lifecycle.driver_stop.send_replace(true);
+    let bound = Duration::from_millis(DRAIN_ON_STOP_MS + LOOPS_STOP_TIMEOUT_MS);
+    let abort = driver.abort_handle();
+    match tokio::time::timeout(bound, driver).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "the node driver ended abnormally"),
+        Err(_) => {
+            tracing::warn!("the node driver did not stop in time; aborting it");
+            abort.abort();
         }
-    })
-    .await;
-    if joined.is_err() {
-        tracing::warn!("loops did not stop in time; aborting them");
-        loops.shutdown().await;
     }
+    lifecycle.stop_producer().await;
     if let Some(why) = lifecycle.failure() {
         tracing::info!(node_id = config.node_id, "node stopped");
         bail!("{why}");

@@ -6,7 +6,7 @@
 //! in-memory state. A failed commit therefore changes nothing and the next
 //! tick decides again: no record is produced twice, none is lost.
 
-use crate::link::{Link, ParamsCache};
+use crate::link::{ParamsCache, View};
 use crate::runtime::Stop;
 use crate::store::{keys, Commit, NewRecord, Store, StoreError};
 use crate::viewer_counter::ViewerCounter;
@@ -360,7 +360,7 @@ pub struct Producer {
     pub node_id: String,
     pub params: watch::Receiver<Arc<ParamsCache>>,
     /// For the quiesce mark: a quiesced node starts no new event.
-    pub link: watch::Receiver<Link>,
+    pub link: watch::Receiver<View>,
     pub viewers: Arc<ViewerCounter>,
     pub shipper_wake: Arc<Notify>,
 }

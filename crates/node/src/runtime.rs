@@ -1,21 +1,19 @@
-//! The node's runtime plumbing every loop shares: the wall clock, the stop
-//! signal, bounded backoff and the test hooks. A leaf module: it imports no
+//! The node's runtime plumbing every task shares: the wall clock, the stop
+//! signal and the test hooks. A leaf module: it imports no
 //! other module of this crate.
 
-use std::time::Duration;
 use tokio::sync::watch;
 
-/// First retry delay after a failure (controller unreachable, disk error).
-pub const BACKOFF_MS_MIN: u64 = 100;
-/// Retry delays double up to this.
-pub const BACKOFF_MS_MAX: u64 = 2_000;
+/// Retry delays after a failure (controller unreachable, disk error): the
+/// node machine's.
+pub use handover_core::node::{BACKOFF_MS_MAX, BACKOFF_MS_MIN};
 /// Test hook, read only by the fault-injection process tests
 /// (`crates/cli/tests/faults.rs`), which set it for one release through an
 /// artifact whose binary is a wrapper script (or for one node's supervisor):
 /// a comma-separated list of `name` or `name:value`. Unset in production,
 /// where it changes nothing. The node reads `stage_slow_ms:N` (stage.rs),
 /// `ready_delay_ms:N` and `never_ready` (agent.rs), `drain_slow_ms:N`
-/// (`Lifecycle::quiesce`), and the CLI reads `exit_at_start` for a node
+/// (a quiesced worker waits before it asks to switch, driver.rs), and the CLI reads `exit_at_start` for a node
 /// worker.
 pub const TEST_FAULT_ENV: &str = "HANDOVER_TEST_FAULT";
 
@@ -40,30 +38,6 @@ pub(crate) fn wall_clock_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// Bounded exponential backoff: [`BACKOFF_MS_MIN`] doubling to [`BACKOFF_MS_MAX`].
-#[derive(Debug)]
-pub(crate) struct Backoff {
-    next_ms: u64,
-}
-
-impl Backoff {
-    pub(crate) fn new() -> Backoff {
-        Backoff {
-            next_ms: BACKOFF_MS_MIN,
-        }
-    }
-
-    pub(crate) fn reset(&mut self) {
-        self.next_ms = BACKOFF_MS_MIN;
-    }
-
-    pub(crate) fn next(&mut self) -> Duration {
-        let d = self.next_ms;
-        self.next_ms = (d * 2).min(BACKOFF_MS_MAX);
-        Duration::from_millis(d)
-    }
-}
-
 /// The stop signal every loop watches.
 #[derive(Clone, Debug)]
 pub struct Stop(watch::Receiver<bool>);
@@ -80,13 +54,5 @@ impl Stop {
 
     pub fn is_set(&self) -> bool {
         *self.0.borrow()
-    }
-}
-
-/// Sleeps `d` unless stopped first; false means "stop".
-pub(crate) async fn sleep_or_stop(d: Duration, stop: &mut Stop) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(d) => true,
-        _ = stop.wait() => false,
     }
 }

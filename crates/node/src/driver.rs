@@ -1,0 +1,431 @@
+//! The shell around the node machine (`handover_core::node::Machine`): one
+//! task that feeds it events (answers, timers, staging and switch results,
+//! appends, stop) and performs its actions over HTTP, SQLite and the
+//! supervisor, in the order given. Disk writes are awaited before the next
+//! action, so "fenced at epoch E" is durable before anything acts on it.
+//! Requests run as their own tasks (one per lane at most, the machine's
+//! rule) and come back as events; a cancelled one is aborted.
+
+use crate::lifecycle::Lifecycle;
+use crate::link::{ParamsCache, View};
+use crate::producer::{current_events, fence_alert, runnable};
+use crate::session::Controller;
+use crate::stage;
+use crate::store::{keys, Commit, NewRecord, OutboxRow, Store};
+use crate::viewer_counter::ViewerCounter;
+use handover_core::agent::SwitchFailure;
+use handover_core::artifact::PublicKey;
+use handover_core::node::{
+    Action, Event, Lane, Level, Machine, Now, RequestId, StagedArtifact, SwitchResult,
+};
+use handover_core::ship;
+use handover_core::wire::{Batch, MESSAGE_VERSION};
+use handover_supervisor::{Release as SupervisedRelease, SupervisorClient, SwitchOutcome};
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::AbortHandle;
+
+/// The machine is ticked at least this often even when no timer is due,
+/// so a clock that jumped or a missed wake-up costs at most this long.
+pub const TICK_MS_MAX: u64 = 1_000;
+/// Events from the tasks the driver started (answers, staging, switch,
+/// digests) queue up to this many; each task has at most one in flight,
+/// so the bound is never reached in practice.
+const EVENTS_QUEUED_MAX: usize = 64;
+
+/// What the driver reports out of the machine.
+pub(crate) struct Published {
+    pub view: watch::Sender<View>,
+    pub params: watch::Sender<Arc<ParamsCache>>,
+}
+
+pub(crate) struct Driver {
+    pub machine: Machine,
+    pub store: Arc<Store>,
+    pub controller: Arc<Controller>,
+    pub controller_url: String,
+    pub node_id: String,
+    pub schema: handover_core::Schema,
+    pub data_dir: PathBuf,
+    pub trusted: Vec<PublicKey>,
+    pub supervisor: Option<SupervisorClient>,
+    pub lifecycle: Arc<Lifecycle>,
+    pub viewers: Arc<ViewerCounter>,
+    pub published: Published,
+    /// Notified after every append (the shipper does not wait for a timer).
+    pub appended: Arc<Notify>,
+    /// The stop request (`Event::Stop`).
+    pub stop: watch::Receiver<bool>,
+}
+
+/// The artifacts staged in `data_dir`, as the machine sees them.
+pub fn staged_artifacts(data_dir: &std::path::Path, trusted: &[PublicKey]) -> Vec<StagedArtifact> {
+    stage::staged(data_dir, trusted)
+        .into_iter()
+        .map(|m| StagedArtifact {
+            id: m.id(),
+            release: m.release,
+            sha256: Some(m.sha256),
+        })
+        .collect()
+}
+
+struct Run {
+    d: Driver,
+    started: Instant,
+    events_tx: mpsc::Sender<Event>,
+    in_flight: HashMap<RequestId, AbortHandle>,
+    /// The outbox head read last (`Action::ReadOutbox`).
+    head: Vec<OutboxRow>,
+    staging_http: Option<reqwest::Client>,
+    done: bool,
+}
+
+impl Driver {
+    /// Runs until the machine says `Stopped` (after a stop request and a
+    /// bounded drain) or until the worker gives up.
+    pub async fn run(self) {
+        let (events_tx, mut events_rx) = mpsc::channel(EVENTS_QUEUED_MAX);
+        let staging_http = match reqwest::Client::builder().no_proxy().build() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build the staging client; upgrades cannot be staged");
+                None
+            }
+        };
+        let mut stop = self.stop.clone();
+        let appended = self.appended.clone();
+        let mut run = Run {
+            d: self,
+            started: Instant::now(),
+            events_tx,
+            in_flight: HashMap::new(),
+            head: Vec::new(),
+            staging_http,
+            done: false,
+        };
+        // Who runs this worker, before the first hello says so.
+        if run.d.supervisor.is_some() {
+            let digest = handover_supervisor::supervisor_sha256().await;
+            run.step(Event::SupervisorDigest(digest)).await;
+        }
+        let mut stop_sent = false;
+        while !run.done {
+            let now_ms = run.now_ms();
+            let wait_ms = run
+                .d
+                .machine
+                .next_timer_ms(now_ms)
+                .map_or(TICK_MS_MAX, |t| t.saturating_sub(now_ms).min(TICK_MS_MAX));
+            let event = tokio::select! {
+                Some(event) = events_rx.recv() => event,
+                _ = appended.notified() => Event::Tick,
+                r = stop.wait_for(|s| *s), if !stop_sent => {
+                    stop_sent = true;
+                    match r {
+                        Ok(_) | Err(_) => Event::Stop,
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(wait_ms)) => Event::Tick,
+            };
+            run.step(event).await;
+        }
+        for (_, task) in run.in_flight.drain() {
+            task.abort();
+        }
+    }
+}
+
+impl Run {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn now(&self) -> Now {
+        let wall_ms = crate::runtime::wall_clock_ms();
+        let params = self.d.published.params.borrow().clone();
+        let events = runnable(&params.events, self.d.machine.quiesce_since_ms());
+        Now {
+            ms: self.now_ms(),
+            wall_ms,
+            outbox: self.d.store.outbox_state(),
+            current_events: current_events(&events, wall_ms),
+            hls_requests: self.d.viewers.requests(),
+        }
+    }
+
+    /// One event and everything it leads to, then the new view is published.
+    async fn step(&mut self, event: Event) {
+        let mut events = VecDeque::from([event]);
+        while let Some(event) = events.pop_front() {
+            let now = self.now();
+            let actions = self.d.machine.handle(event, &now);
+            for action in actions {
+                if let Some(next) = self.perform(action).await {
+                    events.push_back(next);
+                }
+            }
+        }
+        let view = self.d.machine.view();
+        self.d.published.view.send_if_modified(|v| {
+            let changed = *v != view;
+            *v = view;
+            changed
+        });
+    }
+
+    async fn perform(&mut self, action: Action) -> Option<Event> {
+        match action {
+            Action::Persist {
+                grant,
+                epoch,
+                credential,
+                fence_alert: alert,
+            } => {
+                let mut commit = Commit::default();
+                commit
+                    .put
+                    .push((keys::GRANT.to_owned(), grant.as_str().to_owned()));
+                commit.put.push((keys::EPOCH.to_owned(), epoch.to_string()));
+                if let Some(c) = credential {
+                    commit.put.push((keys::CREDENTIAL.to_owned(), c));
+                }
+                if let Some(a) = alert {
+                    let events = self.d.published.params.borrow().events.clone();
+                    // An alert belongs to a channel; a node with no events only logs it.
+                    if let Some(obs) =
+                        fence_alert(&events, crate::runtime::wall_clock_ms(), a.epoch, a.reason)
+                    {
+                        match NewRecord::encode(self.d.schema, &self.d.node_id, &obs) {
+                            Ok(r) => commit.records.push(r),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "fence alert cannot be encoded; not recorded")
+                            }
+                        }
+                    }
+                }
+                if let Err(e) = self.d.store.commit(&commit).await {
+                    return Some(Event::DiskFailed {
+                        lane: Lane::Session,
+                        error: format!("cannot persist the grant: {e}"),
+                    });
+                }
+            }
+            Action::Send(send) => {
+                let batch = match &send.request {
+                    handover_core::node::Request::Batch {
+                        epoch,
+                        schema,
+                        first_seq,
+                        count,
+                        ..
+                    } => {
+                        let rows = self.head.get(..*count).unwrap_or_default();
+                        Some(Batch {
+                            v: MESSAGE_VERSION,
+                            node_id: self.d.node_id.clone(),
+                            epoch: *epoch,
+                            schema: *schema,
+                            first_seq: *first_seq,
+                            records: rows.iter().map(|r| r.body.clone()).collect(),
+                        })
+                    }
+                    _ => None,
+                };
+                let heartbeat = matches!(send.request, handover_core::node::Request::Heartbeat(_));
+                let controller = self.d.controller.clone();
+                let tx = self.events_tx.clone();
+                let id = send.id;
+                let task = tokio::spawn(async move {
+                    let reply = controller.send(&send, batch.as_ref()).await;
+                    let _ = tx.send(Event::Reply { id, reply }).await;
+                });
+                self.in_flight.retain(|_, t| !t.is_finished());
+                self.in_flight.insert(id, task.abort_handle());
+                // Whether the supervisor was replaced is checked with every heartbeat.
+                if heartbeat && self.d.supervisor.is_some() {
+                    let tx = self.events_tx.clone();
+                    tokio::spawn(async move {
+                        let digest = handover_supervisor::supervisor_sha256().await;
+                        let _ = tx.send(Event::SupervisorDigest(digest)).await;
+                    });
+                }
+            }
+            Action::Cancel(id) => {
+                if let Some(task) = self.in_flight.remove(&id) {
+                    task.abort();
+                }
+            }
+            Action::ReadOutbox => match self.d.store.oldest(ship::BATCH_RECORDS_MAX).await {
+                Ok(rows) => {
+                    let head = rows
+                        .iter()
+                        .map(|r| ship::Queued {
+                            seq: r.seq,
+                            schema: r.schema,
+                            bytes: r.body_bytes,
+                        })
+                        .collect();
+                    self.head = rows;
+                    return Some(Event::OutboxHead(head));
+                }
+                Err(e) => {
+                    return Some(Event::DiskFailed {
+                        lane: Lane::Shipper,
+                        error: format!("cannot read the outbox: {e}"),
+                    })
+                }
+            },
+            Action::Trim { through } => {
+                if let Err(e) = self.d.store.trim(through).await {
+                    return Some(Event::DiskFailed {
+                        lane: Lane::Shipper,
+                        error: format!("cannot trim the outbox: {e}"),
+                    });
+                }
+            }
+            Action::CacheParams { revision, params } => {
+                let schema = self.d.machine.params().schema;
+                let put = vec![
+                    (keys::params_revision(schema), revision.to_string()),
+                    (keys::params_json(schema), params.to_string()),
+                ];
+                // The cache in memory serves either way; the next start fetches again.
+                let written = self.d.store.kv_put(put).await;
+                self.d
+                    .published
+                    .params
+                    .send_replace(Arc::new(self.d.machine.params().clone()));
+                if let Err(e) = written {
+                    return Some(Event::DiskFailed {
+                        lane: Lane::Params,
+                        error: format!("cannot cache the parameters: {e}"),
+                    });
+                }
+            }
+            Action::Stage { artifact } => self.stage(artifact),
+            Action::Quiesce => self.d.lifecycle.stop_producer().await,
+            Action::Switch { artifact, to } => self.switch(artifact, to),
+            Action::RememberSwitchFailure(failure) => remember(&self.d.store, failure).await,
+            Action::Fail(why) => {
+                tracing::error!(why, "this worker gives up");
+                self.d.lifecycle.fail(why);
+            }
+            Action::Stopped => self.done = true,
+            Action::Log { level, message } => match level {
+                Level::Debug => tracing::debug!("{message}"),
+                Level::Info => tracing::info!("{message}"),
+                Level::Warn => tracing::warn!("{message}"),
+                Level::Error => tracing::error!("{message}"),
+            },
+        }
+        None
+    }
+
+    fn stage(&mut self, artifact: String) {
+        let tx = self.events_tx.clone();
+        let Some(http) = self.staging_http.clone() else {
+            let _ = tx.try_send(Event::Staged {
+                artifact,
+                result: Err("no HTTP client for staging".into()),
+            });
+            return;
+        };
+        let credential = self.d.machine.credential().unwrap_or_default().to_owned();
+        let (url, dir, trusted) = (
+            self.d.controller_url.clone(),
+            self.d.data_dir.clone(),
+            self.d.trusted.clone(),
+        );
+        tokio::spawn(async move {
+            let result = match stage::stage(&http, &url, &credential, &dir, &artifact, &trusted)
+                .await
+            {
+                Ok(staged) => {
+                    tracing::info!(artifact, binary = %staged.binary.display(), "artifact staged");
+                    Ok(staged_artifacts(&dir, &trusted))
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            let _ = tx.send(Event::Staged { artifact, result }).await;
+        });
+    }
+
+    /// Asks the supervisor to start the staged release on the same socket.
+    fn switch(&mut self, artifact: String, to: handover_core::Release) {
+        let tx = self.events_tx.clone();
+        let Some(client) = self.d.supervisor.clone() else {
+            let _ = tx.try_send(Event::Switch(SwitchResult::Failed(
+                "this node runs without a supervisor (--no-supervisor)".into(),
+            )));
+            return;
+        };
+        let Some(staged) = stage::staged(&self.d.data_dir, &self.d.trusted)
+            .into_iter()
+            .find(|m| m.id() == artifact)
+        else {
+            let _ = tx.try_send(Event::Switch(SwitchResult::Failed(format!(
+                "artifact {artifact} is no longer staged"
+            ))));
+            return;
+        };
+        let binary = stage::binary_path(&self.d.data_dir, &artifact);
+        tracing::info!(release = to.0, binary = %binary.display(), "switching release");
+        let release = SupervisedRelease {
+            release: staged.release.0,
+            binary,
+            sha256: Some(staged.sha256.clone()),
+            contracts: Some(staged.contracts),
+        };
+        tokio::spawn(async move {
+            if let Some(ms) = crate::runtime::test_fault_ms("drain_slow_ms") {
+                // Test hook (TEST_FAULT_ENV): a quiesced worker slow to switch.
+                tracing::warn!(ms, "test hook: switching late");
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            let result = match client.switch(&release).await {
+                Ok(SwitchOutcome::Switched { .. } | SwitchOutcome::AlreadyActive { .. }) => {
+                    SwitchResult::Switched
+                }
+                Ok(SwitchOutcome::Failed { reason, .. }) => SwitchResult::Refused(reason),
+                Err(e) => SwitchResult::Failed(e.to_string()),
+            };
+            let _ = tx.send(Event::Switch(result)).await;
+        });
+    }
+}
+
+async fn remember(store: &Store, failure: Option<SwitchFailure>) {
+    let written = match failure {
+        Some(f) => match serde_json::to_string(&f) {
+            Ok(value) => {
+                store
+                    .kv_put(vec![(keys::SWITCH_FAILED.to_owned(), value)])
+                    .await
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot serialise the failed switch");
+                return;
+            }
+        },
+        None => {
+            let forget = Commit {
+                delete: vec![keys::SWITCH_FAILED.to_owned()],
+                ..Commit::default()
+            };
+            store.commit(&forget).await.map(|_| ())
+        }
+    };
+    if let Err(e) = written {
+        tracing::error!(error = %e, "cannot keep the failed switch");
+    }
+}
+
+/// The switch failure kept in node.db, if any.
+pub async fn switch_failure(store: &Store) -> Option<SwitchFailure> {
+    let raw = store.kv_get(keys::SWITCH_FAILED).await.ok()??;
+    serde_json::from_str(&raw).ok()
+}
