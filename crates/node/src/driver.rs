@@ -383,7 +383,7 @@ impl Run {
         tokio::spawn(async move {
             if let Some(ms) = crate::runtime::test_fault_ms("drain_slow_ms") {
                 // Test hook (TEST_FAULT_ENV): a quiesced worker slow to switch.
-                tracing::warn!(ms, "test hook: switching late");
+                tracing::warn!(ms, "test hook: draining slowly (the switch waits)");
                 tokio::time::sleep(Duration::from_millis(ms)).await;
             }
             let result = match client.switch(&release).await {

@@ -192,7 +192,7 @@ pub struct SimConfig {
     pub failing_switch_percent: u32,
     /// A node that is told a grant contradicting its own schema (the
     /// controller registered a stale hello of its previous release) says hello
-    /// again, as the real node does (`Session::adopt_state`). On by default;
+    /// again, as the shipped node machine does (`node::Config`). On by default;
     /// `--no-heal-stale-registration` shows the failure it prevents.
     pub heal_stale_registration: bool,
     #[doc(hidden)]
