@@ -33,10 +33,18 @@ pub const DISK_FREE_BYTES: u64 = 1 << 40;
 /// events (a simulated node's events come from its [`crate::node::Spec`]).
 fn params_document(schema: Schema, revision: u64) -> Result<serde_json::Value, Answer> {
     use handover_core::params::{v1, v2, v3};
-    let ladder = vec![v2::Rung {
-        height: 720,
-        kbps: 3_000,
-    }];
+    let v2_channels: Vec<v2::Channel> = CHANNELS
+        .iter()
+        .map(|c| v2::Channel {
+            id: c.id,
+            name: c.name.to_owned(),
+            segment_ms: c.segment_ms,
+            ladder: vec![v2::Rung {
+                height: 720,
+                kbps: 3_000,
+            }],
+        })
+        .collect();
     let doc = match schema {
         Schema(1) => serde_json::to_value(v1::Params {
             revision,
@@ -55,27 +63,20 @@ fn params_document(schema: Schema, revision: u64) -> Result<serde_json::Value, A
         }),
         Schema(2) => serde_json::to_value(v2::Params {
             revision,
-            channels: CHANNELS
-                .iter()
-                .map(|c| v2::Channel {
-                    id: c.id,
-                    name: c.name.to_owned(),
-                    segment_ms: c.segment_ms,
-                    ladder: ladder.clone(),
-                })
-                .collect(),
+            channels: v2_channels,
             groups: vec![],
             events: vec![],
         }),
+        // Release 3 adds a window per channel: release 2's fixed one.
         Schema(3) => serde_json::to_value(v3::Params {
             revision,
-            channels: CHANNELS
-                .iter()
+            channels: v2_channels
+                .into_iter()
                 .map(|c| v3::Channel {
                     id: c.id,
-                    name: c.name.to_owned(),
+                    name: c.name,
                     segment_ms: c.segment_ms,
-                    ladder: ladder.clone(),
+                    ladder: c.ladder,
                     window_segments: v3::WINDOW_SEGMENTS_DEFAULT,
                 })
                 .collect(),

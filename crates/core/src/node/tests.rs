@@ -255,16 +255,23 @@ fn shipping_follows_the_grant_and_an_ack_trims_only_the_batch() {
     }
 }
 
-#[test]
-fn an_ack_of_nothing_in_the_batch_trims_nothing_and_backs_off() {
-    let (mut m, _) = established(Grant::Full);
-    m.handle(Event::Tick, &queued(20, 1));
+/// One queued record (`seq`), read and sent as a batch.
+fn one_record_in_flight(m: &mut Machine, seq: u64) -> Send {
+    assert!(m
+        .handle(Event::Tick, &queued(20, 1))
+        .contains(&Action::ReadOutbox));
     let head = vec![ship::Queued {
-        seq: 7,
+        seq,
         schema: Schema(2),
         bytes: 10,
     }];
-    let batch = only_send(&m.handle(Event::OutboxHead(head), &queued(20, 1)));
+    only_send(&m.handle(Event::OutboxHead(head), &queued(20, 1)))
+}
+
+#[test]
+fn an_ack_of_nothing_in_the_batch_trims_nothing_and_backs_off() {
+    let (mut m, _) = established(Grant::Full);
+    let batch = one_record_in_flight(&mut m, 7);
     let a = m.handle(
         Event::Reply {
             id: batch.id,
@@ -291,13 +298,7 @@ fn an_ack_of_nothing_in_the_batch_trims_nothing_and_backs_off() {
 #[test]
 fn stale_epoch_abandons_the_watch_and_says_hello_again() {
     let (mut m, watch) = established(Grant::Full);
-    m.handle(Event::Tick, &queued(20, 1));
-    let head = vec![ship::Queued {
-        seq: 1,
-        schema: Schema(2),
-        bytes: 10,
-    }];
-    let batch = only_send(&m.handle(Event::OutboxHead(head), &queued(20, 1)));
+    let batch = one_record_in_flight(&mut m, 1);
     let a = m.handle(
         Event::Reply {
             id: batch.id,
