@@ -100,11 +100,49 @@ pub fn router(state: Shared) -> Router {
         .with_state(state)
 }
 
-fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+/// Every error code a node answers viewers and operators with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorCode {
+    NotFound,
+    MethodNotAllowed,
+    /// The channel has no live or recently ended event here.
+    NotLive,
+    /// The segment is not (or no longer) in the window served.
+    NoSuchSegment,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 4] = [
+        ErrorCode::NotFound,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::NotLive,
+        ErrorCode::NoSuchSegment,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::NotLive => "not_live",
+            ErrorCode::NoSuchSegment => "no_such_segment",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorCode::NotFound | ErrorCode::NotLive | ErrorCode::NoSuchSegment => {
+                StatusCode::NOT_FOUND
+            }
+            ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        }
+    }
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> Response {
     (
-        status,
+        code.status(),
         Json(ErrorBody {
-            error: code.to_owned(),
+            error: code.as_str().to_owned(),
             message: message.into(),
         }),
     )
@@ -112,15 +150,11 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response
 }
 
 async fn not_found() -> Response {
-    error(StatusCode::NOT_FOUND, "not_found", "no such resource")
+    error(ErrorCode::NotFound, "no such resource")
 }
 
 async fn method_not_allowed() -> Response {
-    error(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        "only GET is served here",
-    )
+    error(ErrorCode::MethodNotAllowed, "only GET is served here")
 }
 
 async fn healthz() -> &'static str {
@@ -178,8 +212,7 @@ async fn hls(
             )
                 .into_response(),
             None => error(
-                StatusCode::NOT_FOUND,
-                "not_live",
+                ErrorCode::NotLive,
                 format!("channel {channel:?} has no live or recently ended event on this node"),
             ),
         };
@@ -201,8 +234,7 @@ async fn hls(
         )
             .into_response(),
         _ => error(
-            StatusCode::NOT_FOUND,
-            "no_such_segment",
+            ErrorCode::NoSuchSegment,
             format!("segment {seq} of channel {channel:?} is not available"),
         ),
     }
