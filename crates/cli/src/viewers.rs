@@ -267,7 +267,9 @@ impl Shared {
                 .ok()
                 .and_then(|(body, _)| serde_json::from_slice::<NodeError>(&body).ok())
                 .map(|e| e.error);
-            if status == StatusCode::NOT_FOUND && code.as_deref() == Some("not_live") {
+            if status == StatusCode::NOT_FOUND
+                && code.as_deref() == Some(handover_node::hls::ErrorCode::NotLive.as_str())
+            {
                 return Outcome::NotLive;
             }
             return Outcome::Failed(format!("status {status} ({})", code.unwrap_or_default()));
@@ -635,7 +637,10 @@ mod tests {
             Behaviour::Broken => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             Behaviour::Live { live_at } => {
                 let Some(n) = produced(*live_at) else {
-                    return error(StatusCode::NOT_FOUND, "not_live");
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        handover_node::hls::ErrorCode::NotLive.as_str(),
+                    );
                 };
                 let first = n.saturating_sub(WINDOW);
                 (first, n - first, n == LAST_SEGMENT)
