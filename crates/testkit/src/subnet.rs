@@ -114,12 +114,17 @@ pub fn try_claim(range: std::ops::RangeInclusive<u8>, wait: Duration) -> io::Res
 /// Subnet `n` if no one holds it.
 fn try_one(dir: &std::path::Path, n: u8) -> io::Result<Option<Subnet>> {
     let path = dir.join(format!("{n}.lock"));
-    let file = File::options()
+    let opened = File::options()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(&path)
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display())))?;
+        .open(&path);
+    // Another user's lock file: flock(2) needs only a read-only descriptor.
+    let file = match opened {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => File::open(&path),
+        other => other,
+    }
+    .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display())))?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(lock) => {
             let _ = lock.set_modified(SystemTime::now());
