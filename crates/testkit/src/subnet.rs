@@ -6,10 +6,11 @@
 //! A claim is an exclusive, non-blocking `flock(2)` on
 //! `<temp dir>/handover-test-subnets/<n>.lock`, so it holds across test
 //! binaries (and cargo-nextest's process per test) and is released when the
-//! guard drops or its process dies. Claims go to the subnet unused longest
-//! (the lock file's mtime is touched at claim and release), so a subnet is
-//! not handed out again while the processes of the fleet that just dropped
-//! it may still be exiting.
+//! guard drops or its process dies (processes share claims if they agree
+//! on `TMPDIR`). Claims go to the subnet unused longest (the lock file's
+//! mtime is touched at claim and release), so a subnet is not handed out
+//! again while the processes of the fleet that just dropped it may still be
+//! exiting.
 //!
 //! The range [`FIRST`]`..=`[`LAST`] avoids what runs outside the tests: the
 //! bench's 127.50-59 and the demo's default 127.201 and 127.202.
