@@ -1,94 +1,41 @@
 //! Process tests: the controller and every node are separate OS processes of
 //! the real binary, each on its own 127.x.0.y address and data dir. Every
-//! test uses its own subnet so tests can run in parallel, and its fleet kills
-//! every process it started when dropped.
+//! test claims its own subnet (`handover_testkit::subnet`) so tests can run
+//! in parallel, and its fleet kills every process it started when dropped.
 
-use handover::check::CheckReport;
+mod common;
+
+use common::*;
 use handover::fleet::Fleet;
 use handover::viewers::{self, ChannelTarget, ViewerConfig, ViewerReport};
-use handover_core::api::{ChannelSpec, EventSpec};
-use handover_core::params::Group;
-use handover_core::wire::Role;
 use serde_json::Value;
-use std::path::PathBuf;
 use std::time::Duration;
 
-const SEGMENT_MS: u32 = 1000;
-
-fn exe() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_handover"))
-}
-
-fn now_ms() -> i64 {
-    handover::client::now_ms()
-}
-
-struct Setup {
-    fleet: Fleet,
-    _dir: tempfile::TempDir,
-    event_start_ms: i64,
-    event_duration_ms: u64,
-}
-
-/// A controller of `controller_release`, one group `g1` of two nodes of
-/// `node_release`, one channel `ch1` with an event starting soon.
-async fn setup(subnet: u8, controller_release: u32, node_release: u32, event_ms: u64) -> Setup {
-    setup_with(subnet, controller_release, node_release, event_ms, true).await
+/// [`common::setup`] under supervisors: a controller of `controller_release`,
+/// one group `g1` of two nodes of `node_release` (not started yet), one
+/// channel `ch1` with an event starting soon.
+async fn setup(name: &str, controller_release: u32, node_release: u32, event_ms: u64) -> Setup {
+    setup_with(name, controller_release, node_release, event_ms, true).await
 }
 
 async fn setup_with(
-    subnet: u8,
+    name: &str,
     controller_release: u32,
     node_release: u32,
     event_ms: u64,
     supervised: bool,
 ) -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let mut fleet = Fleet::new(&exe(), dir.path(), subnet).unwrap();
-    fleet.supervised = supervised;
-    fleet.start_controller(controller_release).await.unwrap();
-    let group = Group {
-        name: "g1".into(),
-        primary: "g1-a".into(),
-        backup: "g1-b".into(),
-    };
-    let _: Value = fleet.op.post("/api/v1/groups", &group).await.unwrap();
-    let spec = ChannelSpec {
-        name: "ch1".into(),
-        title: None,
-        segment_ms: SEGMENT_MS,
-        ladder: vec![],
-        window_segments: None,
-    };
-    let _: Value = fleet.op.post("/api/v1/channels", &spec).await.unwrap();
-    let event_start_ms = now_ms() + 2_000;
-    let ev = EventSpec {
-        channel: "ch1".into(),
-        group: "g1".into(),
-        start_ms: event_start_ms,
-        duration_ms: event_ms,
-    };
-    let _: Value = fleet.op.post("/api/v1/events", &ev).await.unwrap();
-    fleet.add_node("g1-a", Role::Primary, "g1", node_release);
-    fleet.add_node("g1-b", Role::Backup, "g1", node_release);
-    Setup {
-        fleet,
-        _dir: dir,
-        event_start_ms,
-        event_duration_ms: event_ms,
-    }
-}
-
-async fn start_nodes(s: &mut Setup) {
-    for i in 0..s.fleet.nodes.len() {
-        s.fleet.start_node(i).await.unwrap();
-    }
-    s.fleet.wait_nodes_registered().await.unwrap();
-}
-
-async fn sleep_until(at_ms: i64) {
-    let wait = u64::try_from(at_ms - now_ms()).unwrap_or(0);
-    tokio::time::sleep(Duration::from_millis(wait)).await;
+    common::setup(
+        name,
+        SetupSpec {
+            controller_release,
+            node_release,
+            event_ms,
+            supervised,
+            window_segments: None,
+        },
+    )
+    .await
 }
 
 /// Viewers on `ch1` against both nodes, until the event's ENDLIST (bounded).
@@ -100,7 +47,7 @@ async fn watch_to_end(s: &Setup, per_channel: usize) -> ViewerReport {
             node_urls: s.fleet.nodes.iter().map(|n| n.url()).collect(),
         }],
         viewers_per_channel: per_channel,
-        duration: Duration::from_millis(s.event_duration_ms + 10_000),
+        duration: Duration::from_millis(s.event_ms + 10_000),
         request_timeout: Duration::from_secs(5),
         steady: None,
     };
@@ -115,22 +62,6 @@ fn assert_clean_viewing(v: &ViewerReport, viewers: u64) {
     assert!(v.segments_received > 0, "{v:?}");
 }
 
-fn assert_exact(r: &CheckReport) {
-    assert!(r.produced > 0, "{r:?}");
-    assert_eq!((r.lost, r.duplicated, r.unexpected), (0, 0, 0), "{r:?}");
-    // Nodes were stopped gracefully: each drained its outbox first.
-    assert_eq!((r.queued, r.stored), (0, r.produced), "{r:?}");
-}
-
-async fn node_status(url: &str) -> Value {
-    reqwest::get(format!("{url}/status"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 async fn grant_of(fleet: &Fleet, node: &str) -> String {
     let status = fleet.op.status().await.unwrap();
     let n = status
@@ -141,24 +72,10 @@ async fn grant_of(fleet: &Fleet, node: &str) -> String {
     n.grant_now.as_str().to_owned()
 }
 
-/// Polls until `node`'s own /status reports `grant`; bounded.
-async fn wait_node_grant(url: &str, grant: &str) {
-    for _ in 0..200 {
-        if node_status(url).await["grant"] == grant {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!(
-        "node {url} never reported grant {grant}: {}",
-        node_status(url).await
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn release_2_group_serves_both_nodes_and_stores_every_record_once() {
-    let mut s = setup(11, 2, 2, 6_000).await;
-    start_nodes(&mut s).await;
+    let mut s = setup("release 2 group", 2, 2, 6_000).await;
+    start_nodes(&mut s.fleet).await;
     let v = watch_to_end(&s, 4).await;
     assert_clean_viewing(&v, 4);
 
@@ -197,7 +114,7 @@ async fn release_2_group_serves_both_nodes_and_stores_every_record_once() {
 
     s.fleet.stop_nodes().await.unwrap();
     let r = s.fleet.check().await.unwrap();
-    assert_exact(&r);
+    assert_exact(&s.name, &r);
     assert_eq!(r.translated, 0, "{r:?}");
     s.fleet.stop_all().await.unwrap();
 }
@@ -208,8 +125,8 @@ async fn release_1_nodes_get_deliver_from_a_release_2_controller_and_their_recor
     // A release-1 cluster, so the nodes hold release-1 parameters in their cache.
     // The controller's binary is swapped by hand here (no supervisor, no upgrade):
     // this is the handshake between releases, not the upgrade.
-    let mut s = setup_with(12, 1, 1, 14_000, false).await;
-    start_nodes(&mut s).await;
+    let mut s = setup_with("release 1 nodes, release 2 controller", 1, 1, 14_000, false).await;
+    start_nodes(&mut s.fleet).await;
     for n in ["g1-a", "g1-b"] {
         assert_eq!(grant_of(&s.fleet, n).await, "full");
     }
@@ -249,7 +166,7 @@ async fn release_1_nodes_get_deliver_from_a_release_2_controller_and_their_recor
 
     s.fleet.stop_nodes().await.unwrap();
     let r = s.fleet.check().await.unwrap();
-    assert_exact(&r);
+    assert_exact(&s.name, &r);
     assert!(r.translated > 0, "{r:?}");
     assert_eq!(
         r.translated, r.stored,
@@ -260,8 +177,8 @@ async fn release_1_nodes_get_deliver_from_a_release_2_controller_and_their_recor
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_2_node_is_fenced_by_a_release_1_controller_and_stores_nothing() {
-    let mut s = setup(13, 1, 2, 4_000).await;
-    start_nodes(&mut s).await;
+    let mut s = setup("release 2 node, release 1 controller", 1, 2, 4_000).await;
+    start_nodes(&mut s.fleet).await;
     let status = s.fleet.op.status().await.unwrap();
     for n in &status.nodes {
         assert_eq!(n.grant_now.as_str(), "fenced", "{n:?}");
@@ -277,8 +194,8 @@ async fn a_release_2_node_is_fenced_by_a_release_1_controller_and_stores_nothing
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fence_reaches_nodes_at_once_they_queue_and_drain_after_unfence() {
-    let mut s = setup(14, 2, 2, 10_000).await;
-    start_nodes(&mut s).await;
+    let mut s = setup("fence and unfence", 2, 2, 10_000).await;
+    start_nodes(&mut s.fleet).await;
     sleep_until(s.event_start_ms + 2_000).await;
     let _: Value = s
         .fleet
@@ -293,7 +210,7 @@ async fn a_fence_reaches_nodes_at_once_they_queue_and_drain_after_unfence() {
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     let during: Vec<Value> = s.fleet.op.get("/api/v1/records/summary").await.unwrap();
     assert_eq!(before, during, "nothing is stored while fenced");
-    let queued = node_status(&s.fleet.nodes[0].url()).await["outbox"]["count"]
+    let queued = node_status(&s.fleet.nodes[0].url()).await.unwrap()["outbox"]["count"]
         .as_u64()
         .unwrap();
     assert!(queued > 0, "a fenced node queues its records");
@@ -309,14 +226,14 @@ async fn a_fence_reaches_nodes_at_once_they_queue_and_drain_after_unfence() {
     let v = watch_to_end(&s, 2).await;
     assert_eq!(v.failed_requests, 0, "{v:?}");
     s.fleet.stop_nodes().await.unwrap();
-    assert_exact(&s.fleet.check().await.unwrap());
+    assert_exact(&s.name, &s.fleet.check().await.unwrap());
     s.fleet.stop_all().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_with_sigkill_and_restarted_loses_and_duplicates_nothing() {
-    let mut s = setup(15, 2, 2, 10_000).await;
-    start_nodes(&mut s).await;
+    let mut s = setup("node SIGKILLed", 2, 2, 10_000).await;
+    start_nodes(&mut s.fleet).await;
     sleep_until(s.event_start_ms + 3_000).await;
     for round in 0..2 {
         let node = s.fleet.node("g1-a").unwrap();
@@ -329,7 +246,7 @@ async fn a_node_killed_with_sigkill_and_restarted_loses_and_duplicates_nothing()
     sleep_until(s.event_start_ms + 11_000).await;
     s.fleet.stop_nodes().await.unwrap();
     let r = s.fleet.check().await.unwrap();
-    assert_exact(&r);
+    assert_exact(&s.name, &r);
     s.fleet.stop_all().await.unwrap();
 }
 
@@ -401,8 +318,8 @@ type BadInput<'a> = (&'a str, &'a str, Option<&'a str>, Vec<u8>, u16, &'a str);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_a_clear_json_error_and_changes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut fleet = Fleet::new(&exe(), dir.path(), 16).unwrap();
+    let site = Site::new("bad input");
+    let mut fleet = site.fleet();
     fleet.start_controller(2).await.unwrap();
     let probe = Probe::hello(&fleet, "probe", 2).await;
     let cred = probe.credential().to_owned();
@@ -567,8 +484,8 @@ async fn bad_input_gets_a_clear_json_error_and_changes_nothing() {
 /// the database and one from a node's outbox, are each reported lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn canary_the_checker_reports_records_removed_behind_the_systems_back() {
-    let mut s = setup(17, 2, 2, 8_000).await;
-    start_nodes(&mut s).await;
+    let mut s = setup("checker canary", 2, 2, 8_000).await;
+    start_nodes(&mut s.fleet).await;
     sleep_until(s.event_start_ms + 2_500).await;
     // Fenced, the nodes queue: their outboxes hold records that were never stored.
     let _: Value = s

@@ -7,9 +7,11 @@
 //! The new binary is built once per test run into `target/next-release`
 //! (or taken from `HANDOVER_NEXT_BINARY`, as `.ci/run` may give it).
 
-use handover::fleet::{file_sha256, Fleet};
-use handover::viewers::{self, ChannelTarget, ViewerConfig, ViewerReport};
-use handover_core::upgrade::{Phase, Status};
+mod common;
+
+use common::*;
+use handover::fleet::file_sha256;
+use handover_core::upgrade::Phase;
 use handover_core::wire::Role;
 use nix::sys::signal::{kill, Signal};
 use serde_json::Value;
@@ -17,8 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-const SEGMENT_MS: u32 = 1000;
-const GROUPS: u64 = 2;
+const GROUPS: usize = 2;
 /// Bound on building the next-release binary.
 const BUILD_WAIT_S: u64 = 1_500;
 
@@ -69,43 +70,20 @@ fn next_binary() -> PathBuf {
     .clone()
 }
 
-struct Cluster {
-    fleet: Fleet,
-    _dir: tempfile::TempDir,
-    targets: Vec<ChannelTarget>,
-    event_start_ms: i64,
-}
-
 /// A cluster of the old binary at `release`: controller and `GROUPS` groups
 /// of a primary and a backup, one channel each, one event of `event_ms`.
-async fn old_cluster(subnet: u8, release: u32, event_ms: u64) -> Cluster {
-    let dir = tempfile::tempdir().unwrap();
-    let mut fleet = Fleet::new(&old_binary(), dir.path(), subnet).unwrap();
-    fleet.start_controller(release).await.unwrap();
-    let (targets, event_start_ms) = fleet
-        .start_live_groups(GROUPS, release, SEGMENT_MS, event_ms)
-        .await
-        .unwrap();
-    Cluster {
-        fleet,
-        _dir: dir,
-        targets,
-        event_start_ms,
-    }
-}
-
-type Viewers = tokio::task::JoinHandle<anyhow::Result<ViewerReport>>;
-
-/// Viewers on every channel from the first segment until the ENDLIST.
-fn spawn_viewers(c: &Cluster, event_ms: u64) -> Viewers {
-    let config = ViewerConfig {
-        targets: c.targets.clone(),
-        viewers_per_channel: 2,
-        duration: Duration::from_millis(event_ms + 120_000),
-        request_timeout: Duration::from_secs(5),
-        steady: None,
-    };
-    viewers::spawn_at(config, c.event_start_ms + i64::from(SEGMENT_MS) + 300)
+async fn old_cluster(name: &str, release: u32, event_ms: u64) -> Cluster {
+    cluster(
+        name,
+        Options {
+            groups: GROUPS,
+            event_ms,
+            release,
+            viewer_slack_ms: 120_000,
+            ..Options::default()
+        },
+    )
+    .await
 }
 
 /// An artifact of `binary` (its newest release), made by the old CLI code
@@ -117,111 +95,67 @@ async fn upload_next(c: &Cluster, binary: &Path, name: &str) -> String {
     m.id()
 }
 
-async fn start(c: &Cluster, artifact: &str, pause_at: &[&str]) {
-    let mut req = handover_core::api::UpgradeRequest::new(artifact, "wait");
-    req.pause_at = pause_at
-        .iter()
-        .map(|p| handover_core::upgrade::Phase::parse(p).unwrap())
-        .collect();
-    handover::upgrade::start(&c.fleet.op, &req).await.unwrap();
-}
-
-async fn resume(c: &Cluster) {
-    let _: Value = c
-        .fleet
-        .op
-        .post("/api/v1/upgrade/resume", &serde_json::json!({}))
-        .await
-        .unwrap();
-}
-
-/// Waits for the upgrade to pause at `phase` (bounded).
-async fn wait_paused_at(c: &Cluster, phase: Phase) {
-    c.fleet
-        .wait_paused_at(phase, Duration::from_secs(120))
-        .await
-        .unwrap();
-}
-
 /// SIGKILL of a worker; its supervisor starts the active release again.
 fn sigkill(pid: nix::unistd::Pid) {
     kill(pid, Signal::SIGKILL).unwrap();
 }
 
-/// Upgrades `c` to `artifact`, pausing at deliver to SIGKILL the controller's
-/// worker and at backups to SIGKILL a primary's worker, then waits for the end.
+/// Upgrades `c` to `artifact` (policy `wait`), pausing at deliver to SIGKILL
+/// the controller's worker and at backups to SIGKILL a primary's worker,
+/// then waits for the end.
 async fn upgrade_with_crashes(c: &Cluster, artifact: &str) {
-    start(c, artifact, &["deliver", "backups"]).await;
+    start_upgrade(&c.fleet, artifact, "wait", &["deliver", "backups"]).await;
     wait_paused_at(c, Phase::Deliver).await;
     sigkill(c.fleet.controller_worker_pid().await.unwrap());
-    resume_when_back(c).await;
+    resume_when_back(&c.fleet).await;
     wait_paused_at(c, Phase::Backups).await;
     sigkill(c.fleet.node_worker_pid("g1-a").await.unwrap());
-    resume_when_back(c).await;
+    resume_when_back(&c.fleet).await;
     wait_finalized(c).await;
 }
 
-/// Waits (bounded) for the upgrade to end and asserts it finalized.
-async fn wait_finalized(c: &Cluster) -> handover_core::upgrade::Upgrade {
-    let s = c
-        .fleet
-        .wait_upgrade_over(Duration::from_secs(240))
-        .await
-        .unwrap();
-    let up = s.upgrade.clone().unwrap();
-    assert_eq!(
-        up.status,
-        Status::Finalized,
-        "{}",
-        handover::upgrade::render_status(&s)
-    );
-    up
+/// What happens before the upgrade to release 3 in a [`Case`].
+#[derive(Clone, Copy)]
+enum Before {
+    /// Start the upgrade to release 3, pause at fence and abort: release 2
+    /// goes on, on an untouched database.
+    AbortAtFence,
+    /// 1 → 3 refused by preflight, changing nothing; then 1 → 2.
+    RefusedThenRelease2,
 }
 
-/// Resume once the controller answers again (its worker may be restarting).
-async fn resume_when_back(c: &Cluster) {
-    for _ in 0..300 {
-        let r: Result<Value, _> = c
-            .fleet
-            .op
-            .post("/api/v1/upgrade/resume", &serde_json::json!({}))
-            .await;
-        if r.is_ok() {
-            return;
+/// One upgrade of an old fleet to release 3 of the separate binary.
+struct Case {
+    name: &'static str,
+    release: u32,
+    event_ms: u64,
+    before: Before,
+}
+
+/// Runs `case`: the old fleet at its release with viewers, what comes
+/// `before`, then the upgrade to release 3 with crashes, and what every
+/// upgrade to release 3 must end with: viewers undisturbed, the cluster on
+/// release 3 and schema 3, every process (supervisors included) running the
+/// new binary, every record stored exactly once, older records translated.
+async fn run(case: Case) {
+    let next = next_binary();
+    let c = old_cluster(case.name, case.release, case.event_ms).await;
+    let viewers = spawn_viewers(&c, Duration::from_secs(5));
+    let r3 = upload_next(&c, &next, "artifact-next").await;
+    assert!(r3.starts_with("r3-"), "{r3}");
+    match case.before {
+        Before::AbortAtFence => abort_at_fence(&c, &r3).await,
+        Before::RefusedThenRelease2 => {
+            let r2 = c.fleet.upload_artifact(2).await.unwrap();
+            refused_by_preflight(&c, &r3).await;
+            start_upgrade(&c.fleet, &r2, "wait", &[]).await;
+            wait_finalized(&c).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    resume(c).await;
-}
-
-/// What every upgrade to release 3 must end with: viewers undisturbed, the
-/// cluster on release 3 and schema 3, every process (supervisors included)
-/// running the new binary, every record stored exactly once, release-2
-/// records translated.
-async fn assert_on_release_3(mut c: Cluster, viewers: Viewers) {
-    let next_sha = file_sha256(&next_binary()).unwrap();
-    let status = c.fleet.op.status().await.unwrap();
-    assert_eq!(
-        (
-            status.controller.release.0,
-            status.cluster.release.0,
-            status.cluster.schema.0
-        ),
-        (3, 3, 3)
-    );
-    for n in &status.nodes {
-        assert_eq!(
-            (n.node.release.0, n.grant_now.as_str()),
-            (3, "full"),
-            "{n:?}"
-        );
-    }
+    upgrade_with_crashes(&c, &r3).await;
+    let next_sha = file_sha256(&next).unwrap();
     let processes = c.fleet.processes().await.unwrap();
-    assert_eq!(
-        processes.len(),
-        2 * (1 + 2 * GROUPS as usize),
-        "{processes:?}"
-    );
+    assert_eq!(processes.len(), 2 * (1 + 2 * GROUPS), "{processes:?}");
     for p in &processes {
         assert_eq!(
             (p.release, p.sha256.as_str()),
@@ -229,70 +163,30 @@ async fn assert_on_release_3(mut c: Cluster, viewers: Viewers) {
             "{p:?}"
         );
     }
-    let v = viewers.await.unwrap().unwrap();
-    eprintln!("{v:?}");
-    assert_eq!(v.failed_requests, 0, "{v:?}");
-    assert_eq!(v.segments_missed, 0, "{v:?}");
-    assert_eq!(v.ended_streams, v.viewers, "{v:?}");
-    c.fleet.stop_nodes().await.unwrap();
-    let r = c.fleet.check().await.unwrap();
-    eprintln!("{r:?}");
-    assert_eq!(
-        (r.lost, r.duplicated, r.unexpected, r.queued),
-        (0, 0, 0, 0),
-        "{r:?}"
-    );
-    assert_eq!(r.stored, r.produced, "{r:?}");
-    assert!(r.translated > 0, "release-2 records land translated: {r:?}");
-    c.fleet.stop_all().await.unwrap();
+    finish(c, viewers, Viewing::Clean, 3).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn release_2_fleet_upgrades_to_release_3_of_a_separate_binary() {
-    let next = next_binary();
-    let event_ms = 30_000;
-    let c = old_cluster(61, 2, event_ms).await;
-    let viewers = spawn_viewers(&c, event_ms);
-    let artifact = upload_next(&c, &next, "artifact-next").await;
-    assert!(artifact.starts_with("r3-"), "{artifact}");
-
-    // Abort before the controller switch: release 2 goes on, on an untouched database.
-    start(&c, &artifact, &["fence"]).await;
-    wait_paused_at(&c, Phase::Fence).await;
-    let _: Value = c
-        .fleet
-        .op
-        .post("/api/v1/upgrade/abort", &serde_json::json!({}))
-        .await
-        .unwrap();
+async fn abort_at_fence(c: &Cluster, r3: &str) {
+    start_upgrade(&c.fleet, r3, "wait", &["fence"]).await;
+    wait_paused_at(c, Phase::Fence).await;
+    post_empty(&c.fleet, "/api/v1/upgrade/abort").await;
     let s = c.fleet.op.status().await.unwrap();
     assert_eq!(
         (s.controller.release.0, s.cluster.schema.0, s.cluster.fenced),
         (2, 2, false),
         "{s:?}"
     );
-
-    upgrade_with_crashes(&c, &artifact).await;
-    assert_on_release_3(c, viewers).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn release_1_fleet_goes_through_release_2_to_release_3() {
-    let next = next_binary();
-    let event_ms = 45_000;
-    let c = old_cluster(62, 1, event_ms).await;
-    let viewers = spawn_viewers(&c, event_ms);
-    let r3 = upload_next(&c, &next, "artifact-next").await;
-    let r2 = c.fleet.upload_artifact(2).await.unwrap();
-
-    // 1 → 3 directly: preflight names every node outside release 3's window
-    // and changes nothing.
+/// 1 → 3 directly: preflight names every node outside release 3's window
+/// and changes nothing.
+async fn refused_by_preflight(c: &Cluster, r3: &str) {
     let plan: Value = c
         .fleet
         .op
         .post(
             "/api/v1/upgrade/plan",
-            &handover_core::api::UpgradeRequest::new(&r3, "wait"),
+            &handover_core::api::UpgradeRequest::new(r3, "wait"),
         )
         .await
         .unwrap();
@@ -312,7 +206,7 @@ async fn release_1_fleet_goes_through_release_2_to_release_3() {
     let before = c.fleet.op.status().await.unwrap();
     let start_r3 = handover::upgrade::start(
         &c.fleet.op,
-        &handover_core::api::UpgradeRequest::new(&r3, "wait"),
+        &handover_core::api::UpgradeRequest::new(r3, "wait"),
     )
     .await;
     if start_r3.is_ok() {
@@ -343,19 +237,35 @@ async fn release_1_fleet_goes_through_release_2_to_release_3() {
             before.controller.release
         )
     );
+}
 
-    start(&c, &r2, &[]).await;
-    wait_finalized(&c).await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_2_fleet_upgrades_to_release_3_of_a_separate_binary() {
+    run(Case {
+        name: "release 2 to 3",
+        release: 2,
+        event_ms: 30_000,
+        before: Before::AbortAtFence,
+    })
+    .await;
+}
 
-    upgrade_with_crashes(&c, &r3).await;
-    assert_on_release_3(c, viewers).await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_1_fleet_goes_through_release_2_to_release_3() {
+    run(Case {
+        name: "release 1 through 2 to 3",
+        release: 1,
+        event_ms: 45_000,
+        before: Before::RefusedThenRelease2,
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_of_release_3_meets_a_release_2_controller_and_is_fenced() {
     let next = next_binary();
-    let dir = tempfile::tempdir().unwrap();
-    let mut fleet = Fleet::new(&old_binary(), dir.path(), 63).unwrap();
+    let site = Site::new("release-3 node, release-2 controller");
+    let mut fleet = site.fleet_in(&old_binary(), site.path());
     fleet.start_controller(2).await.unwrap();
     let group = handover_core::params::Group {
         name: "g1".into(),
@@ -392,15 +302,15 @@ fn patch_binary(dir: &Path) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_patch_build_rolls_through_without_fence_or_deliver() {
-    let event_ms = 25_000;
-    let mut c = old_cluster(64, 2, event_ms).await;
-    let viewers = spawn_viewers(&c, event_ms);
+    let name = "patch build";
+    let mut c = old_cluster(name, 2, 25_000).await;
+    let viewers = spawn_viewers(&c, Duration::from_secs(5));
     let patch = patch_binary(&c.fleet.dir);
     let patch_sha = file_sha256(&patch).unwrap();
     let artifact = upload_next(&c, &patch, "artifact-patch").await;
     assert!(artifact.starts_with("r2-"), "{artifact}");
     let epoch = c.fleet.op.status().await.unwrap().cluster.epoch;
-    start(&c, &artifact, &[]).await;
+    start_upgrade(&c.fleet, &artifact, "wait", &[]).await;
     let up = wait_finalized(&c).await;
     let phases: Vec<Phase> = up.phases.iter().map(|p| p.phase).collect();
     assert_eq!(
@@ -428,14 +338,8 @@ async fn a_patch_build_rolls_through_without_fence_or_deliver() {
         );
     }
     let v = viewers.await.unwrap().unwrap();
-    assert_eq!((v.failed_requests, v.segments_missed), (0, 0), "{v:?}");
-    c.fleet.stop_nodes().await.unwrap();
-    let r = c.fleet.check().await.unwrap();
-    assert_eq!(
-        (r.lost, r.duplicated, r.unexpected, r.queued, r.translated),
-        (0, 0, 0, 0, 0),
-        "{r:?}"
-    );
-    assert_eq!(r.stored, r.produced, "{r:?}");
+    judge_viewers(name, &v, Viewing::Clean);
+    let r = stop_and_check(&mut c.fleet, name).await;
+    assert_eq!(r.translated, 0, "{name}: {r:?}");
     c.fleet.stop_all().await.unwrap();
 }

@@ -7,7 +7,10 @@
 //! keys agree, the properly signed artifact upgrades the cluster to
 //! release 2.
 
+mod common;
+
 use base64::Engine as _;
+use common::{exe, Site};
 use handover::artifact::{self, KeyFiles};
 use handover::fleet::Fleet;
 use handover_controller::artifacts::{MANIFEST_HEADER, SIGNATURE_HEADER};
@@ -17,15 +20,10 @@ use handover_core::params::Group;
 use handover_core::upgrade::{Phase, Status};
 use handover_core::wire::Role;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-const SUBNET: u8 = 31;
 const CHANNEL: &str = "news";
-
-fn exe() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_handover"))
-}
 
 /// A copy of the artifact in `src` at `dst`: the manifest copied, the
 /// (large) binary hard-linked.
@@ -118,11 +116,12 @@ fn keygen(dir: &Path, name: &str) -> KeyFiles {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_an_artifact_signed_by_a_trusted_key_upgrades_the_cluster() {
-    let tmp = tempfile::tempdir().unwrap();
-    let key_a = keygen(tmp.path(), "key-a");
-    let key_b = keygen(tmp.path(), "key-b");
+    let site = Site::new("signed artifacts");
+    let tmp = site.path();
+    let key_a = keygen(tmp, "key-a");
+    let key_b = keygen(tmp, "key-b");
 
-    let mut fleet = Fleet::new(&exe(), &tmp.path().join("fleet"), SUBNET).unwrap();
+    let mut fleet = site.fleet_in(&exe(), &tmp.join("fleet"));
     fleet.trusted_keys = vec![key_a.public.clone()];
     fleet.start_controller(1).await.unwrap();
     let group = Group {
@@ -184,11 +183,11 @@ async fn only_an_artifact_signed_by_a_trusted_key_upgrades_the_cluster() {
     assert_eq!(node["stage_error"], Value::Null);
 
     // The real release-2 artifact; every case below is a copy of it.
-    let real = tmp.path().join("real");
+    let real = tmp.join("real");
     let manifest = artifact::create(&exe(), Some(2), &real).unwrap();
 
     // (1) Signed with key B, which nobody trusts.
-    let by_b = tmp.path().join("by-b");
+    let by_b = tmp.join("by-b");
     copy_artifact(&real, &by_b);
     artifact::sign(&by_b, &key_b.secret).unwrap();
     let err = refused_upload(&fleet, &by_b).await;
@@ -208,7 +207,7 @@ async fn only_an_artifact_signed_by_a_trusted_key_upgrades_the_cluster() {
     assert_still_serving(&fleet, "upgrade start refused").await;
 
     // (2) Unsigned.
-    let unsigned = tmp.path().join("unsigned");
+    let unsigned = tmp.join("unsigned");
     copy_artifact(&real, &unsigned);
     let err = refused_upload(&fleet, &unsigned).await;
     assert!(err.contains("unsigned (400"), "{err}");
@@ -216,8 +215,8 @@ async fn only_an_artifact_signed_by_a_trusted_key_upgrades_the_cluster() {
 
     // (3) Signed with A, binary changed after signing: the CLI refuses to
     // send it, and the controller refuses it when sent anyway.
-    let tampered_bin = tmp.path().join("tampered-binary");
-    let small = tmp.path().join("small-binary");
+    let tampered_bin = tmp.join("tampered-binary");
+    let small = tmp.join("small-binary");
     std::fs::write(&small, vec![7u8; 100_000]).unwrap();
     artifact::create_with_facts(
         &small,
@@ -256,7 +255,7 @@ async fn only_an_artifact_signed_by_a_trusted_key_upgrades_the_cluster() {
 
     // (4) Signed with A, manifest changed after signing (still a valid
     // manifest naming the same binary).
-    let tampered_manifest = tmp.path().join("tampered-manifest");
+    let tampered_manifest = tmp.join("tampered-manifest");
     copy_artifact(&real, &tampered_manifest);
     artifact::sign(&tampered_manifest, &key_a.secret).unwrap();
     let mut edited = manifest.clone();
@@ -273,7 +272,7 @@ async fn only_an_artifact_signed_by_a_trusted_key_upgrades_the_cluster() {
     // A node that trusts only key B (its operator got the keys wrong)
     // refuses the properly signed artifact: the upgrade waits in `stage`
     // naming it, the node says why on /status, and it keeps serving.
-    let good = tmp.path().join("good");
+    let good = tmp.join("good");
     copy_artifact(&real, &good);
     artifact::sign(&good, &key_a.secret).unwrap();
     artifact::verify(&good, std::slice::from_ref(&key_a.public)).unwrap();

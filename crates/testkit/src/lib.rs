@@ -2,3 +2,4 @@
 //! dev-dependency of the `handover` crate.
 
 pub mod faultproxy;
+pub mod subnet;
