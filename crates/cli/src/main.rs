@@ -828,7 +828,7 @@ fn show_upgrade(op: &OperatorArgs, s: &UpgradeStatus) -> anyhow::Result<()> {
 async fn run_viewers(a: ViewersArgs) -> anyhow::Result<()> {
     let targets = if a.nodes.is_empty() {
         let op = Operator::with(&a.op.controller, &a.op.token)?;
-        op.viewer_targets(&a.channel).await?
+        viewers::targets(&op, &a.channel).await?
     } else {
         if a.channel.is_empty() {
             bail!("with --nodes, name the channels to watch with --channel");

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use handover_core::api::{EventView, GroupNodes};
 use hdrhistogram::Histogram;
 use m3u8_rs::MediaPlaylist;
 use reqwest::{Client, StatusCode, Url};
@@ -14,6 +15,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+
+use crate::client::Operator;
 
 /// Upper bound on viewers per channel so a typo cannot exhaust sockets or memory.
 pub const MAX_VIEWERS_PER_CHANNEL: usize = 10_000;
@@ -43,6 +46,29 @@ pub struct ChannelTarget {
     pub channel: String,
     /// Node base URLs such as `http://127.0.0.5:7000`, primary first.
     pub node_urls: Vec<String>,
+}
+
+/// Each channel with an event (only those in `only`, if any), and the HLS
+/// URLs of the group running it, as the controller's operator API tells.
+pub async fn targets(op: &Operator, only: &[String]) -> Result<Vec<ChannelTarget>> {
+    let events: Vec<EventView> = op.get("/api/v1/events").await?;
+    let mut targets: Vec<ChannelTarget> = Vec::new();
+    for e in events {
+        if (!only.is_empty() && !only.contains(&e.channel))
+            || targets.iter().any(|t| t.channel == e.channel)
+        {
+            continue;
+        }
+        let nodes: GroupNodes = op.get(&format!("/api/v1/groups/{}/nodes", e.group)).await?;
+        if nodes.hls_urls.is_empty() {
+            bail!("group {} has no node that said hello yet", e.group);
+        }
+        targets.push(ChannelTarget {
+            channel: e.channel,
+            node_urls: nodes.hls_urls,
+        });
+    }
+    Ok(targets)
 }
 
 #[derive(Debug, Clone)]
