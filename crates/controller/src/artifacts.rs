@@ -50,6 +50,7 @@ use handover_artifacts::{
     check_stream, file_chunks, list_ids, load_id, write_checked, write_new, ArtifactDir,
     BinaryCheck, IoError, LoadError, NewDir, PlaceError, StreamError, FILE_MODE,
 };
+use handover_core::api::ErrorCode;
 use handover_core::artifact::{
     check_id, signature_key_id, verify_manifest, ArtifactError, Manifest, PublicKey,
     ARTIFACT_BYTES_MAX, BINARY_FILE, MANIFEST_BYTES_MAX, MANIFEST_FILE, SIGNATURE_BYTES_MAX,
@@ -86,8 +87,12 @@ pub trait ArtifactHost: Clone + Send + Sync + 'static {
     fn check_operator(&self, headers: &HeaderMap) -> ApiResult<()> {
         match bearer(headers) {
             Some(t) if same_token(t, self.operator_token()) => Ok(()),
-            Some(_) => Err(ApiError::unauthorized("wrong operator token")),
-            None => Err(ApiError::unauthorized(
+            Some(_) => Err(ApiError::operator(
+                ErrorCode::Unauthorized,
+                "wrong operator token",
+            )),
+            None => Err(ApiError::operator(
+                ErrorCode::Unauthorized,
                 "missing `Authorization: Bearer <operator token>` (see --operator-token)",
             )),
         }
@@ -174,19 +179,25 @@ impl From<StreamError> for ArtifactStoreError {
 
 impl From<ArtifactStoreError> for ApiError {
     fn from(e: ArtifactStoreError) -> ApiError {
-        let (status, code) = match &e {
-            ArtifactStoreError::Artifact(a) => (StatusCode::BAD_REQUEST, a.code()),
+        let answer = match &e {
+            ArtifactStoreError::Artifact(a) => ApiError::artifact(a),
             ArtifactStoreError::Interrupted { .. } => {
-                (StatusCode::BAD_REQUEST, "upload_interrupted")
+                ApiError::operator(ErrorCode::UploadInterrupted, e.to_string())
             }
-            ArtifactStoreError::Conflict { .. } => (StatusCode::CONFLICT, "exists"),
-            ArtifactStoreError::Full { .. } => (StatusCode::INSUFFICIENT_STORAGE, "store_full"),
-            ArtifactStoreError::Io { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "storage_error"),
+            ArtifactStoreError::Conflict { .. } => {
+                ApiError::operator(ErrorCode::Exists, e.to_string())
+            }
+            ArtifactStoreError::Full { .. } => {
+                ApiError::operator(ErrorCode::StoreFull, e.to_string())
+            }
+            ArtifactStoreError::Io { .. } => {
+                ApiError::operator(ErrorCode::StorageError, e.to_string())
+            }
         };
-        if status.is_server_error() {
+        if answer.status.is_server_error() {
             tracing::error!(error = %e, "artifact store error");
         }
-        ApiError::new(status, code, e.to_string())
+        answer
     }
 }
 
@@ -256,12 +267,12 @@ impl From<Missing> for ApiError {
     fn from(m: Missing) -> ApiError {
         match &m {
             Missing::NotFound(_) => ApiError::not_found(m.to_string()),
-            Missing::Unusable { .. } => {
-                ApiError::new(StatusCode::CONFLICT, "unusable", m.to_string())
-            }
-            Missing::Unverified { source, .. } => {
-                ApiError::new(StatusCode::BAD_REQUEST, source.code(), m.to_string())
-            }
+            Missing::Unusable { .. } => ApiError::operator(ErrorCode::Unusable, m.to_string()),
+            Missing::Unverified { source, .. } => ApiError::operator_with_status(
+                ErrorCode::of_artifact(source),
+                StatusCode::BAD_REQUEST,
+                m.to_string(),
+            ),
         }
     }
 }
@@ -529,9 +540,8 @@ fn place(
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> ApiResult<T> {
     tokio::task::spawn_blocking(f).await.map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "storage_error",
+        ApiError::operator(
+            ErrorCode::StorageError,
             format!("artifact store task failed: {e}"),
         )
     })
@@ -539,12 +549,12 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 fn path_param(p: Result<Path<String>, PathRejection>) -> ApiResult<String> {
     p.map(|Path(s)| s)
-        .map_err(|r| ApiError::new(StatusCode::BAD_REQUEST, "malformed", r.body_text()))
+        .map_err(|r| ApiError::operator(ErrorCode::Malformed, r.body_text()))
 }
 
 fn artifact_id(p: Result<Path<String>, PathRejection>) -> ApiResult<String> {
     let id = path_param(p)?;
-    check_id(&id).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()))?;
+    check_id(&id).map_err(|e| ApiError::artifact(&e))?;
     Ok(id)
 }
 
@@ -609,9 +619,8 @@ async fn store_upload<H: ArtifactHost>(
 ) -> ApiResult<Put> {
     let sha256 = path_param(sha256)?;
     let raw = headers.get(MANIFEST_HEADER).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "missing_manifest",
+        ApiError::operator(
+            ErrorCode::MissingManifest,
             format!(
                 "send the artifact's manifest in the `{MANIFEST_HEADER}` header \
                  (base64 of manifest.json)"
@@ -635,13 +644,12 @@ async fn store_upload<H: ArtifactHost>(
             ) {
                 tracing::warn!(error = %e, "artifact upload refused");
             }
-            ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string())
+            ApiError::artifact(&e)
         })?;
     let manifest = accepted.manifest().clone();
     if manifest.sha256 != sha256 {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_manifest",
+        return Err(ApiError::operator(
+            ErrorCode::InvalidManifest,
             format!(
                 "the URL names sha256 {sha256} but the manifest says {}; \
                  upload to /api/v1/artifacts/<manifest sha256>",
@@ -656,11 +664,7 @@ async fn store_upload<H: ArtifactHost>(
                 expected: manifest.size,
                 actual: len.unwrap_or(0),
             };
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                e.code(),
-                e.to_string(),
-            ));
+            return Err(ApiError::artifact(&e));
         }
     }
     Ok(host.artifacts().put_accepted(&accepted, stream).await?)
@@ -678,18 +682,13 @@ fn manifest_document(value: &[u8]) -> ApiResult<Vec<u8>> {
         let e = ArtifactError::ManifestTooLarge {
             size: value.len() / 4 * 3,
         };
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            e.code(),
-            e.to_string(),
-        ));
+        return Err(ApiError::artifact(&e));
     }
     base64::engine::general_purpose::STANDARD
         .decode(value.trim_ascii())
         .map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "malformed",
+            ApiError::operator(
+                ErrorCode::Malformed,
                 format!(
                     "the `{MANIFEST_HEADER}` header is neither base64 of manifest.json \
                      nor manifest JSON: {e}"
@@ -705,7 +704,7 @@ fn signature_text(value: &[u8]) -> ApiResult<String> {
         let e = ArtifactError::BadSignature(format!(
             "the `{SIGNATURE_HEADER}` header must be base64 of manifest.json.minisig: {why}"
         ));
-        ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string())
+        ApiError::artifact(&e)
     };
     if value.len() > SIGNATURE_BYTES_MAX.div_ceil(3) * 4 {
         return Err(bad(format!("longer than {SIGNATURE_BYTES_MAX} bytes")));
@@ -772,9 +771,9 @@ async fn signature_answer<H: ArtifactHost>(
     let id = artifact_id(id)?;
     let stored = lookup(host, id.clone()).await?;
     let sig = stored.signature.ok_or_else(|| {
-        ApiError::new(
+        ApiError::operator_with_status(
+            ErrorCode::Unsigned,
             StatusCode::NOT_FOUND,
-            ArtifactError::Unsigned.code(),
             format!(
                 "artifact {id} was uploaded without a signature; the operator signs it \
                  (`handover artifact sign`) and uploads it again"

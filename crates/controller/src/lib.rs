@@ -347,9 +347,8 @@ fn router(state: Shared) -> Router {
             ApiError::not_found("no such endpoint; see /api/v1/status and the README")
         })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                axum::http::StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
+            ApiError::operator(
+                handover_core::api::ErrorCode::MethodNotAllowed,
                 "this endpoint does not take that method",
             )
         })

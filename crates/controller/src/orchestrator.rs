@@ -5,7 +5,7 @@
 //! redone after a crash does no harm.
 
 use crate::{now_ms, ApiError, ApiResult, Shared};
-use axum::http::StatusCode;
+use handover_core::api::ErrorCode;
 use handover_core::upgrade::{ClusterView, Effect, Input, NodeView, Target, Upgrade};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -215,9 +215,8 @@ pub(crate) async fn start(state: &Shared, up: Upgrade) -> ApiResult<Upgrade> {
     let mut guard = state.upgrade.lock().await;
     if let Some((_, current)) = guard.as_ref() {
         if !current.status.is_over() {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "upgrade_running",
+            return Err(ApiError::operator(
+                ErrorCode::UpgradeRunning,
                 "an upgrade is already under way: see `handover upgrade status`; pause, resume or abort it",
             ));
         }
