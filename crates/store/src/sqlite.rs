@@ -26,14 +26,18 @@ use migration::schema_behind;
 pub use migration::{migrate, TEST_FAULT_ENV};
 use rows::{
     check_spec, event_views, insert_rows, json, parse_grant, parse_role, to_i64, to_u64,
-    window_needs_schema_3,
+    window_needs_schema_3, RUNG_HEIGHT_DEFAULT, RUNG_KBPS_DEFAULT,
 };
 use tables::{product_tables, SHARED_TABLES};
 use writer::{Queue, Registration, Rows, BATCHES_PER_COMMIT_MAX, REGISTRATIONS_PER_COMMIT_MAX};
 
 /// Connections for concurrent readers; writes take the writer mutex.
 const POOL_CONNECTIONS_MAX: u32 = 8;
+/// How long a connection waits for a lock SQLite holds (a checkpoint, the
+/// snapshot) before its query fails.
 const BUSY_TIMEOUT_MS: u64 = 10_000;
+/// Longest event: one week. Longer is a typo, not a live event.
+const EVENT_DURATION_MS_MAX: u64 = 7 * 24 * 3_600_000;
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -518,8 +522,8 @@ impl Store for SqliteStore {
         let mut spec = spec.clone();
         if spec.ladder.is_empty() {
             spec.ladder = vec![v2::Rung {
-                height: 720,
-                kbps: 3000,
+                height: RUNG_HEIGHT_DEFAULT,
+                kbps: RUNG_KBPS_DEFAULT,
             }];
         }
         let _w = self.writer.lock().await;
@@ -690,7 +694,7 @@ impl Store for SqliteStore {
     }
 
     async fn create_event(&self, spec: &EventSpec) -> Result<EventView> {
-        if spec.duration_ms == 0 || spec.duration_ms > 7 * 24 * 3_600_000 {
+        if spec.duration_ms == 0 || spec.duration_ms > EVENT_DURATION_MS_MAX {
             return Err(StoreError::Invalid(
                 "duration_ms must be between 1 and one week".into(),
             ));

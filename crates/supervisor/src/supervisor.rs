@@ -838,13 +838,20 @@ fn describe(status: &io::Result<ExitStatus>) -> String {
     }
 }
 
+/// Longest health path: it goes into the probe's request line, which has
+/// to stay small.
+const HEALTH_PATH_BYTES_MAX: usize = 1024;
+
 fn validate(config: &SupervisorConfig) -> anyhow::Result<()> {
     if config.ready_timeout_ms == 0 {
         bail!("ready_timeout_ms must be at least 1");
     }
     let path = &config.health_url_path;
-    if !path.starts_with('/') || path.len() > 1024 || path.bytes().any(|b| b <= b' ' || b == 0x7f) {
-        bail!("health_url_path {path:?} must start with '/' and hold no spaces or control characters (1024 bytes at most)");
+    if !path.starts_with('/')
+        || path.len() > HEALTH_PATH_BYTES_MAX
+        || path.bytes().any(|b| b <= b' ' || b == 0x7f)
+    {
+        bail!("health_url_path {path:?} must start with '/' and hold no spaces or control characters ({HEALTH_PATH_BYTES_MAX} bytes at most)");
     }
     if config.initial.release == 0 {
         bail!("release numbers start at 1");

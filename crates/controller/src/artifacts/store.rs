@@ -17,6 +17,9 @@ use std::path::{Path as FsPath, PathBuf};
 
 /// Artifacts the store holds at most; an upload beyond is refused (507).
 pub const ARTIFACTS_MAX: usize = 64;
+/// An unknown id is shown in an answer up to this many characters: enough
+/// for any valid id, and a junk one cannot fill the answer or the log.
+const ID_SHOWN_CHARS_MAX: usize = 80;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactStoreError {
@@ -204,9 +207,9 @@ impl ArtifactStore {
         };
         match load_id(&self.dir, id, &self.trusted, BinaryCheck::Size) {
             Ok(stored) => Ok(stored),
-            Err(LoadError::BadId(_) | LoadError::Absent { .. }) => {
-                Err(Missing::NotFound(id.chars().take(80).collect()))
-            }
+            Err(LoadError::BadId(_) | LoadError::Absent { .. }) => Err(Missing::NotFound(
+                id.chars().take(ID_SHOWN_CHARS_MAX).collect(),
+            )),
             Err(LoadError::Unverified { error, .. }) => Err(Missing::Unverified {
                 id: id.to_owned(),
                 source: error,

@@ -2,7 +2,9 @@
 //! in one transaction after a `VACUUM INTO` snapshot, each checked before
 //! its commit.
 
-use super::rows::{insert_columns, insert_v2, to_u64, v1_from_row, v2_from_row, Columns};
+use super::rows::{
+    insert_columns, insert_v2, to_u64, v1_from_row, v2_from_row, Columns, RUNG_HEIGHT_DEFAULT,
+};
 use super::tables::{SCHEMA_2, SCHEMA_3};
 use crate::{Result, StoreError};
 use handover_core::params::{v2, v3};
@@ -143,7 +145,7 @@ pub(super) async fn migrate_1_to_2(tx: &mut Transaction<'_, Sqlite>) -> Result<(
         let height = resolution
             .split_once('x')
             .and_then(|(_, h)| h.parse::<u32>().ok())
-            .unwrap_or(720);
+            .unwrap_or(RUNG_HEIGHT_DEFAULT);
         let ladder = vec![v2::Rung {
             height,
             kbps: u32::try_from(kbps).unwrap_or(0),

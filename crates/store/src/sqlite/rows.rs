@@ -317,15 +317,30 @@ pub(super) fn parse_grant(s: &str) -> Result<Grant> {
     }
 }
 
+/// Shortest segment: below half a second, playlist polling and per-segment
+/// overhead dominate.
+const SEGMENT_MS_MIN: u32 = 500;
+/// Longest segment: a minute, beyond which a live stream lags too far.
+const SEGMENT_MS_MAX: u32 = 60_000;
+/// Rungs of a bitrate ladder at most: more than any player offers.
+const LADDER_RUNGS_MAX: usize = 16;
+/// Height of the one rung a channel created without a ladder gets (and of
+/// a schema-1 channel whose resolution does not parse): 720p.
+pub(super) const RUNG_HEIGHT_DEFAULT: u32 = 720;
+/// Bitrate of that rung: 3,000 kbit/s, usual for 720p.
+pub(super) const RUNG_KBPS_DEFAULT: u32 = 3000;
+
 pub(super) fn check_spec(spec: &ChannelSpec) -> Result<()> {
     validate_id("name", &spec.name).map_err(|e| StoreError::Invalid(e.to_string()))?;
-    if !(500..=60_000).contains(&spec.segment_ms) {
-        return Err(StoreError::Invalid(
-            "segment_ms must be between 500 and 60000".into(),
-        ));
+    if !(SEGMENT_MS_MIN..=SEGMENT_MS_MAX).contains(&spec.segment_ms) {
+        return Err(StoreError::Invalid(format!(
+            "segment_ms must be between {SEGMENT_MS_MIN} and {SEGMENT_MS_MAX}"
+        )));
     }
-    if spec.ladder.len() > 16 {
-        return Err(StoreError::Invalid("a ladder has at most 16 rungs".into()));
+    if spec.ladder.len() > LADDER_RUNGS_MAX {
+        return Err(StoreError::Invalid(format!(
+            "a ladder has at most {LADDER_RUNGS_MAX} rungs"
+        )));
     }
     if let Some(window) = spec.window_segments {
         v3::check_window(window).map_err(StoreError::Invalid)?;

@@ -16,6 +16,8 @@ const PROBE_TIMEOUT_MS: u64 = 1_000;
 const PROBE_INTERVAL_MS: u64 = 50;
 /// Bound on the status line of a health probe answer.
 const PROBE_MAX_STATUS_LINE_BYTES: usize = 1024;
+/// Bytes read at a time from a probe's answer: a status line fits in one.
+const PROBE_READ_BYTES: usize = 256;
 /// Resolves once `pid` sent `ready` and the socket answers the health path
 /// with 200. Both workers accept on one socket, so the probe alone cannot
 /// tell who answered: `ready` is the signal, the probe confirms the socket
@@ -48,7 +50,7 @@ async fn probe(addr: SocketAddr, path: &str) -> io::Result<u16> {
         );
         stream.write_all(request.as_bytes()).await?;
         let mut head = Vec::new();
-        let mut buf = [0u8; 256];
+        let mut buf = [0u8; PROBE_READ_BYTES];
         while !head.contains(&b'\n') {
             let n = stream.read(&mut buf).await?;
             if n == 0 {
