@@ -848,7 +848,7 @@ async fn run_viewers(a: ViewersArgs) -> anyhow::Result<()> {
         targets,
         viewers_per_channel: a.per_channel,
         duration: a.duration,
-        request_timeout: Duration::from_secs(5),
+        request_timeout: viewers::REQUEST_TIMEOUT,
         steady: None,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

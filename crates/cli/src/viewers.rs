@@ -33,6 +33,11 @@ const DEFAULT_POLL: Duration = Duration::from_millis(500);
 /// A segment that failed on every node this many poll rounds is given up as missed,
 /// so a permanently broken segment in an ended stream cannot stall a viewer forever.
 const MAX_SEGMENT_ROUNDS: u32 = 3;
+/// A viewer's request fails after this long, as a player gives up on a
+/// node and tries the other one.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Significant digits the latency histograms keep (0.1 % resolution).
+const LATENCY_SIGNIFICANT_DIGITS: u8 = 3;
 /// Viewer starts are spread over this window so N viewers don't all connect in the same instant.
 const START_RAMP: Duration = Duration::from_millis(500);
 /// Latency histograms are sharded to keep lock contention low with thousands of viewers.
@@ -205,7 +210,8 @@ pub async fn run(config: &ViewerConfig, stop: watch::Receiver<bool>) -> Result<V
 }
 
 fn new_histogram() -> Result<Histogram<u64>> {
-    Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).context("creating latency histogram")
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, LATENCY_SIGNIFICANT_DIGITS)
+        .context("creating latency histogram")
 }
 
 /// `{base}/hls/{channel}/index.m3u8`, with the channel percent-encoded as one path segment.
