@@ -40,6 +40,8 @@ pub const SECRET_KEY_FILE: &str = "handover.key";
 pub const PUBLIC_KEY_FILE: &str = "handover.pub";
 /// Largest secret key file read (a minisign one is about 250 bytes).
 const SECRET_KEY_BYTES_MAX: usize = 4096;
+/// A minisign secret key ends with its checksum, this many bytes.
+const SECRET_KEY_CHECKSUM_BYTES: usize = 32;
 /// The password of a password-protected secret key (one made with
 /// `minisign -G`); `keygen` itself writes unencrypted keys.
 pub const KEY_PASSWORD_ENV: &str = "HANDOVER_KEY_PASSWORD";
@@ -363,7 +365,10 @@ fn read_secret_key(path: &Path, password: Option<String>) -> anyhow::Result<mini
     if !parsed.is_encrypted() {
         // minisign 0.11's `-W` keys carry no checksum (all zero), which the
         // signing library refuses as corrupt.
-        let no_checksum = raw.len() > 32 && raw[raw.len() - 32..].iter().all(|b| *b == 0);
+        let no_checksum = raw.len() > SECRET_KEY_CHECKSUM_BYTES
+            && raw[raw.len() - SECRET_KEY_CHECKSUM_BYTES..]
+                .iter()
+                .all(|b| *b == 0);
         return boxed.into_unencrypted_secret_key().map_err(|e| {
             if no_checksum {
                 anyhow::anyhow!(

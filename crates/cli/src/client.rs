@@ -1,8 +1,7 @@
 //! The operator's HTTP client for the controller API.
 
-use crate::viewers::ChannelTarget;
 use anyhow::{anyhow, Context};
-use handover_core::api::{EventView, GroupNodes, Status};
+use handover_core::api::Status;
 use handover_core::wire::ErrorBody;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -90,30 +89,6 @@ impl Operator {
 
     pub async fn status(&self) -> anyhow::Result<Status> {
         self.get("/api/v1/status").await
-    }
-
-    /// Each channel with an event, and the HLS URLs of the group running it.
-    pub async fn viewer_targets(&self, only: &[String]) -> anyhow::Result<Vec<ChannelTarget>> {
-        let events: Vec<EventView> = self.get("/api/v1/events").await?;
-        let mut targets: Vec<ChannelTarget> = Vec::new();
-        for e in events {
-            if (!only.is_empty() && !only.contains(&e.channel))
-                || targets.iter().any(|t| t.channel == e.channel)
-            {
-                continue;
-            }
-            let nodes: GroupNodes = self
-                .get(&format!("/api/v1/groups/{}/nodes", e.group))
-                .await?;
-            if nodes.hls_urls.is_empty() {
-                anyhow::bail!("group {} has no node that said hello yet", e.group);
-            }
-            targets.push(ChannelTarget {
-                channel: e.channel,
-                node_urls: nodes.hls_urls,
-            });
-        }
-        Ok(targets)
     }
 }
 

@@ -76,6 +76,9 @@ const EVENT_LEAD_MS: i64 = 3_000;
 fn event_ms(group: u64) -> u64 {
     10_000 + 10_000 * group
 }
+/// Viewers start this long after the first segment is complete, so the
+/// first playlist they read lists it.
+const VIEWERS_AFTER_FIRST_SEGMENT_MS: i64 = 200;
 /// Steady viewing before the upgrade starts.
 const STEADY_MS: u64 = 5_000;
 /// Longest the upgrade may take before the demo gives up.
@@ -367,10 +370,13 @@ fn spawn_viewers(
         targets: live.targets.clone(),
         viewers_per_channel: args.viewers_per_channel,
         duration: Duration::from_millis(live.longest_ms + UPGRADE_WAIT_MS),
-        request_timeout: Duration::from_secs(5),
+        request_timeout: viewers::REQUEST_TIMEOUT,
         steady,
     };
-    viewers::spawn_at(config, live.start_ms + i64::from(SEGMENT_MS) + 200)
+    viewers::spawn_at(
+        config,
+        live.start_ms + i64::from(SEGMENT_MS) + VIEWERS_AFTER_FIRST_SEGMENT_MS,
+    )
 }
 
 async fn sleep_until(at_ms: i64) {

@@ -34,6 +34,12 @@ const PROBE_TIMEOUT_MS: u64 = 1_000;
 /// created, so every node has them.
 const LIVE_LEAD_MS: i64 = 2_000;
 const NODE_PORT: u16 = 7500;
+/// Node n listens on host `NODE_HOST_FIRST + n` of the fleet's subnet
+/// (below: the controller's); past `NODE_HOST_LAST` nodes share the last.
+const NODE_HOST_FIRST: usize = 10;
+const NODE_HOST_LAST: u8 = 250;
+/// Bytes read at a time while hashing a binary: large reads, bounded memory.
+const HASH_READ_BYTES: usize = 256 << 10;
 
 /// One child process with its log file.
 pub struct Proc {
@@ -406,7 +412,7 @@ impl Fleet {
 
     /// Declares a node (its address and data dir) without starting it.
     pub fn add_node(&mut self, id: &str, role: Role, group: &str, release: u32) -> usize {
-        let n = u8::try_from(self.nodes.len() + 10).unwrap_or(250);
+        let n = u8::try_from(self.nodes.len() + NODE_HOST_FIRST).unwrap_or(NODE_HOST_LAST);
         self.nodes.push(NodeProc {
             id: id.to_owned(),
             role,
@@ -747,7 +753,7 @@ pub fn file_sha256(path: &Path) -> anyhow::Result<String> {
     let mut f =
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut h = handover_core::artifact::Hasher::new();
-    let mut buf = vec![0u8; 256 << 10];
+    let mut buf = vec![0u8; HASH_READ_BYTES];
     loop {
         let n = f
             .read(&mut buf)

@@ -828,7 +828,7 @@ fn show_upgrade(op: &OperatorArgs, s: &UpgradeStatus) -> anyhow::Result<()> {
 async fn run_viewers(a: ViewersArgs) -> anyhow::Result<()> {
     let targets = if a.nodes.is_empty() {
         let op = Operator::with(&a.op.controller, &a.op.token)?;
-        op.viewer_targets(&a.channel).await?
+        viewers::targets(&op, &a.channel).await?
     } else {
         if a.channel.is_empty() {
             bail!("with --nodes, name the channels to watch with --channel");
@@ -848,7 +848,7 @@ async fn run_viewers(a: ViewersArgs) -> anyhow::Result<()> {
         targets,
         viewers_per_channel: a.per_channel,
         duration: a.duration,
-        request_timeout: Duration::from_secs(5),
+        request_timeout: viewers::REQUEST_TIMEOUT,
         steady: None,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -13,6 +13,11 @@ use std::time::Duration;
 
 /// How often `status --watch` asks the controller.
 pub const WATCH_POLL_MS: u64 = 500;
+/// Polls in a row the controller may miss before `--watch` gives up: 20 s
+/// at [`WATCH_POLL_MS`], longer than the controller's own switch takes.
+const CONTROLLER_MISSES_MAX: u32 = 40;
+/// Redraws of the progress bars per second.
+const BARS_REDRAW_HZ: u8 = 4;
 
 /// `--to` names an artifact id on the controller, or an artifact directory
 /// (made by `handover artifact create`), which is uploaded first.
@@ -130,7 +135,7 @@ pub fn render_status(s: &UpgradeStatus) -> String {
 /// Live progress bars until the upgrade is over (or the controller goes
 /// away for longer than a switch takes).
 pub async fn watch(op: &Operator) -> anyhow::Result<UpgradeStatus> {
-    let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(4));
+    let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(BARS_REDRAW_HZ));
     let phase_bar = multi.add(ProgressBar::new(Phase::ALL.len() as u64));
     phase_bar.set_style(
         ProgressStyle::with_template("{prefix:>10} [{bar:24}] {pos}/{len} {msg}")
@@ -149,7 +154,7 @@ pub async fn watch(op: &Operator) -> anyhow::Result<UpgradeStatus> {
                 s
             }
             // The controller switches release during the upgrade: a few misses are expected.
-            Err(e) if failures < 40 => {
+            Err(e) if failures < CONTROLLER_MISSES_MAX => {
                 failures += 1;
                 phase_bar.set_message(format!("(controller not answering: {e:#})"));
                 tokio::time::sleep(Duration::from_millis(WATCH_POLL_MS)).await;

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use handover_core::api::{EventView, GroupNodes};
 use hdrhistogram::Histogram;
 use m3u8_rs::MediaPlaylist;
 use reqwest::{Client, StatusCode, Url};
@@ -14,6 +15,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+
+use crate::client::Operator;
 
 /// Upper bound on viewers per channel so a typo cannot exhaust sockets or memory.
 pub const MAX_VIEWERS_PER_CHANNEL: usize = 10_000;
@@ -30,6 +33,11 @@ const DEFAULT_POLL: Duration = Duration::from_millis(500);
 /// A segment that failed on every node this many poll rounds is given up as missed,
 /// so a permanently broken segment in an ended stream cannot stall a viewer forever.
 const MAX_SEGMENT_ROUNDS: u32 = 3;
+/// A viewer's request fails after this long, as a player gives up on a
+/// node and tries the other one.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Significant digits the latency histograms keep (0.1 % resolution).
+const LATENCY_SIGNIFICANT_DIGITS: u8 = 3;
 /// Viewer starts are spread over this window so N viewers don't all connect in the same instant.
 const START_RAMP: Duration = Duration::from_millis(500);
 /// Latency histograms are sharded to keep lock contention low with thousands of viewers.
@@ -43,6 +51,29 @@ pub struct ChannelTarget {
     pub channel: String,
     /// Node base URLs such as `http://127.0.0.5:7000`, primary first.
     pub node_urls: Vec<String>,
+}
+
+/// Each channel with an event (only those in `only`, if any), and the HLS
+/// URLs of the group running it, as the controller's operator API tells.
+pub async fn targets(op: &Operator, only: &[String]) -> Result<Vec<ChannelTarget>> {
+    let events: Vec<EventView> = op.get("/api/v1/events").await?;
+    let mut targets: Vec<ChannelTarget> = Vec::new();
+    for e in events {
+        if (!only.is_empty() && !only.contains(&e.channel))
+            || targets.iter().any(|t| t.channel == e.channel)
+        {
+            continue;
+        }
+        let nodes: GroupNodes = op.get(&format!("/api/v1/groups/{}/nodes", e.group)).await?;
+        if nodes.hls_urls.is_empty() {
+            bail!("group {} has no node that said hello yet", e.group);
+        }
+        targets.push(ChannelTarget {
+            channel: e.channel,
+            node_urls: nodes.hls_urls,
+        });
+    }
+    Ok(targets)
 }
 
 #[derive(Debug, Clone)]
@@ -179,7 +210,8 @@ pub async fn run(config: &ViewerConfig, stop: watch::Receiver<bool>) -> Result<V
 }
 
 fn new_histogram() -> Result<Histogram<u64>> {
-    Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).context("creating latency histogram")
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, LATENCY_SIGNIFICANT_DIGITS)
+        .context("creating latency histogram")
 }
 
 /// `{base}/hls/{channel}/index.m3u8`, with the channel percent-encoded as one path segment.

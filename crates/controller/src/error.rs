@@ -1,10 +1,14 @@
 //! Every error answer is JSON `{"error": code, "message": ...}` with the
-//! status that fits; this is the one place that decides both.
+//! status that fits; this is the one place that decides both. A code is
+//! either the node protocol's ([`ErrorCode`], from `core::admission`) or the
+//! operator API's ([`api::ErrorCode`], from `core::api`): no literal strings.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use handover_core::admission::{ErrorCode, Refusal};
+use handover_core::api;
+use handover_core::artifact::ArtifactError;
 use handover_core::wire::{ErrorBody, StaleEpoch, WireError};
 use handover_store::StoreError;
 
@@ -15,8 +19,12 @@ pub struct ApiError {
     pub message: String,
 }
 
+fn status_of(code: u16) -> StatusCode {
+    StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             code,
@@ -24,12 +32,39 @@ impl ApiError {
         }
     }
 
+    /// The node protocol's refusal of an unknown or missing credential.
     pub fn unauthorized(message: impl Into<String>) -> ApiError {
         ApiError::node(ErrorCode::Unauthorized, message)
     }
 
     pub fn not_found(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+        ApiError::operator(api::ErrorCode::NotFound, message)
+    }
+
+    /// An operator-API answer: its code and that code's status.
+    pub fn operator(code: api::ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError::new(status_of(code.status()), code.as_str(), message)
+    }
+
+    /// An operator-API code answered with another status than its own: an
+    /// extractor's rejection keeps axum's status (`malformed` may be 415 or
+    /// 422 there), the signature of an unsigned artifact is 404.
+    pub fn operator_with_status(
+        code: api::ErrorCode,
+        status: StatusCode,
+        message: impl Into<String>,
+    ) -> ApiError {
+        ApiError::new(status, code.as_str(), message)
+    }
+
+    /// An artifact refused: 400 with the refusal's code, whatever that
+    /// code's own status (`too_large` of a manifest header too).
+    pub fn artifact(e: &ArtifactError) -> ApiError {
+        ApiError::operator_with_status(
+            api::ErrorCode::of_artifact(e),
+            StatusCode::BAD_REQUEST,
+            e.to_string(),
+        )
     }
 }
 
@@ -46,9 +81,7 @@ impl IntoResponse for ApiError {
 impl ApiError {
     /// The answer of a node-protocol refusal: its code and that code's status.
     pub fn node(code: ErrorCode, message: impl Into<String>) -> ApiError {
-        let status =
-            StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        ApiError::new(status, code.as_str(), message)
+        ApiError::new(status_of(code.status()), code.as_str(), message)
     }
 }
 
@@ -72,54 +105,52 @@ impl From<Refusal> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
-        let (status, code) = match &e {
-            StoreError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_field"),
-            StoreError::Exists { .. } => (StatusCode::CONFLICT, "exists"),
-            StoreError::Missing { .. } => (StatusCode::NOT_FOUND, "not_found"),
-            StoreError::Untranslatable { .. } => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "untranslatable")
-            }
-            StoreError::Db(_) | StoreError::Open { .. } => {
-                (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
-            }
+        let code = match &e {
+            StoreError::Invalid(_) => api::ErrorCode::InvalidField,
+            StoreError::Exists { .. } => api::ErrorCode::Exists,
+            StoreError::Missing { .. } => api::ErrorCode::NotFound,
+            StoreError::Untranslatable { .. } => api::ErrorCode::Untranslatable,
+            StoreError::Db(_) | StoreError::Open { .. } => api::ErrorCode::StoreUnavailable,
             StoreError::SchemaAhead { .. }
             | StoreError::SchemaBehind { .. }
             | StoreError::UnknownSchema(_)
             | StoreError::Migration { .. }
-            | StoreError::Corrupt(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store_error"),
+            | StoreError::Corrupt(_) => api::ErrorCode::StoreError,
         };
-        if status.is_server_error() {
+        let answer = ApiError::operator(code, e.to_string());
+        if answer.status.is_server_error() {
             tracing::error!(error = %e, "store error");
         }
-        ApiError::new(status, code, e.to_string())
+        answer
     }
+}
+
+/// An extractor's rejection with axum's status: `too_large` for a body over
+/// its limit, else `malformed`.
+fn rejection(status: StatusCode, message: String) -> ApiError {
+    let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        api::ErrorCode::TooLarge
+    } else {
+        api::ErrorCode::Malformed
+    };
+    ApiError::operator_with_status(code, status, message)
 }
 
 impl From<axum::extract::rejection::BytesRejection> for ApiError {
     fn from(r: axum::extract::rejection::BytesRejection) -> ApiError {
-        let code = if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            "too_large"
-        } else {
-            "malformed"
-        };
-        ApiError::new(r.status(), code, r.body_text())
+        rejection(r.status(), r.body_text())
     }
 }
 
 impl From<axum::extract::rejection::QueryRejection> for ApiError {
     fn from(r: axum::extract::rejection::QueryRejection) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "malformed", r.body_text())
+        ApiError::operator(api::ErrorCode::Malformed, r.body_text())
     }
 }
 
 impl From<axum::extract::rejection::JsonRejection> for ApiError {
     fn from(r: axum::extract::rejection::JsonRejection) -> ApiError {
-        let code = if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            "too_large"
-        } else {
-            "malformed"
-        };
-        ApiError::new(r.status(), code, r.body_text())
+        rejection(r.status(), r.body_text())
     }
 }
 

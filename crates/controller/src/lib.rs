@@ -158,6 +158,12 @@ impl AppState {
 
 pub(crate) type Shared = Arc<AppState>;
 
+/// Shortest join or operator token: guessing one of 16 random characters
+/// is out of reach.
+const TOKEN_CHARS_MIN: usize = 16;
+/// Shortest node lease: a few heartbeats fit in it even on a busy host.
+const LEASE_MS_MIN: u64 = 300;
+
 fn validate(config: &ControllerConfig) -> anyhow::Result<&'static ReleaseInfo> {
     let info = ReleaseInfo::of(config.release)?;
     for (name, token) in [
@@ -165,12 +171,15 @@ fn validate(config: &ControllerConfig) -> anyhow::Result<&'static ReleaseInfo> {
         ("operator token", &config.operator_token),
     ] {
         anyhow::ensure!(
-            token.len() >= 16 && token.len() <= limits::TOKEN_CHARS_MAX,
-            "the {name} must be 16 to {} characters",
+            token.len() >= TOKEN_CHARS_MIN && token.len() <= limits::TOKEN_CHARS_MAX,
+            "the {name} must be {TOKEN_CHARS_MIN} to {} characters",
             limits::TOKEN_CHARS_MAX
         );
     }
-    anyhow::ensure!(config.lease_ms >= 300, "lease must be at least 300 ms");
+    anyhow::ensure!(
+        config.lease_ms >= LEASE_MS_MIN,
+        "lease must be at least {LEASE_MS_MIN} ms"
+    );
     Ok(info)
 }
 
@@ -347,9 +356,8 @@ fn router(state: Shared) -> Router {
             ApiError::not_found("no such endpoint; see /api/v1/status and the README")
         })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                axum::http::StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
+            ApiError::operator(
+                handover_core::api::ErrorCode::MethodNotAllowed,
                 "this endpoint does not take that method",
             )
         })

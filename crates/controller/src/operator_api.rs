@@ -7,6 +7,7 @@ use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::Json;
+use handover_core::api::ErrorCode;
 use handover_core::api::{
     ChannelSpec, ClusterInfo, ControllerInfo, EventSpec, EventView, GroupNodes, NodeStatus,
     RecordSummary, RecordsQuery, Status, StoredRecord,
@@ -18,8 +19,12 @@ use handover_store::RECORDS_PAGE_MAX;
 pub(crate) fn operator(state: &Shared, headers: &HeaderMap) -> ApiResult<()> {
     match bearer(headers) {
         Some(t) if same_token(t, &state.config.operator_token) => Ok(()),
-        Some(_) => Err(ApiError::unauthorized("wrong operator token")),
-        None => Err(ApiError::unauthorized(
+        Some(_) => Err(ApiError::operator(
+            ErrorCode::Unauthorized,
+            "wrong operator token",
+        )),
+        None => Err(ApiError::operator(
+            ErrorCode::Unauthorized,
             "missing `Authorization: Bearer <operator token>` (see --operator-token)",
         )),
     }

@@ -5,7 +5,7 @@
 //! redone after a crash does no harm.
 
 use crate::{now_ms, ApiError, ApiResult, Shared};
-use axum::http::StatusCode;
+use handover_core::api::ErrorCode;
 use handover_core::upgrade::{ClusterView, Effect, Input, NodeView, Target, Upgrade};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -149,6 +149,10 @@ async fn apply(state: &Shared, effect: Effect) -> ApiResult<()> {
     Ok(())
 }
 
+/// What the new controller wrote about why it could not start is quoted
+/// in the failure up to this many characters: a reason, not a log.
+const START_FAILURE_CHARS_MAX: usize = 1_000;
+
 /// Starts the switch of this controller to the target release, once per
 /// process. On success the supervisor stops this worker; on failure the
 /// state machine hears why and rolls back.
@@ -169,7 +173,7 @@ fn start_controller_switch(state: &Shared, target: Target) {
             .and_then(|m| m.modified())
             .is_ok_and(|at| at >= asked);
         if let (true, Ok(why)) = (fresh, std::fs::read_to_string(&said)) {
-            let why: String = why.trim().chars().take(1_000).collect();
+            let why: String = why.trim().chars().take(START_FAILURE_CHARS_MAX).collect();
             failure = format!("{failure}; the new controller said: {why}");
         }
         // A later upgrade may try again.
@@ -215,9 +219,8 @@ pub(crate) async fn start(state: &Shared, up: Upgrade) -> ApiResult<Upgrade> {
     let mut guard = state.upgrade.lock().await;
     if let Some((_, current)) = guard.as_ref() {
         if !current.status.is_over() {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "upgrade_running",
+            return Err(ApiError::operator(
+                ErrorCode::UpgradeRunning,
                 "an upgrade is already under way: see `handover upgrade status`; pause, resume or abort it",
             ));
         }

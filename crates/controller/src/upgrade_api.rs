@@ -7,9 +7,9 @@ use crate::orchestrator::{self, cluster_view, node_views, now_ms_u64};
 use crate::{ApiError, ApiResult, Shared};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::Json;
-use handover_core::api::{PlanAnswer, UpgradeRequest, UpgradeStatus};
+use handover_core::api::{ErrorCode, PlanAnswer, UpgradeRequest, UpgradeStatus};
 use handover_core::upgrade::{
     preflight, Input, NodeView, Path, Plan, PlanGroup, PrimaryPolicy, Target, Upgrade,
 };
@@ -23,9 +23,8 @@ async fn plan_of(state: &Shared, req: &UpgradeRequest) -> ApiResult<Plan> {
     let manifest = tokio::task::spawn_blocking(move || s.artifacts.find(&id))
         .await
         .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "storage_error",
+            ApiError::operator(
+                ErrorCode::StorageError,
                 format!("artifact store task failed: {e}"),
             )
         })??
@@ -33,7 +32,7 @@ async fn plan_of(state: &Shared, req: &UpgradeRequest) -> ApiResult<Plan> {
     let policy = match req.policy.as_deref() {
         None => PrimaryPolicy::Wait,
         Some(text) => PrimaryPolicy::parse(text)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", e))?,
+            .map_err(|e| ApiError::operator(ErrorCode::InvalidField, e))?,
     };
     let groups = state
         .store
@@ -168,7 +167,7 @@ async fn control(state: Shared, headers: HeaderMap, input: Input) -> ApiResult<J
         _ => None,
     };
     if let Some(why) = refused {
-        return Err(ApiError::new(StatusCode::CONFLICT, "abort_refused", why));
+        return Err(ApiError::operator(ErrorCode::AbortRefused, why));
     }
     let up = orchestrator::step(&state, input)
         .await?

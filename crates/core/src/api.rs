@@ -22,14 +22,18 @@
 //!
 //! Other API bodies already had a home in the core and stay there: groups
 //! are [`crate::params::Group`], upgrade answers [`crate::upgrade::Upgrade`],
-//! artifacts [`crate::artifact::Manifest`] and errors [`crate::wire::ErrorBody`].
+//! artifacts [`crate::artifact::Manifest`] and errors [`crate::wire::ErrorBody`],
+//! whose `error` is one of this API's [`ErrorCode`]s (or, on the routes the
+//! nodes call, one of [`crate::admission::ErrorCode`]).
 
+use crate::artifact::ArtifactError;
 use crate::grant::GrantReason;
 use crate::params::v2::Rung;
 use crate::upgrade::{NodeView, Phase, Plan, Upgrade};
 use crate::wire::{OutboxState, Role};
 use crate::{Grant, ProtocolRange, Release, ReleaseInfo, Schema};
 use serde::{Deserialize, Serialize};
+use std::fmt;
 
 /// `GET /api/v1/status`.
 #[derive(Serialize, Deserialize, Clone, Debug)]
@@ -250,6 +254,207 @@ pub struct UpgradeStatus {
     pub abort: Option<String>,
 }
 
+/// Every error code of the operator API (`/api/v1/…`, artifacts included),
+/// the `error` of its [`crate::wire::ErrorBody`], with the HTTP status it is
+/// answered with. The strings are a promise to operator scripts: never
+/// renamed. Two answers take another status than their code's own: an
+/// extractor's rejection (`malformed`, `too_large`) keeps axum's status, and
+/// an artifact refusal ([`ErrorCode::of_artifact`]) is always 400 (404 for
+/// the signature of an unsigned artifact).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// The request is not of the expected shape (path, query, JSON, header).
+    Malformed,
+    /// The body is over its limit.
+    TooLarge,
+    /// A field is out of its bounds.
+    InvalidField,
+    /// No or the wrong operator token.
+    Unauthorized,
+    /// No such endpoint, group, upgrade, channel, event or artifact.
+    NotFound,
+    /// The endpoint does not take that method.
+    MethodNotAllowed,
+    /// Created already (a channel, an event, another artifact with the id).
+    Exists,
+    /// Another upgrade is under way.
+    UpgradeRunning,
+    /// Abort is refused in this phase (the answer says why).
+    AbortRefused,
+    /// The stored artifact cannot be served (torn or refused on reload).
+    Unusable,
+    /// A stored record cannot be translated to the schema asked for.
+    Untranslatable,
+    /// The database refused in a way no request can fix.
+    StoreError,
+    /// The artifact store (files) failed.
+    StorageError,
+    /// The database cannot be reached now; retry.
+    StoreUnavailable,
+    /// The artifact store is out of space.
+    StoreFull,
+    /// An upload without its manifest header.
+    MissingManifest,
+    /// The artifact's manifest is not valid (or does not match its URL).
+    InvalidManifest,
+    /// The upload's body ended before its size.
+    UploadInterrupted,
+    /// The manifest's version is not one this release reads.
+    UnsupportedVersion,
+    /// The manifest names a release this binary does not carry.
+    UnknownRelease,
+    /// The manifest's facts contradict the release it names.
+    ReleaseMismatch,
+    /// Not a valid artifact id.
+    InvalidId,
+    /// The binary's size is not the manifest's.
+    SizeMismatch,
+    /// The binary's SHA-256 is not the manifest's.
+    DigestMismatch,
+    /// Not signed, where only signed artifacts are taken.
+    Unsigned,
+    /// Signed by a key that is not trusted here.
+    UntrustedKey,
+    /// The signature does not verify or cannot be read.
+    BadSignature,
+    /// Not a minisign public key.
+    BadPublicKey,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 28] = [
+        ErrorCode::Malformed,
+        ErrorCode::TooLarge,
+        ErrorCode::InvalidField,
+        ErrorCode::Unauthorized,
+        ErrorCode::NotFound,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::Exists,
+        ErrorCode::UpgradeRunning,
+        ErrorCode::AbortRefused,
+        ErrorCode::Unusable,
+        ErrorCode::Untranslatable,
+        ErrorCode::StoreError,
+        ErrorCode::StorageError,
+        ErrorCode::StoreUnavailable,
+        ErrorCode::StoreFull,
+        ErrorCode::MissingManifest,
+        ErrorCode::InvalidManifest,
+        ErrorCode::UploadInterrupted,
+        ErrorCode::UnsupportedVersion,
+        ErrorCode::UnknownRelease,
+        ErrorCode::ReleaseMismatch,
+        ErrorCode::InvalidId,
+        ErrorCode::SizeMismatch,
+        ErrorCode::DigestMismatch,
+        ErrorCode::Unsigned,
+        ErrorCode::UntrustedKey,
+        ErrorCode::BadSignature,
+        ErrorCode::BadPublicKey,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Malformed => "malformed",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::InvalidField => "invalid_field",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::Exists => "exists",
+            ErrorCode::UpgradeRunning => "upgrade_running",
+            ErrorCode::AbortRefused => "abort_refused",
+            ErrorCode::Unusable => "unusable",
+            ErrorCode::Untranslatable => "untranslatable",
+            ErrorCode::StoreError => "store_error",
+            ErrorCode::StorageError => "storage_error",
+            ErrorCode::StoreUnavailable => "store_unavailable",
+            ErrorCode::StoreFull => "store_full",
+            ErrorCode::MissingManifest => "missing_manifest",
+            ErrorCode::InvalidManifest => "invalid_manifest",
+            ErrorCode::UploadInterrupted => "upload_interrupted",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::UnknownRelease => "unknown_release",
+            ErrorCode::ReleaseMismatch => "release_mismatch",
+            ErrorCode::InvalidId => "invalid_id",
+            ErrorCode::SizeMismatch => "size_mismatch",
+            ErrorCode::DigestMismatch => "digest_mismatch",
+            ErrorCode::Unsigned => "unsigned",
+            ErrorCode::UntrustedKey => "untrusted_key",
+            ErrorCode::BadSignature => "bad_signature",
+            ErrorCode::BadPublicKey => "bad_public_key",
+        }
+    }
+
+    /// The code an answer carried, if it is one of ours.
+    pub fn parse(code: &str) -> Option<ErrorCode> {
+        ErrorCode::ALL.into_iter().find(|c| c.as_str() == code)
+    }
+
+    /// The HTTP status the code is answered with.
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorCode::Malformed
+            | ErrorCode::InvalidField
+            | ErrorCode::MissingManifest
+            | ErrorCode::InvalidManifest
+            | ErrorCode::UploadInterrupted
+            | ErrorCode::UnsupportedVersion
+            | ErrorCode::UnknownRelease
+            | ErrorCode::ReleaseMismatch
+            | ErrorCode::InvalidId
+            | ErrorCode::SizeMismatch
+            | ErrorCode::DigestMismatch
+            | ErrorCode::Unsigned
+            | ErrorCode::UntrustedKey
+            | ErrorCode::BadSignature
+            | ErrorCode::BadPublicKey => 400,
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::NotFound => 404,
+            ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::Exists
+            | ErrorCode::UpgradeRunning
+            | ErrorCode::AbortRefused
+            | ErrorCode::Unusable => 409,
+            ErrorCode::TooLarge => 413,
+            ErrorCode::Untranslatable => 422,
+            ErrorCode::StoreError | ErrorCode::StorageError => 500,
+            ErrorCode::StoreUnavailable => 503,
+            ErrorCode::StoreFull => 507,
+        }
+    }
+
+    /// The code of an artifact refusal (answered with 400 whatever the
+    /// code's own status: the artifact, not the request, is at fault).
+    pub fn of_artifact(e: &ArtifactError) -> ErrorCode {
+        match e {
+            ArtifactError::Malformed(_) => ErrorCode::Malformed,
+            ArtifactError::ManifestTooLarge { .. } => ErrorCode::TooLarge,
+            ArtifactError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
+            ArtifactError::UnknownRelease { .. } => ErrorCode::UnknownRelease,
+            ArtifactError::ReleaseMismatch { .. } => ErrorCode::ReleaseMismatch,
+            ArtifactError::BadSemver(_)
+            | ArtifactError::BadSha256(_)
+            | ArtifactError::BadSize(_)
+            | ArtifactError::BadCreated(_)
+            | ArtifactError::BadFacts(_) => ErrorCode::InvalidManifest,
+            ArtifactError::BadId(_) => ErrorCode::InvalidId,
+            ArtifactError::SizeMismatch { .. } => ErrorCode::SizeMismatch,
+            ArtifactError::DigestMismatch { .. } => ErrorCode::DigestMismatch,
+            ArtifactError::Unsigned => ErrorCode::Unsigned,
+            ArtifactError::UntrustedKey { .. } => ErrorCode::UntrustedKey,
+            ArtifactError::BadSignature(_) => ErrorCode::BadSignature,
+            ArtifactError::BadPublicKey(_) => ErrorCode::BadPublicKey,
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,6 +468,97 @@ mod tests {
         let decoded: T = serde_json::from_str(json).expect("the literal decodes");
         let got = serde_json::to_value(&decoded).expect("encodes");
         assert_eq!(got, want, "{}", std::any::type_name::<T>());
+    }
+
+    #[test]
+    fn error_codes_round_trip_and_carry_their_status() {
+        let want: [(&str, u16); 28] = [
+            ("malformed", 400),
+            ("too_large", 413),
+            ("invalid_field", 400),
+            ("unauthorized", 401),
+            ("not_found", 404),
+            ("method_not_allowed", 405),
+            ("exists", 409),
+            ("upgrade_running", 409),
+            ("abort_refused", 409),
+            ("unusable", 409),
+            ("untranslatable", 422),
+            ("store_error", 500),
+            ("storage_error", 500),
+            ("store_unavailable", 503),
+            ("store_full", 507),
+            ("missing_manifest", 400),
+            ("invalid_manifest", 400),
+            ("upload_interrupted", 400),
+            ("unsupported_version", 400),
+            ("unknown_release", 400),
+            ("release_mismatch", 400),
+            ("invalid_id", 400),
+            ("size_mismatch", 400),
+            ("digest_mismatch", 400),
+            ("unsigned", 400),
+            ("untrusted_key", 400),
+            ("bad_signature", 400),
+            ("bad_public_key", 400),
+        ];
+        for (code, (text, status)) in ErrorCode::ALL.into_iter().zip(want) {
+            assert_eq!(code.as_str(), text);
+            assert_eq!(code.to_string(), text);
+            assert_eq!(ErrorCode::parse(text), Some(code));
+            assert_eq!(code.status(), status, "{code}");
+        }
+        assert_eq!(ErrorCode::parse("stale_epoch"), None);
+        // Codes the node protocol shares have the same status there.
+        for code in crate::admission::ErrorCode::ALL {
+            if let Some(ours) = ErrorCode::parse(code.as_str()) {
+                assert_eq!(ours.status(), code.status(), "{code}");
+            }
+        }
+    }
+
+    #[test]
+    fn artifact_refusals_keep_their_codes() {
+        let text = || String::from("x");
+        let every = [
+            ArtifactError::Malformed(text()),
+            ArtifactError::ManifestTooLarge { size: 1 },
+            ArtifactError::UnsupportedVersion { found: 9 },
+            ArtifactError::UnknownRelease {
+                release: 9,
+                carried: text(),
+            },
+            ArtifactError::BadFacts(text()),
+            ArtifactError::ReleaseMismatch {
+                release: 1,
+                field: "schema",
+                expected: text(),
+                found: text(),
+            },
+            ArtifactError::BadSemver(text()),
+            ArtifactError::BadSha256(text()),
+            ArtifactError::BadSize(0),
+            ArtifactError::BadCreated(-1),
+            ArtifactError::BadId(text()),
+            ArtifactError::SizeMismatch {
+                expected: 1,
+                actual: 2,
+            },
+            ArtifactError::DigestMismatch {
+                expected: text(),
+                actual: text(),
+            },
+            ArtifactError::Unsigned,
+            ArtifactError::UntrustedKey {
+                key_id: text(),
+                trusted: text(),
+            },
+            ArtifactError::BadSignature(text()),
+            ArtifactError::BadPublicKey(text()),
+        ];
+        for e in &every {
+            assert_eq!(ErrorCode::of_artifact(e).as_str(), e.code(), "{e}");
+        }
     }
 
     const NODE_STATUS: &str = r#"{

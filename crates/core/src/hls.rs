@@ -4,11 +4,27 @@
 //! primary and the backup of a group publish the same sequence at the same
 //! moment and viewers can switch between them without a gap.
 
-use crate::params::LiveEvent;
+use serde::{Deserialize, Serialize};
 
 /// Segments listed in a live playlist (the sliding window) of every channel
 /// before schema 3, and the default window of a schema-3 channel.
 pub const WINDOW_SEGMENTS: u64 = 6;
+
+/// One event as a node runs it, whatever schema its parameters came in
+/// (`params::events_for_group` makes them; this module only schedules them).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveEvent {
+    pub event_id: i64,
+    pub channel: String,
+    /// Known from schema 2 on; release-1 records name channels instead.
+    pub channel_id: Option<i64>,
+    pub start_ms: i64,
+    pub duration_ms: u64,
+    pub segment_ms: u32,
+    /// Segments the live playlist lists: the channel's own from schema 3
+    /// on, [`WINDOW_SEGMENTS`] before.
+    pub window_segments: u64,
+}
 
 impl LiveEvent {
     /// Number of segments in the whole event; the last may be shorter.

@@ -6,6 +6,9 @@
 //! (`window_segments`). The types reject unknown fields, so a node that
 //! somehow got another release's parameters fails loudly instead of guessing.
 
+/// What [`events_for_group`] gives: one event as a node runs it (defined
+/// beside its schedule in `hls`, which depends on nothing here).
+pub use crate::hls::LiveEvent;
 use crate::release::Schema;
 use serde::{Deserialize, Serialize};
 
@@ -146,21 +149,6 @@ pub mod v3 {
             ))
         }
     }
-}
-
-/// One event as a node runs it, whatever schema its parameters came in.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LiveEvent {
-    pub event_id: i64,
-    pub channel: String,
-    /// Known from schema 2 on; release-1 records name channels instead.
-    pub channel_id: Option<i64>,
-    pub start_ms: i64,
-    pub duration_ms: u64,
-    pub segment_ms: u32,
-    /// Segments the live playlist lists: the channel's own from schema 3
-    /// on, [`crate::hls::WINDOW_SEGMENTS`] before.
-    pub window_segments: u64,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

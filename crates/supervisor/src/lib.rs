@@ -44,7 +44,8 @@ pub const ENV_SUPERVISOR_SOCK: &str = "HANDOVER_SUPERVISOR_SOCK";
 /// it; None for a process without a supervisor (or a malformed value).
 pub fn binary_sha256() -> Option<String> {
     let v = std::env::var(ENV_BINARY_SHA256).ok()?;
-    (v.len() == 64 && v.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))).then_some(v)
+    (v.len() == digest::SHA256_HEX_LEN && v.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+        .then_some(v)
 }
 
 /// The digest of the binary this worker's supervisor runs now; asked each

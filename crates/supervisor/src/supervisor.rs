@@ -15,24 +15,18 @@
 //! ([`ENV_SUPERVISOR_EXECED_AT_START`](crate::ENV_SUPERVISOR_EXECED_AT_START)),
 //! so a restarted fleet never goes back to an old supervisor binary.
 
-use std::collections::BTreeSet;
-use std::ffi::OsString;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use handover_core::release::CONTRACTS;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream, UnixListener, UnixStream};
+use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -40,16 +34,21 @@ use tracing::{error, info, warn};
 
 use crate::adopted::{Adopted, Proc};
 use crate::control::{self, Live, Shared, SwitchRequest};
-use crate::digest::{self, Opened};
-use crate::handoff::{self, HandedWorker, Handoff, HANDOFF_VERSION};
+use crate::digest;
+use crate::handoff::{self, HandedWorker, Handoff};
 use crate::protocol::{Answer, SwitchOutcome};
-use crate::spawn::{ExecPlan, SpawnPlan, Spawner};
+use crate::spawn::{SpawnPlan, Spawner};
 use crate::state::{self, State};
 use crate::{Release, SupervisorConfig};
 
-/// Bound on connections waiting in the kernel while no worker accepts (the
-/// kernel caps it at net.core.somaxconn).
-const LISTEN_BACKLOG_CONNECTIONS: u32 = 4096;
+mod bind;
+mod probe;
+mod reexec;
+
+use bind::{bind_control, bind_listener_retrying};
+use probe::{probe_addr, wait_ready};
+use reexec::exec_at_start;
+
 /// First delay before restarting a release that crashed or failed to start.
 const BACKOFF_MIN_MS: u64 = 100;
 /// Largest delay between restarts.
@@ -57,12 +56,6 @@ const BACKOFF_MAX_MS: u64 = 5_000;
 /// A worker that served this long before crashing restarts after the
 /// shortest delay again; a crash loop keeps backing off.
 const BACKOFF_RESET_AFTER_MS: u64 = 10_000;
-/// Bound on one health probe (connect, request, status line).
-const PROBE_TIMEOUT_MS: u64 = 1_000;
-/// Pause between health probes of a worker that sent `ready`.
-const PROBE_INTERVAL_MS: u64 = 50;
-/// Bound on the status line of a health probe answer.
-const PROBE_MAX_STATUS_LINE_BYTES: usize = 1024;
 
 /// Test hook, inert unless set: `kill_before_reexec` makes the supervisor
 /// SIGKILL itself after `state.json` committed a switch and right before it
@@ -101,18 +94,6 @@ impl Own {
     fn runs(&self, sha256: &str) -> bool {
         self.sha256 == sha256 || self.exec_sha256.as_deref() == Some(sha256)
     }
-}
-
-/// What to do about the supervisor's own image.
-enum Reexec {
-    /// It runs the active release's binary.
-    Runs,
-    /// It will exec once the reason is gone.
-    Wait(String),
-    /// It stays on its binary, for the reason given.
-    Refused(String),
-    /// Exec now.
-    Go,
 }
 
 /// How starting a worker ended.
@@ -782,158 +763,6 @@ impl Supervisor {
         Some(worker)
     }
 
-    /// Re-executes into the active release's binary when due; records in
-    /// `status` why not otherwise. Returns only if it did not exec.
-    async fn consider_reexec(&mut self, active: &Worker) {
-        let reason = match self.reexec_decision(active) {
-            Reexec::Runs => None,
-            Reexec::Wait(reason) => Some(reason),
-            Reexec::Refused(reason) => {
-                let mut live = self.shared.live();
-                if live.reexec.as_deref() != Some(reason.as_str()) {
-                    warn!(supervisor = %self.config.name, "{reason}");
-                }
-                live.reexec = Some(reason);
-                return;
-            }
-            Reexec::Go => match self.reexec(active).await {
-                Ok(()) => return,
-                Err(reason) => Some(reason),
-            },
-        };
-        self.shared.live().reexec = reason;
-    }
-
-    fn reexec_decision(&self, active: &Worker) -> Reexec {
-        if self.own.runs(&active.sha256) {
-            return Reexec::Runs;
-        }
-        let release = active.release.release;
-        let stays = "; the supervisor stays on its binary (the worker runs the new one)";
-        if let Some((sha256, reason)) = &self.reexec_failed {
-            if *sha256 == active.sha256 {
-                return Reexec::Refused(reason.clone());
-            }
-        }
-        match &active.release.contracts {
-            None => {
-                return Reexec::Refused(format!(
-                    "release {release}'s contracts are unknown (its switch did not name them){stays}"
-                ))
-            }
-            Some(c) if c.supervisor_handoff != HANDOFF_VERSION => {
-                return Reexec::Refused(format!(
-                    "release {release} speaks hand-off version {}, this supervisor {HANDOFF_VERSION}{stays}",
-                    c.supervisor_handoff
-                ))
-            }
-            Some(_) => {}
-        }
-        if active.proc.is_adopted() {
-            // Forked by what is now the main thread: the exec would end it.
-            return Reexec::Refused(format!(
-                "the worker of release {release} was adopted from an earlier image{stays}"
-            ));
-        }
-        if !self.retiring.is_empty() {
-            return Reexec::Wait(format!(
-                "re-executing into release {release}'s binary once {} retiring worker(s) exited",
-                self.retiring.len()
-            ));
-        }
-        if self.shared.live().switch_queued {
-            return Reexec::Wait("re-executing after the queued switch".to_string());
-        }
-        Reexec::Go
-    }
-
-    /// Replaces this image with the active release's binary, handing over
-    /// the sockets and the worker. `state.json` already records the release
-    /// as active. Returns only if it did not exec, with the reason.
-    async fn reexec(&mut self, active: &Worker) -> Result<(), String> {
-        {
-            let mut live = self.shared.live();
-            if live.switch_queued {
-                return Err("re-executing after the queued switch".to_string());
-            }
-            live.reexecuting = true;
-        }
-        let result = self.try_reexec(active).await;
-        self.shared.live().reexecuting = false;
-        let reason = match result {
-            Ok(reason) | Err(reason) => reason,
-        };
-        error!(supervisor = %self.config.name, "{reason}");
-        self.reexec_failed = Some((active.sha256.clone(), reason.clone()));
-        Err(reason)
-    }
-
-    /// The exec; returns only on failure (in either arm), with the reason.
-    async fn try_reexec(&mut self, active: &Worker) -> Result<String, String> {
-        let release = active.release.release;
-        let path = active.release.binary.clone();
-        let exec = blocking(move || digest::open_and_hash(&path))
-            .await
-            .map_err(|e| {
-                format!(
-                    "cannot open release {release}'s binary {} to re-execute: {e}",
-                    active.release.binary.display()
-                )
-            })?;
-        if exec.sha256 != active.sha256 {
-            return Err(format!(
-                "release {release}'s binary {} changed since its worker started (SHA-256 {}, the worker runs {}); not re-executing",
-                active.release.binary.display(),
-                exec.sha256,
-                active.sha256,
-            ));
-        }
-        let handoff = Handoff {
-            v: HANDOFF_VERSION,
-            listen_fd: self.listen_fd,
-            control_fd: self.control_fd,
-            exec_sha256: exec.sha256.clone(),
-            worker: HandedWorker {
-                pid: active.pid,
-                release,
-                binary: active.release.binary.clone(),
-                sha256: active.sha256.clone(),
-            },
-            restarts: self.shared.live().restarts,
-        };
-        let text = handoff
-            .encode()
-            .map_err(|e| format!("cannot encode the hand-off: {e}"))?;
-        let plan = ExecPlan {
-            argv: exec_argv(&self.config.argv, &active.release.binary),
-            env: exec_env(crate::ENV_SUPERVISOR_HANDOFF, text.into()),
-            inherit_fds: vec![self.listen_fd, self.control_fd],
-            exec,
-        };
-        if std::env::var(TEST_FAULT_ENV).is_ok_and(|f| f == "kill_before_reexec") {
-            warn!(supervisor = %self.config.name, "test hook {TEST_FAULT_ENV}=kill_before_reexec: SIGKILL");
-            let _ = kill(Pid::this(), Signal::SIGKILL);
-        }
-        record_attempt(
-            &self.config.state_dir,
-            &active.release.binary,
-            &active.sha256,
-        )
-        .await
-        .map_err(|e| format!("cannot write reexec.json: {e}; not re-executing"))?;
-        info!(
-            supervisor = %self.config.name,
-            "re-executing into release {release}'s binary {} (SHA-256 {}), handing over worker pid {}",
-            active.release.binary.display(), active.sha256, active.pid,
-        );
-        let e = self.spawner.exec(plan).await;
-        forget_attempt(&self.config.state_dir).await;
-        Ok(format!(
-            "cannot re-execute into release {release}'s binary {}: {e}; the supervisor stays on its binary (the worker runs the new one)",
-            active.release.binary.display()
-        ))
-    }
-
     fn set_active(&self, worker: &Worker) {
         let mut live = self.shared.live();
         live.active = worker.release.clone();
@@ -995,195 +824,11 @@ impl Supervisor {
     }
 }
 
-/// At start, before anything is bound: if `state.json`'s active release
-/// runs another binary than this one (by digest), that binary exists, and
-/// its contracts are known and match this supervisor's, exec into it (no
-/// worker yet, nothing to hand over but a marker that forbids doing it
-/// again). Returns only if it did not exec.
-async fn exec_at_start(
-    spawner: &Spawner,
-    config: &SupervisorConfig,
-    active: &Release,
-    own: &Own,
-    blocked: Option<&str>,
-) {
-    let name = &config.name;
-    let compatible = active.contracts.is_some_and(|c| {
-        c.supervisor_handoff == HANDOFF_VERSION
-            && c.worker_cli == CONTRACTS.worker_cli
-            && c.supervisor_control == CONTRACTS.supervisor_control
-    });
-    if !compatible {
-        return;
-    }
-    let path = active.binary.clone();
-    let exec: Opened = match blocking(move || digest::open_and_hash(&path)).await {
-        Ok(exec) => exec,
-        Err(e) => {
-            warn!(supervisor = %name, "state.json names release {}'s binary {}: {e}; staying on this binary", active.release, active.binary.display());
-            return;
-        }
-    };
-    if own.runs(&exec.sha256) || blocked == Some(exec.sha256.as_str()) {
-        return;
-    }
-    if active.sha256.as_ref().is_some_and(|s| *s != exec.sha256) {
-        error!(
-            supervisor = %name,
-            "release {}'s binary {} has SHA-256 {}, not the {} state.json records; not executing it",
-            active.release, active.binary.display(), exec.sha256, active.sha256.as_deref().unwrap_or_default(),
-        );
-        return;
-    }
-    info!(
-        supervisor = %name,
-        "state.json's active release {} runs {} (SHA-256 {}), not this binary; re-executing into it",
-        active.release, active.binary.display(), exec.sha256,
-    );
-    if let Err(e) = record_attempt(&config.state_dir, &active.binary, &exec.sha256).await {
-        error!(supervisor = %name, "cannot write reexec.json: {e}; staying on this binary");
-        return;
-    }
-    let plan = ExecPlan {
-        argv: exec_argv(&config.argv, &active.binary),
-        env: exec_env(
-            crate::ENV_SUPERVISOR_EXECED_AT_START,
-            exec.sha256.clone().into(),
-        ),
-        inherit_fds: Vec::new(),
-        exec,
-    };
-    let e = spawner.exec(plan).await;
-    forget_attempt(&config.state_dir).await;
-    error!(supervisor = %name, "cannot re-execute into {}: {e}; staying on this binary", active.binary.display());
-}
-
-/// Records, durably, that this process is about to exec into `binary`.
-async fn record_attempt(dir: &Path, binary: &Path, sha256: &str) -> io::Result<()> {
-    let dir = dir.to_owned();
-    let attempt = state::ReexecAttempt {
-        binary: binary.to_owned(),
-        sha256: sha256.to_owned(),
-    };
-    blocking(move || state::store_attempt(&dir, &attempt)).await
-}
-
-/// The exec failed: this image goes on, the attempt never happened.
-async fn forget_attempt(dir: &Path) {
-    let dir = dir.to_owned();
-    if let Err(e) = blocking(move || state::clear_attempt(&dir)).await {
-        warn!("cannot remove reexec.json after a failed exec: {e}");
-    }
-}
-
-/// The supervisor's own argv with argv[0] replaced by `binary`.
-fn exec_argv(argv: &[OsString], binary: &Path) -> Vec<OsString> {
-    let mut argv = argv.to_vec();
-    match argv.first_mut() {
-        Some(first) => *first = binary.as_os_str().to_owned(),
-        None => argv.push(binary.as_os_str().to_owned()),
-    }
-    argv
-}
-
-/// This process's environment without any hand-off marker, plus `key`.
-fn exec_env(key: &str, value: OsString) -> Vec<(OsString, OsString)> {
-    let markers = [
-        crate::ENV_SUPERVISOR_HANDOFF,
-        crate::ENV_SUPERVISOR_EXECED_AT_START,
-    ];
-    let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
-        .filter(|(k, _)| !markers.iter().any(|m| k == m))
-        .collect();
-    env.push((key.into(), value));
-    env
-}
-
 async fn wait_old(old: &mut Option<&mut Worker>) -> io::Result<ExitStatus> {
     match old {
         Some(worker) => worker.proc.wait().await,
         None => std::future::pending().await,
     }
-}
-
-/// Resolves once `pid` sent `ready` and the socket answers the health path
-/// with 200. Both workers accept on one socket, so the probe alone cannot
-/// tell who answered: `ready` is the signal, the probe confirms the socket
-/// serves.
-async fn wait_ready(
-    mut ready: watch::Receiver<BTreeSet<u32>>,
-    pid: u32,
-    addr: SocketAddr,
-    path: String,
-) {
-    if ready.wait_for(|pids| pids.contains(&pid)).await.is_err() {
-        std::future::pending::<()>().await;
-    }
-    loop {
-        match probe(addr, &path).await {
-            Ok(200) => return,
-            Ok(code) => warn!("health probe GET {path}: {code}"),
-            Err(e) => warn!("health probe GET {path}: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(PROBE_INTERVAL_MS)).await;
-    }
-}
-
-/// One `GET path` over a fresh connection; the HTTP status code.
-async fn probe(addr: SocketAddr, path: &str) -> io::Result<u16> {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: handover-supervisor\r\nConnection: close\r\n\r\n"
-        );
-        stream.write_all(request.as_bytes()).await?;
-        let mut head = Vec::new();
-        let mut buf = [0u8; 256];
-        while !head.contains(&b'\n') {
-            let n = stream.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            head.extend_from_slice(&buf[..n]);
-            if head.len() > PROBE_MAX_STATUS_LINE_BYTES {
-                break;
-            }
-        }
-        parse_status_line(&head).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                "no HTTP status line in the answer",
-            )
-        })
-    };
-    tokio::time::timeout(Duration::from_millis(PROBE_TIMEOUT_MS), exchange)
-        .await
-        .map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no answer within {PROBE_TIMEOUT_MS} ms"),
-            )
-        })?
-}
-
-fn parse_status_line(head: &[u8]) -> Option<u16> {
-    let line = head.split(|b| *b == b'\n').next()?;
-    let text = std::str::from_utf8(line).ok()?;
-    let mut parts = text.split_whitespace();
-    if !parts.next()?.starts_with("HTTP/1.") {
-        return None;
-    }
-    parts.next()?.parse().ok()
-}
-
-/// Where to probe: a wildcard listen address is reached over loopback.
-fn probe_addr(listen: SocketAddr) -> SocketAddr {
-    let ip = match listen.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ip => ip,
-    };
-    SocketAddr::new(ip, listen.port())
 }
 
 fn describe(status: &io::Result<ExitStatus>) -> String {
@@ -1193,13 +838,20 @@ fn describe(status: &io::Result<ExitStatus>) -> String {
     }
 }
 
+/// Longest health path: it goes into the probe's request line, which has
+/// to stay small.
+const HEALTH_PATH_BYTES_MAX: usize = 1024;
+
 fn validate(config: &SupervisorConfig) -> anyhow::Result<()> {
     if config.ready_timeout_ms == 0 {
         bail!("ready_timeout_ms must be at least 1");
     }
     let path = &config.health_url_path;
-    if !path.starts_with('/') || path.len() > 1024 || path.bytes().any(|b| b <= b' ' || b == 0x7f) {
-        bail!("health_url_path {path:?} must start with '/' and hold no spaces or control characters (1024 bytes at most)");
+    if !path.starts_with('/')
+        || path.len() > HEALTH_PATH_BYTES_MAX
+        || path.bytes().any(|b| b <= b' ' || b == 0x7f)
+    {
+        bail!("health_url_path {path:?} must start with '/' and hold no spaces or control characters ({HEALTH_PATH_BYTES_MAX} bytes at most)");
     }
     if config.initial.release == 0 {
         bail!("release numbers start at 1");
@@ -1213,63 +865,6 @@ fn validate(config: &SupervisorConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Binds retries on EADDRINUSE: a worker of a supervisor that was just
-/// SIGKILLed may hold the inherited socket for a moment before it dies too.
-const BIND_RETRIES_MAX: u32 = 50;
-const BIND_RETRY_MS: u64 = 100;
-
-async fn bind_listener_retrying(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let mut tries = 0;
-    loop {
-        match bind_listener(addr) {
-            Err(e) if e.kind() == io::ErrorKind::AddrInUse && tries < BIND_RETRIES_MAX => {
-                tries += 1;
-                if tries == 1 {
-                    tracing::warn!(%addr, "address in use; retrying for a few seconds");
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(BIND_RETRY_MS)).await;
-            }
-            other => return other,
-        }
-    }
-}
-
-/// The role's listening socket, bound once with SO_REUSEADDR. In blocking
-/// mode as systemd passes sockets; a worker sets its own mode.
-fn bind_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    let listener = socket.listen(LISTEN_BACKLOG_CONNECTIONS)?.into_std()?;
-    listener.set_nonblocking(false)?;
-    Ok(listener)
-}
-
-/// The control socket; a stale one from a killed supervisor is removed, a
-/// live one means another supervisor owns this state dir.
-async fn bind_control(path: &Path) -> anyhow::Result<UnixListener> {
-    if path.exists() {
-        if UnixStream::connect(path).await.is_ok() {
-            bail!(
-                "another supervisor answers on {}; refusing to share its state dir",
-                path.display()
-            );
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("remove stale control socket {}", path.display()))?;
-    }
-    let listener = UnixListener::bind(path)
-        .with_context(|| format!("bind control socket {}", path.display()))?;
-    // Only the owner (the supervisor's user, and so its workers) may steer it.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("restrict control socket {}", path.display()))?;
-    Ok(listener)
-}
-
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> io::Result<T> + Send + 'static,
 ) -> io::Result<T> {
@@ -1281,24 +876,6 @@ async fn blocking<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn status_lines_parse() {
-        assert_eq!(parse_status_line(b"HTTP/1.1 200 OK\r\n"), Some(200));
-        assert_eq!(parse_status_line(b"HTTP/1.0 503 Busy\r\nx: y"), Some(503));
-        assert_eq!(parse_status_line(b"SSH-2.0-x\r\n"), None);
-        assert_eq!(parse_status_line(b""), None);
-    }
-
-    #[test]
-    fn wildcard_listen_addresses_are_probed_over_loopback() {
-        let any: SocketAddr = "0.0.0.0:8080".parse().expect("addr");
-        assert_eq!(probe_addr(any), "127.0.0.1:8080".parse().expect("addr"));
-        let any6: SocketAddr = "[::]:8080".parse().expect("addr");
-        assert_eq!(probe_addr(any6), "[::1]:8080".parse().expect("addr"));
-        let one: SocketAddr = "127.40.0.1:80".parse().expect("addr");
-        assert_eq!(probe_addr(one), one);
-    }
 
     #[test]
     fn configs_are_validated() {

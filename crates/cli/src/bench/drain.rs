@@ -62,6 +62,10 @@ pub(super) fn drain_batches(
     Ok((out, record_bytes))
 }
 
+/// Pause between spawning the shippers and starting the clock, so every one
+/// waits at the start line (`go`) when it opens.
+const START_LINE_MS: u64 = 50;
+
 pub(super) async fn drain(exe: &Path, dir: &Path, s: &Sizes) -> anyhow::Result<Figures> {
     let mut fleet = Fleet::new(exe, &dir.join("drain"), SUBNET_DRAIN)?;
     fleet.supervised = false;
@@ -140,7 +144,7 @@ pub(super) async fn drain(exe: &Path, dir: &Path, s: &Sizes) -> anyhow::Result<F
             anyhow::Ok(Instant::now())
         });
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::time::sleep(Duration::from_millis(START_LINE_MS)).await;
     let t0 = Instant::now();
     go_tx.send_replace(true);
     let mut last_ack = t0;

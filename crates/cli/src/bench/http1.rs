@@ -2,6 +2,12 @@
 
 use super::*;
 
+/// Read buffer of a simulated node's connection: an answer's head and a
+/// small body fit.
+const READ_BUFFER_BYTES: usize = 2048;
+/// A refused answer is quoted in the error up to this many characters.
+const ANSWER_SHOWN_CHARS_MAX: usize = 300;
+
 /// One keep-alive HTTP/1.1 connection, about 2 KiB: enough to hold 10,000
 /// simulated nodes' long-polls in one process.
 pub(super) struct Http1 {
@@ -16,7 +22,7 @@ impl Http1 {
         let stream = socket.connect(to).await?;
         stream.set_nodelay(true)?;
         Ok(Http1 {
-            io: BufReader::with_capacity(2048, stream),
+            io: BufReader::with_capacity(READ_BUFFER_BYTES, stream),
             host: to.to_string(),
         })
     }
@@ -161,7 +167,7 @@ pub(super) fn parse<T: serde::de::DeserializeOwned>(
         "{what}: controller answered {status}: {}",
         String::from_utf8_lossy(body)
             .chars()
-            .take(300)
+            .take(ANSWER_SHOWN_CHARS_MAX)
             .collect::<String>()
     );
     serde_json::from_slice(body).with_context(|| format!("{what}: unexpected answer"))

@@ -98,6 +98,11 @@ const SUBNET_UPGRADE_SMALL: u8 = 57;
 const SUBNET_DEMO: u8 = 58;
 /// Simulated nodes per source address (ephemeral ports are about 28,000).
 const NODES_PER_SOURCE: usize = 2_000;
+/// Runs of each figure without `--runs` (one with `--quick`): a median of
+/// three.
+const RUNS_DEFAULT: usize = 3;
+/// Runs at most: every run uses its own source addresses (`sources`).
+const RUNS_MAX: usize = 20;
 
 /// Connections set up at once while simulated nodes register.
 const SETUP_CONCURRENCY: usize = 256;
@@ -238,8 +243,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     let selected = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
-    let runs = args.runs.unwrap_or(if args.quick { 1 } else { 3 });
-    ensure!((1..=20).contains(&runs), "--runs is 1 to 20");
+    let runs = args
+        .runs
+        .unwrap_or(if args.quick { 1 } else { RUNS_DEFAULT });
+    ensure!((1..=RUNS_MAX).contains(&runs), "--runs is 1 to {RUNS_MAX}");
     let sizes = if args.quick { QUICK } else { FULL };
     let fd_limit = raise_fd_limit();
     let exe = std::env::current_exe().context("cannot find this binary to start processes")?;

@@ -2,6 +2,13 @@
 
 use super::*;
 
+/// Waves of source addresses at most: the wave is the third octet of
+/// `127.<SUBNET_SOURCES>.<wave>.<n>`.
+const WAVES_MAX: u8 = 255;
+/// Source addresses of one wave at most: the last octet, below the
+/// broadcast-like top of the range.
+const SOURCES_PER_WAVE_MAX: usize = 250;
+
 /// Source addresses for waves of simulated nodes.
 #[derive(Default)]
 pub(super) struct Sources {
@@ -13,10 +20,13 @@ impl Sources {
         self.wave = self
             .wave
             .checked_add(1)
-            .filter(|w| *w < 255)
+            .filter(|w| *w < WAVES_MAX)
             .context("out of source-address waves (lower --runs)")?;
         let n = nodes.div_ceil(NODES_PER_SOURCE).max(1);
-        ensure!(n < 250, "too many simulated nodes for one wave");
+        ensure!(
+            n < SOURCES_PER_WAVE_MAX,
+            "too many simulated nodes for one wave"
+        );
         Ok((0..n)
             .map(|i| Ipv4Addr::new(127, SUBNET_SOURCES, self.wave, 1 + i as u8))
             .collect())

@@ -42,6 +42,9 @@ pub(super) async fn upgrade_demo(exe: &Path, dir: &Path) -> anyhow::Result<Figur
     Ok(f)
 }
 
+/// The small upgrade (one group, a 3 s event) is over well within this.
+const UPGRADE_WAIT: Duration = Duration::from_secs(120);
+
 /// `--quick`: one group of two supervised nodes with a 3 s event, upgraded
 /// to release 2 with the default policy (the demo takes about a minute).
 pub(super) async fn upgrade_small(exe: &Path, dir: &Path) -> anyhow::Result<Figures> {
@@ -76,7 +79,7 @@ pub(super) async fn upgrade_small(exe: &Path, dir: &Path) -> anyhow::Result<Figu
     }
     fleet.wait_nodes_registered().await?;
     crate::upgrade::start(&fleet.op, &UpgradeRequest::new(&artifact, "wait")).await?;
-    let s = fleet.wait_upgrade_over(Duration::from_secs(120)).await?;
+    let s = fleet.wait_upgrade_over(UPGRADE_WAIT).await?;
     fleet.stop_all().await?;
     let up = s.upgrade.context("the controller lost the upgrade")?;
     ensure!(

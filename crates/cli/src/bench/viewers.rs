@@ -53,6 +53,11 @@ pub(super) struct Sample {
     pub(super) ok: bool,
 }
 
+/// Paced viewers start spread over this window, not all at once.
+const VIEWERS_RAMP_MS: u64 = 100;
+/// A paced viewer's pause between two playlist-and-segment rounds.
+const VIEWER_PAUSE_MS: u64 = 100;
+
 /// Viewers that fetch the playlist and its newest segment every 100 ms
 /// until `stop`, recording every request.
 pub(super) fn paced_viewers(
@@ -68,7 +73,10 @@ pub(super) fn paced_viewers(
         let playlist = format!("{base}/hls/ch1/index.m3u8");
         let base = base.to_owned();
         tasks.spawn(async move {
-            tokio::time::sleep(Duration::from_millis(100 * i as u64 / viewers as u64)).await;
+            tokio::time::sleep(Duration::from_millis(
+                VIEWERS_RAMP_MS * i as u64 / viewers as u64,
+            ))
+            .await;
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
                 let text = get_text(&http, &playlist).await;
@@ -93,12 +101,15 @@ pub(super) fn paced_viewers(
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .extend(got);
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(VIEWER_PAUSE_MS)).await;
             }
         });
     }
     tasks
 }
+
+/// How often [`wait_until`] checks again.
+const WAIT_POLL_MS: u64 = 100;
 
 pub(super) async fn wait_until<F, Fut>(
     what: &str,
@@ -112,10 +123,19 @@ where
     let deadline = Instant::now() + timeout;
     while !check().await {
         ensure!(Instant::now() < deadline, "{what} not within {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(WAIT_POLL_MS)).await;
     }
     Ok(())
 }
+
+/// A started node serves its first playlist, or a new grant, within this.
+const NODE_WAIT: Duration = Duration::from_secs(15);
+/// Pause before asking a just-started supervisor for its worker, so it has
+/// one.
+const SUPERVISOR_SETTLE_MS: u64 = 1_000;
+/// After a switch, the old worker finishes its requests and exits within
+/// this; the figure's window ends after it.
+const OLD_WORKER_DRAIN_MS: u64 = 1_500;
 
 /// A release-1 node under its supervisor, serving one live channel, whose
 /// controller was then restarted as release 2 (so the node runs on `deliver`
@@ -159,10 +179,10 @@ pub(super) async fn viewers(
     let base = fleet.nodes[i].url();
     let http = reqwest::Client::builder()
         .no_proxy()
-        .timeout(Duration::from_secs(5))
+        .timeout(crate::viewers::REQUEST_TIMEOUT)
         .build()?;
     let playlist = format!("{base}/hls/ch1/index.m3u8");
-    wait_until("the node's first playlist", Duration::from_secs(15), || {
+    wait_until("the node's first playlist", NODE_WAIT, || {
         let (http, playlist) = (&http, &playlist);
         async move { get_text(http, playlist).await.is_ok() }
     })
@@ -174,21 +194,15 @@ pub(super) async fn viewers(
     fleet.supervised = false;
     fleet.start_controller(2).await?;
     let status_url = format!("{base}/status");
-    wait_until(
-        "grant deliver for the release-1 node",
-        Duration::from_secs(15),
-        || {
-            let (http, status_url) = (&http, &status_url);
-            async move {
-                match get_text(http, status_url).await {
-                    Ok(t) => {
-                        serde_json::from_str::<Value>(&t).is_ok_and(|v| v["grant"] == "deliver")
-                    }
-                    Err(_) => false,
-                }
+    wait_until("grant deliver for the release-1 node", NODE_WAIT, || {
+        let (http, status_url) = (&http, &status_url);
+        async move {
+            match get_text(http, status_url).await {
+                Ok(t) => serde_json::from_str::<Value>(&t).is_ok_and(|v| v["grant"] == "deliver"),
+                Err(_) => false,
             }
-        },
-    )
+        }
+    })
     .await?;
     let sock = fleet.nodes[i]
         .data_dir
@@ -198,7 +212,7 @@ pub(super) async fn viewers(
         &sock,
         handover_supervisor::DEFAULT_READY_TIMEOUT_MS,
     );
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    tokio::time::sleep(Duration::from_millis(SUPERVISOR_SETTLE_MS)).await;
     let worker = supervisor
         .status()
         .await?
@@ -234,7 +248,7 @@ pub(super) async fn viewers(
             "the switch to release 2 did not happen: {outcome:?}"
         );
         // The old worker finishes its requests and exits after the switch.
-        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        tokio::time::sleep(Duration::from_millis(OLD_WORKER_DRAIN_MS)).await;
         let switch_until = Instant::now();
         stop.store(true, Ordering::Relaxed);
         while tasks.join_next().await.is_some() {}

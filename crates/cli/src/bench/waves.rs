@@ -16,6 +16,9 @@ pub(super) struct FenceWave {
     pub(super) registered: Vec<Registered>,
 }
 
+/// How often the setup checks how many simulated nodes said hello.
+const SETUP_POLL_MS: u64 = 10;
+
 /// `n` simulated nodes say hello (distinct ids, release 2, grant `full`),
 /// then all long-poll the watch as a node does; once they wait, the operator
 /// fences. Latency per node: from the fence request to its fenced answer.
@@ -69,7 +72,7 @@ pub(super) async fn fence_wave(
             "only {} of {n} simulated nodes said hello within {SETUP_TIMEOUT:?}",
             ready.load(Ordering::SeqCst)
         );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(SETUP_POLL_MS)).await;
     }
     go_tx.send_replace(true);
     tokio::time::sleep(settle).await;
@@ -112,6 +115,14 @@ pub(super) async fn fence_wave(
     })
 }
 
+/// A simulated node's first pause after a failed hello, doubled each time...
+const STORM_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// ...up to this, as a node's own backoff (`BACKOFF_MS_MAX`) would.
+const STORM_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Pause between spawning the simulated nodes and starting the clock, so
+/// every one waits at the start line (`go`) when it opens.
+const START_LINE_MS: u64 = 100;
+
 /// Every registered node says hello at once with its own credential, as
 /// nodes do after a controller restart; done when every one holds a grant.
 pub(super) async fn storm_wave(
@@ -130,7 +141,7 @@ pub(super) async fn storm_wave(
         let retries = retries.clone();
         tasks.spawn(async move {
             go.wait_for(|g| *g).await?;
-            let mut backoff = Duration::from_millis(100);
+            let mut backoff = STORM_BACKOFF_MIN;
             let mut last_error = None;
             for _ in 0..STORM_ATTEMPTS_MAX {
                 let attempt = async {
@@ -144,12 +155,12 @@ pub(super) async fn storm_wave(
                 }
                 retries.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                backoff = (backoff * 2).min(STORM_BACKOFF_MAX);
             }
             Err(last_error.unwrap_or_else(|| anyhow!("no attempt")))
         });
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(START_LINE_MS)).await;
     let t0 = Instant::now();
     go_tx.send_replace(true);
     let mut last = t0;
@@ -166,6 +177,12 @@ pub(super) async fn storm_wave(
     Ok((ms(last - t0), retries.load(Ordering::Relaxed)))
 }
 
+/// A wave settles (connections closed, the controller idle) for this long
+/// before the next one...
+const SETTLE_BASE_MS: u64 = 300;
+/// ...plus one more millisecond per this many nodes.
+const SETTLE_NODES_PER_MS: u64 = 10;
+
 pub(super) async fn fence_and_storm(
     exe: &Path,
     dir: &Path,
@@ -174,7 +191,8 @@ pub(super) async fn fence_and_storm(
     fence_small: bool,
 ) -> anyhow::Result<Figures> {
     let mut f = Figures::new();
-    let settle = |n: usize| Duration::from_millis(300 + (n as u64) / 10);
+    let settle =
+        |n: usize| Duration::from_millis(SETTLE_BASE_MS + (n as u64) / SETTLE_NODES_PER_MS);
     let record = |f: &mut Figures, label: &str, w: &FenceWave| {
         put(f, &format!("fence.{label}_ms"), w.total_ms);
         put(

@@ -1,0 +1,589 @@
+use super::*;
+use futures_util::Stream;
+use handover_core::artifact::sha256_hex;
+use handover_core::artifact::{
+    verify_manifest, PublicKey, BINARY_FILE, MANIFEST_FILE, SIGNATURE_FILE,
+};
+use handover_core::Release;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path as FsPath;
+use std::sync::Arc;
+
+const OP: &str = "operator-token-0123456789";
+const NODE: &str = "node-credential-0123456789";
+
+#[derive(Clone)]
+struct Host(Arc<ArtifactStore>);
+
+impl ArtifactHost for Host {
+    fn artifacts(&self) -> &ArtifactStore {
+        &self.0
+    }
+    fn operator_token(&self) -> &str {
+        OP
+    }
+    async fn check_node(&self, headers: &HeaderMap) -> ApiResult<()> {
+        match bearer(headers) {
+            Some(t) if same_token(t, NODE) => Ok(()),
+            _ => Err(ApiError::unauthorized("unknown credential")),
+        }
+    }
+}
+
+fn binary(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 31 % 251) as u8).collect()
+}
+
+fn manifest_of(bytes: &[u8]) -> Manifest {
+    Manifest::for_release(
+        &handover_core::ReleaseInfo::of(Release(2)).unwrap().facts(),
+        handover_core::release::CONTRACTS,
+        sha256_hex(bytes),
+        bytes.len() as u64,
+        1_000,
+    )
+    .unwrap()
+}
+
+fn chunks(bytes: &[u8], n: usize) -> impl Stream<Item = Result<Vec<u8>, String>> + Unpin {
+    let v: Vec<Result<Vec<u8>, String>> = bytes.chunks(n).map(|c| Ok(c.to_vec())).collect();
+    futures_util::stream::iter(v)
+}
+
+fn entries(dir: &FsPath) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn store_put_get_list_and_idempotence() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = ArtifactStore::open(tmp.path().join("artifacts")).unwrap();
+    let bytes = binary(100_000);
+    let m = manifest_of(&bytes);
+    let put = store.put_stream(&m, chunks(&bytes, 4096)).await.unwrap();
+    assert_eq!(put, Put::Created(m.clone()));
+    let (got, path) = store.get(&m.id()).unwrap();
+    assert_eq!(got, m);
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o755);
+    assert_eq!(store.list().unwrap(), vec![m.clone()]);
+    // Same artifact again (a later created_ms): the stored one stays.
+    let mut again = m.clone();
+    again.created_ms += 5;
+    let put = store.put_stream(&again, chunks(&bytes, 999)).await.unwrap();
+    assert_eq!(put, Put::Existing(m.clone()));
+    assert_eq!(entries(store.dir()), vec![m.id()]);
+    assert!(store.get("r2-000000000000").is_none());
+    assert!(store.get("../etc").is_none());
+}
+
+#[tokio::test]
+async fn store_keeps_nothing_on_a_mismatch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = ArtifactStore::open(tmp.path()).unwrap();
+    let bytes = binary(10_000);
+    let m = manifest_of(&bytes);
+    let mut bad = bytes.clone();
+    bad[1234] ^= 0x80;
+    let err = store.put_stream(&m, chunks(&bad, 1000)).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ArtifactStoreError::Artifact(ArtifactError::DigestMismatch { .. })
+        ),
+        "{err}"
+    );
+    let mut long = bytes.clone();
+    long.push(0);
+    let err = store.put_stream(&m, chunks(&long, 1000)).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ArtifactStoreError::Artifact(ArtifactError::SizeMismatch { .. })
+        ),
+        "{err}"
+    );
+    let err = store
+        .put_stream(&m, chunks(&bytes[..9_999], 1000))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ArtifactStoreError::Artifact(ArtifactError::SizeMismatch { .. })
+        ),
+        "{err}"
+    );
+    let cut = futures_util::stream::iter(vec![Ok(bytes[..10].to_vec()), Err("reset".to_owned())]);
+    let err = store.put_stream(&m, cut).await.unwrap_err();
+    assert!(
+        matches!(err, ArtifactStoreError::Interrupted { received: 10, .. }),
+        "{err}"
+    );
+    assert!(
+        entries(store.dir()).is_empty(),
+        "{:?}",
+        entries(store.dir())
+    );
+    assert!(store.list().unwrap().is_empty());
+    // A mismatching re-upload of a stored artifact changes nothing either.
+    store.put_stream(&m, chunks(&bytes, 1000)).await.unwrap();
+    let err = store.put_stream(&m, chunks(&bad, 1000)).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ArtifactStoreError::Artifact(ArtifactError::DigestMismatch { .. })
+        ),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(store.get(&m.id()).unwrap().1).unwrap(), bytes);
+}
+
+#[tokio::test]
+async fn store_refuses_an_id_collision_and_cleans_leftovers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = ArtifactStore::open(tmp.path()).unwrap();
+    let bytes = binary(64);
+    let m = manifest_of(&bytes);
+    store.put_stream(&m, chunks(&bytes, 10)).await.unwrap();
+    let mut other = m.clone();
+    let flipped = if other.sha256.ends_with('0') {
+        "1"
+    } else {
+        "0"
+    };
+    other.sha256.replace_range(63..64, flipped);
+    assert_eq!(other.id(), m.id());
+    let err = store
+        .put_stream(&other, chunks(&bytes, 10))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ArtifactStoreError::Conflict { .. }), "{err}");
+    assert_eq!(ApiError::from(err).status, StatusCode::CONFLICT);
+
+    std::fs::create_dir(store.dir().join(".tmp-r2-abc-1")).unwrap();
+    std::fs::write(store.dir().join(".tmp-r2-abc-1/handover"), b"x").unwrap();
+    let store = ArtifactStore::open(tmp.path()).unwrap();
+    assert_eq!(entries(store.dir()), vec![m.id()]);
+    // A torn artifact (binary of the wrong size) is not listed.
+    std::fs::write(store.dir().join(m.id()).join(BINARY_FILE), b"short").unwrap();
+    assert!(store.list().unwrap().is_empty());
+    assert!(store.get(&m.id()).is_none());
+}
+
+fn keypair() -> (minisign::KeyPair, PublicKey) {
+    let kp = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+    let key = PublicKey::decode(&kp.pk.to_box().unwrap().into_string()).unwrap();
+    (kp, key)
+}
+
+fn sign(kp: &minisign::KeyPair, doc: &[u8]) -> String {
+    minisign::sign(None, &kp.sk, doc, None, None)
+        .unwrap()
+        .into_string()
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+async fn serve(store: ArtifactStore) -> String {
+    // As the controller mounts it: merged under a router whose default
+    // body limit is small.
+    let app = Router::new()
+        .merge(routes::<Host>())
+        .layer(DefaultBodyLimit::max(1 << 20))
+        .with_state(Host(Arc::new(store)));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+async fn error_of(resp: reqwest::Response) -> (u16, String, String) {
+    let status = resp.status().as_u16();
+    let v: serde_json::Value = resp.json().await.unwrap();
+    (
+        status,
+        v["error"].as_str().unwrap().to_owned(),
+        v["message"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn http_upload_list_and_download() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = serve(ArtifactStore::open(tmp.path()).unwrap()).await;
+    let http = reqwest::Client::new();
+    let bytes = binary(3 << 20); // above the router's 1 MiB default
+    let m = manifest_of(&bytes);
+    let header = serde_json::to_string(&m).unwrap();
+    let url = format!("{base}/api/v1/artifacts/{}", m.sha256);
+
+    let resp = http
+        .put(&url)
+        .header(MANIFEST_HEADER, &header)
+        .body(bytes.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(resp).await.0, 401);
+    let resp = http
+        .put(&url)
+        .bearer_auth(OP)
+        .body(bytes.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(resp).await.1, "missing_manifest");
+    let resp = http
+        .put(&url)
+        .bearer_auth(OP)
+        .header(MANIFEST_HEADER, header.replace("\"v\":2", "\"v\":3"))
+        .body(bytes.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(resp).await.1, "unsupported_version");
+    let resp = http
+        .put(format!("{base}/api/v1/artifacts/{}", "0".repeat(64)))
+        .bearer_auth(OP)
+        .header(MANIFEST_HEADER, &header)
+        .body(bytes.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(resp).await.1, "invalid_manifest");
+
+    let mut bad = bytes.clone();
+    bad[2 << 20] ^= 1;
+    let resp = http
+        .put(&url)
+        .bearer_auth(OP)
+        .header(MANIFEST_HEADER, &header)
+        .body(bad)
+        .send()
+        .await
+        .unwrap();
+    let (status, code, message) = error_of(resp).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (400, "digest_mismatch"),
+        "{message}"
+    );
+    assert!(entries(tmp.path()).is_empty());
+
+    let resp = http
+        .put(&url)
+        .bearer_auth(OP)
+        .header(MANIFEST_HEADER, &header)
+        .body(bytes.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    assert_eq!(resp.json::<Manifest>().await.unwrap(), m);
+    let resp = http
+        .put(&url)
+        .bearer_auth(OP)
+        .header(MANIFEST_HEADER, &header)
+        .body(bytes.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.json::<Manifest>().await.unwrap(), m);
+
+    let resp = http
+        .get(format!("{base}/api/v1/artifacts"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(resp).await.0, 401);
+    let listed: Vec<Manifest> = http
+        .get(format!("{base}/api/v1/artifacts"))
+        .bearer_auth(OP)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed, vec![m.clone()]);
+
+    let murl = format!("{base}/node/v1/artifacts/{}/manifest", m.id());
+    let burl = format!("{base}/node/v1/artifacts/{}/binary", m.id());
+    assert_eq!(error_of(http.get(&murl).send().await.unwrap()).await.0, 401);
+    assert_eq!(
+        error_of(http.get(&burl).bearer_auth(OP).send().await.unwrap())
+            .await
+            .0,
+        401
+    );
+    let got: Manifest = http
+        .get(&murl)
+        .bearer_auth(NODE)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got, m);
+    let resp = http.get(&burl).bearer_auth(NODE).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.content_length(), Some(m.size));
+    assert_eq!(resp.bytes().await.unwrap().as_ref(), bytes.as_slice());
+
+    let resp = http
+        .get(format!("{base}/node/v1/artifacts/r2-000000000000/binary"))
+        .bearer_auth(NODE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(resp).await.1, "not_found");
+    let resp = http
+        .get(format!("{base}/node/v1/artifacts/..%2F..%2Fetc/binary"))
+        .bearer_auth(NODE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(resp).await.1, "invalid_id");
+}
+
+/// One upload over HTTP: the manifest document and signature as the CLI
+/// sends them (base64 headers).
+async fn put(
+    http: &reqwest::Client,
+    base: &str,
+    doc: &[u8],
+    sig: Option<&str>,
+    body: &[u8],
+) -> reqwest::Response {
+    let m = Manifest::decode(doc)
+        .or_else(|_| serde_json::from_slice::<Manifest>(doc))
+        .unwrap();
+    let mut req = http
+        .put(format!("{base}/api/v1/artifacts/{}", m.sha256))
+        .bearer_auth(OP)
+        .header(MANIFEST_HEADER, b64(doc))
+        .body(body.to_vec());
+    if let Some(sig) = sig {
+        req = req.header(SIGNATURE_HEADER, b64(sig.as_bytes()));
+    }
+    req.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn with_trusted_keys_only_signed_uploads_are_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (kp_a, key_a) = keypair();
+    let (kp_b, _) = keypair();
+    let store = ArtifactStore::open(tmp.path())
+        .unwrap()
+        .with_trusted_keys(vec![key_a.clone()]);
+    let base = serve(store).await;
+    let http = reqwest::Client::new();
+    let bytes = binary(200_000);
+    let m = manifest_of(&bytes);
+    let doc = m.to_pretty_json().into_bytes();
+    let good_sig = sign(&kp_a, &doc);
+
+    // (case, manifest document, signature, body, expected code)
+    type Case = (&'static str, Vec<u8>, Option<String>, Vec<u8>, &'static str);
+    let refusals: Vec<Case> = vec![
+        ("unsigned", doc.clone(), None, bytes.clone(), "unsigned"),
+        (
+            "other key",
+            doc.clone(),
+            Some(sign(&kp_b, &doc)),
+            bytes.clone(),
+            "untrusted_key",
+        ),
+        (
+            "manifest edited after signing",
+            {
+                let mut edited = m.clone();
+                edited.created_ms += 1;
+                edited.to_pretty_json().into_bytes()
+            },
+            Some(good_sig.clone()),
+            bytes.clone(),
+            "bad_signature",
+        ),
+        (
+            "binary edited after signing",
+            doc.clone(),
+            Some(good_sig.clone()),
+            {
+                let mut b = bytes.clone();
+                b[100] ^= 1;
+                b
+            },
+            "digest_mismatch",
+        ),
+        (
+            "not a signature",
+            doc.clone(),
+            Some("hello".into()),
+            bytes.clone(),
+            "bad_signature",
+        ),
+    ];
+    for (name, doc, sig, body, want) in refusals {
+        let resp = put(&http, &base, &doc, sig.as_deref(), &body).await;
+        let (status, code, message) = error_of(resp).await;
+        assert_eq!((status, code.as_str()), (400, want), "{name}: {message}");
+        assert!(entries(tmp.path()).is_empty(), "{name}: something was kept");
+    }
+    // The legacy one-line JSON header is unsigned, so refused too.
+    let resp = http
+        .put(format!("{base}/api/v1/artifacts/{}", m.sha256))
+        .bearer_auth(OP)
+        .header(MANIFEST_HEADER, serde_json::to_string(&m).unwrap())
+        .body(bytes.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(resp).await.1, "unsigned");
+    // A signature header that is not base64.
+    let resp = http
+        .put(format!("{base}/api/v1/artifacts/{}", m.sha256))
+        .bearer_auth(OP)
+        .header(MANIFEST_HEADER, b64(&doc))
+        .header(SIGNATURE_HEADER, "!!!")
+        .body(bytes.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(resp).await.1, "bad_signature");
+
+    let resp = put(&http, &base, &doc, Some(&good_sig), &bytes).await;
+    assert_eq!(resp.status().as_u16(), 201);
+    assert_eq!(resp.json::<Manifest>().await.unwrap(), m);
+    let dir = tmp.path().join(m.id());
+    assert_eq!(std::fs::read(dir.join(MANIFEST_FILE)).unwrap(), doc);
+    assert_eq!(
+        std::fs::read_to_string(dir.join(SIGNATURE_FILE)).unwrap(),
+        good_sig
+    );
+
+    // Nodes get the exact bytes that were signed, and the signature.
+    let murl = format!("{base}/node/v1/artifacts/{}/manifest", m.id());
+    let surl = format!("{base}/node/v1/artifacts/{}/signature", m.id());
+    let got_doc = http.get(&murl).bearer_auth(NODE).send().await.unwrap();
+    assert_eq!(got_doc.status().as_u16(), 200);
+    let got_doc = got_doc.bytes().await.unwrap();
+    assert_eq!(got_doc.as_ref(), doc.as_slice());
+    let got_sig = http
+        .get(&surl)
+        .bearer_auth(NODE)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(got_sig, good_sig);
+    assert_eq!(
+        verify_manifest(&got_doc, Some(&got_sig), &[key_a]),
+        Ok(m.clone())
+    );
+    assert_eq!(error_of(http.get(&surl).send().await.unwrap()).await.0, 401);
+}
+
+#[tokio::test]
+async fn with_trusted_keys_an_unsigned_stored_artifact_is_not_served_until_signed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = binary(5_000);
+    let m = manifest_of(&bytes);
+    // Stored while no key was trusted.
+    let open = ArtifactStore::open(tmp.path()).unwrap();
+    open.put_stream(&m, chunks(&bytes, 1000)).await.unwrap();
+    assert!(open.get(&m.id()).is_some());
+
+    let (kp, key) = keypair();
+    let store = ArtifactStore::open(tmp.path())
+        .unwrap()
+        .with_trusted_keys(vec![key]);
+    match store.find(&m.id()) {
+        Err(Missing::Unverified { source, .. }) => assert_eq!(source, ArtifactError::Unsigned),
+        other => panic!("expected unverified, got {other:?}"),
+    }
+    assert!(store.get(&m.id()).is_none());
+    assert!(store.list().unwrap().is_empty());
+    let api = ApiError::from(store.find(&m.id()).unwrap_err());
+    assert_eq!(
+        (api.status, api.code),
+        (StatusCode::BAD_REQUEST, "unsigned")
+    );
+    let err = store
+        .put_stream(&m, chunks(&bytes, 1000))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ArtifactStoreError::Artifact(ArtifactError::Unsigned)),
+        "{err}"
+    );
+
+    // Uploading it signed replaces the unsigned copy.
+    let doc = m.to_pretty_json().into_bytes();
+    let sig = sign(&kp, &doc);
+    let accepted = store.accept(&doc, Some(&sig)).unwrap();
+    let put = store
+        .put_accepted(&accepted, chunks(&bytes, 1000))
+        .await
+        .unwrap();
+    assert_eq!(put, Put::Created(m.clone()));
+    let stored = store.find(&m.id()).unwrap();
+    assert_eq!(stored.signature.as_deref(), Some(sig.as_str()));
+    assert_eq!(std::fs::read(&stored.binary).unwrap(), bytes);
+    assert_eq!(entries(store.dir()), vec![m.id()]);
+    // Again: already there.
+    let put = store
+        .put_accepted(&accepted, chunks(&bytes, 1000))
+        .await
+        .unwrap();
+    assert_eq!(put, Put::Existing(m.clone()));
+}
+
+#[tokio::test]
+async fn without_trusted_keys_unsigned_is_served_and_a_signature_is_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = serve(ArtifactStore::open(tmp.path()).unwrap()).await;
+    let http = reqwest::Client::new();
+    let bytes = binary(4_000);
+    let m = manifest_of(&bytes);
+    let doc = m.to_pretty_json().into_bytes();
+    let resp = put(&http, &base, &doc, None, &bytes).await;
+    assert_eq!(resp.status().as_u16(), 201);
+    let surl = format!("{base}/node/v1/artifacts/{}/signature", m.id());
+    let (status, code, _) = error_of(http.get(&surl).bearer_auth(NODE).send().await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (404, "unsigned"));
+    // A malformed signature is refused even here: nodes may check it.
+    let resp = put(&http, &base, &doc, Some("not a signature"), &bytes).await;
+    assert_eq!(error_of(resp).await.1, "bad_signature");
+    // A signed upload of the same artifact adds the signature.
+    let (kp, key) = keypair();
+    let sig = sign(&kp, &doc);
+    let resp = put(&http, &base, &doc, Some(&sig), &bytes).await;
+    assert_eq!(resp.status().as_u16(), 201);
+    let got = http
+        .get(&surl)
+        .bearer_auth(NODE)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(verify_manifest(&doc, Some(&got), &[key]), Ok(m.clone()));
+    let resp = put(&http, &base, &doc, Some(&sig), &bytes).await;
+    assert_eq!(resp.status().as_u16(), 200);
+}
