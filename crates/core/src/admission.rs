@@ -10,7 +10,7 @@
 
 use crate::grant::{decide_grant, Grant};
 use crate::release::{ReleaseInfo, Schema};
-use crate::wire::check_epoch;
+use crate::wire::{check_epoch, WireError};
 use std::fmt;
 
 /// Every error code of the node protocol (`{"error": code, ...}`), with
@@ -35,6 +35,21 @@ pub enum ErrorCode {
     GrantForbidsWrite,
     /// The batch's schema is not one this channel takes from this node.
     SchemaMismatch,
+}
+
+impl WireError {
+    /// The code of the answer that refuses the message.
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            WireError::Malformed(_) => ErrorCode::Malformed,
+            WireError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
+            WireError::Invalid { .. } => ErrorCode::InvalidField,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.error_code().as_str()
+    }
 }
 
 impl ErrorCode {

@@ -17,6 +17,7 @@ pub mod node;
 pub mod params;
 pub mod record;
 pub mod release;
+pub mod role;
 pub mod ship;
 pub mod timefmt;
 pub mod ts;

@@ -10,7 +10,7 @@
 use crate::artifact::Manifest;
 use crate::grant::Grant;
 use crate::release::{Contracts, Release, ReleaseFacts, ReleaseInfo, Schema};
-use crate::wire::Role;
+use crate::role::Role;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 

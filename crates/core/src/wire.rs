@@ -52,21 +52,7 @@ pub mod limits {
     pub const WATCH_WAIT_MS_MAX: u64 = 30_000;
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    Primary,
-    Backup,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Primary => "primary",
-            Role::Backup => "backup",
-        }
-    }
-}
+pub use crate::role::Role;
 
 /// A node's durable outbox as it reports it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -220,22 +206,6 @@ pub enum WireError {
     UnsupportedVersion { got: u32 },
     #[error("field {field}: {reason}")]
     Invalid { field: &'static str, reason: String },
-}
-
-impl WireError {
-    /// The code of the answer that refuses the message.
-    pub fn error_code(&self) -> crate::admission::ErrorCode {
-        use crate::admission::ErrorCode;
-        match self {
-            WireError::Malformed(_) => ErrorCode::Malformed,
-            WireError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
-            WireError::Invalid { .. } => ErrorCode::InvalidField,
-        }
-    }
-
-    pub fn code(&self) -> &'static str {
-        self.error_code().as_str()
-    }
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> WireError {
