@@ -7,6 +7,9 @@ use tokio::sync::watch;
 /// Retry delays after a failure (controller unreachable, disk error): the
 /// node machine's.
 pub use handover_core::node::{BACKOFF_MS_MAX, BACKOFF_MS_MIN};
+/// How much of an unreadable error answer is kept for the log and /status.
+pub const ERROR_BODY_CHARS_SHOWN: usize = 200;
+
 /// Test hook, read only by the fault-injection process tests
 /// (`crates/cli/tests/faults.rs`), which set it for one release through an
 /// artifact whose binary is a wrapper script (or for one node's supervisor):

@@ -104,7 +104,10 @@ async fn call(req: reqwest::RequestBuilder) -> Reply {
         Ok(e) => (e.error, e.message),
         Err(_) => (
             format!("http_{}", status.as_u16()),
-            String::from_utf8_lossy(&body).chars().take(200).collect(),
+            String::from_utf8_lossy(&body)
+                .chars()
+                .take(crate::runtime::ERROR_BODY_CHARS_SHOWN)
+                .collect(),
         ),
     };
     Reply::Refused {

@@ -256,7 +256,10 @@ async fn fetch(
         Ok(e) => (e.error, e.message),
         Err(_) => (
             format!("http_{}", status.as_u16()),
-            String::from_utf8_lossy(&body).chars().take(200).collect(),
+            String::from_utf8_lossy(&body)
+                .chars()
+                .take(crate::runtime::ERROR_BODY_CHARS_SHOWN)
+                .collect(),
         ),
     };
     Err(StageError::Refused {
