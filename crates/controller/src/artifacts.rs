@@ -190,6 +190,17 @@ async fn lookup<H: ArtifactHost>(host: &H, id: String) -> ApiResult<Stored> {
     })
 }
 
+/// What a node asks for by id: its credential checked first, then the id,
+/// then the artifact looked up.
+async fn node_lookup<H: ArtifactHost>(
+    host: &H,
+    id: Result<Path<String>, PathRejection>,
+    headers: &HeaderMap,
+) -> ApiResult<Stored> {
+    host.check_node(headers).await?;
+    lookup(host, artifact_id(id)?).await
+}
+
 /// `PUT /api/v1/artifacts/{sha256}`: the manifest in the
 /// [`MANIFEST_HEADER`] header, its signature in [`SIGNATURE_HEADER`], the
 /// binary as the body. 201 and the manifest when stored, 200 and the
@@ -352,9 +363,7 @@ pub async fn node_manifest<H: ArtifactHost>(
     id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    host.check_node(&headers).await?;
-    let id = artifact_id(id)?;
-    let stored = lookup(&host, id).await?;
+    let stored = node_lookup(&host, id, &headers).await?;
     Ok((
         [(header::CONTENT_TYPE, "application/json")],
         stored.document,
@@ -410,13 +419,11 @@ pub async fn node_binary<H: ArtifactHost>(
     id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    host.check_node(&headers).await?;
-    let id = artifact_id(id)?;
     let Stored {
         manifest: m,
         binary: path,
         ..
-    } = lookup(&host, id).await?;
+    } = node_lookup(&host, id, &headers).await?;
     let file = tokio::fs::File::open(&path).await.map_err(|error| {
         ApiError::from(ArtifactStoreError::from(IoError {
             op: "open",
