@@ -36,7 +36,7 @@
 //! into place, so `<id>/` exists only when complete. A mismatch keeps
 //! nothing.
 
-use crate::{bearer, same_token, ApiError, ApiResult};
+use crate::{check_operator_token, ApiError, ApiResult};
 use axum::body::{Body, BodyDataStream};
 use axum::extract::rejection::PathRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -81,17 +81,7 @@ pub trait ArtifactHost: Clone + Send + Sync + 'static {
 
     /// `Authorization: Bearer <operator token>`, compared in constant time.
     fn check_operator(&self, headers: &HeaderMap) -> ApiResult<()> {
-        match bearer(headers) {
-            Some(t) if same_token(t, self.operator_token()) => Ok(()),
-            Some(_) => Err(ApiError::operator(
-                ErrorCode::Unauthorized,
-                "wrong operator token",
-            )),
-            None => Err(ApiError::operator(
-                ErrorCode::Unauthorized,
-                "missing `Authorization: Bearer <operator token>` (see --operator-token)",
-            )),
-        }
+        check_operator_token(headers, self.operator_token())
     }
 }
 

@@ -1,4 +1,5 @@
 use super::*;
+use crate::{bearer, same_token};
 use futures_util::Stream;
 use handover_core::artifact::sha256_hex;
 use handover_core::artifact::{
