@@ -22,6 +22,15 @@ async fn try_open(dir: &tempfile::TempDir, release: u32) -> Result<SqliteStore, 
     .await
 }
 
+/// `release` refuses the database in `dir`, which is at the newer schema `db`.
+async fn assert_schema_ahead(dir: &tempfile::TempDir, release: u32, db: u32) {
+    let err = try_open(dir, release).await.err().unwrap();
+    assert!(
+        matches!(err, StoreError::SchemaAhead { db: d, release: r } if (d, r) == (db, release)),
+        "{err}"
+    );
+}
+
 /// A release-1 database in `dir`, [`seed`]ed, holding `count` segment
 /// records of node `n1`.
 async fn release_1_with_segments(dir: &tempfile::TempDir, count: u64) -> SqliteStore {
@@ -196,11 +205,7 @@ async fn migration_1_to_2_translates_everything_once() {
         .unwrap();
     assert_eq!(again.stored, 0);
     drop(store);
-    let err = try_open(&dir, 1).await.err().unwrap();
-    assert!(
-        matches!(err, StoreError::SchemaAhead { db: 2, release: 1 }),
-        "{err}"
-    );
+    assert_schema_ahead(&dir, 1, 2).await;
 }
 
 #[tokio::test]
@@ -416,11 +421,7 @@ async fn migration_2_to_3_keeps_every_row_as_translated() {
     assert_eq!(migrated_rows, record_rows(&translated).await);
 
     // An older release no longer opens the migrated database.
-    let err = try_open(&migrated, 2).await.err().unwrap();
-    assert!(
-        matches!(err, StoreError::SchemaAhead { db: 3, release: 2 }),
-        "{err}"
-    );
+    assert_schema_ahead(&migrated, 2, 3).await;
 }
 
 /// Release 3 migrates only from schema 2: a schema-1 database is refused,
