@@ -43,11 +43,28 @@ impl Operator {
         req: reqwest::RequestBuilder,
         what: &str,
     ) -> anyhow::Result<T> {
+        let body = self.exchange(req, what, false).await?.unwrap_or_default();
+        serde_json::from_slice(&body)
+            .with_context(|| format!("controller answer to {what} is not the expected JSON"))
+    }
+
+    /// Sends `req` with the token and reads the whole answer: its body on
+    /// success, `None` for a 404 when `none_if_missing`, otherwise an error
+    /// that says which request failed and, if the controller said, why.
+    async fn exchange(
+        &self,
+        req: reqwest::RequestBuilder,
+        what: &str,
+        none_if_missing: bool,
+    ) -> anyhow::Result<Option<Vec<u8>>> {
         let resp =
             req.bearer_auth(&self.token).send().await.with_context(|| {
                 format!("cannot reach the controller at {} ({what})", self.base)
             })?;
         let status = resp.status();
+        if none_if_missing && status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
         let body = resp
             .bytes()
             .await
@@ -63,8 +80,7 @@ impl Operator {
                 Err(_) => anyhow!("controller refused {what}: {status}"),
             });
         }
-        serde_json::from_slice(&body)
-            .with_context(|| format!("controller answer to {what} is not the expected JSON"))
+        Ok(Some(Vec::from(body)))
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
@@ -156,34 +172,9 @@ impl Operator {
     /// GET of a text answer; `None` for 404 (any code), as for a signature
     /// the controller does not have.
     pub async fn get_text(&self, path: &str) -> anyhow::Result<Option<String>> {
-        let what = format!("GET {path}");
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the controller at {} ({what})", self.base))?;
-        let status = resp.status();
-        if status == reqwest::StatusCode::NOT_FOUND {
-            return Ok(None);
-        }
-        let body = resp
-            .text()
-            .await
-            .with_context(|| format!("controller answer to {what} was cut off"))?;
-        if !status.is_success() {
-            return Err(match serde_json::from_str::<ErrorBody>(&body) {
-                Ok(e) => anyhow!(
-                    "controller refused {what}: {} ({}): {}",
-                    e.error,
-                    status,
-                    e.message
-                ),
-                Err(_) => anyhow!("controller refused {what}: {status}"),
-            });
-        }
-        Ok(Some(body))
+        let req = self.http.get(format!("{}{path}", self.base));
+        let body = self.exchange(req, &format!("GET {path}"), true).await?;
+        Ok(body.map(|b| String::from_utf8_lossy(&b).into_owned()))
     }
 
     /// PUT with a raw (possibly streamed) body and extra headers; `timeout`

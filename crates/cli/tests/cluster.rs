@@ -112,9 +112,7 @@ async fn release_2_group_serves_both_nodes_and_stores_every_record_once() {
     );
     assert!(String::from_utf8_lossy(&probe.stdout).contains("\"codec_name\": \"mp3\""));
 
-    s.fleet.stop_nodes().await.unwrap();
-    let r = s.fleet.check().await.unwrap();
-    assert_exact(&s.name, &r);
+    let r = stop_and_check(&mut s.fleet, &s.name).await;
     assert_eq!(r.translated, 0, "{r:?}");
     s.fleet.stop_all().await.unwrap();
 }
@@ -132,17 +130,7 @@ async fn release_1_nodes_get_deliver_from_a_release_2_controller_and_their_recor
     }
     sleep_until(s.event_start_ms + 2_500).await;
     // Replace the controller with release 2 on the same database: it migrates 1 -> 2.
-    s.fleet
-        .controller
-        .take()
-        .unwrap()
-        .terminate()
-        .await
-        .unwrap();
-    s.fleet.start_controller(2).await.unwrap();
-    for n in &s.fleet.nodes {
-        wait_node_grant(&n.url(), "deliver").await;
-    }
+    replace_controller(&mut s.fleet, 2, "deliver").await;
     let status = s.fleet.op.status().await.unwrap();
     assert_eq!(status.controller.schema.0, 2);
     // Nodes keep serving their release-1 parameters from the cache all the way to the end.
@@ -164,9 +152,7 @@ async fn release_1_nodes_get_deliver_from_a_release_2_controller_and_their_recor
         "{body}"
     );
 
-    s.fleet.stop_nodes().await.unwrap();
-    let r = s.fleet.check().await.unwrap();
-    assert_exact(&s.name, &r);
+    let r = stop_and_check(&mut s.fleet, &s.name).await;
     assert!(r.translated > 0, "{r:?}");
     assert_eq!(
         r.translated, r.stored,
@@ -184,9 +170,7 @@ async fn a_release_2_node_is_fenced_by_a_release_1_controller_and_stores_nothing
         assert_eq!(n.grant_now.as_str(), "fenced", "{n:?}");
         assert_eq!(format!("{:?}", n.grant_reason), "NodeNewerThanDatabase");
     }
-    for n in &s.fleet.nodes {
-        wait_node_grant(&n.url(), "fenced").await;
-    }
+    wait_fleet_grant(&s.fleet, "fenced").await;
     let summary: Vec<Value> = s.fleet.op.get("/api/v1/records/summary").await.unwrap();
     assert!(summary.is_empty(), "{summary:?}");
     s.fleet.stop_all().await.unwrap();
@@ -197,15 +181,7 @@ async fn a_fence_reaches_nodes_at_once_they_queue_and_drain_after_unfence() {
     let mut s = setup("fence and unfence", 2, 2, 10_000).await;
     start_nodes(&mut s.fleet).await;
     sleep_until(s.event_start_ms + 2_000).await;
-    let _: Value = s
-        .fleet
-        .op
-        .post("/api/v1/fence", &serde_json::json!({}))
-        .await
-        .unwrap();
-    for n in &s.fleet.nodes {
-        wait_node_grant(&n.url(), "fenced").await;
-    }
+    set_fence(&s.fleet, true).await;
     let before: Vec<Value> = s.fleet.op.get("/api/v1/records/summary").await.unwrap();
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     let during: Vec<Value> = s.fleet.op.get("/api/v1/records/summary").await.unwrap();
@@ -214,19 +190,10 @@ async fn a_fence_reaches_nodes_at_once_they_queue_and_drain_after_unfence() {
         .as_u64()
         .unwrap();
     assert!(queued > 0, "a fenced node queues its records");
-    let _: Value = s
-        .fleet
-        .op
-        .post("/api/v1/unfence", &serde_json::json!({}))
-        .await
-        .unwrap();
-    for n in &s.fleet.nodes {
-        wait_node_grant(&n.url(), "full").await;
-    }
+    set_fence(&s.fleet, false).await;
     let v = watch_to_end(&s, 2).await;
     assert_eq!(v.failed_requests, 0, "{v:?}");
-    s.fleet.stop_nodes().await.unwrap();
-    assert_exact(&s.name, &s.fleet.check().await.unwrap());
+    stop_and_check(&mut s.fleet, &s.name).await;
     s.fleet.stop_all().await.unwrap();
 }
 
@@ -244,9 +211,7 @@ async fn a_node_killed_with_sigkill_and_restarted_loses_and_duplicates_nothing()
         tokio::time::sleep(Duration::from_millis(1_500)).await;
     }
     sleep_until(s.event_start_ms + 11_000).await;
-    s.fleet.stop_nodes().await.unwrap();
-    let r = s.fleet.check().await.unwrap();
-    assert_exact(&s.name, &r);
+    stop_and_check(&mut s.fleet, &s.name).await;
     s.fleet.stop_all().await.unwrap();
 }
 
@@ -447,11 +412,7 @@ async fn bad_input_gets_a_clear_json_error_and_changes_nothing() {
         );
     }
     // Stale epoch after a real fence, on the heartbeat too.
-    let _: Value = fleet
-        .op
-        .post("/api/v1/fence", &serde_json::json!({}))
-        .await
-        .unwrap();
+    post_empty(&fleet, "/api/v1/fence").await;
     let hb = serde_json::json!({"v": 1, "node_id": "probe", "epoch": epoch, "outbox": {"next_seq": 1, "oldest_unacked_seq": null, "count": 0}, "current_events": [], "staged": []});
     let (code, body) = post(&fleet, "/node/v1/heartbeat", Some(&cred), hb).await;
     assert_eq!(
@@ -488,15 +449,7 @@ async fn canary_the_checker_reports_records_removed_behind_the_systems_back() {
     start_nodes(&mut s.fleet).await;
     sleep_until(s.event_start_ms + 2_500).await;
     // Fenced, the nodes queue: their outboxes hold records that were never stored.
-    let _: Value = s
-        .fleet
-        .op
-        .post("/api/v1/fence", &serde_json::json!({}))
-        .await
-        .unwrap();
-    for n in &s.fleet.nodes {
-        wait_node_grant(&n.url(), "fenced").await;
-    }
+    set_fence(&s.fleet, true).await;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     s.fleet.stop_nodes().await.unwrap();
     let clean = s.fleet.check().await.unwrap();

@@ -103,28 +103,10 @@ async fn release_3_group_lists_its_channel_window_and_reports_hls_requests() {
     );
     // A fence makes every node write its alert (severity `warning` in
     // schema 3); after the unfence they land with everything else.
-    let _: Value = s
-        .fleet
-        .op
-        .post("/api/v1/fence", &serde_json::json!({}))
-        .await
-        .unwrap();
-    for n in &s.fleet.nodes {
-        wait_node_grant(&n.url(), "fenced").await;
-    }
-    let _: Value = s
-        .fleet
-        .op
-        .post("/api/v1/unfence", &serde_json::json!({}))
-        .await
-        .unwrap();
-    for n in &s.fleet.nodes {
-        wait_node_grant(&n.url(), "full").await;
-    }
+    set_fence(&s.fleet, true).await;
+    set_fence(&s.fleet, false).await;
     sleep_until(s.event_end_ms() + 1_500).await;
-    s.fleet.stop_nodes().await.unwrap();
-    let r = s.fleet.check().await.unwrap();
-    assert_exact(&s.name, &r);
+    let r = stop_and_check(&mut s.fleet, &s.name).await;
     assert_eq!(r.translated, 0, "{r:?}");
     let alerts = count_alerts(&s.fleet).await;
     assert_eq!(alerts, 2, "one fence alert per node");
@@ -136,17 +118,7 @@ async fn release_2_nodes_deliver_to_a_release_3_controller_and_their_records_lan
     let mut s = setup("release 2 nodes, release 3 controller", 2, 2, None, 14_000).await;
     sleep_until(s.event_start_ms + 2_500).await;
     // Replace the controller with release 3 on the same database: it migrates 2 -> 3.
-    s.fleet
-        .controller
-        .take()
-        .unwrap()
-        .terminate()
-        .await
-        .unwrap();
-    s.fleet.start_controller(3).await.unwrap();
-    for n in &s.fleet.nodes {
-        wait_node_grant(&n.url(), "deliver").await;
-    }
+    replace_controller(&mut s.fleet, 3, "deliver").await;
     let status = s.fleet.op.status().await.unwrap();
     assert_eq!(status.controller.schema.0, 3);
     let channels: Vec<ChannelSpec> = s.fleet.op.get("/api/v1/channels").await.unwrap();
@@ -156,9 +128,7 @@ async fn release_2_nodes_deliver_to_a_release_3_controller_and_their_records_lan
         assert!(playlist_segments(&n.url()).await <= 6);
     }
     sleep_until(s.event_end_ms() + 1_500).await;
-    s.fleet.stop_nodes().await.unwrap();
-    let r = s.fleet.check().await.unwrap();
-    assert_exact(&s.name, &r);
+    let r = stop_and_check(&mut s.fleet, &s.name).await;
     assert_eq!(
         r.translated, r.stored,
         "every release-2 record is stored translated (migrated or delivered): {r:?}"

@@ -10,7 +10,7 @@
 mod common;
 
 use base64::Engine as _;
-use common::{exe, Site};
+use common::{exe, node_status, post_empty, start_upgrade, Site};
 use handover::artifact::{self, KeyFiles};
 use handover::fleet::Fleet;
 use handover_controller::artifacts::{MANIFEST_HEADER, SIGNATURE_HEADER};
@@ -171,14 +171,7 @@ async fn only_an_artifact_signed_by_a_trusted_key_upgrades_the_cluster() {
         assert!(ok, "{} never served {CHANNEL}", n.id);
     }
     assert_still_serving(&fleet, "start").await;
-    let node: Value = http
-        .get(format!("{}/status", fleet.nodes[0].url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let node = node_status(&fleet.nodes[0].url()).await.unwrap();
     assert_eq!(node["trusted_keys"], serde_json::json!([key_a.key_id]));
     assert_eq!(node["stage_error"], Value::Null);
 
@@ -279,25 +272,13 @@ async fn only_an_artifact_signed_by_a_trusted_key_upgrades_the_cluster() {
     let stored = artifact::upload(&fleet.op, &good).await.unwrap();
     assert_eq!(stored, manifest);
     restart_node_trusting(&mut fleet, 1, &key_b.public).await;
-    let _ = handover::upgrade::start(
-        &fleet.op,
-        &handover_core::api::UpgradeRequest::new(&stored.id(), "failover"),
-    )
-    .await
-    .unwrap();
+    start_upgrade(&fleet, &stored.id(), "failover", &[]).await;
     let backup = fleet.nodes[1].url();
     let mut seen = None;
     for _ in 0..300 {
         let s = handover::upgrade::status(&fleet.op).await.unwrap();
         let up = s.upgrade.clone().unwrap();
-        let node: Value = http
-            .get(format!("{backup}/status"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let node = node_status(&backup).await.unwrap();
         // The primary stages it; the backup refuses it, again and again.
         if up.phase == Phase::Stage
             && up.waiting_for.contains(&group.backup)
@@ -324,22 +305,13 @@ async fn only_an_artifact_signed_by_a_trusted_key_upgrades_the_cluster() {
     );
     assert_eq!(node["trusted_keys"], serde_json::json!([key_b.key_id]));
     assert_eq!(node["release"], 1);
-    let aborted: Value = fleet
-        .op
-        .post("/api/v1/upgrade/abort", &serde_json::json!({}))
-        .await
-        .unwrap();
+    let aborted = post_empty(&fleet, "/api/v1/upgrade/abort").await;
     assert_eq!(aborted["status"]["state"], "aborted", "{aborted}");
     restart_node_trusting(&mut fleet, 1, &key_a.public).await;
 
     // (5) Properly signed with A, every node trusting A: staged by the
     // nodes (which check the signature themselves) and the cluster upgrades.
-    let _ = handover::upgrade::start(
-        &fleet.op,
-        &handover_core::api::UpgradeRequest::new(&stored.id(), "failover"),
-    )
-    .await
-    .unwrap();
+    start_upgrade(&fleet, &stored.id(), "failover", &[]).await;
     let s = fleet
         .wait_upgrade_over(Duration::from_secs(150))
         .await

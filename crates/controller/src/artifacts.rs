@@ -36,7 +36,7 @@
 //! into place, so `<id>/` exists only when complete. A mismatch keeps
 //! nothing.
 
-use crate::{bearer, same_token, ApiError, ApiResult};
+use crate::{check_operator_token, ApiError, ApiResult};
 use axum::body::{Body, BodyDataStream};
 use axum::extract::rejection::PathRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -81,17 +81,7 @@ pub trait ArtifactHost: Clone + Send + Sync + 'static {
 
     /// `Authorization: Bearer <operator token>`, compared in constant time.
     fn check_operator(&self, headers: &HeaderMap) -> ApiResult<()> {
-        match bearer(headers) {
-            Some(t) if same_token(t, self.operator_token()) => Ok(()),
-            Some(_) => Err(ApiError::operator(
-                ErrorCode::Unauthorized,
-                "wrong operator token",
-            )),
-            None => Err(ApiError::operator(
-                ErrorCode::Unauthorized,
-                "missing `Authorization: Bearer <operator token>` (see --operator-token)",
-            )),
-        }
+        check_operator_token(headers, self.operator_token())
     }
 }
 
@@ -188,6 +178,17 @@ async fn lookup<H: ArtifactHost>(host: &H, id: String) -> ApiResult<Stored> {
         }
         ApiError::from(m)
     })
+}
+
+/// What a node asks for by id: its credential checked first, then the id,
+/// then the artifact looked up.
+async fn node_lookup<H: ArtifactHost>(
+    host: &H,
+    id: Result<Path<String>, PathRejection>,
+    headers: &HeaderMap,
+) -> ApiResult<Stored> {
+    host.check_node(headers).await?;
+    lookup(host, artifact_id(id)?).await
 }
 
 /// `PUT /api/v1/artifacts/{sha256}`: the manifest in the
@@ -352,9 +353,7 @@ pub async fn node_manifest<H: ArtifactHost>(
     id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    host.check_node(&headers).await?;
-    let id = artifact_id(id)?;
-    let stored = lookup(&host, id).await?;
+    let stored = node_lookup(&host, id, &headers).await?;
     Ok((
         [(header::CONTENT_TYPE, "application/json")],
         stored.document,
@@ -410,13 +409,11 @@ pub async fn node_binary<H: ArtifactHost>(
     id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    host.check_node(&headers).await?;
-    let id = artifact_id(id)?;
     let Stored {
         manifest: m,
         binary: path,
         ..
-    } = lookup(&host, id).await?;
+    } = node_lookup(&host, id, &headers).await?;
     let file = tokio::fs::File::open(&path).await.map_err(|error| {
         ApiError::from(ArtifactStoreError::from(IoError {
             op: "open",

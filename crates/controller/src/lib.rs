@@ -382,6 +382,22 @@ pub(crate) fn same_token(a: &str, b: &str) -> bool {
             == 0
 }
 
+/// `Authorization: Bearer <operator token>` against `token`, compared in
+/// constant time: the one check of every operator route.
+pub(crate) fn check_operator_token(headers: &axum::http::HeaderMap, token: &str) -> ApiResult<()> {
+    match bearer(headers) {
+        Some(t) if same_token(t, token) => Ok(()),
+        Some(_) => Err(ApiError::operator(
+            handover_core::api::ErrorCode::Unauthorized,
+            "wrong operator token",
+        )),
+        None => Err(ApiError::operator(
+            handover_core::api::ErrorCode::Unauthorized,
+            "missing `Authorization: Bearer <operator token>` (see --operator-token)",
+        )),
+    }
+}
+
 pub(crate) fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
     headers
         .get(axum::http::header::AUTHORIZATION)?

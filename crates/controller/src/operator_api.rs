@@ -2,12 +2,11 @@
 //! Every call needs `Authorization: Bearer <operator token>`. Requests and
 //! answers are the types of [`handover_core::api`], which the CLI reads too.
 
-use crate::{bearer, now_ms, same_token, ApiError, ApiResult, Shared};
+use crate::{check_operator_token, now_ms, ApiError, ApiResult, Shared};
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::Json;
-use handover_core::api::ErrorCode;
 use handover_core::api::{
     ChannelSpec, ClusterInfo, ControllerInfo, EventSpec, EventView, GroupNodes, NodeStatus,
     RecordSummary, RecordsQuery, Status, StoredRecord,
@@ -17,17 +16,7 @@ use handover_core::params::Group;
 use handover_store::RECORDS_PAGE_MAX;
 
 pub(crate) fn operator(state: &Shared, headers: &HeaderMap) -> ApiResult<()> {
-    match bearer(headers) {
-        Some(t) if same_token(t, &state.config.operator_token) => Ok(()),
-        Some(_) => Err(ApiError::operator(
-            ErrorCode::Unauthorized,
-            "wrong operator token",
-        )),
-        None => Err(ApiError::operator(
-            ErrorCode::Unauthorized,
-            "missing `Authorization: Bearer <operator token>` (see --operator-token)",
-        )),
-    }
+    check_operator_token(headers, &state.config.operator_token)
 }
 
 pub async fn status(State(state): State<Shared>, headers: HeaderMap) -> ApiResult<Json<Status>> {

@@ -618,6 +618,45 @@ mod tests {
         (format!("http://{addr}/"), fake)
     }
 
+    /// What every staging test starts from: a fake controller serving
+    /// `serve`, an empty data dir and a client.
+    struct Bed {
+        url: String,
+        fake: Arc<Fake>,
+        dir: tempfile::TempDir,
+        http: reqwest::Client,
+        /// The fake's artifact.
+        id: String,
+    }
+
+    impl Bed {
+        async fn new(serve: Serve) -> Bed {
+            let (url, fake) = server(serve).await;
+            let id = fake.manifest.id();
+            Bed {
+                url,
+                fake,
+                dir: tempfile::tempdir().unwrap(),
+                http: reqwest::Client::new(),
+                id,
+            }
+        }
+
+        fn dir(&self) -> &Path {
+            self.dir.path()
+        }
+
+        /// Stages the fake's artifact, trusting `trusted`.
+        async fn stage(&self, trusted: &[PublicKey]) -> Result<Staged, StageError> {
+            stage(&self.http, &self.url, CRED, self.dir(), &self.id, trusted).await
+        }
+
+        fn assert_nothing_left(&self) {
+            let left = leftovers(self.dir());
+            assert!(left.is_empty(), "{left:?}");
+        }
+    }
+
     fn leftovers(data_dir: &Path) -> Vec<String> {
         match std::fs::read_dir(data_dir.join(RELEASES_DIR)) {
             Ok(rd) => rd
@@ -629,68 +668,53 @@ mod tests {
 
     #[tokio::test]
     async fn stages_a_good_artifact_once() {
-        let (url, fake) = server(Serve::Good).await;
-        let dir = tempfile::tempdir().unwrap();
-        let http = reqwest::Client::new();
-        let id = fake.manifest.id();
-        let s = stage(&http, &url, CRED, dir.path(), &id, NOKEYS)
-            .await
-            .unwrap();
-        assert_eq!(s.manifest, fake.manifest);
-        assert_eq!(s.binary, binary_path(dir.path(), &id));
-        assert_eq!(std::fs::read(&s.binary).unwrap(), fake.bytes);
+        let bed = Bed::new(Serve::Good).await;
+        let s = bed.stage(NOKEYS).await.unwrap();
+        assert_eq!(s.manifest, bed.fake.manifest);
+        assert_eq!(s.binary, binary_path(bed.dir(), &bed.id));
+        assert_eq!(std::fs::read(&s.binary).unwrap(), bed.fake.bytes);
         let mode = std::fs::metadata(&s.binary).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o755);
-        let on_disk =
-            std::fs::read(dir.path().join(RELEASES_DIR).join(&id).join(MANIFEST_FILE)).unwrap();
-        assert_eq!(Manifest::decode(&on_disk).unwrap(), fake.manifest);
-        assert_eq!(leftovers(dir.path()), vec![id.clone()]);
-        assert_eq!(staged(dir.path(), NOKEYS), vec![fake.manifest.clone()]);
+        let on_disk = std::fs::read(
+            bed.dir()
+                .join(RELEASES_DIR)
+                .join(&bed.id)
+                .join(MANIFEST_FILE),
+        )
+        .unwrap();
+        assert_eq!(Manifest::decode(&on_disk).unwrap(), bed.fake.manifest);
+        assert_eq!(leftovers(bed.dir()), vec![bed.id.clone()]);
+        assert_eq!(staged(bed.dir(), NOKEYS), vec![bed.fake.manifest.clone()]);
 
         // Already staged: verified on disk, not downloaded again.
-        let again = stage(&http, &url, CRED, dir.path(), &id, NOKEYS)
-            .await
-            .unwrap();
+        let again = bed.stage(NOKEYS).await.unwrap();
         assert_eq!(again, s);
-        assert_eq!(fake.binary_gets.load(Ordering::SeqCst), 1);
+        assert_eq!(bed.fake.binary_gets.load(Ordering::SeqCst), 1);
 
         // Corrupted on disk: removed and downloaded again.
         let mut bytes = std::fs::read(&s.binary).unwrap();
         bytes[7] ^= 1;
         std::fs::write(&s.binary, &bytes).unwrap();
-        let healed = stage(&http, &url, CRED, dir.path(), &id, NOKEYS)
-            .await
-            .unwrap();
-        assert_eq!(std::fs::read(&healed.binary).unwrap(), fake.bytes);
-        assert_eq!(fake.binary_gets.load(Ordering::SeqCst), 2);
+        let healed = bed.stage(NOKEYS).await.unwrap();
+        assert_eq!(std::fs::read(&healed.binary).unwrap(), bed.fake.bytes);
+        assert_eq!(bed.fake.binary_gets.load(Ordering::SeqCst), 2);
     }
 
     async fn refused_and_nothing_staged(serve: Serve, code: &str) {
-        let (url, fake) = server(serve).await;
-        let dir = tempfile::tempdir().unwrap();
-        let http = reqwest::Client::new();
-        let id = fake.manifest.id();
-        let err = stage(&http, &url, CRED, dir.path(), &id, NOKEYS)
-            .await
-            .unwrap_err();
+        let bed = Bed::new(serve).await;
+        let err = bed.stage(NOKEYS).await.unwrap_err();
         match &err {
             StageError::Digest { source, .. } => assert_eq!(source.code(), code, "{err}"),
             other => panic!("expected a digest error, got {other}"),
         }
         assert!(err.to_string().contains("not staged"), "{err}");
-        assert!(
-            leftovers(dir.path()).is_empty(),
-            "{:?}",
-            leftovers(dir.path())
-        );
-        assert!(staged(dir.path(), NOKEYS).is_empty());
+        bed.assert_nothing_left();
+        assert!(staged(bed.dir(), NOKEYS).is_empty());
 
         // Once the controller serves the right bytes, it stages.
-        *fake.serve.lock().unwrap() = Serve::Good;
-        stage(&http, &url, CRED, dir.path(), &id, NOKEYS)
-            .await
-            .unwrap();
-        assert_eq!(staged(dir.path(), NOKEYS).len(), 1);
+        *bed.fake.serve.lock().unwrap() = Serve::Good;
+        bed.stage(NOKEYS).await.unwrap();
+        assert_eq!(staged(bed.dir(), NOKEYS).len(), 1);
     }
 
     #[tokio::test]
@@ -710,15 +734,10 @@ mod tests {
 
     #[tokio::test]
     async fn other_refusals() {
-        let (url, fake) = server(Serve::OtherManifest).await;
-        let dir = tempfile::tempdir().unwrap();
-        let http = reqwest::Client::new();
-        let id = fake.manifest.id();
-        let err = stage(&http, &url, CRED, dir.path(), &id, NOKEYS)
-            .await
-            .unwrap_err();
+        let bed = Bed::new(Serve::OtherManifest).await;
+        let err = bed.stage(NOKEYS).await.unwrap_err();
         assert!(matches!(err, StageError::Manifest { .. }), "{err}");
-        let err = stage(&http, &url, "wrong", dir.path(), &id, NOKEYS)
+        let err = stage(&bed.http, &bed.url, "wrong", bed.dir(), &bed.id, NOKEYS)
             .await
             .unwrap_err();
         match &err {
@@ -727,23 +746,37 @@ mod tests {
             }
             other => panic!("expected a refusal, got {other}"),
         }
-        let err = stage(&http, &url, CRED, dir.path(), "r2-000000000000", NOKEYS)
-            .await
-            .unwrap_err();
+        let err = stage(
+            &bed.http,
+            &bed.url,
+            CRED,
+            bed.dir(),
+            "r2-000000000000",
+            NOKEYS,
+        )
+        .await
+        .unwrap_err();
         assert!(
             matches!(err, StageError::Refused { status: 404, .. }),
             "{err}"
         );
-        let err = stage(&http, &url, CRED, dir.path(), "../../etc", NOKEYS)
+        let err = stage(&bed.http, &bed.url, CRED, bed.dir(), "../../etc", NOKEYS)
             .await
             .unwrap_err();
         assert!(matches!(err, StageError::BadId(_)), "{err}");
-        let err = stage(&http, "http://127.0.0.1:9", CRED, dir.path(), &id, NOKEYS)
-            .await
-            .unwrap_err();
+        let err = stage(
+            &bed.http,
+            "http://127.0.0.1:9",
+            CRED,
+            bed.dir(),
+            &bed.id,
+            NOKEYS,
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, StageError::Unreachable { .. }), "{err}");
-        assert_eq!(fake.binary_gets.load(Ordering::SeqCst), 0);
-        assert!(staged(dir.path(), NOKEYS).is_empty());
+        assert_eq!(bed.fake.binary_gets.load(Ordering::SeqCst), 0);
+        assert!(staged(bed.dir(), NOKEYS).is_empty());
     }
 
     #[tokio::test]
@@ -790,21 +823,16 @@ mod tests {
 
     #[tokio::test]
     async fn stages_a_signed_artifact_and_checks_it_again() {
-        let (url, fake) = server(Serve::Good).await;
+        let bed = Bed::new(Serve::Good).await;
         let (kp_a, key_a) = keypair();
         let (_, key_b) = keypair();
-        let doc = fake.manifest.to_pretty_json();
+        let doc = bed.fake.manifest.to_pretty_json();
         let sig = sign(&kp_a, doc.as_bytes());
-        *fake.signature.lock().unwrap() = Some(sig.clone());
-        let dir = tempfile::tempdir().unwrap();
-        let http = reqwest::Client::new();
-        let id = fake.manifest.id();
+        *bed.fake.signature.lock().unwrap() = Some(sig.clone());
         let trusted = std::slice::from_ref(&key_a);
-        let s = stage(&http, &url, CRED, dir.path(), &id, trusted)
-            .await
-            .unwrap();
-        assert_eq!(s.manifest, fake.manifest);
-        let release_dir = dir.path().join(RELEASES_DIR).join(&id);
+        let s = bed.stage(trusted).await.unwrap();
+        assert_eq!(s.manifest, bed.fake.manifest);
+        let release_dir = bed.dir().join(RELEASES_DIR).join(&bed.id);
         assert_eq!(
             std::fs::read_to_string(release_dir.join(MANIFEST_FILE)).unwrap(),
             doc
@@ -813,43 +841,32 @@ mod tests {
             std::fs::read_to_string(release_dir.join(SIGNATURE_FILE)).unwrap(),
             sig
         );
-        assert_eq!(staged(dir.path(), trusted), vec![fake.manifest.clone()]);
+        assert_eq!(staged(bed.dir(), trusted), vec![bed.fake.manifest.clone()]);
         // Another node's keys: this staged copy is not one it would run.
-        assert!(staged(dir.path(), &[key_b]).is_empty());
+        assert!(staged(bed.dir(), &[key_b]).is_empty());
         // Already staged and still verifies: not downloaded again.
-        stage(&http, &url, CRED, dir.path(), &id, trusted)
-            .await
-            .unwrap();
-        assert_eq!(fake.binary_gets.load(Ordering::SeqCst), 1);
+        bed.stage(trusted).await.unwrap();
+        assert_eq!(bed.fake.binary_gets.load(Ordering::SeqCst), 1);
         // A staged manifest edited on disk no longer verifies: staged()
         // drops it, and stage() downloads it again.
-        let mut edited = fake.manifest.clone();
+        let mut edited = bed.fake.manifest.clone();
         edited.created_ms += 1;
         std::fs::write(release_dir.join(MANIFEST_FILE), edited.to_pretty_json()).unwrap();
-        assert!(staged(dir.path(), trusted).is_empty());
-        stage(&http, &url, CRED, dir.path(), &id, trusted)
-            .await
-            .unwrap();
-        assert_eq!(fake.binary_gets.load(Ordering::SeqCst), 2);
-        assert_eq!(staged(dir.path(), trusted), vec![fake.manifest.clone()]);
+        assert!(staged(bed.dir(), trusted).is_empty());
+        bed.stage(trusted).await.unwrap();
+        assert_eq!(bed.fake.binary_gets.load(Ordering::SeqCst), 2);
+        assert_eq!(staged(bed.dir(), trusted), vec![bed.fake.manifest.clone()]);
     }
 
     #[tokio::test]
     async fn an_artifact_staged_unsigned_is_fetched_again_once_keys_are_trusted() {
-        let (url, fake) = server(Serve::Good).await;
-        let dir = tempfile::tempdir().unwrap();
-        let http = reqwest::Client::new();
-        let id = fake.manifest.id();
-        stage(&http, &url, CRED, dir.path(), &id, NOKEYS)
-            .await
-            .unwrap();
+        let bed = Bed::new(Serve::Good).await;
+        bed.stage(NOKEYS).await.unwrap();
         let (kp, key) = keypair();
         let trusted = std::slice::from_ref(&key);
-        assert!(staged(dir.path(), trusted).is_empty());
+        assert!(staged(bed.dir(), trusted).is_empty());
         // The controller has no signature: refused, and nothing is left.
-        let err = stage(&http, &url, CRED, dir.path(), &id, trusted)
-            .await
-            .unwrap_err();
+        let err = bed.stage(trusted).await.unwrap_err();
         assert!(
             matches!(
                 &err,
@@ -860,26 +877,20 @@ mod tests {
             ),
             "{err}"
         );
-        assert!(
-            leftovers(dir.path()).is_empty(),
-            "{:?}",
-            leftovers(dir.path())
-        );
-        *fake.signature.lock().unwrap() =
-            Some(sign(&kp, fake.manifest.to_pretty_json().as_bytes()));
-        stage(&http, &url, CRED, dir.path(), &id, trusted)
-            .await
-            .unwrap();
-        assert_eq!(staged(dir.path(), trusted).len(), 1);
+        bed.assert_nothing_left();
+        *bed.fake.signature.lock().unwrap() =
+            Some(sign(&kp, bed.fake.manifest.to_pretty_json().as_bytes()));
+        bed.stage(trusted).await.unwrap();
+        assert_eq!(staged(bed.dir(), trusted).len(), 1);
     }
 
     #[tokio::test]
     async fn unsigned_untrusted_or_tampered_is_refused_before_the_binary() {
         let (kp_a, key_a) = keypair();
         let (kp_b, _) = keypair();
-        let (url, fake) = server(Serve::Good).await;
-        let doc = fake.manifest.to_pretty_json();
-        let mut other = fake.manifest.clone();
+        let mut bed = Bed::new(Serve::Good).await;
+        let doc = bed.fake.manifest.to_pretty_json();
+        let mut other = bed.fake.manifest.clone();
         other.created_ms += 1;
         let cases = [
             (None, "unsigned"),
@@ -890,33 +901,18 @@ mod tests {
             ),
             (Some("junk".to_owned()), "bad_signature"),
         ];
-        let http = reqwest::Client::new();
-        let id = fake.manifest.id();
         for (sig, code) in cases {
-            *fake.signature.lock().unwrap() = sig;
-            let dir = tempfile::tempdir().unwrap();
-            let err = stage(
-                &http,
-                &url,
-                CRED,
-                dir.path(),
-                &id,
-                std::slice::from_ref(&key_a),
-            )
-            .await
-            .unwrap_err();
+            *bed.fake.signature.lock().unwrap() = sig;
+            bed.dir = tempfile::tempdir().unwrap();
+            let err = bed.stage(std::slice::from_ref(&key_a)).await.unwrap_err();
             match &err {
                 StageError::Signature { source, .. } => assert_eq!(source.code(), code, "{err}"),
                 other => panic!("expected a signature refusal, got {other}"),
             }
             assert!(err.to_string().contains("keeps running"), "{err}");
-            assert!(
-                leftovers(dir.path()).is_empty(),
-                "{:?}",
-                leftovers(dir.path())
-            );
-            assert!(staged(dir.path(), NOKEYS).is_empty());
+            bed.assert_nothing_left();
+            assert!(staged(bed.dir(), NOKEYS).is_empty());
         }
-        assert_eq!(fake.binary_gets.load(Ordering::SeqCst), 0);
+        assert_eq!(bed.fake.binary_gets.load(Ordering::SeqCst), 0);
     }
 }

@@ -25,8 +25,8 @@ mod writer;
 use migration::schema_behind;
 pub use migration::{migrate, TEST_FAULT_ENV};
 use rows::{
-    check_spec, event_views, insert_rows, json, parse_grant, parse_role, to_i64, to_u64,
-    window_needs_schema_3, RUNG_HEIGHT_DEFAULT, RUNG_KBPS_DEFAULT,
+    check_spec, event_views, insert_rows, json, ladder_channel, parse_grant, parse_role,
+    stored_params, to_i64, to_u64, window_needs_schema_3, RUNG_HEIGHT_DEFAULT, RUNG_KBPS_DEFAULT,
 };
 use tables::{product_tables, SHARED_TABLES};
 use writer::{Queue, Registration, Rows, BATCHES_PER_COMMIT_MAX, REGISTRATIONS_PER_COMMIT_MAX};
@@ -591,8 +591,7 @@ impl Store for SqliteStore {
         let params = self.params().await?;
         match self.info.schema.0 {
             1 => {
-                let p: v1::Params = serde_json::from_value(params)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let p: v1::Params = stored_params(params)?;
                 Ok(p.channels
                     .into_iter()
                     .map(|c| {
@@ -615,30 +614,18 @@ impl Store for SqliteStore {
                     .collect())
             }
             2 => {
-                let p: v2::Params = serde_json::from_value(params)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let p: v2::Params = stored_params(params)?;
                 Ok(p.channels
                     .into_iter()
-                    .map(|c| ChannelSpec {
-                        name: c.name,
-                        title: None,
-                        segment_ms: c.segment_ms,
-                        ladder: c.ladder,
-                        window_segments: None,
-                    })
+                    .map(|c| ladder_channel(c.name, c.segment_ms, c.ladder, None))
                     .collect())
             }
             3 => {
-                let p: v3::Params = serde_json::from_value(params)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let p: v3::Params = stored_params(params)?;
                 Ok(p.channels
                     .into_iter()
-                    .map(|c| ChannelSpec {
-                        name: c.name,
-                        title: None,
-                        segment_ms: c.segment_ms,
-                        ladder: c.ladder,
-                        window_segments: Some(c.window_segments),
+                    .map(|c| {
+                        ladder_channel(c.name, c.segment_ms, c.ladder, Some(c.window_segments))
                     })
                     .collect())
             }
@@ -757,8 +744,7 @@ impl Store for SqliteStore {
         let params = self.params().await?;
         match self.info.schema.0 {
             1 => {
-                let p: v1::Params = serde_json::from_value(params)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let p: v1::Params = stored_params(params)?;
                 p.events
                     .into_iter()
                     .map(|e| {
@@ -774,13 +760,11 @@ impl Store for SqliteStore {
                     .collect()
             }
             2 => {
-                let p: v2::Params = serde_json::from_value(params)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let p: v2::Params = stored_params(params)?;
                 Ok(event_views(p.events, &by_id))
             }
             3 => {
-                let p: v3::Params = serde_json::from_value(params)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let p: v3::Params = stored_params(params)?;
                 Ok(event_views(p.events, &by_id))
             }
             other => Err(StoreError::UnknownSchema(other)),

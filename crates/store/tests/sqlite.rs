@@ -10,13 +10,37 @@ use handover_store::sqlite::SqliteStore;
 use handover_store::{NodeRegistration, Store, StoreError};
 
 async fn open(dir: &tempfile::TempDir, release: u32) -> SqliteStore {
+    try_open(dir, release).await.unwrap()
+}
+
+async fn try_open(dir: &tempfile::TempDir, release: u32) -> Result<SqliteStore, StoreError> {
     SqliteStore::open(
         &dir.path().join("db.sqlite"),
         Release(release),
         &dir.path().join("snapshots"),
     )
     .await
-    .unwrap()
+}
+
+/// `release` refuses the database in `dir`, which is at the newer schema `db`.
+async fn assert_schema_ahead(dir: &tempfile::TempDir, release: u32, db: u32) {
+    let err = try_open(dir, release).await.err().unwrap();
+    assert!(
+        matches!(err, StoreError::SchemaAhead { db: d, release: r } if (d, r) == (db, release)),
+        "{err}"
+    );
+}
+
+/// A release-1 database in `dir`, [`seed`]ed, holding `count` segment
+/// records of node `n1`.
+async fn release_1_with_segments(dir: &tempfile::TempDir, count: u64) -> SqliteStore {
+    let store = open(dir, 1).await;
+    seed(&store).await;
+    store
+        .store_batch("n1", Schema(1), 1, &segments(1, None, 0..count))
+        .await
+        .unwrap();
+    store
 }
 
 async fn seed(store: &SqliteStore) {
@@ -153,12 +177,7 @@ async fn a_bad_record_refuses_the_whole_batch() {
 async fn migration_1_to_2_translates_everything_once() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let store = open(&dir, 1).await;
-        seed(&store).await;
-        store
-            .store_batch("n1", Schema(1), 1, &segments(1, None, 0..5))
-            .await
-            .unwrap();
+        let store = release_1_with_segments(&dir, 5).await;
         assert_eq!(store.cluster().await.unwrap().schema, Schema(1));
     }
     let store = open(&dir, 2).await;
@@ -186,18 +205,7 @@ async fn migration_1_to_2_translates_everything_once() {
         .unwrap();
     assert_eq!(again.stored, 0);
     drop(store);
-    let err = SqliteStore::open(
-        &dir.path().join("db.sqlite"),
-        Release(1),
-        &dir.path().join("snapshots"),
-    )
-    .await
-    .err()
-    .unwrap();
-    assert!(
-        matches!(err, StoreError::SchemaAhead { db: 2, release: 1 }),
-        "{err}"
-    );
+    assert_schema_ahead(&dir, 1, 2).await;
 }
 
 #[tokio::test]
@@ -413,18 +421,7 @@ async fn migration_2_to_3_keeps_every_row_as_translated() {
     assert_eq!(migrated_rows, record_rows(&translated).await);
 
     // An older release no longer opens the migrated database.
-    let err = SqliteStore::open(
-        &migrated.path().join("db.sqlite"),
-        Release(2),
-        &migrated.path().join("snapshots"),
-    )
-    .await
-    .err()
-    .unwrap();
-    assert!(
-        matches!(err, StoreError::SchemaAhead { db: 3, release: 2 }),
-        "{err}"
-    );
+    assert_schema_ahead(&migrated, 2, 3).await;
 }
 
 /// Release 3 migrates only from schema 2: a schema-1 database is refused,
@@ -432,14 +429,7 @@ async fn migration_2_to_3_keeps_every_row_as_translated() {
 #[tokio::test]
 async fn release_3_refuses_a_schema_1_database() {
     let dir = tempfile::tempdir().unwrap();
-    {
-        let store = open(&dir, 1).await;
-        seed(&store).await;
-        store
-            .store_batch("n1", Schema(1), 1, &segments(1, None, 0..3))
-            .await
-            .unwrap();
-    }
+    drop(release_1_with_segments(&dir, 3).await);
     let err = open_release_3(&dir).await.err().unwrap();
     assert!(
         matches!(

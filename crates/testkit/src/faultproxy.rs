@@ -398,6 +398,35 @@ impl Parser {
         }
     }
 
+    /// The bytes of `data` up to `end` (which is consumed too), joined to
+    /// what earlier calls kept; `None` when `data` ends first: it is all
+    /// kept, and a line longer than `HEAD_BYTES_MAX` loses the stream.
+    fn take_line(&mut self, data: &mut &[u8], end: &[u8]) -> Option<Vec<u8>> {
+        let bytes = std::mem::take(data);
+        match take_until(&mut self.line, bytes, end) {
+            Some((line, rest)) => {
+                *data = rest;
+                Some(line)
+            }
+            None => {
+                if self.line.len() > HEAD_BYTES_MAX {
+                    self.part = Part::Lost;
+                }
+                None
+            }
+        }
+    }
+
+    /// Keeps up to `left` bytes of `data` as body and advances past them;
+    /// how many bytes of body are still to come.
+    fn keep_body(&mut self, data: &mut &[u8], left: u64) -> u64 {
+        let bytes = std::mem::take(data);
+        let n = usize::try_from(left).unwrap_or(usize::MAX).min(bytes.len());
+        self.keep(bytes.get(..n).unwrap_or_default());
+        *data = bytes.get(n..).unwrap_or_default();
+        left - n as u64
+    }
+
     /// Feeds bytes; returns every message they completed.
     fn feed(&mut self, mut data: &[u8]) -> Vec<Message> {
         let mut done = Vec::new();
@@ -408,38 +437,25 @@ impl Parser {
                     if self.line.is_empty() {
                         self.message.at = Some(Instant::now());
                     }
-                    let Some((line, rest)) = take_until(&mut self.line, data, b"\r\n\r\n") else {
-                        data = &[];
-                        if self.line.len() > HEAD_BYTES_MAX {
-                            self.part = Part::Lost;
-                        }
+                    let Some(line) = self.take_line(&mut data, b"\r\n\r\n") else {
                         continue;
                     };
-                    data = rest;
                     self.part = self.head(&line);
                     if self.part == (Part::Body { left: 0 }) {
                         done.push(self.finish());
                     }
                 }
                 Part::Body { left } => {
-                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(data.len());
-                    self.keep(data.get(..n).unwrap_or_default());
-                    data = data.get(n..).unwrap_or_default();
-                    let left = left - n as u64;
+                    let left = self.keep_body(&mut data, left);
                     self.part = Part::Body { left };
                     if left == 0 {
                         done.push(self.finish());
                     }
                 }
                 Part::ChunkSize => {
-                    let Some((line, rest)) = take_until(&mut self.line, data, b"\r\n") else {
-                        data = &[];
-                        if self.line.len() > HEAD_BYTES_MAX {
-                            self.part = Part::Lost;
-                        }
+                    let Some(line) = self.take_line(&mut data, b"\r\n") else {
                         continue;
                     };
-                    data = rest;
                     let text = String::from_utf8_lossy(&line);
                     let size = text.split(';').next().unwrap_or("").trim();
                     self.part = match u64::from_str_radix(size, 16) {
@@ -449,10 +465,7 @@ impl Parser {
                     };
                 }
                 Part::ChunkData { left } => {
-                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(data.len());
-                    self.keep(data.get(..n).unwrap_or_default());
-                    data = data.get(n..).unwrap_or_default();
-                    let left = left - n as u64;
+                    let left = self.keep_body(&mut data, left);
                     self.part = if left == 0 {
                         Part::ChunkEnd { left: 2 }
                     } else {
@@ -470,14 +483,9 @@ impl Parser {
                     };
                 }
                 Part::Trailer => {
-                    let Some((line, rest)) = take_until(&mut self.line, data, b"\r\n") else {
-                        data = &[];
-                        if self.line.len() > HEAD_BYTES_MAX {
-                            self.part = Part::Lost;
-                        }
+                    let Some(line) = self.take_line(&mut data, b"\r\n") else {
                         continue;
                     };
-                    data = rest;
                     // An empty line ends the trailer (and the message).
                     if line.is_empty() {
                         done.push(self.finish());

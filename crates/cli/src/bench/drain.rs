@@ -70,14 +70,7 @@ pub(super) async fn drain(exe: &Path, dir: &Path, s: &Sizes) -> anyhow::Result<F
     let mut fleet = Fleet::new(exe, &dir.join("drain"), SUBNET_DRAIN)?;
     fleet.supervised = false;
     fleet.start_controller(2).await?;
-    let spec = ChannelSpec {
-        name: "ch1".into(),
-        title: None,
-        segment_ms: 1000,
-        ladder: vec![],
-        window_segments: None,
-    };
-    let _: Value = fleet.op.post("/api/v1/channels", &spec).await?;
+    create_channel(&fleet).await?;
     let base_ms = crate::client::now_ms();
     let url = fleet.controller_url();
     let total = s.drain_nodes * s.drain_records_per_node;
@@ -188,15 +181,7 @@ pub(super) async fn drain_limit(dir: &Path, s: &Sizes, base_ms: i64) -> anyhow::
         &d.join("snapshots"),
     )
     .await?;
-    store
-        .create_channel(&ChannelSpec {
-            name: "ch1".into(),
-            title: None,
-            segment_ms: 1000,
-            ladder: vec![],
-            window_segments: None,
-        })
-        .await?;
+    store.create_channel(&bench_channel()).await?;
     let (directory, _) = store.channel_directory().await?;
     let mut spent = Duration::ZERO;
     let mut rows = 0usize;

@@ -225,6 +225,49 @@ fn put(f: &mut Figures, key: &str, v: f64) {
     f.insert(key.to_owned(), v);
 }
 
+/// The channel every bench serves: `ch1`, 1 s segments, no ladder.
+fn bench_channel() -> ChannelSpec {
+    ChannelSpec {
+        name: "ch1".into(),
+        title: None,
+        segment_ms: 1000,
+        ladder: vec![],
+        window_segments: None,
+    }
+}
+
+/// [`bench_channel`] on the fleet's controller.
+async fn create_channel(fleet: &Fleet) -> anyhow::Result<()> {
+    let _: Value = fleet.op.post("/api/v1/channels", &bench_channel()).await?;
+    Ok(())
+}
+
+/// Group `g1` of `primary` and `backup`, channel `ch1` ([`create_channel`])
+/// and an event on it for `g1`, starting `start_in_ms` from then and lasting
+/// `duration_ms`.
+async fn create_live_event(
+    fleet: &Fleet,
+    (primary, backup): (&str, &str),
+    start_in_ms: i64,
+    duration_ms: u64,
+) -> anyhow::Result<()> {
+    let group = Group {
+        name: "g1".into(),
+        primary: primary.into(),
+        backup: backup.into(),
+    };
+    let _: Value = fleet.op.post("/api/v1/groups", &group).await?;
+    create_channel(fleet).await?;
+    let ev = EventSpec {
+        channel: "ch1".into(),
+        group: "g1".into(),
+        start_ms: crate::client::now_ms() + start_in_ms,
+        duration_ms,
+    };
+    let _: Value = fleet.op.post("/api/v1/events", &ev).await?;
+    Ok(())
+}
+
 fn progress(msg: &str) {
     eprintln!("bench: {msg}");
 }

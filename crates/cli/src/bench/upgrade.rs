@@ -35,11 +35,17 @@ pub(super) async fn upgrade_demo(exe: &Path, dir: &Path) -> anyhow::Result<Figur
     let waiting = u["waiting_for_operations_ms"]
         .as_f64()
         .context("upgrade.waiting_for_operations_ms")?;
+    Ok(upgrade_figures(total, waiting))
+}
+
+/// An upgrade's figures: its total, its waiting for events, and the
+/// difference (the overhead the tool adds).
+fn upgrade_figures(total: f64, waiting: f64) -> Figures {
     let mut f = Figures::new();
     put(&mut f, "upgrade.overhead_ms", total - waiting);
     put(&mut f, "upgrade.total_ms", total);
     put(&mut f, "upgrade.waiting_ms", waiting);
-    Ok(f)
+    f
 }
 
 /// The small upgrade (one group, a 3 s event) is over well within this.
@@ -51,27 +57,7 @@ pub(super) async fn upgrade_small(exe: &Path, dir: &Path) -> anyhow::Result<Figu
     let mut fleet = Fleet::new(exe, &dir.join("upgrade"), SUBNET_UPGRADE_SMALL)?;
     fleet.start_controller(1).await?;
     let artifact = fleet.upload_artifact(2).await?;
-    let group = Group {
-        name: "g1".into(),
-        primary: "g1-a".into(),
-        backup: "g1-b".into(),
-    };
-    let _: Value = fleet.op.post("/api/v1/groups", &group).await?;
-    let spec = ChannelSpec {
-        name: "ch1".into(),
-        title: None,
-        segment_ms: 1000,
-        ladder: vec![],
-        window_segments: None,
-    };
-    let _: Value = fleet.op.post("/api/v1/channels", &spec).await?;
-    let ev = EventSpec {
-        channel: "ch1".into(),
-        group: "g1".into(),
-        start_ms: crate::client::now_ms() + 1_000,
-        duration_ms: 3_000,
-    };
-    let _: Value = fleet.op.post("/api/v1/events", &ev).await?;
+    create_live_event(&fleet, ("g1-a", "g1-b"), 1_000, 3_000).await?;
     fleet.add_node("g1-a", Role::Primary, "g1", 1);
     fleet.add_node("g1-b", Role::Backup, "g1", 1);
     for i in 0..fleet.nodes.len() {
@@ -92,9 +78,5 @@ pub(super) async fn upgrade_small(exe: &Path, dir: &Path) -> anyhow::Result<Figu
         .unwrap_or(up.started_ms)
         .saturating_sub(up.started_ms) as f64;
     let waiting = up.waiting_for_operations_ms as f64;
-    let mut f = Figures::new();
-    put(&mut f, "upgrade.overhead_ms", total - waiting);
-    put(&mut f, "upgrade.total_ms", total);
-    put(&mut f, "upgrade.waiting_ms", waiting);
-    Ok(f)
+    Ok(upgrade_figures(total, waiting))
 }

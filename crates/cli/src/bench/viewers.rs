@@ -152,27 +152,7 @@ pub(super) async fn viewers(
     let mut fleet = Fleet::new(exe, &dir.join("viewers"), SUBNET_VIEWERS)?;
     fleet.supervised = false;
     fleet.start_controller(1).await?;
-    let group = Group {
-        name: "g1".into(),
-        primary: "v-a".into(),
-        backup: "v-b".into(),
-    };
-    let _: Value = fleet.op.post("/api/v1/groups", &group).await?;
-    let spec = ChannelSpec {
-        name: "ch1".into(),
-        title: None,
-        segment_ms: 1000,
-        ladder: vec![],
-        window_segments: None,
-    };
-    let _: Value = fleet.op.post("/api/v1/channels", &spec).await?;
-    let ev = EventSpec {
-        channel: "ch1".into(),
-        group: "g1".into(),
-        start_ms: crate::client::now_ms() + 500,
-        duration_ms: 3_600_000,
-    };
-    let _: Value = fleet.op.post("/api/v1/events", &ev).await?;
+    create_live_event(&fleet, ("v-a", "v-b"), 500, 3_600_000).await?;
     fleet.supervised = true;
     let i = fleet.add_node("v-a", Role::Primary, "g1", 1);
     fleet.start_node(i).await?;

@@ -478,6 +478,34 @@ pub async fn wait_node_grant(url: &str, grant: &str) {
     );
 }
 
+/// Polls every node of `fleet` until its own /status reports `grant`.
+pub async fn wait_fleet_grant(fleet: &Fleet, grant: &str) {
+    for n in &fleet.nodes {
+        wait_node_grant(&n.url(), grant).await;
+    }
+}
+
+/// Fences (`fenced`) or unfences the cluster and waits until every node
+/// reports the grant that follows: `fenced` or `full`.
+pub async fn set_fence(fleet: &Fleet, fenced: bool) {
+    let (path, grant) = if fenced {
+        ("/api/v1/fence", "fenced")
+    } else {
+        ("/api/v1/unfence", "full")
+    };
+    post_empty(fleet, path).await;
+    wait_fleet_grant(fleet, grant).await;
+}
+
+/// Replaces the controller by hand (no supervisor, no upgrade) with a bare
+/// one of `release` on the same database, which it migrates, and waits
+/// until every node reports `grant`.
+pub async fn replace_controller(fleet: &mut Fleet, release: u32, grant: &str) {
+    fleet.controller.take().unwrap().terminate().await.unwrap();
+    fleet.start_controller(release).await.unwrap();
+    wait_fleet_grant(fleet, grant).await;
+}
+
 // ----------------------------------------------------------------- checks
 
 /// What one test saw, printed for the report.

@@ -1,4 +1,5 @@
 use super::*;
+use crate::{bearer, same_token};
 use futures_util::Stream;
 use handover_core::artifact::sha256_hex;
 use handover_core::artifact::{
@@ -91,35 +92,29 @@ async fn store_keeps_nothing_on_a_mismatch() {
     let m = manifest_of(&bytes);
     let mut bad = bytes.clone();
     bad[1234] ^= 0x80;
-    let err = store.put_stream(&m, chunks(&bad, 1000)).await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            ArtifactStoreError::Artifact(ArtifactError::DigestMismatch { .. })
-        ),
-        "{err}"
-    );
     let mut long = bytes.clone();
     long.push(0);
-    let err = store.put_stream(&m, chunks(&long, 1000)).await.unwrap_err();
-    assert!(
+    type Refusal = fn(&ArtifactStoreError) -> bool;
+    let digest: Refusal = |e| {
         matches!(
-            err,
-            ArtifactStoreError::Artifact(ArtifactError::SizeMismatch { .. })
-        ),
-        "{err}"
-    );
-    let err = store
-        .put_stream(&m, chunks(&bytes[..9_999], 1000))
-        .await
-        .unwrap_err();
-    assert!(
+            e,
+            ArtifactStoreError::Artifact(ArtifactError::DigestMismatch { .. })
+        )
+    };
+    let size: Refusal = |e| {
         matches!(
-            err,
+            e,
             ArtifactStoreError::Artifact(ArtifactError::SizeMismatch { .. })
-        ),
-        "{err}"
-    );
+        )
+    };
+    for (name, body, refused) in [
+        ("a flipped bit", &bad[..], digest),
+        ("a byte more", &long[..], size),
+        ("a byte less", &bytes[..9_999], size),
+    ] {
+        let err = store.put_stream(&m, chunks(body, 1000)).await.unwrap_err();
+        assert!(refused(&err), "{name}: {err}");
+    }
     let cut = futures_util::stream::iter(vec![Ok(bytes[..10].to_vec()), Err("reset".to_owned())]);
     let err = store.put_stream(&m, cut).await.unwrap_err();
     assert!(
@@ -135,13 +130,7 @@ async fn store_keeps_nothing_on_a_mismatch() {
     // A mismatching re-upload of a stored artifact changes nothing either.
     store.put_stream(&m, chunks(&bytes, 1000)).await.unwrap();
     let err = store.put_stream(&m, chunks(&bad, 1000)).await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            ArtifactStoreError::Artifact(ArtifactError::DigestMismatch { .. })
-        ),
-        "{err}"
-    );
+    assert!(digest(&err), "{err}");
     assert_eq!(std::fs::read(store.get(&m.id()).unwrap().1).unwrap(), bytes);
 }
 
@@ -216,6 +205,35 @@ async fn error_of(resp: reqwest::Response) -> (u16, String, String) {
     )
 }
 
+/// One request of these tests: a PUT of `body` (a GET without one), with
+/// `token` as the bearer and `headers`.
+async fn send(
+    http: &reqwest::Client,
+    url: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> reqwest::Response {
+    let mut req = match body {
+        Some(body) => http.put(url).body(body.to_vec()),
+        None => http.get(url),
+    };
+    if let Some(token) = token {
+        req = req.bearer_auth(token);
+    }
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    req.send().await.unwrap()
+}
+
+/// A GET with `token`, answered 200; the body.
+async fn fetch(http: &reqwest::Client, url: &str, token: &str) -> bytes::Bytes {
+    let resp = send(http, url, Some(token), &[], None).await;
+    assert_eq!(resp.status().as_u16(), 200, "{url}");
+    resp.bytes().await.unwrap()
+}
+
 #[tokio::test]
 async fn http_upload_list_and_download() {
     let tmp = tempfile::tempdir().unwrap();
@@ -226,135 +244,108 @@ async fn http_upload_list_and_download() {
     let header = serde_json::to_string(&m).unwrap();
     let url = format!("{base}/api/v1/artifacts/{}", m.sha256);
 
-    let resp = http
-        .put(&url)
-        .header(MANIFEST_HEADER, &header)
-        .body(bytes.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_of(resp).await.0, 401);
-    let resp = http
-        .put(&url)
-        .bearer_auth(OP)
-        .body(bytes.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_of(resp).await.1, "missing_manifest");
-    let resp = http
-        .put(&url)
-        .bearer_auth(OP)
-        .header(MANIFEST_HEADER, header.replace("\"v\":2", "\"v\":3"))
-        .body(bytes.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_of(resp).await.1, "unsupported_version");
-    let resp = http
-        .put(format!("{base}/api/v1/artifacts/{}", "0".repeat(64)))
-        .bearer_auth(OP)
-        .header(MANIFEST_HEADER, &header)
-        .body(bytes.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_of(resp).await.1, "invalid_manifest");
-
+    let v3 = header.replace("\"v\":2", "\"v\":3");
+    let zeros = format!("{base}/api/v1/artifacts/{}", "0".repeat(64));
     let mut bad = bytes.clone();
     bad[2 << 20] ^= 1;
-    let resp = http
-        .put(&url)
-        .bearer_auth(OP)
-        .header(MANIFEST_HEADER, &header)
-        .body(bad)
-        .send()
-        .await
-        .unwrap();
-    let (status, code, message) = error_of(resp).await;
+    // (case, url, token, manifest header, body, expected status and code)
+    for (name, to, token, manifest, body, want) in [
+        ("no token", &url, None, Some(&header), &bytes, (401, None)),
+        (
+            "no manifest",
+            &url,
+            Some(OP),
+            None,
+            &bytes,
+            (400, Some("missing_manifest")),
+        ),
+        (
+            "manifest v3",
+            &url,
+            Some(OP),
+            Some(&v3),
+            &bytes,
+            (400, Some("unsupported_version")),
+        ),
+        (
+            "other digest",
+            &zeros,
+            Some(OP),
+            Some(&header),
+            &bytes,
+            (400, Some("invalid_manifest")),
+        ),
+        (
+            "binary edited",
+            &url,
+            Some(OP),
+            Some(&header),
+            &bad,
+            (400, Some("digest_mismatch")),
+        ),
+    ] {
+        let headers: Vec<(&str, &str)> = manifest
+            .map(|h| (MANIFEST_HEADER, h.as_str()))
+            .into_iter()
+            .collect();
+        let resp = send(&http, to, token, &headers, Some(body)).await;
+        let (status, code, message) = error_of(resp).await;
+        assert_eq!(status, want.0, "{name}: {message}");
+        if let Some(want) = want.1 {
+            assert_eq!(code, want, "{name}: {message}");
+        }
+        assert!(entries(tmp.path()).is_empty(), "{name}: something was kept");
+    }
+
+    // Stored, then already there.
+    for want in [201, 200] {
+        let resp = send(
+            &http,
+            &url,
+            Some(OP),
+            &[(MANIFEST_HEADER, &header)],
+            Some(&bytes),
+        )
+        .await;
+        assert_eq!(resp.status().as_u16(), want);
+        assert_eq!(resp.json::<Manifest>().await.unwrap(), m);
+    }
+
+    let list = format!("{base}/api/v1/artifacts");
     assert_eq!(
-        (status, code.as_str()),
-        (400, "digest_mismatch"),
-        "{message}"
+        error_of(send(&http, &list, None, &[], None).await).await.0,
+        401
     );
-    assert!(entries(tmp.path()).is_empty());
-
-    let resp = http
-        .put(&url)
-        .bearer_auth(OP)
-        .header(MANIFEST_HEADER, &header)
-        .body(bytes.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 201);
-    assert_eq!(resp.json::<Manifest>().await.unwrap(), m);
-    let resp = http
-        .put(&url)
-        .bearer_auth(OP)
-        .header(MANIFEST_HEADER, &header)
-        .body(bytes.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
-    assert_eq!(resp.json::<Manifest>().await.unwrap(), m);
-
-    let resp = http
-        .get(format!("{base}/api/v1/artifacts"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_of(resp).await.0, 401);
-    let listed: Vec<Manifest> = http
-        .get(format!("{base}/api/v1/artifacts"))
-        .bearer_auth(OP)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: Vec<Manifest> = serde_json::from_slice(&fetch(&http, &list, OP).await).unwrap();
     assert_eq!(listed, vec![m.clone()]);
 
     let murl = format!("{base}/node/v1/artifacts/{}/manifest", m.id());
     let burl = format!("{base}/node/v1/artifacts/{}/binary", m.id());
-    assert_eq!(error_of(http.get(&murl).send().await.unwrap()).await.0, 401);
-    assert_eq!(
-        error_of(http.get(&burl).bearer_auth(OP).send().await.unwrap())
-            .await
-            .0,
-        401
-    );
-    let got: Manifest = http
-        .get(&murl)
-        .bearer_auth(NODE)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    for (url, token) in [(&murl, None), (&burl, Some(OP))] {
+        assert_eq!(
+            error_of(send(&http, url, token, &[], None).await).await.0,
+            401
+        );
+    }
+    let got: Manifest = serde_json::from_slice(&fetch(&http, &murl, NODE).await).unwrap();
     assert_eq!(got, m);
-    let resp = http.get(&burl).bearer_auth(NODE).send().await.unwrap();
+    let resp = send(&http, &burl, Some(NODE), &[], None).await;
     assert_eq!(resp.status().as_u16(), 200);
     assert_eq!(resp.content_length(), Some(m.size));
     assert_eq!(resp.bytes().await.unwrap().as_ref(), bytes.as_slice());
 
-    let resp = http
-        .get(format!("{base}/node/v1/artifacts/r2-000000000000/binary"))
-        .bearer_auth(NODE)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_of(resp).await.1, "not_found");
-    let resp = http
-        .get(format!("{base}/node/v1/artifacts/..%2F..%2Fetc/binary"))
-        .bearer_auth(NODE)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_of(resp).await.1, "invalid_id");
+    for (id, want) in [
+        ("r2-000000000000", "not_found"),
+        ("..%2F..%2Fetc", "invalid_id"),
+    ] {
+        let url = format!("{base}/node/v1/artifacts/{id}/binary");
+        assert_eq!(
+            error_of(send(&http, &url, Some(NODE), &[], None).await)
+                .await
+                .1,
+            want
+        );
+    }
 }
 
 /// One upload over HTTP: the manifest document and signature as the CLI
@@ -369,15 +360,11 @@ async fn put(
     let m = Manifest::decode(doc)
         .or_else(|_| serde_json::from_slice::<Manifest>(doc))
         .unwrap();
-    let mut req = http
-        .put(format!("{base}/api/v1/artifacts/{}", m.sha256))
-        .bearer_auth(OP)
-        .header(MANIFEST_HEADER, b64(doc))
-        .body(body.to_vec());
-    if let Some(sig) = sig {
-        req = req.header(SIGNATURE_HEADER, b64(sig.as_bytes()));
-    }
-    req.send().await.unwrap()
+    let url = format!("{base}/api/v1/artifacts/{}", m.sha256);
+    let (doc, sig) = (b64(doc), sig.map(|sig| b64(sig.as_bytes())));
+    let mut headers = vec![(MANIFEST_HEADER, doc.as_str())];
+    headers.extend(sig.as_deref().map(|sig| (SIGNATURE_HEADER, sig)));
+    send(http, &url, Some(OP), &headers, Some(body)).await
 }
 
 #[tokio::test]
@@ -442,27 +429,20 @@ async fn with_trusted_keys_only_signed_uploads_are_kept() {
         assert_eq!((status, code.as_str()), (400, want), "{name}: {message}");
         assert!(entries(tmp.path()).is_empty(), "{name}: something was kept");
     }
-    // The legacy one-line JSON header is unsigned, so refused too.
-    let resp = http
-        .put(format!("{base}/api/v1/artifacts/{}", m.sha256))
-        .bearer_auth(OP)
-        .header(MANIFEST_HEADER, serde_json::to_string(&m).unwrap())
-        .body(bytes.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_of(resp).await.1, "unsigned");
-    // A signature header that is not base64.
-    let resp = http
-        .put(format!("{base}/api/v1/artifacts/{}", m.sha256))
-        .bearer_auth(OP)
-        .header(MANIFEST_HEADER, b64(&doc))
-        .header(SIGNATURE_HEADER, "!!!")
-        .body(bytes.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_of(resp).await.1, "bad_signature");
+    let url = format!("{base}/api/v1/artifacts/{}", m.sha256);
+    let (legacy, doc64) = (serde_json::to_string(&m).unwrap(), b64(&doc));
+    for (headers, want) in [
+        // The legacy one-line JSON header is unsigned, so refused too.
+        (vec![(MANIFEST_HEADER, legacy.as_str())], "unsigned"),
+        // A signature header that is not base64.
+        (
+            vec![(MANIFEST_HEADER, doc64.as_str()), (SIGNATURE_HEADER, "!!!")],
+            "bad_signature",
+        ),
+    ] {
+        let resp = send(&http, &url, Some(OP), &headers, Some(&bytes)).await;
+        assert_eq!(error_of(resp).await.1, want);
+    }
 
     let resp = put(&http, &base, &doc, Some(&good_sig), &bytes).await;
     assert_eq!(resp.status().as_u16(), 201);
@@ -477,25 +457,18 @@ async fn with_trusted_keys_only_signed_uploads_are_kept() {
     // Nodes get the exact bytes that were signed, and the signature.
     let murl = format!("{base}/node/v1/artifacts/{}/manifest", m.id());
     let surl = format!("{base}/node/v1/artifacts/{}/signature", m.id());
-    let got_doc = http.get(&murl).bearer_auth(NODE).send().await.unwrap();
-    assert_eq!(got_doc.status().as_u16(), 200);
-    let got_doc = got_doc.bytes().await.unwrap();
+    let got_doc = fetch(&http, &murl, NODE).await;
     assert_eq!(got_doc.as_ref(), doc.as_slice());
-    let got_sig = http
-        .get(&surl)
-        .bearer_auth(NODE)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let got_sig = String::from_utf8(fetch(&http, &surl, NODE).await.to_vec()).unwrap();
     assert_eq!(got_sig, good_sig);
     assert_eq!(
         verify_manifest(&got_doc, Some(&got_sig), &[key_a]),
         Ok(m.clone())
     );
-    assert_eq!(error_of(http.get(&surl).send().await.unwrap()).await.0, 401);
+    assert_eq!(
+        error_of(send(&http, &surl, None, &[], None).await).await.0,
+        401
+    );
 }
 
 #[tokio::test]
@@ -564,7 +537,7 @@ async fn without_trusted_keys_unsigned_is_served_and_a_signature_is_kept() {
     let resp = put(&http, &base, &doc, None, &bytes).await;
     assert_eq!(resp.status().as_u16(), 201);
     let surl = format!("{base}/node/v1/artifacts/{}/signature", m.id());
-    let (status, code, _) = error_of(http.get(&surl).bearer_auth(NODE).send().await.unwrap()).await;
+    let (status, code, _) = error_of(send(&http, &surl, Some(NODE), &[], None).await).await;
     assert_eq!((status, code.as_str()), (404, "unsigned"));
     // A malformed signature is refused even here: nodes may check it.
     let resp = put(&http, &base, &doc, Some("not a signature"), &bytes).await;
@@ -574,15 +547,7 @@ async fn without_trusted_keys_unsigned_is_served_and_a_signature_is_kept() {
     let sig = sign(&kp, &doc);
     let resp = put(&http, &base, &doc, Some(&sig), &bytes).await;
     assert_eq!(resp.status().as_u16(), 201);
-    let got = http
-        .get(&surl)
-        .bearer_auth(NODE)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let got = String::from_utf8(fetch(&http, &surl, NODE).await.to_vec()).unwrap();
     assert_eq!(verify_manifest(&doc, Some(&got), &[key]), Ok(m.clone()));
     let resp = put(&http, &base, &doc, Some(&sig), &bytes).await;
     assert_eq!(resp.status().as_u16(), 200);

@@ -281,6 +281,31 @@ pub(super) async fn insert_v2(
     insert_columns(tx, node, Schema(2), &[row]).await
 }
 
+/// The parameters as stored, read in the schema `T` describes; a document
+/// that does not fit is a corrupt store.
+pub(super) fn stored_params<T: serde::de::DeserializeOwned>(
+    params: serde_json::Value,
+) -> Result<T> {
+    serde_json::from_value(params).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// A channel of schema 2 or 3 (a ladder of rungs, no title) as the API
+/// shows it; `window_segments` only from schema 3 on.
+pub(super) fn ladder_channel(
+    name: String,
+    segment_ms: u32,
+    ladder: Vec<v2::Rung>,
+    window_segments: Option<u32>,
+) -> ChannelSpec {
+    ChannelSpec {
+        name,
+        title: None,
+        segment_ms,
+        ladder,
+        window_segments,
+    }
+}
+
 pub(super) fn event_views(
     events: Vec<v2::Event>,
     channel_names: &HashMap<i64, String>,
