@@ -10,6 +10,33 @@ pub use handover_core::node::{BACKOFF_MS_MAX, BACKOFF_MS_MIN};
 /// How much of an unreadable error answer is kept for the log and /status.
 pub const ERROR_BODY_CHARS_SHOWN: usize = 200;
 
+/// reqwest hides the useful part ("connection refused") in the source chain.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// The code and message of an error answer: its JSON `{"error", "message"}`,
+/// or for any other body `http_<status>` and the start of the body.
+pub(crate) fn refusal(status: u16, body: &[u8]) -> (String, String) {
+    match serde_json::from_slice::<handover_core::wire::ErrorBody>(body) {
+        Ok(e) => (e.error, e.message),
+        Err(_) => (
+            format!("http_{status}"),
+            String::from_utf8_lossy(body)
+                .chars()
+                .take(ERROR_BODY_CHARS_SHOWN)
+                .collect(),
+        ),
+    }
+}
+
 /// Test hook, read only by the fault-injection process tests
 /// (`crates/cli/tests/faults.rs`), which set it for one release through an
 /// artifact whose binary is a wrapper script (or for one node's supervisor):

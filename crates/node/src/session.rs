@@ -3,6 +3,7 @@
 //! (`handover_core::node`); this module only carries requests and answers.
 
 use crate::link::ParamsCache;
+use crate::runtime::error_chain;
 use crate::store::{keys, Store, StoreError};
 use handover_core::node::{self, Reply};
 use handover_core::params::events_for_group;
@@ -100,33 +101,12 @@ async fn call(req: reqwest::RequestBuilder) -> Reply {
     if status.is_success() {
         return Reply::Ok(body);
     }
-    let (code, message) = match serde_json::from_slice::<handover_core::wire::ErrorBody>(&body) {
-        Ok(e) => (e.error, e.message),
-        Err(_) => (
-            format!("http_{}", status.as_u16()),
-            String::from_utf8_lossy(&body)
-                .chars()
-                .take(crate::runtime::ERROR_BODY_CHARS_SHOWN)
-                .collect(),
-        ),
-    };
+    let (code, message) = crate::runtime::refusal(status.as_u16(), &body);
     Reply::Refused {
         status: status.as_u16(),
         code,
         message,
     }
-}
-
-/// reqwest hides the useful part ("connection refused") in the source chain.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// Reads this schema's parameter cache from kv. A missing cache (the node

@@ -17,6 +17,7 @@
 //! nothing staged and returns an error; the node keeps running. Reading,
 //! writing, placing and listing the directories is `handover_artifacts`'s.
 
+use crate::runtime::error_chain;
 use futures_util::FutureExt as _;
 use handover_artifacts::{
     load_id, sweep, write_checked, write_new, BinaryCheck, IoError, LoadError, NewDir, PlaceError,
@@ -140,17 +141,6 @@ impl Drop for Claim {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 /// Checks a manifest document: with `trusted` keys, that `signature` is a
 /// valid one by one of them; without, only that the manifest is valid.
 fn check_manifest(
@@ -252,16 +242,7 @@ async fn fetch(
     let body = read_answer(&mut resp, ERROR_BODY_BYTES_MAX, id)
         .await
         .unwrap_or_default();
-    let (code, message) = match serde_json::from_slice::<handover_core::wire::ErrorBody>(&body) {
-        Ok(e) => (e.error, e.message),
-        Err(_) => (
-            format!("http_{}", status.as_u16()),
-            String::from_utf8_lossy(&body)
-                .chars()
-                .take(crate::runtime::ERROR_BODY_CHARS_SHOWN)
-                .collect(),
-        ),
-    };
+    let (code, message) = crate::runtime::refusal(status.as_u16(), &body);
     Err(StageError::Refused {
         id: id.to_owned(),
         status: status.as_u16(),
@@ -283,7 +264,7 @@ async fn fetch_signature(
         Ok(resp) => resp,
         Err(StageError::Refused {
             status: 404, code, ..
-        }) if code == "unsigned" => return Ok(None),
+        }) if code == handover_core::api::ErrorCode::Unsigned.as_str() => return Ok(None),
         Err(e) => return Err(e),
     };
     let bytes = read_answer(&mut resp, SIGNATURE_BYTES_MAX, id).await?;
