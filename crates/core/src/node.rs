@@ -266,7 +266,8 @@ pub enum Action {
     /// Read the oldest queued records and answer with [`Event::OutboxHead`].
     ReadOutbox,
     /// Delete queued records through this seq (acknowledged; or, in legacy
-    /// mode, dropped).
+    /// mode, dropped), then [`Event::Tick`]: the next batch, or the end of
+    /// a drain, is decided on the outbox as it is now.
     Trim {
         through: u64,
     },

@@ -280,12 +280,15 @@ impl Run {
                 }
             },
             Action::Trim { through } => {
-                if let Err(e) = self.d.store.trim(through).await {
-                    return Some(Event::DiskFailed {
+                return Some(match self.d.store.trim(through).await {
+                    // The outbox changed: the machine looks again at once
+                    // (the next batch, or the end of a drain).
+                    Ok(_) => Event::Tick,
+                    Err(e) => Event::DiskFailed {
                         lane: Lane::Shipper,
                         error: format!("cannot trim the outbox: {e}"),
-                    });
-                }
+                    },
+                });
             }
             Action::CacheParams { revision, params } => {
                 let schema = self.d.machine.params().schema;

@@ -465,7 +465,12 @@ impl Node {
                     .collect();
                 return Some(Event::OutboxHead(head));
             }
-            Action::Trim { through } => self.trim(through),
+            Action::Trim { through } => {
+                // The outbox changed: the machine looks again at once, as
+                // in the node's driver.
+                self.trim(through);
+                return Some(Event::Tick);
+            }
             // Simulated nodes take their events from their spec.
             Action::CacheParams { .. } => {}
             Action::Stage { artifact } => io.out.push(Out::Stage { artifact }),
