@@ -107,11 +107,13 @@ impl Driver {
             staging_http,
             done: false,
         };
-        // Who runs this worker, before the first hello says so.
-        if run.d.supervisor.is_some() {
-            let digest = handover_supervisor::supervisor_sha256().await;
-            run.step(Event::SupervisorDigest(digest)).await;
-        }
+        // Who runs this worker, before the first hello says so; then the
+        // first step (the hello) at once, not at the first timer.
+        let first = match run.d.supervisor {
+            Some(_) => Event::SupervisorDigest(handover_supervisor::supervisor_sha256().await),
+            None => Event::Tick,
+        };
+        run.step(first).await;
         let mut stop_sent = false;
         while !run.done {
             let now_ms = run.now_ms();
