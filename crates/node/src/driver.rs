@@ -125,11 +125,10 @@ impl Driver {
             let event = tokio::select! {
                 Some(event) = events_rx.recv() => event,
                 _ = appended.notified() => Event::Tick,
-                r = stop.wait_for(|s| *s), if !stop_sent => {
+                // A stop request, or its sender gone: either way, stop.
+                _ = stop.wait_for(|s| *s), if !stop_sent => {
                     stop_sent = true;
-                    match r {
-                        Ok(_) | Err(_) => Event::Stop,
-                    }
+                    Event::Stop
                 }
                 _ = tokio::time::sleep(Duration::from_millis(wait_ms)) => Event::Tick,
             };
