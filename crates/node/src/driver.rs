@@ -16,7 +16,7 @@ use crate::viewer_counter::ViewerCounter;
 use handover_core::agent::SwitchFailure;
 use handover_core::artifact::PublicKey;
 use handover_core::node::{
-    Action, Event, Lane, Level, Machine, Now, RequestId, StagedArtifact, SwitchResult,
+    Action, Event, Lane, Level, Machine, Now, Reply, RequestId, StagedArtifact, SwitchResult,
 };
 use handover_core::ship;
 use handover_core::wire::{Batch, MESSAGE_VERSION};
@@ -224,7 +224,19 @@ impl Run {
                         count,
                         ..
                     } => {
-                        let rows = self.head.get(..*count).unwrap_or_default();
+                        let rows = match self.head.get(..*count) {
+                            Some(rows) if rows.first().map(|r| r.seq) == Some(*first_seq) => rows,
+                            // Not the head the machine was shown: nothing is
+                            // sent, and the machine backs off as after a failure.
+                            _ => {
+                                return Some(Event::Reply {
+                                    id: send.id,
+                                    reply: Reply::Invalid(format!(
+                                        "the outbox head read last does not start at seq {first_seq} with {count} records"
+                                    )),
+                                })
+                            }
+                        };
                         Some(Batch {
                             v: MESSAGE_VERSION,
                             node_id: self.d.node_id.clone(),
