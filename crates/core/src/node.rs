@@ -84,8 +84,9 @@ pub struct Identity {
     pub binary_sha256: Option<String>,
 }
 
-/// How the node behaves beyond who it is.
-#[derive(Clone, Debug, Default)]
+/// How the node behaves beyond who it is (no `Default`: every shell says
+/// both, so the node cannot start without healing by accident).
+#[derive(Clone, Debug)]
 pub struct Config {
     /// Behave like nodes managed by hand (the demo's comparison): a record
     /// that cannot be stored right now is dropped, not queued, and nothing
@@ -300,32 +301,24 @@ pub enum Action {
     },
 }
 
-/// What the rest of the node (producer, HTTP status, readiness) reads.
+/// What the rest of the node reads: the producer (the quiesce mark), the
+/// HTTP status, and readiness (established, grant).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct View {
     pub grant: Option<Grant>,
     pub reason: Option<GrantReason>,
     pub epoch: Option<u64>,
-    pub lease_ms: u64,
     /// A hello succeeded and nothing since asked for another one.
     pub established: bool,
-    /// Counts successful hellos.
-    pub generation: u64,
     /// Since when (Unix ms) this node takes no new event.
     pub quiesce_since_ms: Option<i64>,
-    pub desired: Desired,
-    pub desired_rev: Option<u64>,
     /// The controller answered the last request (any answer counts).
     pub reachable: bool,
-    pub params_revision: Option<u64>,
     /// The last shipping failure; cleared by the next ack.
     pub ship_error: Option<String>,
     /// Why the artifact the controller names is not staged.
     pub stage_error: Option<String>,
     pub switch_failure: Option<SwitchFailure>,
-    pub staged: Vec<String>,
-    /// Quiescing, switching or stopped: the worker is on its way out.
-    pub leaving: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -600,20 +593,18 @@ impl Machine {
             grant: self.grant,
             reason: self.reason,
             epoch: self.epoch,
-            lease_ms: self.lease_ms,
             established: self.established,
-            generation: self.generation,
             quiesce_since_ms: self.quiesce_since_ms,
-            desired: self.desired.clone(),
-            desired_rev: self.desired_rev,
             reachable: self.reachable,
-            params_revision: self.params.revision,
             ship_error: self.ship_error.clone(),
             stage_error: self.stage_error.clone(),
             switch_failure: self.switch_failure.clone(),
-            staged: self.staged_ids(),
-            leaving: self.phase != Phase::Running,
         }
+    }
+
+    /// Whether a hello succeeded and nothing since asked for another one.
+    pub fn established(&self) -> bool {
+        self.established
     }
 
     /// The credential to present (for downloads the shell makes on the machine's behalf).

@@ -2,7 +2,7 @@
 //! journals, and the state the upgrade must leave the cluster in.
 
 use crate::controller::{directory, Controller};
-use crate::node::{Life, Node};
+use crate::node::Node;
 use handover_core::grant::Grant;
 use handover_core::record;
 use handover_core::release::Release;
@@ -44,8 +44,8 @@ pub fn settled(ctl: &Controller, nodes: &[Node], expect: &Expected) -> Result<()
     for n in nodes {
         let id = &n.spec.id;
         let d = &n.durable;
-        if n.life != Life::Up {
-            waiting.push(format!("{id} is {:?}", n.life));
+        if !n.is_up() {
+            waiting.push(format!("{id} is down"));
         } else if !n.established() {
             waiting.push(format!("{id} has no session"));
         } else if d.release != expect.release() {

@@ -126,12 +126,6 @@ pub struct Durable {
     pub progress: Progress,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Life {
-    Down,
-    Up,
-}
-
 /// What a node asks the world to do.
 #[derive(Clone, Debug)]
 pub enum Out {
@@ -174,7 +168,6 @@ impl Io<'_> {
 pub struct Node {
     pub spec: Spec,
     pub durable: Durable,
-    pub life: Life,
     pub incarnation: u64,
     /// Model the node-side fix for stale registrations (the machine's
     /// `Config::heal_stale_registration`).
@@ -222,7 +215,6 @@ impl Node {
                 switch_failure: None,
                 progress: Progress::default(),
             },
-            life: Life::Down,
             incarnation: 1,
             heal_stale_registration,
             machine: None,
@@ -237,18 +229,17 @@ impl Node {
     }
 
     pub fn is_up(&self) -> bool {
-        self.life != Life::Down
+        self.machine.is_some()
     }
 
     /// Whether the node holds a session (a hello succeeded since the last
     /// request for a new one).
     pub fn established(&self) -> bool {
-        self.machine.as_ref().is_some_and(|m| m.view().established)
+        self.machine.as_ref().is_some_and(Machine::established)
     }
 
     /// A crash: the process and its memory are gone; the database stays.
     pub fn crash(&mut self) {
-        self.life = Life::Down;
         self.incarnation += 1;
         self.machine = None;
         self.producing = false;
@@ -258,7 +249,6 @@ impl Node {
     /// A (re)start as `release`, from the database alone.
     pub fn start(&mut self, release: Release, now_ms: u64) {
         self.durable.release = release;
-        self.life = Life::Up;
         self.incarnation += 1;
         let info = self.info();
         let id = Identity {
@@ -372,7 +362,7 @@ impl Node {
     }
 
     /// An answer from the controller to the request `id`.
-    pub fn on_answer(&mut self, _lane: Lane, id: u64, answer: Answer, io: &mut Io) {
+    pub fn on_answer(&mut self, id: u64, answer: Answer, io: &mut Io) {
         self.feed(
             Event::Reply {
                 id,

@@ -486,7 +486,7 @@ impl World {
                     Answer::Reset => "reset".into(),
                 };
                 self.log_message(format!("ctl → {} {lane:?} #{id}: {what}", n.spec.id));
-                self.with_node(node, |n, io| n.on_answer(lane, id, answer, io));
+                self.with_node(node, |n, io| n.on_answer(id, answer, io));
             }
         }
     }
