@@ -33,7 +33,7 @@ use runtime::Stop;
 pub use runtime::{test_fault, BACKOFF_MS_MAX, BACKOFF_MS_MIN, TEST_FAULT_ENV};
 
 use anyhow::{bail, Context};
-use handover_core::wire::{limits, validate_id, Hello, OutboxState, Validate, MESSAGE_VERSION};
+use handover_core::wire::{limits, validate_id, Hello, Validate};
 use handover_core::ReleaseInfo;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -139,23 +139,14 @@ fn validate(config: &NodeConfig, info: &ReleaseInfo) -> anyhow::Result<()> {
             config.controller_url
         );
     }
-    Hello {
-        v: MESSAGE_VERSION,
-        node_id: config.node_id.clone(),
-        token: config.join_token.clone(),
-        release: info.release,
-        schema: info.schema,
-        protocol: info.protocol,
-        role: config.role,
-        group: config.group.clone(),
-        hls_url: config.advertise_url.clone(),
-        outbox: OutboxState::default(),
-        current_events: vec![],
-        param_revision: None,
-        staged: vec![],
-        binary_sha256: None,
-        supervisor_sha256: None,
-    }
+    Hello::new(
+        &config.node_id,
+        &config.join_token,
+        info,
+        config.role,
+        &config.group,
+        &config.advertise_url,
+    )
     .validate()
     .context("advertise URL")?;
     Ok(())

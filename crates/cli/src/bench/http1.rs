@@ -138,23 +138,14 @@ pub(super) fn hello_body(
     group: &str,
 ) -> anyhow::Result<Vec<u8>> {
     let info = ReleaseInfo::of(Release(release))?;
-    Ok(serde_json::to_vec(&Hello {
-        v: handover_core::wire::MESSAGE_VERSION,
-        node_id: node_id.to_owned(),
-        token: token.to_owned(),
-        release: info.release,
-        schema: info.schema,
-        protocol: info.protocol,
-        role: Role::Primary,
-        group: group.to_owned(),
-        hls_url: "http://127.50.255.1:9".to_owned(),
-        outbox: OutboxState::default(),
-        current_events: vec![],
-        param_revision: None,
-        staged: vec![],
-        binary_sha256: None,
-        supervisor_sha256: None,
-    })?)
+    Ok(serde_json::to_vec(&Hello::new(
+        node_id,
+        token,
+        info,
+        Role::Primary,
+        group,
+        "http://127.50.255.1:9",
+    ))?)
 }
 
 pub(super) fn parse<T: serde::de::DeserializeOwned>(

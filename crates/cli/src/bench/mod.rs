@@ -24,7 +24,7 @@ use clap::Args;
 use handover_core::api::{ChannelSpec, EventSpec, RecordSummary, UpgradeRequest};
 use handover_core::params::Group;
 use handover_core::record::{self, v2::Kind, v3::Severity, AnyRecord, Observation};
-use handover_core::wire::{Batch, BatchAck, GrantState, Hello, OutboxState, Role, Welcome};
+use handover_core::wire::{Batch, BatchAck, GrantState, Hello, Role, Welcome};
 use handover_core::{Grant, Release, ReleaseInfo, Schema};
 use handover_store::Store as _;
 use serde::Serialize;

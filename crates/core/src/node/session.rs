@@ -7,23 +7,22 @@ impl Machine {
     // ---- session: hello, then the watch long-poll ----
 
     pub(super) fn hello(&self, token: String, now: &Now) -> Hello {
-        let info = self.id.release;
+        let id = &self.id;
         Hello {
-            v: MESSAGE_VERSION,
-            node_id: self.id.node_id.clone(),
-            token,
-            release: info.release,
-            schema: info.schema,
-            protocol: info.protocol,
-            role: self.id.role,
-            group: self.id.group.clone(),
-            hls_url: self.id.hls_url.clone(),
             outbox: now.outbox,
             current_events: now.current_events.clone(),
             param_revision: self.params.revision,
             staged: self.staged_ids(),
-            binary_sha256: self.id.binary_sha256.clone(),
+            binary_sha256: id.binary_sha256.clone(),
             supervisor_sha256: self.supervisor_now.clone(),
+            ..Hello::new(
+                &id.node_id,
+                &token,
+                id.release,
+                id.role,
+                &id.group,
+                &id.hls_url,
+            )
         }
     }
 
