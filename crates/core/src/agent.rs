@@ -71,6 +71,19 @@ mod tests {
         }
     }
 
+    /// node.db keeps this JSON across releases; one stored before
+    /// `withdrawn` existed still reads (as not withdrawn).
+    #[test]
+    fn a_stored_switch_failure_keeps_its_shape() {
+        let old = r#"{"artifact":"r2-a","release":2,"reason":"never ready","at_ms":5}"#;
+        let f: SwitchFailure = serde_json::from_str(old).unwrap();
+        assert!(!f.withdrawn);
+        assert_eq!(
+            serde_json::to_string(&f).unwrap(),
+            r#"{"artifact":"r2-a","release":2,"reason":"never ready","at_ms":5,"withdrawn":false}"#
+        );
+    }
+
     #[test]
     fn stage_what_is_wanted_then_switch_to_it() {
         let staged = vec!["r2-a".to_owned()];
