@@ -103,9 +103,24 @@ impl Operator {
         .await
     }
 
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.send(
+            self.http.delete(format!("{}{path}", self.base)),
+            &format!("DELETE {path}"),
+        )
+        .await
+    }
+
     pub async fn status(&self) -> anyhow::Result<Status> {
         self.get("/api/v1/status").await
     }
+}
+
+/// Milliseconds since the Unix epoch as RFC 3339 UTC (to the second).
+pub fn fmt_time_ms(ms: i64) -> String {
+    let secs = u64::try_from(ms / 1000).unwrap_or(0);
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+        .to_string()
 }
 
 /// The first 12 hex digits of a SHA-256 (as in artifact ids), or "-".

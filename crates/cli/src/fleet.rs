@@ -219,6 +219,9 @@ pub struct NodeProc {
     pub controller_url: Option<String>,
     /// Extra environment of this node's supervisor (inherited by its workers).
     pub env: Vec<(String, String)>,
+    /// Set once the node was started with a bootstrap token: it holds its
+    /// own credential in its data dir from then on.
+    pub joined: bool,
 }
 
 impl NodeProc {
@@ -232,7 +235,6 @@ pub struct Fleet {
     pub exe: PathBuf,
     pub dir: PathBuf,
     pub subnet: u8,
-    pub join_token: String,
     pub operator_token: String,
     pub controller_release: u32,
     /// Run every process under its supervisor (the default) or bare.
@@ -267,7 +269,6 @@ impl Fleet {
             exe: exe.to_owned(),
             dir: dir.to_owned(),
             subnet,
-            join_token: token(),
             operator_token,
             controller_release: 0,
             supervised: true,
@@ -297,8 +298,6 @@ impl Fleet {
             self.dir.join("controller").display().to_string(),
             "--listen".into(),
             self.controller_addr().to_string(),
-            "--join-token".into(),
-            self.join_token.clone(),
             "--operator-token".into(),
             self.operator_token.clone(),
         ];
@@ -423,6 +422,7 @@ impl Fleet {
             proc: None,
             controller_url: None,
             env: Vec::new(),
+            joined: false,
         });
         self.nodes.len() - 1
     }
@@ -443,7 +443,17 @@ impl Fleet {
             .unwrap_or(own);
         let supervised = self.supervised;
         let key_args = self.trusted_key_args();
+        // First start: the operator's `node add`, its token in the environment.
+        let id = &self.nodes.get(i).context("no such node")?.id;
+        let bootstrap = match self.nodes.get(i).is_some_and(|n| !n.joined) {
+            true => Some(self.bootstrap_tokens(std::slice::from_ref(id)).await?),
+            false => None,
+        };
         let node = self.nodes.get_mut(i).context("no such node")?;
+        let mut env = node.env.clone();
+        if let Some(token) = bootstrap.and_then(|t| t.into_iter().next()) {
+            env.push(("HANDOVER_BOOTSTRAP_TOKEN".into(), token));
+        }
         let mut args = vec![
             "node".into(),
             "--release".into(),
@@ -460,8 +470,6 @@ impl Fleet {
             node.addr.to_string(),
             "--controller".into(),
             controller,
-            "--join-token".into(),
-            self.join_token.clone(),
         ];
         if !supervised {
             args.push("--no-supervisor".into());
@@ -471,10 +479,43 @@ impl Fleet {
         }
         args.extend(key_args);
         let log = unique_log(&self.dir, &format!("{}-r{}", node.id, node.release));
-        let mut p = Proc::spawn_with_env(&self.exe, &node.id, &args, &node.env, log)?;
+        let mut p = Proc::spawn_with_env(&self.exe, &node.id, &args, &env, log)?;
         wait_healthy(&format!("{}/healthz", node.url()), &mut p).await?;
         node.proc = Some(p);
+        node.joined = true;
         Ok(())
+    }
+
+    /// `handover node add` for `ids` (any number; sent in batches of the
+    /// most one request takes): their bootstrap tokens, in order.
+    pub async fn bootstrap_tokens(&self, ids: &[String]) -> anyhow::Result<Vec<String>> {
+        let mut tokens = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(handover_core::identity::NODE_ADD_BATCH_MAX) {
+            let req = handover_core::api::NodeAddRequest {
+                ids: chunk.to_vec(),
+                ttl_ms: None,
+                replace: false,
+            };
+            let answer: handover_core::api::NodeAddAnswer =
+                self.op.post("/api/v1/nodes", &req).await?;
+            tokens.extend(answer.tokens.into_iter().map(|t| t.token));
+        }
+        Ok(tokens)
+    }
+
+    /// Nodes that exist only as HTTP clients (the bench's simulated nodes):
+    /// each the primary of a group of its own name (backup `ID-b`, never
+    /// started), with its bootstrap token, in order.
+    pub async fn add_simulated_nodes(&self, ids: &[String]) -> anyhow::Result<Vec<String>> {
+        for id in ids {
+            let group = Group {
+                name: id.clone(),
+                primary: id.clone(),
+                backup: format!("{id}-b"),
+            };
+            let _: serde_json::Value = self.op.post("/api/v1/groups", &group).await?;
+        }
+        self.bootstrap_tokens(ids).await
     }
 
     pub fn node(&mut self, id: &str) -> anyhow::Result<&mut NodeProc> {

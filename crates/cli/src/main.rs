@@ -73,6 +73,33 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum NodeCmd {
+    /// Issue a single-use, expiring bootstrap token for each node id (its
+    /// group must exist). Shown once; the controller keeps only its digest.
+    Add {
+        #[command(flatten)]
+        op: OperatorArgs,
+        /// Node ids, as their groups name them.
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// How long each token is good (1m to 7d).
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Also for a node that holds a credential (it lost its data dir):
+        /// the new token, once traded, replaces that credential.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Revoke a node: its credential and token stop working at once and its
+    /// registration is forgotten (the records it delivered stay).
+    Remove {
+        #[command(flatten)]
+        op: OperatorArgs,
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum ArtifactCmd {
     /// Make an artifact directory: the binary and a manifest with its
     /// release, schema, protocol range, SHA-256 and size.
@@ -223,9 +250,6 @@ struct ControllerArgs {
     data_dir: PathBuf,
     #[arg(long, default_value = "127.0.0.1:7400")]
     listen: SocketAddr,
-    /// Token a node presents on its first hello (16+ characters).
-    #[arg(long, env = "HANDOVER_JOIN_TOKEN", hide_env_values = true)]
-    join_token: String,
     /// Token operators present to the API (16+ characters).
     #[arg(long, env = "HANDOVER_OPERATOR_TOKEN", hide_env_values = true)]
     operator_token: String,
@@ -256,12 +280,20 @@ struct ControllerArgs {
     no_supervisor: bool,
 }
 
-/// Run a content node.
+/// Run a content node, or add and remove nodes (`node add`, `node remove`).
 ///
 /// Its outbox, parameter cache and state live in DATA_DIR/node.db and survive
 /// kill -9. Viewers fetch ADVERTISE/hls/CHANNEL/index.m3u8.
+///
+/// A node joins once: the operator creates its group, runs `handover node add
+/// ID`, and starts the node with that token in HANDOVER_BOOTSTRAP_TOKEN (or
+/// --bootstrap-token-file). Its first hello trades the token for its own
+/// credential; the id, role and group must be the ones its group names.
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 struct NodeArgs {
+    #[command(subcommand)]
+    cmd: Option<NodeCmd>,
     #[arg(long, default_value_t = NEWEST.0)]
     release: u32,
     /// This node's id, as the group names it.
@@ -285,8 +317,11 @@ struct NodeArgs {
         default_value = "http://127.0.0.1:7400"
     )]
     controller: String,
-    #[arg(long, env = "HANDOVER_JOIN_TOKEN", hide_env_values = true)]
-    join_token: String,
+    /// A file holding the single-use bootstrap token `handover node add ID`
+    /// issued (or set HANDOVER_BOOTSTRAP_TOKEN). Needed only until the node
+    /// holds its own credential, which it keeps in DATA_DIR.
+    #[arg(long, value_name = "FILE")]
+    bootstrap_token_file: Option<PathBuf>,
     /// Run the node in this process, binding the socket itself, instead of
     /// under a supervisor that can switch its release without refusing a
     /// connection.
@@ -474,10 +509,17 @@ fn main() -> anyhow::Result<()> {
     // A supervisor hands tokens to its workers through the environment, never argv.
     match &cli.command {
         Command::Controller(a) => {
-            std::env::set_var("HANDOVER_JOIN_TOKEN", &a.join_token);
             std::env::set_var("HANDOVER_OPERATOR_TOKEN", &a.operator_token);
         }
-        Command::Node(a) => std::env::set_var("HANDOVER_JOIN_TOKEN", &a.join_token),
+        Command::Node(NodeArgs {
+            cmd: None,
+            bootstrap_token_file: Some(path),
+            ..
+        }) => {
+            let token = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the bootstrap token {}", path.display()))?;
+            std::env::set_var(BOOTSTRAP_TOKEN_ENV, token.trim());
+        }
         _ => {}
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -525,7 +567,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 release: release(a.release)?,
                 data_dir: a.data_dir,
                 listen: a.listen,
-                join_token: a.join_token,
                 operator_token: a.operator_token,
                 lease_ms: a.lease_ms,
                 node_switch_wait_ms: a.node_switch_wait_ms,
@@ -533,6 +574,33 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             let listener = roles::listener(mode, config.listen).await?;
             handover_controller::serve_on(config, listener, shutdown_signal()).await
+        }
+        Command::Node(NodeArgs {
+            cmd:
+                Some(NodeCmd::Add {
+                    op,
+                    ids,
+                    ttl,
+                    replace,
+                }),
+            ..
+        }) => node_add(&op, ids, ttl, replace).await,
+        Command::Node(NodeArgs {
+            cmd: Some(NodeCmd::Remove { op, id }),
+            ..
+        }) => {
+            let op_client = Operator::with(&op.controller, &op.token)?;
+            let removed: handover_core::api::NodeRemoved =
+                op_client.delete(&format!("/api/v1/nodes/{id}")).await?;
+            if op.json {
+                println!("{}", serde_json::to_string_pretty(&removed)?);
+            } else {
+                println!(
+                    "node {} removed: its credential is revoked",
+                    removed.node_id
+                );
+            }
+            Ok(())
         }
         Command::Node(a) => {
             init_tracing("info");
@@ -586,7 +654,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 advertise_url: advertise,
                 listen: a.listen,
                 controller_url: a.controller,
-                join_token: a.join_token,
+                bootstrap_token: std::env::var(BOOTSTRAP_TOKEN_ENV)
+                    .ok()
+                    .filter(|t| !t.is_empty()),
                 legacy: a.legacy,
                 trusted_keys,
             };
@@ -733,6 +803,44 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Where a node worker finds its bootstrap token (never on a command line).
+const BOOTSTRAP_TOKEN_ENV: &str = "HANDOVER_BOOTSTRAP_TOKEN";
+
+async fn node_add(
+    op: &OperatorArgs,
+    ids: Vec<String>,
+    ttl: Duration,
+    replace: bool,
+) -> anyhow::Result<()> {
+    let req = handover_core::api::NodeAddRequest {
+        ids,
+        ttl_ms: Some(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
+        replace,
+    };
+    let answer: handover_core::api::NodeAddAnswer = Operator::with(&op.controller, &op.token)?
+        .post("/api/v1/nodes", &req)
+        .await?;
+    if op.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(());
+    }
+    for t in &answer.tokens {
+        println!(
+            "{} ({} of group {}), good once until {}:\n  {}",
+            t.node_id,
+            t.role.as_str(),
+            t.group,
+            client::fmt_time_ms(t.expires_at_ms),
+            t.token
+        );
+    }
+    println!(
+        "\nStart each node with its token in {BOOTSTRAP_TOKEN_ENV} (or a 0600 file given to \
+         --bootstrap-token-file); it trades it for its own credential at its first hello."
+    );
+    Ok(())
 }
 
 async fn api_get(op: &OperatorArgs, path: &str) -> anyhow::Result<()> {

@@ -221,14 +221,13 @@ struct Probe {
 }
 
 impl Probe {
+    /// A node that is only this test: its own group, its token traded.
     async fn hello(fleet: &Fleet, id: &str, release: u32) -> Probe {
-        let (code, welcome) = post(
-            fleet,
-            "/node/v1/hello",
-            None,
-            hello_body(fleet, id, release),
-        )
-        .await;
+        let ids = [id.to_owned()];
+        let token = fleet.add_simulated_nodes(&ids).await.unwrap().remove(0);
+        let mut body = hello_body(id, release, &token);
+        body["new_credential"] = serde_json::json!(format!("{id}-credential-0123456789abcdef"));
+        let (code, welcome) = post(fleet, "/node/v1/hello", None, body).await;
         assert_eq!(code, 200, "{welcome}");
         Probe { welcome }
     }
@@ -252,10 +251,11 @@ impl Probe {
     }
 }
 
-fn hello_body(fleet: &Fleet, id: &str, release: u32) -> Value {
+/// A hello of node `id`, the primary of a group of its own name.
+fn hello_body(id: &str, release: u32, token: &str) -> Value {
     let info = handover_core::ReleaseInfo::of(handover_core::Release(release)).unwrap();
-    serde_json::json!({"v": 1, "node_id": id, "token": fleet.join_token, "release": release, "schema": info.schema,
-        "protocol": info.protocol, "role": "primary", "group": "g1", "hls_url": "http://127.0.0.1:9",
+    serde_json::json!({"v": 1, "node_id": id, "token": token, "release": release, "schema": info.schema,
+        "protocol": info.protocol, "role": "primary", "group": id, "hls_url": "http://127.0.0.1:9",
         "outbox": {"next_seq": 1, "oldest_unacked_seq": null, "count": 0}, "current_events": [], "param_revision": null, "staged": []})
 }
 
@@ -291,11 +291,10 @@ async fn bad_input_gets_a_clear_json_error_and_changes_nothing() {
     let epoch = probe.epoch();
     let nodes_before = fleet.op.status().await.unwrap().nodes.len();
 
-    let mut future = hello_body(&fleet, "n2", 2);
+    let mut future = hello_body("n2", 2, "token");
     future["v"] = serde_json::json!(9);
-    let mut wrong_token = hello_body(&fleet, "n3", 2);
-    wrong_token["token"] = serde_json::json!("not-the-join-token");
-    let mut bad_id = hello_body(&fleet, "../n4", 2);
+    let wrong_token = hello_body("probe", 2, "not-the-probe-s-credential");
+    let mut bad_id = hello_body("../n4", 2, "token");
     bad_id["hls_url"] = serde_json::json!("http://x");
     let batch = |epoch: u64, schema: u32| {
         serde_json::json!({"v": 1, "node_id": "probe", "epoch": epoch, "schema": schema, "first_seq": 1,

@@ -13,9 +13,12 @@ pub use error::{ApiError, ApiResult};
 
 use anyhow::Context;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use handover_core::artifact::PublicKey;
+use handover_core::identity::{Membership, SecretDigest};
+use handover_core::params::Group;
+use handover_core::role::Role;
 use handover_core::upgrade::{Desired, Upgrade};
 use handover_core::wire::{limits, ControllerView};
 use handover_core::{Release, ReleaseInfo, Schema};
@@ -36,7 +39,6 @@ pub struct ControllerConfig {
     pub release: Release,
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
-    pub join_token: String,
     pub operator_token: String,
     pub lease_ms: u64,
     /// Minisign public keys (their base64 lines) whose signatures make an
@@ -59,8 +61,10 @@ pub(crate) struct AppState {
     pub config: ControllerConfig,
     /// The cluster state in force; every change wakes the watchers.
     pub cluster: watch::Sender<ClusterState>,
-    /// Credential → session. Loaded lazily from the registry.
-    pub sessions: RwLock<HashMap<String, Session>>,
+    /// Credential digest → session. Loaded lazily from the registry.
+    pub sessions: RwLock<HashMap<SecretDigest, Session>>,
+    /// Node id → its group and role: the groups, which say who a node is.
+    pub members: RwLock<HashMap<String, Membership>>,
     /// Node → desired upgrade state, a cache of `node_desired`.
     pub desired: RwLock<HashMap<String, Desired>>,
     /// Bumped on every desired-state change; wakes the watchers.
@@ -158,7 +162,7 @@ impl AppState {
 
 pub(crate) type Shared = Arc<AppState>;
 
-/// Shortest join or operator token: guessing one of 16 random characters
+/// Shortest operator token: guessing one of 16 random characters
 /// is out of reach.
 const TOKEN_CHARS_MIN: usize = 16;
 /// Shortest node lease: a few heartbeats fit in it even on a busy host.
@@ -166,16 +170,12 @@ const LEASE_MS_MIN: u64 = 300;
 
 fn validate(config: &ControllerConfig) -> anyhow::Result<&'static ReleaseInfo> {
     let info = ReleaseInfo::of(config.release)?;
-    for (name, token) in [
-        ("join token", &config.join_token),
-        ("operator token", &config.operator_token),
-    ] {
-        anyhow::ensure!(
-            token.len() >= TOKEN_CHARS_MIN && token.len() <= limits::TOKEN_CHARS_MAX,
-            "the {name} must be {TOKEN_CHARS_MIN} to {} characters",
-            limits::TOKEN_CHARS_MAX
-        );
-    }
+    let token = &config.operator_token;
+    anyhow::ensure!(
+        token.len() >= TOKEN_CHARS_MIN && token.len() <= limits::TOKEN_CHARS_MAX,
+        "the operator token must be {TOKEN_CHARS_MIN} to {} characters",
+        limits::TOKEN_CHARS_MAX
+    );
     anyhow::ensure!(
         config.lease_ms >= LEASE_MS_MIN,
         "lease must be at least {LEASE_MS_MIN} ms"
@@ -229,6 +229,7 @@ pub async fn serve_on(
         .upgrade()
         .await
         .context("cannot read the upgrade state")?;
+    let members = members(&store).await?;
     let (tx, _) = watch::channel(cluster);
     let state = Arc::new(AppState {
         store: Arc::new(store),
@@ -236,6 +237,7 @@ pub async fn serve_on(
         config: config.clone(),
         cluster: tx,
         sessions: RwLock::new(HashMap::new()),
+        members: RwLock::new(members),
         desired: RwLock::new(HashMap::new()),
         // Starts from the clock so a restarted controller never repeats a revision.
         desired_rev: watch::channel(u64::try_from(now_ms()).unwrap_or(0)).0,
@@ -270,6 +272,25 @@ pub async fn serve_on(
         .await
         .context("controller server failed")?;
     Ok(())
+}
+
+/// Every node the groups name, with its group and role.
+async fn members(store: &SqliteStore) -> anyhow::Result<HashMap<String, Membership>> {
+    let groups = store.groups().await.context("cannot read the groups")?;
+    Ok(groups.iter().flat_map(membership_of).collect())
+}
+
+/// The two members of a group.
+pub(crate) fn membership_of(g: &Group) -> [(String, Membership); 2] {
+    [(&g.primary, Role::Primary), (&g.backup, Role::Backup)].map(|(id, role)| {
+        (
+            id.clone(),
+            Membership {
+                group: g.name.clone(),
+                role,
+            },
+        )
+    })
 }
 
 /// `DATA_DIR/start-failure.txt`: why the last controller that could not
@@ -339,6 +360,8 @@ fn router(state: Shared) -> Router {
             "/api/v1/events",
             get(operator_api::events).post(operator_api::create_event),
         )
+        .route("/api/v1/nodes", post(operator_api::add_nodes))
+        .route("/api/v1/nodes/{id}", delete(operator_api::remove_node))
         .route("/api/v1/fence", post(operator_api::fence))
         .route("/api/v1/unfence", post(operator_api::unfence))
         .route("/api/v1/records", get(operator_api::records))

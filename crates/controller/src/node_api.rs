@@ -1,12 +1,13 @@
 //! The node protocol: hello, heartbeat, watch, params and the two channels.
 
-use crate::{bearer, now_ms, same_token, ApiError, ApiResult, Session, Shared};
+use crate::{bearer, now_ms, ApiError, ApiResult, Session, Shared};
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::Json;
 use handover_core::admission::{Channel, ErrorCode};
+use handover_core::identity::{self, Proof, SecretDigest};
 use handover_core::wire::{
     self, limits, Batch, GrantState, Heartbeat, Hello, ParamsAnswer, Welcome,
 };
@@ -15,16 +16,8 @@ use handover_store::NodeRegistration;
 use serde::Deserialize;
 use std::time::Duration;
 
-fn new_credential() -> String {
-    format!(
-        "{:032x}{:032x}",
-        rand::random::<u128>(),
-        rand::random::<u128>()
-    )
-}
-
 /// Finds the session a bearer credential belongs to, from memory or, after
-/// a controller restart, from the registry.
+/// a controller restart, from the registry (by the credential's digest).
 pub(crate) async fn session(
     state: &Shared,
     headers: &HeaderMap,
@@ -33,27 +26,28 @@ pub(crate) async fn session(
     let token = bearer(headers).ok_or_else(|| {
         ApiError::unauthorized("missing `Authorization: Bearer <credential>`; send hello first")
     })?;
+    let digest = SecretDigest::of(token);
     let cached = state
         .sessions
         .read()
         .ok()
-        .and_then(|map| map.get(token).cloned());
+        .and_then(|map| map.get(&digest).cloned());
     let s = match cached {
         Some(s) => s,
         None => {
-            let (node_id, schema) =
-                state
-                    .store
-                    .node_by_credential(token)
-                    .await?
-                    .ok_or_else(|| {
-                        ApiError::unauthorized(
-                            "unknown credential; send hello again with the join token",
-                        )
-                    })?;
+            let (node_id, schema) = state
+                .store
+                .node_by_credential(&digest)
+                .await?
+                .ok_or_else(|| {
+                    ApiError::unauthorized(
+                        "unknown or revoked credential; send hello again with this node's credential \
+                         or its bootstrap token",
+                    )
+                })?;
             let s = Session { node_id, schema };
             if let Ok(mut map) = state.sessions.write() {
-                map.insert(token.to_owned(), s.clone());
+                map.insert(digest, s.clone());
             }
             s
         }
@@ -66,31 +60,60 @@ pub(crate) async fn session(
     Ok(s)
 }
 
+/// The handshake. Who the node is comes first ([`identity::admit_hello`]:
+/// the groups name it, in that role, and it proves the id with its
+/// credential or its unused bootstrap token); only then is anything it says
+/// about itself registered.
 pub async fn hello(
     State(state): State<Shared>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<Welcome>> {
     let hello: Hello = wire::decode(&body?)?;
-    let existing = state.store.node_credential(&hello.node_id).await?;
-    let credential = match &existing {
-        Some(cred) if same_token(cred, &hello.token) => cred.clone(),
-        _ if same_token(&state.config.join_token, &hello.token) => new_credential(),
-        _ => {
-            return Err(ApiError::unauthorized(
-                "wrong token: present the cluster join token, or this node's own credential",
-            ))
+    let id = &hello.node_id;
+    let membership = state.members.read().ok().and_then(|m| m.get(id).cloned());
+    let existing = state.store.credential_of(id).await?;
+    let bootstrap = state.store.bootstrap_token(id).await?;
+    let known = identity::Known {
+        membership: membership.as_ref(),
+        credential: existing.as_ref(),
+        bootstrap: bootstrap.as_ref(),
+    };
+    let now = now_ms();
+    let (credential, digest) = match identity::admit_hello(&hello, known, now) {
+        Err(refusal) => {
+            tracing::warn!(node = %id, code = %refusal.code, "hello refused: {}", refusal.message);
+            return Err(refusal.into());
+        }
+        Ok(Proof::Credential) => (hello.token.clone(), SecretDigest::of(&hello.token)),
+        Ok(Proof::Bootstrap) => {
+            // admit_hello admits a bootstrap token only with new_credential.
+            let credential = hello.new_credential.clone().unwrap_or_default();
+            let digest = SecretDigest::of(&credential);
+            let token = SecretDigest::of(&hello.token);
+            if !state
+                .store
+                .trade_bootstrap_token(id, &token, &digest, now)
+                .await?
+            {
+                // Another hello traded it (or it expired) since it was read.
+                return Err(ApiError::unauthorized(format!(
+                    "the bootstrap token of node {id:?} was used or expired just now; \
+                     issue a new one with `handover node add {id} --replace`"
+                )));
+            }
+            tracing::info!(node = %id, "bootstrap token traded for the node's credential");
+            (credential, digest)
         }
     };
     state.refresh_cluster().await?;
     let view = state.view();
-    let desired = state.desired_of(&hello.node_id).await?;
-    let welcome = wire::welcome(&view, &hello, credential.clone(), desired)
+    let desired = state.desired_of(id).await?;
+    let welcome = wire::welcome(&view, &hello, credential, desired)
         .map_err(|e| ApiError::node(ErrorCode::NoCommonProtocol, e.to_string()))?;
     state
         .store
         .register_node(&NodeRegistration {
             node_id: hello.node_id.clone(),
-            credential: credential.clone(),
             release: hello.release,
             schema: hello.schema,
             role: hello.role,
@@ -101,7 +124,7 @@ pub async fn hello(
             outbox: hello.outbox,
             current_events: hello.current_events.clone(),
             staged: hello.staged.clone(),
-            now_ms: now_ms(),
+            now_ms: now,
             binary_sha256: hello.binary_sha256.clone(),
             supervisor_sha256: hello.supervisor_sha256.clone(),
         })
@@ -109,11 +132,11 @@ pub async fn hello(
     if let Ok(mut map) = state.sessions.write() {
         // The credential this hello replaced (if any) stops working. Removed
         // by key: a scan of every session made 10,000 hellos quadratic.
-        if let Some(old) = existing.as_ref().filter(|old| **old != credential) {
+        if let Some(old) = existing.as_ref().filter(|old| **old != digest) {
             map.remove(old);
         }
         map.insert(
-            credential,
+            digest,
             Session {
                 node_id: hello.node_id.clone(),
                 schema: hello.schema,

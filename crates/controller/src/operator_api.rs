@@ -1,4 +1,5 @@
-//! The operator API: status, channels, groups, events, fence, records.
+//! The operator API: status, channels, groups, nodes (bootstrap tokens,
+//! removal), events, fence, records.
 //! Every call needs `Authorization: Bearer <operator token>`. Requests and
 //! answers are the types of [`handover_core::api`], which the CLI reads too.
 
@@ -8,12 +9,17 @@ use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::Json;
 use handover_core::api::{
-    ChannelSpec, ClusterInfo, ControllerInfo, EventSpec, EventView, GroupNodes, NodeStatus,
-    RecordSummary, RecordsQuery, Status, StoredRecord,
+    ChannelSpec, ClusterInfo, ControllerInfo, ErrorCode, EventSpec, EventView, GroupNodes,
+    IssuedToken, NodeAddAnswer, NodeAddRequest, NodeRemoved, NodeStatus, RecordSummary,
+    RecordsQuery, Status, StoredRecord,
 };
 use handover_core::grant::decide_grant;
+use handover_core::identity::{
+    SecretDigest, BOOTSTRAP_TOKEN_PREFIX, BOOTSTRAP_TTL_MS_DEFAULT, BOOTSTRAP_TTL_MS_MAX,
+    BOOTSTRAP_TTL_MS_MIN, NODE_ADD_BATCH_MAX,
+};
 use handover_core::params::Group;
-use handover_store::RECORDS_PAGE_MAX;
+use handover_store::{NewBootstrapToken, RECORDS_PAGE_MAX};
 
 pub(crate) fn operator(state: &Shared, headers: &HeaderMap) -> ApiResult<()> {
     check_operator_token(headers, &state.config.operator_token)
@@ -94,8 +100,103 @@ pub async fn create_group(
     operator(&state, &headers)?;
     let Json(group) = body?;
     let created = state.store.create_group(&group).await?;
+    if let Ok(mut m) = state.members.write() {
+        m.extend(crate::membership_of(&created));
+    }
     state.refresh_cluster().await?;
     Ok(Json(created))
+}
+
+/// `handover node add`: a single-use bootstrap token for each node id a
+/// group names. A node that holds a credential gets one only with
+/// `replace` (its credential then stops working once the token is traded).
+pub async fn add_nodes(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Json<NodeAddRequest>, JsonRejection>,
+) -> ApiResult<Json<NodeAddAnswer>> {
+    operator(&state, &headers)?;
+    let Json(req) = body?;
+    let invalid = |m: String| ApiError::operator(ErrorCode::InvalidField, m);
+    if req.ids.is_empty() || req.ids.len() > NODE_ADD_BATCH_MAX {
+        return Err(invalid(format!(
+            "ids: give 1 to {NODE_ADD_BATCH_MAX} node ids"
+        )));
+    }
+    let ttl_ms = req.ttl_ms.unwrap_or(BOOTSTRAP_TTL_MS_DEFAULT);
+    if !(BOOTSTRAP_TTL_MS_MIN..=BOOTSTRAP_TTL_MS_MAX).contains(&ttl_ms) {
+        return Err(invalid(format!(
+            "ttl_ms: a bootstrap token is good for {BOOTSTRAP_TTL_MS_MIN} to {BOOTSTRAP_TTL_MS_MAX} ms"
+        )));
+    }
+    let expires_at_ms = now_ms().saturating_add(i64::try_from(ttl_ms).unwrap_or(i64::MAX));
+    let mut issued = Vec::with_capacity(req.ids.len());
+    let mut rows = Vec::with_capacity(req.ids.len());
+    for id in &req.ids {
+        let member = state
+            .members
+            .read()
+            .ok()
+            .and_then(|m| m.get(id).cloned())
+            .ok_or_else(|| {
+                ApiError::not_found(format!(
+                    "no group names node {id:?}: create its group first (`handover group create`)"
+                ))
+            })?;
+        if !req.replace && state.store.credential_of(id).await?.is_some() {
+            return Err(ApiError::operator(
+                ErrorCode::Exists,
+                format!(
+                    "node {id:?} already holds a credential; `handover node add {id} --replace` \
+                     issues a token that replaces it, `handover node remove {id}` revokes it"
+                ),
+            ));
+        }
+        let token = format!(
+            "{BOOTSTRAP_TOKEN_PREFIX}{:032x}{:032x}",
+            rand::random::<u128>(),
+            rand::random::<u128>()
+        );
+        rows.push(NewBootstrapToken {
+            node_id: id.clone(),
+            digest: SecretDigest::of(&token),
+            expires_ms: expires_at_ms,
+        });
+        issued.push(IssuedToken {
+            node_id: id.clone(),
+            group: member.group,
+            role: member.role,
+            token,
+            expires_at_ms,
+        });
+    }
+    state.store.add_bootstrap_tokens(&rows).await?;
+    tracing::info!(nodes = ?req.ids, replace = req.replace, "bootstrap tokens issued");
+    Ok(Json(NodeAddAnswer { tokens: issued }))
+}
+
+/// `handover node remove`: the node's credential and bootstrap token stop
+/// working at once and its registration is forgotten; its records stay.
+pub async fn remove_node(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<NodeRemoved>> {
+    operator(&state, &headers)?;
+    let credential = state.store.credential_of(&id).await?;
+    if !state.store.remove_node(&id).await? {
+        return Err(ApiError::not_found(format!(
+            "node {id:?} holds no credential, token or registration"
+        )));
+    }
+    if let (Some(c), Ok(mut map)) = (credential, state.sessions.write()) {
+        map.remove(&c);
+    }
+    if let Ok(mut m) = state.desired.write() {
+        m.remove(&id);
+    }
+    tracing::warn!(node = %id, "node removed: its credential is revoked");
+    Ok(Json(NodeRemoved { node_id: id }))
 }
 
 pub async fn group_nodes(

@@ -2,103 +2,11 @@
 //! to the operator API and the node protocol, seen from a release-2
 //! controller (the newest the default build carries).
 
-use handover_controller::{serve_on, ControllerConfig};
 use handover_core::api::Status;
-use handover_core::{Release, ReleaseInfo};
 use serde_json::{json, Value};
 
-const JOIN: &str = "join-token-0123456789";
-const OPERATOR: &str = "operator-token-0123456789";
-
-struct Controller {
-    base: String,
-    http: reqwest::Client,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Controller {
-    async fn start(release: u32) -> Controller {
-        let dir = tempfile::tempdir().unwrap();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let config = ControllerConfig {
-            release: Release(release),
-            data_dir: dir.path().to_owned(),
-            listen: addr,
-            join_token: JOIN.into(),
-            operator_token: OPERATOR.into(),
-            lease_ms: 3_000,
-            trusted_keys: vec![],
-            node_switch_wait_ms: 60_000,
-        };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        // On a runtime of its own, as the binary runs it (its future is not
-        // one `tokio::spawn` takes).
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                serve_on(config, listener, async move {
-                    let _ = stopped.await;
-                })
-                .await
-                .unwrap();
-            });
-        });
-        let c = Controller {
-            base: format!("http://{addr}"),
-            http: reqwest::Client::new(),
-            stop: Some(stop),
-            _dir: dir,
-        };
-        for _ in 0..200 {
-            if c.http.get(c.url("/healthz")).send().await.is_ok() {
-                return c;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-        }
-        panic!("the controller did not come up");
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    async fn post(&self, path: &str, bearer: Option<&str>, body: Value) -> (u16, Value) {
-        let mut req = self.http.post(self.url(path)).json(&body);
-        if let Some(b) = bearer {
-            req = req.bearer_auth(b);
-        }
-        let resp = req.send().await.unwrap();
-        (resp.status().as_u16(), resp.json().await.unwrap())
-    }
-
-    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
-        self.http
-            .get(self.url(path))
-            .bearer_auth(OPERATOR)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
+mod support;
+use support::{Controller, OPERATOR};
 
 /// A channel window needs schema 3: a release-2 controller refuses it with
 /// a JSON error and creates nothing; without it the channel is created.
@@ -139,11 +47,9 @@ async fn a_channel_window_is_refused_before_schema_3() {
 #[tokio::test]
 async fn heartbeat_hls_requests_reach_the_status() {
     let c = Controller::start(2).await;
-    let info = ReleaseInfo::of(Release(2)).unwrap();
-    let hello = json!({"v": 1, "node_id": "n1", "token": JOIN, "release": 2, "schema": 2,
-        "protocol": info.protocol, "role": "primary", "group": "g1",
-        "hls_url": "http://127.0.0.1:7000", "outbox": {"next_seq": 1, "oldest_unacked_seq": null, "count": 0},
-        "current_events": [], "param_revision": null, "staged": []});
+    c.group("g1", "n1", "n2").await;
+    let token = c.node_add("n1", false).await;
+    let hello = support::hello("n1", "primary", "g1", &token, Some(support::CRED_A));
     let (status, welcome) = c.post("/node/v1/hello", None, hello).await;
     assert_eq!(status, 200, "{welcome}");
     let credential = welcome["credential"].as_str().unwrap().to_owned();

@@ -35,6 +35,10 @@ pub enum ErrorCode {
     GrantForbidsWrite,
     /// The batch's schema is not one this channel takes from this node.
     SchemaMismatch,
+    /// No group names the node id a hello claims.
+    UnknownNode,
+    /// The hello's role or group differs from the controller's groups.
+    IdentityMismatch,
 }
 
 impl WireError {
@@ -53,7 +57,7 @@ impl WireError {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 11] = [
         ErrorCode::Malformed,
         ErrorCode::UnsupportedVersion,
         ErrorCode::InvalidField,
@@ -63,6 +67,8 @@ impl ErrorCode {
         ErrorCode::GrantForbidsRead,
         ErrorCode::GrantForbidsWrite,
         ErrorCode::SchemaMismatch,
+        ErrorCode::UnknownNode,
+        ErrorCode::IdentityMismatch,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -76,6 +82,8 @@ impl ErrorCode {
             ErrorCode::GrantForbidsRead => "grant_forbids_read",
             ErrorCode::GrantForbidsWrite => "grant_forbids_write",
             ErrorCode::SchemaMismatch => "schema_mismatch",
+            ErrorCode::UnknownNode => "unknown_node",
+            ErrorCode::IdentityMismatch => "identity_mismatch",
         }
     }
 
@@ -93,7 +101,10 @@ impl ErrorCode {
             | ErrorCode::NoCommonProtocol
             | ErrorCode::SchemaMismatch => 400,
             ErrorCode::Unauthorized => 401,
-            ErrorCode::GrantForbidsRead | ErrorCode::GrantForbidsWrite => 403,
+            ErrorCode::GrantForbidsRead
+            | ErrorCode::GrantForbidsWrite
+            | ErrorCode::UnknownNode
+            | ErrorCode::IdentityMismatch => 403,
             ErrorCode::StaleEpoch => 409,
         }
     }
@@ -139,7 +150,7 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn new(code: ErrorCode, message: impl Into<String>) -> Refusal {
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> Refusal {
         Refusal {
             code,
             message: message.into(),

@@ -210,6 +210,44 @@ pub struct StoredRecord {
     pub translated_from: Option<u32>,
 }
 
+/// The body of `POST /api/v1/nodes` (`handover node add`): a bootstrap
+/// token for each node id, which some group must name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeAddRequest {
+    /// At most [`crate::identity::NODE_ADD_BATCH_MAX`].
+    pub ids: Vec<String>,
+    /// How long each token is good [default: a day].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+    /// Also for nodes that hold a credential: the token, once traded,
+    /// replaces it (a node that lost its data dir).
+    #[serde(default)]
+    pub replace: bool,
+}
+
+/// The answer to `POST /api/v1/nodes`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAddAnswer {
+    pub tokens: Vec<IssuedToken>,
+}
+
+/// One bootstrap token: shown once, stored only as its digest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedToken {
+    pub node_id: String,
+    pub group: String,
+    pub role: Role,
+    pub token: String,
+    pub expires_at_ms: i64,
+}
+
+/// The answer to `DELETE /api/v1/nodes/{id}` (`handover node remove`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRemoved {
+    pub node_id: String,
+}
+
 /// The body of `POST /api/v1/upgrade` and `/api/v1/upgrade/plan`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -468,6 +506,15 @@ mod tests {
         let decoded: T = serde_json::from_str(json).expect("the literal decodes");
         let got = serde_json::to_value(&decoded).expect("encodes");
         assert_eq!(got, want, "{}", std::any::type_name::<T>());
+    }
+
+    #[test]
+    fn node_add_and_remove_keep_their_shape() {
+        check::<NodeAddRequest>(r#"{"ids":["g1-a","g1-b"],"ttl_ms":60000,"replace":false}"#);
+        check::<NodeAddAnswer>(
+            r#"{"tokens":[{"node_id":"g1-a","group":"g1","role":"primary","token":"hob_x","expires_at_ms":5}]}"#,
+        );
+        check::<NodeRemoved>(r#"{"node_id":"g1-a"}"#);
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod api;
 pub mod artifact;
 pub mod grant;
 pub mod hls;
+pub mod identity;
 pub mod node;
 pub mod params;
 pub mod record;

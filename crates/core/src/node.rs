@@ -79,7 +79,10 @@ pub struct Identity {
     pub role: Role,
     pub group: String,
     pub hls_url: String,
-    pub join_token: String,
+    /// The single-use token `handover node add` issued for this id: what a
+    /// node with no (or a refused) credential says hello with. None once the
+    /// shell knows it was traded and no new one was given.
+    pub bootstrap_token: Option<String>,
     /// SHA-256 of the binary this worker runs (from its supervisor).
     pub binary_sha256: Option<String>,
 }
@@ -105,6 +108,10 @@ pub struct Durable {
     pub grant: Option<Grant>,
     pub epoch: Option<u64>,
     pub credential: Option<String>,
+    /// A controller accepted `credential` (a welcome carried it). False for
+    /// one the shell chose that no controller took yet: the first hello then
+    /// presents the bootstrap token, with this credential as the new one.
+    pub credential_confirmed: bool,
     /// The switch that failed here and was not yet asked for anew.
     pub switch_failure: Option<SwitchFailure>,
 }
@@ -424,8 +431,8 @@ pub struct Machine {
     controller_param_revision: Option<u64>,
     controller_release: Option<Release>,
     protocol: Option<u32>,
-    /// The persisted credential was refused: the next hello presents the join token.
-    join_next: bool,
+    /// The persisted credential was refused: the next hello presents the bootstrap token.
+    bootstrap_next: bool,
     last_contact_ms: Option<u64>,
     reachable: bool,
     next_heartbeat_ms: Option<u64>,
@@ -506,6 +513,7 @@ impl Machine {
             switch_failure = None;
             out.push(Action::RememberSwitchFailure(None));
         }
+        let bootstrap_next = !durable.credential_confirmed && id.bootstrap_token.is_some();
         Machine {
             id,
             config,
@@ -526,7 +534,7 @@ impl Machine {
             controller_param_revision: None,
             controller_release: None,
             protocol: None,
-            join_next: false,
+            bootstrap_next,
             last_contact_ms: None,
             reachable: false,
             next_heartbeat_ms: None,

@@ -41,6 +41,9 @@ pub mod limits {
     /// Node, group and channel ids.
     pub const ID_CHARS_MAX: usize = 64;
     pub const TOKEN_CHARS_MAX: usize = 256;
+    /// Shortest credential a node may choose: 32 hex digits are 128 random
+    /// bits, out of reach of guessing.
+    pub const CREDENTIAL_CHARS_MIN: usize = 32;
     pub const URL_CHARS_MAX: usize = 256;
     /// Free text inside a record.
     pub const TEXT_CHARS_MAX: usize = 1024;
@@ -69,7 +72,9 @@ pub struct OutboxState {
 pub struct Hello {
     pub v: u32,
     pub node_id: String,
-    /// The cluster join token on first contact; afterwards the node's own credential.
+    /// The node's own credential; on first contact (or after its
+    /// credential was refused), the bootstrap token `handover node add`
+    /// issued for this id.
     pub token: String,
     pub release: Release,
     pub schema: Schema,
@@ -92,6 +97,14 @@ pub struct Hello {
     /// itself after an upgrade; the node says hello again when it did).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub supervisor_sha256: Option<String>,
+    /// With a bootstrap token only: the credential the node chose, and
+    /// persisted before it sent this hello, to use from now on. Because the
+    /// node chose it, a welcome lost on the way changes nothing: the node's
+    /// next hello presents that credential, which the controller now holds.
+    /// (Sent only with a bootstrap token, which only a controller that knows
+    /// this field issues.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_credential: Option<String>,
 }
 
 /// Controller → node, answer to [`Hello`].
@@ -282,6 +295,7 @@ impl Hello {
             staged: vec![],
             binary_sha256: None,
             supervisor_sha256: None,
+            new_credential: None,
         }
     }
 }
@@ -292,6 +306,18 @@ impl Validate for Hello {
         validate_id("node_id", &self.node_id)?;
         validate_id("group", &self.group)?;
         validate_len("token", &self.token, limits::TOKEN_CHARS_MAX)?;
+        if let Some(c) = &self.new_credential {
+            if c.len() < limits::CREDENTIAL_CHARS_MIN || c.len() > limits::TOKEN_CHARS_MAX {
+                return Err(invalid(
+                    "new_credential",
+                    format!(
+                        "must be {} to {} characters",
+                        limits::CREDENTIAL_CHARS_MIN,
+                        limits::TOKEN_CHARS_MAX
+                    ),
+                ));
+            }
+        }
         validate_len("hls_url", &self.hls_url, limits::URL_CHARS_MAX)?;
         if !self.hls_url.starts_with("http://") && !self.hls_url.starts_with("https://") {
             return Err(invalid("hls_url", "must be an http:// or https:// URL"));

@@ -47,7 +47,7 @@ fn hello() -> impl Strategy<Value = Hello> {
             |(node_id, group, release, current_events, next_seq, param_revision)| Hello {
                 v: MESSAGE_VERSION,
                 node_id,
-                token: "join-token-0123456789".into(),
+                token: "hob_bootstrap-token-0123456789".into(),
                 release: Release(release),
                 schema: Schema(release),
                 protocol: ProtocolRange {
@@ -71,6 +71,7 @@ fn hello() -> impl Strategy<Value = Hello> {
                 staged: vec![],
                 binary_sha256: None,
                 supervisor_sha256: None,
+                new_credential: (next_seq % 3 == 0).then(|| "c".repeat(64)),
             },
         )
 }

@@ -193,6 +193,7 @@ impl Run {
                 commit.put.push((keys::EPOCH.to_owned(), epoch.to_string()));
                 if let Some(c) = credential {
                     commit.put.push((keys::CREDENTIAL.to_owned(), c));
+                    commit.delete.push(keys::CREDENTIAL_UNCONFIRMED.to_owned());
                 }
                 if let Some(a) = alert {
                     let events = self.d.published.params.borrow().events.clone();

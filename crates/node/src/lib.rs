@@ -49,7 +49,10 @@ pub struct NodeConfig {
     /// HLS base URL advertised to the controller and viewers, e.g. http://127.0.0.5:7000
     pub advertise_url: String,
     pub controller_url: String,
-    pub join_token: String,
+    /// The single-use token `handover node add ID` issued: needed until the
+    /// node holds a credential (it trades the token for one at its first
+    /// hello and keeps that in its data dir).
+    pub bootstrap_token: Option<String>,
     /// Drop records that cannot be stored at once, as nodes managed by hand
     /// do today (the demo's comparison); never set in production.
     pub legacy: bool,
@@ -123,13 +126,48 @@ fn trusted_keys(config: &NodeConfig) -> anyhow::Result<Vec<handover_core::artifa
     Ok(keys)
 }
 
+/// The node's credential: the one it holds, or (first start) one it
+/// chooses now and persists before any hello, so the bootstrap token it
+/// trades it for is never wasted on a welcome lost on the way.
+async fn credential(store: &store::Store, config: &NodeConfig) -> anyhow::Result<String> {
+    if let Some(c) = store.kv_get(store::keys::CREDENTIAL).await? {
+        return Ok(c);
+    }
+    if config.bootstrap_token.is_none() {
+        bail!(
+            "node {id} holds no credential yet: issue a bootstrap token with `handover node add {id}` \
+             and start this node with it in HANDOVER_BOOTSTRAP_TOKEN or --bootstrap-token-file",
+            id = config.node_id
+        );
+    }
+    let chosen = format!(
+        "{:032x}{:032x}",
+        rand::random::<u128>(),
+        rand::random::<u128>()
+    );
+    store
+        .kv_put(vec![
+            (store::keys::CREDENTIAL.to_owned(), chosen.clone()),
+            (
+                store::keys::CREDENTIAL_UNCONFIRMED.to_owned(),
+                "1".to_owned(),
+            ),
+        ])
+        .await?;
+    Ok(chosen)
+}
+
 /// Checks the config with the same rules the controller applies to hello.
 fn validate(config: &NodeConfig, info: &ReleaseInfo) -> anyhow::Result<()> {
     validate_id("node_id", &config.node_id)?;
     validate_id("group", &config.group)?;
-    if config.join_token.is_empty() || config.join_token.len() > limits::TOKEN_CHARS_MAX {
+    if config
+        .bootstrap_token
+        .as_ref()
+        .is_some_and(|t| t.is_empty() || t.len() > limits::TOKEN_CHARS_MAX)
+    {
         bail!(
-            "join token must be 1 to {} characters",
+            "the bootstrap token must be 1 to {} characters",
             limits::TOKEN_CHARS_MAX
         );
     }
@@ -141,7 +179,7 @@ fn validate(config: &NodeConfig, info: &ReleaseInfo) -> anyhow::Result<()> {
     }
     Hello::new(
         &config.node_id,
-        &config.join_token,
+        config.bootstrap_token.as_deref().unwrap_or("token"),
         info,
         config.role,
         &config.group,
@@ -203,7 +241,7 @@ async fn start(
         role: config.role,
         group: config.group.clone(),
         hls_url: config.advertise_url.clone(),
-        join_token: config.join_token.clone(),
+        bootstrap_token: config.bootstrap_token.clone(),
         binary_sha256: handover_supervisor::binary_sha256(),
     };
     let trusted = trusted_keys(&config)?;
@@ -220,7 +258,11 @@ async fn start(
             .kv_get(store::keys::EPOCH)
             .await?
             .and_then(|e| e.parse::<u64>().ok()),
-        credential: store.kv_get(store::keys::CREDENTIAL).await?,
+        credential: Some(credential(&store, &config).await?),
+        credential_confirmed: store
+            .kv_get(store::keys::CREDENTIAL_UNCONFIRMED)
+            .await?
+            .is_none(),
         switch_failure: driver::switch_failure(&store).await,
     };
     let machine = handover_core::node::Machine::new(

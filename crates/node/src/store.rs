@@ -42,8 +42,11 @@ pub mod keys {
     pub const NODE_ID: &str = "node_id";
     /// The next sequence number to assign; persisted with every append.
     pub const NEXT_SEQ: &str = "next_seq";
-    /// The credential from the last welcome.
+    /// The node's credential: chosen by the node at its first start, and
+    /// accepted by the controller in exchange for the bootstrap token.
     pub const CREDENTIAL: &str = "credential";
+    /// Present while no controller accepted the chosen credential yet.
+    pub const CREDENTIAL_UNCONFIRMED: &str = "credential_unconfirmed";
     /// The epoch and grant the node holds ("full", "deliver", "fenced").
     pub const EPOCH: &str = "epoch";
     pub const GRANT: &str = "grant";

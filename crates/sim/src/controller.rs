@@ -7,10 +7,11 @@
 //! loses is [`Mem`].
 
 use crate::net::{Answer, Lane, NodeIx, Request, SentWith};
-use crate::node::{CHANNELS, JOIN_TOKEN, WALL_BASE_MS};
+use crate::node::{CHANNELS, WALL_BASE_MS};
 use crate::{Canary, Stats};
 use handover_core::admission::{Admission, Channel, ErrorCode, Refusal};
 use handover_core::grant::Grant;
+use handover_core::identity::{self, BootstrapToken, Membership, Proof, SecretDigest};
 use handover_core::record::{self, AnyRecord, ChannelDirectory, ChannelRef};
 use handover_core::release::{Release, ReleaseInfo, Schema};
 use handover_core::upgrade::{
@@ -97,7 +98,6 @@ fn params_document(schema: Schema, revision: u64) -> Result<serde_json::Value, A
 /// One row of the node registry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Registration {
-    pub credential: String,
     pub release: Release,
     pub schema: Schema,
     pub role: Role,
@@ -136,6 +136,12 @@ pub struct Durable {
     /// The upgrade as serde_json, stored after every step that changed it.
     pub upgrade: Option<String>,
     pub credentials_issued: u64,
+    /// The groups: node id → group and role (the operator's `group create`).
+    pub members: BTreeMap<String, Membership>,
+    /// Node id → the digest of its credential.
+    pub credentials: BTreeMap<String, SecretDigest>,
+    /// Node id → its bootstrap token (the operator's `node add`).
+    pub bootstrap: BTreeMap<String, BootstrapToken>,
 }
 
 /// A watch request the controller holds until something changes.
@@ -303,10 +309,27 @@ impl Controller {
                 acked_through: BTreeMap::new(),
                 upgrade: None,
                 credentials_issued: 0,
+                members: BTreeMap::new(),
+                credentials: BTreeMap::new(),
+                bootstrap: BTreeMap::new(),
             },
             mem: None,
             incarnation: 0,
         }
+    }
+
+    /// What the operator does before a node starts: its group names it, and
+    /// `node add` issues its bootstrap token (good for the whole run).
+    pub fn add_node(&mut self, node_id: &str, membership: Membership, token: &str) {
+        self.durable.members.insert(node_id.to_owned(), membership);
+        self.durable.bootstrap.insert(
+            node_id.to_owned(),
+            BootstrapToken {
+                digest: SecretDigest::of(token),
+                expires_ms: i64::MAX,
+                used_ms: None,
+            },
+        );
     }
 
     pub fn info(&self) -> &'static ReleaseInfo {
@@ -474,16 +497,17 @@ impl Controller {
 
     /// The session a bearer credential belongs to: (node id, schema).
     fn session(&self, credential: &str, node_hint: &str) -> Result<(String, Schema), Answer> {
+        let digest = SecretDigest::of(credential);
         let found = self
             .durable
-            .nodes
+            .credentials
             .iter()
-            .find(|(_, r)| r.credential == credential)
-            .map(|(id, r)| (id.clone(), r.schema));
+            .find(|(_, d)| d.matches(&digest))
+            .and_then(|(id, _)| Some((id.clone(), self.durable.nodes.get(id)?.schema)));
         match found {
             None => Err(Answer::refused(
                 ErrorCode::Unauthorized,
-                "unknown credential; send hello again with the join token",
+                "unknown credential; send hello again",
             )),
             Some((id, _)) if id != node_hint => Err(Answer::refused(
                 ErrorCode::Unauthorized,
@@ -560,22 +584,25 @@ impl Controller {
 
     fn hello(&mut self, body: &[u8], io: &mut CtlIo) -> Handled {
         let hello: Hello = wire::decode(body).map_err(wire_error)?;
-        let existing = self
-            .durable
-            .nodes
-            .get(&hello.node_id)
-            .map(|r| r.credential.clone());
-        let credential = match existing {
-            Some(c) if c == hello.token => c,
-            _ if hello.token == JOIN_TOKEN => {
+        let id = hello.node_id.clone();
+        let known = identity::Known {
+            membership: self.durable.members.get(&id),
+            credential: self.durable.credentials.get(&id),
+            bootstrap: self.durable.bootstrap.get(&id),
+        };
+        let credential = match identity::admit_hello(&hello, known, to_ms(io.now_ms)) {
+            Err(r) => return Err(Answer::refused(r.code, r.message)),
+            Ok(Proof::Credential) => hello.token.clone(),
+            Ok(Proof::Bootstrap) => {
                 self.durable.credentials_issued += 1;
-                format!("cred-{}-{}", hello.node_id, self.durable.credentials_issued)
-            }
-            _ => {
-                return Err(Answer::refused(
-                    ErrorCode::Unauthorized,
-                    "wrong token: present the join token or this node's credential",
-                ))
+                let c = hello.new_credential.clone().unwrap_or_default();
+                if let Some(t) = self.durable.bootstrap.get_mut(&id) {
+                    t.used_ms = Some(to_ms(io.now_ms));
+                }
+                self.durable
+                    .credentials
+                    .insert(id.clone(), SecretDigest::of(&c));
+                c
             }
         };
         let view = self.view();
@@ -585,7 +612,6 @@ impl Controller {
         self.durable.nodes.insert(
             hello.node_id.clone(),
             Registration {
-                credential,
                 release: hello.release,
                 schema: hello.schema,
                 role: hello.role,
@@ -981,4 +1007,9 @@ impl Default for Controller {
     fn default() -> Controller {
         Controller::new()
     }
+}
+
+/// Simulated milliseconds as the core's signed clock.
+fn to_ms(ms: u64) -> i64 {
+    i64::try_from(ms).unwrap_or(i64::MAX)
 }

@@ -25,7 +25,10 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// Simulated time 0 on the wall clock (records carry wall-clock ms).
 pub const WALL_BASE_MS: i64 = 1_795_000_000_000;
-pub const JOIN_TOKEN: &str = "sim-join-token";
+/// The bootstrap token the simulated operator issued for node `id`.
+pub fn bootstrap_token(id: &str) -> String {
+    format!("hob_sim-{id}")
+}
 
 /// A channel as both releases know it: release 1 by name, release 2 by id.
 #[derive(Clone, Copy, Debug)]
@@ -120,6 +123,8 @@ pub struct Durable {
     pub grant: Option<Grant>,
     pub epoch: Option<u64>,
     pub credential: Option<String>,
+    /// A controller accepted `credential` (see the core's `Durable`).
+    pub credential_confirmed: bool,
     pub staged: Vec<StagedArtifact>,
     /// The switch that failed here and was not asked for anew yet.
     pub switch_failure: Option<SwitchFailure>,
@@ -211,6 +216,7 @@ impl Node {
                 grant: None,
                 epoch: None,
                 credential: None,
+                credential_confirmed: false,
                 staged: Vec::new(),
                 switch_failure: None,
                 progress: Progress::default(),
@@ -257,17 +263,26 @@ impl Node {
             role: self.spec.role,
             group: self.spec.group.clone(),
             hls_url: format!("http://sim.invalid/{}", self.spec.id),
-            join_token: JOIN_TOKEN.to_owned(),
+            bootstrap_token: Some(bootstrap_token(&self.spec.id)),
             binary_sha256: None,
         };
         let config = node::Config {
             legacy: false,
             heal_stale_registration: self.heal_stale_registration,
         };
+        // As the node's shell: a node with no credential chooses one and
+        // keeps it before its first hello.
+        if self.durable.credential.is_none() {
+            self.durable.credential = Some(format!(
+                "sim-credential-{}-{:016x}",
+                self.spec.id, self.incarnation
+            ));
+        }
         let durable = node::Durable {
             grant: self.durable.grant,
             epoch: self.durable.epoch,
             credential: self.durable.credential.clone(),
+            credential_confirmed: self.durable.credential_confirmed,
             switch_failure: self.durable.switch_failure.clone(),
         };
         // Simulated nodes take their events from their spec, not from parameters.
@@ -422,6 +437,7 @@ impl Node {
                 self.durable.grant = Some(grant);
                 self.durable.epoch = Some(epoch);
                 if credential.is_some() {
+                    self.durable.credential_confirmed = true;
                     self.durable.credential = credential;
                 }
             }

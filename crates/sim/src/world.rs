@@ -174,6 +174,15 @@ impl World {
             done: false,
         };
         w.log(format!("seed {seed}: {:?}", w.p));
+        for node in &w.nodes {
+            let spec = &node.spec;
+            let member = handover_core::identity::Membership {
+                group: spec.group.clone(),
+                role: spec.role,
+            };
+            w.ctl
+                .add_node(&spec.id, member, &crate::node::bootstrap_token(&spec.id));
+        }
         w.with_ctl(|c, io| {
             c.start(io);
         });

@@ -18,6 +18,7 @@ pub mod sqlite;
 use handover_core::api::{
     ChannelSpec, ClusterInfo, EventSpec, EventView, NodeInfo, RecordSummary, StoredRecord,
 };
+use handover_core::identity::{BootstrapToken, SecretDigest};
 use handover_core::params::Group;
 use handover_core::record::RecordError;
 use handover_core::upgrade::{Desired, Upgrade};
@@ -76,7 +77,6 @@ pub struct ClusterState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeRegistration {
     pub node_id: String,
-    pub credential: String,
     pub release: Release,
     pub schema: Schema,
     pub role: Role,
@@ -92,6 +92,14 @@ pub struct NodeRegistration {
     pub binary_sha256: Option<String>,
     /// SHA-256 of the binary the node's supervisor runs, if it says.
     pub supervisor_sha256: Option<String>,
+}
+
+/// A bootstrap token to store (`handover node add`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewBootstrapToken {
+    pub node_id: String,
+    pub digest: SecretDigest,
+    pub expires_ms: i64,
 }
 
 /// One row of the node registry.
@@ -172,9 +180,32 @@ pub trait Store: Send + Sync + 'static {
     async fn set_fence(&self, fenced: bool) -> Result<ClusterState>;
 
     async fn register_node(&self, reg: &NodeRegistration) -> Result<()>;
-    async fn node_credential(&self, node_id: &str) -> Result<Option<String>>;
-    /// The node (and its schema) a credential belongs to.
-    async fn node_by_credential(&self, credential: &str) -> Result<Option<(String, Schema)>>;
+    /// The digest of the credential a node was issued, if any.
+    async fn credential_of(&self, node_id: &str) -> Result<Option<SecretDigest>>;
+    /// The registered node (and its schema) a credential belongs to: one
+    /// indexed lookup, so unknown credentials are refused cheaply.
+    async fn node_by_credential(
+        &self,
+        credential: &SecretDigest,
+    ) -> Result<Option<(String, Schema)>>;
+    /// The bootstrap token issued for a node, used or not.
+    async fn bootstrap_token(&self, node_id: &str) -> Result<Option<BootstrapToken>>;
+    /// Stores new bootstrap tokens (one transaction), each replacing the
+    /// node's previous one.
+    async fn add_bootstrap_tokens(&self, tokens: &[NewBootstrapToken]) -> Result<()>;
+    /// Marks the node's bootstrap token used and makes `credential` the
+    /// node's credential, in one transaction; false (and nothing written)
+    /// unless that token is the node's, unused and unexpired at `now_ms`.
+    async fn trade_bootstrap_token(
+        &self,
+        node_id: &str,
+        token: &SecretDigest,
+        credential: &SecretDigest,
+        now_ms: i64,
+    ) -> Result<bool>;
+    /// Forgets a node: its credential, bootstrap token, registration and
+    /// desired state (its stored records stay). False if nothing was known.
+    async fn remove_node(&self, node_id: &str) -> Result<bool>;
     async fn heartbeat(
         &self,
         node_id: &str,

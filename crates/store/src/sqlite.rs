@@ -2,8 +2,12 @@
 //! at a time (a mutex, so a read-then-write transaction never meets
 //! SQLITE_BUSY), readers in parallel.
 
-use crate::{BatchOutcome, ClusterState, NodeRegistration, NodeRow, Result, Store, StoreError};
+use crate::{
+    BatchOutcome, ClusterState, NewBootstrapToken, NodeRegistration, NodeRow, Result, Store,
+    StoreError,
+};
 use handover_core::api::{ChannelSpec, EventSpec, EventView, RecordSummary, StoredRecord};
+use handover_core::identity::{BootstrapToken, SecretDigest, GROUPS_MAX};
 use handover_core::params::{v1, v2, v3, Group};
 use handover_core::record::{self, AnyRecord, ChannelDirectory, ChannelRef};
 use handover_core::timefmt;
@@ -112,6 +116,7 @@ impl SqliteStore {
                     .await?;
             }
         }
+        hash_plaintext_credentials(&mut tx).await?;
         let schema: Option<i64> =
             sqlx::query_scalar("SELECT value FROM cluster WHERE key = 'schema'")
                 .fetch_optional(&mut *tx)
@@ -362,20 +367,27 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn node_credential(&self, node_id: &str) -> Result<Option<String>> {
-        Ok(
-            sqlx::query_scalar("SELECT credential FROM nodes WHERE node_id = ?")
+    async fn credential_of(&self, node_id: &str) -> Result<Option<SecretDigest>> {
+        let hex: Option<String> =
+            sqlx::query_scalar("SELECT sha256 FROM credentials WHERE node_id = ?")
                 .bind(node_id)
                 .fetch_optional(&self.pool)
-                .await?,
-        )
+                .await?;
+        Ok(hex.map(SecretDigest::from_stored))
     }
 
-    async fn node_by_credential(&self, credential: &str) -> Result<Option<(String, Schema)>> {
-        let row = sqlx::query("SELECT node_id, schema FROM nodes WHERE credential = ?")
-            .bind(credential)
-            .fetch_optional(&self.pool)
-            .await?;
+    async fn node_by_credential(
+        &self,
+        credential: &SecretDigest,
+    ) -> Result<Option<(String, Schema)>> {
+        // One lookup in the unique index on `credentials.sha256`.
+        let row = sqlx::query(
+            "SELECT n.node_id, n.schema FROM credentials c JOIN nodes n ON n.node_id = c.node_id
+             WHERE c.sha256 = ?",
+        )
+        .bind(credential.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
         row.map(|r| {
             Ok((
                 r.try_get("node_id")?,
@@ -383,6 +395,94 @@ impl Store for SqliteStore {
             ))
         })
         .transpose()
+    }
+
+    async fn bootstrap_token(&self, node_id: &str) -> Result<Option<BootstrapToken>> {
+        let row = sqlx::query(
+            "SELECT sha256, expires_ms, used_ms FROM bootstrap_tokens WHERE node_id = ?",
+        )
+        .bind(node_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(BootstrapToken {
+                digest: SecretDigest::from_stored(r.try_get("sha256")?),
+                expires_ms: r.try_get("expires_ms")?,
+                used_ms: r.try_get("used_ms")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn add_bootstrap_tokens(&self, tokens: &[NewBootstrapToken]) -> Result<()> {
+        let _w = self.writer.lock().await;
+        let mut tx = self.pool.begin().await?;
+        for t in tokens {
+            // One token per node: a new one replaces an unused or used one.
+            sqlx::query(
+                "INSERT INTO bootstrap_tokens (node_id, sha256, expires_ms, used_ms) VALUES (?, ?, ?, NULL)
+                 ON CONFLICT (node_id) DO UPDATE SET sha256 = excluded.sha256,
+                    expires_ms = excluded.expires_ms, used_ms = NULL",
+            )
+            .bind(&t.node_id)
+            .bind(t.digest.as_str())
+            .bind(t.expires_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn trade_bootstrap_token(
+        &self,
+        node_id: &str,
+        token: &SecretDigest,
+        credential: &SecretDigest,
+        now_ms: i64,
+    ) -> Result<bool> {
+        let _w = self.writer.lock().await;
+        let mut tx = self.pool.begin().await?;
+        let used = sqlx::query(
+            "UPDATE bootstrap_tokens SET used_ms = ?
+             WHERE node_id = ? AND sha256 = ? AND used_ms IS NULL AND expires_ms > ?",
+        )
+        .bind(now_ms)
+        .bind(node_id)
+        .bind(token.as_str())
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if used != 1 {
+            return Ok(false);
+        }
+        // The new credential replaces the node's old one, which stops working.
+        sqlx::query(
+            "INSERT INTO credentials (node_id, sha256) VALUES (?, ?)
+             ON CONFLICT (node_id) DO UPDATE SET sha256 = excluded.sha256",
+        )
+        .bind(node_id)
+        .bind(credential.as_str())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn remove_node(&self, node_id: &str) -> Result<bool> {
+        let _w = self.writer.lock().await;
+        let mut tx = self.pool.begin().await?;
+        let mut removed = 0;
+        for table in ["credentials", "bootstrap_tokens", "nodes", "node_desired"] {
+            removed += sqlx::query(&format!("DELETE FROM {table} WHERE node_id = ?"))
+                .bind(node_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(removed > 0)
     }
 
     async fn heartbeat(
@@ -648,6 +748,40 @@ impl Store for SqliteStore {
         }
         let _w = self.writer.lock().await;
         let mut tx = self.pool.begin().await?;
+        // A node id is in one group only: the groups say who a node is.
+        let taken: Option<(String, String, String)> = sqlx::query_as(
+            "SELECT name, primary_node, backup_node FROM groups
+             WHERE primary_node IN (?, ?) OR backup_node IN (?, ?) LIMIT 1",
+        )
+        .bind(&group.primary)
+        .bind(&group.backup)
+        .bind(&group.primary)
+        .bind(&group.backup)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some((name, primary, backup)) = taken {
+            let node = if [&primary, &backup].contains(&&group.primary) {
+                &group.primary
+            } else {
+                &group.backup
+            };
+            let role = if *node == primary {
+                "primary"
+            } else {
+                "backup"
+            };
+            return Err(StoreError::Invalid(format!(
+                "node {node:?} is already the {role} of group {name:?}: a node is in one group"
+            )));
+        }
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM groups")
+            .fetch_one(&mut *tx)
+            .await?;
+        if usize::try_from(count).unwrap_or(usize::MAX) >= GROUPS_MAX {
+            return Err(StoreError::Invalid(format!(
+                "the cluster has {GROUPS_MAX} groups, the most one controller registers"
+            )));
+        }
         let done = sqlx::query("INSERT INTO groups (name, primary_node, backup_node) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING")
             .bind(&group.name)
             .bind(&group.primary)
@@ -937,4 +1071,31 @@ impl Store for SqliteStore {
             })
             .collect()
     }
+}
+
+/// Credentials an older build stored in plain text (`nodes.credential`)
+/// become digests in `credentials`, and the plain text is blanked. Runs at
+/// every open; a no-op once done.
+async fn hash_plaintext_credentials(tx: &mut sqlx::SqliteConnection) -> Result<()> {
+    let plain: Vec<(String, String)> =
+        sqlx::query_as("SELECT node_id, credential FROM nodes WHERE credential != ''")
+            .fetch_all(&mut *tx)
+            .await?;
+    for (node_id, credential) in &plain {
+        sqlx::query("INSERT OR IGNORE INTO credentials (node_id, sha256) VALUES (?, ?)")
+            .bind(node_id)
+            .bind(SecretDigest::of(credential).as_str())
+            .execute(&mut *tx)
+            .await?;
+    }
+    if !plain.is_empty() {
+        sqlx::query("UPDATE nodes SET credential = ''")
+            .execute(&mut *tx)
+            .await?;
+        tracing::info!(
+            nodes = plain.len(),
+            "stored credentials replaced by their digests"
+        );
+    }
+    Ok(())
 }

@@ -2,6 +2,7 @@
 //! translation on the redundant channel, and the migrations 1 → 2 and 2 → 3.
 
 use handover_core::api::{ChannelSpec, EventSpec};
+use handover_core::identity::SecretDigest;
 use handover_core::params::{events_for_group, Group};
 use handover_core::record::{encode, v2::Kind, v3::Severity, Observation};
 use handover_core::wire::OutboxState;
@@ -74,7 +75,6 @@ async fn seed(store: &SqliteStore) {
     store
         .register_node(&NodeRegistration {
             node_id: "n1".into(),
-            credential: "c".into(),
             release: Release(1),
             schema: Schema(1),
             role: handover_core::wire::Role::Primary,
@@ -596,5 +596,166 @@ async fn migration_2_to_3_pages_through_a_large_table() {
             ("n1".to_owned(), per_node, per_node, per_node),
             ("n2".to_owned(), per_node, per_node, per_node)
         ]
+    );
+}
+
+fn token(node: &str, secret: &str, expires_ms: i64) -> handover_store::NewBootstrapToken {
+    handover_store::NewBootstrapToken {
+        node_id: node.into(),
+        digest: SecretDigest::of(secret),
+        expires_ms,
+    }
+}
+
+#[tokio::test]
+async fn a_bootstrap_token_is_traded_once_for_a_credential() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir, 2).await;
+    seed(&store).await;
+    store
+        .add_bootstrap_tokens(&[token("n1", "hob_t1", 1_000)])
+        .await
+        .unwrap();
+    let t = store.bootstrap_token("n1").await.unwrap().unwrap();
+    assert_eq!(t.digest, SecretDigest::of("hob_t1"));
+    assert_eq!((t.expires_ms, t.used_ms), (1_000, None));
+    let (tok, cred) = (SecretDigest::of("hob_t1"), SecretDigest::of("cred-1"));
+    // Expired, or another token: nothing happens.
+    assert!(!store
+        .trade_bootstrap_token("n1", &tok, &cred, 1_000)
+        .await
+        .unwrap());
+    let other = SecretDigest::of("hob_other");
+    assert!(!store
+        .trade_bootstrap_token("n1", &other, &cred, 10)
+        .await
+        .unwrap());
+    assert_eq!(store.credential_of("n1").await.unwrap(), None);
+    // Once, then never again.
+    assert!(store
+        .trade_bootstrap_token("n1", &tok, &cred, 10)
+        .await
+        .unwrap());
+    let cred2 = SecretDigest::of("cred-2");
+    assert!(!store
+        .trade_bootstrap_token("n1", &tok, &cred2, 11)
+        .await
+        .unwrap());
+    assert_eq!(store.credential_of("n1").await.unwrap(), Some(cred.clone()));
+    assert_eq!(
+        store.bootstrap_token("n1").await.unwrap().unwrap().used_ms,
+        Some(10)
+    );
+    // The registered node is found by its credential's digest only.
+    assert_eq!(
+        store
+            .node_by_credential(&cred)
+            .await
+            .unwrap()
+            .map(|(n, _)| n),
+        Some("n1".to_owned())
+    );
+    assert_eq!(store.node_by_credential(&cred2).await.unwrap(), None);
+    // A replacement token, traded, replaces the credential.
+    store
+        .add_bootstrap_tokens(&[token("n1", "hob_t2", 1_000)])
+        .await
+        .unwrap();
+    let tok2 = SecretDigest::of("hob_t2");
+    assert!(store
+        .trade_bootstrap_token("n1", &tok2, &cred2, 20)
+        .await
+        .unwrap());
+    assert_eq!(store.node_by_credential(&cred).await.unwrap(), None);
+    assert!(store.node_by_credential(&cred2).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn removing_a_node_revokes_it_and_keeps_its_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir, 2).await;
+    seed(&store).await;
+    store
+        .add_bootstrap_tokens(&[token("n1", "hob_t1", 1_000)])
+        .await
+        .unwrap();
+    let cred = SecretDigest::of("cred-1");
+    let tok = SecretDigest::of("hob_t1");
+    assert!(store
+        .trade_bootstrap_token("n1", &tok, &cred, 1)
+        .await
+        .unwrap());
+    store
+        .store_batch("n1", Schema(2), 1, &segments(2, Some(1), 1..4))
+        .await
+        .unwrap();
+    assert!(store.remove_node("n1").await.unwrap());
+    assert_eq!(store.node_by_credential(&cred).await.unwrap(), None);
+    assert_eq!(store.credential_of("n1").await.unwrap(), None);
+    assert_eq!(store.bootstrap_token("n1").await.unwrap(), None);
+    assert!(store
+        .nodes()
+        .await
+        .unwrap()
+        .iter()
+        .all(|n| n.node_id != "n1"));
+    assert_eq!(store.records("n1", 0, 10).await.unwrap().len(), 3);
+    assert!(
+        !store.remove_node("n1").await.unwrap(),
+        "nothing left to remove"
+    );
+}
+
+#[tokio::test]
+async fn credentials_an_older_build_stored_in_plain_text_become_digests() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(&dir, 2).await;
+        seed(&store).await;
+    }
+    // What a build before digests left: the credential in `nodes`.
+    let path = dir.path().join("db.sqlite");
+    {
+        let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        sqlx::query("UPDATE nodes SET credential = 'plain-cred' WHERE node_id = 'n1'")
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+    }
+    let store = open(&dir, 2).await;
+    assert_eq!(
+        store.credential_of("n1").await.unwrap(),
+        Some(SecretDigest::of("plain-cred"))
+    );
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    let left: String = sqlx::query_scalar("SELECT credential FROM nodes WHERE node_id = 'n1'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, "", "no plain text left");
+}
+
+#[tokio::test]
+async fn a_node_is_in_one_group_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir, 2).await;
+    seed(&store).await;
+    let err = store
+        .create_group(&Group {
+            name: "g2".into(),
+            primary: "n9".into(),
+            backup: "n1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("already the primary of group \"g1\""),
+        "{err}"
     );
 }

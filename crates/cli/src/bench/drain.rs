@@ -79,13 +79,14 @@ pub(super) async fn drain(exe: &Path, dir: &Path, s: &Sizes) -> anyhow::Result<F
     // built before the clock starts (a node reads them from its outbox).
     let mut clients = Vec::new();
     let mut record_bytes = 0usize;
-    for i in 0..s.drain_nodes {
-        let node_id = format!("drain-{i}");
+    let ids: Vec<String> = (0..s.drain_nodes).map(|i| format!("drain-{i}")).collect();
+    let tokens = fleet.add_simulated_nodes(&ids).await?;
+    for (node_id, token) in ids.into_iter().zip(tokens) {
         let http = reqwest::Client::builder()
             .no_proxy()
             .timeout(ANSWER_TIMEOUT)
             .build()?;
-        let hello = hello_body(&node_id, &fleet.join_token, 1, "drain")?;
+        let hello = hello_body(&node_id, &token, 1, &node_id)?;
         let r = http
             .post(format!("{url}/node/v1/hello"))
             .header("content-type", "application/json")

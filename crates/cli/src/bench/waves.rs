@@ -33,10 +33,12 @@ pub(super) async fn fence_wave(
     let sem = Arc::new(Semaphore::new(SETUP_CONCURRENCY));
     let ready = Arc::new(AtomicUsize::new(0));
     let (go_tx, go_rx) = watch::channel(false);
+    let ids: Vec<String> = (0..n).map(|k| format!("n{k:05}")).collect();
+    let tokens = fleet.add_simulated_nodes(&ids).await?;
     let mut tasks = JoinSet::new();
-    for k in 0..n {
-        let node_id = format!("n{k:05}");
-        let hello = hello_body(&node_id, &fleet.join_token, 2, "fence")?;
+    for (node_id, token) in ids.into_iter().zip(tokens) {
+        let k = tasks.len();
+        let hello = hello_body(&node_id, &token, 2, &node_id)?;
         let (sem, ready, mut go) = (sem.clone(), ready.clone(), go_rx.clone());
         let from = source_of(sources, k);
         tasks.spawn(async move {
@@ -135,7 +137,7 @@ pub(super) async fn storm_wave(
     let retries = Arc::new(AtomicU64::new(0));
     let mut tasks = JoinSet::new();
     for (k, node) in nodes.iter().enumerate() {
-        let hello = hello_body(&node.node_id, &node.credential, 2, "fence")?;
+        let hello = hello_body(&node.node_id, &node.credential, 2, &node.node_id)?;
         let mut go = go_rx.clone();
         let from = source_of(sources, k);
         let retries = retries.clone();

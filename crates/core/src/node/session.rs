@@ -32,12 +32,35 @@ impl Machine {
             return;
         }
         if !self.established {
-            let (token, with_credential) = match (&self.credential, self.join_next) {
+            let (token, with_credential) = match (&self.credential, self.bootstrap_next) {
                 (Some(c), false) => (c.clone(), true),
-                _ => (self.id.join_token.clone(), false),
+                _ => match &self.id.bootstrap_token {
+                    Some(t) => (t.clone(), false),
+                    None => {
+                        // Nothing to prove who this node is: only the operator
+                        // can help (`handover node add`), so ask rarely.
+                        self.log(
+                            Level::Error,
+                            format!(
+                                "no usable credential and no bootstrap token: run `handover node add {}` \
+                                 and restart this node with HANDOVER_BOOTSTRAP_TOKEN",
+                                self.id.node_id
+                            ),
+                        );
+                        let lane = self.lane(Lane::Session);
+                        lane.backoff_ms = BACKOFF_MS_MAX;
+                        lane.back_off(now.ms);
+                        return;
+                    }
+                },
             };
             self.supervisor_said.clone_from(&self.supervisor_now);
-            let hello = self.hello(token, now);
+            let mut hello = self.hello(token, now);
+            if !with_credential {
+                // The credential the shell chose and persisted; the
+                // controller takes it in exchange for the token.
+                hello.new_credential.clone_from(&self.credential);
+            }
             self.send(
                 Lane::Session,
                 Kind::Hello { with_credential },
@@ -76,10 +99,25 @@ impl Machine {
             Reply::Refused { status: 401, .. } if with_credential => {
                 self.log(
                     Level::Info,
-                    "credential refused; joining with the join token".into(),
+                    "credential refused; saying hello with the bootstrap token".into(),
                 );
-                self.join_next = true;
+                self.bootstrap_next = true;
                 self.lane(Lane::Session).not_before_ms = now.ms;
+                return;
+            }
+            Reply::Refused { status: 401, .. } => {
+                // The bootstrap token was refused: used, perhaps by this
+                // very node whose welcome was lost. The credential it chose
+                // then works: try it next, after a pause.
+                self.log(
+                    Level::Warn,
+                    format!(
+                        "bootstrap token refused ({}); trying the credential next",
+                        describe(&reply)
+                    ),
+                );
+                self.bootstrap_next = false;
+                self.lane(Lane::Session).back_off(now.ms);
                 return;
             }
             other => Err(describe(other)),
@@ -93,7 +131,7 @@ impl Machine {
                         w.grant, w.epoch, w.controller_release, w.protocol
                     ),
                 );
-                self.join_next = false;
+                self.bootstrap_next = false;
                 self.controller_release = Some(w.controller_release);
                 self.protocol = Some(w.protocol);
                 self.adopt(

@@ -4,7 +4,7 @@
 use super::*;
 use crate::release::Release;
 
-const JOIN: &str = "join-token";
+const BOOTSTRAP: &str = "hob_bootstrap-token";
 
 fn identity(release: u32) -> Identity {
     Identity {
@@ -13,7 +13,7 @@ fn identity(release: u32) -> Identity {
         role: Role::Primary,
         group: "g1".into(),
         hls_url: "http://127.0.0.1:7000".into(),
-        join_token: JOIN.into(),
+        bootstrap_token: Some(BOOTSTRAP.into()),
         binary_sha256: None,
     }
 }
@@ -141,14 +141,14 @@ fn established(grant: Grant) -> (Machine, RequestId) {
 }
 
 #[test]
-fn hello_with_the_join_token_then_persist_then_watch() {
+fn hello_with_the_bootstrap_token_then_persist_then_watch() {
     let mut m = machine_with(Durable::default(), vec![]);
     let a = m.handle(Event::Tick, &at(0));
     let hello = only_send(&a);
     let Request::Hello(h) = &hello.request else {
         panic!("hello first, got {hello:?}");
     };
-    assert_eq!(h.token, JOIN);
+    assert_eq!(h.token, BOOTSTRAP);
     assert_eq!(hello.credential, None);
     // Nothing else goes out while the hello is in flight.
     assert!(sends(&m.handle(Event::Tick, &at(5))).is_empty());
@@ -176,9 +176,10 @@ fn hello_with_the_join_token_then_persist_then_watch() {
 }
 
 #[test]
-fn a_refused_credential_joins_with_the_token() {
+fn a_refused_credential_says_hello_with_the_bootstrap_token() {
     let durable = Durable {
         credential: Some("old".into()),
+        credential_confirmed: true,
         ..Durable::default()
     };
     let mut m = machine_with(durable, vec![]);
@@ -197,7 +198,7 @@ fn a_refused_credential_joins_with_the_token() {
     let Request::Hello(h) = only_send(&a).request else {
         panic!("hello again");
     };
-    assert_eq!(h.token, JOIN);
+    assert_eq!(h.token, BOOTSTRAP);
 }
 
 #[test]
@@ -606,4 +607,91 @@ fn the_next_timer_is_a_future_deadline_never_the_past() {
     let (m, _) = established(Grant::Full);
     let t = m.next_timer_ms(10).expect("the watch has a deadline");
     assert!(t > 10 && t <= 10 + WATCH_TIMEOUT_MS);
+}
+
+#[test]
+fn a_refused_credential_and_no_bootstrap_token_waits_for_the_operator() {
+    let durable = Durable {
+        credential: Some("revoked".into()),
+        credential_confirmed: true,
+        ..Durable::default()
+    };
+    let mut m = machine_with(durable, vec![]);
+    m.id.bootstrap_token = None;
+    let hello = only_send(&m.handle(Event::Tick, &at(0)));
+    let a = m.handle(
+        Event::Reply {
+            id: hello.id,
+            reply: refused(401, "unauthorized"),
+        },
+        &at(1),
+    );
+    // No hello without something to prove the id with; the operator is told.
+    assert!(!a.iter().any(|a| matches!(a, Action::Send(_))), "{a:?}");
+    assert!(
+        a.iter().any(|a| matches!(a, Action::Log { message, .. } if message.contains("handover node add g1-a"))),
+        "{a:?}"
+    );
+    let later = m.handle(Event::Tick, &at(2));
+    assert!(
+        !later.iter().any(|a| matches!(a, Action::Send(_))),
+        "{later:?}"
+    );
+}
+
+/// A welcome lost after the controller took the token: the token is spent,
+/// and the credential the node chose (kept before its first hello) works.
+#[test]
+fn a_lost_welcome_costs_nothing_the_chosen_credential_works() {
+    let chosen = "chosen-credential-0123456789abcdef";
+    let durable = Durable {
+        credential: Some(chosen.into()),
+        credential_confirmed: false,
+        ..Durable::default()
+    };
+    let mut m = machine_with(durable, vec![]);
+    let first = only_send(&m.handle(Event::Tick, &at(0)));
+    let Request::Hello(h) = &first.request else {
+        panic!("hello first");
+    };
+    assert_eq!(
+        (h.token.as_str(), h.new_credential.as_deref()),
+        (BOOTSTRAP, Some(chosen))
+    );
+    // The welcome never arrives; the retry's token is refused as used.
+    let a = m.handle(
+        Event::Reply {
+            id: first.id,
+            reply: Reply::Unreachable("connection reset".into()),
+        },
+        &at(1),
+    );
+    assert!(
+        !a.iter().any(|a| matches!(a, Action::Send(_))),
+        "backs off first"
+    );
+    let retry = only_send(&m.handle(Event::Tick, &at(10_000)));
+    let Request::Hello(h) = &retry.request else {
+        panic!("hello again");
+    };
+    assert_eq!(h.token, BOOTSTRAP);
+    let a = m.handle(
+        Event::Reply {
+            id: retry.id,
+            reply: refused(401, "unauthorized"),
+        },
+        &at(10_001),
+    );
+    assert!(
+        !a.iter().any(|a| matches!(a, Action::Send(_))),
+        "backs off again"
+    );
+    let third = only_send(&m.handle(Event::Tick, &at(20_000)));
+    let Request::Hello(h) = &third.request else {
+        panic!("hello with the credential");
+    };
+    assert_eq!(
+        (h.token.as_str(), h.new_credential.as_deref()),
+        (chosen, None)
+    );
 }

@@ -4,7 +4,10 @@
 use crate::{Result, StoreError};
 use handover_core::Schema;
 
-/// Tables every release shares; their shape never changes.
+/// Tables every release shares; their shape never changes. Credentials and
+/// bootstrap tokens are kept as SHA-256 digests only (`nodes.credential`
+/// is no longer written: [`super::SqliteStore::open`] moves what an older
+/// build left there into `credentials` as digests and blanks it).
 pub(super) const SHARED_TABLES: &str = "
 CREATE TABLE IF NOT EXISTS cluster (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS nodes (
@@ -16,6 +19,9 @@ CREATE TABLE IF NOT EXISTS nodes (
 CREATE TABLE IF NOT EXISTS node_desired (node_id TEXT PRIMARY KEY, desired TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS upgrades (id INTEGER PRIMARY KEY, state TEXT NOT NULL, updated_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS groups (name TEXT PRIMARY KEY, primary_node TEXT NOT NULL, backup_node TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS credentials (node_id TEXT PRIMARY KEY, sha256 TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS bootstrap_tokens (node_id TEXT PRIMARY KEY, sha256 TEXT NOT NULL UNIQUE,
+    expires_ms INTEGER NOT NULL, used_ms INTEGER);
 ";
 
 pub(super) const SCHEMA_1: &str = "

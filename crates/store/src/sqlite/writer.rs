@@ -172,7 +172,7 @@ where
             outbox_next_seq, outbox_oldest, outbox_count, current_events, staged, last_seen_ms, binary_sha256,
             supervisor_sha256)
          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-         ON CONFLICT (node_id) DO UPDATE SET credential = excluded.credential, release = excluded.release,
+         ON CONFLICT (node_id) DO UPDATE SET release = excluded.release,
             schema = excluded.schema, role = excluded.role, group_name = excluded.group_name, hls_url = excluded.hls_url,
             grant_name = excluded.grant_name, epoch = excluded.epoch, outbox_next_seq = excluded.outbox_next_seq,
             outbox_oldest = excluded.outbox_oldest, outbox_count = excluded.outbox_count,
@@ -180,7 +180,8 @@ where
             binary_sha256 = excluded.binary_sha256, supervisor_sha256 = excluded.supervisor_sha256",
     )
     .bind(&r.node_id)
-    .bind(&r.credential)
+    // Credentials live in `credentials`, as digests only.
+    .bind("")
     .bind(i64::from(r.release.0))
     .bind(i64::from(r.schema.0))
     .bind(r.role.as_str())
