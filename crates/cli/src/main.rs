@@ -296,17 +296,21 @@ struct NodeArgs {
     cmd: Option<NodeCmd>,
     #[arg(long, default_value_t = NEWEST.0)]
     release: u32,
+    // Options because `node add` and `node remove` leave them out; clap
+    // requires each when a node runs.
     /// This node's id, as the group names it.
-    #[arg(long)]
-    id: String,
-    #[arg(long, value_parser = parse_role)]
-    role: Role,
-    #[arg(long)]
-    group: String,
-    #[arg(long)]
-    data_dir: PathBuf,
-    #[arg(long)]
-    listen: SocketAddr,
+    #[arg(long, required = true)]
+    id: Option<String>,
+    /// Its role, as its group names it.
+    #[arg(long, value_parser = parse_role, required = true)]
+    role: Option<Role>,
+    /// Its group.
+    #[arg(long, required = true)]
+    group: Option<String>,
+    #[arg(long, required = true)]
+    data_dir: Option<PathBuf>,
+    #[arg(long, required = true)]
+    listen: Option<SocketAddr>,
     /// Base URL viewers use to reach this node [default: http://LISTEN].
     #[arg(long)]
     advertise: Option<String>,
@@ -604,6 +608,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Node(a) => {
             init_tracing("info");
+            let (Some(id), Some(role), Some(group), Some(data_dir), Some(listen)) =
+                (a.id, a.role, a.group, a.data_dir, a.listen)
+            else {
+                bail!("a node needs --id, --role, --group, --data-dir and --listen");
+            };
             let mode = roles::mode(a.no_supervisor);
             if mode == roles::Mode::Worker && handover_node::test_fault("exit_at_start").is_some() {
                 // Test hook (handover_node::TEST_FAULT_ENV): a node release that dies at start.
@@ -614,21 +623,21 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let advertise = a
                 .advertise
                 .clone()
-                .unwrap_or_else(|| format!("http://{}", a.listen));
+                .unwrap_or_else(|| format!("http://{}", listen));
             let (key_paths, trusted_keys) = trusted_keys(&a.trusted_keys)?;
             if mode == roles::Mode::Supervisor {
                 let mut args = vec![
                     "node".into(),
                     "--id".into(),
-                    a.id.clone(),
+                    id.clone(),
                     "--role".into(),
-                    a.role.as_str().into(),
+                    role.as_str().into(),
                     "--group".into(),
-                    a.group.clone(),
+                    group.clone(),
                     "--data-dir".into(),
-                    a.data_dir.display().to_string(),
+                    data_dir.display().to_string(),
                     "--listen".into(),
-                    a.listen.to_string(),
+                    listen.to_string(),
                     "--advertise".into(),
                     advertise,
                     "--controller".into(),
@@ -636,9 +645,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 ];
                 args.extend(trusted_key_args(&key_paths));
                 return roles::supervise(
-                    &a.id,
-                    a.listen,
-                    &a.data_dir,
+                    &id,
+                    listen,
+                    &data_dir,
                     release(a.release)?.0,
                     args,
                     shutdown_signal(),
@@ -646,13 +655,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .await;
             }
             let config = handover_node::NodeConfig {
-                node_id: a.id,
+                node_id: id,
                 release: release(a.release)?,
-                role: a.role,
-                group: a.group,
-                data_dir: a.data_dir,
+                role: role,
+                group: group,
+                data_dir: data_dir,
                 advertise_url: advertise,
-                listen: a.listen,
+                listen: listen,
                 controller_url: a.controller,
                 bootstrap_token: std::env::var(BOOTSTRAP_TOKEN_ENV)
                     .ok()

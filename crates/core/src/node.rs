@@ -326,6 +326,9 @@ pub struct View {
     /// Why the artifact the controller names is not staged.
     pub stage_error: Option<String>,
     pub switch_failure: Option<SwitchFailure>,
+    /// Why the last hello was refused (who the node says it is, its token);
+    /// cleared by a welcome.
+    pub hello_error: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -443,6 +446,7 @@ pub struct Machine {
     /// An [`Action::ReadOutbox`] is out.
     reading_outbox: bool,
     ship_error: Option<String>,
+    hello_error: Option<String>,
     staging: Option<String>,
     stage_not_before_ms: u64,
     stage_retry_ms: u64,
@@ -543,6 +547,7 @@ impl Machine {
             params_settled: None,
             reading_outbox: false,
             ship_error: None,
+            hello_error: None,
             staging: None,
             stage_not_before_ms: 0,
             stage_retry_ms: STAGE_RETRY_MS_MIN,
@@ -607,6 +612,7 @@ impl Machine {
             ship_error: self.ship_error.clone(),
             stage_error: self.stage_error.clone(),
             switch_failure: self.switch_failure.clone(),
+            hello_error: self.hello_error.clone(),
         }
     }
 

@@ -182,6 +182,7 @@ async fn status(State(s): State<Shared>) -> Response {
         "ship_error": link.ship_error,
         "switch_error": link.switch_failure,
         "stage_error": link.stage_error,
+        "hello_error": link.hello_error,
         "trusted_keys": s.trusted_key_ids,
     }))
     .into_response()

@@ -97,6 +97,7 @@ impl Machine {
         let welcome = match &reply {
             Reply::Ok(body) => decode::<Welcome>(body, |w| w.v),
             Reply::Refused { status: 401, .. } if with_credential => {
+                self.hello_error = Some(describe(&reply));
                 self.log(
                     Level::Info,
                     "credential refused; saying hello with the bootstrap token".into(),
@@ -106,6 +107,7 @@ impl Machine {
                 return;
             }
             Reply::Refused { status: 401, .. } => {
+                self.hello_error = Some(describe(&reply));
                 // The bootstrap token was refused: used, perhaps by this
                 // very node whose welcome was lost. The credential it chose
                 // then works: try it next, after a pause.
@@ -132,6 +134,7 @@ impl Machine {
                     ),
                 );
                 self.bootstrap_next = false;
+                self.hello_error = None;
                 self.controller_release = Some(w.controller_release);
                 self.protocol = Some(w.protocol);
                 self.adopt(
@@ -151,6 +154,9 @@ impl Machine {
             }
             Err(why) => {
                 self.log(Level::Warn, format!("hello failed: {why}; retrying"));
+                if matches!(reply, Reply::Refused { .. }) {
+                    self.hello_error = Some(why);
+                }
                 self.lane(Lane::Session).back_off(now.ms);
             }
         }

@@ -1,0 +1,298 @@
+//! The attacks of issue 10 on node identity, with real processes: each
+//! fails, and changes nothing (the real nodes' records are all stored
+//! exactly once, viewers see no failed request). The controller's own
+//! judgement of every hello is tested in the controller crate
+//! (`tests/identity.rs`); docs/security.md lists each promise and its test.
+
+mod common;
+
+use common::*;
+use handover::viewers::{self, ChannelTarget, ViewerConfig, ViewerReport};
+use handover_core::wire::Role;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+/// A request from the attacker (an HTTP client on the fleet's subnet).
+async fn attack(url: &str, bearer: Option<&str>, body: Value) -> (u16, Value) {
+    let mut req = reqwest::Client::new().post(url).json(&body);
+    if let Some(b) = bearer {
+        req = req.bearer_auth(b);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+fn hello(id: &str, role: &str, group: &str, token: &str, hls_url: &str) -> Value {
+    let info = handover_core::ReleaseInfo::of(handover_core::Release(2)).unwrap();
+    json!({"v": 1, "node_id": id, "token": token, "release": 2, "schema": 2,
+        "protocol": info.protocol, "role": role, "group": group, "hls_url": hls_url,
+        "outbox": {"next_seq": 1, "oldest_unacked_seq": null, "count": 0},
+        "current_events": [], "param_revision": null, "staged": [],
+        "new_credential": "attacker-chosen-credential-0123456789"})
+}
+
+fn code(body: &Value) -> &str {
+    body["error"].as_str().unwrap_or("")
+}
+
+async fn viewers_until_end(s: &Setup) -> ViewerReport {
+    sleep_until(s.event_start_ms + i64::from(SEGMENT_MS) + 300).await;
+    let config = ViewerConfig {
+        targets: vec![ChannelTarget {
+            channel: "ch1".into(),
+            node_urls: s.fleet.nodes[..2].iter().map(|n| n.url()).collect(),
+        }],
+        viewers_per_channel: 2,
+        duration: Duration::from_millis(s.event_ms + 10_000),
+        request_timeout: Duration::from_secs(5),
+        steady: None,
+    };
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    viewers::run(&config, rx).await.unwrap()
+}
+
+/// An insider owns a legitimate node (`g2-a`, with its own token and
+/// credential) and wants g1-b's identity: to fill g1-b's next seqs first so
+/// the real records are acknowledged and trimmed but never stored, to
+/// report another release, or to point viewers elsewhere. Every way in is
+/// refused while g1 runs its event with viewers watching, and afterwards
+/// g1-b's registration is its own and every record of g1 is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_one_else_can_claim_a_node_s_identity() {
+    let mut s = setup(
+        "identity claims",
+        SetupSpec {
+            controller_release: 2,
+            node_release: 2,
+            event_ms: 8_000,
+            supervised: false,
+            window_segments: None,
+        },
+    )
+    .await;
+    start_nodes(&mut s.fleet).await;
+    let ids = ["g2-a".to_owned()];
+    let attacker_token = s.fleet.add_simulated_nodes(&ids).await.unwrap().remove(0);
+    let base = s.fleet.controller_url();
+    let hello_url = format!("{base}/node/v1/hello");
+    let (status, welcome) = attack(
+        &hello_url,
+        None,
+        hello(
+            "g2-a",
+            "primary",
+            "g2-a",
+            &attacker_token,
+            "http://127.0.0.1:9/",
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "the attacker's own node joins: {welcome}");
+    let attacker_credential = welcome["credential"].as_str().unwrap().to_owned();
+    let watching = tokio::spawn({
+        let s_targets = s.fleet.nodes[..2]
+            .iter()
+            .map(|n| n.url())
+            .collect::<Vec<_>>();
+        let (start, event_ms) = (s.event_start_ms, s.event_ms);
+        async move {
+            sleep_until(start + i64::from(SEGMENT_MS) + 300).await;
+            let config = ViewerConfig {
+                targets: vec![ChannelTarget {
+                    channel: "ch1".into(),
+                    node_urls: s_targets,
+                }],
+                viewers_per_channel: 2,
+                duration: Duration::from_millis(event_ms + 10_000),
+                request_timeout: Duration::from_secs(5),
+                steady: None,
+            };
+            let (_tx, rx) = tokio::sync::watch::channel(false);
+            viewers::run(&config, rx).await.unwrap()
+        }
+    });
+    // Mid-event, when g1-b has records in flight.
+    sleep_until(s.event_start_ms + 3_000).await;
+    let next_seq = node_status(&s.fleet.nodes[1].url())
+        .await
+        .and_then(|st| st["outbox"]["next_seq"].as_u64())
+        .unwrap();
+    let evil_url = "http://attacker.invalid/";
+    let attempts: Vec<(&str, Value, Option<&str>, u16, &str)> = vec![
+        (
+            "hello as g1-b with the attacker's own token (spent, and another node's)",
+            hello("g1-b", "backup", "g1", &attacker_token, evil_url),
+            None,
+            401,
+            "unauthorized",
+        ),
+        (
+            "hello as g1-b with the attacker's credential",
+            hello("g1-b", "backup", "g1", &attacker_credential, evil_url),
+            None,
+            401,
+            "unauthorized",
+        ),
+        (
+            "hello as the attacker's own node, claiming to be g1's primary",
+            hello("g2-a", "primary", "g1", &attacker_credential, evil_url),
+            None,
+            403,
+            "identity_mismatch",
+        ),
+        (
+            "hello as a new node zz, a third primary of g1",
+            hello("zz", "primary", "g1", &attacker_credential, evil_url),
+            None,
+            403,
+            "unknown_node",
+        ),
+    ];
+    for (what, body, bearer, want_status, want_code) in attempts {
+        let (status, body) = attack(&hello_url, bearer, body).await;
+        assert_eq!(
+            (status, code(&body)),
+            (want_status, want_code),
+            "{what}: {body}"
+        );
+    }
+    // Records for g1-b's next seqs, under the attacker's credential.
+    let batch = json!({"v": 1, "node_id": "g1-b", "epoch": welcome["epoch"], "schema": 2,
+        "first_seq": next_seq, "records": [{"kind": "alert", "channel_id": 1, "node_id": "g1-b",
+        "produced_at_ms": now_ms(), "message": "forged"}]});
+    let (status, body) = attack(
+        &format!("{base}/node/v1/records"),
+        Some(&attacker_credential),
+        batch,
+    )
+    .await;
+    assert_eq!(
+        (status, code(&body)),
+        (401, "unauthorized"),
+        "forged batch: {body}"
+    );
+
+    let v = watching.await.unwrap();
+    judge_viewers(&s.name, &v, Viewing::Clean);
+    let status = s.fleet.op.status().await.unwrap();
+    let b = status
+        .nodes
+        .iter()
+        .find(|n| n.node.node_id == "g1-b")
+        .unwrap();
+    assert_eq!(
+        b.node.hls_url,
+        s.fleet.nodes[1].url(),
+        "g1-b's registration is its own"
+    );
+    assert!(status.nodes.iter().all(|n| n.node.node_id != "zz"));
+    stop_and_check(&mut s.fleet, &s.name).await;
+    s.fleet.stop_all().await.unwrap();
+}
+
+/// Tried as a new user would: a node `zz` started with `--role primary
+/// --group g1` on a cluster whose g1 is `g1-a` and `g1-b`, with some token,
+/// is refused with a clear error, gets no parameters and produces nothing,
+/// while g1 runs on undisturbed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_the_groups_do_not_name_is_refused_and_produces_nothing() {
+    let mut s = setup(
+        "unconfigured node",
+        SetupSpec {
+            controller_release: 2,
+            node_release: 2,
+            event_ms: 6_000,
+            supervised: false,
+            window_segments: None,
+        },
+    )
+    .await;
+    start_nodes(&mut s.fleet).await;
+    let zz = s.fleet.add_node("zz", Role::Primary, "g1", 2);
+    s.fleet.nodes[zz].joined = true;
+    s.fleet.nodes[zz].env.push((
+        "HANDOVER_BOOTSTRAP_TOKEN".into(),
+        "hob_0123456789abcdef0123456789abcdef".into(),
+    ));
+    s.fleet.start_node(zz).await.unwrap();
+    let url = s.fleet.nodes[zz].url();
+    let seen = wait_for("zz to be refused", Duration::from_secs(20), || async {
+        let st = node_status(&url).await?;
+        st["hello_error"].as_str().map(str::to_owned)
+    })
+    .await;
+    assert!(seen.contains("unknown_node"), "{seen}");
+    assert!(seen.contains("handover node add zz"), "{seen}");
+    let v = viewers_until_end(&s).await;
+    judge_viewers(&s.name, &v, Viewing::Clean);
+    let st = node_status(&url).await.unwrap();
+    assert_eq!(st["grant"], Value::Null, "{st}");
+    assert_eq!(st["param_revision"], Value::Null, "no parameters: {st}");
+    assert_eq!(st["produced"], 0, "{st}");
+    let playlist = reqwest::get(format!("{url}/hls/ch1/index.m3u8"))
+        .await
+        .unwrap();
+    assert_eq!(playlist.status().as_u16(), 404);
+    let status = s.fleet.op.status().await.unwrap();
+    assert!(
+        status.nodes.iter().all(|n| n.node.node_id != "zz"),
+        "{status:?}"
+    );
+    stop_and_check(&mut s.fleet, &s.name).await;
+    s.fleet.stop_all().await.unwrap();
+}
+
+/// `handover node remove` revokes a running node at once: its credential
+/// and its spent token are refused, the controller forgets it, and what it
+/// delivered before stays stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_remove_revokes_a_running_node() {
+    let mut s = setup(
+        "node remove",
+        SetupSpec {
+            controller_release: 2,
+            node_release: 2,
+            event_ms: 4_000,
+            supervised: false,
+            window_segments: None,
+        },
+    )
+    .await;
+    start_nodes(&mut s.fleet).await;
+    sleep_until(s.event_end_ms() + 1_000).await;
+    let b_url = s.fleet.nodes[1].url();
+    wait_for("g1-b to drain", Duration::from_secs(20), || async {
+        let st = node_status(&b_url).await?;
+        (st["outbox"]["count"] == 0).then_some(())
+    })
+    .await;
+    let stored_before = s.fleet.stored_records("g1-b").await.unwrap().len();
+    assert!(stored_before > 0);
+    let out = std::process::Command::new(exe())
+        .args(["node", "remove", "g1-b", "--json", "--controller"])
+        .arg(s.fleet.controller_url())
+        .env("HANDOVER_OPERATOR_TOKEN", &s.fleet.operator_token)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let removed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(removed["node_id"], "g1-b");
+    let refused = wait_for("g1-b to be refused", Duration::from_secs(20), || async {
+        let st = node_status(&b_url).await?;
+        st["hello_error"].as_str().map(str::to_owned)
+    })
+    .await;
+    assert!(refused.contains("unauthorized"), "{refused}");
+    let status = s.fleet.op.status().await.unwrap();
+    assert!(status.nodes.iter().all(|n| n.node.node_id != "g1-b"));
+    assert_eq!(
+        s.fleet.stored_records("g1-b").await.unwrap().len(),
+        stored_before
+    );
+    s.fleet.stop_all().await.unwrap();
+}
