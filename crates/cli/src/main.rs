@@ -657,11 +657,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let config = handover_node::NodeConfig {
                 node_id: id,
                 release: release(a.release)?,
-                role: role,
-                group: group,
-                data_dir: data_dir,
+                role,
+                group,
+                data_dir,
                 advertise_url: advertise,
-                listen: listen,
+                listen,
                 controller_url: a.controller,
                 bootstrap_token: std::env::var(BOOTSTRAP_TOKEN_ENV)
                     .ok()
