@@ -8,6 +8,7 @@ pub mod check;
 pub mod client;
 pub mod demo;
 pub mod fleet;
+pub mod init;
 pub mod roles;
 pub mod upgrade;
 pub mod viewers;

@@ -39,6 +39,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Measure the design's limits on this machine; writes docs/benchmarks.md.
     Bench(handover::bench::BenchArgs),
+    /// Create a cluster's CA and the controller's TLS certificate (first step of a secure set-up).
+    Init(InitArgs),
     /// Run the controller: owns the database, serves nodes and operators.
     Controller(ControllerArgs),
     /// Run a content node: serves HLS, produces records, ships them.
@@ -227,6 +229,23 @@ struct OperatorArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+}
+
+/// Create a cluster's certificate authority and the controller's certificate.
+///
+/// Writes DIR/ca.crt (give it to every node and operator: --ca), DIR/ca.key
+/// (keep it offline or with the controller's operator), DIR/controller.crt
+/// and DIR/controller.key (the controller's --tls-cert and --tls-key). DIR is
+/// made 0700 and the keys 0600. Refuses a DIR that holds a cluster already.
+#[derive(Args)]
+struct InitArgs {
+    /// Where to write the files.
+    #[arg(long)]
+    dir: PathBuf,
+    /// A DNS name or IP address nodes and operators reach the controller
+    /// at; repeat for several.
+    #[arg(long = "name", required = true)]
+    names: Vec<String>,
 }
 
 #[derive(Args)]
@@ -536,6 +555,18 @@ fn main() -> anyhow::Result<()> {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Bench(args) => handover::bench::run(args).await,
+        Command::Init(a) => {
+            let made = handover::init::init(&a.dir, &a.names)?;
+            let d = made.dir.display();
+            println!(
+                "cluster CA and controller certificate for {} in {d}",
+                made.names.join(", ")
+            );
+            println!("  controller: --tls-cert {d}/controller.crt --tls-key {d}/controller.key");
+            println!("  nodes and operators: --ca {d}/ca.crt");
+            println!("  keep {d}/ca.key away from every host but the operator's");
+            Ok(())
+        }
         Command::Demo(args) => {
             init_tracing("warn");
             demo::run(args).await
