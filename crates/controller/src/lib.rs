@@ -44,6 +44,9 @@ pub struct ControllerConfig {
     pub trusted_keys: Vec<String>,
     /// Given to every upgrade's plan ([`handover_core::upgrade::Plan::node_switch_wait_ms`]).
     pub node_switch_wait_ms: u64,
+    /// What the listener allows ([`handover_net::Limits::CONTROLLER`], the
+    /// cap perhaps changed by `--connections-max`).
+    pub limits: handover_net::Limits,
 }
 
 /// What the controller remembers of a node between requests.
@@ -263,10 +266,10 @@ pub async fn serve_on(
         listen = %config.listen,
         "controller serving"
     );
-    // Turned into a service once: serving a `Router` directly rebuilds its
-    // route table for every connection (~9 KB each with 10,000 nodes connected).
-    axum::serve(listener, app.into_make_service())
-        .with_graceful_shutdown(shutdown)
+    // With the controller's limits: timeouts close silent, slow and idle
+    // connections (a watch in flight is not idle); at the cap a connection
+    // without a request makes room.
+    handover_net::serve(listener, app, config.limits, shutdown)
         .await
         .context("controller server failed")?;
     Ok(())

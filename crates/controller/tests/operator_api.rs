@@ -32,6 +32,7 @@ impl Controller {
             lease_ms: 3_000,
             trusted_keys: vec![],
             node_switch_wait_ms: 60_000,
+            limits: handover_net::Limits::CONTROLLER,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         // On a runtime of its own, as the binary runs it (its future is not
