@@ -8,8 +8,10 @@ mod node_api;
 mod operator_api;
 mod orchestrator;
 mod upgrade_api;
+mod watches;
 
 pub use error::{ApiError, ApiResult};
+pub use watches::WATCHES_PER_NODE_MAX;
 
 use anyhow::Context;
 use axum::extract::DefaultBodyLimit;
@@ -79,6 +81,8 @@ pub(crate) struct AppState {
     /// for the status. In memory only: one entry per node with a session,
     /// and the count is per worker anyway.
     pub hls_requests: RwLock<HashMap<String, u64>>,
+    /// The watches each node holds (at most [`WATCHES_PER_NODE_MAX`]).
+    pub watches: watches::Watches,
 }
 
 impl artifacts::ArtifactHost for Shared {
@@ -249,6 +253,7 @@ pub async fn serve_on(
         switching: AtomicBool::new(false),
         binary_sha256: handover_supervisor::binary_sha256(),
         hls_requests: RwLock::new(HashMap::new()),
+        watches: watches::Watches::default(),
     });
     tokio::spawn(orchestrator::run(state.clone()));
     if let Some(client) = handover_supervisor::SupervisorClient::from_env() {
