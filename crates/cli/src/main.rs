@@ -292,6 +292,11 @@ struct ControllerArgs {
         default_value_t = handover_core::upgrade::NODE_SWITCH_WAIT_MS
     )]
     node_switch_wait_ms: u64,
+    /// Connections the controller serves at once [default: 32768, kept
+    /// below the open-file limit]. At the cap a new connection closes the
+    /// one waiting longest without a request.
+    #[arg(long, env = CONNECTIONS_MAX_ENV)]
+    connections_max: Option<usize>,
     /// Run the controller in this process, binding the socket itself, instead
     /// of under a supervisor that can switch its release without refusing a
     /// connection.
@@ -363,7 +368,16 @@ struct NodeArgs {
         value_delimiter = ','
     )]
     trusted_keys: Vec<PathBuf>,
+    /// Connections the node serves at once [default: 10000, kept below the
+    /// open-file limit]. At the cap a new connection closes the one waiting
+    /// longest without a request.
+    #[arg(long, env = CONNECTIONS_MAX_ENV)]
+    connections_max: Option<usize>,
 }
+
+/// How `--connections-max` reaches a supervisor's workers (their command
+/// line is a contract between binaries; the environment is inherited).
+const CONNECTIONS_MAX_ENV: &str = "HANDOVER_CONNECTIONS_MAX";
 
 /// Run viewers like players with redundant streams: poll the playlist,
 /// fetch each new segment once, fail over to the other node on any error.
@@ -545,6 +559,18 @@ fn main() -> anyhow::Result<()> {
         }
         _ => {}
     }
+    // So is the connection cap (the worker's command line stays as it is).
+    if let Command::Controller(ControllerArgs {
+        connections_max: Some(n),
+        ..
+    })
+    | Command::Node(NodeArgs {
+        connections_max: Some(n),
+        ..
+    }) = &cli.command
+    {
+        std::env::set_var(CONNECTIONS_MAX_ENV, n.to_string());
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -606,6 +632,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 lease_ms: a.lease_ms,
                 node_switch_wait_ms: a.node_switch_wait_ms,
                 trusted_keys,
+                limits: handover_net::Limits::CONTROLLER.with_connections_max(a.connections_max),
             };
             let listener = roles::listener(mode, config.listen).await?;
             handover_controller::serve_on(config, listener, shutdown_signal()).await
@@ -699,6 +726,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     .filter(|t| !t.is_empty()),
                 legacy: a.legacy,
                 trusted_keys,
+                limits: handover_net::Limits::NODE.with_connections_max(a.connections_max),
             };
             let listener = roles::listener(mode, config.listen).await?;
             handover_node::serve_on(config, listener, shutdown_signal()).await

@@ -125,6 +125,23 @@ impl From<StoreError> for ApiError {
     }
 }
 
+/// A body extractor's rejection: `body_timeout` (408) for a body that
+/// stalled past the listener's body read timeout, else axum's status with
+/// `too_large` for a body over its limit or `malformed`.
+fn body_rejection(
+    r: &(dyn std::error::Error + 'static),
+    status: StatusCode,
+    message: String,
+) -> ApiError {
+    if handover_net::is_body_timeout(r) {
+        return ApiError::operator(
+            api::ErrorCode::BodyTimeout,
+            format!("{message}: the request body stopped arriving; send the request again"),
+        );
+    }
+    rejection(status, message)
+}
+
 /// An extractor's rejection with axum's status: `too_large` for a body over
 /// its limit, else `malformed`.
 fn rejection(status: StatusCode, message: String) -> ApiError {
@@ -138,7 +155,7 @@ fn rejection(status: StatusCode, message: String) -> ApiError {
 
 impl From<axum::extract::rejection::BytesRejection> for ApiError {
     fn from(r: axum::extract::rejection::BytesRejection) -> ApiError {
-        rejection(r.status(), r.body_text())
+        body_rejection(&r, r.status(), r.body_text())
     }
 }
 
@@ -150,7 +167,7 @@ impl From<axum::extract::rejection::QueryRejection> for ApiError {
 
 impl From<axum::extract::rejection::JsonRejection> for ApiError {
     fn from(r: axum::extract::rejection::JsonRejection) -> ApiError {
-        rejection(r.status(), r.body_text())
+        body_rejection(&r, r.status(), r.body_text())
     }
 }
 

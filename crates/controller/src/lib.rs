@@ -8,8 +8,10 @@ mod node_api;
 mod operator_api;
 mod orchestrator;
 mod upgrade_api;
+mod watches;
 
 pub use error::{ApiError, ApiResult};
+pub use watches::WATCHES_PER_NODE_MAX;
 
 use anyhow::Context;
 use axum::extract::DefaultBodyLimit;
@@ -46,6 +48,9 @@ pub struct ControllerConfig {
     pub trusted_keys: Vec<String>,
     /// Given to every upgrade's plan ([`handover_core::upgrade::Plan::node_switch_wait_ms`]).
     pub node_switch_wait_ms: u64,
+    /// What the listener allows ([`handover_net::Limits::CONTROLLER`], the
+    /// cap perhaps changed by `--connections-max`).
+    pub limits: handover_net::Limits,
 }
 
 /// What the controller remembers of a node between requests.
@@ -80,6 +85,8 @@ pub(crate) struct AppState {
     /// for the status. In memory only: one entry per node with a session,
     /// and the count is per worker anyway.
     pub hls_requests: RwLock<HashMap<String, u64>>,
+    /// The watches each node holds (at most [`WATCHES_PER_NODE_MAX`]).
+    pub watches: watches::Watches,
 }
 
 impl artifacts::ArtifactHost for Shared {
@@ -248,6 +255,7 @@ pub async fn serve_on(
         switching: AtomicBool::new(false),
         binary_sha256: handover_supervisor::binary_sha256(),
         hls_requests: RwLock::new(HashMap::new()),
+        watches: watches::Watches::default(),
     });
     tokio::spawn(orchestrator::run(state.clone()));
     if let Some(client) = handover_supervisor::SupervisorClient::from_env() {
@@ -265,10 +273,10 @@ pub async fn serve_on(
         listen = %config.listen,
         "controller serving"
     );
-    // Turned into a service once: serving a `Router` directly rebuilds its
-    // route table for every connection (~9 KB each with 10,000 nodes connected).
-    axum::serve(listener, app.into_make_service())
-        .with_graceful_shutdown(shutdown)
+    // With the controller's limits: timeouts close silent, slow and idle
+    // connections (a watch in flight is not idle); at the cap a connection
+    // without a request makes room.
+    handover_net::serve(listener, app, config.limits, shutdown)
         .await
         .context("controller server failed")?;
     Ok(())

@@ -181,7 +181,9 @@ pub struct WatchQuery {
 
 /// Long-poll: answers as soon as the node's grant or epoch differs from what
 /// it holds, or when the wait ends. This is how a fence reaches a node in
-/// milliseconds rather than at its next heartbeat.
+/// milliseconds rather than at its next heartbeat. A node holds at most
+/// [`crate::watches::WATCHES_PER_NODE_MAX`] watches: a newer one makes the
+/// oldest answer at once with the current state.
 pub async fn watch(
     State(state): State<Shared>,
     headers: HeaderMap,
@@ -197,6 +199,8 @@ pub async fn watch(
     let mut cluster = state.cluster.subscribe();
     let mut desired = state.desired_rev.subscribe();
     let deadline = tokio::time::Instant::now() + wait;
+    // At most `WATCHES_PER_NODE_MAX` per node: a newer one ends this one.
+    let held = state.watches.begin(&s.node_id);
     loop {
         let current = state
             .view()
@@ -207,13 +211,14 @@ pub async fn watch(
         }
         let changed = tokio::time::timeout_at(deadline, async {
             tokio::select! {
-                r = cluster.changed() => r,
-                r = desired.changed() => r,
+                r = cluster.changed() => r.map(|()| true),
+                r = desired.changed() => r.map(|()| true),
+                () = held.superseded() => Ok(false),
             }
         });
         match changed.await {
-            Ok(Ok(())) => continue,
-            Ok(Err(_)) | Err(_) => return Ok(Json(current)),
+            Ok(Ok(true)) => continue,
+            Ok(Ok(false)) | Ok(Err(_)) | Err(_) => return Ok(Json(current)),
         }
     }
 }

@@ -357,10 +357,13 @@ pub enum ErrorCode {
     BadSignature,
     /// Not a minisign public key.
     BadPublicKey,
+    /// The request body stopped arriving for longer than the listener's
+    /// body read timeout (`handover_net::Limits::body_read_timeout_ms`).
+    BodyTimeout,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 28] = [
+    pub const ALL: [ErrorCode; 29] = [
         ErrorCode::Malformed,
         ErrorCode::TooLarge,
         ErrorCode::InvalidField,
@@ -389,6 +392,7 @@ impl ErrorCode {
         ErrorCode::UntrustedKey,
         ErrorCode::BadSignature,
         ErrorCode::BadPublicKey,
+        ErrorCode::BodyTimeout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -421,6 +425,7 @@ impl ErrorCode {
             ErrorCode::UntrustedKey => "untrusted_key",
             ErrorCode::BadSignature => "bad_signature",
             ErrorCode::BadPublicKey => "bad_public_key",
+            ErrorCode::BodyTimeout => "body_timeout",
         }
     }
 
@@ -450,6 +455,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => 401,
             ErrorCode::NotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::BodyTimeout => 408,
             ErrorCode::Exists
             | ErrorCode::UpgradeRunning
             | ErrorCode::AbortRefused
@@ -519,7 +525,7 @@ mod tests {
 
     #[test]
     fn error_codes_round_trip_and_carry_their_status() {
-        let want: [(&str, u16); 28] = [
+        let want: [(&str, u16); 29] = [
             ("malformed", 400),
             ("too_large", 413),
             ("invalid_field", 400),
@@ -548,6 +554,7 @@ mod tests {
             ("untrusted_key", 400),
             ("bad_signature", 400),
             ("bad_public_key", 400),
+            ("body_timeout", 408),
         ];
         for (code, (text, status)) in ErrorCode::ALL.into_iter().zip(want) {
             assert_eq!(code.as_str(), text);

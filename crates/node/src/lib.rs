@@ -59,6 +59,9 @@ pub struct NodeConfig {
     /// Minisign public keys (their base64 lines) an artifact must be signed
     /// by before it is staged. Empty: artifacts are not signature-checked.
     pub trusted_keys: Vec<String>,
+    /// What the listener allows ([`handover_net::Limits::NODE`], the cap
+    /// perhaps changed by `--connections-max`).
+    pub limits: handover_net::Limits,
 }
 
 /// One record as a node's journal remembers it.
@@ -368,10 +371,13 @@ async fn start(
         signal.stop_http().await;
     });
     let mut server_stop = Stop::new(http_stop_rx);
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { server_stop.wait().await })
-        .await
-        .context("HTTP server failed");
+    // With the node's limits: timeouts close silent, slow and idle
+    // connections; at the cap a connection without a request makes room.
+    let served = handover_net::serve(listener, app, config.limits, async move {
+        server_stop.wait().await
+    })
+    .await
+    .context("HTTP server failed");
     // The server is done (drained, or failed): the machine stops producing,
     // drains the outbox (bounded) and ends its driver.
     lifecycle.driver_stop.send_replace(true);

@@ -13,14 +13,19 @@ pub const CRED_B: &str = "credential-of-node-b-0123456789abcdef";
 pub const OPERATOR: &str = "operator-token-0123456789";
 
 pub struct Controller {
+    pub addr: std::net::SocketAddr,
     base: String,
-    http: reqwest::Client,
+    pub http: reqwest::Client,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     _dir: tempfile::TempDir,
 }
 
 impl Controller {
     pub async fn start(release: u32) -> Controller {
+        Controller::start_with(release, handover_net::Limits::CONTROLLER).await
+    }
+
+    pub async fn start_with(release: u32, limits: handover_net::Limits) -> Controller {
         let dir = tempfile::tempdir().unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
@@ -33,6 +38,7 @@ impl Controller {
             lease_ms: 3_000,
             trusted_keys: vec![],
             node_switch_wait_ms: 60_000,
+            limits,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         // On a runtime of its own, as the binary runs it (its future is not
@@ -53,6 +59,7 @@ impl Controller {
             });
         });
         let c = Controller {
+            addr,
             base: format!("http://{addr}"),
             http: reqwest::Client::new(),
             stop: Some(stop),

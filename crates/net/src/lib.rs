@@ -1,0 +1,55 @@
+//! The network boundary: every listener of handover (the controller's and
+//! each node's) serves HTTP through [`serve`], with limits, so no client
+//! can hold the server's connections, memory or descriptors for long.
+//!
+//! - **Header read and idle timeout** ([`Limits::header_read_timeout_ms`],
+//!   hyper's): a connection with no request in flight (just accepted,
+//!   between keep-alive requests, or still sending a header) is closed
+//!   once it passes. A request in flight (a watch held 25 s) is never idle.
+//! - **Body read timeout** ([`Limits::body_read_timeout_ms`],
+//!   tower-http's): a request body that stalls fails; a handler sees the
+//!   error when it reads the body ([`is_body_timeout`] recognises it).
+//! - **Connection cap** ([`Limits::connections_max`], kept below the
+//!   open-file limit). At the cap a new connection closes the one waiting
+//!   longest without a request in flight: first any that never sent a whole
+//!   request (a silent or slow client loses nothing), then the longest-idle
+//!   keep-alive one (its client reconnects for its next request, as HTTP
+//!   clients do after an idle close). A connection with a request in flight
+//!   is never closed to make room; if all have one, the new connection
+//!   waits until one ends. So connections that only hold a slot can never
+//!   keep out a viewer or a node: they make room for it at once, and the
+//!   timeouts close them anyway. Refusing at the cap instead would fail the
+//!   viewers; only waiting would make them wait for an idle client's timeout.
+//! - **Graceful shutdown**: stop accepting, close connections without a
+//!   request, finish the requests in flight.
+//!
+//! Modules: [`limits`] (the values and why), `registry` (the open
+//! connections, which one makes room at the cap), `serve` (the accept loop
+//! and the connection task, where a TLS handshake will be one more step).
+
+pub mod limits;
+mod registry;
+mod serve;
+
+pub use limits::{raise_open_files_limit, Limits};
+pub use serve::{serve, ACCEPT_RETRY_MS};
+
+/// Why [`serve`] could not serve.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("the limit {0} must be at least 1")]
+    ZeroLimit(&'static str),
+}
+
+/// Whether `e` (a body extractor's rejection, or anything else) is, or was
+/// caused by, a request body that stalled past the body read timeout.
+pub fn is_body_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}

@@ -1,0 +1,262 @@
+//! The accept loop and one task per connection: accept, make room at the
+//! cap, establish the transport, serve HTTP/1.1 with hyper under the
+//! limits, close gracefully.
+
+use crate::limits::{raise_open_files_limit, Limits, READ_BUF_BYTES_MAX};
+use crate::registry::{Conn, InFlight, Registry, Slot};
+use crate::ServeError;
+use axum::body::{Body, Bytes};
+use axum::Router;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tower::ServiceExt;
+use tower_http::timeout::RequestBodyTimeout;
+
+/// After an accept fails for want of resources (descriptors, memory), the
+/// loop pauses this long before it accepts again, instead of spinning; the
+/// connections meanwhile wait in the kernel's backlog.
+pub const ACCEPT_RETRY_MS: u64 = 100;
+
+/// The application as every connection calls it: the router behind the
+/// request body timeout.
+type App = RequestBodyTimeout<Router>;
+
+/// Serves `router` on `listener` under `limits` until `shutdown` resolves;
+/// then stops accepting (the listener is dropped: a supervisor's own copy
+/// of the socket keeps queuing connections for the next worker), closes
+/// every connection with no request in flight, lets the others finish the
+/// request they serve, and returns once all are closed.
+///
+/// Raises the process's soft open-file limit to its hard limit first (see
+/// [`raise_open_files_limit`]), and keeps the cap in force below it.
+pub async fn serve<F>(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    shutdown: F,
+) -> Result<(), ServeError>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    limits.validate()?;
+    let cap = limits.connections_in_force(raise_open_files_limit());
+    tracing::info!(
+        addr = ?listener.local_addr().ok(),
+        connections_max = cap,
+        header_read_timeout_ms = limits.header_read_timeout_ms,
+        body_read_timeout_ms = limits.body_read_timeout_ms,
+        "serving HTTP with limits"
+    );
+    let app: App = RequestBodyTimeout::new(router, limits.body_read_timeout());
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout())
+        .max_buf_size(READ_BUF_BYTES_MAX);
+    let registry = Arc::new(Registry::new());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut at_cap = false;
+    'accept: loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = &mut shutdown => break 'accept,
+        };
+        let tcp = match accepted {
+            Ok((tcp, _peer)) => tcp,
+            Err(e) => {
+                accept_failed(&e).await;
+                continue;
+            }
+        };
+        // At the cap: close the connection waiting longest without a
+        // request, or, if every one has a request in flight, wait for one
+        // to end (this connection accepted and unread, the next ones in
+        // the kernel's backlog).
+        loop {
+            if registry.occupied() < cap {
+                at_cap = false;
+                break;
+            }
+            if !at_cap {
+                at_cap = true;
+                tracing::warn!(
+                    connections_max = cap,
+                    "connection cap reached: a new connection closes the one waiting longest without a request"
+                );
+            }
+            if let Some(victim) = registry.victim() {
+                registry.evict(&victim);
+                break;
+            }
+            tokio::select! {
+                () = registry.changed() => {}
+                () = &mut shutdown => break 'accept,
+            }
+        }
+        let slot = registry.register();
+        tokio::spawn(connection(
+            tcp,
+            app.clone(),
+            http.clone(),
+            slot,
+            stop_rx.clone(),
+        ));
+    }
+    drop(listener);
+    stop_tx.send_replace(true);
+    let open = registry.open_count();
+    if open > 0 {
+        tracing::info!(
+            connections = open,
+            "stopped accepting; closing idle connections, finishing requests in flight"
+        );
+    }
+    registry.all_closed().await;
+    Ok(())
+}
+
+/// An accept that failed: a connection that died in the backlog is
+/// skipped; anything else (out of descriptors or memory) is logged and
+/// retried after [`ACCEPT_RETRY_MS`].
+async fn accept_failed(e: &std::io::Error) {
+    use std::io::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset | ErrorKind::ConnectionRefused
+    ) {
+        return;
+    }
+    tracing::error!(error = %e, retry_ms = ACCEPT_RETRY_MS, "cannot accept a connection");
+    tokio::time::sleep(Duration::from_millis(ACCEPT_RETRY_MS)).await;
+}
+
+/// What a connection goes through between accept and HTTP. Plain TCP
+/// today. TLS (tokio-rustls) is one more step here: the handshake under its
+/// own timeout, in the connection's task, while the connection already
+/// holds a slot and, having no request yet, is the first to make room at
+/// the cap; `connection` then serves HTTP on the TLS stream.
+async fn establish(tcp: TcpStream) -> std::io::Result<TcpStream> {
+    Ok(tcp)
+}
+
+/// One connection, from accept to close. Evicted or told to stop, a
+/// connection that never started a request is closed at once; any other
+/// gets hyper's graceful shutdown (closed at once when idle, else after
+/// the response in flight).
+async fn connection(
+    tcp: TcpStream,
+    app: App,
+    http: http1::Builder,
+    slot: Slot,
+    mut stop: watch::Receiver<bool>,
+) {
+    let conn = slot.conn().clone();
+    let io = tokio::select! {
+        io = establish(tcp) => match io {
+            Ok(io) => io,
+            Err(e) => {
+                tracing::debug!(error = %e, "connection not established");
+                return;
+            }
+        },
+        () = conn.evicted() => return,
+        _ = stop.wait_for(|s| *s) => return,
+    };
+    let service = Tracked {
+        app,
+        conn: conn.clone(),
+    };
+    let served = http.serve_connection(TokioIo::new(io), service);
+    let mut served = std::pin::pin!(served);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            r = served.as_mut() => {
+                if let Err(e) = r {
+                    // Timeouts, resets, malformed requests: the client's
+                    // business, not the server's health.
+                    tracing::debug!(error = %e, "connection closed");
+                }
+                break;
+            }
+            () = conn.evicted(), if !closing => {
+                if conn.never_requested() {
+                    break;
+                }
+                closing = true;
+                served.as_mut().graceful_shutdown();
+            }
+            _ = stop.wait_for(|s| *s), if !closing => {
+                if conn.never_requested() {
+                    break;
+                }
+                closing = true;
+                served.as_mut().graceful_shutdown();
+            }
+        }
+    }
+    drop(slot);
+}
+
+/// The application as hyper calls it on one connection: every request is
+/// counted in flight until its response body is done.
+struct Tracked {
+    app: App,
+    conn: Arc<Conn>,
+}
+
+impl hyper::service::Service<Request<Incoming>> for Tracked {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let in_flight = self.conn.begin_request();
+        let app = self.app.clone();
+        Box::pin(async move {
+            let response = app.oneshot(req).await?;
+            Ok(response.map(|body| {
+                Body::new(Guarded {
+                    body,
+                    _in_flight: in_flight,
+                })
+            }))
+        })
+    }
+}
+
+/// A response body that keeps its request in flight until it is done.
+struct Guarded {
+    body: Body,
+    _in_flight: InFlight,
+}
+
+impl http_body::Body for Guarded {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
