@@ -9,5 +9,6 @@ pub mod client;
 pub mod demo;
 pub mod fleet;
 pub mod roles;
+pub mod secret;
 pub mod upgrade;
 pub mod viewers;

@@ -4,8 +4,9 @@
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use handover::client::{self, Operator};
-use handover::{demo, roles, viewers};
+use handover::{demo, roles, secret, viewers};
 use handover_core::api::{ChannelSpec, EventSpec, UpgradeRequest, UpgradeStatus};
+use handover_core::artifact::SignaturePolicy;
 use handover_core::release::{ReleaseInfo, NEWEST, RELEASES};
 use handover_core::upgrade::Phase;
 use handover_core::wire::Role;
@@ -194,12 +195,30 @@ struct OperatorArgs {
         default_value = "http://127.0.0.1:7400"
     )]
     controller: String,
-    /// Operator token (the controller's --operator-token).
-    #[arg(long, env = "HANDOVER_OPERATOR_TOKEN", hide_env_values = true)]
-    token: String,
+    /// File holding the operator token (the controller's), readable only by
+    /// its owner; without it, the token is taken from HANDOVER_OPERATOR_TOKEN.
+    #[arg(long, value_name = "FILE")]
+    operator_token_file: Option<PathBuf>,
+    /// Refused: a token on the command line is visible to every user.
+    #[arg(long = "token", value_name = "TOKEN", hide = true)]
+    token_on_argv: Option<String>,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+}
+
+impl OperatorArgs {
+    /// The API client, with the operator token from its file or the environment.
+    fn operator(&self) -> anyhow::Result<Operator> {
+        secret::refuse_on_argv(
+            &secret::OPERATOR_TOKEN,
+            "--token",
+            self.token_on_argv.is_some(),
+        )?;
+        let token =
+            secret::secret_from(&secret::OPERATOR_TOKEN, self.operator_token_file.as_deref())?;
+        Operator::with(&self.controller, &token)
+    }
 }
 
 #[derive(Args)]
@@ -223,17 +242,33 @@ struct ControllerArgs {
     data_dir: PathBuf,
     #[arg(long, default_value = "127.0.0.1:7400")]
     listen: SocketAddr,
-    /// Token a node presents on its first hello (16+ characters).
-    #[arg(long, env = "HANDOVER_JOIN_TOKEN", hide_env_values = true)]
+    /// File holding the token a node presents on its first hello (16+
+    /// characters), readable only by its owner; without it, the token is
+    /// taken from HANDOVER_JOIN_TOKEN. Never on the command line.
+    #[arg(long, value_name = "FILE")]
+    join_token_file: Option<PathBuf>,
+    /// File holding the token operators present to the API (16+
+    /// characters), readable only by its owner; without it, the token is
+    /// taken from HANDOVER_OPERATOR_TOKEN. Never on the command line.
+    #[arg(long, value_name = "FILE")]
+    operator_token_file: Option<PathBuf>,
+    /// Refused: a join token on the command line is visible to every user.
+    #[arg(long = "join-token", value_name = "TOKEN", hide = true)]
+    join_token_on_argv: Option<String>,
+    /// Refused: an operator token on the command line is visible to every user.
+    #[arg(long = "operator-token", value_name = "TOKEN", hide = true)]
+    operator_token_on_argv: Option<String>,
+    /// Read from the file or the environment by `main`.
+    #[arg(skip)]
     join_token: String,
-    /// Token operators present to the API (16+ characters).
-    #[arg(long, env = "HANDOVER_OPERATOR_TOKEN", hide_env_values = true)]
+    /// Read from the file or the environment by `main`.
+    #[arg(skip)]
     operator_token: String,
     /// A node's grant holds this long without a heartbeat.
     #[arg(long, default_value_t = handover_controller::LEASE_MS_DEFAULT)]
     lease_ms: u64,
     /// Accept only artifacts signed by this minisign public key (a .pub file);
-    /// repeat for several. Without any, artifacts are not signature-checked.
+    /// repeat for several. Required, unless --allow-unsigned-artifacts.
     #[arg(
         long = "trusted-key",
         value_name = "FILE",
@@ -241,6 +276,8 @@ struct ControllerArgs {
         value_delimiter = ','
     )]
     trusted_keys: Vec<PathBuf>,
+    #[command(flatten)]
+    unsigned: AllowUnsigned,
     /// An upgrade pauses when a node has not come back healthy on the new
     /// release within this long.
     #[arg(
@@ -285,7 +322,16 @@ struct NodeArgs {
         default_value = "http://127.0.0.1:7400"
     )]
     controller: String,
-    #[arg(long, env = "HANDOVER_JOIN_TOKEN", hide_env_values = true)]
+    /// File holding the controller's join token, readable only by its
+    /// owner; without it, the token is taken from HANDOVER_JOIN_TOKEN.
+    /// Never on the command line.
+    #[arg(long, value_name = "FILE")]
+    join_token_file: Option<PathBuf>,
+    /// Refused: a join token on the command line is visible to every user.
+    #[arg(long = "join-token", value_name = "TOKEN", hide = true)]
+    join_token_on_argv: Option<String>,
+    /// Read from the file or the environment by `main`.
+    #[arg(skip)]
     join_token: String,
     /// Run the node in this process, binding the socket itself, instead of
     /// under a supervisor that can switch its release without refusing a
@@ -297,7 +343,7 @@ struct NodeArgs {
     #[arg(long, hide = true)]
     legacy: bool,
     /// Stage only artifacts signed by this minisign public key (a .pub file);
-    /// repeat for several. Without any, artifacts are not signature-checked.
+    /// repeat for several. Required, unless --allow-unsigned-artifacts.
     #[arg(
         long = "trusted-key",
         value_name = "FILE",
@@ -305,6 +351,40 @@ struct NodeArgs {
         value_delimiter = ','
     )]
     trusted_keys: Vec<PathBuf>,
+    #[command(flatten)]
+    unsigned: AllowUnsigned,
+}
+
+/// The opt-out of artifact signatures, shared by `controller` and `node`.
+#[derive(Args)]
+struct AllowUnsigned {
+    /// Run with no --trusted-key: upgrade artifacts are used WITHOUT a
+    /// signature check. For local tests and demos only: refused unless
+    /// --listen is a loopback address (127.0.0.0/8 or ::1), and warned
+    /// about at start and for every artifact accepted or staged.
+    #[arg(
+        long = "allow-unsigned-artifacts",
+        env = "HANDOVER_ALLOW_UNSIGNED_ARTIFACTS",
+        value_parser = clap::builder::FalseyValueParser::new()
+    )]
+    allow: bool,
+}
+
+impl AllowUnsigned {
+    /// The signature policy, decided before anything binds `listen`.
+    fn check(&self, trusted_keys: usize, listen: SocketAddr) -> anyhow::Result<()> {
+        SignaturePolicy::decide(trusted_keys, self.allow, listen.ip())?;
+        Ok(())
+    }
+
+    /// The flag for a worker's argv, when given.
+    fn worker_args(&self) -> Vec<String> {
+        if self.allow {
+            vec!["--allow-unsigned-artifacts".into()]
+        } else {
+            Vec::new()
+        }
+    }
 }
 
 /// Run viewers like players with redundant streams: poll the playlist,
@@ -470,14 +550,27 @@ fn main() -> anyhow::Result<()> {
     if std::env::var_os("HANDOVER_TRUSTED_KEYS").is_some_and(|v| v.is_empty()) {
         std::env::remove_var("HANDOVER_TRUSTED_KEYS");
     }
-    let cli = Cli::parse();
-    // A supervisor hands tokens to its workers through the environment, never argv.
-    match &cli.command {
+    let mut cli = Cli::parse();
+    // Tokens come from their files or the environment, never argv; a
+    // supervisor hands them to its workers through the environment (set
+    // here, before any thread runs).
+    match &mut cli.command {
         Command::Controller(a) => {
-            std::env::set_var("HANDOVER_JOIN_TOKEN", &a.join_token);
-            std::env::set_var("HANDOVER_OPERATOR_TOKEN", &a.operator_token);
+            let join = &secret::JOIN_TOKEN;
+            let op = &secret::OPERATOR_TOKEN;
+            secret::refuse_on_argv(join, "--join-token", a.join_token_on_argv.is_some())?;
+            secret::refuse_on_argv(op, "--operator-token", a.operator_token_on_argv.is_some())?;
+            a.join_token = secret::secret_from(join, a.join_token_file.as_deref())?;
+            a.operator_token = secret::secret_from(op, a.operator_token_file.as_deref())?;
+            std::env::set_var(join.env, &a.join_token);
+            std::env::set_var(op.env, &a.operator_token);
         }
-        Command::Node(a) => std::env::set_var("HANDOVER_JOIN_TOKEN", &a.join_token),
+        Command::Node(a) => {
+            let join = &secret::JOIN_TOKEN;
+            secret::refuse_on_argv(join, "--join-token", a.join_token_on_argv.is_some())?;
+            a.join_token = secret::secret_from(join, a.join_token_file.as_deref())?;
+            std::env::set_var(join.env, &a.join_token);
+        }
         _ => {}
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -498,6 +591,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             init_tracing("info");
             let mode = roles::mode(a.no_supervisor);
             let (key_paths, trusted_keys) = trusted_keys(&a.trusted_keys)?;
+            a.unsigned.check(trusted_keys.len(), a.listen)?;
             if mode == roles::Mode::Supervisor {
                 let mut args = vec![
                     "controller".into(),
@@ -511,6 +605,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     a.node_switch_wait_ms.to_string(),
                 ];
                 args.extend(trusted_key_args(&key_paths));
+                args.extend(a.unsigned.worker_args());
                 return roles::supervise(
                     "controller",
                     a.listen,
@@ -530,6 +625,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 lease_ms: a.lease_ms,
                 node_switch_wait_ms: a.node_switch_wait_ms,
                 trusted_keys,
+                allow_unsigned_artifacts: a.unsigned.allow,
             };
             let listener = roles::listener(mode, config.listen).await?;
             handover_controller::serve_on(config, listener, shutdown_signal()).await
@@ -537,8 +633,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Node(a) => {
             init_tracing("info");
             let mode = roles::mode(a.no_supervisor);
+            // Test hook (handover_node::TEST_FAULT_ENV): a node release that dies at start.
+            #[cfg(feature = "test-hooks")]
             if mode == roles::Mode::Worker && handover_node::test_fault("exit_at_start").is_some() {
-                // Test hook (handover_node::TEST_FAULT_ENV): a node release that dies at start.
                 bail!(
                     "test hook HANDOVER_TEST_FAULT=exit_at_start: this node worker exits at start"
                 );
@@ -548,6 +645,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .clone()
                 .unwrap_or_else(|| format!("http://{}", a.listen));
             let (key_paths, trusted_keys) = trusted_keys(&a.trusted_keys)?;
+            a.unsigned.check(trusted_keys.len(), a.listen)?;
             if mode == roles::Mode::Supervisor {
                 let mut args = vec![
                     "node".into(),
@@ -567,6 +665,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     a.controller.clone(),
                 ];
                 args.extend(trusted_key_args(&key_paths));
+                args.extend(a.unsigned.worker_args());
                 return roles::supervise(
                     &a.id,
                     a.listen,
@@ -589,6 +688,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 join_token: a.join_token,
                 legacy: a.legacy,
                 trusted_keys,
+                allow_unsigned_artifacts: a.unsigned.allow,
             };
             let listener = roles::listener(mode, config.listen).await?;
             handover_node::serve_on(config, listener, shutdown_signal()).await
@@ -598,7 +698,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             run_viewers(a).await
         }
         Command::Status(a) => {
-            let op = Operator::with(&a.op.controller, &a.op.token)?;
+            let op = a.op.operator()?;
             let status = op.status().await?;
             if a.op.json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
@@ -711,8 +811,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Artifact(ArtifactCmd::Upload { op, dir }) => {
-            let m = handover::artifact::upload(&Operator::with(&op.controller, &op.token)?, &dir)
-                .await?;
+            let m = handover::artifact::upload(&op.operator()?, &dir).await?;
             print_json_or(&op, &serde_json::to_value(&m)?)
         }
         Command::Artifact(ArtifactCmd::List(op)) => api_get(&op, "/api/v1/artifacts").await,
@@ -736,10 +835,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
 }
 
 async fn api_get(op: &OperatorArgs, path: &str) -> anyhow::Result<()> {
-    print_json_or(
-        op,
-        &Operator::with(&op.controller, &op.token)?.get(path).await?,
-    )
+    print_json_or(op, &op.operator()?.get(path).await?)
 }
 
 async fn api_post<B: serde::Serialize>(
@@ -747,12 +843,7 @@ async fn api_post<B: serde::Serialize>(
     path: &str,
     body: &B,
 ) -> anyhow::Result<()> {
-    print_json_or(
-        op,
-        &Operator::with(&op.controller, &op.token)?
-            .post(path, body)
-            .await?,
-    )
+    print_json_or(op, &op.operator()?.post(path, body).await?)
 }
 
 /// Operator commands print what the controller answered: pretty JSON is
@@ -770,7 +861,7 @@ async fn run_upgrade(cmd: UpgradeCmd) -> anyhow::Result<()> {
     use handover::upgrade as up;
     match cmd {
         UpgradeCmd::Plan { op, target } => {
-            let o = Operator::with(&op.controller, &op.token)?;
+            let o = op.operator()?;
             let p = up::plan(&o, &target.request(&o).await?).await?;
             if op.json {
                 println!("{}", serde_json::to_string(&p)?);
@@ -780,7 +871,7 @@ async fn run_upgrade(cmd: UpgradeCmd) -> anyhow::Result<()> {
             Ok(())
         }
         UpgradeCmd::Start { op, target, watch } => {
-            let o = Operator::with(&op.controller, &op.token)?;
+            let o = op.operator()?;
             let started = up::start(&o, &target.request(&o).await?).await?;
             if !op.json {
                 eprintln!("upgrade to release {} started", started.plan.target.release);
@@ -793,7 +884,7 @@ async fn run_upgrade(cmd: UpgradeCmd) -> anyhow::Result<()> {
             show_upgrade(&op, &s)
         }
         UpgradeCmd::Status { op, watch } => {
-            let o = Operator::with(&op.controller, &op.token)?;
+            let o = op.operator()?;
             let s = if watch {
                 up::watch(&o).await?
             } else {
@@ -809,7 +900,7 @@ async fn run_upgrade(cmd: UpgradeCmd) -> anyhow::Result<()> {
 
 /// Pause, resume or abort; prints the status that follows.
 async fn control(op: &OperatorArgs, verb: &str) -> anyhow::Result<()> {
-    let o = Operator::with(&op.controller, &op.token)?;
+    let o = op.operator()?;
     let _: serde_json::Value = o
         .post(&format!("/api/v1/upgrade/{verb}"), &serde_json::json!({}))
         .await?;
@@ -827,7 +918,7 @@ fn show_upgrade(op: &OperatorArgs, s: &UpgradeStatus) -> anyhow::Result<()> {
 
 async fn run_viewers(a: ViewersArgs) -> anyhow::Result<()> {
     let targets = if a.nodes.is_empty() {
-        let op = Operator::with(&a.op.controller, &a.op.token)?;
+        let op = a.op.operator()?;
         viewers::targets(&op, &a.channel).await?
     } else {
         if a.channel.is_empty() {
