@@ -26,7 +26,7 @@ use handover_core::release::{BinaryFacts, BINARY_FACTS_FORMAT};
 use handover_core::Release;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -296,7 +296,11 @@ pub struct KeyFiles {
 /// node with `--trusted-key`). Existing key files are never overwritten;
 /// on failure nothing is left behind.
 pub fn keygen(out_dir: &Path) -> anyhow::Result<KeyFiles> {
-    std::fs::create_dir_all(out_dir)
+    // A new directory is private (0700); an existing one is the operator's.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(handover_private::DIR_MODE)
+        .create(out_dir)
         .with_context(|| format!("cannot create {}", out_dir.display()))?;
     let secret = out_dir.join(SECRET_KEY_FILE);
     let public = out_dir.join(PUBLIC_KEY_FILE);
@@ -325,7 +329,7 @@ pub fn keygen(out_dir: &Path) -> anyhow::Result<KeyFiles> {
         )))
         .map_err(|e| anyhow::anyhow!("cannot encode the secret key: {e}"))?
         .into_string();
-    write_new(&secret, sk_text.as_bytes(), 0o600)?;
+    write_new(&secret, sk_text.as_bytes(), handover_private::FILE_MODE)?;
     if let Err(e) = write_new(&public, pk_text.as_bytes(), 0o644) {
         let _ = std::fs::remove_file(&secret);
         return Err(e.into());
@@ -744,6 +748,11 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+        let dir_mode = std::fs::metadata(tmp.path().join("keys"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(dir_mode & 0o777, 0o700, "a new key dir is private");
         let pub_text = std::fs::read_to_string(&keys.public).unwrap();
         assert!(
             pub_text.starts_with("untrusted comment: minisign public key: "),

@@ -34,6 +34,8 @@ const PROBE_TIMEOUT_MS: u64 = 1_000;
 /// created, so every node has them.
 const LIVE_LEAD_MS: i64 = 2_000;
 const NODE_PORT: u16 = 7500;
+const BOOTSTRAP_TOKEN_ENV: &str = crate::secret::BOOTSTRAP_TOKEN.env;
+const OPERATOR_TOKEN_ENV: &str = crate::secret::OPERATOR_TOKEN.env;
 /// Node n listens on host `NODE_HOST_FIRST + n` of the fleet's subnet
 /// (below: the controller's); past `NODE_HOST_LAST` nodes share the last.
 const NODE_HOST_FIRST: usize = 10;
@@ -242,7 +244,7 @@ pub struct Fleet {
     /// Nodes drop what they cannot store at once (the demo's manual procedure).
     pub legacy: bool,
     /// Public key files the controller and nodes trust (`--trusted-key`);
-    /// empty: artifacts are not signature-checked.
+    /// empty: `--allow-unsigned-artifacts` (artifacts not signature-checked).
     pub trusted_keys: Vec<PathBuf>,
     pub controller: Option<Proc>,
     pub nodes: Vec<NodeProc>,
@@ -298,16 +300,16 @@ impl Fleet {
             self.dir.join("controller").display().to_string(),
             "--listen".into(),
             self.controller_addr().to_string(),
-            "--operator-token".into(),
-            self.operator_token.clone(),
         ];
         if !self.supervised {
             args.push("--no-supervisor".into());
         }
         args.extend(self.trusted_key_args());
+        // Secrets travel in the environment, never on argv.
+        let mut env = self.controller_env.clone();
+        env.push((OPERATOR_TOKEN_ENV.into(), self.operator_token.clone()));
         let log = unique_log(&self.dir, &format!("controller-r{release}"));
-        let mut p =
-            Proc::spawn_with_env(&self.exe, "controller", &args, &self.controller_env, log)?;
+        let mut p = Proc::spawn_with_env(&self.exe, "controller", &args, &env, log)?;
         wait_healthy(&format!("{}/healthz", self.controller_url()), &mut p).await?;
         self.controller = Some(p);
         self.controller_release = release;
@@ -427,7 +429,12 @@ impl Fleet {
         self.nodes.len() - 1
     }
 
+    /// `--trusted-key` per key; with none, the loopback-only opt-out of
+    /// signatures (every fleet address is 127.x).
     fn trusted_key_args(&self) -> Vec<String> {
+        if self.trusted_keys.is_empty() {
+            return vec!["--allow-unsigned-artifacts".to_owned()];
+        }
         self.trusted_keys
             .iter()
             .flat_map(|p| ["--trusted-key".to_owned(), p.display().to_string()])
@@ -452,7 +459,7 @@ impl Fleet {
         let node = self.nodes.get_mut(i).context("no such node")?;
         let mut env = node.env.clone();
         if let Some(token) = bootstrap.and_then(|t| t.into_iter().next()) {
-            env.push(("HANDOVER_BOOTSTRAP_TOKEN".into(), token));
+            env.push((BOOTSTRAP_TOKEN_ENV.into(), token));
         }
         let mut args = vec![
             "node".into(),

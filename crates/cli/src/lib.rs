@@ -10,5 +10,6 @@ pub mod demo;
 pub mod fleet;
 pub mod init;
 pub mod roles;
+pub mod secret;
 pub mod upgrade;
 pub mod viewers;

@@ -4,8 +4,9 @@
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use handover::client::{self, Operator};
-use handover::{demo, roles, viewers};
+use handover::{demo, roles, secret, viewers};
 use handover_core::api::{ChannelSpec, EventSpec, UpgradeRequest, UpgradeStatus};
+use handover_core::artifact::SignaturePolicy;
 use handover_core::release::{ReleaseInfo, NEWEST, RELEASES};
 use handover_core::upgrade::Phase;
 use handover_core::wire::Role;
@@ -223,9 +224,13 @@ struct OperatorArgs {
         default_value = "http://127.0.0.1:7400"
     )]
     controller: String,
-    /// Operator token (the controller's --operator-token).
-    #[arg(long, env = "HANDOVER_OPERATOR_TOKEN", hide_env_values = true)]
-    token: String,
+    /// File holding the operator token (the controller's), readable only by
+    /// its owner; without it, the token is taken from HANDOVER_OPERATOR_TOKEN.
+    #[arg(long, value_name = "FILE")]
+    operator_token_file: Option<PathBuf>,
+    /// Refused: a token on the command line is visible to every user.
+    #[arg(long = "token", value_name = "TOKEN", hide = true)]
+    token_on_argv: Option<String>,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -246,6 +251,20 @@ struct InitArgs {
     /// at; repeat for several.
     #[arg(long = "name", required = true)]
     names: Vec<String>,
+}
+
+impl OperatorArgs {
+    /// The API client, with the operator token from its file or the environment.
+    fn operator(&self) -> anyhow::Result<Operator> {
+        secret::refuse_on_argv(
+            &secret::OPERATOR_TOKEN,
+            "--token",
+            self.token_on_argv.is_some(),
+        )?;
+        let token =
+            secret::secret_from(&secret::OPERATOR_TOKEN, self.operator_token_file.as_deref())?;
+        Operator::with(&self.controller, &token)
+    }
 }
 
 #[derive(Args)]
@@ -269,14 +288,22 @@ struct ControllerArgs {
     data_dir: PathBuf,
     #[arg(long, default_value = "127.0.0.1:7400")]
     listen: SocketAddr,
-    /// Token operators present to the API (16+ characters).
-    #[arg(long, env = "HANDOVER_OPERATOR_TOKEN", hide_env_values = true)]
+    /// File holding the token operators present to the API (16+
+    /// characters), readable only by its owner; without it, the token is
+    /// taken from HANDOVER_OPERATOR_TOKEN. Never on the command line.
+    #[arg(long, value_name = "FILE")]
+    operator_token_file: Option<PathBuf>,
+    /// Refused: an operator token on the command line is visible to every user.
+    #[arg(long = "operator-token", value_name = "TOKEN", hide = true)]
+    operator_token_on_argv: Option<String>,
+    /// Read from the file or the environment by `main`.
+    #[arg(skip)]
     operator_token: String,
     /// A node's grant holds this long without a heartbeat.
     #[arg(long, default_value_t = handover_controller::LEASE_MS_DEFAULT)]
     lease_ms: u64,
     /// Accept only artifacts signed by this minisign public key (a .pub file);
-    /// repeat for several. Without any, artifacts are not signature-checked.
+    /// repeat for several. Required, unless --allow-unsigned-artifacts.
     #[arg(
         long = "trusted-key",
         value_name = "FILE",
@@ -284,6 +311,8 @@ struct ControllerArgs {
         value_delimiter = ','
     )]
     trusted_keys: Vec<PathBuf>,
+    #[command(flatten)]
+    unsigned: AllowUnsigned,
     /// An upgrade pauses when a node has not come back healthy on the new
     /// release within this long.
     #[arg(
@@ -360,7 +389,7 @@ struct NodeArgs {
     #[arg(long, hide = true)]
     legacy: bool,
     /// Stage only artifacts signed by this minisign public key (a .pub file);
-    /// repeat for several. Without any, artifacts are not signature-checked.
+    /// repeat for several. Required, unless --allow-unsigned-artifacts.
     #[arg(
         long = "trusted-key",
         value_name = "FILE",
@@ -373,6 +402,40 @@ struct NodeArgs {
     /// longest without a request.
     #[arg(long, env = CONNECTIONS_MAX_ENV)]
     connections_max: Option<usize>,
+    #[command(flatten)]
+    unsigned: AllowUnsigned,
+}
+
+/// The opt-out of artifact signatures, shared by `controller` and `node`.
+#[derive(Args)]
+struct AllowUnsigned {
+    /// Run with no --trusted-key: upgrade artifacts are used WITHOUT a
+    /// signature check. For local tests and demos only: refused unless
+    /// --listen is a loopback address (127.0.0.0/8 or ::1), and warned
+    /// about at start and for every artifact accepted or staged.
+    #[arg(
+        long = "allow-unsigned-artifacts",
+        env = "HANDOVER_ALLOW_UNSIGNED_ARTIFACTS",
+        value_parser = clap::builder::FalseyValueParser::new()
+    )]
+    allow: bool,
+}
+
+impl AllowUnsigned {
+    /// The signature policy, decided before anything binds `listen`.
+    fn check(&self, trusted_keys: usize, listen: SocketAddr) -> anyhow::Result<()> {
+        SignaturePolicy::decide(trusted_keys, self.allow, listen.ip())?;
+        Ok(())
+    }
+
+    /// The flag for a worker's argv, when given.
+    fn worker_args(&self) -> Vec<String> {
+        if self.allow {
+            vec!["--allow-unsigned-artifacts".into()]
+        } else {
+            Vec::new()
+        }
+    }
 }
 
 /// How `--connections-max` reaches a supervisor's workers (their command
@@ -542,20 +605,28 @@ fn main() -> anyhow::Result<()> {
     if std::env::var_os("HANDOVER_TRUSTED_KEYS").is_some_and(|v| v.is_empty()) {
         std::env::remove_var("HANDOVER_TRUSTED_KEYS");
     }
-    let cli = Cli::parse();
-    // A supervisor hands tokens to its workers through the environment, never argv.
-    match &cli.command {
+    let mut cli = Cli::parse();
+    // Tokens come from their files or the environment, never argv; a
+    // supervisor hands them to its workers through the environment (set
+    // here, before any thread runs).
+    match &mut cli.command {
         Command::Controller(a) => {
-            std::env::set_var("HANDOVER_OPERATOR_TOKEN", &a.operator_token);
+            let op = &secret::OPERATOR_TOKEN;
+            secret::refuse_on_argv(op, "--operator-token", a.operator_token_on_argv.is_some())?;
+            a.operator_token = secret::secret_from(op, a.operator_token_file.as_deref())?;
+            std::env::set_var(op.env, &a.operator_token);
         }
         Command::Node(NodeArgs {
             cmd: None,
-            bootstrap_token_file: Some(path),
+            bootstrap_token_file,
             ..
         }) => {
-            let token = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read the bootstrap token {}", path.display()))?;
-            std::env::set_var(BOOTSTRAP_TOKEN_ENV, token.trim());
+            // Needed only until the node holds a credential: read if given.
+            let boot = &secret::BOOTSTRAP_TOKEN;
+            if bootstrap_token_file.is_some() || std::env::var_os(boot.env).is_some() {
+                let token = secret::secret_from(boot, bootstrap_token_file.as_deref())?;
+                std::env::set_var(boot.env, token);
+            }
         }
         _ => {}
     }
@@ -601,6 +672,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             init_tracing("info");
             let mode = roles::mode(a.no_supervisor);
             let (key_paths, trusted_keys) = trusted_keys(&a.trusted_keys)?;
+            a.unsigned.check(trusted_keys.len(), a.listen)?;
             if mode == roles::Mode::Supervisor {
                 let mut args = vec![
                     "controller".into(),
@@ -614,6 +686,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     a.node_switch_wait_ms.to_string(),
                 ];
                 args.extend(trusted_key_args(&key_paths));
+                args.extend(a.unsigned.worker_args());
                 return roles::supervise(
                     "controller",
                     a.listen,
@@ -633,6 +706,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 node_switch_wait_ms: a.node_switch_wait_ms,
                 trusted_keys,
                 limits: handover_net::Limits::CONTROLLER.with_connections_max(a.connections_max),
+                allow_unsigned_artifacts: a.unsigned.allow,
             };
             let listener = roles::listener(mode, config.listen).await?;
             handover_controller::serve_on(config, listener, shutdown_signal()).await
@@ -651,7 +725,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             cmd: Some(NodeCmd::Remove { op, id }),
             ..
         }) => {
-            let op_client = Operator::with(&op.controller, &op.token)?;
+            let op_client = op.operator()?;
             let removed: handover_core::api::NodeRemoved =
                 op_client.delete(&format!("/api/v1/nodes/{id}")).await?;
             if op.json {
@@ -672,8 +746,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 bail!("a node needs --id, --role, --group, --data-dir and --listen");
             };
             let mode = roles::mode(a.no_supervisor);
+            // Test hook (handover_node::TEST_FAULT_ENV): a node release that dies at start.
+            #[cfg(feature = "test-hooks")]
             if mode == roles::Mode::Worker && handover_node::test_fault("exit_at_start").is_some() {
-                // Test hook (handover_node::TEST_FAULT_ENV): a node release that dies at start.
                 bail!(
                     "test hook HANDOVER_TEST_FAULT=exit_at_start: this node worker exits at start"
                 );
@@ -683,6 +758,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .clone()
                 .unwrap_or_else(|| format!("http://{}", listen));
             let (key_paths, trusted_keys) = trusted_keys(&a.trusted_keys)?;
+            a.unsigned.check(trusted_keys.len(), listen)?;
             if mode == roles::Mode::Supervisor {
                 let mut args = vec![
                     "node".into(),
@@ -702,6 +778,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     a.controller.clone(),
                 ];
                 args.extend(trusted_key_args(&key_paths));
+                args.extend(a.unsigned.worker_args());
                 return roles::supervise(
                     &id,
                     listen,
@@ -727,6 +804,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 legacy: a.legacy,
                 trusted_keys,
                 limits: handover_net::Limits::NODE.with_connections_max(a.connections_max),
+                allow_unsigned_artifacts: a.unsigned.allow,
             };
             let listener = roles::listener(mode, config.listen).await?;
             handover_node::serve_on(config, listener, shutdown_signal()).await
@@ -736,7 +814,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             run_viewers(a).await
         }
         Command::Status(a) => {
-            let op = Operator::with(&a.op.controller, &a.op.token)?;
+            let op = a.op.operator()?;
             let status = op.status().await?;
             if a.op.json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
@@ -849,8 +927,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Artifact(ArtifactCmd::Upload { op, dir }) => {
-            let m = handover::artifact::upload(&Operator::with(&op.controller, &op.token)?, &dir)
-                .await?;
+            let m = handover::artifact::upload(&op.operator()?, &dir).await?;
             print_json_or(&op, &serde_json::to_value(&m)?)
         }
         Command::Artifact(ArtifactCmd::List(op)) => api_get(&op, "/api/v1/artifacts").await,
@@ -874,7 +951,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
 }
 
 /// Where a node worker finds its bootstrap token (never on a command line).
-const BOOTSTRAP_TOKEN_ENV: &str = "HANDOVER_BOOTSTRAP_TOKEN";
+const BOOTSTRAP_TOKEN_ENV: &str = secret::BOOTSTRAP_TOKEN.env;
 
 async fn node_add(
     op: &OperatorArgs,
@@ -887,9 +964,8 @@ async fn node_add(
         ttl_ms: Some(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
         replace,
     };
-    let answer: handover_core::api::NodeAddAnswer = Operator::with(&op.controller, &op.token)?
-        .post("/api/v1/nodes", &req)
-        .await?;
+    let answer: handover_core::api::NodeAddAnswer =
+        op.operator()?.post("/api/v1/nodes", &req).await?;
     if op.json {
         println!("{}", serde_json::to_string_pretty(&answer)?);
         return Ok(());
@@ -912,10 +988,7 @@ async fn node_add(
 }
 
 async fn api_get(op: &OperatorArgs, path: &str) -> anyhow::Result<()> {
-    print_json_or(
-        op,
-        &Operator::with(&op.controller, &op.token)?.get(path).await?,
-    )
+    print_json_or(op, &op.operator()?.get(path).await?)
 }
 
 async fn api_post<B: serde::Serialize>(
@@ -923,12 +996,7 @@ async fn api_post<B: serde::Serialize>(
     path: &str,
     body: &B,
 ) -> anyhow::Result<()> {
-    print_json_or(
-        op,
-        &Operator::with(&op.controller, &op.token)?
-            .post(path, body)
-            .await?,
-    )
+    print_json_or(op, &op.operator()?.post(path, body).await?)
 }
 
 /// Operator commands print what the controller answered: pretty JSON is
@@ -946,7 +1014,7 @@ async fn run_upgrade(cmd: UpgradeCmd) -> anyhow::Result<()> {
     use handover::upgrade as up;
     match cmd {
         UpgradeCmd::Plan { op, target } => {
-            let o = Operator::with(&op.controller, &op.token)?;
+            let o = op.operator()?;
             let p = up::plan(&o, &target.request(&o).await?).await?;
             if op.json {
                 println!("{}", serde_json::to_string(&p)?);
@@ -956,7 +1024,7 @@ async fn run_upgrade(cmd: UpgradeCmd) -> anyhow::Result<()> {
             Ok(())
         }
         UpgradeCmd::Start { op, target, watch } => {
-            let o = Operator::with(&op.controller, &op.token)?;
+            let o = op.operator()?;
             let started = up::start(&o, &target.request(&o).await?).await?;
             if !op.json {
                 eprintln!("upgrade to release {} started", started.plan.target.release);
@@ -969,7 +1037,7 @@ async fn run_upgrade(cmd: UpgradeCmd) -> anyhow::Result<()> {
             show_upgrade(&op, &s)
         }
         UpgradeCmd::Status { op, watch } => {
-            let o = Operator::with(&op.controller, &op.token)?;
+            let o = op.operator()?;
             let s = if watch {
                 up::watch(&o).await?
             } else {
@@ -985,7 +1053,7 @@ async fn run_upgrade(cmd: UpgradeCmd) -> anyhow::Result<()> {
 
 /// Pause, resume or abort; prints the status that follows.
 async fn control(op: &OperatorArgs, verb: &str) -> anyhow::Result<()> {
-    let o = Operator::with(&op.controller, &op.token)?;
+    let o = op.operator()?;
     let _: serde_json::Value = o
         .post(&format!("/api/v1/upgrade/{verb}"), &serde_json::json!({}))
         .await?;
@@ -1003,7 +1071,7 @@ fn show_upgrade(op: &OperatorArgs, s: &UpgradeStatus) -> anyhow::Result<()> {
 
 async fn run_viewers(a: ViewersArgs) -> anyhow::Result<()> {
     let targets = if a.nodes.is_empty() {
-        let op = Operator::with(&a.op.controller, &a.op.token)?;
+        let op = a.op.operator()?;
         viewers::targets(&op, &a.channel).await?
     } else {
         if a.channel.is_empty() {

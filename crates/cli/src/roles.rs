@@ -65,8 +65,7 @@ pub async fn supervise(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let binary = std::env::current_exe().context("cannot find this binary to start the worker")?;
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    handover_private::dir(data_dir).context("the data dir")?;
     let config = SupervisorConfig::new(
         name,
         listen,

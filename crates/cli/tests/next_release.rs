@@ -5,7 +5,8 @@
 //! the new binary itself.
 //!
 //! The new binary is built once per test run into `target/next-release`
-//! (or taken from `HANDOVER_NEXT_BINARY`, as `.ci/run` may give it).
+//! (or taken from `HANDOVER_NEXT_BINARY`, as `.ci/run` gives it), with
+//! `cargo build`: as a shipped binary, without the test hooks.
 
 mod common;
 
@@ -286,6 +287,43 @@ async fn a_node_of_release_3_meets_a_release_2_controller_and_is_fenced() {
     );
     let said = serde_json::to_string(&n).unwrap();
     assert!(said.contains("node_newer_than_database"), "{said}");
+    fleet.stop_all().await.unwrap();
+}
+
+/// A build without the `test-hooks` feature does not read the test hooks'
+/// variables at all. The next-release binary is built as a shipped one is
+/// (`cargo build`: no dev-dependency, so no hooks; `.ci/run` builds it so
+/// and `HANDOVER_NEXT_BINARY` must be such a build), while this test
+/// binary has them (`cargo test`): `migrate_fail` makes its controllers
+/// refuse to commit a migration and `exit_at_start` kills its node workers
+/// at start (faults.rs). The next binary's controller migrates and its node
+/// worker serves under the same variables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_without_test_hooks_ignores_their_variables() {
+    let next = next_binary();
+    let site = Site::new("a build without test hooks");
+    let mut fleet = site.fleet_in(&old_binary(), site.path());
+    // Bare controllers: a supervisor's state.json would keep release 2.
+    fleet.supervised = false;
+    fleet.start_controller(2).await.unwrap();
+    fleet.stop_all().await.unwrap();
+    fleet.exe = next.clone();
+    fleet.controller_env = vec![("HANDOVER_TEST_FAULT".into(), "migrate_fail".into())];
+    fleet.start_controller(3).await.unwrap();
+    let status = fleet.op.status().await.unwrap();
+    assert_eq!(status.cluster.schema.0, 3, "migrated despite migrate_fail");
+    let group = handover_core::params::Group {
+        name: "g1".into(),
+        primary: "g1-a".into(),
+        backup: "g1-b".into(),
+    };
+    let _: Value = fleet.op.post("/api/v1/groups", &group).await.unwrap();
+    let i = fleet.add_node("g1-a", Role::Primary, "g1", 3);
+    fleet.nodes[i].env = vec![("HANDOVER_TEST_FAULT".into(), "exit_at_start".into())];
+    fleet.supervised = true;
+    fleet.start_node(i).await.unwrap();
+    let status = fleet.wait_nodes_registered().await.unwrap();
+    assert_eq!(status.nodes[0].node.release.0, 3, "{:?}", status.nodes[0]);
     fleet.stop_all().await.unwrap();
 }
 

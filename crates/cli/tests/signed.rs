@@ -57,13 +57,8 @@ async fn assert_still_serving(fleet: &Fleet, after: &str) {
         );
     }
     let out = tokio::process::Command::new(exe())
-        .args([
-            "status",
-            "--controller",
-            &fleet.controller_url(),
-            "--token",
-            &fleet.operator_token,
-        ])
+        .args(["status", "--controller", &fleet.controller_url()])
+        .env("HANDOVER_OPERATOR_TOKEN", &fleet.operator_token)
         .output()
         .await
         .unwrap();

@@ -288,7 +288,17 @@ async fn store_upload<H: ArtifactHost>(
             return Err(ApiError::artifact(&e));
         }
     }
-    Ok(host.artifacts().put_accepted(&accepted, stream).await?)
+    let put = host.artifacts().put_accepted(&accepted, stream).await?;
+    if host.artifacts().trusted_keys().is_empty() {
+        tracing::warn!(
+            artifact = %manifest.id(),
+            release = manifest.release.0,
+            signed = accepted.is_signed(),
+            "artifact accepted WITHOUT a signature check (--allow-unsigned-artifacts): \
+             nodes will stage and run it as it is"
+        );
+    }
+    Ok(put)
 }
 
 /// The manifest document of an upload from its header value: base64 of the

@@ -17,7 +17,7 @@ use anyhow::Context;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{delete, get, post};
 use axum::Router;
-use handover_core::artifact::PublicKey;
+use handover_core::artifact::{PublicKey, SignaturePolicy};
 use handover_core::identity::{Membership, SecretDigest};
 use handover_core::params::Group;
 use handover_core::role::Role;
@@ -44,8 +44,12 @@ pub struct ControllerConfig {
     pub operator_token: String,
     pub lease_ms: u64,
     /// Minisign public keys (their base64 lines) whose signatures make an
-    /// artifact acceptable. Empty: artifacts are not signature-checked.
+    /// artifact acceptable. Empty only with `allow_unsigned_artifacts`.
     pub trusted_keys: Vec<String>,
+    /// `--allow-unsigned-artifacts`: run with no trusted key, artifacts not
+    /// signature-checked; refused unless `listen` is a loopback address
+    /// ([`SignaturePolicy::decide`]).
+    pub allow_unsigned_artifacts: bool,
     /// Given to every upgrade's plan ([`handover_core::upgrade::Plan::node_switch_wait_ms`]).
     pub node_switch_wait_ms: u64,
     /// What the listener allows ([`handover_net::Limits::CONTROLLER`], the
@@ -190,15 +194,28 @@ fn validate(config: &ControllerConfig) -> anyhow::Result<&'static ReleaseInfo> {
     Ok(info)
 }
 
-/// The trusted keys of the config, parsed; says once at start what is checked.
+/// The trusted keys of the config, parsed, under the signature policy
+/// (checked first: no key needs the explicit, loopback-only opt-in); says
+/// at start what is checked, loudly when nothing is.
 fn trusted_keys(config: &ControllerConfig) -> anyhow::Result<Vec<PublicKey>> {
+    let policy = SignaturePolicy::decide(
+        config.trusted_keys.len(),
+        config.allow_unsigned_artifacts,
+        config.listen.ip(),
+    )?;
     let keys = config
         .trusted_keys
         .iter()
         .map(|line| PublicKey::from_base64(line).context("a --trusted-key is not usable"))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    if keys.is_empty() {
-        tracing::warn!("artifacts are not signature-checked: configure --trusted-key");
+    if policy == SignaturePolicy::UnsignedAllowed {
+        tracing::warn!(
+            listen = %config.listen,
+            "UNSIGNED ARTIFACTS ALLOWED (--allow-unsigned-artifacts): this controller stores \
+             and hands out upgrade artifacts nobody signed, so whoever holds the operator \
+             token can make every node run any binary. For local tests and demos only: \
+             give --trusted-key FILE instead"
+        );
     } else {
         let ids: Vec<&str> = keys.iter().map(PublicKey::id).collect();
         tracing::info!(
@@ -217,8 +234,7 @@ pub async fn serve_on(
 ) -> anyhow::Result<()> {
     let info = validate(&config)?;
     let trusted = trusted_keys(&config)?;
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    handover_private::dir(&config.data_dir).context("the controller's data dir")?;
     let (store, cluster) = match open_checked(&config, info).await {
         Ok(opened) => opened,
         Err(e) => {

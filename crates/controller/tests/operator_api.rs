@@ -2,7 +2,9 @@
 //! to the operator API and the node protocol, seen from a release-2
 //! controller (the newest the default build carries).
 
+use handover_controller::{serve_on, ControllerConfig};
 use handover_core::api::Status;
+use handover_core::Release;
 use serde_json::{json, Value};
 
 mod support;
@@ -81,4 +83,35 @@ async fn heartbeat_hls_requests_reach_the_status() {
     assert_eq!(s.nodes[0].hls_requests, Some(1234));
     let raw: Value = c.get("/api/v1/status").await;
     assert_eq!(raw["nodes"][0]["hls_requests"], json!(1234));
+}
+
+/// Artifact signatures are required: a controller with no trusted key and
+/// no opt-in, or with the opt-in on an address other hosts reach, refuses
+/// to serve and leaves its data dir untouched.
+#[tokio::test]
+async fn no_trusted_key_needs_the_loopback_only_opt_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("controller");
+    for (listen, allow, says) in [
+        ("127.0.0.1:7400", false, "--trusted-key FILE"),
+        ("0.0.0.0:7400", true, "refused on 0.0.0.0"),
+    ] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let config = ControllerConfig {
+            release: Release(2),
+            data_dir: data_dir.clone(),
+            listen: listen.parse().unwrap(),
+            operator_token: OPERATOR.into(),
+            lease_ms: 3_000,
+            trusted_keys: vec![],
+            allow_unsigned_artifacts: allow,
+            node_switch_wait_ms: 60_000,
+            limits: handover_net::Limits::CONTROLLER,
+        };
+        let err = serve_on(config, listener, std::future::pending())
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains(says), "{listen}: {err:#}");
+        assert!(!data_dir.exists(), "{listen}: the data dir was touched");
+    }
 }

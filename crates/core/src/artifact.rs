@@ -626,5 +626,65 @@ impl DigestCheck {
     }
 }
 
+/// Whether a controller or node checks artifact signatures, decided once
+/// at start by [`SignaturePolicy::decide`]: signatures are required unless
+/// the operator opted out explicitly, and the opt-out is refused on any
+/// address other hosts can reach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SignaturePolicy {
+    /// Every artifact must be signed by one of the trusted keys.
+    Required,
+    /// Artifacts are used without a signature check
+    /// (`--allow-unsigned-artifacts`, on a loopback address only): local
+    /// tests and demos.
+    UnsignedAllowed,
+}
+
+/// Why a process refuses to start with its artifact-signature settings.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SignaturePolicyError {
+    #[error(
+        "artifact signatures are required and no key is trusted: start with \
+         --trusted-key FILE (a minisign public key, e.g. handover.pub from \
+         `handover artifact keygen`; repeatable, or HANDOVER_TRUSTED_KEYS=a.pub,b.pub). \
+         For a local test on a loopback address only, --allow-unsigned-artifacts \
+         (HANDOVER_ALLOW_UNSIGNED_ARTIFACTS=true) runs without signature checks"
+    )]
+    NoTrustedKey,
+    #[error(
+        "--allow-unsigned-artifacts is refused on {listen}: it is allowed only on a \
+         loopback address (127.0.0.0/8 or ::1), where no other host can reach this \
+         process; give --trusted-key FILE instead, or listen on 127.0.0.1"
+    )]
+    UnsignedNotLoopback { listen: std::net::IpAddr },
+    #[error(
+        "--allow-unsigned-artifacts and --trusted-key are both given: with a trusted key \
+         every artifact must be signed; drop one (HANDOVER_ALLOW_UNSIGNED_ARTIFACTS or \
+         HANDOVER_TRUSTED_KEYS may be set in the environment)"
+    )]
+    UnsignedWithKeys,
+}
+
+impl SignaturePolicy {
+    /// The policy of a process that trusts `trusted_keys` keys, was or was
+    /// not given the opt-in, and listens on `listen`. Called before the
+    /// process binds its socket, so a refusal leaves nothing listening.
+    pub fn decide(
+        trusted_keys: usize,
+        allow_unsigned: bool,
+        listen: std::net::IpAddr,
+    ) -> Result<SignaturePolicy, SignaturePolicyError> {
+        match (trusted_keys, allow_unsigned) {
+            (0, false) => Err(SignaturePolicyError::NoTrustedKey),
+            (_, false) => Ok(SignaturePolicy::Required),
+            (0, true) if listen.to_canonical().is_loopback() => {
+                Ok(SignaturePolicy::UnsignedAllowed)
+            }
+            (0, true) => Err(SignaturePolicyError::UnsignedNotLoopback { listen }),
+            (_, true) => Err(SignaturePolicyError::UnsignedWithKeys),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -44,10 +44,12 @@ pub(crate) async fn report_ready(
     }
     // Test hooks (crate::runtime::TEST_FAULT_ENV): a release that is slow to become
     // ready, or never does.
+    #[cfg(feature = "test-hooks")]
     if crate::runtime::test_fault("never_ready").is_some() {
         tracing::warn!("test hook: never reporting ready");
         return;
     }
+    #[cfg(feature = "test-hooks")]
     if let Some(ms) = crate::runtime::test_fault_ms("ready_delay_ms") {
         tracing::warn!(ms, "test hook: delaying the ready report");
         tokio::time::sleep(Duration::from_millis(ms)).await;

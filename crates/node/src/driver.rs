@@ -361,6 +361,15 @@ impl Run {
             let result = match stage::stage(&http, &url, &credential, &dir, &artifact, &trusted)
                 .await
             {
+                Ok(staged) if trusted.is_empty() => {
+                    tracing::warn!(
+                        artifact,
+                        binary = %staged.binary.display(),
+                        "artifact staged WITHOUT a signature check (--allow-unsigned-artifacts): \
+                         this node will run it as it is"
+                    );
+                    Ok(staged_artifacts(&dir, &trusted))
+                }
                 Ok(staged) => {
                     tracing::info!(artifact, binary = %staged.binary.display(), "artifact staged");
                     Ok(staged_artifacts(&dir, &trusted))
@@ -398,6 +407,7 @@ impl Run {
             contracts: Some(staged.contracts),
         };
         tokio::spawn(async move {
+            #[cfg(feature = "test-hooks")]
             if let Some(ms) = crate::runtime::test_fault_ms("drain_slow_ms") {
                 // Test hook (TEST_FAULT_ENV): a quiesced worker slow to switch.
                 tracing::warn!(ms, "test hook: draining slowly (the switch waits)");

@@ -30,7 +30,9 @@ pub mod viewer_counter;
 use lifecycle::Lifecycle;
 pub use lifecycle::{CLOSE_CONNECTIONS_MS, DRAIN_ON_STOP_MS, LOOPS_STOP_TIMEOUT_MS};
 use runtime::Stop;
-pub use runtime::{test_fault, BACKOFF_MS_MAX, BACKOFF_MS_MIN, TEST_FAULT_ENV};
+#[cfg(feature = "test-hooks")]
+pub use runtime::{test_fault, TEST_FAULT_ENV};
+pub use runtime::{BACKOFF_MS_MAX, BACKOFF_MS_MIN};
 
 use anyhow::{bail, Context};
 use handover_core::wire::{limits, validate_id, Hello, Validate};
@@ -57,11 +59,15 @@ pub struct NodeConfig {
     /// do today (the demo's comparison); never set in production.
     pub legacy: bool,
     /// Minisign public keys (their base64 lines) an artifact must be signed
-    /// by before it is staged. Empty: artifacts are not signature-checked.
+    /// by before it is staged. Empty only with `allow_unsigned_artifacts`.
     pub trusted_keys: Vec<String>,
     /// What the listener allows ([`handover_net::Limits::NODE`], the cap
     /// perhaps changed by `--connections-max`).
     pub limits: handover_net::Limits,
+    /// `--allow-unsigned-artifacts`: run with no trusted key, artifacts not
+    /// signature-checked; refused unless `listen` is a loopback address
+    /// ([`handover_core::artifact::SignaturePolicy::decide`]).
+    pub allow_unsigned_artifacts: bool,
 }
 
 /// One record as a node's journal remembers it.
@@ -107,8 +113,15 @@ pub async fn ledger(data_dir: &std::path::Path) -> Result<Ledger, store::StoreEr
     read
 }
 
-/// The trusted keys of the config, parsed; says once at start what is checked.
+/// The trusted keys of the config, parsed, under the signature policy
+/// (checked first: no key needs the explicit, loopback-only opt-in); says
+/// at start what is checked, loudly when nothing is.
 fn trusted_keys(config: &NodeConfig) -> anyhow::Result<Vec<handover_core::artifact::PublicKey>> {
+    let policy = handover_core::artifact::SignaturePolicy::decide(
+        config.trusted_keys.len(),
+        config.allow_unsigned_artifacts,
+        config.listen.ip(),
+    )?;
     let keys = config
         .trusted_keys
         .iter()
@@ -117,8 +130,13 @@ fn trusted_keys(config: &NodeConfig) -> anyhow::Result<Vec<handover_core::artifa
                 .context("a --trusted-key is not usable")
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    if keys.is_empty() {
-        tracing::warn!("artifacts are not signature-checked: configure --trusted-key");
+    if policy == handover_core::artifact::SignaturePolicy::UnsignedAllowed {
+        tracing::warn!(
+            listen = %config.listen,
+            "UNSIGNED ARTIFACTS ALLOWED (--allow-unsigned-artifacts): this node stages and \
+             runs whatever binary the controller offers, signed or not. For local tests \
+             and demos only: give --trusted-key FILE instead"
+        );
     } else {
         let ids: Vec<&str> = keys.iter().map(|k| k.id()).collect();
         tracing::info!(
@@ -162,6 +180,12 @@ async fn credential(store: &store::Store, config: &NodeConfig) -> anyhow::Result
 
 /// Checks the config with the same rules the controller applies to hello.
 fn validate(config: &NodeConfig, info: &ReleaseInfo) -> anyhow::Result<()> {
+    // Before the data dir is touched (trusted_keys logs what it means).
+    handover_core::artifact::SignaturePolicy::decide(
+        config.trusted_keys.len(),
+        config.allow_unsigned_artifacts,
+        config.listen.ip(),
+    )?;
     validate_id("node_id", &config.node_id)?;
     validate_id("group", &config.group)?;
     if config

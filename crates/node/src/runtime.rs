@@ -1,5 +1,5 @@
 //! The node's runtime plumbing every task shares: the wall clock, the stop
-//! signal and the test hooks. A leaf module: it imports no
+//! signal and the test hooks (only with the `test-hooks` feature). A leaf module: it imports no
 //! other module of this crate.
 
 use tokio::sync::watch;
@@ -40,14 +40,18 @@ pub(crate) fn refusal(status: u16, body: &[u8]) -> (String, String) {
 /// Test hook, read only by the fault-injection process tests
 /// (`crates/cli/tests/faults.rs`), which set it for one release through an
 /// artifact whose binary is a wrapper script (or for one node's supervisor):
-/// a comma-separated list of `name` or `name:value`. Unset in production,
-/// where it changes nothing. The node reads `stage_slow_ms:N` (stage.rs),
-/// `ready_delay_ms:N` and `never_ready` (agent.rs), `drain_slow_ms:N`
-/// (a quiesced worker waits before it asks to switch, driver.rs), and the CLI reads `exit_at_start` for a node
+/// a comma-separated list of `name` or `name:value`. Compiled only with the
+/// `test-hooks` feature, which `cargo test` turns on and no `cargo build`
+/// does: a shipped binary does not read it. The node reads
+/// `stage_slow_ms:N` (stage.rs), `ready_delay_ms:N` and `never_ready`
+/// (agent.rs), `drain_slow_ms:N` (a quiesced worker waits before it asks
+/// to switch, driver.rs), and the CLI reads `exit_at_start` for a node
 /// worker.
+#[cfg(feature = "test-hooks")]
 pub const TEST_FAULT_ENV: &str = "HANDOVER_TEST_FAULT";
 
 /// The value of test fault `name` in [`TEST_FAULT_ENV`] ("" for a bare name).
+#[cfg(feature = "test-hooks")]
 pub fn test_fault(name: &str) -> Option<String> {
     let all = std::env::var(TEST_FAULT_ENV).ok()?;
     all.split(',').find_map(|f| {
@@ -57,8 +61,30 @@ pub fn test_fault(name: &str) -> Option<String> {
 }
 
 /// Test fault `name` as milliseconds (see [`test_fault`]).
+#[cfg(feature = "test-hooks")]
 pub(crate) fn test_fault_ms(name: &str) -> Option<u64> {
     test_fault(name).and_then(|v| v.parse().ok())
+}
+
+/// Test hook `stage_slow_ms:N` (see [`TEST_FAULT_ENV`]): `chunks` with a
+/// stall of N ms after the first one, so a test can kill a node mid-stage.
+#[cfg(feature = "test-hooks")]
+pub(crate) fn stall_after_first_chunk<S: futures_util::Stream>(
+    chunks: S,
+) -> impl futures_util::Stream<Item = S::Item> {
+    use futures_util::StreamExt as _;
+    let stall_ms = test_fault_ms("stage_slow_ms");
+    let state = (Box::pin(chunks), false, stall_ms);
+    futures_util::stream::unfold(state, |(mut chunks, started, mut stall_ms)| async move {
+        if started {
+            if let Some(ms) = stall_ms.take() {
+                tracing::warn!(ms, "test hook: stalling the download");
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            }
+        }
+        let chunk = chunks.next().await?;
+        Some((chunk, (chunks, true, stall_ms)))
+    })
 }
 
 /// Unix milliseconds from the system clock; the only clock the node reads.

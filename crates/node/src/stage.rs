@@ -299,9 +299,11 @@ pub async fn stage(
     let releases = data_dir.join(RELEASES_DIR);
     let target = releases.join(id);
     let _claim = Claim::take(target.clone(), id)?;
-    tokio::fs::create_dir_all(&releases)
-        .await
-        .map_err(io_err("create", &releases))?;
+    handover_private::dir(&releases).map_err(|e| StageError::Io {
+        op: e.op,
+        path: e.path.display().to_string(),
+        source: e.source,
+    })?;
 
     let (root, key, keys) = (releases.clone(), id.to_owned(), trusted.to_vec());
     match blocking("verify", move || Ok(verify_staged(&root, &key, &keys))).await? {
@@ -384,28 +386,22 @@ pub async fn stage(
         }
     }
     let new = NewDir::create(&target)?;
-    let mut slow_ms = crate::runtime::test_fault_ms("stage_slow_ms");
-    let chunks = futures_util::stream::unfold((resp, false), move |(mut resp, started)| {
-        let slow = if started { slow_ms.take() } else { None };
-        async move {
-            if let Some(ms) = slow {
-                // Test hook (crate::runtime::TEST_FAULT_ENV): a download that stalls after its first chunk.
-                tracing::warn!(ms, "test hook: stalling the download");
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-            }
-            let next = tokio::time::timeout(
-                Duration::from_millis(CHUNK_IDLE_TIMEOUT_MS),
-                resp.chunk().map(|r| r.map_err(|e| error_chain(&e))),
-            )
-            .await
-            .unwrap_or_else(|_| Err(format!("no byte for {CHUNK_IDLE_TIMEOUT_MS} ms")));
-            match next {
-                Ok(Some(chunk)) => Some((Ok(chunk), (resp, true))),
-                Ok(None) => None,
-                Err(reason) => Some((Err(reason), (resp, true))),
-            }
+    let chunks = futures_util::stream::unfold(resp, |mut resp| async move {
+        let next = tokio::time::timeout(
+            Duration::from_millis(CHUNK_IDLE_TIMEOUT_MS),
+            resp.chunk().map(|r| r.map_err(|e| error_chain(&e))),
+        )
+        .await
+        .unwrap_or_else(|_| Err(format!("no byte for {CHUNK_IDLE_TIMEOUT_MS} ms")));
+        match next {
+            Ok(Some(chunk)) => Some((Ok(chunk), resp)),
+            Ok(None) => None,
+            Err(reason) => Some((Err(reason), resp)),
         }
     });
+    // Test hook (crate::runtime::TEST_FAULT_ENV): a download that stalls after its first chunk.
+    #[cfg(feature = "test-hooks")]
+    let chunks = crate::runtime::stall_after_first_chunk(chunks);
     let size = manifest.size;
     write_checked(&new.path().join(BINARY_FILE), &manifest, chunks)
         .await

@@ -86,6 +86,8 @@ pub enum StoreError {
         path: String,
         source: std::io::Error,
     },
+    #[error("the data dir: {0}")]
+    Private(#[from] handover_private::PrivateError),
 }
 
 /// One record ready to append: its body in some schema, plus what the journal keeps.
@@ -216,15 +218,14 @@ fn to_u64(what: &str, v: i64) -> Result<u64, StoreError> {
 }
 
 impl Store {
-    /// Opens (creating if missing) `data_dir/node.db` and its tables.
+    /// Opens (creating if missing) `data_dir/node.db` and its tables; the
+    /// data dir is private to this user (0700) and node.db with its WAL
+    /// and SHM files too (0600), tightened if found looser.
     pub async fn open(data_dir: &Path) -> Result<Store, StoreError> {
-        tokio::fs::create_dir_all(data_dir)
-            .await
-            .map_err(|source| StoreError::DataDir {
-                path: data_dir.display().to_string(),
-                source,
-            })?;
-        let opts = connect_options(&data_dir.join(DB_FILE));
+        let db = data_dir.join(DB_FILE);
+        handover_private::dir(data_dir)?;
+        handover_private::database(&db)?;
+        let opts = connect_options(&db);
         let pool = SqlitePoolOptions::new()
             .max_connections(POOL_CONNECTIONS_MAX)
             .acquire_timeout(Duration::from_millis(POOL_ACQUIRE_TIMEOUT_MS))

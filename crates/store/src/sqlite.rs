@@ -26,8 +26,10 @@ mod rows;
 mod tables;
 mod writer;
 
+pub use migration::migrate;
 use migration::schema_behind;
-pub use migration::{migrate, TEST_FAULT_ENV};
+#[cfg(feature = "test-hooks")]
+pub use migration::TEST_FAULT_ENV;
 use rows::{
     check_spec, event_views, insert_rows, json, ladder_channel, parse_grant, parse_role,
     stored_params, to_i64, to_u64, window_needs_schema_3, RUNG_HEIGHT_DEFAULT, RUNG_KBPS_DEFAULT,
@@ -72,6 +74,8 @@ impl SqliteStore {
         info: &'static ReleaseInfo,
         snapshot_dir: &Path,
     ) -> Result<SqliteStore> {
+        // Private (0600) before SQLite opens it; its WAL and SHM files follow.
+        handover_private::database(path).map_err(open_error)?;
         let opts = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -162,12 +166,11 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// A consistent copy of the database, taken online with `VACUUM INTO`.
+    /// A consistent copy of the database, taken online with `VACUUM INTO`,
+    /// in a private `dir` (0700) and itself private (0600: it holds what
+    /// the database holds).
     pub async fn snapshot(&self, dir: &Path, schema: u32) -> Result<PathBuf> {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
-            path: dir.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        handover_private::dir(dir).map_err(open_error)?;
         let mut n = 0u32;
         let path = loop {
             let candidate = dir.join(format!("schema-{schema}-{n}.db"));
@@ -179,6 +182,8 @@ impl SqliteStore {
         let target = path
             .to_str()
             .ok_or_else(|| StoreError::Invalid("snapshot path is not UTF-8".into()))?;
+        // `VACUUM INTO` fills an empty file and keeps its mode.
+        handover_private::file(&path).map_err(open_error)?;
         sqlx::query("VACUUM INTO ?")
             .bind(target)
             .execute(&self.pool)
@@ -1098,4 +1103,11 @@ async fn hash_plaintext_credentials(tx: &mut sqlx::SqliteConnection) -> Result<(
         );
     }
     Ok(())
+}
+
+fn open_error(e: handover_private::PrivateError) -> StoreError {
+    StoreError::Open {
+        path: e.path.display().to_string(),
+        reason: format!("cannot {}: {}", e.op, e.source),
+    }
 }

@@ -57,11 +57,13 @@ const BACKOFF_MAX_MS: u64 = 5_000;
 /// shortest delay again; a crash loop keeps backing off.
 const BACKOFF_RESET_AFTER_MS: u64 = 10_000;
 
-/// Test hook, inert unless set: `kill_before_reexec` makes the supervisor
-/// SIGKILL itself after `state.json` committed a switch and right before it
-/// would re-execute, as a crash at the worst moment would;
-/// `exit_after_reexec` makes a re-executed image fail at start, as a broken
-/// new supervisor would.
+/// Test hook of the process tests, compiled only with the `test-hooks`
+/// feature (`cargo test` turns it on, no `cargo build` does):
+/// `kill_before_reexec` makes the supervisor SIGKILL itself after
+/// `state.json` committed a switch and right before it would re-execute, as
+/// a crash at the worst moment would; `exit_after_reexec` makes a
+/// re-executed image fail at start, as a broken new supervisor would.
+#[cfg(feature = "test-hooks")]
 const TEST_FAULT_ENV: &str = "HANDOVER_TEST_SUPERVISOR_FAULT";
 
 /// A running worker process.
@@ -111,8 +113,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut config = config;
     validate(&config)?;
-    std::fs::create_dir_all(&config.state_dir)
-        .with_context(|| format!("create state dir {}", config.state_dir.display()))?;
+    // Private: the control socket in it steers the role's releases.
+    handover_private::dir(&config.state_dir).context("the supervisor's state dir")?;
     // Workers get the control socket's path; make it independent of cwd.
     config.state_dir = std::fs::canonicalize(&config.state_dir)
         .with_context(|| format!("resolve state dir {}", config.state_dir.display()))?;
@@ -131,6 +133,7 @@ pub async fn run(
             .or(execed_at_start.clone()),
     };
     let reexeced = handoff.is_some() || execed_at_start.is_some();
+    #[cfg(feature = "test-hooks")]
     if reexeced && std::env::var(TEST_FAULT_ENV).is_ok_and(|f| f == "exit_after_reexec") {
         bail!("test hook {TEST_FAULT_ENV}=exit_after_reexec: failing at start");
     }

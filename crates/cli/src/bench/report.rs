@@ -360,7 +360,7 @@ same run. `handover bench --json` prints the same figures (and every run's).
 1. **Redundant-channel drain.** A release-2 controller process
    (`controller --no-supervisor --release 2`, embedded SQLite, WAL,
    `synchronous=FULL`) with one channel. Eight in-process clients speak the
-   node protocol: `hello` with the join token as release 1 (grant `deliver`),
+   node protocol: `hello` with its bootstrap token as release 1 (grant `deliver`),
    then `POST /node/v1/deliver` batches of 500 release-1 records
    (`record::encode(Schema(1), …)`, about 200 bytes each), one batch at a time
    per client, each sent after the previous one was acknowledged, as the

@@ -138,14 +138,15 @@ pub enum Missing {
 pub type Stored = ArtifactDir;
 
 impl ArtifactStore {
-    /// Opens (creating) the store at `dir`, usually `DATA_DIR/artifacts`, and
-    /// removes what an interrupted upload left behind.
+    /// Opens (creating) the store at `dir`, usually `DATA_DIR/artifacts`,
+    /// private to this user (mode 0700, tightened if looser), and removes
+    /// what an interrupted upload left behind.
     pub fn open(dir: impl Into<PathBuf>) -> Result<ArtifactStore, ArtifactStoreError> {
         let dir = dir.into();
-        std::fs::create_dir_all(&dir).map_err(|error| IoError {
-            op: "create",
-            path: dir.clone(),
-            error,
+        handover_private::dir(&dir).map_err(|e| IoError {
+            op: e.op,
+            path: e.path,
+            error: e.source,
         })?;
         for p in handover_artifacts::sweep(&dir, None)? {
             tracing::info!(path = %p.display(), "removed an interrupted artifact upload");

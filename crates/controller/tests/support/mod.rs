@@ -39,6 +39,7 @@ impl Controller {
             trusted_keys: vec![],
             node_switch_wait_ms: 60_000,
             limits,
+            allow_unsigned_artifacts: true,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         // On a runtime of its own, as the binary runs it (its future is not

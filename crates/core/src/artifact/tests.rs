@@ -464,3 +464,49 @@ fn public_keys_parse_from_pub_files_only() {
     let secret = kp.sk.to_box(None).unwrap().into_string();
     assert!(PublicKey::decode(&secret).is_err());
 }
+
+#[test]
+fn signatures_are_required_unless_opted_out_on_loopback() {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let (lo, lo2, lo6) = (
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V4(Ipv4Addr::new(127, 201, 0, 9)),
+        IpAddr::V6(Ipv6Addr::LOCALHOST),
+    );
+    let public = [
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        "2001:db8::1".parse().unwrap(),
+    ];
+    let decide = SignaturePolicy::decide;
+    for ip in [lo, lo2, lo6].iter().chain(&public) {
+        assert_eq!(decide(1, false, *ip), Ok(SignaturePolicy::Required), "{ip}");
+        assert_eq!(decide(2, false, *ip), Ok(SignaturePolicy::Required), "{ip}");
+        assert_eq!(
+            decide(0, false, *ip),
+            Err(SignaturePolicyError::NoTrustedKey),
+            "no key, no opt-in: refused on {ip}"
+        );
+        assert_eq!(
+            decide(1, true, *ip),
+            Err(SignaturePolicyError::UnsignedWithKeys),
+            "{ip}"
+        );
+    }
+    for ip in [lo, lo2, lo6, "::ffff:127.0.0.1".parse().unwrap()] {
+        assert_eq!(
+            decide(0, true, ip),
+            Ok(SignaturePolicy::UnsignedAllowed),
+            "{ip}"
+        );
+    }
+    for ip in public {
+        assert_eq!(
+            decide(0, true, ip),
+            Err(SignaturePolicyError::UnsignedNotLoopback { listen: ip })
+        );
+    }
+    let msg = SignaturePolicyError::NoTrustedKey.to_string();
+    assert!(msg.contains("--trusted-key FILE") && msg.contains("--allow-unsigned-artifacts"));
+}

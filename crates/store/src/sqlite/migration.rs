@@ -14,7 +14,6 @@ use handover_core::timefmt;
 use handover_core::{ReleaseInfo, Schema};
 use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 use std::collections::HashMap;
-use std::time::Duration;
 
 /// The refusal of a database older than every schema `info` migrates from,
 /// naming the release to start on it first.
@@ -85,13 +84,15 @@ pub async fn migrate(pool: &SqlitePool, from: u32, to: u32) -> Result<()> {
     sqlx::query("UPDATE cluster SET value = value + 1 WHERE key = 'param_revision'")
         .execute(&mut *tx)
         .await?;
+    #[cfg(feature = "test-hooks")]
     if let Some(ms) = test_fault("migrate_slow_ms").and_then(|v| v.parse::<u64>().ok()) {
         tracing::warn!(
             ms,
             "test hook: holding the migration open before its commit"
         );
-        tokio::time::sleep(Duration::from_millis(ms)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     }
+    #[cfg(feature = "test-hooks")]
     if test_fault("migrate_fail").is_some() {
         // Dropping `tx` rolls every step back.
         return Err(StoreError::Migration {
@@ -107,12 +108,16 @@ pub async fn migrate(pool: &SqlitePool, from: u32, to: u32) -> Result<()> {
 /// Test hook, read only by the fault-injection process tests
 /// (`crates/cli/tests/faults.rs`), which set it for one release through an
 /// artifact whose binary is a wrapper script: a comma-separated list of
-/// `name` or `name:value`. Unset in production, where it changes nothing.
-/// Here: `migrate_slow_ms:N` holds the migration transaction open N ms
-/// before its commit; `migrate_fail` refuses to commit it.
+/// `name` or `name:value`. Compiled only with the `test-hooks` feature,
+/// which `cargo test` turns on and no `cargo build` does: a shipped binary
+/// does not read it. Here: `migrate_slow_ms:N` holds the migration
+/// transaction open N ms before its commit; `migrate_fail` refuses to
+/// commit it.
+#[cfg(feature = "test-hooks")]
 pub const TEST_FAULT_ENV: &str = "HANDOVER_TEST_FAULT";
 
 /// The value of test fault `name` in [`TEST_FAULT_ENV`] ("" for a bare name).
+#[cfg(feature = "test-hooks")]
 pub(super) fn test_fault(name: &str) -> Option<String> {
     let all = std::env::var(TEST_FAULT_ENV).ok()?;
     all.split(',').find_map(|f| {

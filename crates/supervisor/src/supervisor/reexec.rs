@@ -2,15 +2,15 @@
 //! once its worker runs it (handing over sockets and worker), or at start
 //! into `state.json`'s active binary, once.
 
-use super::{blocking, Own, Supervisor, Worker, TEST_FAULT_ENV};
+#[cfg(feature = "test-hooks")]
+use super::TEST_FAULT_ENV;
+use super::{blocking, Own, Supervisor, Worker};
 use crate::digest::{self, Opened};
 use crate::handoff::{HandedWorker, Handoff, HANDOFF_VERSION};
 use crate::spawn::{ExecPlan, Spawner};
 use crate::state;
 use crate::{Release, SupervisorConfig};
 use handover_core::release::CONTRACTS;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use std::ffi::OsString;
 use std::io;
 use std::path::Path;
@@ -157,9 +157,11 @@ impl Supervisor {
             inherit_fds: vec![self.listen_fd, self.control_fd],
             exec,
         };
+        #[cfg(feature = "test-hooks")]
         if std::env::var(TEST_FAULT_ENV).is_ok_and(|f| f == "kill_before_reexec") {
             warn!(supervisor = %self.config.name, "test hook {TEST_FAULT_ENV}=kill_before_reexec: SIGKILL");
-            let _ = kill(Pid::this(), Signal::SIGKILL);
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGKILL);
         }
         record_attempt(
             &self.config.state_dir,
