@@ -25,10 +25,23 @@ pub fn now_ms() -> i64 {
 }
 
 impl Operator {
+    /// A client of the controller at `base` (plain http: loopback only).
     pub fn with(base: &str, token: &str) -> anyhow::Result<Operator> {
-        let http = reqwest::Client::builder()
+        Operator::with_trust(base, token, None)
+    }
+
+    /// A client of the controller at `base`, trusting the cluster CA `trust`
+    /// (needed for https).
+    pub fn with_trust(
+        base: &str,
+        token: &str,
+        trust: Option<&handover_net::tls::ClientTrust>,
+    ) -> anyhow::Result<Operator> {
+        let builder = reqwest::Client::builder()
             .timeout(Duration::from_millis(REQUEST_TIMEOUT_MS))
-            .no_proxy()
+            .no_proxy();
+        let http = handover_net::tls::client_for(base, trust, builder)
+            .map_err(|e| anyhow!("{e}"))?
             .build()
             .context("cannot build the HTTP client")?;
         Ok(Operator {
@@ -36,6 +49,11 @@ impl Operator {
             token: token.to_owned(),
             http,
         })
+    }
+
+    /// The HTTP client (with the cluster CA), for requests of other shapes.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
     }
 
     async fn send<T: DeserializeOwned>(

@@ -183,6 +183,15 @@ pub async fn wait_healthy(url: &str, proc: &mut Proc) -> anyhow::Result<()> {
         .timeout(Duration::from_millis(PROBE_TIMEOUT_MS))
         .no_proxy()
         .build()?;
+    wait_healthy_with(url, proc, &http).await
+}
+
+/// [`wait_healthy`] with the client given (one that trusts the cluster CA).
+pub async fn wait_healthy_with(
+    url: &str,
+    proc: &mut Proc,
+    http: &reqwest::Client,
+) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_millis(HEALTHY_WAIT_MS);
     loop {
         if let Ok(Some(status)) = proc.child.try_wait() {
@@ -251,6 +260,10 @@ pub struct Fleet {
     pub op: Operator,
     /// Extra environment of the controller's supervisor (and its workers).
     pub controller_env: Vec<(String, String)>,
+    /// The cluster CA and the controller's certificate (`handover init`,
+    /// in DIR/pki): the controller serves TLS and every client trusts that
+    /// CA only. None: plain HTTP on loopback ([`Fleet::plain_http`]).
+    pub pki: Option<PathBuf>,
 }
 
 fn token() -> String {
@@ -259,28 +272,88 @@ fn token() -> String {
 
 impl Fleet {
     /// `dir` must exist; every process gets a data dir and a log below it.
+    /// TLS from the start: the CA and the controller's certificate are made
+    /// in DIR/pki for the controller's address.
     pub fn new(exe: &Path, dir: &Path, subnet: u8) -> anyhow::Result<Fleet> {
-        let operator_token = token();
-        let base = format!(
-            "http://{}",
-            SocketAddr::from((Ipv4Addr::new(127, subnet, 0, 1), CONTROLLER_PORT))
-        );
-        let op = Operator::with(&base, &operator_token)?;
         std::fs::create_dir_all(dir.join("logs")).context("cannot create the log dir")?;
-        Ok(Fleet {
+        let pki = dir.join("pki");
+        let names = [Ipv4Addr::new(127, subnet, 0, 1).to_string()];
+        crate::init::init(&pki, &names).context("cannot make the fleet's CA")?;
+        let mut fleet = Fleet {
             exe: exe.to_owned(),
             dir: dir.to_owned(),
             subnet,
-            operator_token,
+            operator_token: token(),
             controller_release: 0,
             supervised: true,
             legacy: false,
             trusted_keys: Vec::new(),
             controller: None,
             nodes: Vec::new(),
-            op,
+            op: Operator::with("http://127.0.0.1:1", "-")?,
             controller_env: Vec::new(),
-        })
+            pki: Some(pki),
+        };
+        fleet.op = fleet.operator()?;
+        Ok(fleet)
+    }
+
+    /// The controller serves plain HTTP (loopback only): for tests whose
+    /// proxy reads the node protocol, and the bench's raw HTTP/1 clients.
+    pub fn plain_http(&mut self) -> anyhow::Result<()> {
+        self.pki = None;
+        self.op = self.operator()?;
+        Ok(())
+    }
+
+    /// The cluster CA clients trust, if the controller serves TLS.
+    pub fn trust(&self) -> anyhow::Result<Option<handover_net::tls::ClientTrust>> {
+        self.pki
+            .as_ref()
+            .map(|p| handover_net::tls::ClientTrust::load(&p.join(crate::init::CA_CERT)))
+            .transpose()
+            .context("the fleet's CA")
+    }
+
+    fn operator(&self) -> anyhow::Result<Operator> {
+        Operator::with_trust(
+            &self.controller_url(),
+            &self.operator_token,
+            self.trust()?.as_ref(),
+        )
+    }
+
+    /// `HANDOVER_CA` for a `handover` command run against this fleet.
+    pub fn ca_env(&self) -> Vec<(String, String)> {
+        self.pki
+            .iter()
+            .map(|p| {
+                (
+                    "HANDOVER_CA".to_owned(),
+                    p.join(crate::init::CA_CERT).display().to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// An HTTP client of the controller (its CA trusted), for tests that
+    /// send what the operator client does not.
+    pub fn http(&self) -> reqwest::Client {
+        self.op.http().clone()
+    }
+
+    /// [`Fleet::http`] with a new connection for every request: for bad
+    /// input, after which the controller may close a connection (an unread
+    /// oversized body) while a pooled client would send on it again.
+    pub fn http_unpooled(&self) -> anyhow::Result<reqwest::Client> {
+        let builder = reqwest::Client::builder()
+            .no_proxy()
+            .pool_max_idle_per_host(0);
+        Ok(
+            handover_net::tls::client_for(&self.controller_url(), self.trust()?.as_ref(), builder)
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .build()?,
+        )
     }
 
     pub fn controller_addr(&self) -> SocketAddr {
@@ -288,7 +361,8 @@ impl Fleet {
     }
 
     pub fn controller_url(&self) -> String {
-        format!("http://{}", self.controller_addr())
+        let scheme = if self.pki.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.controller_addr())
     }
 
     pub async fn start_controller(&mut self, release: u32) -> anyhow::Result<()> {
@@ -305,12 +379,26 @@ impl Fleet {
             args.push("--no-supervisor".into());
         }
         args.extend(self.trusted_key_args());
+        if let Some(pki) = &self.pki {
+            for (flag, file) in [
+                ("--tls-cert", crate::init::CONTROLLER_CERT),
+                ("--tls-key", crate::init::CONTROLLER_KEY),
+            ] {
+                args.push(flag.into());
+                args.push(pki.join(file).display().to_string());
+            }
+        }
         // Secrets travel in the environment, never on argv.
         let mut env = self.controller_env.clone();
         env.push((OPERATOR_TOKEN_ENV.into(), self.operator_token.clone()));
         let log = unique_log(&self.dir, &format!("controller-r{release}"));
         let mut p = Proc::spawn_with_env(&self.exe, "controller", &args, &env, log)?;
-        wait_healthy(&format!("{}/healthz", self.controller_url()), &mut p).await?;
+        wait_healthy_with(
+            &format!("{}/healthz", self.controller_url()),
+            &mut p,
+            &self.http(),
+        )
+        .await?;
         self.controller = Some(p);
         self.controller_release = release;
         Ok(())
@@ -449,7 +537,11 @@ impl Fleet {
             .and_then(|n| n.controller_url.clone())
             .unwrap_or(own);
         let supervised = self.supervised;
-        let key_args = self.trusted_key_args();
+        let mut key_args = self.trusted_key_args();
+        if let Some(pki) = &self.pki {
+            key_args.push("--ca".into());
+            key_args.push(pki.join(crate::init::CA_CERT).display().to_string());
+        }
         // First start: the operator's `node add`, its token in the environment.
         let id = &self.nodes.get(i).context("no such node")?.id;
         let bootstrap = match self.nodes.get(i).is_some_and(|n| !n.joined) {

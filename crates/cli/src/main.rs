@@ -231,9 +231,23 @@ struct OperatorArgs {
     /// Refused: a token on the command line is visible to every user.
     #[arg(long = "token", value_name = "TOKEN", hide = true)]
     token_on_argv: Option<String>,
+    /// The cluster CA (ca.crt of `handover init`) an https controller's
+    /// certificate must chain to.
+    #[arg(long = "ca", value_name = "FILE", env = CA_ENV)]
+    ca: Option<PathBuf>,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+}
+
+/// Where every client of the controller finds the cluster CA.
+const CA_ENV: &str = "HANDOVER_CA";
+
+/// The cluster CA from `--ca`, loaded and checked.
+fn trust(ca: Option<&std::path::Path>) -> anyhow::Result<Option<handover_net::tls::ClientTrust>> {
+    ca.map(handover_net::tls::ClientTrust::load)
+        .transpose()
+        .context("the cluster CA (--ca)")
 }
 
 /// Create a cluster's certificate authority and the controller's certificate.
@@ -263,7 +277,11 @@ impl OperatorArgs {
         )?;
         let token =
             secret::secret_from(&secret::OPERATOR_TOKEN, self.operator_token_file.as_deref())?;
-        Operator::with(&self.controller, &token)
+        Operator::with_trust(
+            &self.controller,
+            &token,
+            trust(self.ca.as_deref())?.as_ref(),
+        )
     }
 }
 
@@ -288,6 +306,24 @@ struct ControllerArgs {
     data_dir: PathBuf,
     #[arg(long, default_value = "127.0.0.1:7400")]
     listen: SocketAddr,
+    /// The controller's TLS certificate chain (controller.crt of `handover
+    /// init`). Without it the controller serves plain HTTP, which is
+    /// refused unless --listen is a loopback address.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "HANDOVER_TLS_CERT",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (controller.key, mode 0600).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "HANDOVER_TLS_KEY",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
     /// File holding the token operators present to the API (16+
     /// characters), readable only by its owner; without it, the token is
     /// taken from HANDOVER_OPERATOR_TOKEN. Never on the command line.
@@ -374,6 +410,10 @@ struct NodeArgs {
         default_value = "http://127.0.0.1:7400"
     )]
     controller: String,
+    /// The cluster CA (ca.crt of `handover init`) the controller's
+    /// certificate must chain to; needed for an https --controller.
+    #[arg(long = "ca", value_name = "FILE", env = CA_ENV)]
+    ca: Option<PathBuf>,
     /// A file holding the single-use bootstrap token `handover node add ID`
     /// issued (or set HANDOVER_BOOTSTRAP_TOKEN). Needed only until the node
     /// holds its own credential, which it keeps in DATA_DIR.
@@ -685,6 +725,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     "--node-switch-wait-ms".into(),
                     a.node_switch_wait_ms.to_string(),
                 ];
+                if let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) {
+                    for (flag, path) in [("--tls-cert", cert), ("--tls-key", key)] {
+                        args.push(flag.into());
+                        args.push(path.display().to_string());
+                    }
+                }
                 args.extend(trusted_key_args(&key_paths));
                 args.extend(a.unsigned.worker_args());
                 return roles::supervise(
@@ -693,6 +739,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     &a.data_dir,
                     release(a.release)?.0,
                     args,
+                    a.tls_cert.is_some(),
                     shutdown_signal(),
                 )
                 .await;
@@ -704,6 +751,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 operator_token: a.operator_token,
                 lease_ms: a.lease_ms,
                 node_switch_wait_ms: a.node_switch_wait_ms,
+                tls: a
+                    .tls_cert
+                    .zip(a.tls_key)
+                    .map(|(cert, key)| handover_controller::TlsFiles { cert, key }),
                 trusted_keys,
                 limits: handover_net::Limits::CONTROLLER.with_connections_max(a.connections_max),
                 allow_unsigned_artifacts: a.unsigned.allow,
@@ -777,6 +828,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     "--controller".into(),
                     a.controller.clone(),
                 ];
+                if let Some(ca) = &a.ca {
+                    args.push("--ca".into());
+                    args.push(ca.display().to_string());
+                }
                 args.extend(trusted_key_args(&key_paths));
                 args.extend(a.unsigned.worker_args());
                 return roles::supervise(
@@ -785,6 +840,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     &data_dir,
                     release(a.release)?.0,
                     args,
+                    false,
                     shutdown_signal(),
                 )
                 .await;
@@ -798,6 +854,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 advertise_url: advertise,
                 listen,
                 controller_url: a.controller,
+                controller_ca: a.ca,
                 bootstrap_token: std::env::var(BOOTSTRAP_TOKEN_ENV)
                     .ok()
                     .filter(|t| !t.is_empty()),

@@ -55,23 +55,26 @@ pub async fn listener(mode: Mode, addr: SocketAddr) -> anyhow::Result<tokio::net
 /// reconnecting at once otherwise wait seconds in SYN retransmission.
 const LISTEN_BACKLOG: u32 = 4096;
 
-/// Runs the supervisor for one role until a signal.
+/// Runs the supervisor for one role until a signal; `tls`: its socket
+/// serves TLS (the health probe speaks it).
 pub async fn supervise(
     name: &str,
     listen: SocketAddr,
     data_dir: &Path,
     release: u32,
     worker_args: Vec<String>,
+    tls: bool,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let binary = std::env::current_exe().context("cannot find this binary to start the worker")?;
     handover_private::dir(data_dir).context("the data dir")?;
-    let config = SupervisorConfig::new(
+    let mut config = SupervisorConfig::new(
         name,
         listen,
         data_dir.join("supervisor"),
         Release::new(release, binary),
         worker_args,
     );
+    config.health_tls = tls;
     handover_supervisor::run(config, shutdown).await
 }

@@ -121,6 +121,8 @@ async fn without_a_trusted_key_nothing_starts_unless_opted_out_on_loopback() {
 async fn tokens_never_on_argv_and_data_dirs_and_databases_private() {
     let site = Site::new("least privilege at rest");
     let mut fleet = site.fleet();
+    // This test starts the controller by hand, without TLS: plain HTTP.
+    fleet.plain_http().unwrap();
     let secrets = site.path().join("secrets");
     std::fs::create_dir(&secrets).unwrap();
     let op_file = secret_file(&secrets, "operator.token", &fleet.operator_token, 0o600);

@@ -13,8 +13,13 @@ use serde_json::{json, Value};
 use std::time::Duration;
 
 /// A request from the attacker (an HTTP client on the fleet's subnet).
-async fn attack(url: &str, bearer: Option<&str>, body: Value) -> (u16, Value) {
-    let mut req = reqwest::Client::new().post(url).json(&body);
+async fn attack(
+    http: &reqwest::Client,
+    url: &str,
+    bearer: Option<&str>,
+    body: Value,
+) -> (u16, Value) {
+    let mut req = http.post(url).json(&body);
     if let Some(b) = bearer {
         req = req.bearer_auth(b);
     }
@@ -75,8 +80,11 @@ async fn no_one_else_can_claim_a_node_s_identity() {
     let ids = ["g2-a".to_owned()];
     let attacker_token = s.fleet.add_simulated_nodes(&ids).await.unwrap().remove(0);
     let base = s.fleet.controller_url();
+    // The attacker is on the path too: TLS, with the cluster's CA.
+    let http = s.fleet.http();
     let hello_url = format!("{base}/node/v1/hello");
     let (status, welcome) = attack(
+        &http,
         &hello_url,
         None,
         hello(
@@ -150,7 +158,7 @@ async fn no_one_else_can_claim_a_node_s_identity() {
         ),
     ];
     for (what, body, bearer, want_status, want_code) in attempts {
-        let (status, body) = attack(&hello_url, bearer, body).await;
+        let (status, body) = attack(&http, &hello_url, bearer, body).await;
         assert_eq!(
             (status, code(&body)),
             (want_status, want_code),
@@ -162,6 +170,7 @@ async fn no_one_else_can_claim_a_node_s_identity() {
         "first_seq": next_seq, "records": [{"kind": "alert", "channel_id": 1, "node_id": "g1-b",
         "produced_at_ms": now_ms(), "message": "forged"}]});
     let (status, body) = attack(
+        &http,
         &format!("{base}/node/v1/records"),
         Some(&attacker_credential),
         batch,
@@ -273,6 +282,7 @@ async fn node_remove_revokes_a_running_node() {
         .args(["node", "remove", "g1-b", "--json", "--controller"])
         .arg(s.fleet.controller_url())
         .env("HANDOVER_OPERATOR_TOKEN", &s.fleet.operator_token)
+        .envs(s.fleet.ca_env())
         .output()
         .unwrap();
     assert!(

@@ -59,6 +59,7 @@ async fn assert_still_serving(fleet: &Fleet, after: &str) {
     let out = tokio::process::Command::new(exe())
         .args(["status", "--controller", &fleet.controller_url()])
         .env("HANDOVER_OPERATOR_TOKEN", &fleet.operator_token)
+        .envs(fleet.ca_env())
         .output()
         .await
         .unwrap();
@@ -223,7 +224,8 @@ async fn only_an_artifact_signed_by_a_trusted_key_upgrades_the_cluster() {
     let sig = std::fs::read(tampered_bin.join(SIGNATURE_FILE)).unwrap();
     let m = Manifest::decode(&doc).unwrap();
     let b64 = base64::engine::general_purpose::STANDARD;
-    let resp = http
+    let resp = fleet
+        .http()
         .put(format!(
             "{}/api/v1/artifacts/{}",
             fleet.controller_url(),

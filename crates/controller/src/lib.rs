@@ -55,6 +55,16 @@ pub struct ControllerConfig {
     /// What the listener allows ([`handover_net::Limits::CONTROLLER`], the
     /// cap perhaps changed by `--connections-max`).
     pub limits: handover_net::Limits,
+    /// The certificate and key to serve TLS with (`handover init` made
+    /// them). None: plain HTTP, refused unless `listen` is a loopback address.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The controller's TLS certificate chain and private key (PEM files).
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// What the controller remembers of a node between requests.
@@ -194,6 +204,26 @@ fn validate(config: &ControllerConfig) -> anyhow::Result<&'static ReleaseInfo> {
     Ok(info)
 }
 
+/// The TLS config to serve with; plain HTTP only on a loopback address, so
+/// tokens, credentials and acknowledgements never cross a network in clear.
+fn server_tls(config: &ControllerConfig) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+    match &config.tls {
+        Some(files) => Ok(Some(
+            handover_net::tls::server_config(&files.cert, &files.key)
+                .context("cannot set up TLS (--tls-cert, --tls-key)")?,
+        )),
+        None if config.listen.ip().is_loopback() => {
+            tracing::warn!("serving plain HTTP: fine on loopback only; see `handover init`");
+            Ok(None)
+        }
+        None => anyhow::bail!(
+            "--listen {} is not a loopback address: serve TLS with --tls-cert and --tls-key \
+             (make them with `handover init`)",
+            config.listen
+        ),
+    }
+}
+
 /// The trusted keys of the config, parsed, under the signature policy
 /// (checked first: no key needs the explicit, loopback-only opt-in); says
 /// at start what is checked, loudly when nothing is.
@@ -234,6 +264,7 @@ pub async fn serve_on(
 ) -> anyhow::Result<()> {
     let info = validate(&config)?;
     let trusted = trusted_keys(&config)?;
+    let tls = server_tls(&config)?;
     handover_private::dir(&config.data_dir).context("the controller's data dir")?;
     let (store, cluster) = match open_checked(&config, info).await {
         Ok(opened) => opened,
@@ -292,7 +323,7 @@ pub async fn serve_on(
     // With the controller's limits: timeouts close silent, slow and idle
     // connections (a watch in flight is not idle); at the cap a connection
     // without a request makes room.
-    handover_net::serve(listener, app, config.limits, shutdown)
+    handover_net::serve(listener, app, config.limits, tls, shutdown)
         .await
         .context("controller server failed")?;
     Ok(())

@@ -107,6 +107,7 @@ async fn no_trusted_key_needs_the_loopback_only_opt_in() {
             allow_unsigned_artifacts: allow,
             node_switch_wait_ms: 60_000,
             limits: handover_net::Limits::CONTROLLER,
+            tls: None,
         };
         let err = serve_on(config, listener, std::future::pending())
             .await

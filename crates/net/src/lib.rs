@@ -30,6 +30,7 @@
 pub mod limits;
 mod registry;
 mod serve;
+pub mod tls;
 
 pub use limits::{raise_open_files_limit, Limits};
 pub use serve::{serve, ACCEPT_RETRY_MS};

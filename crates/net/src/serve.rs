@@ -43,6 +43,7 @@ pub async fn serve<F>(
     listener: TcpListener,
     router: Router,
     limits: Limits,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: F,
 ) -> Result<(), ServeError>
 where
@@ -55,8 +56,13 @@ where
         connections_max = cap,
         header_read_timeout_ms = limits.header_read_timeout_ms,
         body_read_timeout_ms = limits.body_read_timeout_ms,
+        tls = tls.is_some(),
         "serving HTTP with limits"
     );
+    let handshake = Handshake {
+        acceptor: tls.map(tokio_rustls::TlsAcceptor::from),
+        timeout: limits.header_read_timeout(),
+    };
     let app: App = RequestBodyTimeout::new(router, limits.body_read_timeout());
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -106,6 +112,7 @@ where
         let slot = registry.register();
         tokio::spawn(connection(
             tcp,
+            handshake.clone(),
             app.clone(),
             http.clone(),
             slot,
@@ -140,13 +147,34 @@ async fn accept_failed(e: &std::io::Error) {
     tokio::time::sleep(Duration::from_millis(ACCEPT_RETRY_MS)).await;
 }
 
-/// What a connection goes through between accept and HTTP. Plain TCP
-/// today. TLS (tokio-rustls) is one more step here: the handshake under its
-/// own timeout, in the connection's task, while the connection already
-/// holds a slot and, having no request yet, is the first to make room at
-/// the cap; `connection` then serves HTTP on the TLS stream.
-async fn establish(tcp: TcpStream) -> std::io::Result<TcpStream> {
-    Ok(tcp)
+/// A connection's byte stream, plain or TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+
+/// What a connection goes through between accept and HTTP: nothing for
+/// plain TCP; for TLS, the handshake, bounded like a header read (a client
+/// that never finishes it holds a slot no longer, and having no request,
+/// is the first to make room at the cap).
+#[derive(Clone)]
+struct Handshake {
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    timeout: Duration,
+}
+
+impl Handshake {
+    async fn establish(&self, tcp: TcpStream) -> std::io::Result<Box<dyn Io>> {
+        let Some(acceptor) = &self.acceptor else {
+            return Ok(Box::new(tcp));
+        };
+        match tokio::time::timeout(self.timeout, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => Ok(Box::new(tls)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "TLS handshake timed out",
+            )),
+        }
+    }
 }
 
 /// One connection, from accept to close. Evicted or told to stop, a
@@ -155,6 +183,7 @@ async fn establish(tcp: TcpStream) -> std::io::Result<TcpStream> {
 /// the response in flight).
 async fn connection(
     tcp: TcpStream,
+    handshake: Handshake,
     app: App,
     http: http1::Builder,
     slot: Slot,
@@ -162,7 +191,7 @@ async fn connection(
 ) {
     let conn = slot.conn().clone();
     let io = tokio::select! {
-        io = establish(tcp) => match io {
+        io = handshake.establish(tcp) => match io {
             Ok(io) => io,
             Err(e) => {
                 tracing::debug!(error = %e, "connection not established");

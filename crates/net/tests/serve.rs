@@ -71,7 +71,7 @@ async fn start(limits: Limits) -> Server {
             }),
         );
     let (stop, stopped) = oneshot::channel::<()>();
-    let served = tokio::spawn(serve(listener, router, limits, async move {
+    let served = tokio::spawn(serve(listener, router, limits, None, async move {
         let _ = stopped.await;
     }));
     Server {
@@ -283,7 +283,7 @@ async fn shutdown_closes_idle_connections_and_finishes_requests_in_flight() {
 #[tokio::test]
 async fn a_zero_limit_is_refused() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let r = serve(listener, Router::new(), limits(0, SHORT_MS), async {}).await;
+    let r = serve(listener, Router::new(), limits(0, SHORT_MS), None, async {}).await;
     assert!(
         matches!(r, Err(ServeError::ZeroLimit("connections_max"))),
         "{r:?}"

@@ -47,6 +47,8 @@ pub(crate) struct Driver {
     pub store: Arc<Store>,
     pub controller: Arc<Controller>,
     pub controller_url: String,
+    /// The cluster CA, for the staging client (as for the session's).
+    pub trust: Option<handover_net::tls::ClientTrust>,
     pub node_id: String,
     pub schema: handover_core::Schema,
     pub data_dir: PathBuf,
@@ -89,7 +91,14 @@ impl Driver {
     /// bounded drain) or until the worker gives up.
     pub async fn run(self) {
         let (events_tx, mut events_rx) = mpsc::channel(EVENTS_QUEUED_MAX);
-        let staging_http = match reqwest::Client::builder().no_proxy().build() {
+        let staging = handover_net::tls::client_for(
+            &self.controller_url,
+            self.trust.as_ref(),
+            reqwest::Client::builder().no_proxy(),
+        )
+        .map_err(|e| e.to_string())
+        .and_then(|b| b.build().map_err(|e| e.to_string()));
+        let staging_http = match staging {
             Ok(c) => Some(c),
             Err(e) => {
                 tracing::error!(error = %e, "cannot build the staging client; upgrades cannot be staged");

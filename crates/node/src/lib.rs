@@ -51,6 +51,9 @@ pub struct NodeConfig {
     /// HLS base URL advertised to the controller and viewers, e.g. http://127.0.0.5:7000
     pub advertise_url: String,
     pub controller_url: String,
+    /// The cluster CA (`ca.crt` of `handover init`) an https controller's
+    /// certificate must chain to; nothing else is trusted.
+    pub controller_ca: Option<std::path::PathBuf>,
     /// The single-use token `handover node add ID` issued: needed until the
     /// node holds a credential (it trades the token for one at its first
     /// hello and keeps that in its data dir).
@@ -178,6 +181,16 @@ async fn credential(store: &store::Store, config: &NodeConfig) -> anyhow::Result
     Ok(chosen)
 }
 
+/// The cluster CA the controller's certificate must chain to, if given.
+fn controller_trust(config: &NodeConfig) -> anyhow::Result<Option<handover_net::tls::ClientTrust>> {
+    config
+        .controller_ca
+        .as_deref()
+        .map(handover_net::tls::ClientTrust::load)
+        .transpose()
+        .context("the cluster CA (--ca)")
+}
+
 /// Checks the config with the same rules the controller applies to hello.
 fn validate(config: &NodeConfig, info: &ReleaseInfo) -> anyhow::Result<()> {
     // Before the data dir is touched (trusted_keys logs what it means).
@@ -198,12 +211,13 @@ fn validate(config: &NodeConfig, info: &ReleaseInfo) -> anyhow::Result<()> {
             limits::TOKEN_CHARS_MAX
         );
     }
-    if !config.controller_url.starts_with("http://") {
-        bail!(
-            "controller URL {:?} must be an http:// URL",
-            config.controller_url
-        );
-    }
+    // Checked here so a bad URL or CA stops the node before it binds.
+    let _checked = handover_net::tls::client_for(
+        &config.controller_url,
+        controller_trust(config)?.as_ref(),
+        reqwest::Client::builder(),
+    )
+    .map_err(|e| anyhow::anyhow!("controller URL: {e}"))?;
     Hello::new(
         &config.node_id,
         config.bootstrap_token.as_deref().unwrap_or("token"),
@@ -332,8 +346,9 @@ async fn start(
         failure: Mutex::new(None),
     });
     let supervisor = handover_supervisor::SupervisorClient::from_env();
+    let trust = controller_trust(&config)?;
     let controller = Arc::new(
-        session::Controller::new(&config.controller_url)
+        session::Controller::new(&config.controller_url, trust.as_ref())
             .map_err(|e| anyhow::anyhow!("cannot build the controller client: {e}"))?,
     );
     let driver = tokio::spawn(
@@ -342,6 +357,7 @@ async fn start(
             store: store.clone(),
             controller,
             controller_url: config.controller_url.clone(),
+            trust,
             node_id: config.node_id.clone(),
             schema: info.schema,
             data_dir: config.data_dir.clone(),
@@ -397,7 +413,7 @@ async fn start(
     let mut server_stop = Stop::new(http_stop_rx);
     // With the node's limits: timeouts close silent, slow and idle
     // connections; at the cap a connection without a request makes room.
-    let served = handover_net::serve(listener, app, config.limits, async move {
+    let served = handover_net::serve(listener, app, config.limits, None, async move {
         server_stop.wait().await
     })
     .await

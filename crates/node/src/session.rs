@@ -23,9 +23,15 @@ pub struct Controller {
 }
 
 impl Controller {
-    pub fn new(base: &str) -> Result<Controller, String> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
+    /// A client of the controller at `base`: https with the cluster CA
+    /// `trust`, or plain http to a loopback address only.
+    pub fn new(
+        base: &str,
+        trust: Option<&handover_net::tls::ClientTrust>,
+    ) -> Result<Controller, String> {
+        let builder =
+            reqwest::Client::builder().connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS));
+        let http = handover_net::tls::client_for(base, trust, builder)?
             .build()
             .map_err(|e| error_chain(&e))?;
         Ok(Controller {

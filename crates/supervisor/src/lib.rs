@@ -133,6 +133,9 @@ pub struct SupervisorConfig {
     pub worker_args: Vec<String>,
     /// Path the supervisor probes to confirm the socket serves, e.g. "/healthz".
     pub health_url_path: String,
+    /// The socket serves TLS: the probe speaks it (checking nothing about
+    /// the certificate; it only asks whether the socket answers).
+    pub health_tls: bool,
     /// Bound on a new worker becoming ready.
     pub ready_timeout_ms: u64,
     /// Bound on an old worker finishing in-flight requests after SIGTERM.
@@ -159,6 +162,7 @@ impl SupervisorConfig {
             initial,
             worker_args,
             health_url_path: "/healthz".to_string(),
+            health_tls: false,
             ready_timeout_ms: DEFAULT_READY_TIMEOUT_MS,
             stop_grace_ms: DEFAULT_STOP_GRACE_MS,
             argv: std::env::args_os().collect(),

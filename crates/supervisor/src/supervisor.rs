@@ -570,6 +570,7 @@ impl Supervisor {
             worker.pid,
             probe_addr(self.config.listen),
             self.config.health_url_path.clone(),
+            self.config.health_tls,
         );
         tokio::pin!(ready);
         let shutdown = self.shutdown_signal();

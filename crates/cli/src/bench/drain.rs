@@ -68,6 +68,8 @@ const START_LINE_MS: u64 = 50;
 
 pub(super) async fn drain(exe: &Path, dir: &Path, s: &Sizes) -> anyhow::Result<Figures> {
     let mut fleet = Fleet::new(exe, &dir.join("drain"), SUBNET_DRAIN)?;
+    // The drain's clients speak plain HTTP on loopback (TLS not measured here).
+    fleet.plain_http()?;
     fleet.supervised = false;
     fleet.start_controller(2).await?;
     create_channel(&fleet).await?;

@@ -218,6 +218,8 @@ pub(super) async fn fence_and_storm(
     };
     if fence_small {
         let mut fleet = Fleet::new(exe, &dir.join("fence-small"), SUBNET_FENCE)?;
+        // The simulated nodes are raw HTTP/1 clients: plain HTTP on loopback.
+        fleet.plain_http()?;
         fleet.supervised = false;
         fleet.start_controller(2).await?;
         let src = sources.next_wave(s.fence_small)?;
@@ -227,6 +229,8 @@ pub(super) async fn fence_and_storm(
     }
 
     let mut fleet = Fleet::new(exe, &dir.join("fence-large"), SUBNET_FENCE)?;
+    // The simulated nodes are raw HTTP/1 clients: plain HTTP on loopback.
+    fleet.plain_http()?;
     fleet.supervised = false;
     fleet.start_controller(2).await?;
     let src = sources.next_wave(s.fence_large)?;

@@ -230,6 +230,11 @@ fn env_of(env: &[(&str, &str)]) -> Vec<(String, String)> {
 pub async fn cluster(name: &str, opts: Options) -> Cluster {
     let site = Site::new(name);
     let mut fleet = site.fleet();
+    if opts.proxied.is_some() {
+        // The fault proxy reads the node protocol it forwards: plain HTTP
+        // on loopback for these tests.
+        fleet.plain_http().unwrap();
+    }
     fleet.controller_env = env_of(&opts.controller_env);
     let release = opts.release.max(1);
     fleet.start_controller(release).await.unwrap();

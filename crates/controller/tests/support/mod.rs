@@ -40,6 +40,7 @@ impl Controller {
             node_switch_wait_ms: 60_000,
             limits,
             allow_unsigned_artifacts: true,
+            tls: None,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         // On a runtime of its own, as the binary runs it (its future is not

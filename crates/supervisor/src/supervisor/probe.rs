@@ -27,12 +27,13 @@ pub(super) async fn wait_ready(
     pid: u32,
     addr: SocketAddr,
     path: String,
+    tls: bool,
 ) {
     if ready.wait_for(|pids| pids.contains(&pid)).await.is_err() {
         std::future::pending::<()>().await;
     }
     loop {
-        match probe(addr, &path).await {
+        match probe(addr, &path, tls).await {
             Ok(200) => return,
             Ok(code) => warn!("health probe GET {path}: {code}"),
             Err(e) => warn!("health probe GET {path}: {e}"),
@@ -41,32 +42,18 @@ pub(super) async fn wait_ready(
     }
 }
 
-/// One `GET path` over a fresh connection; the HTTP status code.
-async fn probe(addr: SocketAddr, path: &str) -> io::Result<u16> {
+/// One `GET path` over a fresh connection (TLS when `tls`); the HTTP status code.
+async fn probe(addr: SocketAddr, path: &str, tls: bool) -> io::Result<u16> {
     let exchange = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: handover-supervisor\r\nConnection: close\r\n\r\n"
-        );
-        stream.write_all(request.as_bytes()).await?;
-        let mut head = Vec::new();
-        let mut buf = [0u8; PROBE_READ_BYTES];
-        while !head.contains(&b'\n') {
-            let n = stream.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            head.extend_from_slice(&buf[..n]);
-            if head.len() > PROBE_MAX_STATUS_LINE_BYTES {
-                break;
-            }
+        let tcp = TcpStream::connect(addr).await?;
+        if tls {
+            let connector = tokio_rustls::TlsConnector::from(tls_probe_config()?);
+            let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+            let stream = connector.connect(name, tcp).await?;
+            get(stream, addr, path).await
+        } else {
+            get(tcp, addr, path).await
         }
-        parse_status_line(&head).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                "no HTTP status line in the answer",
-            )
-        })
     };
     tokio::time::timeout(Duration::from_millis(PROBE_TIMEOUT_MS), exchange)
         .await
@@ -76,6 +63,97 @@ async fn probe(addr: SocketAddr, path: &str) -> io::Result<u16> {
                 format!("no answer within {PROBE_TIMEOUT_MS} ms"),
             )
         })?
+}
+
+async fn get<S>(mut stream: S, addr: SocketAddr, path: &str) -> io::Result<u16>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: handover-supervisor\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; PROBE_READ_BYTES];
+    while !head.contains(&b'\n') {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+        if head.len() > PROBE_MAX_STATUS_LINE_BYTES {
+            break;
+        }
+    }
+    parse_status_line(&head).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "no HTTP status line in the answer",
+        )
+    })
+}
+
+/// The probe's TLS client: it sends no secret and only asks whether the
+/// socket answers, so it accepts any certificate (the handshake's
+/// signatures are still checked).
+fn tls_probe_config() -> io::Result<std::sync::Arc<rustls::ClientConfig>> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(io::Error::other)?
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AnyServer(provider)))
+        .with_no_client_auth();
+    Ok(std::sync::Arc::new(config))
+}
+
+/// Accepts any server certificate; checks the handshake's signatures.
+#[derive(Debug)]
+struct AnyServer(std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 fn parse_status_line(head: &[u8]) -> Option<u16> {
