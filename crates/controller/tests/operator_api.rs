@@ -116,3 +116,54 @@ async fn no_trusted_key_needs_the_loopback_only_opt_in() {
         assert!(!data_dir.exists(), "{listen}: the data dir was touched");
     }
 }
+
+/// Plain HTTP only on loopback: a controller on an address other hosts
+/// reach without a certificate refuses to serve and leaves its data dir
+/// untouched.
+#[tokio::test]
+async fn off_loopback_the_controller_needs_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("controller");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = ControllerConfig {
+        release: Release(2),
+        data_dir: data_dir.clone(),
+        listen: "0.0.0.0:7400".parse().unwrap(),
+        operator_token: OPERATOR.into(),
+        lease_ms: 3_000,
+        trusted_keys: vec![],
+        allow_unsigned_artifacts: false,
+        node_switch_wait_ms: 60_000,
+        limits: handover_net::Limits::CONTROLLER,
+        tls: None,
+    };
+    // No trusted key either: whichever is refused first, nothing starts.
+    let err = serve_on(config.clone(), listener, std::future::pending())
+        .await
+        .unwrap_err();
+    assert!(!data_dir.exists(), "{err:#}");
+    let key = minisign_key();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = serve_on(
+        ControllerConfig {
+            trusted_keys: vec![key],
+            ..config
+        },
+        listener,
+        std::future::pending(),
+    )
+    .await
+    .unwrap_err();
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("--tls-cert") && text.contains("handover init"),
+        "{text}"
+    );
+    assert!(!data_dir.exists(), "the data dir was touched");
+}
+
+/// A minisign public key line (base64), as `--trusted-key` files hold.
+fn minisign_key() -> String {
+    let kp = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+    kp.pk.to_base64()
+}
