@@ -88,7 +88,7 @@ pub(super) async fn drain(exe: &Path, dir: &Path, s: &Sizes) -> anyhow::Result<F
             .no_proxy()
             .timeout(ANSWER_TIMEOUT)
             .build()?;
-        let hello = hello_body(&node_id, &token, 1, &node_id)?;
+        let hello = hello_body(&node_id, &token, 1, &node_id, true)?;
         let r = http
             .post(format!("{url}/node/v1/hello"))
             .header("content-type", "application/json")

@@ -131,21 +131,37 @@ impl Http1 {
     }
 }
 
+/// A simulated node's hello as release `release`, the primary of group
+/// `group`. With its bootstrap token (`first`), it names the credential it
+/// chose, derived from the token; later hellos present that credential.
 pub(super) fn hello_body(
     node_id: &str,
     token: &str,
     release: u32,
     group: &str,
+    first: bool,
 ) -> anyhow::Result<Vec<u8>> {
     let info = ReleaseInfo::of(Release(release))?;
-    Ok(serde_json::to_vec(&Hello::new(
+    let hello = Hello::new(
         node_id,
         token,
         info,
         Role::Primary,
         group,
         "http://127.50.255.1:9",
-    ))?)
+    );
+    Ok(serde_json::to_vec(&Hello {
+        new_credential: first.then(|| credential_of(token)),
+        ..hello
+    })?)
+}
+
+/// The credential a simulated node chooses: unique per token.
+fn credential_of(token: &str) -> String {
+    format!(
+        "sim-{}",
+        handover_core::identity::SecretDigest::of(token).as_str()
+    )
 }
 
 pub(super) fn parse<T: serde::de::DeserializeOwned>(

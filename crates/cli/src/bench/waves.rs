@@ -38,7 +38,7 @@ pub(super) async fn fence_wave(
     let mut tasks = JoinSet::new();
     for (node_id, token) in ids.into_iter().zip(tokens) {
         let k = tasks.len();
-        let hello = hello_body(&node_id, &token, 2, &node_id)?;
+        let hello = hello_body(&node_id, &token, 2, &node_id, true)?;
         let (sem, ready, mut go) = (sem.clone(), ready.clone(), go_rx.clone());
         let from = source_of(sources, k);
         tasks.spawn(async move {
@@ -137,7 +137,7 @@ pub(super) async fn storm_wave(
     let retries = Arc::new(AtomicU64::new(0));
     let mut tasks = JoinSet::new();
     for (k, node) in nodes.iter().enumerate() {
-        let hello = hello_body(&node.node_id, &node.credential, 2, &node.node_id)?;
+        let hello = hello_body(&node.node_id, &node.credential, 2, &node.node_id, false)?;
         let mut go = go_rx.clone();
         let from = source_of(sources, k);
         let retries = retries.clone();
