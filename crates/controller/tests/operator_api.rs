@@ -102,6 +102,7 @@ async fn no_trusted_key_needs_the_loopback_only_opt_in() {
             data_dir: data_dir.clone(),
             listen: listen.parse().unwrap(),
             operator_token: OPERATOR.into(),
+            read_only_token: None,
             lease_ms: 3_000,
             trusted_keys: vec![],
             allow_unsigned_artifacts: allow,
