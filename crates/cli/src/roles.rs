@@ -69,7 +69,7 @@ pub async fn supervise(
     let config = SupervisorConfig::new(
         name,
         listen,
-        data_dir.join("supervisor"),
+        data_dir.join(handover_supervisor::STATE_DIR_NAME),
         Release::new(release, binary),
         worker_args,
     );
