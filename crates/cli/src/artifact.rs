@@ -570,6 +570,7 @@ mod tests {
         BinaryFacts::of_this_binary()
     }
     use handover_controller::artifacts::{routes, ArtifactHost, ArtifactStore};
+    use handover_controller::auth::{guard, OperatorAuth, OperatorTokens};
     use handover_controller::{ApiError, ApiResult};
     use handover_core::artifact::sha256_hex;
     use std::sync::Arc;
@@ -666,28 +667,41 @@ mod tests {
     }
 
     #[derive(Clone)]
-    struct Host(Arc<ArtifactStore>);
+    struct Host(Arc<ArtifactStore>, OperatorTokens);
+
+    impl OperatorAuth for Host {
+        fn operator_tokens(&self) -> &OperatorTokens {
+            &self.1
+        }
+    }
 
     impl ArtifactHost for Host {
         fn artifacts(&self) -> &ArtifactStore {
             &self.0
-        }
-        fn operator_token(&self) -> &str {
-            OP
         }
         async fn check_node(&self, _: &axum::http::HeaderMap) -> ApiResult<()> {
             Err(ApiError::unauthorized("no nodes here"))
         }
     }
 
+    /// The artifact routes on `store` as the controller mounts them: behind
+    /// the operator API's check, with `OP` the operator token.
+    fn app(store: ArtifactStore, body_bytes_max: usize) -> axum::Router {
+        let host = Host(
+            Arc::new(store),
+            OperatorTokens::new(OP.into(), None).unwrap(),
+        );
+        let routes = axum::Router::new()
+            .merge(routes::<Host>())
+            .layer(axum::extract::DefaultBodyLimit::max(body_bytes_max));
+        guard(routes, host.clone()).with_state(host)
+    }
+
     #[tokio::test]
     async fn upload_to_a_controller() {
         let tmp = tempfile::tempdir().unwrap();
         let store = ArtifactStore::open(tmp.path().join("store")).unwrap();
-        let app = axum::Router::new()
-            .merge(routes::<Host>())
-            .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
-            .with_state(Host(Arc::new(store)));
+        let app = app(store, 1 << 20);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -891,9 +905,7 @@ mod tests {
         let store = ArtifactStore::open(tmp.path().join("store"))
             .unwrap()
             .with_trusted_keys(vec![read_public_key(&keys.public).unwrap()]);
-        let app = axum::Router::new()
-            .merge(routes::<Host>())
-            .with_state(Host(Arc::new(store)));
+        let app = app(store, handover_core::wire::limits::BODY_BYTES_MAX);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });

@@ -335,6 +335,18 @@ struct ControllerArgs {
     /// Read from the file or the environment by `main`.
     #[arg(skip)]
     operator_token: String,
+    /// File holding a second token that may only read the API (GET:
+    /// dashboards, status; 16+ characters, not the operator token), readable
+    /// only by its owner; without it, taken from HANDOVER_READ_ONLY_TOKEN if
+    /// set. Optional.
+    #[arg(long, value_name = "FILE")]
+    read_only_token_file: Option<PathBuf>,
+    /// Refused: a read-only token on the command line is visible to every user.
+    #[arg(long = "read-only-token", value_name = "TOKEN", hide = true)]
+    read_only_token_on_argv: Option<String>,
+    /// Read from the file or the environment by `main`, if given.
+    #[arg(skip)]
+    read_only_token: Option<String>,
     /// A node's grant holds this long without a heartbeat.
     #[arg(long, default_value_t = handover_controller::LEASE_MS_DEFAULT)]
     lease_ms: u64,
@@ -655,6 +667,18 @@ fn main() -> anyhow::Result<()> {
             secret::refuse_on_argv(op, "--operator-token", a.operator_token_on_argv.is_some())?;
             a.operator_token = secret::secret_from(op, a.operator_token_file.as_deref())?;
             std::env::set_var(op.env, &a.operator_token);
+            let ro = &secret::READ_ONLY_TOKEN;
+            secret::refuse_on_argv(ro, "--read-only-token", a.read_only_token_on_argv.is_some())?;
+            if a.read_only_token_file.is_some() || std::env::var_os(ro.env).is_some() {
+                let token = secret::secret_from(ro, a.read_only_token_file.as_deref())?;
+                std::env::set_var(ro.env, &token);
+                a.read_only_token = Some(token);
+            }
+            // Both checked before anything binds, in a supervisor too.
+            handover_controller::auth::OperatorTokens::new(
+                a.operator_token.clone(),
+                a.read_only_token.clone(),
+            )?;
         }
         Command::Node(NodeArgs {
             cmd: None,
@@ -749,6 +773,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 data_dir: a.data_dir,
                 listen: a.listen,
                 operator_token: a.operator_token,
+                read_only_token: a.read_only_token,
                 lease_ms: a.lease_ms,
                 node_switch_wait_ms: a.node_switch_wait_ms,
                 tls: a

@@ -71,7 +71,7 @@ pub async fn supervise(
     let mut config = SupervisorConfig::new(
         name,
         listen,
-        data_dir.join("supervisor"),
+        data_dir.join(handover_supervisor::STATE_DIR_NAME),
         Release::new(release, binary),
         worker_args,
     );

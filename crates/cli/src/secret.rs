@@ -31,6 +31,14 @@ pub const OPERATOR_TOKEN: Secret = Secret {
     file_flag: "--operator-token-file",
 };
 
+/// The token that may only read the controller's API (dashboards,
+/// status); optional on the controller, refused equal to the operator token.
+pub const READ_ONLY_TOKEN: Secret = Secret {
+    name: "read-only token",
+    env: "HANDOVER_READ_ONLY_TOKEN",
+    file_flag: "--read-only-token-file",
+};
+
 /// The single-use token `handover node add ID` issues, which a node trades
 /// at its first hello for the credential it chose.
 pub const BOOTSTRAP_TOKEN: Secret = Secret {

@@ -5,6 +5,8 @@
 //! file others may read is refused; and after a controller (migrated, so
 //! with a snapshot) and a node ran, their data dirs are 0700 and their
 //! databases 0600, a looser data dir left by an older release included.
+//! A controller's read-only token reaches its workers the way the operator
+//! token does (the environment): it reads and cannot change.
 
 mod common;
 
@@ -26,6 +28,7 @@ async fn refused(args: &[&str], env: &[(&str, &str)]) -> String {
     cmd.args(args)
         .env_remove("HANDOVER_BOOTSTRAP_TOKEN")
         .env_remove("HANDOVER_OPERATOR_TOKEN")
+        .env_remove("HANDOVER_READ_ONLY_TOKEN")
         .env_remove("HANDOVER_TRUSTED_KEYS")
         .env_remove("HANDOVER_ALLOW_UNSIGNED_ARTIFACTS")
         .env("RUST_BACKTRACE", "0")
@@ -276,4 +279,113 @@ async fn tokens_never_on_argv_and_data_dirs_and_databases_private() {
     for f in &files {
         assert_eq!(mode(f), 0o600, "{}", f.display());
     }
+}
+
+/// The read-only token, as operators give it (a file), through the
+/// supervisor to its worker: refused on argv, equal to the operator token
+/// or too short, before anything binds; given, it reads the status and its
+/// fence is refused `forbidden`, while the operator token's goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_token_reads_but_cannot_fence_through_a_supervisor() {
+    let site = Site::new("read-only operator");
+    let fleet = site.fleet();
+    let secrets = site.path().join("secrets");
+    std::fs::create_dir(&secrets).unwrap();
+    let read_only = "read-only-token-of-this-test-0123";
+    let op_file = secret_file(&secrets, "operator.token", &fleet.operator_token, 0o600);
+    let ro_file = secret_file(&secrets, "read-only.token", read_only, 0o600);
+    let same_file = secret_file(&secrets, "same.token", &fleet.operator_token, 0o600);
+    let data_dir = site.path().join("controller");
+    let (dir, listen) = (
+        data_dir.display().to_string(),
+        fleet.controller_addr().to_string(),
+    );
+    let (op_arg, ro_arg, same_arg) = (
+        op_file.display().to_string(),
+        ro_file.display().to_string(),
+        same_file.display().to_string(),
+    );
+    let base = [
+        "controller",
+        "--data-dir",
+        &dir,
+        "--listen",
+        &listen,
+        "--allow-unsigned-artifacts",
+        "--operator-token-file",
+        &op_arg,
+    ];
+    let with = |extra: [&'static str; 2]| {
+        let mut args = base.to_vec();
+        args.extend(extra);
+        args
+    };
+    let said = refused(&with(["--read-only-token", read_only]), &[]).await;
+    assert!(
+        said.contains("--read-only-token is refused") && said.contains("--read-only-token-file"),
+        "{said}"
+    );
+    let mut args = base.to_vec();
+    args.extend(["--read-only-token-file", same_arg.as_str()]);
+    let said = refused(&args, &[]).await;
+    assert!(said.contains("is the operator token"), "{said}");
+    let said = refused(&base, &[("HANDOVER_READ_ONLY_TOKEN", "short")]).await;
+    assert!(said.contains("read-only token must be 16"), "{said}");
+    assert!(!data_dir.exists(), "a refused start touched its data dir");
+
+    // Under its supervisor (the default), which hands both tokens to its
+    // worker in the environment.
+    let mut args: Vec<String> = base.iter().map(|a| a.to_string()).collect();
+    args.extend(["--read-only-token-file".to_owned(), ro_arg.clone()]);
+    let log = site.path().join("logs/controller-read-only.log");
+    std::fs::create_dir_all(site.path().join("logs")).unwrap();
+    let mut controller = Proc::spawn(&exe(), "controller", &args, log).unwrap();
+    wait_healthy(
+        &format!("{}/healthz", fleet.controller_url()),
+        &mut controller,
+    )
+    .await
+    .unwrap();
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", controller.pid().unwrap())).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&cmdline).contains(read_only),
+        "a token on argv"
+    );
+    let operator = |args: &'static [&'static str], file: &Path| {
+        let (file, url) = (file.display().to_string(), fleet.controller_url());
+        async move {
+            tokio::process::Command::new(exe())
+                .args(args)
+                .args(["--controller", &url, "--operator-token-file", &file])
+                .env_remove("HANDOVER_OPERATOR_TOKEN")
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let status = operator(&["status", "--json"], &ro_file).await;
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let fence = operator(&["fence"], &ro_file).await;
+    let said = String::from_utf8_lossy(&fence.stderr);
+    assert!(!fence.status.success(), "the read-only token fenced");
+    assert!(said.contains("forbidden") && said.contains("403"), "{said}");
+    let fenced = |out: &std::process::Output| {
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["cluster"]["fenced"].as_bool()
+    };
+    let status = operator(&["status", "--json"], &ro_file).await;
+    assert_eq!(fenced(&status), Some(false));
+    let fence = operator(&["fence"], &op_file).await;
+    assert!(
+        fence.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fence.stderr)
+    );
+    let status = operator(&["status", "--json"], &ro_file).await;
+    assert_eq!(fenced(&status), Some(true));
+    controller.terminate().await.unwrap();
 }

@@ -6,9 +6,9 @@
 //!
 //! | method | path | who | what |
 //! | --- | --- | --- | --- |
-//! | `PUT` | `/api/v1/artifacts/{sha256}` | operator | upload: header [`MANIFEST_HEADER`] = the manifest, header [`SIGNATURE_HEADER`] = its signature (optional), body = the raw binary; 201 + manifest when stored, 200 + the stored manifest when already present |
-//! | `GET` | `/api/v1/artifacts` | operator | every usable stored manifest |
-//! | `GET` | `/api/v1/artifacts/{id}/signature` | operator | its stored signature, as for nodes (the CLI skips re-sending an artifact stored with the same signature) |
+//! | `PUT` | `/api/v1/artifacts/{sha256}` | operator token | upload: header [`MANIFEST_HEADER`] = the manifest, header [`SIGNATURE_HEADER`] = its signature (optional), body = the raw binary; 201 + manifest when stored, 200 + the stored manifest when already present |
+//! | `GET` | `/api/v1/artifacts` | operator or read-only token | every usable stored manifest |
+//! | `GET` | `/api/v1/artifacts/{id}/signature` | operator or read-only token | its stored signature, as for nodes (the CLI skips re-sending an artifact stored with the same signature) |
 //! | `GET` | `/node/v1/artifacts/{id}/manifest` | node | one manifest: the exact bytes that were signed |
 //! | `GET` | `/node/v1/artifacts/{id}/signature` | node | its minisign signature (`text/plain`); 404 `unsigned` when it has none |
 //! | `GET` | `/node/v1/artifacts/{id}/binary` | node | the binary, streamed, with `Content-Length` |
@@ -30,13 +30,15 @@
 //! verifies. With none, unsigned artifacts are accepted (and a signature,
 //! if sent, is kept for the nodes).
 //!
-//! Authentication plugs in through [`ArtifactHost`], which the router's
-//! state implements. An upload is streamed to a temporary directory while
+//! Authentication: the operator's routes are checked by the
+//! [`crate::auth::guard`] layer the router is built with (it runs before
+//! any handler here, so an upload's body is not read for a refused token);
+//! the nodes' routes by [`ArtifactHost::check_node`]. An upload is streamed to a temporary directory while
 //! [`DigestCheck`] checks it; only a verified, fsync'd artifact is renamed
 //! into place, so `<id>/` exists only when complete. A mismatch keeps
 //! nothing.
 
-use crate::{check_operator_token, ApiError, ApiResult};
+use crate::{ApiError, ApiResult};
 use axum::body::{Body, BodyDataStream};
 use axum::extract::rejection::PathRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -67,26 +69,21 @@ pub const SIGNATURE_HEADER: &str = "x-handover-signature";
 /// What the router's state provides to the artifact handlers.
 ///
 /// The controller implements it for its shared state: `artifacts` returns the
-/// store, `operator_token` the configured token, and `check_node` resolves
-/// the node's bearer credential (as the node API does) and refuses unknown
-/// ones with 401. A node of any grant may download: staging is not a
-/// parameter read.
-pub trait ArtifactHost: Clone + Send + Sync + 'static {
+/// store, `check_node` resolves the node's bearer credential (as the node
+/// API does) and refuses unknown ones with 401, and its
+/// [`OperatorAuth`](crate::auth::OperatorAuth) gives the tokens the
+/// router's [`crate::auth::guard`] checks the operator's routes with. A
+/// node of any grant may download: staging is not a parameter read.
+pub trait ArtifactHost: crate::auth::OperatorAuth {
     fn artifacts(&self) -> &ArtifactStore;
-
-    fn operator_token(&self) -> &str;
 
     /// Accepts or refuses a node request by its `Authorization` header.
     fn check_node(&self, headers: &HeaderMap) -> impl Future<Output = ApiResult<()>> + Send;
-
-    /// `Authorization: Bearer <operator token>`, compared in constant time.
-    fn check_operator(&self, headers: &HeaderMap) -> ApiResult<()> {
-        check_operator_token(headers, self.operator_token())
-    }
 }
 
 /// The artifact routes, to merge into the controller's router before
-/// `.with_state(..)`. The upload route lifts the body limit to
+/// `.with_state(..)` and before [`crate::auth::guard`], which checks the
+/// operator's routes (these handlers check only node credentials). The upload route lifts the body limit to
 /// [`ARTIFACT_BYTES_MAX`] for itself only (the size is enforced anyway while
 /// streaming: never more than the manifest's `size` is read).
 pub fn routes<H: ArtifactHost>() -> Router<H> {
@@ -204,7 +201,6 @@ pub async fn upload<H: ArtifactHost>(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<Manifest>)> {
-    host.check_operator(&headers)?;
     let mut stream = body.into_data_stream();
     let answer = store_upload(&host, sha256, &headers, &mut stream).await;
     if answer.is_err() {
@@ -347,11 +343,7 @@ fn signature_text(value: &[u8]) -> ApiResult<String> {
 }
 
 /// `GET /api/v1/artifacts`: every stored manifest.
-pub async fn list<H: ArtifactHost>(
-    State(host): State<H>,
-    headers: HeaderMap,
-) -> ApiResult<Json<Vec<Manifest>>> {
-    host.check_operator(&headers)?;
+pub async fn list<H: ArtifactHost>(State(host): State<H>) -> ApiResult<Json<Vec<Manifest>>> {
     let h = host.clone();
     Ok(Json(blocking(move || h.artifacts().list()).await??))
 }
@@ -387,9 +379,7 @@ pub async fn node_signature<H: ArtifactHost>(
 pub async fn operator_signature<H: ArtifactHost>(
     State(host): State<H>,
     id: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
 ) -> ApiResult<Response> {
-    host.check_operator(&headers)?;
     signature_answer(&host, id).await
 }
 

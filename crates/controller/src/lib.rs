@@ -3,6 +3,7 @@
 //! pushes grant changes to nodes over the watch stream.
 
 pub mod artifacts;
+pub mod auth;
 mod error;
 mod node_api;
 mod operator_api;
@@ -10,6 +11,7 @@ mod orchestrator;
 mod upgrade_api;
 mod watches;
 
+pub(crate) use auth::bearer;
 pub use error::{ApiError, ApiResult};
 pub use watches::WATCHES_PER_NODE_MAX;
 
@@ -41,7 +43,11 @@ pub struct ControllerConfig {
     pub release: Release,
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
+    /// The token that may do everything on the operator API.
     pub operator_token: String,
+    /// The token that may only read it (`GET`): dashboards and status.
+    /// Never the operator token ([`auth::OperatorTokens::new`]).
+    pub read_only_token: Option<String>,
     pub lease_ms: u64,
     /// Minisign public keys (their base64 lines) whose signatures make an
     /// artifact acceptable. Empty only with `allow_unsigned_artifacts`.
@@ -78,6 +84,8 @@ pub(crate) struct AppState {
     pub store: Arc<dyn Store>,
     pub info: &'static ReleaseInfo,
     pub config: ControllerConfig,
+    /// What [`auth::require`] checks every operator request against.
+    pub tokens: auth::OperatorTokens,
     /// The cluster state in force; every change wakes the watchers.
     pub cluster: watch::Sender<ClusterState>,
     /// Credential digest → session. Loaded lazily from the registry.
@@ -103,13 +111,15 @@ pub(crate) struct AppState {
     pub watches: watches::Watches,
 }
 
+impl auth::OperatorAuth for Shared {
+    fn operator_tokens(&self) -> &auth::OperatorTokens {
+        &self.tokens
+    }
+}
+
 impl artifacts::ArtifactHost for Shared {
     fn artifacts(&self) -> &artifacts::ArtifactStore {
         &self.artifacts
-    }
-
-    fn operator_token(&self) -> &str {
-        &self.config.operator_token
     }
 
     async fn check_node(&self, headers: &axum::http::HeaderMap) -> ApiResult<()> {
@@ -183,25 +193,22 @@ impl AppState {
 
 pub(crate) type Shared = Arc<AppState>;
 
-/// Shortest operator token: guessing one of 16 random characters
-/// is out of reach.
-const TOKEN_CHARS_MIN: usize = 16;
 /// Shortest node lease: a few heartbeats fit in it even on a busy host.
 const LEASE_MS_MIN: u64 = 300;
 
-fn validate(config: &ControllerConfig) -> anyhow::Result<&'static ReleaseInfo> {
+fn validate(
+    config: &ControllerConfig,
+) -> anyhow::Result<(&'static ReleaseInfo, auth::OperatorTokens)> {
     let info = ReleaseInfo::of(config.release)?;
-    let token = &config.operator_token;
-    anyhow::ensure!(
-        token.len() >= TOKEN_CHARS_MIN && token.len() <= limits::TOKEN_CHARS_MAX,
-        "the operator token must be {TOKEN_CHARS_MIN} to {} characters",
-        limits::TOKEN_CHARS_MAX
-    );
+    let tokens = auth::OperatorTokens::new(
+        config.operator_token.clone(),
+        config.read_only_token.clone(),
+    )?;
     anyhow::ensure!(
         config.lease_ms >= LEASE_MS_MIN,
         "lease must be at least {LEASE_MS_MIN} ms"
     );
-    Ok(info)
+    Ok((info, tokens))
 }
 
 /// The TLS config to serve with; plain HTTP only on a loopback address, so
@@ -262,7 +269,7 @@ pub async fn serve_on(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let info = validate(&config)?;
+    let (info, tokens) = validate(&config)?;
     let trusted = trusted_keys(&config)?;
     let tls = server_tls(&config)?;
     handover_private::dir(&config.data_dir).context("the controller's data dir")?;
@@ -289,6 +296,7 @@ pub async fn serve_on(
         store: Arc::new(store),
         info,
         config: config.clone(),
+        tokens,
         cluster: tx,
         sessions: RwLock::new(HashMap::new()),
         members: RwLock::new(members),
@@ -318,6 +326,7 @@ pub async fn serve_on(
         schema = info.schema.0,
         epoch = cluster.epoch,
         listen = %config.listen,
+        read_only_token = config.read_only_token.is_some(),
         "controller serving"
     );
     // With the controller's limits: timeouts close silent, slow and idle
@@ -389,8 +398,10 @@ async fn self_check(
     Ok(cluster)
 }
 
+/// Every route; [`auth::guard`] puts the operator API's one check in front
+/// of all of them (and of the fallbacks), last, so none is left out.
 fn router(state: Shared) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/node/v1/hello", post(node_api::hello))
         .route("/node/v1/heartbeat", post(node_api::heartbeat))
@@ -439,8 +450,8 @@ fn router(state: Shared) -> Router {
                 "this endpoint does not take that method",
             )
         })
-        .layer(DefaultBodyLimit::max(limits::BODY_BYTES_MAX))
-        .with_state(state)
+        .layer(DefaultBodyLimit::max(limits::BODY_BYTES_MAX));
+    auth::guard(routes, state.clone()).with_state(state)
 }
 
 /// Milliseconds since the Unix epoch; the shell's clock, passed into the core.
@@ -449,37 +460,4 @@ pub(crate) fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
-}
-
-/// Constant-time comparison so a token cannot be guessed byte by byte.
-pub(crate) fn same_token(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
-}
-
-/// `Authorization: Bearer <operator token>` against `token`, compared in
-/// constant time: the one check of every operator route.
-pub(crate) fn check_operator_token(headers: &axum::http::HeaderMap, token: &str) -> ApiResult<()> {
-    match bearer(headers) {
-        Some(t) if same_token(t, token) => Ok(()),
-        Some(_) => Err(ApiError::operator(
-            handover_core::api::ErrorCode::Unauthorized,
-            "wrong operator token",
-        )),
-        None => Err(ApiError::operator(
-            handover_core::api::ErrorCode::Unauthorized,
-            "missing `Authorization: Bearer <operator token>` (see --operator-token)",
-        )),
-    }
-}
-
-pub(crate) fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
-    headers
-        .get(axum::http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
 }

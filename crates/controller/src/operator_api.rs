@@ -1,12 +1,13 @@
 //! The operator API: status, channels, groups, nodes (bootstrap tokens,
 //! removal), events, fence, records.
-//! Every call needs `Authorization: Bearer <operator token>`. Requests and
-//! answers are the types of [`handover_core::api`], which the CLI reads too.
+//! Every call needs `Authorization: Bearer <token>`, checked before any
+//! handler runs ([`crate::auth`]: reads take the operator or the read-only
+//! token, changes the operator token). Requests and answers are the types
+//! of [`handover_core::api`], which the CLI reads too.
 
-use crate::{check_operator_token, now_ms, ApiError, ApiResult, Shared};
+use crate::{now_ms, ApiError, ApiResult, Shared};
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
 use axum::Json;
 use handover_core::api::{
     ChannelSpec, ClusterInfo, ControllerInfo, ErrorCode, EventSpec, EventView, GroupNodes,
@@ -21,12 +22,7 @@ use handover_core::identity::{
 use handover_core::params::Group;
 use handover_store::{NewBootstrapToken, RECORDS_PAGE_MAX};
 
-pub(crate) fn operator(state: &Shared, headers: &HeaderMap) -> ApiResult<()> {
-    check_operator_token(headers, &state.config.operator_token)
-}
-
-pub async fn status(State(state): State<Shared>, headers: HeaderMap) -> ApiResult<Json<Status>> {
-    operator(&state, &headers)?;
+pub async fn status(State(state): State<Shared>) -> ApiResult<Json<Status>> {
     let cluster = state.refresh_cluster().await?;
     let now = now_ms();
     let lease = i64::try_from(state.config.lease_ms).unwrap_or(i64::MAX);
@@ -64,40 +60,28 @@ pub async fn status(State(state): State<Shared>, headers: HeaderMap) -> ApiResul
     }))
 }
 
-pub async fn channels(
-    State(state): State<Shared>,
-    headers: HeaderMap,
-) -> ApiResult<Json<Vec<ChannelSpec>>> {
-    operator(&state, &headers)?;
+pub async fn channels(State(state): State<Shared>) -> ApiResult<Json<Vec<ChannelSpec>>> {
     Ok(Json(state.store.channels().await?))
 }
 
 pub async fn create_channel(
     State(state): State<Shared>,
-    headers: HeaderMap,
     body: Result<Json<ChannelSpec>, JsonRejection>,
 ) -> ApiResult<Json<ChannelSpec>> {
-    operator(&state, &headers)?;
     let Json(spec) = body?;
     let created = state.store.create_channel(&spec).await?;
     state.refresh_cluster().await?;
     Ok(Json(created))
 }
 
-pub async fn groups(
-    State(state): State<Shared>,
-    headers: HeaderMap,
-) -> ApiResult<Json<Vec<Group>>> {
-    operator(&state, &headers)?;
+pub async fn groups(State(state): State<Shared>) -> ApiResult<Json<Vec<Group>>> {
     Ok(Json(state.store.groups().await?))
 }
 
 pub async fn create_group(
     State(state): State<Shared>,
-    headers: HeaderMap,
     body: Result<Json<Group>, JsonRejection>,
 ) -> ApiResult<Json<Group>> {
-    operator(&state, &headers)?;
     let Json(group) = body?;
     let created = state.store.create_group(&group).await?;
     if let Ok(mut m) = state.members.write() {
@@ -112,10 +96,8 @@ pub async fn create_group(
 /// `replace` (its credential then stops working once the token is traded).
 pub async fn add_nodes(
     State(state): State<Shared>,
-    headers: HeaderMap,
     body: Result<Json<NodeAddRequest>, JsonRejection>,
 ) -> ApiResult<Json<NodeAddAnswer>> {
-    operator(&state, &headers)?;
     let Json(req) = body?;
     let invalid = |m: String| ApiError::operator(ErrorCode::InvalidField, m);
     if req.ids.is_empty() || req.ids.len() > NODE_ADD_BATCH_MAX {
@@ -179,10 +161,8 @@ pub async fn add_nodes(
 /// working at once and its registration is forgotten; its records stay.
 pub async fn remove_node(
     State(state): State<Shared>,
-    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult<Json<NodeRemoved>> {
-    operator(&state, &headers)?;
     let credential = state.store.credential_of(&id).await?;
     if !state.store.remove_node(&id).await? {
         return Err(ApiError::not_found(format!(
@@ -201,10 +181,8 @@ pub async fn remove_node(
 
 pub async fn group_nodes(
     State(state): State<Shared>,
-    headers: HeaderMap,
     Path(name): Path<String>,
 ) -> ApiResult<Json<GroupNodes>> {
-    operator(&state, &headers)?;
     let group = state
         .store
         .groups()
@@ -229,62 +207,42 @@ pub async fn group_nodes(
     }))
 }
 
-pub async fn events(
-    State(state): State<Shared>,
-    headers: HeaderMap,
-) -> ApiResult<Json<Vec<EventView>>> {
-    operator(&state, &headers)?;
+pub async fn events(State(state): State<Shared>) -> ApiResult<Json<Vec<EventView>>> {
     Ok(Json(state.store.events().await?))
 }
 
 pub async fn create_event(
     State(state): State<Shared>,
-    headers: HeaderMap,
     body: Result<Json<EventSpec>, JsonRejection>,
 ) -> ApiResult<Json<EventView>> {
-    operator(&state, &headers)?;
     let Json(spec) = body?;
     let created = state.store.create_event(&spec).await?;
     state.refresh_cluster().await?;
     Ok(Json(created))
 }
 
-pub async fn fence(
-    State(state): State<Shared>,
-    headers: HeaderMap,
-) -> ApiResult<Json<ClusterInfo>> {
-    operator(&state, &headers)?;
+pub async fn fence(State(state): State<Shared>) -> ApiResult<Json<ClusterInfo>> {
     state.store.set_fence(true).await?;
     let c = state.refresh_cluster().await?;
     tracing::warn!(epoch = c.epoch, "cluster fenced");
     Ok(Json(c.into()))
 }
 
-pub async fn unfence(
-    State(state): State<Shared>,
-    headers: HeaderMap,
-) -> ApiResult<Json<ClusterInfo>> {
-    operator(&state, &headers)?;
+pub async fn unfence(State(state): State<Shared>) -> ApiResult<Json<ClusterInfo>> {
     state.store.set_fence(false).await?;
     let c = state.refresh_cluster().await?;
     tracing::info!(epoch = c.epoch, "cluster unfenced");
     Ok(Json(c.into()))
 }
 
-pub async fn record_summary(
-    State(state): State<Shared>,
-    headers: HeaderMap,
-) -> ApiResult<Json<Vec<RecordSummary>>> {
-    operator(&state, &headers)?;
+pub async fn record_summary(State(state): State<Shared>) -> ApiResult<Json<Vec<RecordSummary>>> {
     Ok(Json(state.store.record_summary().await?))
 }
 
 pub async fn records(
     State(state): State<Shared>,
-    headers: HeaderMap,
     q: Result<Query<RecordsQuery>, QueryRejection>,
 ) -> ApiResult<Json<Vec<StoredRecord>>> {
-    operator(&state, &headers)?;
     let Query(q) = q?;
     let limit = q.limit.unwrap_or(RECORDS_PAGE_MAX).min(RECORDS_PAGE_MAX);
     Ok(Json(

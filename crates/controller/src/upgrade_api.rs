@@ -1,13 +1,12 @@
 //! The operator's upgrade API: plan (a dry run), start, status, pause,
 //! resume and abort. The same state `handover upgrade status` shows; the
-//! requests and answers are [`handover_core::api`]'s.
+//! requests and answers are [`handover_core::api`]'s. Who may call them is
+//! [`crate::auth`]'s (status: either token; the rest: the operator's).
 
-use crate::operator_api::operator;
 use crate::orchestrator::{self, cluster_view, node_views, now_ms_u64};
 use crate::{ApiError, ApiResult, Shared};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::Json;
 use handover_core::api::{ErrorCode, PlanAnswer, UpgradeRequest, UpgradeStatus};
 use handover_core::upgrade::{
@@ -103,10 +102,8 @@ fn steps(plan: &Plan, nodes: &[NodeView], path: Path) -> Vec<String> {
 
 pub async fn plan(
     State(state): State<Shared>,
-    headers: HeaderMap,
     body: Result<Json<UpgradeRequest>, JsonRejection>,
 ) -> ApiResult<Json<PlanAnswer>> {
-    operator(&state, &headers)?;
     let Json(req) = body?;
     let plan = plan_of(&state, &req).await?;
     let nodes = node_views(&state).await?;
@@ -122,10 +119,8 @@ pub async fn plan(
 
 pub async fn start(
     State(state): State<Shared>,
-    headers: HeaderMap,
     body: Result<Json<UpgradeRequest>, JsonRejection>,
 ) -> ApiResult<Json<Upgrade>> {
-    operator(&state, &headers)?;
     let Json(req) = body?;
     let plan = plan_of(&state, &req).await?;
     Ok(Json(
@@ -133,11 +128,7 @@ pub async fn start(
     ))
 }
 
-pub async fn status(
-    State(state): State<Shared>,
-    headers: HeaderMap,
-) -> ApiResult<Json<UpgradeStatus>> {
-    operator(&state, &headers)?;
+pub async fn status(State(state): State<Shared>) -> ApiResult<Json<UpgradeStatus>> {
     let upgrade = state
         .upgrade
         .lock()
@@ -155,8 +146,7 @@ pub async fn status(
     }))
 }
 
-async fn control(state: Shared, headers: HeaderMap, input: Input) -> ApiResult<Json<Upgrade>> {
-    operator(&state, &headers)?;
+async fn control(state: Shared, input: Input) -> ApiResult<Json<Upgrade>> {
     let refused = match &input {
         Input::Abort => state
             .upgrade
@@ -175,14 +165,14 @@ async fn control(state: Shared, headers: HeaderMap, input: Input) -> ApiResult<J
     Ok(Json(up))
 }
 
-pub async fn pause(State(state): State<Shared>, headers: HeaderMap) -> ApiResult<Json<Upgrade>> {
-    control(state, headers, Input::Pause).await
+pub async fn pause(State(state): State<Shared>) -> ApiResult<Json<Upgrade>> {
+    control(state, Input::Pause).await
 }
 
-pub async fn resume(State(state): State<Shared>, headers: HeaderMap) -> ApiResult<Json<Upgrade>> {
-    control(state, headers, Input::Resume).await
+pub async fn resume(State(state): State<Shared>) -> ApiResult<Json<Upgrade>> {
+    control(state, Input::Resume).await
 }
 
-pub async fn abort(State(state): State<Shared>, headers: HeaderMap) -> ApiResult<Json<Upgrade>> {
-    control(state, headers, Input::Abort).await
+pub async fn abort(State(state): State<Shared>) -> ApiResult<Json<Upgrade>> {
+    control(state, Input::Abort).await
 }

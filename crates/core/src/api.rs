@@ -309,6 +309,9 @@ pub enum ErrorCode {
     InvalidField,
     /// No or the wrong operator token.
     Unauthorized,
+    /// A token that may not do this: the read-only token on a change
+    /// (anything but `GET`), which needs the operator token.
+    Forbidden,
     /// No such endpoint, group, upgrade, channel, event or artifact.
     NotFound,
     /// The endpoint does not take that method.
@@ -363,7 +366,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 29] = [
+    pub const ALL: [ErrorCode; 30] = [
         ErrorCode::Malformed,
         ErrorCode::TooLarge,
         ErrorCode::InvalidField,
@@ -393,6 +396,7 @@ impl ErrorCode {
         ErrorCode::BadSignature,
         ErrorCode::BadPublicKey,
         ErrorCode::BodyTimeout,
+        ErrorCode::Forbidden,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -426,6 +430,7 @@ impl ErrorCode {
             ErrorCode::BadSignature => "bad_signature",
             ErrorCode::BadPublicKey => "bad_public_key",
             ErrorCode::BodyTimeout => "body_timeout",
+            ErrorCode::Forbidden => "forbidden",
         }
     }
 
@@ -453,6 +458,7 @@ impl ErrorCode {
             | ErrorCode::BadSignature
             | ErrorCode::BadPublicKey => 400,
             ErrorCode::Unauthorized => 401,
+            ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::BodyTimeout => 408,
@@ -525,7 +531,7 @@ mod tests {
 
     #[test]
     fn error_codes_round_trip_and_carry_their_status() {
-        let want: [(&str, u16); 29] = [
+        let want: [(&str, u16); 30] = [
             ("malformed", 400),
             ("too_large", 413),
             ("invalid_field", 400),
@@ -555,6 +561,7 @@ mod tests {
             ("bad_signature", 400),
             ("bad_public_key", 400),
             ("body_timeout", 408),
+            ("forbidden", 403),
         ];
         for (code, (text, status)) in ErrorCode::ALL.into_iter().zip(want) {
             assert_eq!(code.as_str(), text);

@@ -19,6 +19,7 @@ use handover_core::node::{
     Action, Event, Lane, Level, Machine, Now, Reply, RequestId, StagedArtifact, SwitchResult,
 };
 use handover_core::ship;
+use handover_core::wire::limits::STAGED_MAX;
 use handover_core::wire::{Batch, MESSAGE_VERSION};
 use handover_supervisor::{Release as SupervisedRelease, SupervisorClient, SwitchOutcome};
 use std::collections::{HashMap, VecDeque};
@@ -63,16 +64,52 @@ pub(crate) struct Driver {
     pub stop: watch::Receiver<bool>,
 }
 
-/// The artifacts staged in `data_dir`, as the machine sees them.
+/// The artifacts staged in `data_dir`, as the machine sees them: the
+/// newest [`STAGED_MAX`] (what a hello may name), even when the disk holds
+/// more (a crash between staging and pruning).
 pub fn staged_artifacts(data_dir: &std::path::Path, trusted: &[PublicKey]) -> Vec<StagedArtifact> {
-    stage::staged(data_dir, trusted)
+    let staged = stage::staged(data_dir, trusted);
+    if staged.len() > STAGED_MAX {
+        tracing::warn!(
+            staged = staged.len(),
+            reported = STAGED_MAX,
+            "more staged releases than a hello may name; reporting the newest (the next staging prunes the rest)"
+        );
+    }
+    staged
         .into_iter()
+        .take(STAGED_MAX)
         .map(|m| StagedArtifact {
             id: m.id(),
             release: m.release,
             sha256: Some(m.sha256),
         })
         .collect()
+}
+
+/// Keeps at most [`STAGED_MAX`] staged releases after `just_staged` was
+/// staged ([`prune`](crate::prune)): never it, the binary this worker
+/// runs, or what the supervisor may start. A failure is logged; the node
+/// goes on (it reports the newest anyway).
+async fn prune_staged(data_dir: &std::path::Path, just_staged: &str) {
+    let (dir, id) = (data_dir.to_owned(), just_staged.to_owned());
+    let pruned = tokio::task::spawn_blocking(move || {
+        let running = handover_supervisor::binary_sha256();
+        crate::prune::prune(&dir, Some(&id), running.as_deref())
+    })
+    .await;
+    match pruned {
+        Ok(Ok(removed)) if !removed.is_empty() => {
+            tracing::info!(
+                ?removed,
+                kept = STAGED_MAX,
+                "removed the oldest staged releases"
+            );
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "staged releases not pruned"),
+        Err(e) => tracing::warn!(error = %e, "staged releases not pruned: the task failed"),
+    }
 }
 
 struct Run {
@@ -370,17 +407,18 @@ impl Run {
             let result = match stage::stage(&http, &url, &credential, &dir, &artifact, &trusted)
                 .await
             {
-                Ok(staged) if trusted.is_empty() => {
-                    tracing::warn!(
-                        artifact,
-                        binary = %staged.binary.display(),
-                        "artifact staged WITHOUT a signature check (--allow-unsigned-artifacts): \
-                         this node will run it as it is"
-                    );
-                    Ok(staged_artifacts(&dir, &trusted))
-                }
                 Ok(staged) => {
-                    tracing::info!(artifact, binary = %staged.binary.display(), "artifact staged");
+                    if trusted.is_empty() {
+                        tracing::warn!(
+                            artifact,
+                            binary = %staged.binary.display(),
+                            "artifact staged WITHOUT a signature check (--allow-unsigned-artifacts): \
+                             this node will run it as it is"
+                        );
+                    } else {
+                        tracing::info!(artifact, binary = %staged.binary.display(), "artifact staged");
+                    }
+                    prune_staged(&dir, &artifact).await;
                     Ok(staged_artifacts(&dir, &trusted))
                 }
                 Err(e) => Err(e.to_string()),
@@ -464,4 +502,46 @@ async fn remember(store: &Store, failure: Option<SwitchFailure>) {
 pub async fn switch_failure(store: &Store) -> Option<SwitchFailure> {
     let raw = store.kv_get(keys::SWITCH_FAILED).await.ok()??;
     serde_json::from_str(&raw).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stage::testing::{set_staged_ms, stage_on_disk};
+
+    /// A crash between staging and pruning can leave more on disk than a
+    /// hello may name: the machine is given the newest STAGED_MAX.
+    #[test]
+    fn the_machine_is_given_at_most_staged_max_newest_first() {
+        let tmp = tempfile::tempdir().unwrap();
+        let releases = tmp.path().join(stage::RELEASES_DIR);
+        handover_private::dir(&releases).unwrap();
+        let all: Vec<_> = (0..20u32)
+            .map(|n| {
+                let m = stage_on_disk(&releases, n);
+                set_staged_ms(&releases, &m, 1_000 * (u64::from(n) + 1));
+                m
+            })
+            .collect();
+        let given: Vec<String> = staged_artifacts(tmp.path(), &[])
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        let newest: Vec<String> = all.iter().rev().take(STAGED_MAX).map(|m| m.id()).collect();
+        assert_eq!(given, newest);
+        // And so every hello the machine says names at most that many.
+        let info = handover_core::ReleaseInfo::of(handover_core::Release(2)).unwrap();
+        let hello = handover_core::wire::Hello {
+            staged: given,
+            ..handover_core::wire::Hello::new(
+                "g1-a",
+                "credential-0123456789abcdef0123456789",
+                info,
+                handover_core::role::Role::Primary,
+                "g1",
+                "http://127.0.0.1:7500",
+            )
+        };
+        handover_core::wire::Validate::validate(&hello).unwrap();
+    }
 }

@@ -21,6 +21,7 @@ pub mod hls;
 pub mod lifecycle;
 pub mod link;
 pub mod producer;
+pub mod prune;
 pub mod runtime;
 pub mod session;
 pub mod stage;

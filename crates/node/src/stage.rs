@@ -122,10 +122,12 @@ pub fn binary_path(data_dir: &Path, id: &str) -> PathBuf {
 /// artifact would write the same partial file.
 static IN_FLIGHT: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
 
-struct Claim(PathBuf);
+/// This process's claim on `releases/<id>/`: staging it, or removing it
+/// ([`crate::prune`]); one at a time.
+pub(crate) struct Claim(PathBuf);
 
 impl Claim {
-    fn take(target: PathBuf, id: &str) -> Result<Claim, StageError> {
+    pub(crate) fn take(target: PathBuf, id: &str) -> Result<Claim, StageError> {
         let mut set = IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner());
         if !set.insert(target.clone()) {
             return Err(StageError::Busy { id: id.to_owned() });
@@ -435,14 +437,70 @@ pub async fn stage(
     Ok(staged)
 }
 
-/// The artifacts staged under `data_dir`, oldest release first: those whose
+/// A staged artifact and when it was staged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StagedDir {
+    pub manifest: Manifest,
+    /// When `releases/<id>/` was staged: its directory's mtime (set by the
+    /// files written into it just before it was placed; nothing writes
+    /// into it after), in ms since the Unix epoch; 0 when unreadable
+    /// (counted oldest).
+    pub staged_ms: u64,
+}
+
+/// Sorts newest staging first (ties: the greater id first): the order
+/// [`staged`] reports and pruning keeps.
+pub fn newest_first(dirs: &mut [StagedDir]) {
+    dirs.sort_by_key(|d| std::cmp::Reverse((d.staged_ms, d.manifest.id())));
+}
+
+/// When the directory `dir` was staged ([`StagedDir::staged_ms`]).
+fn staged_ms(dir: &Path) -> u64 {
+    std::fs::metadata(dir)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// What [`staged_dirs`] found.
+pub(crate) struct StagedListing {
+    /// Newest staging first.
+    pub dirs: Vec<StagedDir>,
+    /// The artifact directories that do not load, and why.
+    pub refused: Vec<(String, LoadError)>,
+}
+
+/// The artifacts under `releases` that load (with `trusted` keys, only
+/// those they verify), with when each was staged; and those that do not.
+pub(crate) fn staged_dirs(
+    releases: &Path,
+    trusted: &[PublicKey],
+) -> Result<StagedListing, IoError> {
+    let listing = handover_artifacts::list(releases, trusted)?;
+    let mut dirs: Vec<StagedDir> = listing
+        .artifacts
+        .into_iter()
+        .map(|a| StagedDir {
+            staged_ms: staged_ms(&a.dir),
+            manifest: a.manifest,
+        })
+        .collect();
+    newest_first(&mut dirs);
+    Ok(StagedListing {
+        dirs,
+        refused: listing.refused,
+    })
+}
+
+/// The artifacts staged under `data_dir`, newest staging first: those whose
 /// manifest is valid, names its directory, is signed by one of the
 /// `trusted` keys (when there are any), and whose binary has the
 /// manifest's size. (The digest is checked when staged and again by
 /// [`stage`]; a listing does not re-read every binary.)
 pub fn staged(data_dir: &Path, trusted: &[PublicKey]) -> Vec<Manifest> {
     let releases = data_dir.join(RELEASES_DIR);
-    let listing = match handover_artifacts::list(&releases, trusted) {
+    let listing = match staged_dirs(&releases, trusted) {
         Ok(listing) => listing,
         Err(e) => {
             tracing::warn!(error = %e, "cannot list the staged releases");
@@ -452,7 +510,54 @@ pub fn staged(data_dir: &Path, trusted: &[PublicKey]) -> Vec<Manifest> {
     for (id, e) in &listing.refused {
         tracing::warn!(id, error = %e, "ignoring a staged release");
     }
-    listing.artifacts.into_iter().map(|a| a.manifest).collect()
+    listing.dirs.into_iter().map(|d| d.manifest).collect()
+}
+
+/// Staged artifacts made on disk without a controller, for the tests of
+/// what reads and prunes `releases/`.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use handover_core::release::CONTRACTS;
+    use handover_core::{Release, ReleaseInfo};
+
+    /// A release-2 manifest whose binary is `bytes`.
+    pub fn manifest(bytes: &[u8]) -> Manifest {
+        Manifest::for_release(
+            &ReleaseInfo::of(Release(2)).unwrap().facts(),
+            CONTRACTS,
+            handover_core::artifact::sha256_hex(bytes),
+            bytes.len() as u64,
+            1_700_000_000_000,
+        )
+        .unwrap()
+    }
+
+    /// `releases/<id>/` for artifact `n` (its binary `n`'s bytes), as
+    /// [`stage`] leaves it.
+    pub fn stage_on_disk(releases: &Path, n: u32) -> Manifest {
+        let bytes = n.to_le_bytes();
+        let m = manifest(&bytes);
+        let new = NewDir::create(&releases.join(m.id())).unwrap();
+        write_new(&new.path().join(BINARY_FILE), &bytes, BINARY_MODE).unwrap();
+        write_new(
+            &new.path().join(MANIFEST_FILE),
+            m.to_pretty_json().as_bytes(),
+            FILE_MODE,
+        )
+        .unwrap();
+        new.place().unwrap();
+        m
+    }
+
+    /// Sets when `releases/<id>/` was staged to `ms` after the epoch.
+    pub fn set_staged_ms(releases: &Path, m: &Manifest, ms: u64) {
+        let t = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+        std::fs::File::open(releases.join(m.id()))
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    }
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ mod worker;
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use handover_core::release::Contracts;
 use serde::{Deserialize, Serialize};
@@ -55,6 +55,25 @@ pub async fn supervisor_sha256() -> Option<String> {
     let client = SupervisorClient::from_env()?;
     let sha = client.status().await.ok()?.sha256;
     (!sha.is_empty()).then_some(sha)
+}
+
+/// The directory under a role's data dir that holds its supervisor's state
+/// (`state.json`, `control.sock`): `DATA_DIR/supervisor`.
+pub const STATE_DIR_NAME: &str = "supervisor";
+
+/// The releases the supervisor state in `state_dir` names: the active one
+/// and, while a switch is under way, the one it switches to. These are
+/// what the supervisor may start again (a restart tries `switching` once,
+/// else falls back to `active`) and exec into, so a worker must not remove
+/// their binaries. Empty when no supervisor ever ran there; an error when
+/// the state cannot be read (then nothing is known to be unused).
+pub fn releases_named(state_dir: &Path) -> std::io::Result<Vec<Release>> {
+    Ok(match state::load(state_dir)? {
+        None => Vec::new(),
+        Some(state) => std::iter::once(state.active)
+            .chain(state.switching)
+            .collect(),
+    })
 }
 
 /// Env var set to `1` for every worker, so a worker knows it is supervised.

@@ -179,6 +179,34 @@ mod tests {
     }
 
     #[test]
+    fn releases_named_are_the_active_and_the_switching_one() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        assert_eq!(crate::releases_named(dir.path())?, vec![]);
+        store(
+            dir.path(),
+            &State {
+                active: release(1),
+                switching: Some(release(2)),
+            },
+        )?;
+        assert_eq!(
+            crate::releases_named(dir.path())?,
+            vec![release(1), release(2)]
+        );
+        store(
+            dir.path(),
+            &State {
+                active: release(2),
+                switching: None,
+            },
+        )?;
+        assert_eq!(crate::releases_named(dir.path())?, vec![release(2)]);
+        fs::write(state_path(dir.path()), b"{")?;
+        assert!(crate::releases_named(dir.path()).is_err());
+        Ok(())
+    }
+
+    #[test]
     fn missing_state_is_none_and_stored_state_reads_back() -> io::Result<()> {
         let dir = tempfile::tempdir()?;
         assert_eq!(load(dir.path())?, None);

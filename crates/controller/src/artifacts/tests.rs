@@ -1,5 +1,5 @@
 use super::*;
-use crate::{bearer, same_token};
+use crate::auth::{bearer, same_token};
 use futures_util::Stream;
 use handover_core::artifact::sha256_hex;
 use handover_core::artifact::{
@@ -14,14 +14,17 @@ const OP: &str = "operator-token-0123456789";
 const NODE: &str = "node-credential-0123456789";
 
 #[derive(Clone)]
-struct Host(Arc<ArtifactStore>);
+struct Host(Arc<ArtifactStore>, crate::auth::OperatorTokens);
+
+impl crate::auth::OperatorAuth for Host {
+    fn operator_tokens(&self) -> &crate::auth::OperatorTokens {
+        &self.1
+    }
+}
 
 impl ArtifactHost for Host {
     fn artifacts(&self) -> &ArtifactStore {
         &self.0
-    }
-    fn operator_token(&self) -> &str {
-        OP
     }
     async fn check_node(&self, headers: &HeaderMap) -> ApiResult<()> {
         match bearer(headers) {
@@ -184,11 +187,13 @@ fn b64(bytes: &[u8]) -> String {
 
 async fn serve(store: ArtifactStore) -> String {
     // As the controller mounts it: merged under a router whose default
-    // body limit is small.
+    // body limit is small, behind the operator API's check.
+    let tokens = crate::auth::OperatorTokens::new(OP.into(), None).unwrap();
+    let host = Host(Arc::new(store), tokens);
     let app = Router::new()
         .merge(routes::<Host>())
-        .layer(DefaultBodyLimit::max(1 << 20))
-        .with_state(Host(Arc::new(store)));
+        .layer(DefaultBodyLimit::max(1 << 20));
+    let app = crate::auth::guard(app, host.clone()).with_state(host);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });

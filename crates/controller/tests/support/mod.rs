@@ -11,6 +11,8 @@ pub const CRED_A: &str = "credential-of-node-a-0123456789abcdef";
 pub const CRED_B: &str = "credential-of-node-b-0123456789abcdef";
 
 pub const OPERATOR: &str = "operator-token-0123456789";
+/// The controller's read-only token (dashboards and status).
+pub const READ_ONLY: &str = "read-only-token-0123456789";
 
 pub struct Controller {
     pub addr: std::net::SocketAddr,
@@ -35,6 +37,7 @@ impl Controller {
             data_dir: dir.path().to_owned(),
             listen: addr,
             operator_token: OPERATOR.into(),
+            read_only_token: Some(READ_ONLY.into()),
             lease_ms: 3_000,
             trusted_keys: vec![],
             node_switch_wait_ms: 60_000,
