@@ -3,7 +3,7 @@
 //! limits, close gracefully.
 
 use crate::limits::{raise_open_files_limit, Limits, READ_BUF_BYTES_MAX};
-use crate::registry::{Conn, InFlight, Registry, Slot};
+use crate::registry::{Conn, InFlight, Pick, Registry, Slot};
 use crate::ServeError;
 use axum::body::{Body, Bytes};
 use axum::Router;
@@ -53,6 +53,7 @@ where
     tracing::info!(
         addr = ?listener.local_addr().ok(),
         connections_max = cap,
+        evictable_idle_ms = limits.evictable_idle_ms,
         header_read_timeout_ms = limits.header_read_timeout_ms,
         body_read_timeout_ms = limits.body_read_timeout_ms,
         "serving HTTP with limits"
@@ -78,10 +79,9 @@ where
                 continue;
             }
         };
-        // At the cap: close the connection waiting longest without a
-        // request, or, if every one has a request in flight, wait for one
-        // to end (this connection accepted and unread, the next ones in
-        // the kernel's backlog).
+        // At the cap: close a connection that has been without a request
+        // long enough, or wait until there is one (this connection
+        // accepted and unread, the next ones in the kernel's backlog).
         loop {
             if registry.occupied() < cap {
                 at_cap = false;
@@ -91,15 +91,21 @@ where
                 at_cap = true;
                 tracing::warn!(
                     connections_max = cap,
-                    "connection cap reached: a new connection closes the one waiting longest without a request"
+                    "connection cap reached: a new connection closes one without a request"
                 );
             }
-            if let Some(victim) = registry.victim() {
-                registry.evict(&victim);
-                break;
-            }
+            let wait = match registry.pick(limits.evictable_idle()) {
+                Pick::Evict(victim) => {
+                    registry.evict(&victim);
+                    break;
+                }
+                Pick::Wait(left) => left,
+                // Woken by `changed` when a request finishes.
+                Pick::Busy => limits.evictable_idle(),
+            };
             tokio::select! {
                 () = registry.changed() => {}
+                () = tokio::time::sleep(wait) => {}
                 () = &mut shutdown => break 'accept,
             }
         }
@@ -141,10 +147,10 @@ async fn accept_failed(e: &std::io::Error) {
 }
 
 /// What a connection goes through between accept and HTTP. Plain TCP
-/// today. TLS (tokio-rustls) is one more step here: the handshake under its
-/// own timeout, in the connection's task, while the connection already
-/// holds a slot and, having no request yet, is the first to make room at
-/// the cap; `connection` then serves HTTP on the TLS stream.
+/// today. TLS (tokio-rustls) is one more step here: the handshake under
+/// its own timeout, in the connection's task, while the connection already
+/// holds a slot and, having no request yet, is among the first to make
+/// room at the cap; `connection` then serves HTTP on the TLS stream.
 async fn establish(tcp: TcpStream) -> std::io::Result<TcpStream> {
     Ok(tcp)
 }
