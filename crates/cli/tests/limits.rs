@@ -9,6 +9,7 @@
 
 mod common;
 
+use anyhow::Context;
 use common::*;
 use handover::fleet::Fleet;
 use handover_net::limits::{CONTROLLER_HEADER_READ_TIMEOUT_MS, NODE_HEADER_READ_TIMEOUT_MS};
@@ -36,6 +37,11 @@ const OPEN_FILES_NEEDED: u64 = 2 * ATTACK_CONNECTIONS as u64 + 1_024;
 const EVENT_MS: u64 = 45_000;
 /// How often the test checks the grants while the attack runs.
 const GRANT_POLL: Duration = Duration::from_millis(500);
+/// A request of the test's, like a viewer's (`spawn_viewers`), may take
+/// this long: a new connection may wait in the backlog while the listener
+/// is at its cap until a connection becomes evictable
+/// (`Limits::evictable_idle_ms`).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Bound on the server closing one attack connection after it opened: the
 /// longer header read timeout of the two targets, plus room for a loaded
@@ -139,7 +145,9 @@ async fn closed_by_server(tcp: &mut TcpStream, slow: bool) {
     }
 }
 
-/// The grant every node has, as the operator sees it and as the node says.
+/// The grant every node has, as the operator sees it and as the node says
+/// on its own `/status` (asked on a new connection each time, as a viewer
+/// that joins).
 async fn grants(fleet: &Fleet) -> anyhow::Result<Vec<String>> {
     let status = fleet.op.status().await?;
     let mut seen: Vec<String> = status
@@ -148,11 +156,17 @@ async fn grants(fleet: &Fleet) -> anyhow::Result<Vec<String>> {
         .map(|n| format!("{}: {}", n.node.node_id, n.grant_now.as_str()))
         .collect();
     for n in &fleet.nodes {
-        let own = node_status(&n.url()).await;
-        let grant = own
-            .as_ref()
-            .and_then(|s| s["grant"].as_str())
-            .unwrap_or("?");
+        let own: serde_json::Value = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(REQUEST_TIMEOUT)
+            .build()?
+            .get(format!("{}/status", n.url()))
+            .send()
+            .await
+            .with_context(|| format!("{}'s /status", n.id))?
+            .json()
+            .await?;
+        let grant = own["grant"].as_str().unwrap_or("?");
         seen.push(format!("{} says: {grant}", n.id));
     }
     Ok(seen)
@@ -174,7 +188,7 @@ async fn silent_and_slow_connections_starve_no_viewer_and_no_node() {
         },
     )
     .await;
-    let viewers = spawn_viewers(&c, Duration::from_secs(5));
+    let viewers = spawn_viewers(&c, REQUEST_TIMEOUT);
     // Viewers playing and records flowing before the attack starts.
     sleep_until(c.event_start_ms + 3_000).await;
     let stored_before = c.fleet.stored_records("g1-a").await.unwrap().len();
@@ -186,7 +200,7 @@ async fn silent_and_slow_connections_starve_no_viewer_and_no_node() {
     while !(on_node.is_finished() && on_controller.is_finished()) {
         let seen = grants(&c.fleet)
             .await
-            .unwrap_or_else(|e| panic!("the operator API failed under the attack: {e:#}"));
+            .unwrap_or_else(|e| panic!("a request failed under the attack: {e:#}"));
         assert!(
             seen.iter().all(|g| g.ends_with(": full")),
             "a node lost its grant under the attack: {seen:?}"

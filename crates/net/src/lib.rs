@@ -10,16 +10,19 @@
 //!   tower-http's): a request body that stalls fails; a handler sees the
 //!   error when it reads the body ([`is_body_timeout`] recognises it).
 //! - **Connection cap** ([`Limits::connections_max`], kept below the
-//!   open-file limit). At the cap a new connection closes the one waiting
-//!   longest without a request in flight: first any that never sent a whole
-//!   request (a silent or slow client loses nothing), then the longest-idle
-//!   keep-alive one (its client reconnects for its next request, as HTTP
-//!   clients do after an idle close). A connection with a request in flight
-//!   is never closed to make room; if all have one, the new connection
-//!   waits until one ends. So connections that only hold a slot can never
-//!   keep out a viewer or a node: they make room for it at once, and the
-//!   timeouts close them anyway. Refusing at the cap instead would fail the
-//!   viewers; only waiting would make them wait for an idle client's timeout.
+//!   open-file limit). At the cap a new connection closes one that has had
+//!   no request in flight for [`Limits::evictable_idle_ms`] (2 s): first
+//!   one that never sent a whole request (a silent or slow client loses
+//!   nothing), oldest first, then the longest-idle keep-alive one (its
+//!   client reconnects for its next request, as HTTP clients do after an
+//!   idle close). The grace spares a client whose request is on its way or
+//!   not yet read by a busy server. A connection with a request in flight
+//!   is never closed to make room; if there is no candidate yet, the new
+//!   connection waits (in the backlog) until there is. So connections that
+//!   only hold a slot cannot keep out a viewer or a node for long: they
+//!   make room for it, and the timeouts close them anyway. Refusing at the
+//!   cap instead would fail the viewers; only waiting would make them wait
+//!   out an idle client's timeout.
 //! - **Graceful shutdown**: stop accepting, close connections without a
 //!   request, finish the requests in flight.
 //!

@@ -9,13 +9,18 @@ use std::time::Duration;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Connections open at once. At the cap a new connection makes room by
-    /// closing the connection that waits longest without a request in
-    /// flight (one that never sent a whole request first); if every
-    /// connection has a request in flight, the new one waits (accepted,
-    /// unread; the next ones in the kernel's backlog) until one ends. The
-    /// cap in force is also kept [`FDS_RESERVED`] below the open-file
-    /// limit, so accepting never fails for want of a descriptor.
+    /// closing a connection that has had no request in flight for at least
+    /// [`Limits::evictable_idle_ms`]: one that never sent a whole request
+    /// first, oldest first, else the one idle longest. If there is none
+    /// yet, the new one waits (accepted, unread; the next ones in the
+    /// kernel's backlog) until there is. The cap in force is also kept
+    /// [`FDS_RESERVED`] below the open-file limit, so accepting never fails
+    /// for want of a descriptor.
     pub connections_max: usize,
+    /// How long a connection must have had no request in flight (since it
+    /// was accepted, or since its last response) before it may be closed to
+    /// make room at the cap.
+    pub evictable_idle_ms: u64,
     /// From the moment a connection can take a request (just accepted, or
     /// its last response written) until that request's whole header has
     /// arrived. hyper's header read timeout, whose clock starts when the
@@ -30,6 +35,14 @@ pub struct Limits {
     /// arrives, so a large upload that keeps moving is never cut).
     pub body_read_timeout_ms: u64,
 }
+
+/// A connection may be closed to make room at the cap only after this long
+/// without a request in flight. A client that has just connected may have
+/// sent its request already, still unread by a server busy accepting a
+/// flood, and one that has just been answered may be sending its next:
+/// closing either would fail a request. A flood faster than the cap per
+/// this long makes new connections wait (in the backlog) instead.
+pub const EVICTABLE_IDLE_MS: u64 = 2_000;
 
 /// A node's header read and idle timeout. A playing viewer asks at least
 /// once per segment (HLS segments are 1 to 6 s), so its keep-alive
@@ -76,6 +89,7 @@ impl Limits {
     /// apart, 10,000 nodes.
     pub const CONTROLLER: Limits = Limits {
         connections_max: CONTROLLER_CONNECTIONS_MAX,
+        evictable_idle_ms: EVICTABLE_IDLE_MS,
         header_read_timeout_ms: CONTROLLER_HEADER_READ_TIMEOUT_MS,
         body_read_timeout_ms: BODY_READ_TIMEOUT_MS,
     };
@@ -83,6 +97,7 @@ impl Limits {
     /// A content node: HLS viewers.
     pub const NODE: Limits = Limits {
         connections_max: NODE_CONNECTIONS_MAX,
+        evictable_idle_ms: EVICTABLE_IDLE_MS,
         header_read_timeout_ms: NODE_HEADER_READ_TIMEOUT_MS,
         body_read_timeout_ms: BODY_READ_TIMEOUT_MS,
     };
@@ -103,8 +118,12 @@ impl Limits {
         Duration::from_millis(self.body_read_timeout_ms)
     }
 
-    /// Every limit is at least 1 (a zero would refuse every connection or
-    /// close it at once).
+    pub fn evictable_idle(&self) -> Duration {
+        Duration::from_millis(self.evictable_idle_ms)
+    }
+
+    /// Every limit but the eviction grace is at least 1 (a zero would
+    /// refuse every connection or close it at once).
     pub fn validate(&self) -> Result<(), crate::ServeError> {
         for (name, value) in [
             ("connections_max", self.connections_max as u64),
@@ -180,9 +199,11 @@ mod tests {
     }
 
     #[test]
-    fn the_controller_keeps_a_node_connection_between_heartbeats() {
+    fn the_values_fit_the_protocol_and_each_other() {
         const {
             assert!(CONTROLLER_HEADER_READ_TIMEOUT_MS > handover_core::node::HEARTBEAT_MS_MAX);
+            // A connection can make room before the idle timeout closes it.
+            assert!(EVICTABLE_IDLE_MS < NODE_HEADER_READ_TIMEOUT_MS);
         }
     }
 }

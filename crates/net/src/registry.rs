@@ -4,8 +4,19 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
+
+/// What makes room at the cap.
+pub(crate) enum Pick {
+    /// Close this connection.
+    Evict(Arc<Conn>),
+    /// None can be closed yet; one can in this long (or sooner, if a
+    /// connection ends or finishes a request).
+    Wait(Duration),
+    /// Every connection has a request in flight: wait for one to finish.
+    Busy,
+}
 
 /// One listener's connections. A connection holds a slot from its
 /// [`Registry::register`] until it is evicted or its [`Slot`] drops.
@@ -83,16 +94,37 @@ impl Registry {
         self.open().len()
     }
 
-    /// The connection that makes room at the cap: among those with no
-    /// request in flight and not evicted yet, one that never started a
-    /// request (an idle or slow client, oldest first), else the one idle
-    /// longest. `None` when every connection has a request in flight.
-    pub(crate) fn victim(&self) -> Option<Arc<Conn>> {
-        self.open()
+    /// What makes room at the cap: among the connections not evicted yet
+    /// that have had no request in flight for at least `grace`, one that
+    /// never started a request (a silent or slow client, oldest first),
+    /// else the one idle longest.
+    pub(crate) fn pick(&self, grace: Duration) -> Pick {
+        let now_ms = ms_since(self.started);
+        let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+        let open = self.open();
+        let idle = open
             .values()
-            .filter(|c| !c.evicted.load(Ordering::SeqCst) && c.in_flight() == 0)
-            .min_by_key(|c| (c.requests() > 0, c.idle_since_ms.load(Ordering::SeqCst)))
-            .cloned()
+            .filter(|c| !c.evicted.load(Ordering::SeqCst) && c.in_flight() == 0);
+        let mut soonest: Option<u64> = None;
+        let mut best: Option<(&Arc<Conn>, (bool, u64))> = None;
+        for c in idle {
+            let since = c.idle_since_ms.load(Ordering::SeqCst);
+            let idle_ms = now_ms.saturating_sub(since);
+            if idle_ms < grace_ms {
+                let left = grace_ms - idle_ms;
+                soonest = Some(soonest.map_or(left, |s| s.min(left)));
+                continue;
+            }
+            let key = (c.requests() > 0, since);
+            if best.as_ref().is_none_or(|(_, k)| key < *k) {
+                best = Some((c, key));
+            }
+        }
+        match (best, soonest) {
+            (Some((c, _)), _) => Pick::Evict(c.clone()),
+            (None, Some(left)) => Pick::Wait(Duration::from_millis(left.max(1))),
+            (None, None) => Pick::Busy,
+        }
     }
 
     /// Takes `conn`'s slot and tells its task to close it (at once when it
@@ -196,6 +228,11 @@ fn ms_since(start: Instant) -> u64 {
 mod tests {
     use super::*;
 
+    /// Whether `pick` chose `conn`.
+    fn picks(p: Pick, conn: &Arc<Conn>) -> bool {
+        matches!(p, Pick::Evict(v) if Arc::ptr_eq(&v, conn))
+    }
+
     #[test]
     fn the_victim_is_a_connection_without_a_request_oldest_first() {
         let r = Arc::new(Registry::new());
@@ -206,15 +243,19 @@ mod tests {
         // c has a request in flight.
         drop(a.conn().begin_request());
         let _busy = c.conn().begin_request();
-        let v = r.victim().map(|v| Arc::ptr_eq(&v, b.conn()));
-        assert_eq!(v, Some(true), "a silent connection goes first");
+        assert!(
+            picks(r.pick(Duration::ZERO), b.conn()),
+            "a silent one first"
+        );
         r.evict(b.conn());
         assert_eq!(r.occupied(), 2);
         assert_eq!(r.open_count(), 3, "b holds no slot but is still open");
-        let v = r.victim().map(|v| Arc::ptr_eq(&v, a.conn()));
-        assert_eq!(v, Some(true), "then the idle keep-alive one");
+        assert!(picks(r.pick(Duration::ZERO), a.conn()), "then the idle one");
         r.evict(a.conn());
-        assert!(r.victim().is_none(), "never one with a request in flight");
+        assert!(
+            matches!(r.pick(Duration::ZERO), Pick::Busy),
+            "never one with a request in flight"
+        );
         drop(b);
         drop(a);
         assert_eq!((r.occupied(), r.open_count()), (1, 1));
@@ -227,8 +268,22 @@ mod tests {
         let r = Arc::new(Registry::new());
         let first = r.register();
         let _second = r.register();
-        let v = r.victim().map(|v| Arc::ptr_eq(&v, first.conn()));
-        assert_eq!(v, Some(true));
+        assert!(picks(r.pick(Duration::ZERO), first.conn()));
+    }
+
+    #[test]
+    fn a_connection_is_closed_to_make_room_only_after_the_grace() {
+        let r = Arc::new(Registry::new());
+        let a = r.register();
+        let grace = Duration::from_secs(3_600);
+        match r.pick(grace) {
+            Pick::Wait(left) => assert!(left <= grace && left > Duration::ZERO),
+            _ => panic!("a new connection is not closed to make room"),
+        }
+        // Its request in flight, then done: idle again from now.
+        drop(a.conn().begin_request());
+        assert!(matches!(r.pick(grace), Pick::Wait(_)));
+        assert!(picks(r.pick(Duration::ZERO), a.conn()));
     }
 
     #[tokio::test]

@@ -3,7 +3,7 @@
 //! limits, close gracefully.
 
 use crate::limits::{raise_open_files_limit, Limits, READ_BUF_BYTES_MAX};
-use crate::registry::{Conn, InFlight, Registry, Slot};
+use crate::registry::{Conn, InFlight, Pick, Registry, Slot};
 use crate::ServeError;
 use axum::body::{Body, Bytes};
 use axum::Router;
@@ -54,6 +54,7 @@ where
     tracing::info!(
         addr = ?listener.local_addr().ok(),
         connections_max = cap,
+        evictable_idle_ms = limits.evictable_idle_ms,
         header_read_timeout_ms = limits.header_read_timeout_ms,
         body_read_timeout_ms = limits.body_read_timeout_ms,
         tls = tls.is_some(),
@@ -84,10 +85,9 @@ where
                 continue;
             }
         };
-        // At the cap: close the connection waiting longest without a
-        // request, or, if every one has a request in flight, wait for one
-        // to end (this connection accepted and unread, the next ones in
-        // the kernel's backlog).
+        // At the cap: close a connection that has been without a request
+        // long enough, or wait until there is one (this connection
+        // accepted and unread, the next ones in the kernel's backlog).
         loop {
             if registry.occupied() < cap {
                 at_cap = false;
@@ -97,15 +97,21 @@ where
                 at_cap = true;
                 tracing::warn!(
                     connections_max = cap,
-                    "connection cap reached: a new connection closes the one waiting longest without a request"
+                    "connection cap reached: a new connection closes one without a request"
                 );
             }
-            if let Some(victim) = registry.victim() {
-                registry.evict(&victim);
-                break;
-            }
+            let wait = match registry.pick(limits.evictable_idle()) {
+                Pick::Evict(victim) => {
+                    registry.evict(&victim);
+                    break;
+                }
+                Pick::Wait(left) => left,
+                // Woken by `changed` when a request finishes.
+                Pick::Busy => limits.evictable_idle(),
+            };
             tokio::select! {
                 () = registry.changed() => {}
+                () = tokio::time::sleep(wait) => {}
                 () = &mut shutdown => break 'accept,
             }
         }

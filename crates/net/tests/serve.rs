@@ -25,9 +25,11 @@ const LONG_MS: u64 = 60_000;
 /// Bound on every wait for an answer or a close.
 const BOUND: Duration = Duration::from_secs(10);
 
+/// Limits with both timeouts `timeout_ms` and no eviction grace.
 fn limits(connections_max: usize, timeout_ms: u64) -> Limits {
     Limits {
         connections_max,
+        evictable_idle_ms: 0,
         header_read_timeout_ms: timeout_ms,
         body_read_timeout_ms: timeout_ms,
     }
@@ -259,6 +261,22 @@ async fn at_the_cap_with_every_request_in_flight_a_new_connection_waits() {
     // `held` is idle now: it makes room, and the waiting one is served.
     assert_eq!(read_answer(&mut waiting).await, (200, "ok".into()));
     assert!(closed_by_server(&mut held).await);
+}
+
+#[tokio::test]
+async fn at_the_cap_a_new_connection_is_not_closed_before_its_grace() {
+    let s = start(Limits {
+        evictable_idle_ms: 2_000,
+        ..limits(1, LONG_MS)
+    })
+    .await;
+    let mut silent = s.connect().await;
+    // The cap is reached, but `silent` is too young to be closed: the new
+    // connection waits for it, and then is served.
+    let mut waiting = s.send_get("/fast").await;
+    assert!(no_answer_yet(&mut waiting).await, "closed within its grace");
+    assert_eq!(read_answer(&mut waiting).await, (200, "ok".into()));
+    assert!(closed_by_server(&mut silent).await);
 }
 
 #[tokio::test]
