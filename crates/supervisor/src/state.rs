@@ -81,15 +81,37 @@ fn write_atomically(dir: &Path, path: &Path, text: &[u8]) -> io::Result<()> {
 
 /// `<state_dir>/reexec.json`: written right before the supervisor execs
 /// itself into a binary, removed by the new image once it serves. Found at
-/// start, it means that exec did not come up (the new image crashed, and the
-/// service manager started the old binary again): the supervisor then does
-/// not exec into that binary again, so a broken new supervisor costs one
-/// restart instead of a crash loop.
+/// start, it means that exec did not come up: the new image crashed, or the
+/// whole process was killed at that moment (a host crash, an operator's
+/// SIGKILL), and the service manager started the old binary again. Since
+/// the two cannot be told apart, the supervisor tries the same binary again
+/// until it has tried [`REEXEC_TRIES_MAX`] times; then it stays on its own,
+/// so a broken new supervisor costs a few restarts, not a crash loop.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ReexecAttempt {
     pub binary: PathBuf,
     pub sha256: String,
+    /// Execs into this binary that did not come up, this one included (a
+    /// file written before this field counts as one).
+    #[serde(default = "one")]
+    pub tries: u32,
+}
+
+/// Execs into one binary a supervisor makes before it stays on its own:
+/// one kill at the wrong moment is survived, a binary that never comes up
+/// is not retried forever.
+pub(crate) const REEXEC_TRIES_MAX: u32 = 2;
+
+fn one() -> u32 {
+    1
+}
+
+impl ReexecAttempt {
+    /// This binary did not come up often enough to stop trying it.
+    pub fn exhausted(&self) -> bool {
+        self.tries >= REEXEC_TRIES_MAX
+    }
 }
 
 fn attempt_path(dir: &Path) -> PathBuf {
@@ -234,9 +256,16 @@ mod tests {
         let attempt = ReexecAttempt {
             binary: PathBuf::from("/r/3/handover"),
             sha256: "0f".repeat(32),
+            tries: 1,
         };
         store_attempt(dir.path(), &attempt)?;
         assert_eq!(load_attempt(dir.path()), Some(attempt));
+        // A file of a supervisor before `tries` counts one try.
+        fs::write(
+            dir.path().join("reexec.json"),
+            br#"{"binary":"/r/3/handover","sha256":"0f0f"}"#,
+        )?;
+        assert_eq!(load_attempt(dir.path()).map(|a| a.tries), Some(1));
         clear_attempt(dir.path())?;
         assert_eq!(load_attempt(dir.path()), None);
         Ok(())

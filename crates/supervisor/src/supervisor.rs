@@ -149,11 +149,23 @@ pub async fn run(
         true => None,
         false => state::load_attempt(&config.state_dir),
     };
+    if let Some(a) = failed_attempt.as_ref().filter(|a| !a.exhausted()) {
+        warn!(
+            supervisor = %config.name,
+            "an earlier re-exec into {} (SHA-256 {}) did not come up (try {} of {}); trying again",
+            a.binary.display(),
+            a.sha256,
+            a.tries,
+            state::REEXEC_TRIES_MAX,
+        );
+    }
+    let failed_attempt = failed_attempt.filter(state::ReexecAttempt::exhausted);
     let reexec_failed = failed_attempt.map(|attempt| {
         let reason = format!(
-            "an earlier re-exec into {} (SHA-256 {}) did not come up; the supervisor stays on its binary until a switch to another binary (or remove {}/reexec.json)",
+            "re-execs into {} (SHA-256 {}) did not come up {} times; the supervisor stays on its binary until a switch to another binary (or remove {}/reexec.json)",
             attempt.binary.display(),
             attempt.sha256,
+            attempt.tries,
             config.state_dir.display(),
         );
         error!(supervisor = %config.name, "{reason}");

@@ -761,7 +761,7 @@ fn workers_see_their_digest_and_a_binary_of_another_digest_is_refused() -> io::R
 }
 
 #[test]
-fn a_new_supervisor_image_that_fails_at_start_is_not_exec_d_again() -> io::Result<()> {
+fn a_new_supervisor_image_that_fails_at_start_twice_is_not_exec_d_again() -> io::Result<()> {
     let mut h = Harness::new("127.47.0.1")?;
     let broken = h.supervisor_copy("release-2")?;
     let own = fs::canonicalize(SUPERVISOR)?;
@@ -771,10 +771,15 @@ fn a_new_supervisor_image_that_fails_at_start_is_not_exec_d_again() -> io::Resul
     h.switch_direct_ok(&release_with_contracts(2, &broken))?;
     let exit = h.wait_supervisor_exit("the new image fails at start")?;
     assert_eq!(exit.code(), Some(1), "{exit:?}");
+    // Started again from the old binary, it tries once more (the first try
+    // may have been cut short by a kill rather than the binary), and that
+    // fails too.
+    h.start_supervisor_with(1, &own, Some("exit_after_reexec"))?;
+    let exit = h.wait_supervisor_exit("the new image fails at start again")?;
+    assert_eq!(exit.code(), Some(1), "{exit:?}");
 
-    // Started again from the old binary, it does not exec into the binary
-    // that did not come up: it serves release 2 from its own binary and says
-    // why.
+    // Started again, it does not exec into the binary that did not come up
+    // twice: it serves release 2 from its own binary and says why.
     let pid = h.start_supervisor(1, &own)?;
     let worker = h.wait_active("release 2 serves", 2);
     let status = h.wait_reexec_refused("did not come up");

@@ -246,14 +246,23 @@ pub(super) async fn exec_at_start(
     error!(supervisor = %name, "cannot re-execute into {}: {e}; staying on this binary", active.binary.display());
 }
 
-/// Records, durably, that this process is about to exec into `binary`.
+/// Records, durably, that this process is about to exec into `binary`
+/// (one more try, if an earlier exec into the same digest did not come up).
 async fn record_attempt(dir: &Path, binary: &Path, sha256: &str) -> io::Result<()> {
     let dir = dir.to_owned();
-    let attempt = state::ReexecAttempt {
-        binary: binary.to_owned(),
-        sha256: sha256.to_owned(),
-    };
-    blocking(move || state::store_attempt(&dir, &attempt)).await
+    let (binary, sha256) = (binary.to_owned(), sha256.to_owned());
+    blocking(move || {
+        let tries = state::load_attempt(&dir)
+            .filter(|a| a.sha256 == sha256)
+            .map_or(1, |a| a.tries.saturating_add(1));
+        let attempt = state::ReexecAttempt {
+            binary,
+            sha256,
+            tries,
+        };
+        state::store_attempt(&dir, &attempt)
+    })
+    .await
 }
 
 /// The exec failed: this image goes on, the attempt never happened.
