@@ -288,7 +288,9 @@ async fn tokens_never_on_argv_and_data_dirs_and_databases_private() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_token_reads_but_cannot_fence_through_a_supervisor() {
     let site = Site::new("read-only operator");
-    let fleet = site.fleet();
+    let mut fleet = site.fleet();
+    // This test starts the controller by hand, without TLS: plain HTTP.
+    fleet.plain_http().unwrap();
     let secrets = site.path().join("secrets");
     std::fs::create_dir(&secrets).unwrap();
     let read_only = "read-only-token-of-this-test-0123";
