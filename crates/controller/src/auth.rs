@@ -131,13 +131,7 @@ impl OperatorTokens {
 }
 
 /// Constant-time comparison so a token cannot be guessed byte by byte.
-pub(crate) fn same_token(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
-}
+pub(crate) use handover_core::identity::same_secret as same_token;
 
 /// `Authorization: Bearer <token>`, if the request carries one.
 pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
