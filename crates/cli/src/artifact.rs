@@ -679,7 +679,7 @@ mod tests {
         fn artifacts(&self) -> &ArtifactStore {
             &self.0
         }
-        async fn check_node(&self, _: &axum::http::HeaderMap) -> ApiResult<()> {
+        async fn check_node(&self, _: &handover_controller::NodeProof) -> ApiResult<()> {
             Err(ApiError::unauthorized("no nodes here"))
         }
     }

@@ -57,12 +57,37 @@ async fn viewers_until_end(s: &Setup) -> ViewerReport {
     viewers::run(&config, rx).await.unwrap()
 }
 
+/// g1-b's credential as its node.db holds it: over TLS, its client
+/// certificate's digest (public: anyone who saw the certificate knows it).
+async fn node_credential(data_dir: &std::path::Path) -> (String, bool) {
+    let db = data_dir.join("node.db");
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", db.display()))
+        .await
+        .unwrap();
+    let get = |key: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT value FROM kv WHERE key = ?")
+                .bind(key)
+                .fetch_optional(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let credential = get("credential").await.unwrap();
+    let has_key = get("client_identity").await.is_some();
+    pool.close().await;
+    (credential, has_key)
+}
+
 /// An insider owns a legitimate node (`g2-a`, with its own token and
-/// credential) and wants g1-b's identity: to fill g1-b's next seqs first so
-/// the real records are acknowledged and trimmed but never stored, to
-/// report another release, or to point viewers elsewhere. Every way in is
-/// refused while g1 runs its event with viewers watching, and afterwards
-/// g1-b's registration is its own and every record of g1 is stored once.
+/// client certificate) and wants g1-b's identity: to fill g1-b's next seqs
+/// first so the real records are acknowledged and trimmed but never
+/// stored, to report another release, or to point viewers elsewhere. Every
+/// way in is refused while g1 runs its event with viewers watching, and
+/// afterwards g1-b's registration is its own and every record of g1 is
+/// stored once. The real nodes authenticate by their certificates: what
+/// their node.db names as credential is public, and refused as a bearer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_one_else_can_claim_a_node_s_identity() {
     let mut s = setup(
@@ -80,11 +105,29 @@ async fn no_one_else_can_claim_a_node_s_identity() {
     let ids = ["g2-a".to_owned()];
     let attacker_token = s.fleet.add_simulated_nodes(&ids).await.unwrap().remove(0);
     let base = s.fleet.controller_url();
-    // The attacker is on the path too: TLS, with the cluster's CA.
+    // The attacker is on the path too: TLS, with the cluster's CA, and
+    // their own node's client certificate (or another they made).
     let http = s.fleet.http();
+    let trust = s.fleet.trust().unwrap().unwrap();
+    let with_cert = || {
+        let (id, _) = handover_net::tls::ClientIdentity::generate("g2-a").unwrap();
+        trust
+            .clone()
+            .with_identity(id)
+            .apply(reqwest::Client::builder())
+            .unwrap()
+            .build()
+            .unwrap()
+    };
+    let (own, other) = (with_cert(), with_cert());
+    let (b_credential, b_has_key) = node_credential(&s.fleet.nodes[1].data_dir).await;
+    assert!(
+        b_credential.starts_with("cert-sha256:") && b_has_key,
+        "over TLS a node's credential is its certificate: {b_credential}"
+    );
     let hello_url = format!("{base}/node/v1/hello");
     let (status, welcome) = attack(
-        &http,
+        &own,
         &hello_url,
         None,
         hello(
@@ -98,6 +141,10 @@ async fn no_one_else_can_claim_a_node_s_identity() {
     .await;
     assert_eq!(status, 200, "the attacker's own node joins: {welcome}");
     let attacker_credential = welcome["credential"].as_str().unwrap().to_owned();
+    assert!(
+        attacker_credential.starts_with("cert-sha256:"),
+        "{attacker_credential}"
+    );
     let watching = tokio::spawn({
         let s_targets = s.fleet.nodes[..2]
             .iter()
@@ -127,23 +174,50 @@ async fn no_one_else_can_claim_a_node_s_identity() {
         .and_then(|st| st["outbox"]["next_seq"].as_u64())
         .unwrap();
     let evil_url = "http://attacker.invalid/";
-    let attempts: Vec<(&str, Value, Option<&str>, u16, &str)> = vec![
+    type Attempt<'a> = (
+        &'a str,
+        &'a reqwest::Client,
+        Value,
+        Option<&'a str>,
+        u16,
+        &'a str,
+    );
+    let attempts: Vec<Attempt> = vec![
         (
             "hello as g1-b with the attacker's own token (spent, and another node's)",
+            &own,
             hello("g1-b", "backup", "g1", &attacker_token, evil_url),
             None,
             401,
             "unauthorized",
         ),
         (
-            "hello as g1-b with the attacker's credential",
-            hello("g1-b", "backup", "g1", &attacker_credential, evil_url),
+            "hello as g1-b with the attacker's certificate",
+            &own,
+            hello("g1-b", "backup", "g1", &b_credential, evil_url),
             None,
             401,
             "unauthorized",
         ),
         (
+            "hello as g1-b with g1-b's public credential, as token and bearer",
+            &http,
+            hello("g1-b", "backup", "g1", &b_credential, evil_url),
+            Some(&b_credential),
+            401,
+            "unauthorized",
+        ),
+        (
+            "hello as g1-b with a certificate made for the occasion",
+            &other,
+            hello("g1-b", "backup", "g1", &b_credential, evil_url),
+            Some(&b_credential),
+            401,
+            "unauthorized",
+        ),
+        (
             "hello as the attacker's own node, claiming to be g1's primary",
+            &own,
             hello("g2-a", "primary", "g1", &attacker_credential, evil_url),
             None,
             403,
@@ -151,36 +225,47 @@ async fn no_one_else_can_claim_a_node_s_identity() {
         ),
         (
             "hello as a new node zz, a third primary of g1",
+            &own,
             hello("zz", "primary", "g1", &attacker_credential, evil_url),
             None,
             403,
             "unknown_node",
         ),
     ];
-    for (what, body, bearer, want_status, want_code) in attempts {
-        let (status, body) = attack(&http, &hello_url, bearer, body).await;
+    for (what, client, body, bearer, want_status, want_code) in attempts {
+        let (status, body) = attack(client, &hello_url, bearer, body).await;
         assert_eq!(
             (status, code(&body)),
             (want_status, want_code),
             "{what}: {body}"
         );
     }
-    // Records for g1-b's next seqs, under the attacker's credential.
+    // Records for g1-b's next seqs, under the attacker's certificate, and
+    // under g1-b's public credential as a bearer.
     let batch = json!({"v": 1, "node_id": "g1-b", "epoch": welcome["epoch"], "schema": 2,
         "first_seq": next_seq, "records": [{"kind": "alert", "channel_id": 1, "node_id": "g1-b",
         "produced_at_ms": now_ms(), "message": "forged"}]});
-    let (status, body) = attack(
-        &http,
-        &format!("{base}/node/v1/records"),
-        Some(&attacker_credential),
-        batch,
-    )
-    .await;
-    assert_eq!(
-        (status, code(&body)),
-        (401, "unauthorized"),
-        "forged batch: {body}"
-    );
+    for (what, client, bearer) in [
+        ("the attacker's certificate", &own, None),
+        (
+            "g1-b's credential as a bearer",
+            &http,
+            Some(b_credential.as_str()),
+        ),
+    ] {
+        let (status, body) = attack(
+            client,
+            &format!("{base}/node/v1/records"),
+            bearer,
+            batch.clone(),
+        )
+        .await;
+        assert_eq!(
+            (status, code(&body)),
+            (401, "unauthorized"),
+            "forged batch with {what}: {body}"
+        );
+    }
 
     let v = watching.await.unwrap();
     judge_viewers(&s.name, &v, Viewing::Clean);

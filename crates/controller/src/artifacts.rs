@@ -38,6 +38,7 @@
 //! into place, so `<id>/` exists only when complete. A mismatch keeps
 //! nothing.
 
+use crate::node_api::NodeProof;
 use crate::{ApiError, ApiResult};
 use axum::body::{Body, BodyDataStream};
 use axum::extract::rejection::PathRejection;
@@ -77,8 +78,9 @@ pub const SIGNATURE_HEADER: &str = "x-handover-signature";
 pub trait ArtifactHost: crate::auth::OperatorAuth {
     fn artifacts(&self) -> &ArtifactStore;
 
-    /// Accepts or refuses a node request by its `Authorization` header.
-    fn check_node(&self, headers: &HeaderMap) -> impl Future<Output = ApiResult<()>> + Send;
+    /// Accepts or refuses a node request by its credential (client
+    /// certificate or bearer).
+    fn check_node(&self, proof: &NodeProof) -> impl Future<Output = ApiResult<()>> + Send;
 }
 
 /// The artifact routes, to merge into the controller's router before
@@ -182,9 +184,9 @@ async fn lookup<H: ArtifactHost>(host: &H, id: String) -> ApiResult<Stored> {
 async fn node_lookup<H: ArtifactHost>(
     host: &H,
     id: Result<Path<String>, PathRejection>,
-    headers: &HeaderMap,
+    proof: &NodeProof,
 ) -> ApiResult<Stored> {
-    host.check_node(headers).await?;
+    host.check_node(proof).await?;
     lookup(host, artifact_id(id)?).await
 }
 
@@ -353,9 +355,9 @@ pub async fn list<H: ArtifactHost>(State(host): State<H>) -> ApiResult<Json<Vec<
 pub async fn node_manifest<H: ArtifactHost>(
     State(host): State<H>,
     id: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
+    proof: NodeProof,
 ) -> ApiResult<Response> {
-    let stored = node_lookup(&host, id, &headers).await?;
+    let stored = node_lookup(&host, id, &proof).await?;
     Ok((
         [(header::CONTENT_TYPE, "application/json")],
         stored.document,
@@ -369,9 +371,9 @@ pub async fn node_manifest<H: ArtifactHost>(
 pub async fn node_signature<H: ArtifactHost>(
     State(host): State<H>,
     id: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
+    proof: NodeProof,
 ) -> ApiResult<Response> {
-    host.check_node(&headers).await?;
+    host.check_node(&proof).await?;
     signature_answer(&host, id).await
 }
 
@@ -407,13 +409,13 @@ async fn signature_answer<H: ArtifactHost>(
 pub async fn node_binary<H: ArtifactHost>(
     State(host): State<H>,
     id: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
+    proof: NodeProof,
 ) -> ApiResult<Response> {
     let Stored {
         manifest: m,
         binary: path,
         ..
-    } = node_lookup(&host, id, &headers).await?;
+    } = node_lookup(&host, id, &proof).await?;
     let file = tokio::fs::File::open(&path).await.map_err(|error| {
         ApiError::from(ArtifactStoreError::from(IoError {
             op: "open",

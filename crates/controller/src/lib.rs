@@ -13,6 +13,7 @@ mod watches;
 
 pub(crate) use auth::bearer;
 pub use error::{ApiError, ApiResult};
+pub use node_api::NodeProof;
 pub use watches::WATCHES_PER_NODE_MAX;
 
 use anyhow::Context;
@@ -122,8 +123,8 @@ impl artifacts::ArtifactHost for Shared {
         &self.artifacts
     }
 
-    async fn check_node(&self, headers: &axum::http::HeaderMap) -> ApiResult<()> {
-        node_api::session(self, headers, None).await.map(|_| ())
+    async fn check_node(&self, proof: &node_api::NodeProof) -> ApiResult<()> {
+        node_api::session(self, proof, None).await.map(|_| ())
     }
 }
 

@@ -3,8 +3,9 @@
 use crate::{bearer, now_ms, ApiError, ApiResult, Session, Shared};
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::FromRequestParts;
 use axum::extract::{Query, State};
-use axum::http::HeaderMap;
+use axum::http::request::Parts;
 use axum::Json;
 use handover_core::admission::{Channel, ErrorCode};
 use handover_core::identity::{self, Proof, SecretDigest};
@@ -12,21 +13,54 @@ use handover_core::wire::{
     self, limits, Batch, GrantState, Heartbeat, Hello, ParamsAnswer, Welcome,
 };
 use handover_core::Grant;
+use handover_net::tls::PeerCertificate;
 use handover_store::NodeRegistration;
 use serde::Deserialize;
 use std::time::Duration;
 
-/// Finds the session a bearer credential belongs to, from memory or, after
-/// a controller restart, from the registry (by the credential's digest).
+/// What a node request presents as its credential: the client certificate
+/// its connection proved it holds, if any (then a bearer is not looked at),
+/// else its `Authorization: Bearer` credential.
+#[derive(Clone, Debug, Default)]
+pub struct NodeProof {
+    certificate: Option<SecretDigest>,
+    bearer: Option<SecretDigest>,
+}
+
+impl NodeProof {
+    /// The digest to look the node up by.
+    pub fn credential(&self) -> Option<&SecretDigest> {
+        self.certificate.as_ref().or(self.bearer.as_ref())
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for NodeProof {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<NodeProof, Self::Rejection> {
+        Ok(NodeProof {
+            certificate: parts
+                .extensions
+                .get::<PeerCertificate>()
+                .map(|c| SecretDigest::of_certificate(&c.sha256_hex)),
+            bearer: bearer(&parts.headers).map(SecretDigest::of),
+        })
+    }
+}
+
+/// Finds the session a credential belongs to, from memory or, after a
+/// controller restart, from the registry (by the credential's digest).
 pub(crate) async fn session(
     state: &Shared,
-    headers: &HeaderMap,
+    proof: &NodeProof,
     node_hint: Option<&str>,
 ) -> ApiResult<Session> {
-    let token = bearer(headers).ok_or_else(|| {
-        ApiError::unauthorized("missing `Authorization: Bearer <credential>`; send hello first")
+    let digest = proof.credential().cloned().ok_or_else(|| {
+        ApiError::unauthorized(
+            "no credential: present this node's client certificate (https) or \
+             `Authorization: Bearer <credential>`; send hello first",
+        )
     })?;
-    let digest = SecretDigest::of(token);
     let cached = state
         .sessions
         .read()
@@ -66,18 +100,22 @@ pub(crate) async fn session(
 /// about itself registered.
 pub async fn hello(
     State(state): State<Shared>,
+    proof: NodeProof,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<Welcome>> {
     let hello: Hello = wire::decode(&body?)?;
     let id = &hello.node_id;
     let membership = state.members.read().ok().and_then(|m| m.get(id).cloned());
     let existing = state.store.credential_of(id).await?;
+    let presented = match proof.certificate {
+        Some(certificate) => identity::Presented::certificate(&hello, certificate),
+        None => identity::Presented::bearer(&hello),
+    };
     // A node's own credential (every hello but its first) needs no second
     // read: the bootstrap token matters only when the credential does not
     // match (a reconnect storm is 10,000 such hellos).
-    let presented = SecretDigest::of(&hello.token);
     let bootstrap = match &existing {
-        Some(c) if c.matches(&presented) => None,
+        Some(c) if c.matches(&presented.credential) => None,
         _ => state.store.bootstrap_token(id).await?,
     };
     let known = identity::Known {
@@ -86,19 +124,36 @@ pub async fn hello(
         bootstrap: bootstrap.as_ref(),
     };
     let now = now_ms();
-    let (credential, digest) = match identity::admit_hello(&hello, known, now) {
+    // What the welcome hands back as the node's credential: its bearer
+    // secret, or its certificate's digest (public: the certificate proves it).
+    let handed_back = |digest: &SecretDigest, secret: &str| {
+        if digest.is_certificate() {
+            digest.as_str().to_owned()
+        } else {
+            secret.to_owned()
+        }
+    };
+    let (credential, digest) = match identity::admit_hello(&hello, &presented, known, now) {
         Err(refusal) => {
             tracing::warn!(node = %id, code = %refusal.code, "hello refused: {}", refusal.message);
             return Err(refusal.into());
         }
-        Ok(Proof::Credential) => (hello.token.clone(), presented),
+        Ok(Proof::Credential) => (
+            handed_back(&presented.credential, &hello.token),
+            presented.credential,
+        ),
         Ok(Proof::Bootstrap) => {
-            // admit_hello admits a bootstrap token only with new_credential.
-            let credential = hello.new_credential.clone().unwrap_or_default();
-            let digest = SecretDigest::of(&credential);
+            // admit_hello admits a bootstrap token only with a new credential.
+            let Some(digest) = presented.new_credential else {
+                return Err(ApiError::unauthorized(
+                    "no credential to trade the token for",
+                ));
+            };
+            let credential =
+                handed_back(&digest, hello.new_credential.as_deref().unwrap_or_default());
             if !state
                 .store
-                .trade_bootstrap_token(id, &presented, &digest, now)
+                .trade_bootstrap_token(id, &presented.token, &digest, now)
                 .await?
             {
                 // Another hello traded it (or it expired) since it was read.
@@ -107,7 +162,11 @@ pub async fn hello(
                      issue a new one with `handover node add {id} --replace`"
                 )));
             }
-            tracing::info!(node = %id, "bootstrap token traded for the node's credential");
+            tracing::info!(
+                node = %id,
+                certificate = digest.is_certificate(),
+                "bootstrap token traded for the node's credential"
+            );
             (credential, digest)
         }
     };
@@ -155,11 +214,11 @@ pub async fn hello(
 
 pub async fn heartbeat(
     State(state): State<Shared>,
-    headers: HeaderMap,
+    proof: NodeProof,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<GrantState>> {
     let hb: Heartbeat = wire::decode(&body?)?;
-    let s = session(&state, &headers, Some(&hb.node_id)).await?;
+    let s = session(&state, &proof, Some(&hb.node_id)).await?;
     state.admission().heartbeat(hb.epoch)?;
     let grant = state
         .view()
@@ -192,11 +251,11 @@ pub struct WatchQuery {
 /// oldest answer at once with the current state.
 pub async fn watch(
     State(state): State<Shared>,
-    headers: HeaderMap,
+    proof: NodeProof,
     q: Result<Query<WatchQuery>, QueryRejection>,
 ) -> ApiResult<Json<GrantState>> {
     let Query(q) = q?;
-    let s = session(&state, &headers, q.node.as_deref()).await?;
+    let s = session(&state, &proof, q.node.as_deref()).await?;
     let wait = Duration::from_millis(
         q.wait_ms
             .unwrap_or(limits::WATCH_WAIT_MS_MAX)
@@ -238,11 +297,11 @@ pub struct ParamsQuery {
 
 pub async fn params(
     State(state): State<Shared>,
-    headers: HeaderMap,
+    proof: NodeProof,
     q: Result<Query<ParamsQuery>, QueryRejection>,
 ) -> ApiResult<Json<ParamsAnswer>> {
     let Query(q) = q?;
-    let s = session(&state, &headers, q.node.as_deref()).await?;
+    let s = session(&state, &proof, q.node.as_deref()).await?;
     let view = state.view();
     state.admission().params(s.schema, q.epoch)?;
     let params = state.store.params().await?;
@@ -255,12 +314,12 @@ pub async fn params(
 
 async fn ingest(
     state: Shared,
-    headers: HeaderMap,
+    proof: NodeProof,
     body: Result<Bytes, BytesRejection>,
     channel: Channel,
 ) -> ApiResult<Json<wire::BatchAck>> {
     let batch: Batch = wire::decode(&body?)?;
-    let s = session(&state, &headers, Some(&batch.node_id)).await?;
+    let s = session(&state, &proof, Some(&batch.node_id)).await?;
     state
         .admission()
         .batch(channel, s.schema, batch.epoch, batch.schema)?;
@@ -278,16 +337,16 @@ async fn ingest(
 
 pub async fn records(
     State(state): State<Shared>,
-    headers: HeaderMap,
+    proof: NodeProof,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<wire::BatchAck>> {
-    ingest(state, headers, body, Channel::Main).await
+    ingest(state, proof, body, Channel::Main).await
 }
 
 pub async fn deliver(
     State(state): State<Shared>,
-    headers: HeaderMap,
+    proof: NodeProof,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<wire::BatchAck>> {
-    ingest(state, headers, body, Channel::Redundant).await
+    ingest(state, proof, body, Channel::Redundant).await
 }

@@ -9,6 +9,15 @@
 //! 256 random bits, so a digest is as good as a slow hash against guessing,
 //! and it is an exact key a database indexes, so an unknown credential is
 //! refused with one index lookup.
+//!
+//! Over TLS a node's credential is its client certificate, pinned (the way
+//! SSH and WireGuard pin keys): the node makes a key and a self-signed
+//! certificate at its first start, the TLS handshake proves it holds the
+//! key, and the controller stores the certificate's SHA-256
+//! ([`SecretDigest::of_certificate`]) where a bearer credential's digest
+//! would be. So no secret crosses the wire after the bootstrap token,
+//! revocation (`handover node remove`) takes effect at the next request
+//! with no revocation list, and nothing expires that needs renewing.
 
 use crate::admission::{ErrorCode, Refusal};
 use crate::role::Role;
@@ -42,6 +51,19 @@ impl SecretDigest {
         SecretDigest(crate::artifact::to_hex(&Sha256::digest(secret.as_bytes())))
     }
 
+    /// A TLS client certificate's credential, from the SHA-256 (hex) of its
+    /// DER bytes. The prefix keeps it apart from every bearer digest (plain
+    /// hex): a certificate is public, so a bearer whose digest equalled it
+    /// would let anyone who saw the certificate pass as its node.
+    pub fn of_certificate(der_sha256_hex: &str) -> SecretDigest {
+        SecretDigest(format!("{CERTIFICATE_DIGEST_PREFIX}{der_sha256_hex}"))
+    }
+
+    /// Whether this is a certificate's credential, not a bearer's.
+    pub fn is_certificate(&self) -> bool {
+        self.0.starts_with(CERTIFICATE_DIGEST_PREFIX)
+    }
+
     /// A digest as stored (trusted to be one).
     pub fn from_stored(hex: String) -> SecretDigest {
         SecretDigest(hex)
@@ -62,6 +84,51 @@ impl SecretDigest {
 pub fn same_secret(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// What a certificate credential starts with (see [`SecretDigest::of_certificate`]).
+pub const CERTIFICATE_DIGEST_PREFIX: &str = "cert-sha256:";
+
+/// Whether a node's credential is a bearer secret it sends (not a
+/// certificate's digest, which its TLS connection proves instead).
+pub fn is_bearer_secret(credential: &str) -> bool {
+    !credential.starts_with(CERTIFICATE_DIGEST_PREFIX)
+}
+
+/// What a hello proves, as opposed to what it says about itself.
+#[derive(Clone, Debug)]
+pub struct Presented {
+    /// The node's credential: its TLS client certificate when the
+    /// connection presented one, else the hello's token.
+    pub credential: SecretDigest,
+    /// The hello's token, taken as a bootstrap token.
+    pub token: SecretDigest,
+    /// What a bootstrap token would be traded for: the certificate, or the
+    /// bearer credential the hello names in `new_credential`.
+    pub new_credential: Option<SecretDigest>,
+}
+
+impl Presented {
+    /// A hello on a connection without a client certificate: its token is
+    /// its credential (plain HTTP on loopback, nodes of earlier builds).
+    pub fn bearer(hello: &Hello) -> Presented {
+        let token = SecretDigest::of(&hello.token);
+        Presented {
+            credential: token.clone(),
+            token,
+            new_credential: hello.new_credential.as_deref().map(SecretDigest::of),
+        }
+    }
+
+    /// A hello on a connection whose client proved it holds `certificate`:
+    /// that is its credential, whatever the hello's token says.
+    pub fn certificate(hello: &Hello, certificate: SecretDigest) -> Presented {
+        Presented {
+            credential: certificate.clone(),
+            token: SecretDigest::of(&hello.token),
+            new_credential: Some(certificate),
+        }
+    }
 }
 
 /// A node's place in the controller's groups.
@@ -98,9 +165,14 @@ pub enum Proof {
 }
 
 /// The identity half of hello: the node id must be one a group names, in
-/// that group and role, and the token must be that node's credential or its
-/// unused, unexpired bootstrap token.
-pub fn admit_hello(hello: &Hello, known: Known<'_>, now_ms: i64) -> Result<Proof, Refusal> {
+/// that group and role, and what it presents must be that node's credential
+/// or its unused, unexpired bootstrap token.
+pub fn admit_hello(
+    hello: &Hello,
+    presented: &Presented,
+    known: Known<'_>,
+    now_ms: i64,
+) -> Result<Proof, Refusal> {
     let id = &hello.node_id;
     let Some(m) = known.membership else {
         return Err(Refusal::new(
@@ -126,12 +198,14 @@ pub fn admit_hello(hello: &Hello, known: Known<'_>, now_ms: i64) -> Result<Proof
             ),
         ));
     }
-    let presented = SecretDigest::of(&hello.token);
-    if known.credential.is_some_and(|c| c.matches(&presented)) {
+    if known
+        .credential
+        .is_some_and(|c| c.matches(&presented.credential))
+    {
         return Ok(Proof::Credential);
     }
     match known.bootstrap {
-        Some(t) if t.digest.matches(&presented) => match t.used_ms {
+        Some(t) if t.digest.matches(&presented.token) => match t.used_ms {
             Some(used) => Err(Refusal::new(
                 ErrorCode::Unauthorized,
                 format!(
@@ -148,12 +222,20 @@ pub fn admit_hello(hello: &Hello, known: Known<'_>, now_ms: i64) -> Result<Proof
                     t.expires_ms
                 ),
             )),
-            None if hello.new_credential.is_none() => Err(Refusal::new(
+            None if presented.new_credential.is_none() => Err(Refusal::new(
                 ErrorCode::InvalidField,
                 "a hello with a bootstrap token carries the node's new_credential",
             )),
             None => Ok(Proof::Bootstrap),
         },
+        _ if presented.credential.is_certificate() => Err(Refusal::new(
+            ErrorCode::Unauthorized,
+            format!(
+                "this client certificate is not node {id:?}'s: a node keeps the one it made \
+                 at its first start (in its data dir); to give {id:?} a new one, issue \
+                 `handover node add {id} --replace` and start it with an empty data dir"
+            ),
+        )),
         _ => Err(Refusal::new(
             ErrorCode::Unauthorized,
             format!(
@@ -319,7 +401,8 @@ mod tests {
                 credential,
                 bootstrap,
             };
-            let got = admit_hello(&hello(id, role, group, token), known, NOW).map_err(|r| r.code);
+            let h = hello(id, role, group, token);
+            let got = admit_hello(&h, &Presented::bearer(&h), known, NOW).map_err(|r| r.code);
             assert_eq!(got, want, "case {i}");
         }
     }
@@ -342,7 +425,7 @@ mod tests {
         };
         let mut h = hello("a", Role::Primary, "g1", "hob_t");
         h.new_credential = None;
-        let r = admit_hello(&h, known, NOW).unwrap_err();
+        let r = admit_hello(&h, &Presented::bearer(&h), known, NOW).unwrap_err();
         assert_eq!(r.code, ErrorCode::InvalidField);
     }
 
@@ -368,14 +451,71 @@ mod tests {
             membership: Some(&member),
             ..Known::default()
         };
-        let r = admit_hello(&hello("a", Role::Backup, "g1", "t"), known, NOW).unwrap_err();
+        let h = hello("a", Role::Backup, "g1", "t");
+        let r = admit_hello(&h, &Presented::bearer(&h), known, NOW).unwrap_err();
         assert!(r.message.contains("--role primary --group g1"), "{r}");
-        let r = admit_hello(
-            &hello("zz", Role::Primary, "g1", "t"),
-            Known::default(),
+        let h = hello("zz", Role::Primary, "g1", "t");
+        let r = admit_hello(&h, &Presented::bearer(&h), Known::default(), NOW).unwrap_err();
+        assert!(r.message.contains("handover node add zz"), "{r}");
+    }
+
+    /// A certificate is the credential, whatever the token says; its digest
+    /// is public, so no bearer can pass for it; a certificate trades a
+    /// bootstrap token for itself.
+    #[test]
+    fn a_certificate_is_the_credential_and_no_bearer_passes_for_it() {
+        let member = Membership {
+            group: "g1".into(),
+            role: Role::Backup,
+        };
+        let cert = SecretDigest::of_certificate(&"ab".repeat(32));
+        assert!(cert.is_certificate());
+        let token = BootstrapToken {
+            digest: SecretDigest::of("hob_boot"),
+            expires_ms: NOW + 1,
+            used_ms: None,
+        };
+        let registered = Known {
+            membership: Some(&member),
+            credential: Some(&cert),
+            bootstrap: None,
+        };
+        // The node itself: its certificate on the connection; the token is
+        // whatever it sends (here the certificate's digest, which is public).
+        let h = hello("g1-b", Role::Backup, "g1", cert.as_str());
+        assert_eq!(
+            admit_hello(
+                &h,
+                &Presented::certificate(&h, cert.clone()),
+                registered,
+                NOW
+            ),
+            Ok(Proof::Credential)
+        );
+        // Anyone else: the public digest as a bearer, or another certificate.
+        assert_eq!(
+            admit_hello(&h, &Presented::bearer(&h), registered, NOW).map_err(|r| r.code),
+            Err(ErrorCode::Unauthorized)
+        );
+        let other = SecretDigest::of_certificate(&"cd".repeat(32));
+        let refused = admit_hello(
+            &h,
+            &Presented::certificate(&h, other.clone()),
+            registered,
             NOW,
         )
         .unwrap_err();
-        assert!(r.message.contains("handover node add zz"), "{r}");
+        assert_eq!(refused.code, ErrorCode::Unauthorized);
+        assert!(refused.message.contains("--replace"), "{refused}");
+        // A first hello: the bootstrap token, traded for the certificate.
+        let first = hello("g1-b", Role::Backup, "g1", "hob_boot");
+        let fresh = Known {
+            membership: Some(&member),
+            credential: None,
+            bootstrap: Some(&token),
+        };
+        let p = Presented::certificate(&first, other.clone());
+        assert_eq!(admit_hello(&first, &p, fresh, NOW), Ok(Proof::Bootstrap));
+        assert_eq!(p.new_credential, Some(other));
     }
 }

@@ -4,6 +4,7 @@
 
 use crate::limits::{raise_open_files_limit, Limits, READ_BUF_BYTES_MAX};
 use crate::registry::{Conn, InFlight, Pick, Registry, Slot};
+use crate::tls::PeerCertificate;
 use crate::ServeError;
 use axum::body::{Body, Bytes};
 use axum::Router;
@@ -168,12 +169,25 @@ struct Handshake {
 }
 
 impl Handshake {
-    async fn establish(&self, tcp: TcpStream) -> std::io::Result<Box<dyn Io>> {
+    /// The stream, and the client certificate the client proved it holds
+    /// (TLS only, if it presented one).
+    async fn establish(
+        &self,
+        tcp: TcpStream,
+    ) -> std::io::Result<(Box<dyn Io>, Option<PeerCertificate>)> {
         let Some(acceptor) = &self.acceptor else {
-            return Ok(Box::new(tcp));
+            return Ok((Box::new(tcp), None));
         };
         match tokio::time::timeout(self.timeout, acceptor.accept(tcp)).await {
-            Ok(Ok(tls)) => Ok(Box::new(tls)),
+            Ok(Ok(tls)) => {
+                let peer = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .map(|der| PeerCertificate::of_der(der));
+                Ok((Box::new(tls), peer))
+            }
             Ok(Err(e)) => Err(e),
             Err(_) => Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
@@ -196,7 +210,7 @@ async fn connection(
     mut stop: watch::Receiver<bool>,
 ) {
     let conn = slot.conn().clone();
-    let io = tokio::select! {
+    let (io, peer) = tokio::select! {
         io = handshake.establish(tcp) => match io {
             Ok(io) => io,
             Err(e) => {
@@ -210,6 +224,7 @@ async fn connection(
     let service = Tracked {
         app,
         conn: conn.clone(),
+        peer,
     };
     let served = http.serve_connection(TokioIo::new(io), service);
     let mut served = std::pin::pin!(served);
@@ -244,10 +259,12 @@ async fn connection(
 }
 
 /// The application as hyper calls it on one connection: every request is
-/// counted in flight until its response body is done.
+/// counted in flight until its response body is done, and carries the
+/// connection's client certificate, if any, in its extensions.
 struct Tracked {
     app: App,
     conn: Arc<Conn>,
+    peer: Option<PeerCertificate>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for Tracked {
@@ -255,8 +272,11 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         let in_flight = self.conn.begin_request();
+        if let Some(peer) = &self.peer {
+            req.extensions_mut().insert(peer.clone());
+        }
         let app = self.app.clone();
         Box::pin(async move {
             let response = app.oneshot(req).await?;

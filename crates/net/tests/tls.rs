@@ -122,3 +122,81 @@ fn a_missing_or_foreign_file_says_which_and_what_to_do() {
     let e = server_config(&cert, &other_key).unwrap_err().to_string();
     assert!(e.contains("does not go with"), "{e}");
 }
+
+/// A client's certificate reaches the handlers as the SHA-256 of what the
+/// client proved it holds (any issuer: the application pins it); a client
+/// without one is served too, with none; a certificate whose key the client
+/// does not hold cannot be presented at all.
+#[tokio::test]
+async fn a_client_certificate_reaches_the_handler_as_its_digest() {
+    use handover_net::tls::{ClientIdentity, PeerCertificate};
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = pki(dir.path(), "ours");
+    let config = server_config(&cert, &key).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = Router::new().route(
+        "/who",
+        get(
+            |peer: Option<axum::Extension<PeerCertificate>>| async move {
+                peer.map(|p| p.0.sha256_hex.to_string())
+                    .unwrap_or_else(|| "nobody".into())
+            },
+        ),
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(serve(
+        listener,
+        router,
+        Limits::NODE,
+        Some(config),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let url = format!("https://{addr}/who");
+    let trust = ClientTrust::load(&ca).unwrap();
+    let ask = |trust: ClientTrust| {
+        let url = url.clone();
+        async move {
+            let client = client_for(
+                &url,
+                Some(&trust),
+                reqwest::Client::builder().timeout(BOUND),
+            )
+            .unwrap()
+            .build()
+            .map_err(|e| e.to_string())?;
+            let r = client.get(&url).send().await.map_err(|e| e.to_string())?;
+            r.text().await.map_err(|e| e.to_string())
+        }
+    };
+    assert_eq!(ask(trust.clone()).await.unwrap(), "nobody");
+    let (identity, peer) = ClientIdentity::generate("g1-b").unwrap();
+    assert_eq!(identity.certificate().unwrap(), peer);
+    assert_eq!(
+        ask(trust.clone().with_identity(identity.clone()))
+            .await
+            .unwrap(),
+        peer.sha256_hex.to_string()
+    );
+    // Its certificate with another key cannot even be presented (the
+    // handshake's signature, checked by the server, could not match).
+    let (stranger, _) = ClientIdentity::generate("g1-b").unwrap();
+    let pem = String::from_utf8(identity.pem().to_vec()).unwrap();
+    let cert_only = &pem[..pem.find("-----BEGIN PRIVATE KEY-----").unwrap()];
+    let other_pem = String::from_utf8(stranger.pem().to_vec()).unwrap();
+    let key_only = &other_pem[other_pem.find("-----BEGIN PRIVATE KEY-----").unwrap()..];
+    let forged = ClientIdentity::from_pem(format!("{cert_only}{key_only}").into_bytes());
+    let refused = ask(trust.with_identity(forged)).await;
+    assert!(
+        refused.is_err(),
+        "a certificate without its key was accepted: {refused:?}"
+    );
+    let _ = stop.send(());
+    tokio::time::timeout(BOUND, served)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}

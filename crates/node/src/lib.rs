@@ -153,10 +153,38 @@ fn trusted_keys(config: &NodeConfig) -> anyhow::Result<Vec<handover_core::artifa
 
 /// The node's credential: the one it holds, or (first start) one it
 /// chooses now and persists before any hello, so the bootstrap token it
-/// trades it for is never wasted on a welcome lost on the way.
-async fn credential(store: &store::Store, config: &NodeConfig) -> anyhow::Result<String> {
+/// trades it for is never wasted on a welcome lost on the way. With an
+/// https controller the credential is a client certificate the node makes
+/// (returned too, to present on every connection); else a random bearer
+/// secret (plain http on loopback).
+async fn credential(
+    store: &store::Store,
+    config: &NodeConfig,
+) -> anyhow::Result<(String, Option<handover_net::tls::ClientIdentity>)> {
+    use handover_net::tls::ClientIdentity;
     if let Some(c) = store.kv_get(store::keys::CREDENTIAL).await? {
-        return Ok(c);
+        if handover_core::identity::is_bearer_secret(&c) {
+            return Ok((c, None));
+        }
+        let pem = store
+            .kv_get(store::keys::CLIENT_IDENTITY)
+            .await?
+            .with_context(|| {
+                format!(
+                    "node.db names a client certificate as this node's credential but holds none: \
+                     the data dir is damaged; issue `handover node add {} --replace` and start \
+                     with an empty data dir",
+                    config.node_id
+                )
+            })?;
+        let identity = ClientIdentity::from_pem(pem.into_bytes());
+        let made = identity
+            .certificate()
+            .map_err(|e| anyhow::anyhow!("the client certificate in node.db: {e}"))?;
+        if handover_core::identity::SecretDigest::of_certificate(&made.sha256_hex).as_str() != c {
+            bail!("the client certificate in node.db is not the one its credential names");
+        }
+        return Ok((c, Some(identity)));
     }
     if config.bootstrap_token.is_none() {
         bail!(
@@ -165,21 +193,35 @@ async fn credential(store: &store::Store, config: &NodeConfig) -> anyhow::Result
             id = config.node_id
         );
     }
-    let chosen = format!(
-        "{:032x}{:032x}",
-        rand::random::<u128>(),
-        rand::random::<u128>()
-    );
-    store
-        .kv_put(vec![
-            (store::keys::CREDENTIAL.to_owned(), chosen.clone()),
-            (
-                store::keys::CREDENTIAL_UNCONFIRMED.to_owned(),
-                "1".to_owned(),
-            ),
-        ])
-        .await?;
-    Ok(chosen)
+    let (chosen, identity, extra) = if config.controller_url.starts_with("https://") {
+        let (identity, certificate) = ClientIdentity::generate(&config.node_id)
+            .map_err(|e| anyhow::anyhow!("cannot make the node's client certificate: {e}"))?;
+        let credential =
+            handover_core::identity::SecretDigest::of_certificate(&certificate.sha256_hex);
+        let pem = String::from_utf8_lossy(identity.pem()).into_owned();
+        (
+            credential.as_str().to_owned(),
+            Some(identity),
+            Some((store::keys::CLIENT_IDENTITY.to_owned(), pem)),
+        )
+    } else {
+        let secret = format!(
+            "{:032x}{:032x}",
+            rand::random::<u128>(),
+            rand::random::<u128>()
+        );
+        (secret, None, None)
+    };
+    let mut put = vec![
+        (store::keys::CREDENTIAL.to_owned(), chosen.clone()),
+        (
+            store::keys::CREDENTIAL_UNCONFIRMED.to_owned(),
+            "1".to_owned(),
+        ),
+    ];
+    put.extend(extra);
+    store.kv_put(put).await?;
+    Ok((chosen, identity))
 }
 
 /// The cluster CA the controller's certificate must chain to, if given.
@@ -294,13 +336,14 @@ async fn start(
         Some("fenced") => Some(handover_core::Grant::Fenced),
         _ => None,
     };
+    let (credential, client_identity) = credential(&store, &config).await?;
     let durable = handover_core::node::Durable {
         grant,
         epoch: store
             .kv_get(store::keys::EPOCH)
             .await?
             .and_then(|e| e.parse::<u64>().ok()),
-        credential: Some(credential(&store, &config).await?),
+        credential: Some(credential.clone()),
         credential_confirmed: store
             .kv_get(store::keys::CREDENTIAL_UNCONFIRMED)
             .await?
@@ -347,7 +390,10 @@ async fn start(
         failure: Mutex::new(None),
     });
     let supervisor = handover_supervisor::SupervisorClient::from_env();
-    let trust = controller_trust(&config)?;
+    let trust = controller_trust(&config)?.map(|t| match client_identity {
+        Some(identity) => t.with_identity(identity),
+        None => t,
+    });
     let controller = Arc::new(
         session::Controller::new(&config.controller_url, trust.as_ref())
             .map_err(|e| anyhow::anyhow!("cannot build the controller client: {e}"))?,

@@ -72,7 +72,12 @@ impl Controller {
             },
         };
         let mut req = req.timeout(Duration::from_millis(send.timeout_ms));
-        if let Some(token) = &send.credential {
+        // A certificate's digest is not sent: the connection proves it.
+        if let Some(token) = send
+            .credential
+            .as_deref()
+            .filter(|c| handover_core::identity::is_bearer_secret(c))
+        {
             req = req.bearer_auth(token);
         }
         call(req).await

@@ -227,9 +227,12 @@ async fn fetch(
     timeout_ms: u64,
     id: &str,
 ) -> Result<reqwest::Response, StageError> {
-    let mut resp = http
-        .get(&url)
-        .bearer_auth(credential)
+    let mut req = http.get(&url);
+    // A certificate's digest is not sent: the connection proves it.
+    if handover_core::identity::is_bearer_secret(credential) {
+        req = req.bearer_auth(credential);
+    }
+    let mut resp = req
         .timeout(Duration::from_millis(timeout_ms))
         .send()
         .await

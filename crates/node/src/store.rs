@@ -45,6 +45,10 @@ pub mod keys {
     /// The node's credential: chosen by the node at its first start, and
     /// accepted by the controller in exchange for the bootstrap token.
     pub const CREDENTIAL: &str = "credential";
+    /// With an https controller: the node's client certificate and key
+    /// (one PEM), made at its first start; the credential is then the
+    /// certificate's digest.
+    pub const CLIENT_IDENTITY: &str = "client_identity";
     /// Present while no controller accepted the chosen credential yet.
     pub const CREDENTIAL_UNCONFIRMED: &str = "credential_unconfirmed";
     /// The epoch and grant the node holds ("full", "deliver", "fenced").

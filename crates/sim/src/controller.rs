@@ -590,7 +590,8 @@ impl Controller {
             credential: self.durable.credentials.get(&id),
             bootstrap: self.durable.bootstrap.get(&id),
         };
-        let credential = match identity::admit_hello(&hello, known, to_ms(io.now_ms)) {
+        let presented = identity::Presented::bearer(&hello);
+        let credential = match identity::admit_hello(&hello, &presented, known, to_ms(io.now_ms)) {
             Err(r) => return Err(Answer::refused(r.code, r.message)),
             Ok(Proof::Credential) => hello.token.clone(),
             Ok(Proof::Bootstrap) => {

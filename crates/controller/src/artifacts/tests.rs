@@ -1,5 +1,4 @@
 use super::*;
-use crate::auth::{bearer, same_token};
 use futures_util::Stream;
 use handover_core::artifact::sha256_hex;
 use handover_core::artifact::{
@@ -26,9 +25,9 @@ impl ArtifactHost for Host {
     fn artifacts(&self) -> &ArtifactStore {
         &self.0
     }
-    async fn check_node(&self, headers: &HeaderMap) -> ApiResult<()> {
-        match bearer(headers) {
-            Some(t) if same_token(t, NODE) => Ok(()),
+    async fn check_node(&self, proof: &NodeProof) -> ApiResult<()> {
+        match proof.credential() {
+            Some(d) if d.matches(&handover_core::identity::SecretDigest::of(NODE)) => Ok(()),
             _ => Err(ApiError::unauthorized("unknown credential")),
         }
     }
