@@ -570,7 +570,7 @@ mod tests {
         BinaryFacts::of_this_binary()
     }
     use handover_controller::artifacts::{routes, ArtifactHost, ArtifactStore};
-    use handover_controller::auth::{guard, OperatorAuth, OperatorTokens};
+    use handover_controller::auth::{guard, OperatorAuth, OperatorCredentials};
     use handover_controller::{ApiError, ApiResult};
     use handover_core::artifact::sha256_hex;
     use std::sync::Arc;
@@ -667,10 +667,10 @@ mod tests {
     }
 
     #[derive(Clone)]
-    struct Host(Arc<ArtifactStore>, OperatorTokens);
+    struct Host(Arc<ArtifactStore>, OperatorCredentials);
 
     impl OperatorAuth for Host {
-        fn operator_tokens(&self) -> &OperatorTokens {
+        fn operator_credentials(&self) -> &OperatorCredentials {
             &self.1
         }
     }
@@ -689,7 +689,7 @@ mod tests {
     fn app(store: ArtifactStore, body_bytes_max: usize) -> axum::Router {
         let host = Host(
             Arc::new(store),
-            OperatorTokens::new(OP.into(), None).unwrap(),
+            OperatorCredentials::new(OP.into(), None).unwrap(),
         );
         let routes = axum::Router::new()
             .merge(routes::<Host>())

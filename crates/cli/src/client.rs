@@ -13,7 +13,8 @@ const REQUEST_TIMEOUT_MS: u64 = 10_000;
 
 pub struct Operator {
     base: String,
-    token: String,
+    /// None when the client certificate alone authenticates.
+    token: Option<String>,
     http: reqwest::Client,
 }
 
@@ -27,14 +28,14 @@ pub fn now_ms() -> i64 {
 impl Operator {
     /// A client of the controller at `base` (plain http: loopback only).
     pub fn with(base: &str, token: &str) -> anyhow::Result<Operator> {
-        Operator::with_trust(base, token, None)
+        Operator::with_trust(base, Some(token), None)
     }
 
     /// A client of the controller at `base`, trusting the cluster CA `trust`
     /// (needed for https).
     pub fn with_trust(
         base: &str,
-        token: &str,
+        token: Option<&str>,
         trust: Option<&handover_net::tls::ClientTrust>,
     ) -> anyhow::Result<Operator> {
         let builder = reqwest::Client::builder()
@@ -46,7 +47,7 @@ impl Operator {
             .context("cannot build the HTTP client")?;
         Ok(Operator {
             base: base.trim_end_matches('/').to_owned(),
-            token: token.to_owned(),
+            token: token.map(str::to_owned),
             http,
         })
     }
@@ -75,10 +76,14 @@ impl Operator {
         what: &str,
         none_if_missing: bool,
     ) -> anyhow::Result<Option<Vec<u8>>> {
-        let resp =
-            req.bearer_auth(&self.token).send().await.with_context(|| {
-                format!("cannot reach the controller at {} ({what})", self.base)
-            })?;
+        let req = match &self.token {
+            Some(token) => req.bearer_auth(token),
+            None => req,
+        };
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the controller at {} ({what})", self.base))?;
         let status = resp.status();
         if none_if_missing && status == reqwest::StatusCode::NOT_FOUND {
             return Ok(None);

@@ -318,7 +318,7 @@ impl Fleet {
     fn operator(&self) -> anyhow::Result<Operator> {
         Operator::with_trust(
             &self.controller_url(),
-            &self.operator_token,
+            Some(&self.operator_token),
             self.trust()?.as_ref(),
         )
     }
@@ -383,6 +383,8 @@ impl Fleet {
             for (flag, file) in [
                 ("--tls-cert", crate::init::CONTROLLER_CERT),
                 ("--tls-key", crate::init::CONTROLLER_KEY),
+                ("--operator-cert", crate::init::OPERATOR_CERT),
+                ("--read-only-cert", crate::init::READ_ONLY_CERT),
             ] {
                 args.push(flag.into());
                 args.push(pki.join(file).display().to_string());

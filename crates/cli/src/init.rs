@@ -2,7 +2,10 @@
 //! certificate, made with rcgen, written private (dir 0700, keys 0600).
 //! Nodes and operators trust `ca.crt` and nothing else; the CA key stays
 //! with the controller's operator (it signs certificates, nothing reads it
-//! at run time).
+//! at run time). Also two operator identities, client certificates the
+//! controller pins: `operator.pem` (everything) and `read-only.pem`
+//! (reading), each with its `.crt` for the controller's `--operator-cert`
+//! and `--read-only-cert`.
 
 use anyhow::{bail, Context};
 use rcgen::{
@@ -19,6 +22,13 @@ pub const CA_CERT: &str = "ca.crt";
 pub const CA_KEY: &str = "ca.key";
 pub const CONTROLLER_CERT: &str = "controller.crt";
 pub const CONTROLLER_KEY: &str = "controller.key";
+/// The operator's client certificate and key (`--identity`), and the
+/// certificate alone (the controller's `--operator-cert`).
+pub const OPERATOR_IDENTITY: &str = "operator.pem";
+pub const OPERATOR_CERT: &str = "operator.crt";
+/// The same for the read-only role (`--read-only-cert`).
+pub const READ_ONLY_IDENTITY: &str = "read-only.pem";
+pub const READ_ONLY_CERT: &str = "read-only.crt";
 /// How long the CA is valid: ten years, the life of a cluster.
 const CA_VALID_DAYS: i64 = 3_650;
 /// How long the controller's certificate is valid: a year; `init --renew`
@@ -38,7 +48,16 @@ pub fn init(dir: &Path, names: &[String]) -> anyhow::Result<Made> {
     if names.is_empty() {
         bail!("name at least one address or DNS name the controller is reached at (--name)");
     }
-    for f in [CA_CERT, CA_KEY, CONTROLLER_CERT, CONTROLLER_KEY] {
+    for f in [
+        CA_CERT,
+        CA_KEY,
+        CONTROLLER_CERT,
+        CONTROLLER_KEY,
+        OPERATOR_IDENTITY,
+        OPERATOR_CERT,
+        READ_ONLY_IDENTITY,
+        READ_ONLY_CERT,
+    ] {
         if dir.join(f).exists() {
             bail!(
                 "{} exists: this directory holds a cluster already; use another one",
@@ -93,6 +112,15 @@ pub fn init(dir: &Path, names: &[String]) -> anyhow::Result<Made> {
         leaf_cert.pem().as_bytes(),
         0o644,
     )?;
+    for (name, identity, cert) in [
+        ("operator", OPERATOR_IDENTITY, OPERATOR_CERT),
+        ("read-only", READ_ONLY_IDENTITY, READ_ONLY_CERT),
+    ] {
+        let (made, _) = handover_net::tls::ClientIdentity::generate(&format!("handover-{name}"))
+            .map_err(|e| anyhow::anyhow!("cannot make the {name} identity: {e}"))?;
+        write_new(&dir.join(identity), made.pem(), 0o600)?;
+        write_new(&dir.join(cert), made.certificate_pem().as_bytes(), 0o644)?;
+    }
     Ok(Made {
         dir: dir.to_owned(),
         names: names.to_vec(),
@@ -126,6 +154,19 @@ mod tests {
         let mode = |f: &str| std::fs::metadata(at.join(f)).unwrap().mode() & 0o777;
         assert_eq!(mode("."), 0o700);
         assert_eq!((mode(CA_KEY), mode(CONTROLLER_KEY)), (0o600, 0o600));
+        assert_eq!(
+            (mode(OPERATOR_IDENTITY), mode(READ_ONLY_IDENTITY)),
+            (0o600, 0o600)
+        );
+        // The .crt pins what the .pem presents.
+        for (identity, cert) in [
+            (OPERATOR_IDENTITY, OPERATOR_CERT),
+            (READ_ONLY_IDENTITY, READ_ONLY_CERT),
+        ] {
+            let id = handover_net::tls::ClientIdentity::load(&at.join(identity)).unwrap();
+            let pinned = handover_net::tls::PeerCertificate::load(&at.join(cert)).unwrap();
+            assert_eq!(id.certificate().unwrap(), pinned, "{cert}");
+        }
         for f in [CA_CERT, CONTROLLER_CERT] {
             let pem = std::fs::read_to_string(at.join(f)).unwrap();
             assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{f}");

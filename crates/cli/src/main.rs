@@ -235,6 +235,12 @@ struct OperatorArgs {
     /// certificate must chain to.
     #[arg(long = "ca", value_name = "FILE", env = CA_ENV)]
     ca: Option<PathBuf>,
+    /// Your client certificate and key, one PEM file (operator.pem or
+    /// read-only.pem of `handover init`, mode 0600), pinned by the
+    /// controller's --operator-cert or --read-only-cert: then no token is
+    /// needed. https only.
+    #[arg(long = "identity", value_name = "FILE", env = "HANDOVER_IDENTITY")]
+    identity: Option<PathBuf>,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -254,8 +260,12 @@ fn trust(ca: Option<&std::path::Path>) -> anyhow::Result<Option<handover_net::tl
 ///
 /// Writes DIR/ca.crt (give it to every node and operator: --ca), DIR/ca.key
 /// (keep it offline or with the controller's operator), DIR/controller.crt
-/// and DIR/controller.key (the controller's --tls-cert and --tls-key). DIR is
-/// made 0700 and the keys 0600. Refuses a DIR that holds a cluster already.
+/// and DIR/controller.key (the controller's --tls-cert and --tls-key), and
+/// two operator identities: DIR/operator.pem and DIR/read-only.pem (client
+/// certificate and key, for `--identity`), pinned by the controller with
+/// --operator-cert DIR/operator.crt and --read-only-cert DIR/read-only.crt.
+/// DIR is made 0700 and the keys 0600. Refuses a DIR that holds a cluster
+/// already. Nodes make their own client certificates.
 #[derive(Args)]
 struct InitArgs {
     /// Where to write the files.
@@ -268,20 +278,38 @@ struct InitArgs {
 }
 
 impl OperatorArgs {
-    /// The API client, with the operator token from its file or the environment.
+    /// The API client: with the client certificate of `--identity`, or the
+    /// operator token from its file or the environment (both if given).
     fn operator(&self) -> anyhow::Result<Operator> {
         secret::refuse_on_argv(
             &secret::OPERATOR_TOKEN,
             "--token",
             self.token_on_argv.is_some(),
         )?;
-        let token =
-            secret::secret_from(&secret::OPERATOR_TOKEN, self.operator_token_file.as_deref())?;
-        Operator::with_trust(
-            &self.controller,
-            &token,
-            trust(self.ca.as_deref())?.as_ref(),
-        )
+        let token = match &self.identity {
+            Some(_)
+                if self.operator_token_file.is_none()
+                    && std::env::var_os(secret::OPERATOR_TOKEN.env).is_none() =>
+            {
+                None
+            }
+            _ => Some(secret::secret_from(
+                &secret::OPERATOR_TOKEN,
+                self.operator_token_file.as_deref(),
+            )?),
+        };
+        let mut trust = trust(self.ca.as_deref())?;
+        if let Some(path) = &self.identity {
+            crate::secret::check_private(path).context("--identity")?;
+            let identity = handover_net::tls::ClientIdentity::load(path)
+                .context("the client certificate (--identity)")?;
+            trust = Some(
+                trust
+                    .context("--identity needs the cluster CA too (--ca or HANDOVER_CA)")?
+                    .with_identity(identity),
+            );
+        }
+        Operator::with_trust(&self.controller, token.as_deref(), trust.as_ref())
     }
 }
 
@@ -324,6 +352,16 @@ struct ControllerArgs {
         requires = "tls_cert"
     )]
     tls_key: Option<PathBuf>,
+    /// A client certificate (PEM) whose holder may do everything, like the
+    /// operator token (operator.crt of `handover init`; the operator runs
+    /// commands with --identity operator.pem). Repeat for several. TLS only.
+    #[arg(long = "operator-cert", value_name = "FILE", requires = "tls_cert")]
+    operator_certs: Vec<PathBuf>,
+    /// A client certificate (PEM) whose holder may only read, like the
+    /// read-only token (read-only.crt of `handover init`): dashboards,
+    /// monitoring. Repeat for several. TLS only.
+    #[arg(long = "read-only-cert", value_name = "FILE", requires = "tls_cert")]
+    read_only_certs: Vec<PathBuf>,
     /// File holding the token operators present to the API (16+
     /// characters), readable only by its owner; without it, the token is
     /// taken from HANDOVER_OPERATOR_TOKEN. Never on the command line.
@@ -675,7 +713,7 @@ fn main() -> anyhow::Result<()> {
                 a.read_only_token = Some(token);
             }
             // Both checked before anything binds, in a supervisor too.
-            handover_controller::auth::OperatorTokens::new(
+            handover_controller::auth::OperatorCredentials::new(
                 a.operator_token.clone(),
                 a.read_only_token.clone(),
             )?;
@@ -723,8 +761,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 "cluster CA and controller certificate for {} in {d}",
                 made.names.join(", ")
             );
-            println!("  controller: --tls-cert {d}/controller.crt --tls-key {d}/controller.key");
+            println!(
+                "  controller: --tls-cert {d}/controller.crt --tls-key {d}/controller.key \
+                 --operator-cert {d}/operator.crt --read-only-cert {d}/read-only.crt"
+            );
             println!("  nodes and operators: --ca {d}/ca.crt");
+            println!(
+                "  operators, no token needed: --identity {d}/operator.pem \
+                 (dashboards: {d}/read-only.pem)"
+            );
             println!("  keep {d}/ca.key away from every host but the operator's");
             Ok(())
         }
@@ -750,7 +795,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     a.node_switch_wait_ms.to_string(),
                 ];
                 if let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) {
-                    for (flag, path) in [("--tls-cert", cert), ("--tls-key", key)] {
+                    let pins = a
+                        .operator_certs
+                        .iter()
+                        .map(|p| ("--operator-cert", p))
+                        .chain(a.read_only_certs.iter().map(|p| ("--read-only-cert", p)));
+                    for (flag, path) in [("--tls-cert", cert), ("--tls-key", key)]
+                        .into_iter()
+                        .chain(pins)
+                    {
                         args.push(flag.into());
                         args.push(path.display().to_string());
                     }
@@ -779,7 +832,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 tls: a
                     .tls_cert
                     .zip(a.tls_key)
-                    .map(|(cert, key)| handover_controller::TlsFiles { cert, key }),
+                    .map(|(cert, key)| handover_controller::TlsFiles {
+                        cert,
+                        key,
+                        operator_certs: a.operator_certs,
+                        read_only_certs: a.read_only_certs,
+                    }),
                 trusted_keys,
                 limits: handover_net::Limits::CONTROLLER.with_connections_max(a.connections_max),
                 allow_unsigned_artifacts: a.unsigned.allow,

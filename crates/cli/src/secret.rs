@@ -82,12 +82,15 @@ pub fn secret_from_parts(
 }
 
 /// A secret file's content, trimmed, if only its owner may access it.
-fn read_secret_file(path: &Path) -> anyhow::Result<String> {
-    let file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let meta = file
-        .metadata()
+/// Refuses a file holding a secret (a token, a private key) that its group
+/// or others may access.
+pub fn check_private(path: &Path) -> anyhow::Result<()> {
+    let meta = std::fs::metadata(path)
         .with_context(|| format!("cannot read the mode of {}", path.display()))?;
+    ensure_private(path, &meta)
+}
+
+fn ensure_private(path: &Path, meta: &std::fs::Metadata) -> anyhow::Result<()> {
     anyhow::ensure!(meta.is_file(), "{} is not a file", path.display());
     let mode = meta.permissions().mode() & 0o777;
     anyhow::ensure!(
@@ -98,6 +101,16 @@ fn read_secret_file(path: &Path) -> anyhow::Result<String> {
         path.display(),
         path.display()
     );
+    Ok(())
+}
+
+fn read_secret_file(path: &Path) -> anyhow::Result<String> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let meta = file
+        .metadata()
+        .with_context(|| format!("cannot read the mode of {}", path.display()))?;
+    ensure_private(path, &meta)?;
     let mut text = String::new();
     file.take(SECRET_FILE_BYTES_MAX + 1)
         .read_to_string(&mut text)

@@ -337,9 +337,11 @@ async fn a_node_the_groups_do_not_name_is_refused_and_produces_nothing() {
     s.fleet.stop_all().await.unwrap();
 }
 
-/// `handover node remove` revokes a running node at once: its credential
+/// `handover node remove` revokes a running node at once: its certificate
 /// and its spent token are refused, the controller forgets it, and what it
-/// delivered before stays stored.
+/// delivered before stays stored. The operator runs it with the operator
+/// certificate of `handover init` and no token; the read-only certificate
+/// and one the controller never pinned may not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_remove_revokes_a_running_node() {
     let mut s = setup(
@@ -363,18 +365,53 @@ async fn node_remove_revokes_a_running_node() {
     .await;
     let stored_before = s.fleet.stored_records("g1-b").await.unwrap().len();
     assert!(stored_before > 0);
-    let out = std::process::Command::new(exe())
-        .args(["node", "remove", "g1-b", "--json", "--controller"])
-        .arg(s.fleet.controller_url())
-        .env("HANDOVER_OPERATOR_TOKEN", &s.fleet.operator_token)
-        .envs(s.fleet.ca_env())
-        .output()
-        .unwrap();
+    // The operator removes it with the client certificate of `handover
+    // init` (no token); the read-only certificate, a certificate nobody
+    // pinned, and a private key others may read are refused first.
+    let pki = s.fleet.pki.clone().unwrap();
+    let stranger = s.fleet.dir.join("stranger.pem");
+    let (made, _) = handover_net::tls::ClientIdentity::generate("operator").unwrap();
+    std::fs::write(&stranger, made.pem()).unwrap();
+    let loose = s.fleet.dir.join("loose.pem");
+    std::fs::copy(pki.join("operator.pem"), &loose).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&stranger, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let remove_with = |identity: &std::path::Path| {
+        let out = std::process::Command::new(exe())
+            .args(["node", "remove", "g1-b", "--json", "--controller"])
+            .arg(s.fleet.controller_url())
+            .arg("--identity")
+            .arg(identity)
+            .env_remove("HANDOVER_OPERATOR_TOKEN")
+            .envs(s.fleet.ca_env())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out, stderr)
+    };
+    for (identity, refusal) in [
+        (pki.join("read-only.pem"), "forbidden"),
+        (stranger.clone(), "unauthorized"),
+        (loose.clone(), "chmod 600"),
+    ] {
+        let (out, stderr) = remove_with(&identity);
+        assert!(!out.status.success(), "{}", identity.display());
+        assert!(stderr.contains(refusal), "{}: {stderr}", identity.display());
+    }
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        s.fleet
+            .op
+            .status()
+            .await
+            .unwrap()
+            .nodes
+            .iter()
+            .any(|n| n.node.node_id == "g1-b"),
+        "a refused removal removed nothing"
     );
+    let (out, stderr) = remove_with(&pki.join("operator.pem"));
+    assert!(out.status.success(), "{stderr}");
     let removed: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(removed["node_id"], "g1-b");
     let refused = wait_for("g1-b to be refused", Duration::from_secs(20), || async {

@@ -1,6 +1,10 @@
 //! Who may use the operator API: the operator token may do everything, the
 //! read-only token (`--read-only-token-file`, for dashboards and status)
-//! may only read.
+//! may only read. Over TLS a client certificate the controller pins
+//! (`--operator-cert`, `--read-only-cert`: the certificate files, e.g.
+//! `operator.crt` and `read-only.crt` of `handover init`) gives the same
+//! roles without a token; a pinned certificate is judged by its role, and a
+//! certificate nobody pinned (a node's, say) counts for nothing.
 //!
 //! One layer, [`require`] (put on a router by [`guard`]), checks every
 //! request before any handler runs, so no route can forget it, a route
@@ -24,6 +28,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use handover_core::api::ErrorCode;
 use handover_core::wire::limits;
+use handover_net::tls::PeerCertificate;
 
 /// Shortest operator or read-only token: guessing one of 16 random
 /// characters is out of reach.
@@ -72,26 +77,31 @@ pub enum TokenError {
     SameAsOperator,
 }
 
-/// The operator API's tokens: the operator's and, if configured, the
-/// read-only one (never equal). `Debug` shows neither.
+/// The operator API's credentials: the operator's token and, if
+/// configured, the read-only one (never equal), and the client
+/// certificates pinned to either role (by SHA-256). `Debug` shows no token.
 #[derive(Clone)]
-pub struct OperatorTokens {
+pub struct OperatorCredentials {
     operator: String,
     read_only: Option<String>,
+    certificates: std::collections::HashMap<String, ApiRole>,
 }
 
-impl std::fmt::Debug for OperatorTokens {
+impl std::fmt::Debug for OperatorCredentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OperatorTokens")
+        f.debug_struct("OperatorCredentials")
             .field("read_only", &self.read_only.is_some())
             .finish_non_exhaustive()
     }
 }
 
-impl OperatorTokens {
+impl OperatorCredentials {
     /// Both tokens checked: each [`TOKEN_CHARS_MIN`] to
     /// [`limits::TOKEN_CHARS_MAX`] characters, and not the same.
-    pub fn new(operator: String, read_only: Option<String>) -> Result<OperatorTokens, TokenError> {
+    pub fn new(
+        operator: String,
+        read_only: Option<String>,
+    ) -> Result<OperatorCredentials, TokenError> {
         let fits = |t: &str| (TOKEN_CHARS_MIN..=limits::TOKEN_CHARS_MAX).contains(&t.len());
         if !fits(&operator) {
             return Err(TokenError::Length {
@@ -108,10 +118,27 @@ impl OperatorTokens {
                 return Err(TokenError::SameAsOperator);
             }
         }
-        Ok(OperatorTokens {
+        Ok(OperatorCredentials {
             operator,
             read_only,
+            certificates: Default::default(),
         })
+    }
+
+    /// These credentials, with `certificate` (SHA-256 of its DER, hex)
+    /// pinned to `role`; a certificate pinned to both roles keeps the lesser.
+    pub fn pin(mut self, certificate: &str, role: ApiRole) -> OperatorCredentials {
+        let role = match self.certificates.get(certificate) {
+            Some(ApiRole::ReadOnly) => ApiRole::ReadOnly,
+            _ => role,
+        };
+        self.certificates.insert(certificate.to_owned(), role);
+        self
+    }
+
+    /// The role a client certificate gives, if it is pinned.
+    pub fn role_of_certificate(&self, certificate: &PeerCertificate) -> Option<ApiRole> {
+        self.certificates.get(&*certificate.sha256_hex).copied()
     }
 
     /// The role `token` gives, if any; compared with both tokens in
@@ -142,10 +169,26 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
         .strip_prefix("Bearer ")
 }
 
-/// The one check of the operator API: the bearer's role, if it allows
-/// `needed` (401 `unauthorized` for no or an unknown token, 403
-/// `forbidden` for the read-only token on a change).
-pub fn check(headers: &HeaderMap, tokens: &OperatorTokens, needed: ApiRole) -> ApiResult<ApiRole> {
+/// The one check of the operator API: the role of the client's pinned
+/// certificate, else of its bearer token, if it allows `needed` (401
+/// `unauthorized` for no or an unknown token, 403 `forbidden` for the
+/// read-only role on a change).
+pub fn check(
+    headers: &HeaderMap,
+    certificate: Option<&PeerCertificate>,
+    tokens: &OperatorCredentials,
+    needed: ApiRole,
+) -> ApiResult<ApiRole> {
+    if let Some(role) = certificate.and_then(|c| tokens.role_of_certificate(c)) {
+        if role.allows(needed) {
+            return Ok(role);
+        }
+        return Err(ApiError::operator(
+            ErrorCode::Forbidden,
+            "this client certificate is pinned read-only (--read-only-cert): it may only \
+             read (GET); this request changes something and needs the operator's",
+        ));
+    }
     let Some(token) = bearer(headers) else {
         return Err(ApiError::operator(
             ErrorCode::Unauthorized,
@@ -176,7 +219,7 @@ pub fn is_public(path: &str) -> bool {
 
 /// What the router's state gives [`require`].
 pub trait OperatorAuth: Clone + Send + Sync + 'static {
-    fn operator_tokens(&self) -> &OperatorTokens;
+    fn operator_credentials(&self) -> &OperatorCredentials;
 }
 
 /// The layer's check of one request: public paths pass; any other needs a
@@ -191,7 +234,13 @@ pub async fn require<H: OperatorAuth>(
         return next.run(req).await;
     }
     let needed = ApiRole::needed_for(req.method());
-    match check(req.headers(), host.operator_tokens(), needed) {
+    let certificate = req.extensions().get::<PeerCertificate>();
+    match check(
+        req.headers(),
+        certificate,
+        host.operator_credentials(),
+        needed,
+    ) {
         Ok(role) => {
             req.extensions_mut().insert(role);
             next.run(req).await
@@ -238,12 +287,12 @@ mod tests {
 
     #[test]
     fn tokens_are_checked_at_start() {
-        let t = OperatorTokens::new(OP.into(), Some(RO.into())).unwrap();
+        let t = OperatorCredentials::new(OP.into(), Some(RO.into())).unwrap();
         assert_eq!(t.role_of(OP), Some(ApiRole::Operator));
         assert_eq!(t.role_of(RO), Some(ApiRole::ReadOnly));
         assert_eq!(t.role_of("operator-token-012345678"), None);
         assert_eq!(t.role_of(""), None);
-        let only_operator = OperatorTokens::new(OP.into(), None).unwrap();
+        let only_operator = OperatorCredentials::new(OP.into(), None).unwrap();
         assert_eq!(only_operator.role_of(RO), None);
         assert!(!format!("{t:?}").contains(OP) && !format!("{t:?}").contains(RO));
 
@@ -251,27 +300,37 @@ mod tests {
         let long = "x".repeat(limits::TOKEN_CHARS_MAX + 1);
         for bad in [&short, &long] {
             assert_eq!(
-                OperatorTokens::new(bad.clone(), None).unwrap_err(),
+                OperatorCredentials::new(bad.clone(), None).unwrap_err(),
                 TokenError::Length {
                     name: "operator token"
                 }
             );
             assert_eq!(
-                OperatorTokens::new(OP.into(), Some(bad.clone())).unwrap_err(),
+                OperatorCredentials::new(OP.into(), Some(bad.clone())).unwrap_err(),
                 TokenError::Length {
                     name: "read-only token"
                 }
             );
         }
         assert_eq!(
-            OperatorTokens::new(OP.into(), Some(OP.into())).unwrap_err(),
+            OperatorCredentials::new(OP.into(), Some(OP.into())).unwrap_err(),
             TokenError::SameAsOperator
         );
     }
 
     #[test]
     fn the_check_answers_401_or_403_with_its_code() {
-        let t = OperatorTokens::new(OP.into(), Some(RO.into())).unwrap();
+        let cert = |c: &str| PeerCertificate {
+            sha256_hex: c.repeat(32).into(),
+        };
+        let (op_cert, ro_cert, node_cert) = (cert("0a"), cert("0b"), cert("0c"));
+        let t = OperatorCredentials::new(OP.into(), Some(RO.into()))
+            .unwrap()
+            .pin(&op_cert.sha256_hex, ApiRole::Operator)
+            .pin(&ro_cert.sha256_hex, ApiRole::ReadOnly)
+            // Pinned to both: the lesser role.
+            .pin(&node_cert.sha256_hex, ApiRole::ReadOnly)
+            .pin(&node_cert.sha256_hex, ApiRole::Operator);
         let with = |token: Option<&str>| {
             let mut h = HeaderMap::new();
             if let Some(token) = token {
@@ -295,8 +354,40 @@ mod tests {
             (None, ApiRole::ReadOnly, Err((401, "unauthorized"))),
         ];
         for (token, needed, want) in cases {
-            let got = check(&with(token), &t, needed).map_err(|e| (e.status.as_u16(), e.code));
+            let got =
+                check(&with(token), None, &t, needed).map_err(|e| (e.status.as_u16(), e.code));
             assert_eq!(got, want, "{token:?} {needed:?}");
+        }
+        // A pinned certificate is judged by its role, whatever the token;
+        // one nobody pinned counts for nothing.
+        let stranger = cert("0d");
+        let cert_cases = [
+            (&op_cert, None, ApiRole::Operator, Ok(ApiRole::Operator)),
+            (&ro_cert, None, ApiRole::ReadOnly, Ok(ApiRole::ReadOnly)),
+            (
+                &ro_cert,
+                Some(OP),
+                ApiRole::Operator,
+                Err((403, "forbidden")),
+            ),
+            (&node_cert, None, ApiRole::Operator, Err((403, "forbidden"))),
+            (
+                &stranger,
+                None,
+                ApiRole::ReadOnly,
+                Err((401, "unauthorized")),
+            ),
+            (
+                &stranger,
+                Some(RO),
+                ApiRole::ReadOnly,
+                Ok(ApiRole::ReadOnly),
+            ),
+        ];
+        for (c, token, needed, want) in cert_cases {
+            let got =
+                check(&with(token), Some(c), &t, needed).map_err(|e| (e.status.as_u16(), e.code));
+            assert_eq!(got, want, "{c:?} {token:?} {needed:?}");
         }
     }
 

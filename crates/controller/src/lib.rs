@@ -47,7 +47,7 @@ pub struct ControllerConfig {
     /// The token that may do everything on the operator API.
     pub operator_token: String,
     /// The token that may only read it (`GET`): dashboards and status.
-    /// Never the operator token ([`auth::OperatorTokens::new`]).
+    /// Never the operator token ([`auth::OperatorCredentials::new`]).
     pub read_only_token: Option<String>,
     pub lease_ms: u64,
     /// Minisign public keys (their base64 lines) whose signatures make an
@@ -67,11 +67,17 @@ pub struct ControllerConfig {
     pub tls: Option<TlsFiles>,
 }
 
-/// The controller's TLS certificate chain and private key (PEM files).
-#[derive(Clone, Debug)]
+/// The controller's TLS certificate chain and private key (PEM files), and
+/// the operators' client certificates it pins (client certificates exist
+/// only over TLS).
+#[derive(Clone, Debug, Default)]
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Certificates (PEM) whose holders may do everything, like the operator token.
+    pub operator_certs: Vec<PathBuf>,
+    /// Certificates (PEM) whose holders may only read, like the read-only token.
+    pub read_only_certs: Vec<PathBuf>,
 }
 
 /// What the controller remembers of a node between requests.
@@ -86,7 +92,7 @@ pub(crate) struct AppState {
     pub info: &'static ReleaseInfo,
     pub config: ControllerConfig,
     /// What [`auth::require`] checks every operator request against.
-    pub tokens: auth::OperatorTokens,
+    pub tokens: auth::OperatorCredentials,
     /// The cluster state in force; every change wakes the watchers.
     pub cluster: watch::Sender<ClusterState>,
     /// Credential digest → session. Loaded lazily from the registry.
@@ -113,7 +119,7 @@ pub(crate) struct AppState {
 }
 
 impl auth::OperatorAuth for Shared {
-    fn operator_tokens(&self) -> &auth::OperatorTokens {
+    fn operator_credentials(&self) -> &auth::OperatorCredentials {
         &self.tokens
     }
 }
@@ -199,12 +205,33 @@ const LEASE_MS_MIN: u64 = 300;
 
 fn validate(
     config: &ControllerConfig,
-) -> anyhow::Result<(&'static ReleaseInfo, auth::OperatorTokens)> {
+) -> anyhow::Result<(&'static ReleaseInfo, auth::OperatorCredentials)> {
     let info = ReleaseInfo::of(config.release)?;
-    let tokens = auth::OperatorTokens::new(
+    let mut tokens = auth::OperatorCredentials::new(
         config.operator_token.clone(),
         config.read_only_token.clone(),
     )?;
+    if let Some(tls) = &config.tls {
+        let pins = [
+            (
+                &tls.operator_certs,
+                auth::ApiRole::Operator,
+                "--operator-cert",
+            ),
+            (
+                &tls.read_only_certs,
+                auth::ApiRole::ReadOnly,
+                "--read-only-cert",
+            ),
+        ];
+        for (files, role, flag) in pins {
+            for f in files {
+                let pinned = handover_net::tls::PeerCertificate::load(f)
+                    .with_context(|| format!("{flag} {}", f.display()))?;
+                tokens = tokens.pin(&pinned.sha256_hex, role);
+            }
+        }
+    }
     anyhow::ensure!(
         config.lease_ms >= LEASE_MS_MIN,
         "lease must be at least {LEASE_MS_MIN} ms"

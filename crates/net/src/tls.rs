@@ -110,6 +110,12 @@ pub struct PeerCertificate {
 }
 
 impl PeerCertificate {
+    /// The first certificate of a PEM file, to pin (`--operator-cert`).
+    pub fn load(path: &Path) -> Result<PeerCertificate, TlsError> {
+        let certs = certificates(path)?;
+        Ok(PeerCertificate::of_der(&certs[0]))
+    }
+
     pub fn of_der(der: &[u8]) -> PeerCertificate {
         use sha2::Digest as _;
         PeerCertificate {
@@ -229,6 +235,16 @@ impl ClientIdentity {
     /// The PEM (certificate, then key): a secret, keep it 0600.
     pub fn pem(&self) -> &[u8] {
         &self.pem
+    }
+
+    /// The certificate's PEM blocks alone (no key): what a server pins.
+    pub fn certificate_pem(&self) -> String {
+        const END: &str = "-----END CERTIFICATE-----";
+        let text = String::from_utf8_lossy(&self.pem);
+        match text.rfind(END) {
+            Some(at) => format!("{}\n", &text[..at + END.len()]),
+            None => String::new(),
+        }
     }
 
     /// The certificate's SHA-256, as the server sees it.

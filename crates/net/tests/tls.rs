@@ -183,8 +183,7 @@ async fn a_client_certificate_reaches_the_handler_as_its_digest() {
     // Its certificate with another key cannot even be presented (the
     // handshake's signature, checked by the server, could not match).
     let (stranger, _) = ClientIdentity::generate("g1-b").unwrap();
-    let pem = String::from_utf8(identity.pem().to_vec()).unwrap();
-    let cert_only = &pem[..pem.find("-----BEGIN PRIVATE KEY-----").unwrap()];
+    let cert_only = identity.certificate_pem();
     let other_pem = String::from_utf8(stranger.pem().to_vec()).unwrap();
     let key_only = &other_pem[other_pem.find("-----BEGIN PRIVATE KEY-----").unwrap()..];
     let forged = ClientIdentity::from_pem(format!("{cert_only}{key_only}").into_bytes());

@@ -13,10 +13,10 @@ const OP: &str = "operator-token-0123456789";
 const NODE: &str = "node-credential-0123456789";
 
 #[derive(Clone)]
-struct Host(Arc<ArtifactStore>, crate::auth::OperatorTokens);
+struct Host(Arc<ArtifactStore>, crate::auth::OperatorCredentials);
 
 impl crate::auth::OperatorAuth for Host {
-    fn operator_tokens(&self) -> &crate::auth::OperatorTokens {
+    fn operator_credentials(&self) -> &crate::auth::OperatorCredentials {
         &self.1
     }
 }
@@ -187,7 +187,7 @@ fn b64(bytes: &[u8]) -> String {
 async fn serve(store: ArtifactStore) -> String {
     // As the controller mounts it: merged under a router whose default
     // body limit is small, behind the operator API's check.
-    let tokens = crate::auth::OperatorTokens::new(OP.into(), None).unwrap();
+    let tokens = crate::auth::OperatorCredentials::new(OP.into(), None).unwrap();
     let host = Host(Arc::new(store), tokens);
     let app = Router::new()
         .merge(routes::<Host>())
