@@ -115,6 +115,7 @@ async fn a_stalled_body_is_answered_408_body_timeout() {
         2,
         Limits {
             body_read_timeout_ms: 200,
+            write_timeout_ms: 200,
             ..Limits::CONTROLLER
         },
     )

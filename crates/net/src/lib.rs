@@ -9,6 +9,10 @@
 //! - **Body read timeout** ([`Limits::body_read_timeout_ms`],
 //!   tower-http's): a request body that stalls fails; a handler sees the
 //!   error when it reads the body ([`is_body_timeout`] recognises it).
+//! - **Write timeout** ([`Limits::write_timeout_ms`], tokio-io-timeout's,
+//!   on the socket): a client that stops reading an answer is closed, so
+//!   a request in flight, which the cap never closes, cannot hold its slot
+//!   for good.
 //! - **Connection cap** ([`Limits::connections_max`], kept below the
 //!   open-file limit). At the cap a new connection closes one that has had
 //!   no request in flight for [`Limits::evictable_idle_ms`] (2 s): first
@@ -28,7 +32,8 @@
 //!
 //! Modules: [`limits`] (the values and why), `registry` (the open
 //! connections, which one makes room at the cap), `serve` (the accept loop
-//! and the connection task, where a TLS handshake will be one more step).
+//! and the connection task: the write timeout, the TLS handshake, HTTP),
+//! [`tls`] (server and client configs, pinned client certificates).
 
 pub mod limits;
 mod registry;

@@ -34,6 +34,12 @@ pub struct Limits {
     /// request body timeout: the clock restarts with every piece that
     /// arrives, so a large upload that keeps moving is never cut).
     pub body_read_timeout_ms: u64,
+    /// A write to the client that makes no progress for this long (the
+    /// client stopped reading a large answer, or vanished mid-answer) closes
+    /// the connection, so a request in flight cannot hold its slot forever.
+    /// The clock runs only while a write waits: a watch held for 25 s
+    /// without writing is not cut.
+    pub write_timeout_ms: u64,
 }
 
 /// A connection may be closed to make room at the cap only after this long
@@ -61,6 +67,12 @@ pub const CONTROLLER_HEADER_READ_TIMEOUT_MS: u64 = 2 * handover_core::node::HEAR
 /// and an artifact upload streams steadily: ten silent seconds is a dead
 /// or hostile client.
 pub const BODY_READ_TIMEOUT_MS: u64 = 10_000;
+
+/// A write that makes no progress this long fails, on every listener. A
+/// viewer's player reads a segment as fast as its link allows and a node
+/// reads an artifact as it downloads; ten seconds with not one byte taken
+/// is a dead or hostile client.
+pub const WRITE_TIMEOUT_MS: u64 = 10_000;
 
 /// The controller's connection cap: it must carry 10,000 nodes, each with a
 /// watch, a heartbeat and a shipping connection (`handover bench` measures
@@ -92,6 +104,7 @@ impl Limits {
         evictable_idle_ms: EVICTABLE_IDLE_MS,
         header_read_timeout_ms: CONTROLLER_HEADER_READ_TIMEOUT_MS,
         body_read_timeout_ms: BODY_READ_TIMEOUT_MS,
+        write_timeout_ms: WRITE_TIMEOUT_MS,
     };
 
     /// A content node: HLS viewers.
@@ -100,6 +113,7 @@ impl Limits {
         evictable_idle_ms: EVICTABLE_IDLE_MS,
         header_read_timeout_ms: NODE_HEADER_READ_TIMEOUT_MS,
         body_read_timeout_ms: BODY_READ_TIMEOUT_MS,
+        write_timeout_ms: WRITE_TIMEOUT_MS,
     };
 
     /// These limits with another connection cap, if one is given.
@@ -118,6 +132,10 @@ impl Limits {
         Duration::from_millis(self.body_read_timeout_ms)
     }
 
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
+    }
+
     pub fn evictable_idle(&self) -> Duration {
         Duration::from_millis(self.evictable_idle_ms)
     }
@@ -129,6 +147,7 @@ impl Limits {
             ("connections_max", self.connections_max as u64),
             ("header_read_timeout_ms", self.header_read_timeout_ms),
             ("body_read_timeout_ms", self.body_read_timeout_ms),
+            ("write_timeout_ms", self.write_timeout_ms),
         ] {
             if value == 0 {
                 return Err(crate::ServeError::ZeroLimit(name));

@@ -64,6 +64,7 @@ where
     let handshake = Handshake {
         acceptor: tls.map(tokio_rustls::TlsAcceptor::from),
         timeout: limits.header_read_timeout(),
+        write_timeout: limits.write_timeout(),
     };
     let app: App = RequestBodyTimeout::new(router, limits.body_read_timeout());
     let mut http = http1::Builder::new();
@@ -158,14 +159,15 @@ async fn accept_failed(e: &std::io::Error) {
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
 
-/// What a connection goes through between accept and HTTP: nothing for
-/// plain TCP; for TLS, the handshake, bounded like a header read (a client
-/// that never finishes it holds a slot no longer, and having no request,
-/// is the first to make room at the cap).
+/// What a connection goes through between accept and HTTP: the write
+/// timeout on its socket (under TLS too); for TLS, the handshake, bounded
+/// like a header read (a client that never finishes it holds a slot no
+/// longer, and having no request, is the first to make room at the cap).
 #[derive(Clone)]
 struct Handshake {
     acceptor: Option<tokio_rustls::TlsAcceptor>,
     timeout: Duration,
+    write_timeout: Duration,
 }
 
 impl Handshake {
@@ -175,6 +177,9 @@ impl Handshake {
         &self,
         tcp: TcpStream,
     ) -> std::io::Result<(Box<dyn Io>, Option<PeerCertificate>)> {
+        let mut timed = tokio_io_timeout::TimeoutStream::new(tcp);
+        timed.set_write_timeout(Some(self.write_timeout));
+        let tcp = Box::pin(timed);
         let Some(acceptor) = &self.acceptor else {
             return Ok((Box::new(tcp), None));
         };

@@ -22,6 +22,8 @@ use tokio::task::JoinHandle;
 const SHORT_MS: u64 = 300;
 /// Long enough that nothing in a test reaches it.
 const LONG_MS: u64 = 60_000;
+/// The answer of `GET /large`.
+const LARGE_BYTES: usize = 64 << 20;
 /// Bound on every wait for an answer or a close.
 const BOUND: Duration = Duration::from_secs(10);
 
@@ -32,6 +34,7 @@ fn limits(connections_max: usize, timeout_ms: u64) -> Limits {
         evictable_idle_ms: 0,
         header_read_timeout_ms: timeout_ms,
         body_read_timeout_ms: timeout_ms,
+        write_timeout_ms: timeout_ms,
     }
 }
 
@@ -50,6 +53,17 @@ async fn start(limits: Limits) -> Server {
     let held = release.clone();
     let router = Router::new()
         .route("/fast", get(|| async { "ok" }))
+        // Far more than the socket buffers of both ends hold, streamed (as
+        // artifacts are): the request stays in flight until the last chunk.
+        .route(
+            "/large",
+            get(|| async {
+                let chunk = Bytes::from(vec![b'x'; 64 << 10]);
+                let chunks = (0..LARGE_BYTES / chunk.len())
+                    .map(move |_| Ok::<_, std::io::Error>(chunk.clone()));
+                axum::body::Body::from_stream(futures_util::stream::iter(chunks))
+            }),
+        )
         .route(
             "/held",
             get(move || {
@@ -261,6 +275,25 @@ async fn at_the_cap_with_every_request_in_flight_a_new_connection_waits() {
     // `held` is idle now: it makes room, and the waiting one is served.
     assert_eq!(read_answer(&mut waiting).await, (200, "ok".into()));
     assert!(closed_by_server(&mut held).await);
+}
+
+/// A client that asks for a large answer and stops reading it holds a
+/// request in flight, which the cap never closes: the write timeout does,
+/// so at a cap of 1 the next client is served.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_by_the_write_timeout() {
+    let server = start(limits(1, SHORT_MS)).await;
+    let mut stuck = server.send_get("/large").await;
+    let mut head = [0u8; 12];
+    tokio::time::timeout(BOUND, stuck.read_exact(&mut head))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&head[9..12], b"200");
+    // `stuck` reads nothing more; the next client waits for its slot.
+    let mut next = server.send_get("/fast").await;
+    assert_eq!(read_answer(&mut next).await, (200, "ok".into()));
+    assert!(closed_by_server(&mut stuck).await);
 }
 
 #[tokio::test]

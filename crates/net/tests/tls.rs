@@ -49,6 +49,7 @@ async fn only_clients_of_the_cluster_ca_are_served() {
         connections_max: 64,
         header_read_timeout_ms: SHORT_MS,
         body_read_timeout_ms: SHORT_MS,
+        write_timeout_ms: SHORT_MS,
         evictable_idle_ms: SHORT_MS,
     };
     let router = Router::new().route("/healthz", get(|| async { "ok" }));
