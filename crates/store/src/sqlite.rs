@@ -35,7 +35,10 @@ use rows::{
     stored_params, to_i64, to_u64, window_needs_schema_3, RUNG_HEIGHT_DEFAULT, RUNG_KBPS_DEFAULT,
 };
 use tables::{product_tables, SHARED_TABLES};
-use writer::{Queue, Registration, Rows, BATCHES_PER_COMMIT_MAX, REGISTRATIONS_PER_COMMIT_MAX};
+use writer::{
+    HeartbeatRow, Queue, Registration, Rows, BATCHES_PER_COMMIT_MAX, HEARTBEATS_PER_COMMIT_MAX,
+    REGISTRATIONS_PER_COMMIT_MAX,
+};
 
 /// Connections for concurrent readers; writes take the writer mutex.
 const POOL_CONNECTIONS_MAX: u32 = 8;
@@ -51,10 +54,11 @@ pub struct SqliteStore {
     writer: Mutex<()>,
     /// Writes waiting for the writer, by kind. Whoever takes the writer
     /// next commits every waiting write of its kind in one transaction
-    /// (group commit): a burst of hellos or of record batches costs a few
+    /// (group commit): a burst of hellos, heartbeats or record batches costs a few
     /// fsyncs, not one each. Each caller is answered only after the commit
     /// that holds its write.
     registrations: Queue<Registration>,
+    heartbeats: Queue<HeartbeatRow>,
     batches: Queue<Rows>,
 }
 
@@ -95,6 +99,7 @@ impl SqliteStore {
             info,
             writer: Mutex::new(()),
             registrations: Queue::new(REGISTRATIONS_PER_COMMIT_MAX),
+            heartbeats: Queue::new(HEARTBEATS_PER_COMMIT_MAX),
             batches: Queue::new(BATCHES_PER_COMMIT_MAX),
         };
         store.prepare(snapshot_dir).await?;
@@ -497,23 +502,22 @@ impl Store for SqliteStore {
         grant: Grant,
         now_ms: i64,
     ) -> Result<()> {
-        let _w = self.writer.lock().await;
-        sqlx::query(
-            "UPDATE nodes SET outbox_next_seq = ?, outbox_oldest = ?, outbox_count = ?, current_events = ?, staged = ?,
-                grant_name = ?, epoch = ?, last_seen_ms = ? WHERE node_id = ?",
-        )
-        .bind(to_i64(hb.outbox.next_seq, "next_seq")?)
-        .bind(hb.outbox.oldest_unacked_seq.map(|s| to_i64(s, "oldest_unacked_seq")).transpose()?)
-        .bind(to_i64(hb.outbox.count, "count")?)
-        .bind(json(&hb.current_events)?)
-        .bind(json(&hb.staged)?)
-        .bind(grant.as_str())
-        .bind(to_i64(hb.epoch, "epoch")?)
-        .bind(now_ms)
-        .bind(node_id)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let row = HeartbeatRow {
+            node_id: node_id.to_owned(),
+            next_seq: to_i64(hb.outbox.next_seq, "next_seq")?,
+            oldest: hb
+                .outbox
+                .oldest_unacked_seq
+                .map(|s| to_i64(s, "oldest_unacked_seq"))
+                .transpose()?,
+            count: to_i64(hb.outbox.count, "count")?,
+            current_events: json(&hb.current_events)?,
+            staged: json(&hb.staged)?,
+            grant,
+            epoch: to_i64(hb.epoch, "epoch")?,
+            now_ms,
+        };
+        self.grouped(&self.heartbeats, row).await
     }
 
     async fn desired(&self, node_id: &str) -> Result<Desired> {

@@ -1,6 +1,6 @@
-//! Registrations arriving together are committed together (one transaction
-//! for a burst of hellos), each answered only after its commit; one bad
-//! registration fails only its own hello.
+//! Registrations and heartbeats arriving together are committed together
+//! (one transaction for a burst), each answered only after its commit; one
+//! bad registration fails only its own hello.
 
 use handover_core::wire::{OutboxState, Role};
 use handover_core::{Grant, Release, Schema};
@@ -61,5 +61,62 @@ async fn a_burst_of_registrations_is_stored_and_one_bad_row_fails_alone() {
     for k in [0u64, 149, 151, 299] {
         let row = nodes.iter().find(|n| n.node_id == format!("n{k}"));
         assert_eq!(row.map(|n| n.epoch), Some(1), "n{k}");
+    }
+}
+
+/// Heartbeats share transactions like hellos: a burst from 300 nodes is
+/// stored whole, each answered after its commit, and a heartbeat of a node
+/// that is not registered changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_heartbeats_is_stored() {
+    use handover_core::wire::Heartbeat;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        SqliteStore::open(
+            &dir.path().join("db.sqlite"),
+            Release(2),
+            &dir.path().join("snapshots"),
+        )
+        .await
+        .unwrap(),
+    );
+    for k in 0..300u64 {
+        store
+            .register_node(&registration(&format!("n{k}"), 1))
+            .await
+            .unwrap();
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for k in 0..301u64 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let hb = Heartbeat {
+                v: 1,
+                node_id: format!("n{k}"),
+                epoch: 2,
+                outbox: OutboxState {
+                    next_seq: k + 10,
+                    oldest_unacked_seq: Some(k + 1),
+                    count: 9,
+                },
+                current_events: vec![],
+                staged: vec![],
+                hls_requests: None,
+            };
+            store
+                .heartbeat(&format!("n{k}"), &hb, Grant::Deliver, 1_000 + k as i64)
+                .await
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap().unwrap();
+    }
+    let nodes = store.nodes().await.unwrap();
+    assert_eq!(nodes.len(), 300, "n300 was never registered");
+    for n in &nodes {
+        let k: u64 = n.node_id[1..].parse().unwrap();
+        assert_eq!(n.outbox.next_seq, k + 10, "{}", n.node_id);
+        assert_eq!(n.grant, Grant::Deliver, "{}", n.node_id);
+        assert_eq!(n.epoch, 2, "{}", n.node_id);
     }
 }
