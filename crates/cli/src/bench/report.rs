@@ -347,8 +347,51 @@ pub(super) fn render_markdown(r: &Report) -> String {
             let _ = writeln!(out, "- `{key}`: before {figure}. {note}");
         }
     }
+    out.push_str(PROFILES);
     out
 }
+
+/// Where the time and memory of the 10,000-node figures go, from profiles
+/// (kept with the report, so a new run does not lose them; profiled again
+/// when the figures move).
+pub(super) const PROFILES: &str = r#"
+## Where the time and memory go (profiles)
+
+Profiled on 2026-12-01 on this 2-core machine, on the controller of the
+10,000-node fence (the bench's `fence-large` controller process).
+
+**Memory** (heaptrack, the controller run under `heaptrack`, peak heap
+consumers; VmRSS 190 MiB at the time in an unprofiled run):
+
+- hyper's buffers, about 16 KiB per connection: the 8 KiB buffer for
+  response heads that `serve_connection` allocates for every connection
+  (82 MB over 19,850 allocations), and the read buffer, which starts at
+  8 KiB (`Buffered::poll_read_from_io`; 82 MB over about 40,000
+  allocations). Most of these pages are touched only in part, which is why
+  VmRSS is below the 235 MB heaptrack counts at the peak.
+- The connection's task (`handover_net::serve::connection` and its tokio
+  task): about 1.3 KB per connection (25.6 MB).
+- axum's route future of a held watch: about 0.7 KB (4.6 MB).
+- Everything the controller keeps per node (sessions, memberships, desired
+  states, credential digests): under 1 MB in all.
+
+So the 128 MiB goal needs smaller per-connection buffers than hyper 1.x's
+server gives (its builder sets neither the first read buffer size, whose
+floor is 8 KiB, nor the head buffer's), or fewer connections per node.
+Tried and rejected: mimalloc as the global allocator (the fence 354–427 ms,
+but VmRSS 278–280 MiB).
+
+**Fence time** (`perf record -g -p <controller>` at 1,999 Hz, the 0.6 s
+after the fence request): the controller used about 1.1 of the 2 cores;
+the bench's 10,000 simulated nodes, on the same machine, used the rest, so
+the figure is bounded by both sharing two cores. Of the controller's time:
+glibc malloc and free about 18% (`_int_malloc` 6.3%, `unlink_chunk`
+3.9%, `_int_free` 3.3%, `free` 2.3%, `malloc_consolidate` 1.8%); waking
+threads and switching tasks about 15% (`try_to_wake_up` 9.7%,
+`finish_task_switch` 5.4%); socket writes and epoll about 10%; the
+controller's own code (the watch handler, `desired_of`, the auth layer)
+under 5%.
+"#;
 
 pub(super) const METHOD: &str = r#"
 Each figure is the median of the runs (min–max in brackets); a ratio is the
