@@ -3,6 +3,7 @@
 use anyhow::{anyhow, Context};
 use handover_core::api::Status;
 use handover_core::wire::ErrorBody;
+use handover_net::controllers::ControllerUrls;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::fmt::Write;
@@ -12,7 +13,9 @@ use std::time::Duration;
 const REQUEST_TIMEOUT_MS: u64 = 10_000;
 
 pub struct Operator {
-    base: String,
+    /// The controller, or its replicas: a request that cannot connect is
+    /// sent to the next one.
+    urls: ControllerUrls,
     /// None when the client certificate alone authenticates.
     token: Option<String>,
     http: reqwest::Client,
@@ -31,22 +34,27 @@ impl Operator {
         Operator::with_trust(base, Some(token), None)
     }
 
-    /// A client of the controller at `base`, trusting the cluster CA `trust`
-    /// (needed for https).
+    /// A client of the controller at `base` (or of its replicas, `a,b,c`),
+    /// trusting the cluster CA `trust` (needed for https).
     pub fn with_trust(
         base: &str,
         token: Option<&str>,
         trust: Option<&handover_net::tls::ClientTrust>,
     ) -> anyhow::Result<Operator> {
+        let urls = ControllerUrls::parse(base).context("the controller URL (--controller)")?;
+        for url in urls.all() {
+            let _checked = handover_net::tls::client_for(url, trust, reqwest::Client::builder())
+                .map_err(|e| anyhow!("{e}"))?;
+        }
         let builder = reqwest::Client::builder()
             .timeout(Duration::from_millis(REQUEST_TIMEOUT_MS))
             .no_proxy();
-        let http = handover_net::tls::client_for(base, trust, builder)
+        let http = handover_net::tls::client_for(urls.current(), trust, builder)
             .map_err(|e| anyhow!("{e}"))?
             .build()
             .context("cannot build the HTTP client")?;
         Ok(Operator {
-            base: base.trim_end_matches('/').to_owned(),
+            urls,
             token: token.map(str::to_owned),
             http,
         })
@@ -57,11 +65,7 @@ impl Operator {
         &self.http
     }
 
-    async fn send<T: DeserializeOwned>(
-        &self,
-        req: reqwest::RequestBuilder,
-        what: &str,
-    ) -> anyhow::Result<T> {
+    async fn send<T: DeserializeOwned>(&self, req: Request<'_>, what: &str) -> anyhow::Result<T> {
         let body = self.exchange(req, what, false).await?.unwrap_or_default();
         serde_json::from_slice(&body)
             .with_context(|| format!("controller answer to {what} is not the expected JSON"))
@@ -70,20 +74,39 @@ impl Operator {
     /// Sends `req` with the token and reads the whole answer: its body on
     /// success, `None` for a 404 when `none_if_missing`, otherwise an error
     /// that says which request failed and, if the controller said, why.
+    ///
+    /// A request that cannot connect (so the controller never saw it) goes
+    /// to the next replica, each tried once; a streamed body only once.
     async fn exchange(
         &self,
-        req: reqwest::RequestBuilder,
+        req: Request<'_>,
         what: &str,
         none_if_missing: bool,
     ) -> anyhow::Result<Option<Vec<u8>>> {
-        let req = match &self.token {
-            Some(token) => req.bearer_auth(token),
-            None => req,
+        let tries = if req.retry { self.urls.all().len() } else { 1 };
+        let mut tried = 0;
+        let resp = loop {
+            let base = self.urls.current().to_owned();
+            let built = (req.build)(&self.http, &base);
+            let built = match &self.token {
+                Some(token) => built.bearer_auth(token),
+                None => built,
+            };
+            tried += 1;
+            match built.send().await {
+                Ok(resp) => break resp,
+                Err(e) if e.is_connect() && tried < tries => {
+                    self.urls.failed(&base);
+                }
+                Err(e) => {
+                    if e.is_connect() {
+                        self.urls.failed(&base);
+                    }
+                    return Err(anyhow::Error::new(e)
+                        .context(format!("cannot reach the controller at {base} ({what})")));
+                }
+            }
         };
-        let resp = req
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the controller at {} ({what})", self.base))?;
         let status = resp.status();
         if none_if_missing && status == reqwest::StatusCode::NOT_FOUND {
             return Ok(None);
@@ -107,31 +130,26 @@ impl Operator {
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        self.send(
-            self.http.get(format!("{}{path}", self.base)),
-            &format!("GET {path}"),
-        )
-        .await
+        let build = |http: &reqwest::Client, base: &str| http.get(format!("{base}{path}"));
+        self.send(Request::retried(&build), &format!("GET {path}"))
+            .await
     }
 
-    pub async fn post<B: Serialize, T: DeserializeOwned>(
+    pub async fn post<B: Serialize + Sync, T: DeserializeOwned>(
         &self,
         path: &str,
         body: &B,
     ) -> anyhow::Result<T> {
-        self.send(
-            self.http.post(format!("{}{path}", self.base)).json(body),
-            &format!("POST {path}"),
-        )
-        .await
+        let build =
+            |http: &reqwest::Client, base: &str| http.post(format!("{base}{path}")).json(body);
+        self.send(Request::retried(&build), &format!("POST {path}"))
+            .await
     }
 
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        self.send(
-            self.http.delete(format!("{}{path}", self.base)),
-            &format!("DELETE {path}"),
-        )
-        .await
+        let build = |http: &reqwest::Client, base: &str| http.delete(format!("{base}{path}"));
+        self.send(Request::retried(&build), &format!("DELETE {path}"))
+            .await
     }
 
     pub async fn status(&self) -> anyhow::Result<Status> {
@@ -210,8 +228,10 @@ impl Operator {
     /// GET of a text answer; `None` for 404 (any code), as for a signature
     /// the controller does not have.
     pub async fn get_text(&self, path: &str) -> anyhow::Result<Option<String>> {
-        let req = self.http.get(format!("{}{path}", self.base));
-        let body = self.exchange(req, &format!("GET {path}"), true).await?;
+        let build = |http: &reqwest::Client, base: &str| http.get(format!("{base}{path}"));
+        let body = self
+            .exchange(Request::retried(&build), &format!("GET {path}"), true)
+            .await?;
         Ok(body.map(|b| String::from_utf8_lossy(&b).into_owned()))
     }
 
@@ -224,14 +244,40 @@ impl Operator {
         body: reqwest::Body,
         timeout: Duration,
     ) -> anyhow::Result<T> {
-        let mut req = self
-            .http
-            .put(format!("{}{path}", self.base))
-            .timeout(timeout)
-            .body(body);
-        for (name, value) in headers {
-            req = req.header(*name, *value);
-        }
-        self.send(req, &format!("PUT {path}")).await
+        // A streamed body is sent once: the request is built once.
+        let body = std::sync::Mutex::new(Some(body));
+        let build = |http: &reqwest::Client, base: &str| {
+            let mut req = http.put(format!("{base}{path}")).timeout(timeout);
+            if let Some(b) = body.lock().ok().and_then(|mut b| b.take()) {
+                req = req.body(b);
+            }
+            for (name, value) in headers {
+                req = req.header(*name, *value);
+            }
+            req
+        };
+        self.send(
+            Request {
+                build: &build,
+                retry: false,
+            },
+            &format!("PUT {path}"),
+        )
+        .await
+    }
+}
+
+/// One operator request: how to build it for a controller's base URL, and
+/// whether it may be sent again to another replica after a failed connect.
+struct Request<'a> {
+    build: &'a (dyn Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder + Sync),
+    retry: bool,
+}
+
+impl<'a> Request<'a> {
+    fn retried(
+        build: &'a (dyn Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder + Sync),
+    ) -> Request<'a> {
+        Request { build, retry: true }
     }
 }

@@ -453,7 +453,8 @@ struct NodeArgs {
     /// Base URL viewers use to reach this node [default: http://LISTEN].
     #[arg(long)]
     advertise: Option<String>,
-    /// Controller base URL.
+    /// Controller base URL; for replicas, several separated by commas
+    /// (the node moves to the next one it can reach).
     #[arg(
         long,
         env = "HANDOVER_CONTROLLER",
@@ -936,7 +937,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 data_dir,
                 advertise_url: advertise,
                 listen,
-                controller_url: a.controller,
+                controller: std::sync::Arc::new(
+                    handover_net::controllers::ControllerUrls::parse(&a.controller)
+                        .context("--controller")?,
+                ),
                 controller_ca: a.ca,
                 bootstrap_token: std::env::var(BOOTSTRAP_TOKEN_ENV)
                     .ok()
@@ -1131,7 +1135,7 @@ async fn api_get(op: &OperatorArgs, path: &str) -> anyhow::Result<()> {
     print_json_or(op, &op.operator()?.get(path).await?)
 }
 
-async fn api_post<B: serde::Serialize>(
+async fn api_post<B: serde::Serialize + Sync>(
     op: &OperatorArgs,
     path: &str,
     body: &B,

@@ -35,6 +35,7 @@
 //! and the connection task: the write timeout, the TLS handshake, HTTP),
 //! [`tls`] (server and client configs, pinned client certificates).
 
+pub mod controllers;
 pub mod limits;
 mod registry;
 mod serve;

@@ -47,7 +47,8 @@ pub(crate) struct Driver {
     pub machine: Machine,
     pub store: Arc<Store>,
     pub controller: Arc<Controller>,
-    pub controller_url: String,
+    /// Where artifacts are staged from: the current controller replica.
+    pub controller_urls: std::sync::Arc<handover_net::controllers::ControllerUrls>,
     /// The cluster CA, for the staging client (as for the session's).
     pub trust: Option<handover_net::tls::ClientTrust>,
     pub node_id: String,
@@ -129,7 +130,7 @@ impl Driver {
     pub async fn run(self) {
         let (events_tx, mut events_rx) = mpsc::channel(EVENTS_QUEUED_MAX);
         let staging = handover_net::tls::client_for(
-            &self.controller_url,
+            self.controller_urls.current(),
             self.trust.as_ref(),
             reqwest::Client::builder().no_proxy(),
         )
@@ -399,7 +400,7 @@ impl Run {
         };
         let credential = self.d.machine.credential().unwrap_or_default().to_owned();
         let (url, dir, trusted) = (
-            self.d.controller_url.clone(),
+            self.d.controller_urls.current().to_owned(),
             self.d.data_dir.clone(),
             self.d.trusted.clone(),
         );

@@ -51,7 +51,9 @@ pub struct NodeConfig {
     pub listen: std::net::SocketAddr,
     /// HLS base URL advertised to the controller and viewers, e.g. http://127.0.0.5:7000
     pub advertise_url: String,
-    pub controller_url: String,
+    /// The controller's URL, or its replicas' (the node moves to the next
+    /// one it can reach).
+    pub controller: Arc<handover_net::controllers::ControllerUrls>,
     /// The cluster CA (`ca.crt` of `handover init`) an https controller's
     /// certificate must chain to; nothing else is trusted.
     pub controller_ca: Option<std::path::PathBuf>,
@@ -193,7 +195,7 @@ async fn credential(
             id = config.node_id
         );
     }
-    let (chosen, identity, extra) = if config.controller_url.starts_with("https://") {
+    let (chosen, identity, extra) = if config.controller.is_https() {
         let (identity, certificate) = ClientIdentity::generate(&config.node_id)
             .map_err(|e| anyhow::anyhow!("cannot make the node's client certificate: {e}"))?;
         let credential =
@@ -255,12 +257,12 @@ fn validate(config: &NodeConfig, info: &ReleaseInfo) -> anyhow::Result<()> {
         );
     }
     // Checked here so a bad URL or CA stops the node before it binds.
-    let _checked = handover_net::tls::client_for(
-        &config.controller_url,
-        controller_trust(config)?.as_ref(),
-        reqwest::Client::builder(),
-    )
-    .map_err(|e| anyhow::anyhow!("controller URL: {e}"))?;
+    let trust = controller_trust(config)?;
+    for url in config.controller.all() {
+        let _checked =
+            handover_net::tls::client_for(url, trust.as_ref(), reqwest::Client::builder())
+                .map_err(|e| anyhow::anyhow!("controller URL: {e}"))?;
+    }
     Hello::new(
         &config.node_id,
         config.bootstrap_token.as_deref().unwrap_or("token"),
@@ -395,7 +397,7 @@ async fn start(
         None => t,
     });
     let controller = Arc::new(
-        session::Controller::new(&config.controller_url, trust.as_ref())
+        session::Controller::new(config.controller.clone(), trust.as_ref())
             .map_err(|e| anyhow::anyhow!("cannot build the controller client: {e}"))?,
     );
     let driver = tokio::spawn(
@@ -403,7 +405,7 @@ async fn start(
             machine,
             store: store.clone(),
             controller,
-            controller_url: config.controller_url.clone(),
+            controller_urls: config.controller.clone(),
             trust,
             node_id: config.node_id.clone(),
             schema: info.schema,

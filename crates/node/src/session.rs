@@ -8,6 +8,8 @@ use crate::store::{keys, Store, StoreError};
 use handover_core::node::{self, Reply};
 use handover_core::params::events_for_group;
 use handover_core::Schema;
+use handover_net::controllers::ControllerUrls;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use handover_core::node::{REQUEST_TIMEOUT_MS, WATCH_TIMEOUT_MS, WATCH_WAIT_MS};
@@ -16,28 +18,27 @@ pub const CONNECT_TIMEOUT_MS: u64 = 2_000;
 /// Largest answer we read: parameters are the largest message.
 pub const RESPONSE_BYTES_MAX: usize = 8 << 20;
 
-/// The controller's node API over HTTP/1.1 JSON.
+/// The controller's node API over HTTP/1.1 JSON, at the current one of
+/// its URLs: a request that cannot reach it moves the node to the next
+/// replica, and the machine's retry goes there.
 pub struct Controller {
     http: reqwest::Client,
-    base: String,
+    urls: Arc<ControllerUrls>,
 }
 
 impl Controller {
-    /// A client of the controller at `base`: https with the cluster CA
+    /// A client of the controller at `urls`: https with the cluster CA
     /// `trust`, or plain http to a loopback address only.
     pub fn new(
-        base: &str,
+        urls: Arc<ControllerUrls>,
         trust: Option<&handover_net::tls::ClientTrust>,
     ) -> Result<Controller, String> {
         let builder =
             reqwest::Client::builder().connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS));
-        let http = handover_net::tls::client_for(base, trust, builder)?
+        let http = handover_net::tls::client_for(urls.current(), trust, builder)?
             .build()
             .map_err(|e| error_chain(&e))?;
-        Ok(Controller {
-            http,
-            base: base.trim_end_matches('/').to_owned(),
-        })
+        Ok(Controller { http, urls })
     }
 
     /// Sends one request of the machine; `batch` is the body of a
@@ -47,9 +48,11 @@ impl Controller {
         send: &node::Send,
         batch: Option<&handover_core::wire::Batch>,
     ) -> Reply {
+        let base = self.urls.current().to_owned();
+        let url = |path: &str| format!("{base}{path}");
         let req = match &send.request {
-            node::Request::Hello(hello) => self.http.post(self.url("/node/v1/hello")).json(hello),
-            node::Request::Heartbeat(hb) => self.http.post(self.url("/node/v1/heartbeat")).json(hb),
+            node::Request::Hello(hello) => self.http.post(url("/node/v1/hello")).json(hello),
+            node::Request::Heartbeat(hb) => self.http.post(url("/node/v1/heartbeat")).json(hb),
             node::Request::Watch {
                 epoch,
                 grant,
@@ -61,13 +64,13 @@ impl Controller {
                 if let Some(rev) = desired_rev {
                     path.push_str(&format!("&desired_rev={rev}"));
                 }
-                self.http.get(self.url(&path))
+                self.http.get(url(&path))
             }
             node::Request::Params { epoch } => self
                 .http
-                .get(self.url(&format!("/node/v1/params?epoch={epoch}"))),
+                .get(url(&format!("/node/v1/params?epoch={epoch}"))),
             node::Request::Batch { channel, .. } => match batch {
-                Some(b) => self.http.post(self.url(channel.path())).json(b),
+                Some(b) => self.http.post(url(channel.path())).json(b),
                 None => return Reply::Invalid("no records to send for this batch".into()),
             },
         };
@@ -80,11 +83,14 @@ impl Controller {
         {
             req = req.bearer_auth(token);
         }
-        call(req).await
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
+        let reply = call(req).await;
+        if let Reply::Unreachable(why) = &reply {
+            let next = self.urls.failed(&base);
+            if next != base {
+                tracing::warn!(controller = %base, next = %next, error = %why, "controller unreachable; moving to the next replica");
+            }
+        }
+        reply
     }
 }
 
