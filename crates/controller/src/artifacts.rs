@@ -11,7 +11,7 @@
 //! | `GET` | `/api/v1/artifacts/{id}/signature` | operator or read-only token | its stored signature, as for nodes (the CLI skips re-sending an artifact stored with the same signature) |
 //! | `GET` | `/node/v1/artifacts/{id}/manifest` | node | one manifest: the exact bytes that were signed |
 //! | `GET` | `/node/v1/artifacts/{id}/signature` | node | its minisign signature (`text/plain`); 404 `unsigned` when it has none |
-//! | `GET` | `/node/v1/artifacts/{id}/binary` | node | the binary, streamed, with `Content-Length` |
+//! | `GET` | `/node/v1/artifacts/{id}/binary` | node | the binary, streamed, with `Content-Length`; zstd-compressed (`Content-Encoding: zstd`) when the node accepts it |
 //!
 //! Headers of an upload (HTTP header values cannot carry newlines):
 //!
@@ -36,7 +36,9 @@
 //! the nodes' routes by [`ArtifactHost::check_node`]. An upload is streamed to a temporary directory while
 //! [`DigestCheck`] checks it; only a verified, fsync'd artifact is renamed
 //! into place, so `<id>/` exists only when complete. A mismatch keeps
-//! nothing.
+//! nothing. Once stored, a zstd copy of the binary ([`compressed_path`])
+//! is made for the nodes' downloads: what a node checks and runs is still
+//! the binary the manifest names, decompressed as it arrives.
 
 use crate::node_api::NodeProof;
 use crate::{ApiError, ApiResult};
@@ -59,6 +61,37 @@ use std::future::Future;
 mod store;
 
 pub use store::{Accepted, ArtifactStore, ArtifactStoreError, Missing, Put, Stored, ARTIFACTS_MAX};
+
+/// The zstd level of the copy served to nodes: a release binary shrinks to
+/// about a third (a stripped one; a tenth with debug info), in about a
+/// second per 100 MB, once per upload.
+pub const ZSTD_LEVEL: i32 = 3;
+
+/// Where the zstd copy of a stored `binary` lives.
+pub fn compressed_path(binary: &std::path::Path) -> std::path::PathBuf {
+    let mut name = binary.file_name().unwrap_or_default().to_owned();
+    name.push(".zst");
+    binary.with_file_name(name)
+}
+
+/// Writes the zstd copy of `binary` (to a temporary name, fsync'd, then
+/// renamed), unless it is there already.
+fn compress_binary(binary: &std::path::Path) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let out = compressed_path(binary);
+    if out.exists() {
+        return Ok(());
+    }
+    let tmp = out.with_extension("zst.tmp");
+    let mut input = std::fs::File::open(binary)?;
+    let mut file = std::fs::File::create(&tmp)?;
+    let mut encoder = zstd::stream::Encoder::new(&mut file, ZSTD_LEVEL)?;
+    std::io::copy(&mut input, &mut encoder)?;
+    encoder.finish()?;
+    file.flush()?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, &out)
+}
 
 /// The request header that carries the manifest of an upload: base64 of
 /// the exact `manifest.json` bytes (or, from older clients, one-line JSON).
@@ -212,6 +245,22 @@ pub async fn upload<H: ArtifactHost>(
         drain(&mut stream).await;
     }
     let put = answer?;
+    let id = match &put {
+        Put::Created(m) | Put::Existing(m) => m.id(),
+    };
+    if let Ok(stored) = lookup(&host, id.clone()).await {
+        let binary = stored.binary.clone();
+        match blocking(move || compress_binary(&binary)).await {
+            Ok(Ok(())) => {}
+            // The nodes then download the binary as it is.
+            Ok(Err(e)) => {
+                tracing::warn!(artifact = %id, error = %e, "cannot compress the artifact")
+            }
+            Err(e) => {
+                tracing::warn!(artifact = %id, error = %e.message, "cannot compress the artifact")
+            }
+        }
+    }
     Ok(match put {
         Put::Created(m) => (StatusCode::CREATED, Json(m)),
         Put::Existing(m) => (StatusCode::OK, Json(m)),
@@ -410,12 +459,37 @@ pub async fn node_binary<H: ArtifactHost>(
     State(host): State<H>,
     id: Result<Path<String>, PathRejection>,
     proof: NodeProof,
+    headers: HeaderMap,
 ) -> ApiResult<Response> {
     let Stored {
         manifest: m,
         binary: path,
         ..
     } = node_lookup(&host, id, &proof).await?;
+    let accepts_zstd = headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|e| e.split(';').next().is_some_and(|e| e.trim() == "zstd"));
+    if accepts_zstd {
+        let zst = compressed_path(&path);
+        if let Ok(file) = tokio::fs::File::open(&zst).await {
+            if let Ok(meta) = file.metadata().await {
+                let size = meta.len();
+                let mut resp = Body::from_stream(file_chunks(file, size)).into_response();
+                let h = resp.headers_mut();
+                h.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/octet-stream"),
+                );
+                h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("zstd"));
+                h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+                h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+                return Ok(resp);
+            }
+        }
+    }
     let file = tokio::fs::File::open(&path).await.map_err(|error| {
         ApiError::from(ArtifactStoreError::from(IoError {
             op: "open",

@@ -242,7 +242,8 @@ async fn fetch(http: &reqwest::Client, url: &str, token: &str) -> bytes::Bytes {
 async fn http_upload_list_and_download() {
     let tmp = tempfile::tempdir().unwrap();
     let base = serve(ArtifactStore::open(tmp.path()).unwrap()).await;
-    let http = reqwest::Client::new();
+    // Raw bytes: zstd is asked for explicitly where it is tested.
+    let http = reqwest::Client::builder().no_zstd().build().unwrap();
     let bytes = binary(3 << 20); // above the router's 1 MiB default
     let m = manifest_of(&bytes);
     let header = serde_json::to_string(&m).unwrap();
@@ -337,6 +338,28 @@ async fn http_upload_list_and_download() {
     assert_eq!(resp.status().as_u16(), 200);
     assert_eq!(resp.content_length(), Some(m.size));
     assert_eq!(resp.bytes().await.unwrap().as_ref(), bytes.as_slice());
+    // A node that accepts zstd gets the copy made at upload: fewer bytes
+    // that decompress to exactly the binary (a real node decompresses as
+    // it receives and checks the size and digest of what comes out).
+    let resp = send(
+        &http,
+        &burl,
+        Some(NODE),
+        &[("accept-encoding", "gzip, zstd")],
+        None,
+    )
+    .await;
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.headers()["content-encoding"], "zstd");
+    let compressed = resp.bytes().await.unwrap();
+    assert!(
+        (compressed.len() as u64) < m.size / 2,
+        "{}",
+        compressed.len()
+    );
+    assert_eq!(zstd::decode_all(compressed.as_ref()).unwrap(), bytes);
+    let auto = reqwest::Client::new();
+    assert_eq!(fetch(&auto, &burl, NODE).await.as_ref(), bytes.as_slice());
 
     for (id, want) in [
         ("r2-000000000000", "not_found"),
