@@ -13,6 +13,9 @@
 //!    and viewer latency steady versus while that node switches release.
 //! 6. memory — the controller with N connected nodes; an idle node.
 //! 7. upgrade — the demo cluster's upgrade time minus its waiting for events.
+//! 8. stage — 100 supervised nodes staging an upgrade's artifact: from the
+//!    upgrade's start until every node staged, and the bytes the controller
+//!    wrote meanwhile per byte of the artifact.
 //!
 //! Every process is this binary, on 127.50-59.x.x, killed when dropped; every
 //! data dir is in one temp dir removed at the end. Each figure is the median
@@ -67,12 +70,12 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
-const BENCHES: [&str; 7] = [
-    "drain", "outbox", "fence", "storm", "viewers", "memory", "upgrade",
+const BENCHES: [&str; 8] = [
+    "drain", "outbox", "fence", "storm", "viewers", "memory", "upgrade", "stage",
 ];
 
 /// Keys `--json` always prints (null when the benchmark did not run).
-pub const JSON_KEYS: [&str; 11] = [
+pub const JSON_KEYS: [&str; 13] = [
     "drain.records_per_s",
     "drain.limit_records_per_s",
     "drain.ratio",
@@ -84,6 +87,8 @@ pub const JSON_KEYS: [&str; 11] = [
     "memory.controller_10000_nodes_mib",
     "memory.node_idle_mib",
     "upgrade.overhead_ms",
+    "stage.nodes_100_ms",
+    "stage.controller_bytes_per_artifact_bytes",
 ];
 
 // Addresses: 127.<subnet>.0.x for processes, 127.52.<wave>.x as the source
@@ -94,6 +99,7 @@ const SUBNET_FENCE: u8 = 51;
 const SUBNET_SOURCES: u8 = 52;
 const SUBNET_VIEWERS: u8 = 53;
 const SUBNET_UPGRADE_SMALL: u8 = 57;
+const SUBNET_STAGE: u8 = 56;
 /// The demo also claims 59 for its manual run, which the bench skips.
 const SUBNET_DEMO: u8 = 58;
 /// Simulated nodes per source address (ephemeral ports are about 28,000).
@@ -126,6 +132,10 @@ const GOAL_STORM_MS: f64 = 2_000.0;
 const GOAL_CONTROLLER_MIB: f64 = 256.0;
 const GOAL_NODE_MIB: f64 = 20.0;
 const GOAL_UPGRADE_OVERHEAD_MS: f64 = 10_000.0;
+/// Issue 11: 100 nodes staged within 5 s, and the controller sending no
+/// more than a few copies of the artifact whatever the fleet's size.
+const GOAL_STAGE_100_MS: f64 = 5_000.0;
+const GOAL_STAGE_COPIES: f64 = 3.0;
 
 /// Figures measured before a fix, on the machine of docs/benchmarks.md, with
 /// what changed; shown in the "before" column. (key, figure, note)
@@ -188,6 +198,8 @@ pub struct Sizes {
     pub hls_loops: usize,
     pub paced_viewers: usize,
     pub steady_ms: u64,
+    /// Nodes of the stage benchmark.
+    pub stage_nodes: usize,
 }
 
 const FULL: Sizes = Sizes {
@@ -202,6 +214,7 @@ const FULL: Sizes = Sizes {
     hls_loops: 16,
     paced_viewers: 20,
     steady_ms: 3_000,
+    stage_nodes: 100,
 };
 
 const QUICK: Sizes = Sizes {
@@ -216,6 +229,7 @@ const QUICK: Sizes = Sizes {
     hls_loops: 4,
     paced_viewers: 4,
     steady_ms: 500,
+    stage_nodes: 4,
 };
 
 /// One run's figures, flat: "drain.records_per_s" → value.
@@ -343,6 +357,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 };
                 f.extend(got.context("upgrade")?);
             }
+            if selected("stage") {
+                progress(&format!("{tag}: stage, {} nodes", sizes.stage_nodes));
+                f.extend(
+                    stage_fleet(&exe, &dir, sizes.stage_nodes)
+                        .await
+                        .context("stage")?,
+                );
+            }
             per_run.push(f);
         }
         anyhow::Ok(())
@@ -388,6 +410,7 @@ mod machine;
 mod outbox;
 mod report;
 mod sources;
+mod stage;
 mod stats;
 mod upgrade;
 mod viewers;
@@ -398,6 +421,7 @@ use machine::*;
 use outbox::*;
 use report::*;
 use sources::*;
+use stage::*;
 use stats::*;
 use upgrade::*;
 use viewers::*;

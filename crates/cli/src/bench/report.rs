@@ -267,6 +267,33 @@ pub(super) fn rows(r: &Report) -> Vec<Row> {
         goal: format!("≤ {GOAL_UPGRADE_OVERHEAD_MS:.0} ms"),
         met: at_most("upgrade.overhead_ms", GOAL_UPGRADE_OVERHEAD_MS),
     });
+    let nodes = s.stage_nodes;
+    let stage_key = "stage.nodes_100_ms";
+    out.push(Row {
+        key: "stage.nodes_100_ms",
+        bench: format!(
+            "8a. stage: {nodes} supervised nodes, upgrade start → every node staged ({} MiB binary)",
+            med("stage.artifact_mib").map_or("—".into(), |v| format!("{v:.1}"))
+        ),
+        result: spread(stage_key, &msf),
+        limit: "goal".into(),
+        ratio: "—".into(),
+        goal: format!("≤ {GOAL_STAGE_100_MS:.0} ms"),
+        met: at_most(stage_key, GOAL_STAGE_100_MS),
+    });
+    out.push(Row {
+        key: "stage.controller_bytes_per_artifact_bytes",
+        bench: format!(
+            "8b. stage: bytes the controller wrote while {nodes} nodes staged, per byte of the artifact"
+        ),
+        result: spread("stage.controller_bytes_per_artifact_bytes", &|v| {
+            format!("{v:.1} copies")
+        }),
+        limit: "goal".into(),
+        ratio: "—".into(),
+        goal: format!("≤ {GOAL_STAGE_COPIES:.0} copies"),
+        met: at_most("stage.controller_bytes_per_artifact_bytes", GOAL_STAGE_COPIES),
+    });
     out.retain(|row| {
         let bench = row.key.split('.').next().unwrap_or("");
         r.summary
@@ -452,4 +479,14 @@ same run. `handover bench --json` prints the same figures (and every run's).
    process (3 groups of supervised primary and backup nodes, 6 channels,
    events of 20–40 s, viewers): `upgrade.total_ms −
    upgrade.waiting_for_operations_ms`.
+8. **Stage.** A release-1 controller and 100 release-1 nodes under their
+   supervisors (50 groups, each with a live event), the release-2 artifact
+   of this binary uploaded (stored, and its zstd copy made), then an
+   upgrade that pauses before the fence. (a) From the upgrade's start to the
+   end of its stage phase, by the controller's own phase records: every
+   node has downloaded, decompressed, digest-checked and placed the binary.
+   (b) The bytes the controller process wrote meanwhile (`wchar` of
+   `/proc/PID/io`: sockets and files, so the little else it writes counts
+   too), divided by the size of the artifact's binary: how many copies of
+   the artifact the controller served.
 "#;
