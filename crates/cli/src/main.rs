@@ -322,11 +322,19 @@ struct JsonFlag {
 
 /// Run the controller.
 ///
-/// The database lives in DATA_DIR/controller.db (SQLite, WAL); it is created
-/// on first start and migrated forward (after a snapshot in
-/// DATA_DIR/snapshots) when a newer release opens an older database.
+/// The database lives in DATA_DIR/controller.db (SQLite, WAL), or on a
+/// PostgreSQL server with --database; it is created on first start and
+/// migrated forward (after a snapshot in DATA_DIR/snapshots, or a copy
+/// schema on PostgreSQL) when a newer release opens an older database.
 #[derive(Args)]
 struct ControllerArgs {
+    /// Keep the database on PostgreSQL: postgres://USER@HOST[:PORT]/DB,
+    /// with ?schema=NAME for the PostgreSQL schema of its tables [default
+    /// schema: handover]. Without it: SQLite in DATA_DIR/controller.db.
+    /// Keep a password out of the URL (PGPASSWORD or ~/.pgpass): a command
+    /// line is visible to every user.
+    #[arg(long, value_name = "URL", env = DATABASE_ENV, hide_env_values = true)]
+    database: Option<String>,
     /// Release to run as (this binary carries 1 to the newest).
     #[arg(long, default_value_t = NEWEST.0)]
     release: u32,
@@ -531,6 +539,8 @@ impl AllowUnsigned {
 /// How `--connections-max` reaches a supervisor's workers (their command
 /// line is a contract between binaries; the environment is inherited).
 const CONNECTIONS_MAX_ENV: &str = "HANDOVER_CONNECTIONS_MAX";
+/// `--database`'s variable, which the controller's worker inherits.
+pub(crate) const DATABASE_ENV: &str = "HANDOVER_DATABASE";
 
 /// Run viewers like players with redundant streams: poll the playlist,
 /// fetch each new segment once, fail over to the other node on any error.
@@ -780,6 +790,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Controller(a) => {
             init_tracing("info");
             let mode = roles::mode(a.no_supervisor);
+            // Checked before anything starts; shown only redacted from here on.
+            let database = a
+                .database
+                .as_deref()
+                .map(handover_store::postgres::Target::parse)
+                .transpose()?;
             let (key_paths, trusted_keys) = trusted_keys(&a.trusted_keys)?;
             a.unsigned.check(trusted_keys.len(), a.listen)?;
             if mode == roles::Mode::Supervisor {
@@ -806,6 +822,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     {
                         args.push(flag.into());
                         args.push(path.display().to_string());
+                    }
+                }
+                // The worker inherits HANDOVER_DATABASE; a URL given as
+                // --database only is passed on the same way.
+                if let Some(url) = &a.database {
+                    if std::env::var(DATABASE_ENV).ok().as_ref() != Some(url) {
+                        args.extend(["--database".into(), url.clone()]);
                     }
                 }
                 args.extend(trusted_key_args(&key_paths));
@@ -841,6 +864,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 trusted_keys,
                 limits: handover_net::Limits::CONTROLLER.with_connections_max(a.connections_max),
                 allow_unsigned_artifacts: a.unsigned.allow,
+                database,
             };
             let listener = roles::listener(mode, config.listen).await?;
             handover_controller::serve_on(config, listener, shutdown_signal()).await
