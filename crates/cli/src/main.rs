@@ -539,8 +539,7 @@ impl AllowUnsigned {
 /// How `--connections-max` reaches a supervisor's workers (their command
 /// line is a contract between binaries; the environment is inherited).
 const CONNECTIONS_MAX_ENV: &str = "HANDOVER_CONNECTIONS_MAX";
-/// `--database`'s variable, which the controller's worker inherits.
-pub(crate) const DATABASE_ENV: &str = "HANDOVER_DATABASE";
+use roles::DATABASE_ENV;
 
 /// Run viewers like players with redundant streams: poll the playlist,
 /// fetch each new segment once, fail over to the other node on any error.

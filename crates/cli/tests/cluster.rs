@@ -74,7 +74,26 @@ async fn grant_of(fleet: &Fleet, node: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn release_2_group_serves_both_nodes_and_stores_every_record_once() {
-    let mut s = setup("release 2 group", 2, 2, 6_000).await;
+    release_2_group_serves(Backend::from_env()).await;
+}
+
+/// The same with the controller's store on PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_2_group_serves_both_nodes_and_stores_every_record_once_on_postgres() {
+    release_2_group_serves(Backend::Postgres).await;
+}
+
+async fn release_2_group_serves(backend: Backend) {
+    let spec = SetupSpec {
+        controller_release: 2,
+        node_release: 2,
+        event_ms: 6_000,
+        supervised: true,
+        window_segments: None,
+    };
+    let mut s = setup_on(&format!("release 2 group on {backend:?}"), spec, backend).await;
+    let sqlite_file = s.fleet.dir.join("controller").join("controller.db");
+    assert_eq!(sqlite_file.exists(), backend == Backend::Sqlite);
     start_nodes(&mut s.fleet).await;
     let v = watch_to_end(&s, 4).await;
     assert_clean_viewing(&v, 4);

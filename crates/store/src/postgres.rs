@@ -190,6 +190,47 @@ impl Target {
             })
     }
 
+    /// Whether the server answers and takes this user: one connection,
+    /// closed at once.
+    pub async fn check(&self) -> Result<()> {
+        self.pool(1).await?.close().await;
+        Ok(())
+    }
+
+    /// The schemas the store has pre-upgrade copies of (`<schema>_pre_schema_<N>`).
+    pub async fn pre_upgrade_copies(&self) -> Result<Vec<u32>> {
+        let pool = self.pool(1).await?;
+        let prefix = format!("{}_pre_schema_", self.schema.as_str());
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT schema_name::TEXT FROM information_schema.schemata
+             WHERE starts_with(schema_name, $1) ORDER BY schema_name",
+        )
+        .bind(&prefix)
+        .fetch_all(&pool)
+        .await?;
+        pool.close().await;
+        Ok(names
+            .iter()
+            .filter_map(|n| n.strip_prefix(&prefix)?.parse().ok())
+            .collect())
+    }
+
+    /// Whether a controller is opening the store right now (creating or
+    /// migrating it: it holds the store's lock).
+    pub async fn opening_now(&self) -> Result<bool> {
+        let pool = self.pool(1).await?;
+        let held: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND granted
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+             AND ((classid::BIGINT << 32) | objid::BIGINT) = hashtext('handover-store:' || $1)::BIGINT",
+        )
+        .bind(self.schema.as_str())
+        .fetch_one(&pool)
+        .await?;
+        pool.close().await;
+        Ok(held > 0)
+    }
+
     /// Drops the store's schema and every pre-upgrade copy of it: for tests
     /// and for an operator retiring a store. Returns how many were dropped.
     pub async fn drop_schemas(&self) -> Result<u64> {
