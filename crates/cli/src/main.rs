@@ -73,6 +73,38 @@ enum Command {
     /// Upgrade the cluster to an artifact's release: plan, start, watch, pause, resume, abort.
     #[command(subcommand)]
     Upgrade(UpgradeCmd),
+    /// The controller's PostgreSQL store: its pre-upgrade copies, and
+    /// putting one back.
+    #[command(subcommand)]
+    Db(DbCmd),
+}
+
+/// The store a `handover db` command works on.
+#[derive(Args)]
+struct DatabaseArg {
+    /// The controller's --database: postgres://USER@HOST[:PORT]/DB[?schema=NAME].
+    #[arg(long, value_name = "URL", env = DATABASE_ENV, hide_env_values = true)]
+    database: String,
+}
+
+#[derive(Subcommand)]
+enum DbCmd {
+    /// List the pre-upgrade copies of the store: the schema each was taken
+    /// at, just before a newer release migrated the store from it.
+    Copies(DatabaseArg),
+    /// Put back the copy taken before the store was migrated from schema
+    /// N, in one transaction: the store is then as it was just before that
+    /// migration, for a controller of the release of schema N (`handover
+    /// releases`). Stop every controller of the store first (refused while
+    /// one is connected): what was written since the migration is
+    /// replaced. The copy stays.
+    RestorePreUpgrade {
+        #[command(flatten)]
+        db: DatabaseArg,
+        /// The schema the store was migrated from.
+        #[arg(long, value_name = "N")]
+        schema: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1095,6 +1127,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Artifact(ArtifactCmd::List(op)) => api_get(&op, "/api/v1/artifacts").await,
         Command::Upgrade(cmd) => run_upgrade(cmd).await,
+        Command::Db(cmd) => run_db(cmd).await,
         Command::Releases(f) => {
             if f.json {
                 let facts = handover_core::release::BinaryFacts::of_this_binary();
@@ -1169,6 +1202,43 @@ fn print_json_or(op: &OperatorArgs, value: &serde_json::Value) -> anyhow::Result
         println!("{}", serde_json::to_string(value)?);
     } else {
         println!("{}", serde_json::to_string_pretty(value)?);
+    }
+    Ok(())
+}
+
+/// `handover db`: works on the PostgreSQL store directly, no controller involved.
+async fn run_db(cmd: DbCmd) -> anyhow::Result<()> {
+    init_tracing("warn");
+    match cmd {
+        DbCmd::Copies(a) => {
+            let target = handover_store::postgres::Target::parse(&a.database)?;
+            let copies = target.pre_upgrade_copies().await?;
+            if copies.is_empty() {
+                println!("{target:?}: no pre-upgrade copy");
+            }
+            for schema in copies {
+                println!(
+                    "schema {schema}: {} (restore-pre-upgrade --schema {schema})",
+                    target.schema().pre_upgrade(schema).as_str()
+                );
+            }
+        }
+        DbCmd::RestorePreUpgrade { db, schema } => {
+            let c = handover_store::postgres::restore_pre_upgrade(&db.database, schema).await?;
+            println!(
+                "restored: the store is at schema {}, cluster release {}, epoch {}; start a \
+                 controller of release {}{}",
+                c.schema,
+                c.release,
+                c.epoch,
+                c.release,
+                if c.fenced {
+                    ", then lift the fence (`handover unfence`): the copy was taken fenced"
+                } else {
+                    ""
+                }
+            );
+        }
     }
     Ok(())
 }

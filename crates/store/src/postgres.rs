@@ -153,7 +153,6 @@ impl Target {
         }
         let options = PgConnectOptions::from_str(parsed.as_str())
             .map_err(|e| invalid(&redact(&e.to_string(), parsed.password())))?
-            .application_name("handover-controller")
             // Every unqualified table name is the store's schema's.
             .options([("search_path", schema.as_str())]);
         Ok(Target {
@@ -172,12 +171,16 @@ impl Target {
         &self.redacted
     }
 
-    /// A pool of at most `max` connections, or an error an operator can act on.
-    async fn pool(&self, max: u32) -> Result<PgPool> {
+    /// A pool of at most `max` connections for `who`, or an error an
+    /// operator can act on. Its connections are named after `who` and the
+    /// store (`application_name`), so a restore can see a controller of
+    /// the store still connected.
+    async fn pool(&self, who: Client, max: u32) -> Result<PgPool> {
+        let name = format!("{}:{}", who.name(), self.schema.as_str());
         PgPoolOptions::new()
             .max_connections(max)
             .acquire_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
-            .connect_with(self.options.clone())
+            .connect_with(self.options.clone().application_name(&name))
             .await
             .map_err(|e| StoreError::Open {
                 path: self.redacted.clone(),
@@ -193,13 +196,13 @@ impl Target {
     /// Whether the server answers and takes this user: one connection,
     /// closed at once.
     pub async fn check(&self) -> Result<()> {
-        self.pool(1).await?.close().await;
+        self.pool(Client::Tool, 1).await?.close().await;
         Ok(())
     }
 
     /// The schemas the store has pre-upgrade copies of (`<schema>_pre_schema_<N>`).
     pub async fn pre_upgrade_copies(&self) -> Result<Vec<u32>> {
-        let pool = self.pool(1).await?;
+        let pool = self.pool(Client::Tool, 1).await?;
         let prefix = format!("{}_pre_schema_", self.schema.as_str());
         let names: Vec<String> = sqlx::query_scalar(
             "SELECT schema_name::TEXT FROM information_schema.schemata
@@ -218,7 +221,7 @@ impl Target {
     /// Whether a controller is opening the store right now (creating or
     /// migrating it: it holds the store's lock).
     pub async fn opening_now(&self) -> Result<bool> {
-        let pool = self.pool(1).await?;
+        let pool = self.pool(Client::Tool, 1).await?;
         let held: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND granted
              AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
@@ -234,7 +237,7 @@ impl Target {
     /// Drops the store's schema and every pre-upgrade copy of it: for tests
     /// and for an operator retiring a store. Returns how many were dropped.
     pub async fn drop_schemas(&self) -> Result<u64> {
-        let pool = self.pool(1).await?;
+        let pool = self.pool(Client::Tool, 1).await?;
         let names: Vec<String> = sqlx::query_scalar(
             "SELECT schema_name::TEXT FROM information_schema.schemata
              WHERE schema_name = $1 OR schema_name LIKE $2 OR schema_name = $3",
@@ -254,6 +257,24 @@ impl Target {
         }
         pool.close().await;
         Ok(names.len() as u64)
+    }
+}
+
+/// Who connects to a store, as its connections' `application_name` says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Client {
+    /// A controller serving from the store.
+    Controller,
+    /// `handover db`, the tests' clean-up: short, one connection.
+    Tool,
+}
+
+impl Client {
+    fn name(self) -> &'static str {
+        match self {
+            Client::Controller => "handover-controller",
+            Client::Tool => "handover-db",
+        }
     }
 }
 
@@ -282,11 +303,27 @@ async fn lock_store(tx: &mut PgConnection, schema: &SchemaName) -> Result<()> {
 /// wrote since the migration is replaced. The copy itself stays.
 pub async fn restore_pre_upgrade(url: &str, schema: u32) -> Result<ClusterState> {
     let target = Target::parse(url)?;
-    let pool = target.pool(1).await?;
+    let pool = target.pool(Client::Tool, 1).await?;
     let live = target.schema.clone();
     let copy = live.pre_upgrade(schema);
     let mut tx = pool.begin().await?;
     lock_store(&mut tx, &live).await?;
+    // A controller still serving would go on writing over the restored
+    // tables (or fail on them): stopped first, always.
+    let serving: Vec<(i32, Option<String>)> = sqlx::query_as(
+        "SELECT pid, client_addr::TEXT FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name = $1 LIMIT 8",
+    )
+    .bind(format!("{}:{}", Client::Controller.name(), live.as_str()))
+    .fetch_all(&mut *tx)
+    .await?;
+    if let Some((pid, addr)) = serving.first() {
+        return Err(StoreError::Invalid(format!(
+            "a controller is connected to this store (server process {pid}, from {}): stop \
+             every controller of the store, then restore",
+            addr.as_deref().unwrap_or("a local socket")
+        )));
+    }
     if !migration::schema_exists(&mut tx, &copy).await? {
         return Err(StoreError::Missing {
             what: "pre-upgrade copy (PostgreSQL schema)",
@@ -328,7 +365,9 @@ impl PostgresStore {
 
     /// [`PostgresStore::open_as`] at a parsed [`Target`].
     pub async fn open_at(target: &Target, info: &'static ReleaseInfo) -> Result<PostgresStore> {
-        let pool = target.pool(POOL_CONNECTIONS_MAX).await?;
+        let pool = target
+            .pool(Client::Controller, POOL_CONNECTIONS_MAX)
+            .await?;
         let store = PostgresStore {
             pool,
             info,
@@ -402,6 +441,11 @@ impl PostgresStore {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Closes every connection (and waits for it): the store is done with.
+    pub async fn close(self) {
+        self.pool.close().await;
     }
 
     /// Channels by name (what the upcasters need) and names by id.

@@ -690,3 +690,81 @@ on_both! {
         );
     }
 }
+
+/// PostgreSQL only (SQLite's snapshot is a file an operator copies back):
+/// the copy a migration took is restored by `restore_pre_upgrade`, never
+/// while a controller is connected, and the store is then as it was before
+/// the migration, for the release it was at.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pre_upgrade_copy_is_restored_on_postgres() {
+    use handover_store::postgres::{restore_pre_upgrade, PostgresStore, Target};
+    let db = Db::fresh(Backend::Postgres).await;
+    drop(release_1_with_segments(&db, 5).await);
+    let migrated = PostgresStore::open(db.url(), Release(2)).await.unwrap();
+    migrated
+        .store_batch("n1", Schema(1), 6, &segments(1, None, 5..8))
+        .await
+        .unwrap();
+    assert_eq!(migrated.records("n1", 0, 100).await.unwrap().len(), 8);
+    let target = Target::parse(db.url()).unwrap();
+    assert_eq!(target.pre_upgrade_copies().await.unwrap(), [1]);
+
+    let err = restore_pre_upgrade(db.url(), 1).await.unwrap_err();
+    assert!(
+        err.to_string().contains("a controller is connected"),
+        "{err}"
+    );
+    migrated.close().await;
+    let err = restore_pre_upgrade(db.url(), 2).await.unwrap_err();
+    assert!(matches!(err, StoreError::Missing { .. }), "{err}");
+
+    let cluster = restore_pre_upgrade(db.url(), 1).await.unwrap();
+    assert_eq!((cluster.release, cluster.schema), (Release(1), Schema(1)));
+    let store = db.open(1).await;
+    let rows = store.records("n1", 0, 100).await.unwrap();
+    assert_eq!(
+        rows.len(),
+        5,
+        "what release 2 stored after the copy is gone"
+    );
+    assert_eq!(store.events().await.unwrap().len(), 1);
+    // Ids go on after the restored ones.
+    let event = store
+        .create_event(&EventSpec {
+            channel: "news".into(),
+            group: "g1".into(),
+            start_ms: 1_795_000_100_000,
+            duration_ms: 60_000,
+        })
+        .await
+        .unwrap();
+    assert_eq!(event.id, 2);
+    drop(store);
+    // The copy stays, and the store migrates again.
+    assert_eq!(target.pre_upgrade_copies().await.unwrap(), [1]);
+    let again = db.open(2).await;
+    assert_eq!(again.records("n1", 0, 100).await.unwrap().len(), 5);
+}
+
+/// A URL's password never shows: not in the redacted form, not in the
+/// error of a server that refuses it.
+#[tokio::test]
+async fn a_postgres_password_is_never_shown() {
+    use handover_store::postgres::{PostgresStore, Target};
+    let url = "postgres://u:s3cret-pw@127.0.0.1:1/db?schema=x";
+    let target = Target::parse(url).unwrap();
+    assert!(!target.redacted().contains("s3cret-pw"), "{target:?}");
+    assert!(!format!("{target:?}").contains("s3cret-pw"));
+    assert_eq!(target.schema().as_str(), "x");
+    let err = PostgresStore::open(url, Release(2)).await.err().unwrap();
+    let text = err.to_string();
+    assert!(!text.contains("s3cret-pw"), "{text}");
+    assert!(text.contains("pg_isready -h 127.0.0.1 -p 1"), "{text}");
+    for bad in [
+        "postgres://u@h/db?schema=Bad",
+        "postgres://u@h/db?schema=pg_x",
+        "mysql://u@h/db",
+    ] {
+        assert!(Target::parse(bad).is_err(), "{bad}");
+    }
+}
