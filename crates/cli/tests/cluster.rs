@@ -486,7 +486,8 @@ async fn bad_input_gets_a_clear_json_error_and_changes_nothing() {
 /// the database and one from a node's outbox, are each reported lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn canary_the_checker_reports_records_removed_behind_the_systems_back() {
-    let mut s = setup("checker canary", 2, 2, 8_000).await;
+    // On SQLite whatever the backend asked: it edits the database file by hand.
+    let mut s = setup_with("checker canary", 2, 2, 8_000, true, Backend::Sqlite).await;
     start_nodes(&mut s.fleet).await;
     sleep_until(s.event_start_ms + 2_500).await;
     // Fenced, the nodes queue: their outboxes hold records that were never stored.

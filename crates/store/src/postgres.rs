@@ -306,18 +306,18 @@ pub async fn restore_pre_upgrade(url: &str, schema: u32) -> Result<ClusterState>
     let pool = target.pool(Client::Tool, 1).await?;
     let live = target.schema.clone();
     let copy = live.pre_upgrade(schema);
+    // A controller still serving would go on writing over the restored
+    // tables (or fail on them): stopped first, always. One that has just
+    // stopped leaves its server processes for a moment.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(CONTROLLER_GONE_WAIT_MS);
+    while controller_connected(&pool, &live).await?.is_some()
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(CONTROLLER_GONE_POLL_MS)).await;
+    }
     let mut tx = pool.begin().await?;
     lock_store(&mut tx, &live).await?;
-    // A controller still serving would go on writing over the restored
-    // tables (or fail on them): stopped first, always.
-    let serving: Vec<(i32, Option<String>)> = sqlx::query_as(
-        "SELECT pid, client_addr::TEXT FROM pg_stat_activity
-         WHERE datname = current_database() AND application_name = $1 LIMIT 8",
-    )
-    .bind(format!("{}:{}", Client::Controller.name(), live.as_str()))
-    .fetch_all(&mut *tx)
-    .await?;
-    if let Some((pid, addr)) = serving.first() {
+    if let Some((pid, addr)) = controller_connected(&mut *tx, &live).await? {
         return Err(StoreError::Invalid(format!(
             "a controller is connected to this store (server process {pid}, from {}): stop \
              every controller of the store, then restore",
@@ -336,6 +336,31 @@ pub async fn restore_pre_upgrade(url: &str, schema: u32) -> Result<ClusterState>
     pool.close().await;
     tracing::info!(store = %target.redacted, copy = copy.as_str(), "restored the pre-upgrade copy");
     Ok(cluster)
+}
+
+/// How long a restore waits for the server processes of a controller that
+/// has just stopped to go, before it refuses.
+const CONTROLLER_GONE_WAIT_MS: u64 = 3_000;
+/// Pause between two looks for them.
+const CONTROLLER_GONE_POLL_MS: u64 = 100;
+
+/// A server process of a controller serving `store`, if any (its pid and
+/// client address). Read outside a transaction to see the present: the
+/// activity view is a snapshot per transaction.
+async fn controller_connected<'e, E>(
+    db: E,
+    store: &SchemaName,
+) -> Result<Option<(i32, Option<String>)>>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Postgres>,
+{
+    Ok(sqlx::query_as(
+        "SELECT pid, client_addr::TEXT FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name = $1 LIMIT 1",
+    )
+    .bind(format!("{}:{}", Client::Controller.name(), store.as_str()))
+    .fetch_optional(db)
+    .await?)
 }
 
 pub struct PostgresStore {

@@ -699,7 +699,13 @@ on_both! {
 async fn the_pre_upgrade_copy_is_restored_on_postgres() {
     use handover_store::postgres::{restore_pre_upgrade, PostgresStore, Target};
     let db = Db::fresh(Backend::Postgres).await;
-    drop(release_1_with_segments(&db, 5).await);
+    let first = PostgresStore::open(db.url(), Release(1)).await.unwrap();
+    seed(&first).await;
+    first
+        .store_batch("n1", Schema(1), 1, &segments(1, None, 0..5))
+        .await
+        .unwrap();
+    first.close().await;
     let migrated = PostgresStore::open(db.url(), Release(2)).await.unwrap();
     migrated
         .store_batch("n1", Schema(1), 6, &segments(1, None, 5..8))

@@ -17,9 +17,27 @@ use sqlx::postgres::PgConnection;
 use sqlx::Row;
 use std::collections::HashMap;
 
-/// Tables one schema holds at most: the copy and the self-checks walk them
-/// all, and a schema of ours has ten.
-const TABLES_PER_SCHEMA_MAX: i64 = 64;
+/// Tables (and identity columns) one schema holds at most: the copy walks
+/// them all, and a schema of ours has ten. More is not a store of ours:
+/// refused, never copied in part.
+const TABLES_PER_SCHEMA_MAX: usize = 64;
+
+/// `found` (rows of a catalog query read with [`catalog_limit`]) unless
+/// there were more than [`TABLES_PER_SCHEMA_MAX`].
+fn within_limit<T>(found: Vec<T>, of: &SchemaName) -> Result<Vec<T>> {
+    if found.len() > TABLES_PER_SCHEMA_MAX {
+        return Err(StoreError::Invalid(format!(
+            "PostgreSQL schema {} has more than {TABLES_PER_SCHEMA_MAX} tables: not a handover store",
+            of.as_str()
+        )));
+    }
+    Ok(found)
+}
+
+/// The LIMIT that lets [`within_limit`] see one row too many.
+fn catalog_limit() -> i64 {
+    i64::try_from(TABLES_PER_SCHEMA_MAX).unwrap_or(i64::MAX) + 1
+}
 
 /// Moves the product tables of the store in `live` from `from` to `to`,
 /// one step at a time, inside `tx`: a failure (returned before the caller
@@ -312,10 +330,10 @@ async fn tables_of(tx: &mut PgConnection, of: &SchemaName) -> Result<Vec<String>
          WHERE table_schema = $1 AND table_type = 'BASE TABLE' ORDER BY table_name LIMIT $2",
     )
     .bind(of.as_str())
-    .bind(TABLES_PER_SCHEMA_MAX)
+    .bind(catalog_limit())
     .fetch_all(&mut *tx)
     .await?;
-    Ok(tables)
+    within_limit(tables, of)
 }
 
 /// Whether schema `name` exists in the database.
@@ -368,10 +386,10 @@ async fn reset_identities(tx: &mut PgConnection, of: &SchemaName) -> Result<()> 
          WHERE table_schema = $1 AND is_identity = 'YES' LIMIT $2",
     )
     .bind(of.as_str())
-    .bind(TABLES_PER_SCHEMA_MAX)
+    .bind(catalog_limit())
     .fetch_all(&mut *tx)
     .await?;
-    for (table, column) in columns {
+    for (table, column) in within_limit(columns, of)? {
         let qualified = format!("{}.{}", of.quoted(), quote(&table));
         sqlx::query(&format!(
             "SELECT setval(pg_get_serial_sequence($1, $2), COALESCE(MAX({}), 0) + 1, false)
