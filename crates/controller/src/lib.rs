@@ -359,6 +359,7 @@ pub async fn serve_on(
         epoch = cluster.epoch,
         listen = %config.listen,
         read_only_token = config.read_only_token.is_some(),
+        store = config.database.as_ref().map_or("sqlite", |t| t.redacted()),
         "controller serving"
     );
     // With the controller's limits: timeouts close silent, slow and idle

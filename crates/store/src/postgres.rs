@@ -128,6 +128,11 @@ impl Target {
         if !matches!(parsed.scheme(), "postgres" | "postgresql") {
             return Err(invalid("not a postgres:// URL"));
         }
+        let mut shown = parsed.clone();
+        if shown.password().is_some() {
+            // Never fails on a URL with a host, which a password implies.
+            let _ = shown.set_password(Some("REDACTED"));
+        }
         let mut schema = SCHEMA_DEFAULT.to_owned();
         let rest: Vec<(String, String)> = parsed
             .query_pairs()
@@ -146,11 +151,6 @@ impl Target {
             parsed.query_pairs_mut().clear().extend_pairs(rest);
         }
         let schema = SchemaName::new(&schema)?;
-        let mut shown = parsed.clone();
-        if shown.password().is_some() {
-            // Never fails on a URL with a host, which a password implies.
-            let _ = shown.set_password(Some("REDACTED"));
-        }
         let options = PgConnectOptions::from_str(parsed.as_str())
             .map_err(|e| invalid(&redact(&e.to_string(), parsed.password())))?
             // Every unqualified table name is the store's schema's.
