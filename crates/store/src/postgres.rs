@@ -133,6 +133,20 @@ impl Target {
             // Never fails on a URL with a host, which a password implies.
             let _ = shown.set_password(Some("REDACTED"));
         }
+        if shown.query_pairs().any(|(k, _)| k == "password") {
+            let pairs: Vec<(String, String)> = shown
+                .query_pairs()
+                .map(|(k, v)| {
+                    let v = if k == "password" {
+                        "REDACTED".into()
+                    } else {
+                        v
+                    };
+                    (k.into_owned(), v.into_owned())
+                })
+                .collect();
+            shown.query_pairs_mut().clear().extend_pairs(pairs);
+        }
         let mut schema = SCHEMA_DEFAULT.to_owned();
         let rest: Vec<(String, String)> = parsed
             .query_pairs()
@@ -203,19 +217,28 @@ impl Target {
     /// The schemas the store has pre-upgrade copies of (`<schema>_pre_schema_<N>`).
     pub async fn pre_upgrade_copies(&self) -> Result<Vec<u32>> {
         let pool = self.pool(Client::Tool, 1).await?;
+        let copies = self.copies_on(&pool).await;
+        pool.close().await;
+        copies
+    }
+
+    /// [`Target::pre_upgrade_copies`] over `pool`.
+    async fn copies_on(&self, pool: &PgPool) -> Result<Vec<u32>> {
         let prefix = format!("{}_pre_schema_", self.schema.as_str());
+        // starts_with, not LIKE: `_` in a schema name is no wildcard.
         let names: Vec<String> = sqlx::query_scalar(
             "SELECT schema_name::TEXT FROM information_schema.schemata
              WHERE starts_with(schema_name, $1) ORDER BY schema_name",
         )
         .bind(&prefix)
-        .fetch_all(&pool)
+        .fetch_all(pool)
         .await?;
-        pool.close().await;
-        Ok(names
+        let mut copies: Vec<u32> = names
             .iter()
             .filter_map(|n| n.strip_prefix(&prefix)?.parse().ok())
-            .collect())
+            .collect();
+        copies.sort_unstable();
+        Ok(copies)
     }
 
     /// Whether a controller is opening the store right now (creating or
@@ -238,25 +261,30 @@ impl Target {
     /// and for an operator retiring a store. Returns how many were dropped.
     pub async fn drop_schemas(&self) -> Result<u64> {
         let pool = self.pool(Client::Tool, 1).await?;
-        let names: Vec<String> = sqlx::query_scalar(
-            "SELECT schema_name::TEXT FROM information_schema.schemata
-             WHERE schema_name = $1 OR schema_name LIKE $2 OR schema_name = $3",
-        )
-        .bind(self.schema.as_str())
-        .bind(format!("{}\\_pre\\_schema\\_%", self.schema.as_str()))
-        .bind(self.schema.migrating().as_str())
-        .fetch_all(&pool)
-        .await?;
+        let mut names: Vec<SchemaName> = self
+            .copies_on(&pool)
+            .await?
+            .into_iter()
+            .map(|n| self.schema.pre_upgrade(n))
+            .collect();
+        names.extend([self.schema.migrating(), self.schema.clone()]);
+        let mut dropped = 0;
         for name in &names {
-            sqlx::raw_sql(&format!(
-                "DROP SCHEMA IF EXISTS {} CASCADE",
-                SchemaName::new(name)?.quoted()
-            ))
-            .execute(&pool)
+            let exists: Option<String> = sqlx::query_scalar(
+                "SELECT schema_name::TEXT FROM information_schema.schemata WHERE schema_name = $1",
+            )
+            .bind(name.as_str())
+            .fetch_optional(&pool)
             .await?;
+            if exists.is_some() {
+                sqlx::raw_sql(&format!("DROP SCHEMA {} CASCADE", name.quoted()))
+                    .execute(&pool)
+                    .await?;
+                dropped += 1;
+            }
         }
         pool.close().await;
-        Ok(names.len() as u64)
+        Ok(dropped)
     }
 }
 

@@ -769,6 +769,8 @@ async fn a_postgres_password_is_never_shown() {
     let text = err.to_string();
     assert!(!text.contains("s3cret-pw"), "{text}");
     assert!(text.contains("pg_isready -h 127.0.0.1 -p 1"), "{text}");
+    let in_query = Target::parse("postgres://u@h/db?password=s3cret-pw&schema=x").unwrap();
+    assert!(!in_query.redacted().contains("s3cret-pw"), "{in_query:?}");
     for bad in [
         "postgres://u@h/db?schema=Bad",
         "postgres://u@h/db?schema=pg_x",
@@ -776,4 +778,44 @@ async fn a_postgres_password_is_never_shown() {
     ] {
         assert!(Target::parse(bad).is_err(), "{bad}");
     }
+}
+
+/// Dropping a store's schemas (its copies included) leaves every other
+/// schema alone, also one whose name matches if `_` were a wildcard.
+#[tokio::test]
+async fn dropping_a_postgres_store_leaves_other_schemas_alone() {
+    use handover_store::postgres::Target;
+    let db = Db::fresh(Backend::Postgres).await;
+    drop(db.open(2).await);
+    let target = Target::parse(db.url()).unwrap();
+    let lookalike = format!(
+        "{}_pre_schema_1",
+        target.schema().as_str().replacen('_', "x", 1)
+    );
+    let pool = db.pg_pool().await.unwrap();
+    let exists = |name: String| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT schema_name::TEXT FROM information_schema.schemata WHERE schema_name = $1",
+            )
+            .bind(name)
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+            .is_some()
+        }
+    };
+    sqlx::raw_sql(&format!("CREATE SCHEMA \"{lookalike}\""))
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(target.drop_schemas().await.unwrap(), 1);
+    assert!(!exists(target.schema().as_str().to_owned()).await);
+    assert!(exists(lookalike.clone()).await);
+    sqlx::raw_sql(&format!("DROP SCHEMA \"{lookalike}\""))
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
 }
