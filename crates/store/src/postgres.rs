@@ -439,9 +439,14 @@ impl PostgresStore {
         let _w = self.writer.lock().await;
         let mut tx = self.pool.begin().await?;
         lock_store(&mut tx, live).await?;
-        sqlx::raw_sql(&format!("CREATE SCHEMA IF NOT EXISTS {}", live.quoted()))
-            .execute(&mut *tx)
-            .await?;
+        // Created only when missing: a user who owns a schema an
+        // administrator made needs no CREATE on the database to run in it
+        // (a migration's copy still does).
+        if !migration::schema_exists(&mut tx, live).await? {
+            sqlx::raw_sql(&format!("CREATE SCHEMA {}", live.quoted()))
+                .execute(&mut *tx)
+                .await?;
+        }
         sqlx::raw_sql(SHARED_TABLES).execute(&mut *tx).await?;
         let schema: Option<i64> =
             sqlx::query_scalar("SELECT value FROM cluster WHERE key = 'schema'")

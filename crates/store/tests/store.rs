@@ -819,3 +819,37 @@ async fn dropping_a_postgres_store_leaves_other_schemas_alone() {
         .unwrap();
     pool.close().await;
 }
+
+on_both! {
+    /// Trades of one token at once: exactly one wins, and its credential is
+    /// the node's.
+    async fn a_bootstrap_token_traded_at_once_by_many_is_traded_once(db) {
+        let store: std::sync::Arc<dyn Store> = std::sync::Arc::from(db.open(2).await);
+        seed(&*store).await;
+        store
+            .add_bootstrap_tokens(&[token("n1", "hob_t1", 1_000)])
+            .await
+            .unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for k in 0..8 {
+            let store = store.clone();
+            tasks.spawn(async move {
+                let cred = SecretDigest::of(&format!("cred-{k}"));
+                let won = store
+                    .trade_bootstrap_token("n1", &SecretDigest::of("hob_t1"), &cred, 10)
+                    .await
+                    .unwrap();
+                (won, cred)
+            });
+        }
+        let mut winners = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            let (won, cred) = r.unwrap();
+            if won {
+                winners.push(cred);
+            }
+        }
+        assert_eq!(winners.len(), 1, "one trade wins");
+        assert_eq!(store.credential_of("n1").await.unwrap(), winners.pop());
+    }
+}
