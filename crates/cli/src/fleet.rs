@@ -264,6 +264,49 @@ pub struct Fleet {
     /// in DIR/pki): the controller serves TLS and every client trusts that
     /// CA only. None: plain HTTP on loopback ([`Fleet::plain_http`]).
     pub pki: Option<PathBuf>,
+    /// The controller's PostgreSQL store ([`Fleet::use_postgres`]); None:
+    /// SQLite in its data dir. Last, so it is dropped after the processes.
+    pub database: Option<FleetDatabase>,
+}
+
+/// A PostgreSQL schema of one fleet's own, for its controller's store
+/// (given as `HANDOVER_DATABASE`); dropped, with its pre-upgrade copies,
+/// when this is dropped.
+pub struct FleetDatabase {
+    url: String,
+}
+
+impl FleetDatabase {
+    /// The `--database` URL, this fleet's schema included.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The store's place on the server, to look at it.
+    pub fn target(&self) -> anyhow::Result<handover_store::postgres::Target> {
+        Ok(handover_store::postgres::Target::parse(&self.url)?)
+    }
+}
+
+impl Drop for FleetDatabase {
+    /// On a thread with a runtime of its own: a test's runtime may be
+    /// shutting down, or this may run in a panic.
+    fn drop(&mut self) {
+        let url = self.url.clone();
+        let dropped = std::thread::spawn(move || -> anyhow::Result<u64> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let target = handover_store::postgres::Target::parse(&url)?;
+                Ok(target.drop_schemas().await?)
+            })
+        })
+        .join();
+        if let Ok(Err(e)) = dropped {
+            eprintln!("could not drop the fleet's PostgreSQL schema: {e:#}");
+        }
+    }
 }
 
 fn token() -> String {
@@ -293,6 +336,7 @@ impl Fleet {
             op: Operator::with("http://127.0.0.1:1", "-")?,
             controller_env: Vec::new(),
             pki: Some(pki),
+            database: None,
         };
         fleet.op = fleet.operator()?;
         Ok(fleet)
@@ -356,6 +400,30 @@ impl Fleet {
         )
     }
 
+    /// The controller keeps its store in a new PostgreSQL schema of this
+    /// fleet's own on the server of `server_url` (a `postgres://` URL
+    /// without `schema`), dropped with the fleet. Fails, saying to start
+    /// it, when the server does not answer.
+    pub async fn use_postgres(&mut self, server_url: &str) -> anyhow::Result<()> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let schema = format!("fleet_{}_{}_{nanos}", self.subnet, std::process::id());
+        let sep = if server_url.contains('?') { '&' } else { '?' };
+        let url = format!("{server_url}{sep}schema={schema}");
+        let target = handover_store::postgres::Target::parse(&url)?;
+        target.check().await.with_context(|| {
+            format!(
+                "PostgreSQL is not reachable at {}: start it (`pg_ctlcluster 15 main start`; \
+                 .ci/run does)",
+                target.redacted()
+            )
+        })?;
+        self.database = Some(FleetDatabase { url });
+        Ok(())
+    }
+
     pub fn controller_addr(&self) -> SocketAddr {
         SocketAddr::from((Ipv4Addr::new(127, self.subnet, 0, 1), CONTROLLER_PORT))
     }
@@ -393,6 +461,9 @@ impl Fleet {
         // Secrets travel in the environment, never on argv.
         let mut env = self.controller_env.clone();
         env.push((OPERATOR_TOKEN_ENV.into(), self.operator_token.clone()));
+        if let Some(db) = &self.database {
+            env.push((crate::roles::DATABASE_ENV.into(), db.url.clone()));
+        }
         let log = unique_log(&self.dir, &format!("controller-r{release}"));
         let mut p = Proc::spawn_with_env(&self.exe, "controller", &args, &env, log)?;
         wait_healthy_with(

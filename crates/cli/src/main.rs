@@ -73,6 +73,38 @@ enum Command {
     /// Upgrade the cluster to an artifact's release: plan, start, watch, pause, resume, abort.
     #[command(subcommand)]
     Upgrade(UpgradeCmd),
+    /// The controller's PostgreSQL store: its pre-upgrade copies, and
+    /// putting one back.
+    #[command(subcommand)]
+    Db(DbCmd),
+}
+
+/// The store a `handover db` command works on.
+#[derive(Args)]
+struct DatabaseArg {
+    /// The controller's --database: postgres://USER@HOST[:PORT]/DB[?schema=NAME].
+    #[arg(long, value_name = "URL", env = DATABASE_ENV, hide_env_values = true)]
+    database: String,
+}
+
+#[derive(Subcommand)]
+enum DbCmd {
+    /// List the pre-upgrade copies of the store: the schema each was taken
+    /// at, just before a newer release migrated the store from it.
+    Copies(DatabaseArg),
+    /// Put back the copy taken before the store was migrated from schema
+    /// N, in one transaction: the store is then as it was just before that
+    /// migration, for a controller of the release of schema N (`handover
+    /// releases`). Stop every controller of the store first (refused while
+    /// one is connected): what was written since the migration is
+    /// replaced. The copy stays.
+    RestorePreUpgrade {
+        #[command(flatten)]
+        db: DatabaseArg,
+        /// The schema the store was migrated from.
+        #[arg(long, value_name = "N")]
+        schema: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -322,11 +354,19 @@ struct JsonFlag {
 
 /// Run the controller.
 ///
-/// The database lives in DATA_DIR/controller.db (SQLite, WAL); it is created
-/// on first start and migrated forward (after a snapshot in
-/// DATA_DIR/snapshots) when a newer release opens an older database.
+/// The database lives in DATA_DIR/controller.db (SQLite, WAL), or on a
+/// PostgreSQL server with --database; it is created on first start and
+/// migrated forward (after a snapshot in DATA_DIR/snapshots, or a copy
+/// schema on PostgreSQL) when a newer release opens an older database.
 #[derive(Args)]
 struct ControllerArgs {
+    /// Keep the database on PostgreSQL: postgres://USER@HOST[:PORT]/DB,
+    /// with ?schema=NAME for the PostgreSQL schema of its tables [default
+    /// schema: handover]. Without it: SQLite in DATA_DIR/controller.db.
+    /// Keep a password out of the URL (PGPASSWORD or ~/.pgpass): a command
+    /// line is visible to every user.
+    #[arg(long, value_name = "URL", env = DATABASE_ENV, hide_env_values = true)]
+    database: Option<String>,
     /// Release to run as (this binary carries 1 to the newest).
     #[arg(long, default_value_t = NEWEST.0)]
     release: u32,
@@ -532,6 +572,7 @@ impl AllowUnsigned {
 /// How `--connections-max` reaches a supervisor's workers (their command
 /// line is a contract between binaries; the environment is inherited).
 const CONNECTIONS_MAX_ENV: &str = "HANDOVER_CONNECTIONS_MAX";
+use roles::DATABASE_ENV;
 
 /// Run viewers like players with redundant streams: poll the playlist,
 /// fetch each new segment once, fail over to the other node on any error.
@@ -781,6 +822,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Controller(a) => {
             init_tracing("info");
             let mode = roles::mode(a.no_supervisor);
+            // Checked before anything starts; shown only redacted from here on.
+            let database = a
+                .database
+                .as_deref()
+                .map(handover_store::postgres::Target::parse)
+                .transpose()?;
             let (key_paths, trusted_keys) = trusted_keys(&a.trusted_keys)?;
             a.unsigned.check(trusted_keys.len(), a.listen)?;
             if mode == roles::Mode::Supervisor {
@@ -807,6 +854,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     {
                         args.push(flag.into());
                         args.push(path.display().to_string());
+                    }
+                }
+                // The worker inherits HANDOVER_DATABASE; a URL given as
+                // --database only is passed on the same way.
+                if let Some(url) = &a.database {
+                    if std::env::var(DATABASE_ENV).ok().as_ref() != Some(url) {
+                        args.extend(["--database".into(), url.clone()]);
                     }
                 }
                 args.extend(trusted_key_args(&key_paths));
@@ -842,6 +896,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 trusted_keys,
                 limits: handover_net::Limits::CONTROLLER.with_connections_max(a.connections_max),
                 allow_unsigned_artifacts: a.unsigned.allow,
+                database,
             };
             let listener = roles::listener(mode, config.listen).await?;
             handover_controller::serve_on(config, listener, shutdown_signal()).await
@@ -1076,6 +1131,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Artifact(ArtifactCmd::List(op)) => api_get(&op, "/api/v1/artifacts").await,
         Command::Upgrade(cmd) => run_upgrade(cmd).await,
+        Command::Db(cmd) => run_db(cmd).await,
         Command::Releases(f) => {
             if f.json {
                 let facts = handover_core::release::BinaryFacts::of_this_binary();
@@ -1150,6 +1206,43 @@ fn print_json_or(op: &OperatorArgs, value: &serde_json::Value) -> anyhow::Result
         println!("{}", serde_json::to_string(value)?);
     } else {
         println!("{}", serde_json::to_string_pretty(value)?);
+    }
+    Ok(())
+}
+
+/// `handover db`: works on the PostgreSQL store directly, no controller involved.
+async fn run_db(cmd: DbCmd) -> anyhow::Result<()> {
+    init_tracing("warn");
+    match cmd {
+        DbCmd::Copies(a) => {
+            let target = handover_store::postgres::Target::parse(&a.database)?;
+            let copies = target.pre_upgrade_copies().await?;
+            if copies.is_empty() {
+                println!("{target:?}: no pre-upgrade copy");
+            }
+            for schema in copies {
+                println!(
+                    "schema {schema}: {} (restore-pre-upgrade --schema {schema})",
+                    target.schema().pre_upgrade(schema).as_str()
+                );
+            }
+        }
+        DbCmd::RestorePreUpgrade { db, schema } => {
+            let c = handover_store::postgres::restore_pre_upgrade(&db.database, schema).await?;
+            println!(
+                "restored: the store is at schema {}, cluster release {}, epoch {}; start a \
+                 controller of release {}{}",
+                c.schema,
+                c.release,
+                c.epoch,
+                c.release,
+                if c.fenced {
+                    ", then lift the fence (`handover unfence`): the copy was taken fenced"
+                } else {
+                    ""
+                }
+            );
+        }
     }
     Ok(())
 }

@@ -55,6 +55,11 @@ pub async fn listener(mode: Mode, addr: SocketAddr) -> anyhow::Result<tokio::net
 /// reconnecting at once otherwise wait seconds in SYN retransmission.
 const LISTEN_BACKLOG: u32 = 4096;
 
+/// The controller's `--database` (a `postgres://` URL) from the
+/// environment: a controller's workers inherit it, so every release it
+/// switches to opens the same store.
+pub const DATABASE_ENV: &str = "HANDOVER_DATABASE";
+
 /// Runs the supervisor for one role until a signal; `tls`: its socket
 /// serves TLS (the health probe speaks it).
 pub async fn supervise(

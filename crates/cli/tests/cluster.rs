@@ -15,7 +15,15 @@ use std::time::Duration;
 /// one group `g1` of two nodes of `node_release` (not started yet), one
 /// channel `ch1` with an event starting soon.
 async fn setup(name: &str, controller_release: u32, node_release: u32, event_ms: u64) -> Setup {
-    setup_with(name, controller_release, node_release, event_ms, true).await
+    setup_with(
+        name,
+        controller_release,
+        node_release,
+        event_ms,
+        true,
+        Backend::from_env(),
+    )
+    .await
 }
 
 async fn setup_with(
@@ -24,8 +32,9 @@ async fn setup_with(
     node_release: u32,
     event_ms: u64,
     supervised: bool,
+    backend: Backend,
 ) -> Setup {
-    common::setup(
+    common::setup_on(
         name,
         SetupSpec {
             controller_release,
@@ -34,6 +43,7 @@ async fn setup_with(
             supervised,
             window_segments: None,
         },
+        backend,
     )
     .await
 }
@@ -74,7 +84,20 @@ async fn grant_of(fleet: &Fleet, node: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn release_2_group_serves_both_nodes_and_stores_every_record_once() {
-    let mut s = setup("release 2 group", 2, 2, 6_000).await;
+    release_2_group_serves(Backend::from_env()).await;
+}
+
+/// The same with the controller's store on PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_2_group_serves_both_nodes_and_stores_every_record_once_on_postgres() {
+    release_2_group_serves(Backend::Postgres).await;
+}
+
+async fn release_2_group_serves(backend: Backend) {
+    let name = format!("release 2 group on {backend:?}");
+    let mut s = setup_with(&name, 2, 2, 6_000, true, backend).await;
+    let sqlite_file = s.fleet.dir.join("controller").join("controller.db");
+    assert_eq!(sqlite_file.exists(), backend == Backend::Sqlite);
     start_nodes(&mut s.fleet).await;
     let v = watch_to_end(&s, 4).await;
     assert_clean_viewing(&v, 4);
@@ -120,10 +143,21 @@ async fn release_2_group_serves_both_nodes_and_stores_every_record_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn release_1_nodes_get_deliver_from_a_release_2_controller_and_their_records_land_translated()
 {
+    release_1_nodes_under_release_2(Backend::from_env()).await;
+}
+
+/// The same with the controller's store on PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_1_nodes_get_deliver_from_a_release_2_controller_on_postgres() {
+    release_1_nodes_under_release_2(Backend::Postgres).await;
+}
+
+async fn release_1_nodes_under_release_2(backend: Backend) {
     // A release-1 cluster, so the nodes hold release-1 parameters in their cache.
     // The controller's binary is swapped by hand here (no supervisor, no upgrade):
     // this is the handshake between releases, not the upgrade.
-    let mut s = setup_with("release 1 nodes, release 2 controller", 1, 1, 14_000, false).await;
+    let name = format!("release 1 nodes, release 2 controller, on {backend:?}");
+    let mut s = setup_with(&name, 1, 1, 14_000, false, backend).await;
     start_nodes(&mut s.fleet).await;
     for n in ["g1-a", "g1-b"] {
         assert_eq!(grant_of(&s.fleet, n).await, "full");
@@ -452,7 +486,8 @@ async fn bad_input_gets_a_clear_json_error_and_changes_nothing() {
 /// the database and one from a node's outbox, are each reported lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn canary_the_checker_reports_records_removed_behind_the_systems_back() {
-    let mut s = setup("checker canary", 2, 2, 8_000).await;
+    // On SQLite whatever the backend asked: it edits the database file by hand.
+    let mut s = setup_with("checker canary", 2, 2, 8_000, true, Backend::Sqlite).await;
     start_nodes(&mut s.fleet).await;
     sleep_until(s.event_start_ms + 2_500).await;
     // Fenced, the nodes queue: their outboxes hold records that were never stored.
@@ -498,5 +533,73 @@ async fn canary_the_checker_reports_records_removed_behind_the_systems_back() {
         (clean.stored - 1, clean.queued - 1),
         "{r:?}"
     );
+    s.fleet.stop_all().await.unwrap();
+}
+
+/// On PostgreSQL, a store a newer controller migrated goes back to the copy
+/// taken before the migration (`handover db restore-pre-upgrade`, refused
+/// while a controller is connected), and the old release serves it again
+/// with every record it held, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_store_goes_back_to_its_pre_upgrade_copy() {
+    let name = "PostgreSQL store restored to its pre-upgrade copy";
+    let mut s = setup_with(name, 1, 1, 4_000, false, Backend::Postgres).await;
+    start_nodes(&mut s.fleet).await;
+    sleep_until(s.event_end_ms() + 1_000).await;
+    let before = stop_and_check(&mut s.fleet, name).await;
+    assert!(before.stored > 0, "{before:?}");
+
+    // Release 2 migrates the store, after copying it.
+    s.fleet
+        .controller
+        .take()
+        .unwrap()
+        .terminate()
+        .await
+        .unwrap();
+    s.fleet.start_controller(2).await.unwrap();
+    let status = s.fleet.op.status().await.unwrap();
+    assert_eq!(status.cluster.schema.0, 2);
+    let db = |args: &[&str]| {
+        let url = s.fleet.database.as_ref().unwrap().url().to_owned();
+        std::process::Command::new(exe())
+            .arg("db")
+            .args(args)
+            .env("HANDOVER_DATABASE", url)
+            .output()
+            .unwrap()
+    };
+    let copies = db(&["copies"]);
+    let listed = String::from_utf8_lossy(&copies.stdout);
+    assert!(
+        copies.status.success() && listed.contains("schema 1:"),
+        "{listed}"
+    );
+    let refused = db(&["restore-pre-upgrade", "--schema", "1"]);
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && why.contains("a controller is connected"),
+        "{why}"
+    );
+
+    s.fleet
+        .controller
+        .take()
+        .unwrap()
+        .terminate()
+        .await
+        .unwrap();
+    let restored = db(&["restore-pre-upgrade", "--schema", "1"]);
+    assert!(
+        restored.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restored.stderr)
+    );
+    s.fleet.start_controller(1).await.unwrap();
+    let status = s.fleet.op.status().await.unwrap();
+    assert_eq!((status.cluster.schema.0, status.cluster.release.0), (1, 1));
+    let after = s.fleet.check().await.unwrap();
+    assert_exact(name, &after);
+    assert_eq!(after.stored, before.stored, "{after:?}");
     s.fleet.stop_all().await.unwrap();
 }

@@ -145,6 +145,11 @@ const CRASHES: &[Case] = &[
 /// Runs the case of `crash`: cluster, viewers, upgrade, the crash, then
 /// [`finish`]'s checks on release 2.
 async fn run_crash(crash: Crash) -> Seen {
+    run_crash_on(crash, Backend::from_env()).await
+}
+
+/// [`run_crash`] with the controller's store on `backend`.
+async fn run_crash_on(crash: Crash, backend: Backend) -> Seen {
     let case = CRASHES
         .iter()
         .find(|c| c.crash == crash)
@@ -162,6 +167,7 @@ async fn run_crash(crash: Crash) -> Seen {
             node_env: case
                 .node_fault
                 .map(|(id, f)| (id, vec![("HANDOVER_TEST_FAULT", f)])),
+            postgres: backend == Backend::Postgres,
             ..one_group(case.event_ms)
         },
     )
@@ -198,22 +204,32 @@ async fn controller_at(c: &mut Cluster, phase: Phase) {
 
 async fn controller_mid_migration(c: &mut Cluster) {
     let name = c.name.clone();
-    // The new controller took its snapshot and holds the migration open.
+    // The new controller took its snapshot (SQLite) or holds the store's
+    // lock (PostgreSQL: the copy and the migration are one transaction),
+    // and holds the migration open.
     let snapshots = c.fleet.dir.join("controller").join("snapshots");
+    let postgres = c.fleet.database.as_ref().map(|d| d.target().unwrap());
     let supervisor = c.fleet.controller_supervisor();
     wait_for(&name, Duration::from_secs(30), || async {
         let starting = supervisor.status().await.ok()?.starting_pid;
-        let snapped = snapshots.join("schema-1-0.db").exists();
-        (starting.is_some() && snapped).then_some(())
+        let migrating = match &postgres {
+            Some(target) => target.opening_now().await.ok()?,
+            None => snapshots.join("schema-1-0.db").exists(),
+        };
+        (starting.is_some() && migrating).then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     crash_controller(c).await;
-    // The interrupted switch is tried once more and committed: a second snapshot,
-    // and the database is migrated once, by the new release.
+    // The interrupted switch is tried once more and committed: a second
+    // snapshot (SQLite) or the one copy the committed migration took
+    // (PostgreSQL), and the database is migrated once, by the new release.
     let sup = supervisor_settled(&name, &c.fleet.controller_supervisor()).await;
     assert_eq!(sup.active.release, 2, "{name}: {sup:?}");
-    assert!(snapshots.join("schema-1-1.db").exists(), "{name}");
+    match &postgres {
+        Some(target) => assert_eq!(target.pre_upgrade_copies().await.unwrap(), [1], "{name}"),
+        None => assert!(snapshots.join("schema-1-1.db").exists(), "{name}"),
+    }
 }
 
 async fn backup_worker_mid_drain(c: &mut Cluster) {
@@ -341,6 +357,14 @@ async fn controller_killed_at_the_start_of_each_phase_resumes_and_loses_nothing(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_killed_mid_migration_restarts_into_the_new_release_and_loses_nothing() {
     run_crash(Crash::ControllerMidMigration).await;
+}
+
+/// The same with the controller's store on PostgreSQL: the killed
+/// migration's transaction rolls back on the server, the next one commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_killed_mid_migration_on_postgres_restarts_into_the_new_release_and_loses_nothing(
+) {
+    run_crash_on(Crash::ControllerMidMigration, Backend::Postgres).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -563,11 +587,22 @@ async fn a_node_paused_past_its_lease_is_refused_every_stale_write_and_loses_not
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_release_whose_migration_fails_rolls_back_to_release_1() {
-    let name = "controller migration fails";
+    migration_fails(Backend::from_env()).await;
+}
+
+/// The same with the controller's store on PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_release_whose_migration_fails_on_postgres_rolls_back_to_release_1() {
+    migration_fails(Backend::Postgres).await;
+}
+
+async fn migration_fails(backend: Backend) {
+    let name = &format!("controller migration fails on {backend:?}");
     let mut c = cluster(
         name,
         Options {
             artifact: Artifact::Wrapped(vec![("HANDOVER_TEST_FAULT", "migrate_fail")]),
+            postgres: backend == Backend::Postgres,
             ..one_group(16_000)
         },
     )
@@ -604,13 +639,18 @@ async fn a_controller_release_whose_migration_fails_rolls_back_to_release_1() {
         (1, 1, 1, false),
         "{name}"
     );
-    assert!(c
-        .fleet
-        .dir
-        .join("controller")
-        .join("snapshots")
-        .join("schema-1-0.db")
-        .is_file());
+    // SQLite's snapshot is taken before the migration's transaction;
+    // PostgreSQL's copy is in it, and rolled back with it.
+    assert_eq!(
+        c.fleet
+            .dir
+            .join("controller")
+            .join("snapshots")
+            .join("schema-1-0.db")
+            .is_file(),
+        backend == Backend::Sqlite,
+        "{name}"
+    );
     // Nodes are back to `full` at the fence's epoch.
     for n in &c.fleet.nodes {
         let url = n.url();

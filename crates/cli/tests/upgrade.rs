@@ -23,6 +23,8 @@ struct Case {
     crash_at: Option<Phase>,
     /// The primaries waited for their events (the `wait` and `deadline` policies).
     primaries_wait: bool,
+    /// The controller's store on PostgreSQL (else as `HANDOVER_TEST_BACKEND` says).
+    postgres: bool,
 }
 
 /// A release-1 cluster of `GROUPS` groups upgraded to release 2 as `case`
@@ -35,6 +37,7 @@ async fn run(case: Case) {
             groups: GROUPS,
             event_ms: case.event_ms,
             artifact: Artifact::Plain,
+            postgres: case.postgres,
             ..Options::default()
         },
     )
@@ -74,6 +77,7 @@ fn policy(name: &'static str, policy: &'static str, primaries_wait: bool) -> Cas
         lead_ms: 3_000,
         crash_at: None,
         primaries_wait,
+        postgres: false,
     }
 }
 
@@ -85,12 +89,24 @@ fn crash_at(name: &'static str, phase: Phase) -> Case {
         lead_ms: 2_000,
         crash_at: Some(phase),
         primaries_wait: false,
+        postgres: false,
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrade_with_policy_wait_switches_primaries_after_their_events() {
     run(policy("policy wait", "wait", true)).await;
+}
+
+/// The same with the controller's store on PostgreSQL: the migration 1 → 2
+/// runs there, in one transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_with_policy_wait_on_postgres_loses_nothing() {
+    run(Case {
+        postgres: true,
+        ..policy("policy wait on PostgreSQL", "wait", true)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

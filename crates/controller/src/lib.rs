@@ -27,6 +27,7 @@ use handover_core::role::Role;
 use handover_core::upgrade::{Desired, Upgrade};
 use handover_core::wire::{limits, ControllerView};
 use handover_core::{Release, ReleaseInfo, Schema};
+use handover_store::postgres::{PostgresStore, Target};
 use handover_store::sqlite::SqliteStore;
 use handover_store::{ClusterState, Store};
 use std::collections::HashMap;
@@ -65,6 +66,9 @@ pub struct ControllerConfig {
     /// The certificate and key to serve TLS with (`handover init` made
     /// them). None: plain HTTP, refused unless `listen` is a loopback address.
     pub tls: Option<TlsFiles>,
+    /// The PostgreSQL store (`--database postgres://…`). None: SQLite in
+    /// `DATA_DIR/controller.db`. Shown only redacted (no password).
+    pub database: Option<Target>,
 }
 
 /// The controller's TLS certificate chain and private key (PEM files), and
@@ -318,10 +322,10 @@ pub async fn serve_on(
         .upgrade()
         .await
         .context("cannot read the upgrade state")?;
-    let members = members(&store).await?;
+    let members = members(&*store).await?;
     let (tx, _) = watch::channel(cluster);
     let state = Arc::new(AppState {
-        store: Arc::new(store),
+        store: store.clone(),
         info,
         config: config.clone(),
         tokens,
@@ -355,6 +359,7 @@ pub async fn serve_on(
         epoch = cluster.epoch,
         listen = %config.listen,
         read_only_token = config.read_only_token.is_some(),
+        store = config.database.as_ref().map_or("sqlite", |t| t.redacted()),
         "controller serving"
     );
     // With the controller's limits: timeouts close silent, slow and idle
@@ -367,7 +372,7 @@ pub async fn serve_on(
 }
 
 /// Every node the groups name, with its group and role.
-async fn members(store: &SqliteStore) -> anyhow::Result<HashMap<String, Membership>> {
+async fn members(store: &dyn Store) -> anyhow::Result<HashMap<String, Membership>> {
     let groups = store.groups().await.context("cannot read the groups")?;
     Ok(groups.iter().flat_map(membership_of).collect())
 }
@@ -392,21 +397,29 @@ pub const START_FAILURE_FILE: &str = "start-failure.txt";
 async fn open_checked(
     config: &ControllerConfig,
     info: &'static ReleaseInfo,
-) -> anyhow::Result<(SqliteStore, ClusterState)> {
-    let db = config.data_dir.join("controller.db");
-    let store = SqliteStore::open(&db, config.release, &config.data_dir.join("snapshots"))
-        .await
-        .with_context(|| format!("cannot open the database {}", db.display()))?;
-    let cluster = self_check(&store, info).await?;
+) -> anyhow::Result<(Arc<dyn Store>, ClusterState)> {
+    let store: Arc<dyn Store> = match &config.database {
+        Some(target) => Arc::new(
+            PostgresStore::open_at(target, info)
+                .await
+                .with_context(|| format!("cannot open the PostgreSQL store {target:?}"))?,
+        ),
+        None => {
+            let db = config.data_dir.join("controller.db");
+            Arc::new(
+                SqliteStore::open(&db, config.release, &config.data_dir.join("snapshots"))
+                    .await
+                    .with_context(|| format!("cannot open the database {}", db.display()))?,
+            )
+        }
+    };
+    let cluster = self_check(&*store, info).await?;
     Ok((store, cluster))
 }
 
 /// What a new controller proves before it reports ready: the database is at
 /// this release's schema and its parameters read back in that schema.
-async fn self_check(
-    store: &SqliteStore,
-    info: &'static ReleaseInfo,
-) -> anyhow::Result<ClusterState> {
+async fn self_check(store: &dyn Store, info: &'static ReleaseInfo) -> anyhow::Result<ClusterState> {
     let cluster = store
         .cluster()
         .await

@@ -109,6 +109,7 @@ async fn no_trusted_key_needs_the_loopback_only_opt_in() {
             node_switch_wait_ms: 60_000,
             limits: handover_net::Limits::CONTROLLER,
             tls: None,
+            database: None,
         };
         let err = serve_on(config, listener, std::future::pending())
             .await
@@ -138,6 +139,7 @@ async fn off_loopback_the_controller_needs_tls() {
         node_switch_wait_ms: 60_000,
         limits: handover_net::Limits::CONTROLLER,
         tls: None,
+        database: None,
     };
     // No trusted key either: whichever is refused first, nothing starts.
     let err = serve_on(config.clone(), listener, std::future::pending())

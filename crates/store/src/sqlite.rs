@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::sync::Mutex;
 
-mod migration;
-mod rows;
+pub(crate) mod migration;
+pub(crate) mod rows;
 mod tables;
 mod writer;
 

@@ -4,9 +4,10 @@
 
 use handover_core::wire::{OutboxState, Role};
 use handover_core::{Grant, Release, Schema};
-use handover_store::sqlite::SqliteStore;
-use handover_store::{NodeRegistration, Store};
+use handover_store::NodeRegistration;
 use std::sync::Arc;
+
+mod support;
 
 fn registration(node: &str, epoch: u64) -> NodeRegistration {
     NodeRegistration {
@@ -27,22 +28,13 @@ fn registration(node: &str, epoch: u64) -> NodeRegistration {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_of_registrations_is_stored_and_one_bad_row_fails_alone() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(
-        SqliteStore::open(
-            &dir.path().join("db.sqlite"),
-            Release(2),
-            &dir.path().join("snapshots"),
-        )
-        .await
-        .unwrap(),
-    );
+on_both! {
+async fn a_burst_of_registrations_is_stored_and_one_bad_row_fails_alone(db) {
+    let store: Arc<dyn handover_store::Store> = Arc::from(db.open(2).await);
     let mut tasks = tokio::task::JoinSet::new();
     for k in 0..300u64 {
         let store = store.clone();
-        // Node 150's epoch does not fit SQLite's integer: its row fails.
+        // Node 150's epoch does not fit a 64-bit signed integer: its row fails.
         let epoch = if k == 150 { u64::MAX } else { 1 };
         tasks.spawn(async move {
             let r = store
@@ -63,23 +55,15 @@ async fn a_burst_of_registrations_is_stored_and_one_bad_row_fails_alone() {
         assert_eq!(row.map(|n| n.epoch), Some(1), "n{k}");
     }
 }
+}
 
+on_both! {
 /// Heartbeats share transactions like hellos: a burst from 300 nodes is
 /// stored whole, each answered after its commit, and a heartbeat of a node
 /// that is not registered changes nothing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_of_heartbeats_is_stored() {
+async fn a_burst_of_heartbeats_is_stored(db) {
     use handover_core::wire::Heartbeat;
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(
-        SqliteStore::open(
-            &dir.path().join("db.sqlite"),
-            Release(2),
-            &dir.path().join("snapshots"),
-        )
-        .await
-        .unwrap(),
-    );
+    let store: Arc<dyn handover_store::Store> = Arc::from(db.open(2).await);
     for k in 0..300u64 {
         store
             .register_node(&registration(&format!("n{k}"), 1))

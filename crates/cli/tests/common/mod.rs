@@ -27,6 +27,39 @@ pub const UPGRADE_WAIT: Duration = Duration::from_secs(150);
 /// Host part of a fault proxy's address on the fleet's subnet.
 const PROXY_HOST: u8 = 200;
 
+/// The PostgreSQL server (a database on it) process tests keep controller
+/// stores on: `HANDOVER_TEST_POSTGRES`, or the local one `.ci/run` starts.
+pub fn postgres_url() -> String {
+    std::env::var("HANDOVER_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// The controller's store in a test: SQLite in its data dir, or a
+/// PostgreSQL schema of the fleet's own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    /// PostgreSQL when `HANDOVER_TEST_BACKEND=postgres` asks every fleet of
+    /// [`setup`] and [`cluster`] for it; SQLite otherwise.
+    pub fn from_env() -> Backend {
+        match std::env::var("HANDOVER_TEST_BACKEND").as_deref() {
+            Ok("postgres") => Backend::Postgres,
+            _ => Backend::Sqlite,
+        }
+    }
+
+    /// Points `fleet`'s controller at this backend (before it starts).
+    pub async fn apply(self, fleet: &mut Fleet) {
+        if self == Backend::Postgres {
+            fleet.use_postgres(&postgres_url()).await.unwrap();
+        }
+    }
+}
+
 pub fn exe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_handover"))
 }
@@ -121,8 +154,14 @@ impl Setup {
 /// backup; declared, not started), one channel `ch1` with an event from 2 s
 /// from now.
 pub async fn setup(name: &str, spec: SetupSpec) -> Setup {
+    setup_on(name, spec, Backend::from_env()).await
+}
+
+/// [`setup`] with the controller's store on `backend`.
+pub async fn setup_on(name: &str, spec: SetupSpec, backend: Backend) -> Setup {
     let site = Site::new(name);
     let mut fleet = site.fleet();
+    backend.apply(&mut fleet).await;
     fleet.supervised = spec.supervised;
     fleet
         .start_controller(spec.controller_release)
@@ -202,6 +241,8 @@ pub struct Options {
     pub controller_env: Vec<(&'static str, &'static str)>,
     /// How long viewers may watch after the event's planned end (0: 60 s).
     pub viewer_slack_ms: u64,
+    /// The controller's store on PostgreSQL (else [`Backend::from_env`]).
+    pub postgres: bool,
 }
 
 pub struct Cluster {
@@ -230,6 +271,12 @@ fn env_of(env: &[(&str, &str)]) -> Vec<(String, String)> {
 pub async fn cluster(name: &str, opts: Options) -> Cluster {
     let site = Site::new(name);
     let mut fleet = site.fleet();
+    let backend = if opts.postgres {
+        Backend::Postgres
+    } else {
+        Backend::from_env()
+    };
+    backend.apply(&mut fleet).await;
     if opts.proxied.is_some() {
         // The fault proxy reads the node protocol it forwards: plain HTTP
         // on loopback for these tests.

@@ -44,6 +44,7 @@ impl Controller {
             limits,
             allow_unsigned_artifacts: true,
             tls: None,
+            database: None,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         // On a runtime of its own, as the binary runs it (its future is not

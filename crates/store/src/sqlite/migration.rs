@@ -17,7 +17,7 @@ use std::collections::HashMap;
 
 /// The refusal of a database older than every schema `info` migrates from,
 /// naming the release to start on it first.
-pub(super) fn schema_behind(info: &ReleaseInfo, db: u32) -> StoreError {
+pub(crate) fn schema_behind(info: &ReleaseInfo, db: u32) -> StoreError {
     let migrates_from = info
         .migrates_from
         .iter()
@@ -118,7 +118,7 @@ pub const TEST_FAULT_ENV: &str = "HANDOVER_TEST_FAULT";
 
 /// The value of test fault `name` in [`TEST_FAULT_ENV`] ("" for a bare name).
 #[cfg(feature = "test-hooks")]
-pub(super) fn test_fault(name: &str) -> Option<String> {
+pub(crate) fn test_fault(name: &str) -> Option<String> {
     let all = std::env::var(TEST_FAULT_ENV).ok()?;
     all.split(',').find_map(|f| {
         let (n, v) = f.split_once(':').unwrap_or((f, ""));
@@ -226,7 +226,7 @@ pub(super) async fn migrate_1_to_2(tx: &mut Transaction<'_, Sqlite>) -> Result<(
 
 /// Rows of `records` a migration reads and writes at once: bounds its memory
 /// whatever the size of the table.
-pub(super) const MIGRATE_ROWS_PER_PAGE: i64 = 10_000;
+pub(crate) const MIGRATE_ROWS_PER_PAGE: i64 = 10_000;
 
 /// Schema 2 → 3: channels get release 2's window (`WINDOW_SEGMENTS`),
 /// events are unchanged, records go through the upcaster the redundant

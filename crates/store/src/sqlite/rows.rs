@@ -1,6 +1,8 @@
 //! Rows and values: records of each schema as `records` rows (read and
 //! multi-row inserts, idempotent on `(node, seq)`), and the small
-//! conversions of other rows and specs.
+//! conversions of other rows and specs. The conversions that touch no
+//! connection (`Columns`, specs, names, numbers) are the PostgreSQL
+//! backend's too, so a row means the same in both.
 
 use crate::{Result, StoreError};
 use handover_core::api::{ChannelSpec, EventView};
@@ -13,19 +15,19 @@ use handover_core::{Grant, Schema};
 use sqlx::{Row, Sqlite, Transaction};
 use std::collections::HashMap;
 
-pub(super) fn to_i64(v: u64, what: &str) -> Result<i64> {
+pub(crate) fn to_i64(v: u64, what: &str) -> Result<i64> {
     i64::try_from(v).map_err(|_| StoreError::Invalid(format!("{what} {v} is too large")))
 }
 
-pub(super) fn json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String> {
+pub(crate) fn json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String> {
     serde_json::to_string(value).map_err(|e| StoreError::Invalid(e.to_string()))
 }
 
-pub(super) fn to_u64(v: i64) -> u64 {
+pub(crate) fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-pub(super) fn v1_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<rv1::Record> {
+pub(crate) fn v1_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<rv1::Record> {
     let kind: String = row.try_get("kind")?;
     let kind: rv1::Kind = serde_json::from_value(serde_json::Value::String(kind.clone()))
         .map_err(|_| StoreError::Corrupt(format!("record kind {kind:?}")))?;
@@ -42,7 +44,7 @@ pub(super) fn v1_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<rv1::Record> 
     })
 }
 
-pub(super) fn v2_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<rv2::Record> {
+pub(crate) fn v2_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<rv2::Record> {
     let kind: String = row.try_get("kind")?;
     let kind: rv2::Kind = serde_json::from_value(serde_json::Value::String(kind.clone()))
         .map_err(|_| StoreError::Corrupt(format!("record kind {kind:?}")))?;
@@ -68,7 +70,7 @@ pub(super) fn v2_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<rv2::Record> 
     })
 }
 
-pub(super) fn v1_kind_name(kind: rv1::Kind) -> &'static str {
+pub(crate) fn v1_kind_name(kind: rv1::Kind) -> &'static str {
     match kind {
         rv1::Kind::Segment => "segment",
         rv1::Kind::Stats => "stats",
@@ -78,7 +80,7 @@ pub(super) fn v1_kind_name(kind: rv1::Kind) -> &'static str {
     }
 }
 
-pub(super) fn v1_natural_key(r: &rv1::Record) -> String {
+pub(crate) fn v1_natural_key(r: &rv1::Record) -> String {
     let kind = rv2::Kind::from(r.kind);
     let at_ms = timefmt::ms_from_rfc3339(&r.at).unwrap_or(0);
     record::natural_key(kind, &r.channel, at_ms, r.seq, r.event)
@@ -88,28 +90,28 @@ pub(super) fn v1_natural_key(r: &rv1::Record) -> String {
 /// each at most, far below SQLite's 32,766): one statement, and one round
 /// trip to the connection's thread, per this many records instead of one
 /// per record.
-pub(super) const INSERT_ROWS_PER_STATEMENT: usize = 100;
+pub(crate) const INSERT_ROWS_PER_STATEMENT: usize = 100;
 
 /// One record of schema 2 or 3 as the columns of its `records` row.
-pub(super) struct Columns {
-    seq: i64,
-    kind: &'static str,
-    channel_id: i64,
-    produced_at_ms: i64,
-    media_seq: Option<i64>,
-    duration_ms: Option<i64>,
-    viewers: Option<i64>,
-    event_id: Option<i64>,
-    message: Option<String>,
-    pub(super) natural_key: String,
-    translated_from: Option<i64>,
+pub(crate) struct Columns {
+    pub(crate) seq: i64,
+    pub(crate) kind: &'static str,
+    pub(crate) channel_id: i64,
+    pub(crate) produced_at_ms: i64,
+    pub(crate) media_seq: Option<i64>,
+    pub(crate) duration_ms: Option<i64>,
+    pub(crate) viewers: Option<i64>,
+    pub(crate) event_id: Option<i64>,
+    pub(crate) message: Option<String>,
+    pub(crate) natural_key: String,
+    pub(crate) translated_from: Option<i64>,
     /// Schema 3 only.
-    severity: Option<&'static str>,
+    pub(crate) severity: Option<&'static str>,
 }
 
 impl Columns {
     /// A schema-2 row: the schema-3 columns without a severity.
-    pub(super) fn v2(
+    pub(crate) fn v2(
         seq: i64,
         r: &rv2::Record,
         translated_from: Option<u32>,
@@ -133,7 +135,7 @@ impl Columns {
         })
     }
 
-    pub(super) fn v3(
+    pub(crate) fn v3(
         seq: i64,
         r: &rv3::Record,
         translated_from: Option<u32>,
@@ -172,7 +174,7 @@ impl Columns {
 /// Stores `rows` (seq, record) of one node in a database of `schema`;
 /// returns how many were new. Every record must be of `schema`: the table
 /// of one schema never holds another's record untranslated.
-pub(super) async fn insert_rows(
+pub(crate) async fn insert_rows(
     conn: &mut sqlx::SqliteConnection,
     node: &str,
     schema: Schema,
@@ -202,7 +204,7 @@ pub(super) async fn insert_rows(
 }
 
 /// Multi-row INSERTs of schema-2 or schema-3 rows, idempotent on (node, seq).
-pub(super) async fn insert_columns(
+pub(crate) async fn insert_columns(
     conn: &mut sqlx::SqliteConnection,
     node: &str,
     schema: Schema,
@@ -243,7 +245,7 @@ pub(super) async fn insert_columns(
     Ok(stored)
 }
 
-pub(super) async fn insert_v1(
+pub(crate) async fn insert_v1(
     conn: &mut sqlx::SqliteConnection,
     node: &str,
     seq: i64,
@@ -269,7 +271,7 @@ pub(super) async fn insert_v1(
 }
 
 /// One translated record into the schema-2 table (migration 1 → 2).
-pub(super) async fn insert_v2(
+pub(crate) async fn insert_v2(
     tx: &mut Transaction<'_, Sqlite>,
     node: &str,
     seq: i64,
@@ -283,7 +285,7 @@ pub(super) async fn insert_v2(
 
 /// The parameters as stored, read in the schema `T` describes; a document
 /// that does not fit is a corrupt store.
-pub(super) fn stored_params<T: serde::de::DeserializeOwned>(
+pub(crate) fn stored_params<T: serde::de::DeserializeOwned>(
     params: serde_json::Value,
 ) -> Result<T> {
     serde_json::from_value(params).map_err(|e| StoreError::Corrupt(e.to_string()))
@@ -291,7 +293,7 @@ pub(super) fn stored_params<T: serde::de::DeserializeOwned>(
 
 /// A channel of schema 2 or 3 (a ladder of rungs, no title) as the API
 /// shows it; `window_segments` only from schema 3 on.
-pub(super) fn ladder_channel(
+pub(crate) fn ladder_channel(
     name: String,
     segment_ms: u32,
     ladder: Vec<v2::Rung>,
@@ -306,7 +308,7 @@ pub(super) fn ladder_channel(
     }
 }
 
-pub(super) fn event_views(
+pub(crate) fn event_views(
     events: Vec<v2::Event>,
     channel_names: &HashMap<i64, String>,
 ) -> Vec<EventView> {
@@ -325,7 +327,7 @@ pub(super) fn event_views(
         .collect()
 }
 
-pub(super) fn parse_role(s: &str) -> Result<Role> {
+pub(crate) fn parse_role(s: &str) -> Result<Role> {
     match s {
         "primary" => Ok(Role::Primary),
         "backup" => Ok(Role::Backup),
@@ -333,7 +335,7 @@ pub(super) fn parse_role(s: &str) -> Result<Role> {
     }
 }
 
-pub(super) fn parse_grant(s: &str) -> Result<Grant> {
+pub(crate) fn parse_grant(s: &str) -> Result<Grant> {
     match s {
         "full" => Ok(Grant::Full),
         "deliver" => Ok(Grant::Deliver),
@@ -351,11 +353,11 @@ const SEGMENT_MS_MAX: u32 = 60_000;
 const LADDER_RUNGS_MAX: usize = 16;
 /// Height of the one rung a channel created without a ladder gets (and of
 /// a schema-1 channel whose resolution does not parse): 720p.
-pub(super) const RUNG_HEIGHT_DEFAULT: u32 = 720;
+pub(crate) const RUNG_HEIGHT_DEFAULT: u32 = 720;
 /// Bitrate of that rung: 3,000 kbit/s, usual for 720p.
-pub(super) const RUNG_KBPS_DEFAULT: u32 = 3000;
+pub(crate) const RUNG_KBPS_DEFAULT: u32 = 3000;
 
-pub(super) fn check_spec(spec: &ChannelSpec) -> Result<()> {
+pub(crate) fn check_spec(spec: &ChannelSpec) -> Result<()> {
     validate_id("name", &spec.name).map_err(|e| StoreError::Invalid(e.to_string()))?;
     if !(SEGMENT_MS_MIN..=SEGMENT_MS_MAX).contains(&spec.segment_ms) {
         return Err(StoreError::Invalid(format!(
@@ -374,7 +376,7 @@ pub(super) fn check_spec(spec: &ChannelSpec) -> Result<()> {
 }
 
 /// The refusal of a channel window on a database that has no place for it.
-pub(super) fn window_needs_schema_3(schema: u32) -> StoreError {
+pub(crate) fn window_needs_schema_3(schema: u32) -> StoreError {
     StoreError::Invalid(format!(
         "window_segments needs schema 3 (release 3); this database is at schema {schema}, where every channel lists {} segments: leave it out",
         handover_core::hls::WINDOW_SEGMENTS
