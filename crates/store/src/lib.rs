@@ -13,6 +13,7 @@
 //! for what the controller works with, converted into the API's
 //! [`ClusterInfo`] and [`NodeInfo`] here.
 
+mod group_commit;
 pub mod postgres;
 pub mod sqlite;
 

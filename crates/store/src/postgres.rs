@@ -37,7 +37,10 @@ mod tables;
 mod writer;
 
 use tables::{product_tables, SHARED_TABLES};
-use writer::{Queue, Registration, Rows, BATCHES_PER_COMMIT_MAX, REGISTRATIONS_PER_COMMIT_MAX};
+use writer::{
+    HeartbeatRow, Queue, Registration, Rows, BATCHES_PER_COMMIT_MAX, HEARTBEATS_PER_COMMIT_MAX,
+    REGISTRATIONS_PER_COMMIT_MAX,
+};
 
 /// Connections the controller holds to the server at most: readers in
 /// parallel and the one writer; small, so many controllers (and tests)
@@ -399,6 +402,7 @@ pub struct PostgresStore {
     writer: Mutex<()>,
     /// Writes waiting for the writer, by kind (group commit, as SQLite's).
     registrations: Queue<Registration>,
+    heartbeats: Queue<HeartbeatRow>,
     batches: Queue<Rows>,
 }
 
@@ -426,6 +430,7 @@ impl PostgresStore {
             info,
             writer: Mutex::new(()),
             registrations: Queue::new(REGISTRATIONS_PER_COMMIT_MAX),
+            heartbeats: Queue::new(HEARTBEATS_PER_COMMIT_MAX),
             batches: Queue::new(BATCHES_PER_COMMIT_MAX),
         };
         store.prepare(target).await?;
@@ -772,22 +777,8 @@ impl Store for PostgresStore {
         grant: Grant,
         now_ms: i64,
     ) -> Result<()> {
-        sqlx::query(
-            "UPDATE nodes SET outbox_next_seq = $1, outbox_oldest = $2, outbox_count = $3, current_events = $4,
-                staged = $5, grant_name = $6, epoch = $7, last_seen_ms = $8 WHERE node_id = $9",
-        )
-        .bind(to_i64(hb.outbox.next_seq, "next_seq")?)
-        .bind(hb.outbox.oldest_unacked_seq.map(|s| to_i64(s, "oldest_unacked_seq")).transpose()?)
-        .bind(to_i64(hb.outbox.count, "count")?)
-        .bind(json(&hb.current_events)?)
-        .bind(json(&hb.staged)?)
-        .bind(grant.as_str())
-        .bind(to_i64(hb.epoch, "epoch")?)
-        .bind(now_ms)
-        .bind(node_id)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let row = HeartbeatRow::of(node_id, hb, grant, now_ms)?;
+        self.grouped(&self.heartbeats, row).await
     }
 
     async fn nodes(&self) -> Result<Vec<NodeRow>> {

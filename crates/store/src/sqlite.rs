@@ -502,21 +502,7 @@ impl Store for SqliteStore {
         grant: Grant,
         now_ms: i64,
     ) -> Result<()> {
-        let row = HeartbeatRow {
-            node_id: node_id.to_owned(),
-            next_seq: to_i64(hb.outbox.next_seq, "next_seq")?,
-            oldest: hb
-                .outbox
-                .oldest_unacked_seq
-                .map(|s| to_i64(s, "oldest_unacked_seq"))
-                .transpose()?,
-            count: to_i64(hb.outbox.count, "count")?,
-            current_events: json(&hb.current_events)?,
-            staged: json(&hb.staged)?,
-            grant,
-            epoch: to_i64(hb.epoch, "epoch")?,
-            now_ms,
-        };
+        let row = HeartbeatRow::of(node_id, hb, grant, now_ms)?;
         self.grouped(&self.heartbeats, row).await
     }
 

@@ -104,3 +104,4 @@ async fn a_burst_of_heartbeats_is_stored(db) {
         assert_eq!(n.epoch, 2, "{}", n.node_id);
     }
 }
+}

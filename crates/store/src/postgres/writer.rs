@@ -1,16 +1,15 @@
-//! Group commit, as SQLite's writer does it: whoever holds the writer
-//! commits every waiting write of a kind (hellos, record batches) in one
-//! transaction, and each is answered only after that commit; a failed group
-//! is retried write by write, so one bad write fails alone.
+//! What PostgreSQL's group commit ([`crate::group_commit`]) commits:
+//! hellos, heartbeats and record batches, as statements on a PostgreSQL
+//! connection.
 
 use super::rows::insert_rows;
 use super::PostgresStore;
+pub(super) use crate::group_commit::{HeartbeatRow, HEARTBEATS_PER_COMMIT_MAX};
 use crate::sqlite::rows::{json, to_i64};
-use crate::{NodeRegistration, Result, StoreError};
+use crate::{NodeRegistration, Result};
 use handover_core::record::AnyRecord;
 use handover_core::Schema;
 use sqlx::postgres::PgConnection;
-use sqlx::PgPool;
 use std::collections::HashMap;
 
 /// Hellos committed in one transaction at most; more wait for the next.
@@ -22,113 +21,52 @@ pub(super) const REGISTRATIONS_PER_COMMIT_MAX: usize = 2_000;
 /// the latency of the last batch in it.
 pub(super) const BATCHES_PER_COMMIT_MAX: usize = 16;
 
-/// A write that may share its transaction with others of its kind.
-pub(super) trait Grouped: Send + Sync + 'static {
-    type Out: Send + 'static;
-    fn apply(
-        &self,
-        conn: &mut PgConnection,
-    ) -> impl std::future::Future<Output = Result<Self::Out>> + Send;
-}
+pub(super) use crate::group_commit::Grouped;
 
-pub(super) type Reply<T> = tokio::sync::oneshot::Sender<Result<T>>;
-
-/// Writes of one kind waiting for the writer, with their answers.
-pub(super) struct Queue<J: Grouped> {
-    pending: std::sync::Mutex<Vec<(J, Reply<J::Out>)>>,
-    /// Writes per transaction at most.
-    max: usize,
-}
-
-impl<J: Grouped> Queue<J> {
-    pub(super) fn new(max: usize) -> Queue<J> {
-        Queue {
-            pending: std::sync::Mutex::new(Vec::new()),
-            max,
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(J, Reply<J::Out>)>> {
-        // A plain queue: a panic elsewhere cannot leave it half-written.
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
+/// Writes of kind `J` waiting for this store's writer.
+pub(super) type Queue<J> = crate::group_commit::Queue<J, <J as Grouped<sqlx::Postgres>>::Out>;
 
 impl PostgresStore {
-    /// Queues `job`; once this caller holds the writer it commits every job
-    /// waiting in `queue` (its own, unless an earlier holder took it).
-    /// Answers after the commit that holds `job`.
-    pub(super) async fn grouped<J: Grouped>(&self, queue: &Queue<J>, job: J) -> Result<J::Out> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        queue.lock().push((job, reply));
-        {
-            let _w = self.writer.lock().await;
-            let batch = {
-                let mut pending = queue.lock();
-                let n = pending.len().min(queue.max);
-                pending.drain(..n).collect::<Vec<_>>()
-            };
-            if !batch.is_empty() {
-                // In a task of its own, so a caller that goes away (its client
-                // hung up) cannot cancel the commit the others wait for.
-                let _ = tokio::spawn(commit_group(self.pool.clone(), batch)).await;
-            }
-        }
-        answer.await.unwrap_or_else(|_| {
-            Err(StoreError::Invalid(
-                "the write was not stored (its commit failed); send it again".into(),
-            ))
-        })
-    }
-}
-
-/// One transaction for every job in `batch`, each answered after the commit.
-/// If it fails, each job is tried in a transaction of its own, so one bad
-/// job fails only its own caller.
-async fn commit_group<J: Grouped>(pool: PgPool, batch: Vec<(J, Reply<J::Out>)>) {
-    let together = async {
-        let mut tx = pool.begin().await?;
-        let mut outs = Vec::with_capacity(batch.len());
-        for (job, _) in &batch {
-            outs.push(job.apply(&mut tx).await?);
-        }
-        tx.commit().await?;
-        Ok::<_, StoreError>(outs)
-    }
-    .await;
-    match together {
-        Ok(outs) => {
-            for ((_, reply), out) in batch.into_iter().zip(outs) {
-                let _ = reply.send(Ok(out));
-            }
-        }
-        Err(e) if batch.len() == 1 => {
-            if let Some((_, reply)) = batch.into_iter().next() {
-                let _ = reply.send(Err(e));
-            }
-        }
-        Err(_) => {
-            for (job, reply) in batch {
-                let alone = async {
-                    let mut tx = pool.begin().await?;
-                    let out = job.apply(&mut tx).await?;
-                    tx.commit().await?;
-                    Ok(out)
-                }
-                .await;
-                let _ = reply.send(alone);
-            }
-        }
+    /// [`crate::group_commit::grouped`] with this store's writer and pool.
+    pub(super) async fn grouped<J: Grouped<sqlx::Postgres>>(
+        &self,
+        queue: &Queue<J>,
+        job: J,
+    ) -> Result<J::Out> {
+        crate::group_commit::grouped(&self.writer, &self.pool, queue, job).await
     }
 }
 
 /// A hello's row in the registry.
 pub(super) struct Registration(pub(super) NodeRegistration);
 
-impl Grouped for Registration {
+impl Grouped<sqlx::Postgres> for Registration {
     type Out = ();
     async fn apply(&self, conn: &mut PgConnection) -> Result<()> {
         upsert_node(conn, &self.0).await
+    }
+}
+
+impl Grouped<sqlx::Postgres> for HeartbeatRow {
+    type Out = ();
+    async fn apply(&self, conn: &mut PgConnection) -> Result<()> {
+        sqlx::query(
+            "UPDATE nodes SET outbox_next_seq = $1, outbox_oldest = $2, outbox_count = $3,
+                current_events = $4, staged = $5, grant_name = $6, epoch = $7, last_seen_ms = $8
+             WHERE node_id = $9",
+        )
+        .bind(self.next_seq)
+        .bind(self.oldest)
+        .bind(self.count)
+        .bind(&self.current_events)
+        .bind(&self.staged)
+        .bind(self.grant.as_str())
+        .bind(self.epoch)
+        .bind(self.now_ms)
+        .bind(&self.node_id)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
     }
 }
 
@@ -143,7 +81,7 @@ pub(super) struct Rows {
     pub(super) channel_names: HashMap<i64, String>,
 }
 
-impl Grouped for Rows {
+impl Grouped<sqlx::Postgres> for Rows {
     type Out = u64;
     async fn apply(&self, conn: &mut PgConnection) -> Result<u64> {
         let rows: Vec<(i64, &AnyRecord)> = self.rows.iter().map(|(seq, r)| (*seq, r)).collect();

@@ -1,129 +1,41 @@
-//! The one writer with group commit: whoever holds the writer commits every
-//! waiting write of a kind (hellos, heartbeats, record batches) in one transaction, and
-//! each is answered only after that commit; a failed group is retried write
-//! by write, so one bad write fails alone.
+//! What SQLite's group commit ([`crate::group_commit`]) commits: hellos,
+//! heartbeats and record batches, as statements on a SQLite connection.
 
 use super::rows::{insert_rows, json, to_i64};
 use super::SqliteStore;
-use crate::{NodeRegistration, Result, StoreError};
+pub(super) use crate::group_commit::{HeartbeatRow, HEARTBEATS_PER_COMMIT_MAX};
+use crate::{NodeRegistration, Result};
 use handover_core::record::AnyRecord;
 use handover_core::Schema;
-use sqlx::{Sqlite, SqlitePool};
+use sqlx::Sqlite;
 use std::collections::HashMap;
 
 /// Hellos committed in one transaction at most; more wait for the next.
 pub(super) const REGISTRATIONS_PER_COMMIT_MAX: usize = 2_000;
-/// Heartbeats committed in one transaction at most: 10,000 nodes beating
-/// once a second are then a handful of commits a second, not 10,000 fsyncs.
-pub(super) const HEARTBEATS_PER_COMMIT_MAX: usize = 2_000;
 /// Record batches (each at most `wire::limits::BATCH_RECORDS_MAX` records)
 /// committed in one transaction at most.
 pub(super) const BATCHES_PER_COMMIT_MAX: usize = 16;
 
-/// A write that may share its transaction with others of its kind.
-pub(super) trait Grouped: Send + Sync + 'static {
-    type Out: Send + 'static;
-    fn apply(
-        &self,
-        conn: &mut sqlx::SqliteConnection,
-    ) -> impl std::future::Future<Output = Result<Self::Out>> + Send;
-}
+pub(super) use crate::group_commit::Grouped;
 
-pub(super) type Reply<T> = tokio::sync::oneshot::Sender<Result<T>>;
-
-/// Writes of one kind waiting for the writer, with their answers.
-pub(super) struct Queue<J: Grouped> {
-    pending: std::sync::Mutex<Vec<(J, Reply<J::Out>)>>,
-    /// Writes per transaction at most.
-    max: usize,
-}
-
-impl<J: Grouped> Queue<J> {
-    pub(super) fn new(max: usize) -> Queue<J> {
-        Queue {
-            pending: std::sync::Mutex::new(Vec::new()),
-            max,
-        }
-    }
-
-    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(J, Reply<J::Out>)>> {
-        // A plain queue: a panic elsewhere cannot leave it half-written.
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
+/// Writes of kind `J` waiting for this store's writer.
+pub(super) type Queue<J> = crate::group_commit::Queue<J, <J as Grouped<Sqlite>>::Out>;
 
 impl SqliteStore {
-    /// Queues `job`; once this caller holds the writer it commits every job
-    /// waiting in `queue` (its own, unless an earlier holder took it). Answers
-    /// after the commit that holds `job`.
-    pub(super) async fn grouped<J: Grouped>(&self, queue: &Queue<J>, job: J) -> Result<J::Out> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        queue.lock().push((job, reply));
-        {
-            let _w = self.writer.lock().await;
-            let batch = {
-                let mut pending = queue.lock();
-                let n = pending.len().min(queue.max);
-                pending.drain(..n).collect::<Vec<_>>()
-            };
-            if !batch.is_empty() {
-                // In a task of its own, so a caller that goes away (its client
-                // hung up) cannot cancel the commit the others wait for.
-                let _ = tokio::spawn(commit_group(self.pool.clone(), batch)).await;
-            }
-        }
-        answer.await.unwrap_or_else(|_| {
-            Err(StoreError::Invalid(
-                "the write was not stored (its commit failed); send it again".into(),
-            ))
-        })
-    }
-}
-
-/// One transaction for every job in `batch`, each answered after the commit.
-/// If it fails, each job is tried in a transaction of its own, so one bad
-/// job fails only its own caller.
-pub(super) async fn commit_group<J: Grouped>(pool: SqlitePool, batch: Vec<(J, Reply<J::Out>)>) {
-    let together = async {
-        let mut tx = pool.begin().await?;
-        let mut outs = Vec::with_capacity(batch.len());
-        for (job, _) in &batch {
-            outs.push(job.apply(&mut tx).await?);
-        }
-        tx.commit().await?;
-        Ok::<_, StoreError>(outs)
-    }
-    .await;
-    match together {
-        Ok(outs) => {
-            for ((_, reply), out) in batch.into_iter().zip(outs) {
-                let _ = reply.send(Ok(out));
-            }
-        }
-        Err(e) if batch.len() == 1 => {
-            if let Some((_, reply)) = batch.into_iter().next() {
-                let _ = reply.send(Err(e));
-            }
-        }
-        Err(_) => {
-            for (job, reply) in batch {
-                let alone = async {
-                    let mut tx = pool.begin().await?;
-                    let out = job.apply(&mut tx).await?;
-                    tx.commit().await?;
-                    Ok(out)
-                }
-                .await;
-                let _ = reply.send(alone);
-            }
-        }
+    /// [`crate::group_commit::grouped`] with this store's writer and pool.
+    pub(super) async fn grouped<J: Grouped<Sqlite>>(
+        &self,
+        queue: &Queue<J>,
+        job: J,
+    ) -> Result<J::Out> {
+        crate::group_commit::grouped(&self.writer, &self.pool, queue, job).await
     }
 }
 
 /// A hello's row in the registry.
 pub(super) struct Registration(pub(super) NodeRegistration);
 
-impl Grouped for Registration {
+impl Grouped<Sqlite> for Registration {
     type Out = ();
     fn apply(
         &self,
@@ -133,20 +45,7 @@ impl Grouped for Registration {
     }
 }
 
-/// A heartbeat's update of its node's row (outbox figures, events, grant).
-pub(super) struct HeartbeatRow {
-    pub(super) node_id: String,
-    pub(super) next_seq: i64,
-    pub(super) oldest: Option<i64>,
-    pub(super) count: i64,
-    pub(super) current_events: String,
-    pub(super) staged: String,
-    pub(super) grant: handover_core::Grant,
-    pub(super) epoch: i64,
-    pub(super) now_ms: i64,
-}
-
-impl Grouped for HeartbeatRow {
+impl Grouped<Sqlite> for HeartbeatRow {
     type Out = ();
     async fn apply(&self, conn: &mut sqlx::SqliteConnection) -> Result<()> {
         sqlx::query(
@@ -179,7 +78,7 @@ pub(super) struct Rows {
     pub(super) channel_names: HashMap<i64, String>,
 }
 
-impl Grouped for Rows {
+impl Grouped<Sqlite> for Rows {
     type Out = u64;
     async fn apply(&self, conn: &mut sqlx::SqliteConnection) -> Result<u64> {
         let rows: Vec<(i64, &AnyRecord)> = self.rows.iter().map(|(seq, r)| (*seq, r)).collect();

@@ -1,0 +1,164 @@
+//! Group commit, one mechanism for both backends: whoever holds the store's
+//! writer commits every waiting write of a kind (hellos, heartbeats, record
+//! batches) in one transaction, and each is answered only after that
+//! commit; a failed group is retried write by write, so one bad write fails
+//! alone. Each backend says how a write applies to its connection
+//! ([`Grouped`]) and keeps one [`Queue`] per kind, with its limit.
+
+use crate::{Result, StoreError};
+use sqlx::{Database, Pool};
+use tokio::sync::Mutex;
+
+/// A write that may share its transaction with others of its kind.
+pub(crate) trait Grouped<DB: Database>: Send + Sync + 'static {
+    type Out: Send + 'static;
+    fn apply(
+        &self,
+        conn: &mut DB::Connection,
+    ) -> impl std::future::Future<Output = Result<Self::Out>> + Send;
+}
+
+/// Heartbeats committed in one transaction at most: 10,000 nodes beating
+/// once a second are then a handful of commits a second, not 10,000 fsyncs.
+pub(crate) const HEARTBEATS_PER_COMMIT_MAX: usize = 2_000;
+
+type Reply<T> = tokio::sync::oneshot::Sender<Result<T>>;
+
+/// Writes of one kind waiting for the writer, with their answers.
+pub(crate) struct Queue<J, Out> {
+    pending: std::sync::Mutex<Vec<(J, Reply<Out>)>>,
+    /// Writes per transaction at most.
+    max: usize,
+}
+
+impl<J, Out> Queue<J, Out> {
+    pub(crate) fn new(max: usize) -> Queue<J, Out> {
+        Queue {
+            pending: std::sync::Mutex::new(Vec::new()),
+            max,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(J, Reply<Out>)>> {
+        // A plain queue: a panic elsewhere cannot leave it half-written.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Queues `job`; once this caller holds `writer` it commits every job
+/// waiting in `queue` (its own, unless an earlier holder took it). Answers
+/// after the commit that holds `job`.
+pub(crate) async fn grouped<DB, J>(
+    writer: &Mutex<()>,
+    pool: &Pool<DB>,
+    queue: &Queue<J, J::Out>,
+    job: J,
+) -> Result<J::Out>
+where
+    DB: Database,
+    J: Grouped<DB>,
+{
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    queue.lock().push((job, reply));
+    {
+        let _w = writer.lock().await;
+        let batch = {
+            let mut pending = queue.lock();
+            let n = pending.len().min(queue.max);
+            pending.drain(..n).collect::<Vec<_>>()
+        };
+        if !batch.is_empty() {
+            // In a task of its own, so a caller that goes away (its client
+            // hung up) cannot cancel the commit the others wait for.
+            let _ = tokio::spawn(commit_group(pool.clone(), batch)).await;
+        }
+    }
+    answer.await.unwrap_or_else(|_| {
+        Err(StoreError::Invalid(
+            "the write was not stored (its commit failed); send it again".into(),
+        ))
+    })
+}
+
+/// One transaction for every job in `batch`, each answered after the commit.
+/// If it fails, each job is tried in a transaction of its own, so one bad
+/// job fails only its own caller.
+async fn commit_group<DB, J>(pool: Pool<DB>, batch: Vec<(J, Reply<J::Out>)>)
+where
+    DB: Database,
+    J: Grouped<DB>,
+{
+    let together = async {
+        let mut tx = pool.begin().await?;
+        let mut outs = Vec::with_capacity(batch.len());
+        for (job, _) in &batch {
+            outs.push(job.apply(&mut tx).await?);
+        }
+        tx.commit().await?;
+        Ok::<_, StoreError>(outs)
+    }
+    .await;
+    match together {
+        Ok(outs) => {
+            for ((_, reply), out) in batch.into_iter().zip(outs) {
+                let _ = reply.send(Ok(out));
+            }
+        }
+        Err(e) if batch.len() == 1 => {
+            if let Some((_, reply)) = batch.into_iter().next() {
+                let _ = reply.send(Err(e));
+            }
+        }
+        Err(_) => {
+            for (job, reply) in batch {
+                let alone = async {
+                    let mut tx = pool.begin().await?;
+                    let out = job.apply(&mut tx).await?;
+                    tx.commit().await?;
+                    Ok(out)
+                }
+                .await;
+                let _ = reply.send(alone);
+            }
+        }
+    }
+}
+
+/// A heartbeat's update of its node's row (outbox figures, events, grant).
+pub(crate) struct HeartbeatRow {
+    pub(crate) node_id: String,
+    pub(crate) next_seq: i64,
+    pub(crate) oldest: Option<i64>,
+    pub(crate) count: i64,
+    pub(crate) current_events: String,
+    pub(crate) staged: String,
+    pub(crate) grant: handover_core::Grant,
+    pub(crate) epoch: i64,
+    pub(crate) now_ms: i64,
+}
+
+impl HeartbeatRow {
+    pub(crate) fn of(
+        node_id: &str,
+        hb: &handover_core::wire::Heartbeat,
+        grant: handover_core::Grant,
+        now_ms: i64,
+    ) -> Result<HeartbeatRow> {
+        use crate::sqlite::rows::{json, to_i64};
+        Ok(HeartbeatRow {
+            node_id: node_id.to_owned(),
+            next_seq: to_i64(hb.outbox.next_seq, "next_seq")?,
+            oldest: hb
+                .outbox
+                .oldest_unacked_seq
+                .map(|s| to_i64(s, "oldest_unacked_seq"))
+                .transpose()?,
+            count: to_i64(hb.outbox.count, "count")?,
+            current_events: json(&hb.current_events)?,
+            staged: json(&hb.staged)?,
+            grant,
+            epoch: to_i64(hb.epoch, "epoch")?,
+            now_ms,
+        })
+    }
+}
