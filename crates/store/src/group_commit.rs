@@ -18,10 +18,6 @@ pub(crate) trait Grouped<DB: Database>: Send + Sync + 'static {
     ) -> impl std::future::Future<Output = Result<Self::Out>> + Send;
 }
 
-/// Heartbeats committed in one transaction at most: 10,000 nodes beating
-/// once a second are then a handful of commits a second, not 10,000 fsyncs.
-pub(crate) const HEARTBEATS_PER_COMMIT_MAX: usize = 2_000;
-
 type Reply<T> = tokio::sync::oneshot::Sender<Result<T>>;
 
 /// Writes of one kind waiting for the writer, with their answers.
@@ -121,44 +117,5 @@ where
                 let _ = reply.send(alone);
             }
         }
-    }
-}
-
-/// A heartbeat's update of its node's row (outbox figures, events, grant).
-pub(crate) struct HeartbeatRow {
-    pub(crate) node_id: String,
-    pub(crate) next_seq: i64,
-    pub(crate) oldest: Option<i64>,
-    pub(crate) count: i64,
-    pub(crate) current_events: String,
-    pub(crate) staged: String,
-    pub(crate) grant: handover_core::Grant,
-    pub(crate) epoch: i64,
-    pub(crate) now_ms: i64,
-}
-
-impl HeartbeatRow {
-    pub(crate) fn of(
-        node_id: &str,
-        hb: &handover_core::wire::Heartbeat,
-        grant: handover_core::Grant,
-        now_ms: i64,
-    ) -> Result<HeartbeatRow> {
-        use crate::sqlite::rows::{json, to_i64};
-        Ok(HeartbeatRow {
-            node_id: node_id.to_owned(),
-            next_seq: to_i64(hb.outbox.next_seq, "next_seq")?,
-            oldest: hb
-                .outbox
-                .oldest_unacked_seq
-                .map(|s| to_i64(s, "oldest_unacked_seq"))
-                .transpose()?,
-            count: to_i64(hb.outbox.count, "count")?,
-            current_events: json(&hb.current_events)?,
-            staged: json(&hb.staged)?,
-            grant,
-            epoch: to_i64(hb.epoch, "epoch")?,
-            now_ms,
-        })
     }
 }

@@ -24,7 +24,7 @@ use tokio::sync::Mutex;
 pub(crate) mod migration;
 pub(crate) mod rows;
 mod tables;
-mod writer;
+pub(crate) mod writer;
 
 pub use migration::migrate;
 use migration::schema_behind;

@@ -4,8 +4,8 @@
 
 use super::rows::insert_rows;
 use super::PostgresStore;
-pub(super) use crate::group_commit::{HeartbeatRow, HEARTBEATS_PER_COMMIT_MAX};
 use crate::sqlite::rows::{json, to_i64};
+pub(super) use crate::sqlite::writer::{HeartbeatRow, HEARTBEATS_PER_COMMIT_MAX};
 use crate::{NodeRegistration, Result};
 use handover_core::record::AnyRecord;
 use handover_core::Schema;

@@ -3,7 +3,6 @@
 
 use super::rows::{insert_rows, json, to_i64};
 use super::SqliteStore;
-pub(super) use crate::group_commit::{HeartbeatRow, HEARTBEATS_PER_COMMIT_MAX};
 use crate::{NodeRegistration, Result};
 use handover_core::record::AnyRecord;
 use handover_core::Schema;
@@ -12,6 +11,9 @@ use std::collections::HashMap;
 
 /// Hellos committed in one transaction at most; more wait for the next.
 pub(super) const REGISTRATIONS_PER_COMMIT_MAX: usize = 2_000;
+/// Heartbeats committed in one transaction at most: 10,000 nodes beating
+/// once a second are then a handful of commits a second, not 10,000 fsyncs.
+pub(crate) const HEARTBEATS_PER_COMMIT_MAX: usize = 2_000;
 /// Record batches (each at most `wire::limits::BATCH_RECORDS_MAX` records)
 /// committed in one transaction at most.
 pub(super) const BATCHES_PER_COMMIT_MAX: usize = 16;
@@ -42,6 +44,44 @@ impl Grouped<Sqlite> for Registration {
         conn: &mut sqlx::SqliteConnection,
     ) -> impl std::future::Future<Output = Result<()>> + Send {
         upsert_node(conn, &self.0)
+    }
+}
+
+/// A heartbeat's update of its node's row (outbox figures, events, grant).
+pub(crate) struct HeartbeatRow {
+    pub(crate) node_id: String,
+    pub(crate) next_seq: i64,
+    pub(crate) oldest: Option<i64>,
+    pub(crate) count: i64,
+    pub(crate) current_events: String,
+    pub(crate) staged: String,
+    pub(crate) grant: handover_core::Grant,
+    pub(crate) epoch: i64,
+    pub(crate) now_ms: i64,
+}
+
+impl HeartbeatRow {
+    pub(crate) fn of(
+        node_id: &str,
+        hb: &handover_core::wire::Heartbeat,
+        grant: handover_core::Grant,
+        now_ms: i64,
+    ) -> Result<HeartbeatRow> {
+        Ok(HeartbeatRow {
+            node_id: node_id.to_owned(),
+            next_seq: to_i64(hb.outbox.next_seq, "next_seq")?,
+            oldest: hb
+                .outbox
+                .oldest_unacked_seq
+                .map(|s| to_i64(s, "oldest_unacked_seq"))
+                .transpose()?,
+            count: to_i64(hb.outbox.count, "count")?,
+            current_events: json(&hb.current_events)?,
+            staged: json(&hb.staged)?,
+            grant,
+            epoch: to_i64(hb.epoch, "epoch")?,
+            now_ms,
+        })
     }
 }
 
