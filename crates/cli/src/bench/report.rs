@@ -116,8 +116,8 @@ pub(super) fn rows(r: &Report) -> Vec<Row> {
                 spread("drain.limit_records_per_s", &per_s)
             ),
             ratio: ratio("drain.ratio"),
-            goal: "≥ 0.5 × raw".into(),
-            met: at_least("drain.ratio", GOAL_RATIO),
+            goal: format!("≥ {GOAL_DRAIN_RATIO} × raw"),
+            met: at_least("drain.ratio", GOAL_DRAIN_RATIO),
         },
         Row {
             key: "outbox.tick_per_s",
