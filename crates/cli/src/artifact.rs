@@ -493,8 +493,20 @@ pub fn verify(dir: &Path, pubkeys: &[PathBuf]) -> anyhow::Result<(Manifest, Stri
 /// `manifest.json.minisig` (when signed) in the `x-handover-signature`
 /// header, and the binary streamed as the body. An artifact the controller
 /// already has (with the same signature) is not sent again; the answer is
-/// the controller's manifest.
+/// the controller's manifest. With several controller URLs (replicas),
+/// every replica gets it: each serves its nodes and may switch to it.
 pub async fn upload(op: &Operator, dir: &Path) -> anyhow::Result<Manifest> {
+    let mut stored = None;
+    for replica in op.replicas()? {
+        let m = upload_one(&replica, dir)
+            .await
+            .with_context(|| format!("controller replica {}", replica.url()))?;
+        stored = Some(m);
+    }
+    stored.context("no controller URL")
+}
+
+async fn upload_one(op: &Operator, dir: &Path) -> anyhow::Result<Manifest> {
     let owned = dir.to_path_buf();
     let (doc, manifest, signature, binary) = tokio::task::spawn_blocking(move || {
         let a = artifacts::load(&owned, &[], BinaryCheck::Digest)?;
@@ -681,6 +693,12 @@ mod tests {
         }
         async fn check_node(&self, _: &handover_controller::NodeProof) -> ApiResult<()> {
             Err(ApiError::unauthorized("no nodes here"))
+        }
+        async fn nodes(&self) -> ApiResult<Vec<handover_store::NodeRow>> {
+            Ok(Vec::new())
+        }
+        fn lease_ms(&self) -> u64 {
+            3_000
         }
     }
 

@@ -60,6 +60,27 @@ impl Operator {
         })
     }
 
+    /// One client per replica (each with only its URL), for what every
+    /// replica must hold: an uploaded artifact.
+    pub fn replicas(&self) -> anyhow::Result<Vec<Operator>> {
+        self.urls
+            .all()
+            .iter()
+            .map(|url| {
+                Ok(Operator {
+                    urls: ControllerUrls::parse(url).context("a controller URL")?,
+                    token: self.token.clone(),
+                    http: self.http.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// The URL requests go to now.
+    pub fn url(&self) -> &str {
+        self.urls.current()
+    }
+
     /// The HTTP client (with the cluster CA), for requests of other shapes.
     pub fn http(&self) -> &reqwest::Client {
         &self.http
@@ -75,8 +96,10 @@ impl Operator {
     /// success, `None` for a 404 when `none_if_missing`, otherwise an error
     /// that says which request failed and, if the controller said, why.
     ///
-    /// A request that cannot connect (so the controller never saw it) goes
-    /// to the next replica, each tried once; a streamed body only once.
+    /// A request that cannot connect (so the controller never saw it), or
+    /// that a replica refused with 503 (not the leader, or its database
+    /// away: nothing was done), goes to the next replica, each tried once;
+    /// a streamed body only once.
     async fn exchange(
         &self,
         req: Request<'_>,
@@ -94,6 +117,14 @@ impl Operator {
             };
             tried += 1;
             match built.send().await {
+                // A replica that refused before doing anything (not the
+                // leader, or its database away): the next one may serve.
+                Ok(resp)
+                    if resp.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE
+                        && tried < tries =>
+                {
+                    self.urls.failed(&base);
+                }
                 Ok(resp) => break resp,
                 Err(e) if e.is_connect() && tried < tries => {
                     self.urls.failed(&base);

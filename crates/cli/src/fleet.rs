@@ -137,6 +137,18 @@ fn unique_log(dir: &Path, stem: &str) -> PathBuf {
 }
 
 /// Every worker a supervisor runs (none if it does not answer).
+/// Controller replicas a fleet has at most (besides its controller): their
+/// addresses are in the fleet's certificate.
+pub const REPLICAS_MAX: u8 = 4;
+
+/// The control socket of the supervisor whose data dir is `data_dir`.
+fn supervisor_at(data_dir: &Path) -> handover_supervisor::SupervisorClient {
+    handover_supervisor::SupervisorClient::new(
+        data_dir.join("supervisor").join("control.sock"),
+        handover_supervisor::DEFAULT_READY_TIMEOUT_MS,
+    )
+}
+
 async fn worker_pids(client: &handover_supervisor::SupervisorClient) -> Vec<u32> {
     match client.status().await {
         Ok(s) => s
@@ -256,6 +268,9 @@ pub struct Fleet {
     /// empty: `--allow-unsigned-artifacts` (artifacts not signature-checked).
     pub trusted_keys: Vec<PathBuf>,
     pub controller: Option<Proc>,
+    /// More controller replicas on the fleet's PostgreSQL store
+    /// ([`Fleet::start_replica`]), on `127.<subnet>.1.<k + 1>`.
+    pub replicas: Vec<Option<Proc>>,
     pub nodes: Vec<NodeProc>,
     pub op: Operator,
     /// Extra environment of the controller's supervisor (and its workers).
@@ -267,16 +282,43 @@ pub struct Fleet {
     /// The controller's PostgreSQL store ([`Fleet::use_postgres`]); None:
     /// SQLite in its data dir. Last, so it is dropped after the processes.
     pub database: Option<FleetDatabase>,
+    /// Another URL of that store for one controller process, by its name
+    /// (`controller`, `controller-1`, …): a test's proxy in front of the
+    /// server, to cut that replica off from it.
+    pub database_routes: Vec<(String, String)>,
 }
 
 /// A PostgreSQL schema of one fleet's own, for its controller's store
-/// (given as `HANDOVER_DATABASE`); dropped, with its pre-upgrade copies,
-/// when this is dropped.
+/// (given as `HANDOVER_DATABASE`), or of one benchmark's; dropped, with its
+/// pre-upgrade copies, when this is dropped.
 pub struct FleetDatabase {
     url: String,
 }
 
 impl FleetDatabase {
+    /// A new schema name `<prefix>_<pid>_<nanos>` on the server of
+    /// `server_url` (a `postgres://` URL without `schema`), which nothing
+    /// else uses; the store creates it when it opens. Fails, saying to start
+    /// it, when the server does not answer.
+    pub async fn create(server_url: &str, prefix: &str) -> anyhow::Result<FleetDatabase> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let schema = format!("{prefix}_{}_{nanos}", std::process::id());
+        let sep = if server_url.contains('?') { '&' } else { '?' };
+        let url = format!("{server_url}{sep}schema={schema}");
+        let target = handover_store::postgres::Target::parse(&url)?;
+        target.check().await.with_context(|| {
+            format!(
+                "PostgreSQL is not reachable at {}: start it (`pg_ctlcluster 15 main start`; \
+                 .ci/run does)",
+                target.redacted()
+            )
+        })?;
+        Ok(FleetDatabase { url })
+    }
+
     /// The `--database` URL, this fleet's schema included.
     pub fn url(&self) -> &str {
         &self.url
@@ -320,7 +362,11 @@ impl Fleet {
     pub fn new(exe: &Path, dir: &Path, subnet: u8) -> anyhow::Result<Fleet> {
         std::fs::create_dir_all(dir.join("logs")).context("cannot create the log dir")?;
         let pki = dir.join("pki");
-        let names = [Ipv4Addr::new(127, subnet, 0, 1).to_string()];
+        // The controller and every replica it may have serve one certificate.
+        let names: Vec<String> = std::iter::once(Ipv4Addr::new(127, subnet, 0, 1))
+            .chain((1..=REPLICAS_MAX).map(|k| Ipv4Addr::new(127, subnet, 1, k)))
+            .map(|a| a.to_string())
+            .collect();
         crate::init::init(&pki, &names).context("cannot make the fleet's CA")?;
         let mut fleet = Fleet {
             exe: exe.to_owned(),
@@ -332,11 +378,13 @@ impl Fleet {
             legacy: false,
             trusted_keys: Vec::new(),
             controller: None,
+            replicas: Vec::new(),
             nodes: Vec::new(),
             op: Operator::with("http://127.0.0.1:1", "-")?,
             controller_env: Vec::new(),
             pki: Some(pki),
             database: None,
+            database_routes: Vec::new(),
         };
         fleet.op = fleet.operator()?;
         Ok(fleet)
@@ -361,7 +409,7 @@ impl Fleet {
 
     fn operator(&self) -> anyhow::Result<Operator> {
         Operator::with_trust(
-            &self.controller_url(),
+            &self.controller_urls(),
             Some(&self.operator_token),
             self.trust()?.as_ref(),
         )
@@ -405,22 +453,8 @@ impl Fleet {
     /// without `schema`), dropped with the fleet. Fails, saying to start
     /// it, when the server does not answer.
     pub async fn use_postgres(&mut self, server_url: &str) -> anyhow::Result<()> {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let schema = format!("fleet_{}_{}_{nanos}", self.subnet, std::process::id());
-        let sep = if server_url.contains('?') { '&' } else { '?' };
-        let url = format!("{server_url}{sep}schema={schema}");
-        let target = handover_store::postgres::Target::parse(&url)?;
-        target.check().await.with_context(|| {
-            format!(
-                "PostgreSQL is not reachable at {}: start it (`pg_ctlcluster 15 main start`; \
-                 .ci/run does)",
-                target.redacted()
-            )
-        })?;
-        self.database = Some(FleetDatabase { url });
+        let prefix = format!("fleet_{}", self.subnet);
+        self.database = Some(FleetDatabase::create(server_url, &prefix).await?);
         Ok(())
     }
 
@@ -433,15 +467,88 @@ impl Fleet {
         format!("{scheme}://{}", self.controller_addr())
     }
 
+    /// Replica `k`'s address (the first replica is `k = 0`).
+    pub fn replica_addr(&self, k: usize) -> SocketAddr {
+        let host = u8::try_from(k + 1).unwrap_or(u8::MAX);
+        SocketAddr::from((Ipv4Addr::new(127, self.subnet, 1, host), CONTROLLER_PORT))
+    }
+
+    /// Every controller URL, `a,b,c`: the controller's, then its replicas'.
+    pub fn controller_urls(&self) -> String {
+        let scheme = if self.pki.is_some() { "https" } else { "http" };
+        std::iter::once(self.controller_url())
+            .chain((0..self.replicas.len()).map(|k| format!("{scheme}://{}", self.replica_addr(k))))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Starts another controller replica on the fleet's PostgreSQL store,
+    /// with a data dir of its own; from then on the operator client and
+    /// every node started later take every replica's URL.
+    pub async fn start_replica(&mut self, release: u32) -> anyhow::Result<usize> {
+        anyhow::ensure!(
+            self.database.is_some(),
+            "replicas share a PostgreSQL store: use_postgres first"
+        );
+        let k = self.replicas.len();
+        anyhow::ensure!(
+            k < usize::from(REPLICAS_MAX),
+            "at most {REPLICAS_MAX} replicas"
+        );
+        self.replicas.push(None);
+        let p = self
+            .spawn_controller(
+                release,
+                &format!("controller-{}", k + 1),
+                self.replica_addr(k),
+            )
+            .await?;
+        self.replicas[k] = Some(p);
+        self.op = self.operator()?;
+        Ok(k)
+    }
+
+    /// The data dir of the controller (`None`) or of replica `k`.
+    pub fn controller_dir(&self, replica: Option<usize>) -> PathBuf {
+        match replica {
+            None => self.dir.join("controller"),
+            Some(k) => self.dir.join(format!("controller-{}", k + 1)),
+        }
+    }
+
+    /// SIGKILL of replica `k`'s supervisor and workers.
+    pub async fn kill_replica(&mut self, k: usize) -> anyhow::Result<()> {
+        let workers = worker_pids(&supervisor_at(&self.controller_dir(Some(k)))).await;
+        if let Some(mut p) = self.replicas.get_mut(k).and_then(Option::take) {
+            p.kill().await?;
+        }
+        wait_gone(&workers).await
+    }
+
     pub async fn start_controller(&mut self, release: u32) -> anyhow::Result<()> {
+        let p = self
+            .spawn_controller(release, "controller", self.controller_addr())
+            .await?;
+        self.controller = Some(p);
+        self.controller_release = release;
+        Ok(())
+    }
+
+    /// A controller at `addr` with the data dir `DIR/<name>`, once healthy.
+    async fn spawn_controller(
+        &self,
+        release: u32,
+        name: &str,
+        addr: SocketAddr,
+    ) -> anyhow::Result<Proc> {
         let mut args: Vec<String> = vec![
             "controller".into(),
             "--release".into(),
             release.to_string(),
             "--data-dir".into(),
-            self.dir.join("controller").display().to_string(),
+            self.dir.join(name).display().to_string(),
             "--listen".into(),
-            self.controller_addr().to_string(),
+            addr.to_string(),
         ];
         if !self.supervised {
             args.push("--no-supervisor".into());
@@ -462,19 +569,18 @@ impl Fleet {
         let mut env = self.controller_env.clone();
         env.push((OPERATOR_TOKEN_ENV.into(), self.operator_token.clone()));
         if let Some(db) = &self.database {
-            env.push((crate::roles::DATABASE_ENV.into(), db.url.clone()));
+            let url = self
+                .database_routes
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(&db.url, |(_, url)| url);
+            env.push((crate::roles::DATABASE_ENV.into(), url.clone()));
         }
-        let log = unique_log(&self.dir, &format!("controller-r{release}"));
-        let mut p = Proc::spawn_with_env(&self.exe, "controller", &args, &env, log)?;
-        wait_healthy_with(
-            &format!("{}/healthz", self.controller_url()),
-            &mut p,
-            &self.http(),
-        )
-        .await?;
-        self.controller = Some(p);
-        self.controller_release = release;
-        Ok(())
+        let log = unique_log(&self.dir, &format!("{name}-r{release}"));
+        let mut p = Proc::spawn_with_env(&self.exe, name, &args, &env, log)?;
+        let scheme = if self.pki.is_some() { "https" } else { "http" };
+        wait_healthy_with(&format!("{scheme}://{addr}/healthz"), &mut p, &self.http()).await?;
+        Ok(p)
     }
 
     /// Creates group `g{g}` (nodes `g{g}-a` primary, `g{g}-b` backup, declared
@@ -603,7 +709,7 @@ impl Fleet {
     }
 
     pub async fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
-        let own = self.controller_url();
+        let own = self.controller_urls();
         let controller = self
             .nodes
             .get(i)
@@ -799,13 +905,7 @@ impl Fleet {
 
     /// The control socket of the controller's supervisor.
     pub fn controller_supervisor(&self) -> handover_supervisor::SupervisorClient {
-        handover_supervisor::SupervisorClient::new(
-            self.dir
-                .join("controller")
-                .join("supervisor")
-                .join("control.sock"),
-            handover_supervisor::DEFAULT_READY_TIMEOUT_MS,
-        )
+        supervisor_at(&self.controller_dir(None))
     }
 
     /// The control socket of node `id`'s supervisor.
@@ -922,11 +1022,17 @@ impl Fleet {
         bail!("the upgrade was not over within {timeout:?}; last status: {last:#?}")
     }
 
-    /// Stops every node (SIGTERM: they flush their outbox first), then the controller.
+    /// Stops every node (SIGTERM: they flush their outbox first), then the
+    /// controller and its replicas.
     pub async fn stop_all(&mut self) -> anyhow::Result<()> {
         self.stop_nodes().await?;
         if let Some(mut c) = self.controller.take() {
             c.terminate().await?;
+        }
+        for r in &mut self.replicas {
+            if let Some(mut c) = r.take() {
+                c.terminate().await?;
+            }
         }
         Ok(())
     }

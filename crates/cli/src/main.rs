@@ -533,9 +533,25 @@ struct NodeArgs {
     /// longest without a request.
     #[arg(long, env = CONNECTIONS_MAX_ENV)]
     connections_max: Option<usize>,
+    /// Do not serve the artifacts staged here to other nodes. By default a
+    /// node serves them on its viewers' listener
+    /// (/peer/v1/artifacts/ID/binary, at most 2 at once), so an upgrade
+    /// does not download every binary from the controller; receivers check
+    /// every byte against the controller's signed manifest.
+    #[arg(
+        long,
+        env = NO_PEER_SERVING_ENV,
+        value_parser = clap::builder::FalseyValueParser::new()
+    )]
+    no_peer_serving: bool,
     #[command(flatten)]
     unsigned: AllowUnsigned,
 }
+
+/// How `--no-peer-serving` reaches a supervisor's workers (the worker's
+/// command line is a contract between binaries; the environment is
+/// inherited, and an older worker ignores it).
+const NO_PEER_SERVING_ENV: &str = "HANDOVER_NO_PEER_SERVING";
 
 /// The opt-out of artifact signatures, shared by `controller` and `node`.
 #[derive(Args)]
@@ -786,6 +802,13 @@ fn main() -> anyhow::Result<()> {
     {
         std::env::set_var(CONNECTIONS_MAX_ENV, n.to_string());
     }
+    if let Command::Node(NodeArgs {
+        no_peer_serving: true,
+        ..
+    }) = &cli.command
+    {
+        std::env::set_var(NO_PEER_SERVING_ENV, "true");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -1004,6 +1027,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 trusted_keys,
                 limits: handover_net::Limits::NODE.with_connections_max(a.connections_max),
                 allow_unsigned_artifacts: a.unsigned.allow,
+                peer_serving: !a.no_peer_serving,
             };
             let listener = roles::listener(mode, config.listen).await?;
             handover_node::serve_on(config, listener, shutdown_signal()).await

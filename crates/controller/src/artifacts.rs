@@ -11,7 +11,8 @@
 //! | `GET` | `/api/v1/artifacts/{id}/signature` | operator or read-only token | its stored signature, as for nodes (the CLI skips re-sending an artifact stored with the same signature) |
 //! | `GET` | `/node/v1/artifacts/{id}/manifest` | node | one manifest: the exact bytes that were signed |
 //! | `GET` | `/node/v1/artifacts/{id}/signature` | node | its minisign signature (`text/plain`); 404 `unsigned` when it has none |
-//! | `GET` | `/node/v1/artifacts/{id}/binary` | node | the binary, streamed, with `Content-Length`; zstd-compressed (`Content-Encoding: zstd`) when the node accepts it |
+//! | `GET` | `/node/v1/artifacts/{id}/binary` | node | the binary, streamed, with `Content-Length`; zstd-compressed (`Content-Encoding: zstd`) when the node accepts it; 503 `busy` with `Retry-After` while [`ARTIFACT_DOWNLOADS_MAX`] are in flight |
+//! | `GET` | `/node/v1/artifacts/{id}/sources` | node | [`ArtifactSources`]: other nodes that staged it and serve its binary (see [`sources`]) |
 //!
 //! Headers of an upload (HTTP header values cannot carry newlines):
 //!
@@ -56,10 +57,16 @@ use handover_core::api::ErrorCode;
 use handover_core::artifact::{
     check_id, ArtifactError, Manifest, ARTIFACT_BYTES_MAX, MANIFEST_BYTES_MAX, SIGNATURE_BYTES_MAX,
 };
+use handover_core::wire::{limits::ARTIFACT_SOURCES_MAX, ArtifactSources, MESSAGE_VERSION};
+use handover_store::NodeRow;
 use std::future::Future;
 
+pub mod sources;
 mod store;
 
+pub use sources::{
+    Serving, ARTIFACT_DOWNLOADS_MAX, BUSY_RETRY_AFTER_S, SLOT_HOLD_MAX_MS, SOURCES_REFRESH_MS,
+};
 pub use store::{Accepted, ArtifactStore, ArtifactStoreError, Missing, Put, Stored, ARTIFACTS_MAX};
 
 /// The zstd level of the copy served to nodes: a release binary shrinks to
@@ -114,6 +121,13 @@ pub trait ArtifactHost: crate::auth::OperatorAuth {
     /// Accepts or refuses a node request by its credential (client
     /// certificate or bearer).
     fn check_node(&self, proof: &NodeProof) -> impl Future<Output = ApiResult<()>> + Send;
+
+    /// The node registry (who staged what, and when each was last seen),
+    /// for the sources of an artifact.
+    fn nodes(&self) -> impl Future<Output = ApiResult<Vec<NodeRow>>> + Send;
+
+    /// How long after it was last seen a node counts as reachable.
+    fn lease_ms(&self) -> u64;
 }
 
 /// The artifact routes, to merge into the controller's router before
@@ -140,6 +154,7 @@ pub fn routes<H: ArtifactHost>() -> Router<H> {
             get(node_signature::<H>),
         )
         .route("/node/v1/artifacts/{id}/binary", get(node_binary::<H>))
+        .route("/node/v1/artifacts/{id}/sources", get(node_sources::<H>))
 }
 
 impl From<ArtifactStoreError> for ApiError {
@@ -454,18 +469,26 @@ async fn signature_answer<H: ArtifactHost>(
 }
 
 /// `GET /node/v1/artifacts/{id}/binary`: the binary, streamed in bounded
-/// chunks, exactly `size` bytes with `Content-Length`.
+/// chunks, exactly `size` bytes with `Content-Length` (or the zstd copy to
+/// a node that accepts it). At most [`ARTIFACT_DOWNLOADS_MAX`] at once:
+/// one more is answered 503 `busy` with `Retry-After`, and the node takes
+/// it from a source ([`node_sources`]) or asks again.
 pub async fn node_binary<H: ArtifactHost>(
     State(host): State<H>,
     id: Result<Path<String>, PathRejection>,
     proof: NodeProof,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
+    host.check_node(&proof).await?;
+    let id = artifact_id(id)?;
+    let Some(slot) = host.artifacts().serving().try_download() else {
+        return Ok(busy(&id));
+    };
     let Stored {
         manifest: m,
         binary: path,
         ..
-    } = node_lookup(&host, id, &proof).await?;
+    } = lookup(&host, id.clone()).await?;
     let accepts_zstd = headers
         .get_all(header::ACCEPT_ENCODING)
         .iter()
@@ -477,7 +500,9 @@ pub async fn node_binary<H: ArtifactHost>(
         if let Ok(file) = tokio::fs::File::open(&zst).await {
             if let Ok(meta) = file.metadata().await {
                 let size = meta.len();
-                let mut resp = Body::from_stream(file_chunks(file, size)).into_response();
+                let mut resp =
+                    Body::from_stream(holding(&host, &id, size, slot, file_chunks(file, size)))
+                        .into_response();
                 let h = resp.headers_mut();
                 h.insert(
                     header::CONTENT_TYPE,
@@ -497,7 +522,7 @@ pub async fn node_binary<H: ArtifactHost>(
             error,
         }))
     })?;
-    let stream = file_chunks(file, m.size);
+    let stream = holding(&host, &m.id(), m.size, slot, file_chunks(file, m.size));
     let mut resp = Body::from_stream(stream).into_response();
     let h = resp.headers_mut();
     h.insert(
@@ -506,6 +531,103 @@ pub async fn node_binary<H: ArtifactHost>(
     );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(m.size));
     Ok(resp)
+}
+
+/// `stream` (`size` bytes of artifact `id`), holding a download slot
+/// until it is dropped: at once if not every byte was sent (the
+/// connection closed), else when [`Serving::served_whole`] gives it back,
+/// once the node that took it (or enough others) serve the artifact, so
+/// the slot does not go at once to the next node waiting (which would
+/// take the binary from a source instead). A body of known length may be
+/// dropped without being asked for its end, so the bytes sent decide.
+fn holding<H: ArtifactHost>(
+    host: &H,
+    id: &str,
+    size: u64,
+    slot: tokio::sync::OwnedSemaphorePermit,
+    stream: impl futures_util::Stream<Item = std::io::Result<Vec<u8>>> + Send + 'static,
+) -> impl futures_util::Stream<Item = std::io::Result<Vec<u8>>> + Send + 'static {
+    let mut held = Held {
+        slot: Some(slot),
+        host: host.clone(),
+        id: id.to_owned(),
+        unsent: size,
+    };
+    stream.map(move |chunk| {
+        // The whole of `held` (not a copy of its count) lives in the closure.
+        let held = &mut held;
+        if let Ok(bytes) = &chunk {
+            held.unsent = held.unsent.saturating_sub(bytes.len() as u64);
+        }
+        chunk
+    })
+}
+
+/// A download slot and what its download has yet to send.
+struct Held<H: ArtifactHost> {
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    host: H,
+    id: String,
+    unsent: u64,
+}
+
+impl<H: ArtifactHost> Drop for Held<H> {
+    fn drop(&mut self) {
+        let Some(slot) = self.slot.take() else { return };
+        // Outside a runtime (none drops a body there) it simply goes back.
+        if self.unsent == 0 && tokio::runtime::Handle::try_current().is_ok() {
+            self.host.artifacts().serving().served_whole(&self.id, slot);
+        }
+    }
+}
+
+/// 503 `busy` with `Retry-After`: every download slot is taken.
+fn busy(id: &str) -> Response {
+    let mut resp = ApiError::operator(
+        ErrorCode::Busy,
+        format!(
+            "this controller serves {ARTIFACT_DOWNLOADS_MAX} downloads at once; take artifact \
+             {id} from a node that staged it (GET /node/v1/artifacts/{id}/sources) or \
+             ask again"
+        ),
+    )
+    .into_response();
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(BUSY_RETRY_AFTER_S));
+    resp
+}
+
+/// `GET /node/v1/artifacts/{id}/sources`: [`ArtifactSources`], at most
+/// [`ARTIFACT_SOURCES_MAX`] base URLs of reachable nodes that staged the
+/// artifact (from a registry read at most [`SOURCES_REFRESH_MS`] old),
+/// each answer starting further along the list so the load spreads. An
+/// id nobody staged has none (the artifact itself is not looked up: the
+/// node took its manifest already).
+pub async fn node_sources<H: ArtifactHost>(
+    State(host): State<H>,
+    id: Result<Path<String>, PathRejection>,
+    proof: NodeProof,
+) -> ApiResult<Json<ArtifactSources>> {
+    host.check_node(&proof).await?;
+    let id = artifact_id(id)?;
+    let read = || async {
+        let rows = host.nodes().await?;
+        Ok::<_, ApiError>(sources::staged_on(
+            &rows,
+            &id,
+            crate::now_ms(),
+            host.lease_ms(),
+        ))
+    };
+    let sources = host
+        .artifacts()
+        .serving()
+        .sources(&id, ARTIFACT_SOURCES_MAX, read)
+        .await?;
+    Ok(Json(ArtifactSources {
+        v: MESSAGE_VERSION,
+        sources,
+    }))
 }
 
 #[cfg(test)]

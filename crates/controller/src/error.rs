@@ -105,7 +105,13 @@ impl From<Refusal> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
+        if let StoreError::StaleEpoch { .. } = e {
+            // The node's answer to a stale epoch: hello again.
+            return ApiError::node(ErrorCode::StaleEpoch, e.to_string());
+        }
         let code = match &e {
+            StoreError::NotLeader { .. } => api::ErrorCode::NotLeader,
+            StoreError::StaleEpoch { .. } => api::ErrorCode::StoreError,
             StoreError::Invalid(_) => api::ErrorCode::InvalidField,
             StoreError::Exists { .. } => api::ErrorCode::Exists,
             StoreError::Missing { .. } => api::ErrorCode::NotFound,

@@ -8,6 +8,7 @@ mod error;
 mod node_api;
 mod operator_api;
 mod orchestrator;
+mod replicas;
 mod upgrade_api;
 mod watches;
 
@@ -103,6 +104,16 @@ pub(crate) struct AppState {
     pub sessions: RwLock<HashMap<SecretDigest, Session>>,
     /// Node id → its group and role: the groups, which say who a node is.
     pub members: RwLock<HashMap<String, Membership>>,
+    /// Held by whoever changes the groups or reloads `members` from the
+    /// store, across the store's write or read and the map's update: a
+    /// reload read before a group's commit never replaces the map after
+    /// that group was added to it.
+    pub members_update: tokio::sync::Mutex<()>,
+    /// The cluster row as the replica sync last acted on it: its caches
+    /// (desired states, sessions, members) reflect these revisions. Not
+    /// `cluster`, which any request may refresh first, and then a sync
+    /// would see no revision move and keep a stale cache for good.
+    pub synced: std::sync::Mutex<ClusterState>,
     /// Node → desired upgrade state, a cache of `node_desired`.
     pub desired: RwLock<HashMap<String, Desired>>,
     /// Bumped on every desired-state change; wakes the watchers.
@@ -120,6 +131,22 @@ pub(crate) struct AppState {
     pub hls_requests: RwLock<HashMap<String, u64>>,
     /// The watches each node holds (at most [`WATCHES_PER_NODE_MAX`]).
     pub watches: watches::Watches,
+    /// This process among the controller replicas ([`replicas::replica_id`]).
+    pub replica: String,
+    /// The replica it is a worker of ([`replicas::replica_name`]).
+    pub replica_name: String,
+    /// Where operators and nodes reach this replica.
+    pub url: String,
+    /// Whether this replica holds the orchestrator's lease (last sync).
+    pub leading: AtomicBool,
+    /// Set when this replica takes the lease: its first step of the upgrade
+    /// stores the state under its term even if nothing changed, so the
+    /// step log shows when each leader took over.
+    pub claim: AtomicBool,
+    /// Set while the database has not answered for a lease: nodes get 503.
+    pub detached: AtomicBool,
+    /// The lease and the live replicas, from the last sync.
+    pub replicas: RwLock<replicas::ReplicaView>,
 }
 
 impl auth::OperatorAuth for Shared {
@@ -135,6 +162,14 @@ impl artifacts::ArtifactHost for Shared {
 
     async fn check_node(&self, proof: &node_api::NodeProof) -> ApiResult<()> {
         node_api::session(self, proof, None).await.map(|_| ())
+    }
+
+    async fn nodes(&self) -> ApiResult<Vec<handover_store::NodeRow>> {
+        Ok(self.store.nodes().await?)
+    }
+
+    fn lease_ms(&self) -> u64 {
+        self.config.lease_ms
     }
 }
 
@@ -177,14 +212,21 @@ impl AppState {
         Ok(d)
     }
 
-    /// Stores what a node should do and wakes every watcher so it learns at once.
-    pub async fn set_desired(&self, node_id: &str, desired: Desired) -> ApiResult<()> {
-        if self.desired_of(node_id).await? == desired {
+    /// Stores what nodes should do (those whose desired state changes, in
+    /// one transaction) and wakes every watcher so they learn at once.
+    pub async fn set_desired(&self, desired: Vec<(String, Desired)>) -> ApiResult<()> {
+        let mut changed = Vec::with_capacity(desired.len());
+        for (node_id, d) in desired {
+            if self.desired_of(&node_id).await? != d {
+                changed.push((node_id, d));
+            }
+        }
+        if changed.is_empty() {
             return Ok(());
         }
-        self.store.set_desired(node_id, &desired).await?;
+        self.store.set_desired(&changed).await?;
         if let Ok(mut m) = self.desired.write() {
-            m.insert(node_id.to_owned(), desired);
+            m.extend(changed);
         }
         self.desired_rev.send_modify(|r| *r = r.wrapping_add(1));
         Ok(())
@@ -324,6 +366,8 @@ pub async fn serve_on(
         .context("cannot read the upgrade state")?;
     let members = members(&*store).await?;
     let (tx, _) = watch::channel(cluster);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let replica_name = replicas::replica_name(&config.data_dir)?;
     let state = Arc::new(AppState {
         store: store.clone(),
         info,
@@ -332,6 +376,8 @@ pub async fn serve_on(
         cluster: tx,
         sessions: RwLock::new(HashMap::new()),
         members: RwLock::new(members),
+        members_update: tokio::sync::Mutex::new(()),
+        synced: std::sync::Mutex::new(cluster),
         desired: RwLock::new(HashMap::new()),
         // Starts from the clock so a restarted controller never repeats a revision.
         desired_rev: watch::channel(u64::try_from(now_ms()).unwrap_or(0)).0,
@@ -343,7 +389,16 @@ pub async fn serve_on(
         binary_sha256: handover_supervisor::binary_sha256(),
         hls_requests: RwLock::new(HashMap::new()),
         watches: watches::Watches::default(),
+        replica: replicas::replica_id(&replica_name),
+        replica_name,
+        url: format!("{scheme}://{}", config.listen),
+        leading: AtomicBool::new(false),
+        claim: AtomicBool::new(false),
+        detached: AtomicBool::new(false),
+        replicas: RwLock::new(replicas::ReplicaView::default()),
     });
+    replicas::sync_now(&state).await;
+    tokio::spawn(replicas::run(state.clone()));
     tokio::spawn(orchestrator::run(state.clone()));
     if let Some(client) = handover_supervisor::SupervisorClient::from_env() {
         // Migrated and self-checked: the supervisor may retire the old worker.
@@ -352,7 +407,7 @@ pub async fn serve_on(
             .await
             .context("cannot report ready to the supervisor")?;
     }
-    let app = router(state);
+    let app = router(state.clone());
     tracing::info!(
         release = info.release.0,
         schema = info.schema.0,
@@ -365,9 +420,10 @@ pub async fn serve_on(
     // With the controller's limits: timeouts close silent, slow and idle
     // connections (a watch in flight is not idle); at the cap a connection
     // without a request makes room.
-    handover_net::serve(listener, app, config.limits, tls, shutdown)
-        .await
-        .context("controller server failed")?;
+    let served = handover_net::serve(listener, app, config.limits, tls, shutdown).await;
+    // The next leader need not wait for this one's lease to run out.
+    replicas::resign(&state).await;
+    served.context("controller server failed")?;
     Ok(())
 }
 

@@ -55,6 +55,7 @@ pub(crate) async fn session(
     proof: &NodeProof,
     node_hint: Option<&str>,
 ) -> ApiResult<Session> {
+    crate::replicas::require_attached(state)?;
     let digest = proof.credential().cloned().ok_or_else(|| {
         ApiError::unauthorized(
             "no credential: present this node's client certificate (https) or \
@@ -103,6 +104,7 @@ pub async fn hello(
     proof: NodeProof,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<Welcome>> {
+    crate::replicas::require_attached(&state)?;
     let hello: Hello = wire::decode(&body?)?;
     let id = &hello.node_id;
     let membership = state.members.read().ok().and_then(|m| m.get(id).cloned());
@@ -325,7 +327,13 @@ async fn ingest(
         .batch(channel, s.schema, batch.epoch, batch.schema)?;
     let out = state
         .store
-        .store_batch(&s.node_id, batch.schema, batch.first_seq, &batch.records)
+        .store_batch(
+            &s.node_id,
+            batch.schema,
+            batch.first_seq,
+            &batch.records,
+            batch.epoch,
+        )
         .await?;
     Ok(Json(wire::BatchAck {
         v: wire::MESSAGE_VERSION,

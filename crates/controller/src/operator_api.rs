@@ -57,6 +57,7 @@ pub async fn status(State(state): State<Shared>) -> ApiResult<Json<Status>> {
         cluster: cluster.into(),
         lease_ms: state.config.lease_ms,
         nodes,
+        replicas: crate::replicas::statuses(&state),
     }))
 }
 
@@ -83,10 +84,12 @@ pub async fn create_group(
     body: Result<Json<Group>, JsonRejection>,
 ) -> ApiResult<Json<Group>> {
     let Json(group) = body?;
+    let update = state.members_update.lock().await;
     let created = state.store.create_group(&group).await?;
     if let Ok(mut m) = state.members.write() {
         m.extend(crate::membership_of(&created));
     }
+    drop(update);
     state.refresh_cluster().await?;
     Ok(Json(created))
 }
@@ -222,6 +225,7 @@ pub async fn create_event(
 }
 
 pub async fn fence(State(state): State<Shared>) -> ApiResult<Json<ClusterInfo>> {
+    crate::replicas::require_leader(&state)?;
     state.store.set_fence(true).await?;
     let c = state.refresh_cluster().await?;
     tracing::warn!(epoch = c.epoch, "cluster fenced");
@@ -229,6 +233,7 @@ pub async fn fence(State(state): State<Shared>) -> ApiResult<Json<ClusterInfo>> 
 }
 
 pub async fn unfence(State(state): State<Shared>) -> ApiResult<Json<ClusterInfo>> {
+    crate::replicas::require_leader(&state)?;
     state.store.set_fence(false).await?;
     let c = state.refresh_cluster().await?;
     tracing::info!(epoch = c.epoch, "cluster unfenced");

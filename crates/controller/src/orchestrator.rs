@@ -26,6 +26,10 @@ pub(crate) async fn run(state: Shared) {
 }
 
 async fn tick(state: &Shared) -> ApiResult<()> {
+    // One replica drives the upgrade: the one holding the lease.
+    if !state.leading.load(Ordering::SeqCst) {
+        return Ok(());
+    }
     let running = {
         let guard = state.upgrade.lock().await;
         guard
@@ -44,16 +48,27 @@ async fn tick(state: &Shared) -> ApiResult<()> {
 
 /// One step of the state machine under the lock: effects, then the state.
 pub(crate) async fn step(state: &Shared, input: Input) -> ApiResult<Option<Upgrade>> {
+    crate::replicas::require_leader(state)?;
     let mut guard = state.upgrade.lock().await;
     let Some((id, up)) = guard.as_mut() else {
         return Ok(None);
     };
     let before = up.clone();
     let effects = up.step(input, now_ms_u64());
+    // In order; a run of desired states (a phase tells every node at once)
+    // is stored in one transaction.
+    let mut desired = Vec::new();
     for effect in effects {
-        apply(state, effect).await?;
+        match effect {
+            Effect::SetDesired { node, desired: d } => desired.push((node, d)),
+            other => {
+                state.set_desired(std::mem::take(&mut desired)).await?;
+                apply(state, other).await?;
+            }
+        }
     }
-    if *up != before {
+    state.set_desired(desired).await?;
+    if *up != before || state.claim.swap(false, Ordering::SeqCst) {
         state.store.save_upgrade(Some(*id), up, now_ms()).await?;
         log_progress(&before, up);
     }
@@ -114,6 +129,7 @@ pub(crate) async fn cluster_view(state: &Shared) -> ApiResult<ClusterView> {
         controller_release: state.info.release,
         controller_sha256: state.binary_sha256.clone(),
         controller_supervisor_sha256: handover_supervisor::supervisor_sha256().await,
+        replicas_behind: crate::replicas::behind(state),
         database_schema: c.schema,
         disk_free_bytes,
     })
@@ -135,7 +151,7 @@ async fn apply(state: &Shared, effect: Effect) -> ApiResult<()> {
                 tracing::info!("upgrade: fence lifted");
             }
         }
-        Effect::SetDesired { node, desired } => state.set_desired(&node, desired).await?,
+        Effect::SetDesired { node, desired } => state.set_desired(vec![(node, desired)]).await?,
         Effect::SwitchController { target } => start_controller_switch(state, target),
         Effect::Finalize { release } => {
             state.store.set_cluster_release(release).await?;
@@ -156,7 +172,7 @@ const START_FAILURE_CHARS_MAX: usize = 1_000;
 /// Starts the switch of this controller to the target release, once per
 /// process. On success the supervisor stops this worker; on failure the
 /// state machine hears why and rolls back.
-fn start_controller_switch(state: &Shared, target: Target) {
+pub(crate) fn start_controller_switch(state: &Shared, target: Target) {
     if state.switching.swap(true, Ordering::SeqCst) {
         return;
     }
@@ -179,6 +195,10 @@ fn start_controller_switch(state: &Shared, target: Target) {
         // A later upgrade may try again.
         state.switching.store(false, Ordering::SeqCst);
         tracing::error!(reason = %failure, "controller switch failed");
+        // It gave the lease up to switch: it bids again at once, so (unless
+        // another replica took the lease meanwhile, which then finds the
+        // switch failing for itself) it records the failure as the leader.
+        crate::replicas::sync_now(&state).await;
         if let Err(e) = step(&state, Input::ControllerSwitchFailed { reason: failure }).await {
             tracing::error!(error = %e.message, "cannot record the failed controller switch");
         }
@@ -216,6 +236,7 @@ async fn switch_controller(state: &Shared, target: &Target) -> Result<(), String
 
 /// Creates and stores a new upgrade; refuses while another one runs.
 pub(crate) async fn start(state: &Shared, up: Upgrade) -> ApiResult<Upgrade> {
+    crate::replicas::require_leader(state)?;
     let mut guard = state.upgrade.lock().await;
     if let Some((_, current)) = guard.as_ref() {
         if !current.status.is_over() {

@@ -42,6 +42,24 @@ pub struct Status {
     pub cluster: ClusterInfo,
     pub lease_ms: u64,
     pub nodes: Vec<NodeStatus>,
+    /// The controller replicas alive on the database (one without replicas).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<ReplicaStatus>,
+}
+
+/// One controller replica, as the one answering saw it at its last sync.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    /// `NAME/PID/RANDOM`: the replica's worker shown (its leading one, or its newest).
+    pub replica: String,
+    pub url: String,
+    pub release: Release,
+    /// Holds the upgrade orchestrator's lease, in this term.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leads_term: Option<u64>,
+    /// The replica that answered this status (one of its workers).
+    #[serde(default)]
+    pub answering: bool,
 }
 
 /// The running controller's release, as the operator sees it.
@@ -332,6 +350,10 @@ pub enum ErrorCode {
     StorageError,
     /// The database cannot be reached now; retry.
     StoreUnavailable,
+    /// An upgrade or fence command sent to a controller replica that does
+    /// not lead the orchestrator: nothing was done; send it to the leader
+    /// (a client given every replica's URL moves on by itself).
+    NotLeader,
     /// The artifact store is out of space.
     StoreFull,
     /// An upload without its manifest header.
@@ -363,10 +385,13 @@ pub enum ErrorCode {
     /// The request body stopped arriving for longer than the listener's
     /// body read timeout (`handover_net::Limits::body_read_timeout_ms`).
     BodyTimeout,
+    /// Serving as many artifact downloads as the server allows at once;
+    /// retry later (`Retry-After`) or from another source.
+    Busy,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 30] = [
+    pub const ALL: [ErrorCode; 32] = [
         ErrorCode::Malformed,
         ErrorCode::TooLarge,
         ErrorCode::InvalidField,
@@ -397,6 +422,8 @@ impl ErrorCode {
         ErrorCode::BadPublicKey,
         ErrorCode::BodyTimeout,
         ErrorCode::Forbidden,
+        ErrorCode::NotLeader,
+        ErrorCode::Busy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -431,6 +458,8 @@ impl ErrorCode {
             ErrorCode::BadPublicKey => "bad_public_key",
             ErrorCode::BodyTimeout => "body_timeout",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotLeader => "not_leader",
+            ErrorCode::Busy => "busy",
         }
     }
 
@@ -469,7 +498,7 @@ impl ErrorCode {
             ErrorCode::TooLarge => 413,
             ErrorCode::Untranslatable => 422,
             ErrorCode::StoreError | ErrorCode::StorageError => 500,
-            ErrorCode::StoreUnavailable => 503,
+            ErrorCode::StoreUnavailable | ErrorCode::NotLeader | ErrorCode::Busy => 503,
             ErrorCode::StoreFull => 507,
         }
     }
@@ -531,7 +560,7 @@ mod tests {
 
     #[test]
     fn error_codes_round_trip_and_carry_their_status() {
-        let want: [(&str, u16); 30] = [
+        let want: [(&str, u16); 32] = [
             ("malformed", 400),
             ("too_large", 413),
             ("invalid_field", 400),
@@ -562,6 +591,8 @@ mod tests {
             ("bad_public_key", 400),
             ("body_timeout", 408),
             ("forbidden", 403),
+            ("not_leader", 503),
+            ("busy", 503),
         ];
         for (code, (text, status)) in ErrorCode::ALL.into_iter().zip(want) {
             assert_eq!(code.as_str(), text);

@@ -270,6 +270,15 @@ impl AnyRecord {
         }
     }
 
+    /// The id of the record's channel (schema 2 on; schema 1 names it).
+    pub fn channel_id(&self) -> Option<i64> {
+        match self {
+            AnyRecord::V1(_) => None,
+            AnyRecord::V2(r) => Some(r.channel_id),
+            AnyRecord::V3(r) => Some(r.channel_id),
+        }
+    }
+
     /// The node the record says produced it (schema 2 on).
     fn claimed_node(&self) -> Option<&str> {
         match self {

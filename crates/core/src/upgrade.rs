@@ -269,6 +269,11 @@ pub struct ClusterView {
     /// SHA-256 of the binary the controller's supervisor runs, when known.
     #[serde(default)]
     pub controller_supervisor_sha256: Option<String>,
+    /// Other controller replicas on this database that run another binary
+    /// than the one running this step: the controller phase ends only once
+    /// every live replica switched.
+    #[serde(default)]
+    pub replicas_behind: Vec<String>,
     /// Schema of the database.
     pub database_schema: Schema,
     /// Free bytes where artifacts are stored, for preflight.
@@ -664,7 +669,15 @@ impl Upgrade {
                     cluster.controller_release,
                     cluster.controller_sha256.as_deref(),
                 );
-                if switched && self.path == Path::Compatible {
+                if switched && !cluster.replicas_behind.is_empty() {
+                    // Each replica switches itself when it sees this phase.
+                    self.waiting_for = format!(
+                        "controller replicas {} to switch to release {}",
+                        join(&cluster.replicas_behind),
+                        target.release
+                    );
+                    vec![]
+                } else if switched && self.path == Path::Compatible {
                     self.enter(Phase::Backups, now_ms);
                     self.tick(nodes, cluster, now_ms)
                 } else if switched {

@@ -53,6 +53,11 @@ pub mod limits {
     pub const STAGED_MAX: usize = 16;
     /// Longest a watch request is held open before it answers "unchanged".
     pub const WATCH_WAIT_MS_MAX: u64 = 30_000;
+    /// Sources one [`ArtifactSources`](super::ArtifactSources) names at
+    /// most: plenty to spread a fleet's downloads (each source serves a
+    /// few at once, and a node tries the next on a refusal), and a bounded
+    /// answer however large the fleet.
+    pub const ARTIFACT_SOURCES_MAX: usize = 16;
 }
 
 pub use crate::role::Role;
@@ -202,6 +207,40 @@ pub struct ParamsAnswer {
     pub schema: Schema,
     pub revision: u64,
     pub params: serde_json::Value,
+}
+
+/// Controller → node: the answer of `GET /node/v1/artifacts/{id}/sources`,
+/// the base URLs (their `hls_url`) of reachable nodes that staged the
+/// artifact and may serve its binary at `/peer/v1/artifacts/{id}/binary`,
+/// in an order that spreads the load. New in this build (no field of an
+/// older message changes); an older controller answers 404, and the node
+/// takes the binary from the controller as before. A source's bytes are
+/// checked against the manifest the controller served, so a source is
+/// only ever a hint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArtifactSources {
+    pub v: u32,
+    pub sources: Vec<String>,
+}
+
+impl Validate for ArtifactSources {
+    fn validate(&self) -> Result<(), WireError> {
+        validate_version(self.v)?;
+        if self.sources.len() > limits::ARTIFACT_SOURCES_MAX {
+            return Err(invalid(
+                "sources",
+                format!("more than {}", limits::ARTIFACT_SOURCES_MAX),
+            ));
+        }
+        for url in &self.sources {
+            validate_len("sources", url, limits::URL_CHARS_MAX)?;
+            if !url.starts_with("http://") && !url.starts_with("https://") {
+                return Err(invalid("sources", "must be http:// or https:// URLs"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The JSON body of every error answer.
@@ -645,6 +684,40 @@ mod tests {
                 .code(),
             "malformed"
         );
+    }
+
+    /// The sources answer, as the literal JSON both sides agree on, and
+    /// its bounds.
+    #[test]
+    fn artifact_sources_pinned_and_bounded() {
+        let text = r#"{"v":1,"sources":["http://127.0.0.5:7000","https://n2.example:7000"]}"#;
+        let answer = ArtifactSources {
+            v: MESSAGE_VERSION,
+            sources: vec![
+                "http://127.0.0.5:7000".into(),
+                "https://n2.example:7000".into(),
+            ],
+        };
+        assert_eq!(serde_json::to_string(&answer).unwrap(), text);
+        assert_eq!(decode::<ArtifactSources>(text.as_bytes()), Ok(answer));
+        let code = |v: serde_json::Value| {
+            decode::<ArtifactSources>(&serde_json::to_vec(&v).unwrap())
+                .map(|_| "ok")
+                .unwrap_or_else(|e| e.code())
+        };
+        let many: Vec<String> = (0..=limits::ARTIFACT_SOURCES_MAX)
+            .map(|i| format!("http://127.0.0.{i}:7000"))
+            .collect();
+        assert_eq!(code(json!({"v": 1, "sources": many[1..]})), "ok");
+        assert_eq!(code(json!({"v": 1, "sources": many})), "invalid_field");
+        assert_eq!(
+            code(json!({"v": 1, "sources": ["file:///etc"]})),
+            "invalid_field"
+        );
+        let long = format!("http://{}", "a".repeat(limits::URL_CHARS_MAX));
+        assert_eq!(code(json!({"v": 1, "sources": [long]})), "invalid_field");
+        assert_eq!(code(json!({"v": 1, "sources": [], "more": 1})), "malformed");
+        assert_eq!(code(json!({"v": 2, "sources": []})), "unsupported_version");
     }
 
     #[test]

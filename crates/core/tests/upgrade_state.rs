@@ -55,6 +55,7 @@ fn every_stored_state_of_every_release_decodes_and_steps() {
             controller_release: Release(1),
             controller_sha256: None,
             controller_supervisor_sha256: None,
+            replicas_behind: vec![],
             database_schema: Schema(1),
             disk_free_bytes: 1 << 30,
         };

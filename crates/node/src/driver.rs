@@ -121,6 +121,9 @@ struct Run {
     /// The outbox head read last (`Action::ReadOutbox`).
     head: Vec<OutboxRow>,
     staging_http: Option<reqwest::Client>,
+    /// Other nodes' peer routes ([`stage::peer_client`]); `None`: binaries
+    /// only from the controller.
+    peer_http: Option<reqwest::Client>,
     done: bool,
 }
 
@@ -143,6 +146,13 @@ impl Driver {
                 None
             }
         };
+        let peer_http = match stage::peer_client() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot build the peer client; binaries come from the controller only");
+                None
+            }
+        };
         let mut stop = self.stop.clone();
         let appended = self.appended.clone();
         let mut run = Run {
@@ -152,6 +162,7 @@ impl Driver {
             in_flight: HashMap::new(),
             head: Vec::new(),
             staging_http,
+            peer_http,
             done: false,
         };
         // Who runs this worker, before the first hello says so; then the
@@ -399,15 +410,24 @@ impl Run {
             return;
         };
         let credential = self.d.machine.credential().unwrap_or_default().to_owned();
+        let peers = self.peer_http.clone();
         let (url, dir, trusted) = (
             self.d.controller_urls.current().to_owned(),
             self.d.data_dir.clone(),
             self.d.trusted.clone(),
         );
         tokio::spawn(async move {
-            let result = match stage::stage(&http, &url, &credential, &dir, &artifact, &trusted)
-                .await
-            {
+            let staged = stage::stage(
+                &http,
+                &url,
+                &credential,
+                peers.as_ref(),
+                &dir,
+                &artifact,
+                &trusted,
+            )
+            .await;
+            let result = match staged {
                 Ok(staged) => {
                     if trusted.is_empty() {
                         tracing::warn!(

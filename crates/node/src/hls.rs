@@ -109,14 +109,24 @@ pub enum ErrorCode {
     NotLive,
     /// The segment is not (or no longer) in the window served.
     NoSuchSegment,
+    /// Not a valid artifact id (peer serving).
+    InvalidId,
+    /// No artifact of that id is staged here (peer serving).
+    NotStaged,
+    /// Serving as many artifact downloads as it allows at once; try
+    /// another source (peer serving).
+    Busy,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 4] = [
+    pub const ALL: [ErrorCode; 7] = [
         ErrorCode::NotFound,
         ErrorCode::MethodNotAllowed,
         ErrorCode::NotLive,
         ErrorCode::NoSuchSegment,
+        ErrorCode::InvalidId,
+        ErrorCode::NotStaged,
+        ErrorCode::Busy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -125,20 +135,26 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::NotLive => "not_live",
             ErrorCode::NoSuchSegment => "no_such_segment",
+            ErrorCode::InvalidId => "invalid_id",
+            ErrorCode::NotStaged => "not_staged",
+            ErrorCode::Busy => "busy",
         }
     }
 
     pub fn status(self) -> StatusCode {
         match self {
-            ErrorCode::NotFound | ErrorCode::NotLive | ErrorCode::NoSuchSegment => {
-                StatusCode::NOT_FOUND
-            }
+            ErrorCode::NotFound
+            | ErrorCode::NotLive
+            | ErrorCode::NoSuchSegment
+            | ErrorCode::NotStaged => StatusCode::NOT_FOUND,
+            ErrorCode::InvalidId => StatusCode::BAD_REQUEST,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::Busy => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
 
-fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+pub(crate) fn error(code: ErrorCode, message: impl Into<String>) -> Response {
     (
         code.status(),
         Json(ErrorBody {

@@ -20,6 +20,7 @@ pub mod driver;
 pub mod hls;
 pub mod lifecycle;
 pub mod link;
+pub mod peer;
 pub mod producer;
 pub mod prune;
 pub mod runtime;
@@ -74,6 +75,9 @@ pub struct NodeConfig {
     /// signature-checked; refused unless `listen` is a loopback address
     /// ([`handover_core::artifact::SignaturePolicy::decide`]).
     pub allow_unsigned_artifacts: bool,
+    /// Serve the artifacts staged here to other nodes on the HLS listener
+    /// ([`peer`]); `--no-peer-serving` turns it off.
+    pub peer_serving: bool,
 }
 
 /// One record as a node's journal remembers it.
@@ -332,6 +336,12 @@ async fn start(
     };
     let trusted = trusted_keys(&config)?;
     let trusted_key_ids: Vec<String> = trusted.iter().map(|k| k.id().to_owned()).collect();
+    let peer_state = config.peer_serving.then(|| {
+        Arc::new(peer::PeerState::new(
+            config.data_dir.clone(),
+            trusted.clone(),
+        ))
+    });
     let grant = match store.kv_get(store::keys::GRANT).await?.as_deref() {
         Some("full") => Some(handover_core::Grant::Full),
         Some("deliver") => Some(handover_core::Grant::Deliver),
@@ -442,6 +452,10 @@ async fn start(
         viewers,
         trusted_key_ids,
     }));
+    let app = match peer_state {
+        Some(state) => app.merge(peer::router(state)),
+        None => app,
+    };
     tracing::info!(
         node_id = config.node_id,
         release = info.release.0,

@@ -84,10 +84,21 @@ impl Controller {
             req = req.bearer_auth(token);
         }
         let reply = call(req).await;
-        if let Reply::Unreachable(why) = &reply {
+        // Unreachable, or a replica that cannot serve now (503: its
+        // database is away): the next replica is tried.
+        let why = match &reply {
+            Reply::Unreachable(why) => Some(why.clone()),
+            Reply::Refused {
+                status: 503,
+                message,
+                ..
+            } => Some(message.clone()),
+            _ => None,
+        };
+        if let Some(why) = why {
             let next = self.urls.failed(&base);
             if next != base {
-                tracing::warn!(controller = %base, next = %next, error = %why, "controller unreachable; moving to the next replica");
+                tracing::warn!(controller = %base, next = %next, error = %why, "controller unavailable; moving to the next replica");
             }
         }
         reply

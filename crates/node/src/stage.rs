@@ -27,6 +27,8 @@ use handover_core::artifact::{
     check_id, verify_manifest, ArtifactError, Manifest, PublicKey, BINARY_FILE, MANIFEST_BYTES_MAX,
     MANIFEST_FILE, SIGNATURE_BYTES_MAX, SIGNATURE_FILE,
 };
+use handover_core::wire::{decode, ArtifactSources};
+use rand::seq::SliceRandom as _;
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -43,6 +45,37 @@ pub const BINARY_TIMEOUT_MS: u64 = 30 * 60_000;
 pub const CHUNK_IDLE_TIMEOUT_MS: u64 = 30_000;
 /// Longest error answer read from the controller.
 const ERROR_BODY_BYTES_MAX: usize = 64 << 10;
+/// Longest wait for a peer to accept a connection: a node on the LAN
+/// answers at once; one that does not is skipped for the next source.
+pub const PEER_CONNECT_TIMEOUT_MS: u64 = 2_000;
+/// Longest wait for a peer's answer to begin (its status and headers).
+pub const PEER_ANSWER_TIMEOUT_MS: u64 = 5_000;
+/// A peer download that delivers no byte for this long is abandoned for
+/// the next source (a LAN peer that stalls is broken or hostile).
+pub const PEER_CHUNK_IDLE_TIMEOUT_MS: u64 = 5_000;
+/// Longest a whole download from one peer may take: what one hostile
+/// peer that trickles bytes can cost at most, and far beyond what a binary
+/// of [`ARTIFACT_BYTES_MAX`](handover_core::artifact::ARTIFACT_BYTES_MAX)
+/// takes on a LAN.
+pub const PEER_BINARY_TIMEOUT_MS: u64 = 5 * 60_000;
+/// Sources tried in one round before the controller is asked: a few busy
+/// or bad peers cost a few short requests, and the controller still gets
+/// its turn.
+pub const PEER_TRIES_MAX: usize = 4;
+/// Rounds of (sources, then perhaps the controller) while every source
+/// and the controller answer `busy`; then the staging fails and the node
+/// machine tries again later (its own bounded backoff).
+pub const BUSY_ROUNDS_MAX: u32 = 150;
+/// Rounds in which every source is busy before the controller is asked
+/// too: sources free up within a download's time (a fraction of a second
+/// on a LAN), and the controller's few download slots are for the first
+/// nodes and for those no source can serve.
+pub const PEER_BUSY_ROUNDS_MAX: u32 = 20;
+/// The pause between two rounds, drawn between these (jitter, so waiting
+/// nodes do not ask in step): short, because nodes that staged begin to
+/// serve within a heartbeat.
+pub const BUSY_WAIT_MS_MIN: u64 = 100;
+pub const BUSY_WAIT_MS_MAX: u64 = 300;
 
 /// A verified artifact in the releases dir.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -281,9 +314,11 @@ async fn fetch_signature(
         })
 }
 
-/// Downloads artifact `id` from the controller (manifest and, with
-/// `trusted` keys, its signature; then the binary, streamed and checked),
-/// and stages it as `DATA_DIR/releases/<id>/`.
+/// Downloads artifact `id` (manifest and, with `trusted` keys, its
+/// signature from the controller; then the binary, streamed and checked,
+/// from a node that staged it when `peers` is given and one serves it, else
+/// from the controller: see [`fetch_binary`]), and stages it as
+/// `DATA_DIR/releases/<id>/`.
 ///
 /// Already staged: the signature and the binary on disk are verified again
 /// and returned at once (a staged copy that no longer verifies is removed
@@ -296,6 +331,7 @@ pub async fn stage(
     http: &reqwest::Client,
     controller_url: &str,
     credential: &str,
+    peers: Option<&reqwest::Client>,
     data_dir: &Path,
     id: &str,
     trusted: &[PublicKey],
@@ -370,54 +406,20 @@ pub async fn stage(
         });
     }
 
-    let digest = |source| StageError::Digest {
-        id: id.to_owned(),
-        source,
-    };
-    let resp = fetch(
+    let new = NewDir::create(&target)?;
+    let controller = Controller {
         http,
-        format!("{base}/node/v1/artifacts/{id}/binary"),
+        base,
         credential,
-        BINARY_TIMEOUT_MS,
+    };
+    fetch_binary(
+        &controller,
+        peers,
         id,
+        &manifest,
+        &new.path().join(BINARY_FILE),
     )
     .await?;
-    if let Some(len) = resp.content_length() {
-        if len != manifest.size {
-            return Err(digest(ArtifactError::SizeMismatch {
-                expected: manifest.size,
-                actual: len,
-            }));
-        }
-    }
-    let new = NewDir::create(&target)?;
-    let chunks = futures_util::stream::unfold(resp, |mut resp| async move {
-        let next = tokio::time::timeout(
-            Duration::from_millis(CHUNK_IDLE_TIMEOUT_MS),
-            resp.chunk().map(|r| r.map_err(|e| error_chain(&e))),
-        )
-        .await
-        .unwrap_or_else(|_| Err(format!("no byte for {CHUNK_IDLE_TIMEOUT_MS} ms")));
-        match next {
-            Ok(Some(chunk)) => Some((Ok(chunk), resp)),
-            Ok(None) => None,
-            Err(reason) => Some((Err(reason), resp)),
-        }
-    });
-    // Test hook (crate::runtime::TEST_FAULT_ENV): a download that stalls after its first chunk.
-    #[cfg(feature = "test-hooks")]
-    let chunks = crate::runtime::stall_after_first_chunk(chunks);
-    let size = manifest.size;
-    write_checked(&new.path().join(BINARY_FILE), &manifest, chunks)
-        .await
-        .map_err(|e| match e {
-            StreamError::Interrupted { received, reason } => StageError::Unreachable {
-                id: id.to_owned(),
-                reason: format!("download cut off after {received} of {size} bytes: {reason}"),
-            },
-            StreamError::Check(source) => digest(source),
-            StreamError::Io(e) => e.into(),
-        })?;
 
     let staged = blocking("stage", move || {
         write_new(&new.path().join(MANIFEST_FILE), &document, FILE_MODE)?;
@@ -438,6 +440,264 @@ pub async fn stage(
         "artifact staged"
     );
     Ok(staged)
+}
+
+/// Where a node serving its staged artifacts ([`crate::peer`]) answers
+/// artifact `id`'s binary, below its base URL.
+pub fn peer_binary_path(id: &str) -> String {
+    format!("/peer/v1/artifacts/{id}/binary")
+}
+
+/// The controller as staging asks it.
+struct Controller<'a> {
+    http: &'a reqwest::Client,
+    /// Its base URL, without a trailing `/`.
+    base: &'a str,
+    credential: &'a str,
+}
+
+/// The client for other nodes' peer routes: plain HTTP (a peer's viewer
+/// port), no secret and no TLS identity (the bytes are checked against
+/// the controller's manifest), no compression (CPU is what a LAN lacks),
+/// and a short connect timeout ([`PEER_CONNECT_TIMEOUT_MS`]).
+pub fn peer_client() -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .no_proxy()
+        .no_zstd()
+        .connect_timeout(Duration::from_millis(PEER_CONNECT_TIMEOUT_MS))
+        .build()
+        .map_err(|e| error_chain(&e))
+}
+
+/// Brings the binary into the new file `path`, checked against `manifest`
+/// as it arrives. Round after round, with `peers`: the controller's
+/// sources of it (`GET /node/v1/artifacts/{id}/sources`), at most
+/// [`PEER_TRIES_MAX`] of them in random order, each until one serves the
+/// right bytes. The controller is asked for the binary only when no
+/// source could serve: none named, one failed (unreachable, slow, other
+/// bytes: each costs only its attempt), or every one busy for
+/// [`PEER_BUSY_ROUNDS_MAX`] rounds; so once a few nodes staged, the fleet
+/// takes the binary from itself and the controller's copies stay a few.
+/// A busy round (sources or controller answering 503 `busy`) costs a
+/// pause ([`BUSY_WAIT_MS_MIN`] to [`BUSY_WAIT_MS_MAX`]), at most
+/// [`BUSY_ROUNDS_MAX`] rounds. An older controller without the sources
+/// route (404) is asked for the binary itself, as before. Any other
+/// refusal of the controller, or other bytes from it, ends the staging.
+async fn fetch_binary(
+    controller: &Controller<'_>,
+    peers: Option<&reqwest::Client>,
+    id: &str,
+    manifest: &Manifest,
+    path: &Path,
+) -> Result<(), StageError> {
+    let mut ask_sources = peers.is_some();
+    let mut peers_busy_rounds = 0;
+    for round in 0..BUSY_ROUNDS_MAX {
+        let mut ask_controller = true;
+        if let Some(peers) = peers.filter(|_| ask_sources) {
+            match fetch_sources(controller, id).await {
+                Ok(sources) if sources.is_empty() => {}
+                Ok(sources) => match from_peers(peers, sources, id, manifest, path).await {
+                    FromPeers::Served(source) => {
+                        tracing::info!(id, source, round, "artifact binary taken from a peer");
+                        return Ok(());
+                    }
+                    FromPeers::Busy => {
+                        peers_busy_rounds += 1;
+                        ask_controller = peers_busy_rounds > PEER_BUSY_ROUNDS_MAX;
+                    }
+                    FromPeers::Failed => {}
+                },
+                Err(StageError::Refused { status: 404, .. }) => {
+                    tracing::info!(
+                        id,
+                        "the controller names no sources (an older release): \
+                         downloading from the controller"
+                    );
+                    ask_sources = false;
+                }
+                Err(e) => tracing::debug!(id, error = %e, "no sources this round"),
+            }
+        }
+        if ask_controller {
+            match from_controller(controller, id, manifest, path).await {
+                Ok(()) => {
+                    tracing::info!(id, round, "artifact binary taken from the controller");
+                    return Ok(());
+                }
+                Err(StageError::Refused { status: 503, .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let wait_ms = rand::random_range(BUSY_WAIT_MS_MIN..=BUSY_WAIT_MS_MAX);
+        tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+    }
+    Err(StageError::Unreachable {
+        id: id.to_owned(),
+        reason: format!(
+            "for {BUSY_ROUNDS_MAX} rounds neither the controller nor a node that staged \
+             it had a free download slot"
+        ),
+    })
+}
+
+/// The binary from the controller into `path`.
+async fn from_controller(
+    controller: &Controller<'_>,
+    id: &str,
+    manifest: &Manifest,
+    path: &Path,
+) -> Result<(), StageError> {
+    let resp = fetch(
+        controller.http,
+        format!("{}/node/v1/artifacts/{id}/binary", controller.base),
+        controller.credential,
+        BINARY_TIMEOUT_MS,
+        id,
+    )
+    .await?;
+    receive(resp, path, manifest, CHUNK_IDLE_TIMEOUT_MS, id).await
+}
+
+/// The controller's sources of artifact `id` ([`ArtifactSources`]).
+async fn fetch_sources(controller: &Controller<'_>, id: &str) -> Result<Vec<String>, StageError> {
+    let mut resp = fetch(
+        controller.http,
+        format!("{}/node/v1/artifacts/{id}/sources", controller.base),
+        controller.credential,
+        MANIFEST_TIMEOUT_MS,
+        id,
+    )
+    .await?;
+    let body = read_answer(&mut resp, ERROR_BODY_BYTES_MAX, id).await?;
+    let answer: ArtifactSources = decode(&body).map_err(|e| StageError::Unreachable {
+        id: id.to_owned(),
+        reason: format!("the controller's sources do not read: {e}"),
+    })?;
+    Ok(answer.sources)
+}
+
+/// What asking the sources gave.
+enum FromPeers {
+    /// This source served the binary.
+    Served(String),
+    /// Every source asked was busy.
+    Busy,
+    /// A source could not serve (unreachable, slow, refused, other bytes).
+    Failed,
+}
+
+/// Tries at most [`PEER_TRIES_MAX`] of `sources`, in random order, until
+/// one serves the binary `manifest` names into `path`.
+async fn from_peers(
+    peers: &reqwest::Client,
+    mut sources: Vec<String>,
+    id: &str,
+    manifest: &Manifest,
+    path: &Path,
+) -> FromPeers {
+    sources.shuffle(&mut rand::rng());
+    let mut outcome = FromPeers::Busy;
+    for source in sources.iter().take(PEER_TRIES_MAX) {
+        let url = format!("{}{}", source.trim_end_matches('/'), peer_binary_path(id));
+        let result = match from_peer(peers, &url, id).await {
+            Ok(resp) => receive(resp, path, manifest, PEER_CHUNK_IDLE_TIMEOUT_MS, id).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => return FromPeers::Served(source.clone()),
+            Err(StageError::Refused { status: 503, .. }) => {}
+            Err(e @ StageError::Digest { .. }) => {
+                tracing::warn!(id, source, error = %e, "a peer served other bytes; trying another source");
+                outcome = FromPeers::Failed;
+            }
+            Err(e) => {
+                tracing::debug!(id, source, error = %e, "peer did not serve; trying another source");
+                outcome = FromPeers::Failed;
+            }
+        }
+    }
+    outcome
+}
+
+/// A peer's answer for `url`, begun within [`PEER_ANSWER_TIMEOUT_MS`].
+async fn from_peer(
+    peers: &reqwest::Client,
+    url: &str,
+    id: &str,
+) -> Result<reqwest::Response, StageError> {
+    let unreachable = |reason: String| StageError::Unreachable {
+        id: id.to_owned(),
+        reason,
+    };
+    let send = peers
+        .get(url)
+        .timeout(Duration::from_millis(PEER_BINARY_TIMEOUT_MS))
+        .send();
+    let resp = tokio::time::timeout(Duration::from_millis(PEER_ANSWER_TIMEOUT_MS), send)
+        .await
+        .map_err(|_| unreachable(format!("no answer in {PEER_ANSWER_TIMEOUT_MS} ms")))?
+        .map_err(|e| unreachable(error_chain(&e)))?;
+    if !resp.status().is_success() {
+        return Err(StageError::Refused {
+            id: id.to_owned(),
+            status: resp.status().as_u16(),
+            code: format!("http_{}", resp.status().as_u16()),
+            message: format!("{url} refused"),
+        });
+    }
+    Ok(resp)
+}
+
+/// Streams the binary of `resp` into the new file `path` through the
+/// manifest's checks (a chunk at least every `idle_ms`); on any failure
+/// nothing is left at `path`.
+async fn receive(
+    resp: reqwest::Response,
+    path: &Path,
+    manifest: &Manifest,
+    idle_ms: u64,
+    id: &str,
+) -> Result<(), StageError> {
+    let digest = |source| StageError::Digest {
+        id: id.to_owned(),
+        source,
+    };
+    if let Some(len) = resp.content_length() {
+        if len != manifest.size {
+            return Err(digest(ArtifactError::SizeMismatch {
+                expected: manifest.size,
+                actual: len,
+            }));
+        }
+    }
+    let chunks = futures_util::stream::unfold(resp, move |mut resp| async move {
+        let next = tokio::time::timeout(
+            Duration::from_millis(idle_ms),
+            resp.chunk().map(|r| r.map_err(|e| error_chain(&e))),
+        )
+        .await
+        .unwrap_or_else(|_| Err(format!("no byte for {idle_ms} ms")));
+        match next {
+            Ok(Some(chunk)) => Some((Ok(chunk), resp)),
+            Ok(None) => None,
+            Err(reason) => Some((Err(reason), resp)),
+        }
+    });
+    // Test hook (crate::runtime::TEST_FAULT_ENV): a download that stalls after its first chunk.
+    #[cfg(feature = "test-hooks")]
+    let chunks = crate::runtime::stall_after_first_chunk(chunks);
+    let size = manifest.size;
+    write_checked(path, manifest, chunks)
+        .await
+        .map_err(|e| match e {
+            StreamError::Interrupted { received, reason } => StageError::Unreachable {
+                id: id.to_owned(),
+                reason: format!("download cut off after {received} of {size} bytes: {reason}"),
+            },
+            StreamError::Check(source) => digest(source),
+            StreamError::Io(e) => e.into(),
+        })
 }
 
 /// A staged artifact and when it was staged.
@@ -591,6 +851,8 @@ mod tests {
         TooShort,
         /// Another artifact's manifest.
         OtherManifest,
+        /// 503 `busy` for the binary.
+        Busy,
     }
 
     struct Fake {
@@ -600,6 +862,10 @@ mod tests {
         /// The signature served (`None`: 404 `unsigned`).
         signature: Mutex<Option<String>>,
         binary_gets: AtomicUsize,
+        /// The sources answered (`None`: 404, as a controller older than
+        /// the route answers).
+        sources: Mutex<Option<Vec<String>>>,
+        sources_gets: AtomicUsize,
     }
 
     fn authorized(h: &HeaderMap) -> bool {
@@ -654,8 +920,13 @@ mod tests {
             return refuse();
         }
         f.binary_gets.fetch_add(1, Ordering::SeqCst);
-        let mut bytes = f.bytes.clone();
-        match *f.serve.lock().unwrap() {
+        let serve = *f.serve.lock().unwrap();
+        binary_answer(serve, f.bytes.clone())
+    }
+
+    /// The binary `bytes` as `serve` says, from the controller or a peer.
+    fn binary_answer(serve: Serve, mut bytes: Vec<u8>) -> Response {
+        match serve {
             Serve::Good | Serve::OtherManifest => bytes.into_response(),
             Serve::FlippedByte => {
                 let mid = bytes.len() / 2;
@@ -672,6 +943,58 @@ mod tests {
                     bytes.chunks(1000).map(|c| Ok(c.to_vec())).collect();
                 Body::from_stream(futures_util::stream::iter(parts)).into_response()
             }
+            Serve::Busy => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [("retry-after", "1")],
+                axum::Json(serde_json::json!({"error": "busy", "message": "busy"})),
+            )
+                .into_response(),
+        }
+    }
+
+    async fn serve_sources(State(f): State<Arc<Fake>>, h: HeaderMap) -> Response {
+        if !authorized(&h) {
+            return refuse();
+        }
+        f.sources_gets.fetch_add(1, Ordering::SeqCst);
+        match f.sources.lock().unwrap().clone() {
+            Some(sources) => axum::Json(ArtifactSources { v: 1, sources }).into_response(),
+            None => (
+                StatusCode::NOT_FOUND,
+                axum::Json(
+                    serde_json::json!({"error": "not_found", "message": "no such endpoint"}),
+                ),
+            )
+                .into_response(),
+        }
+    }
+
+    /// A node serving the fake's binary at its peer route as `serve` says.
+    struct FakePeer {
+        url: String,
+        gets: Arc<AtomicUsize>,
+        serve: Arc<Mutex<Serve>>,
+    }
+
+    async fn fake_peer(serve: Serve, bytes: Vec<u8>) -> FakePeer {
+        let gets = Arc::new(AtomicUsize::new(0));
+        let serve = Arc::new(Mutex::new(serve));
+        let (counted, mode) = (gets.clone(), serve.clone());
+        let app = Router::new().route(
+            "/peer/v1/artifacts/{id}/binary",
+            get(move || {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let answer = binary_answer(*mode.lock().unwrap(), bytes.clone());
+                async move { answer }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        FakePeer {
+            url: format!("http://{addr}"),
+            gets,
+            serve,
         }
     }
 
@@ -691,11 +1014,14 @@ mod tests {
             serve: Mutex::new(serve),
             signature: Mutex::new(None),
             binary_gets: AtomicUsize::new(0),
+            sources: Mutex::new(Some(Vec::new())),
+            sources_gets: AtomicUsize::new(0),
         });
         let app = Router::new()
             .route("/node/v1/artifacts/{id}/manifest", get(serve_manifest))
             .route("/node/v1/artifacts/{id}/binary", get(serve_binary))
             .route("/node/v1/artifacts/{id}/signature", get(serve_signature))
+            .route("/node/v1/artifacts/{id}/sources", get(serve_sources))
             .with_state(fake.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -731,9 +1057,55 @@ mod tests {
             self.dir.path()
         }
 
-        /// Stages the fake's artifact, trusting `trusted`.
+        /// Stages the fake's artifact, trusting `trusted`, from the
+        /// controller only.
         async fn stage(&self, trusted: &[PublicKey]) -> Result<Staged, StageError> {
-            stage(&self.http, &self.url, CRED, self.dir(), &self.id, trusted).await
+            stage(
+                &self.http,
+                &self.url,
+                CRED,
+                None,
+                self.dir(),
+                &self.id,
+                trusted,
+            )
+            .await
+        }
+
+        /// Stages the fake's artifact (no keys), asking for sources.
+        async fn stage_with_peers(&self) -> Result<Staged, StageError> {
+            let peers = peer_client().unwrap();
+            let dir = self.dir();
+            stage(
+                &self.http,
+                &self.url,
+                CRED,
+                Some(&peers),
+                dir,
+                &self.id,
+                NOKEYS,
+            )
+            .await
+        }
+
+        fn set_sources(&self, sources: Option<Vec<String>>) {
+            *self.fake.sources.lock().unwrap() = sources;
+        }
+
+        fn binary_gets(&self) -> usize {
+            self.fake.binary_gets.load(Ordering::SeqCst)
+        }
+
+        /// A peer serving the fake's binary as `serve` says.
+        async fn peer(&self, serve: Serve) -> FakePeer {
+            fake_peer(serve, self.fake.bytes.clone()).await
+        }
+
+        /// Staged, and what is staged is the fake's binary.
+        fn assert_staged_good(&self) {
+            let binary = binary_path(self.dir(), &self.id);
+            assert_eq!(std::fs::read(binary).unwrap(), self.fake.bytes);
+            assert_eq!(staged(self.dir(), NOKEYS), vec![self.fake.manifest.clone()]);
         }
 
         fn assert_nothing_left(&self) {
@@ -822,9 +1194,17 @@ mod tests {
         let bed = Bed::new(Serve::OtherManifest).await;
         let err = bed.stage(NOKEYS).await.unwrap_err();
         assert!(matches!(err, StageError::Manifest { .. }), "{err}");
-        let err = stage(&bed.http, &bed.url, "wrong", bed.dir(), &bed.id, NOKEYS)
-            .await
-            .unwrap_err();
+        let err = stage(
+            &bed.http,
+            &bed.url,
+            "wrong",
+            None,
+            bed.dir(),
+            &bed.id,
+            NOKEYS,
+        )
+        .await
+        .unwrap_err();
         match &err {
             StageError::Refused { status, code, .. } => {
                 assert_eq!((*status, code.as_str()), (401, "unauthorized"))
@@ -835,6 +1215,7 @@ mod tests {
             &bed.http,
             &bed.url,
             CRED,
+            None,
             bed.dir(),
             "r2-000000000000",
             NOKEYS,
@@ -845,14 +1226,23 @@ mod tests {
             matches!(err, StageError::Refused { status: 404, .. }),
             "{err}"
         );
-        let err = stage(&bed.http, &bed.url, CRED, bed.dir(), "../../etc", NOKEYS)
-            .await
-            .unwrap_err();
+        let err = stage(
+            &bed.http,
+            &bed.url,
+            CRED,
+            None,
+            bed.dir(),
+            "../../etc",
+            NOKEYS,
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, StageError::BadId(_)), "{err}");
         let err = stage(
             &bed.http,
             "http://127.0.0.1:9",
             CRED,
+            None,
             bed.dir(),
             &bed.id,
             NOKEYS,
@@ -873,6 +1263,7 @@ mod tests {
             &reqwest::Client::new(),
             "http://127.0.0.1:9",
             CRED,
+            None,
             dir.path(),
             id,
             NOKEYS,
@@ -999,5 +1390,118 @@ mod tests {
             assert!(staged(bed.dir(), NOKEYS).is_empty());
         }
         assert_eq!(bed.fake.binary_gets.load(Ordering::SeqCst), 0);
+    }
+
+    // ---- peers ----
+
+    #[tokio::test]
+    async fn the_binary_comes_from_a_peer_first() {
+        let bed = Bed::new(Serve::Good).await;
+        let peer = bed.peer(Serve::Good).await;
+        bed.set_sources(Some(vec![peer.url.clone()]));
+        bed.stage_with_peers().await.unwrap();
+        bed.assert_staged_good();
+        assert_eq!(peer.gets.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            bed.binary_gets(),
+            0,
+            "nothing downloaded from the controller"
+        );
+    }
+
+    /// A peer serving other bytes (or too many, or too few), or none at
+    /// all, costs only its attempt: the node goes on to the controller and
+    /// stages the good binary.
+    #[tokio::test]
+    async fn a_hostile_or_dead_peer_only_wastes_an_attempt() {
+        for serve in [Serve::FlippedByte, Serve::TooLongChunked, Serve::TooShort] {
+            let bed = Bed::new(Serve::Good).await;
+            let bad = bed.peer(serve).await;
+            let dead = "http://127.0.0.1:9".to_owned();
+            bed.set_sources(Some(vec![bad.url.clone(), dead]));
+            bed.stage_with_peers().await.unwrap();
+            bed.assert_staged_good();
+            assert_eq!(bad.gets.load(Ordering::SeqCst), 1);
+            assert_eq!(bed.binary_gets(), 1);
+            assert_eq!(leftovers(bed.dir()), vec![bed.id.clone()]);
+        }
+    }
+
+    /// A bad peer and a controller serving other bytes too: refused, and
+    /// nothing staged.
+    #[tokio::test]
+    async fn a_bad_peer_and_a_bad_controller_stage_nothing() {
+        let bed = Bed::new(Serve::FlippedByte).await;
+        let bad = bed.peer(Serve::FlippedByte).await;
+        bed.set_sources(Some(vec![bad.url.clone()]));
+        let err = bed.stage_with_peers().await.unwrap_err();
+        assert!(matches!(err, StageError::Digest { .. }), "{err}");
+        bed.assert_nothing_left();
+        assert!(staged(bed.dir(), NOKEYS).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_busy_peer_is_passed_for_the_next() {
+        let bed = Bed::new(Serve::Good).await;
+        let busy = bed.peer(Serve::Busy).await;
+        let good = bed.peer(Serve::Good).await;
+        bed.set_sources(Some(vec![busy.url.clone(), good.url.clone()]));
+        bed.stage_with_peers().await.unwrap();
+        bed.assert_staged_good();
+        assert_eq!(good.gets.load(Ordering::SeqCst), 1);
+        assert!(busy.gets.load(Ordering::SeqCst) <= 1);
+        assert_eq!(bed.binary_gets(), 0);
+    }
+
+    /// While the sources are only busy, the controller is not asked: the
+    /// node waits for a source (here, until the peer frees up).
+    #[tokio::test]
+    async fn busy_sources_are_waited_for_not_the_controller() {
+        let bed = Bed::new(Serve::Good).await;
+        let peer = bed.peer(Serve::Busy).await;
+        bed.set_sources(Some(vec![peer.url.clone()]));
+        let (gets, serve) = (peer.gets.clone(), peer.serve.clone());
+        tokio::spawn(async move {
+            while gets.load(Ordering::SeqCst) < 3 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            *serve.lock().unwrap() = Serve::Good;
+        });
+        bed.stage_with_peers().await.unwrap();
+        bed.assert_staged_good();
+        assert!(peer.gets.load(Ordering::SeqCst) >= 4);
+        assert_eq!(bed.binary_gets(), 0, "the controller was not asked");
+    }
+
+    /// A controller older than the sources route answers 404: the node
+    /// downloads from the controller, and asks no more sources.
+    #[tokio::test]
+    async fn no_sources_route_falls_back_to_the_controller() {
+        let bed = Bed::new(Serve::Good).await;
+        bed.set_sources(None);
+        bed.stage_with_peers().await.unwrap();
+        bed.assert_staged_good();
+        assert_eq!(bed.binary_gets(), 1);
+        assert_eq!(bed.fake.sources_gets.load(Ordering::SeqCst), 1);
+    }
+
+    /// A busy controller and no source yet: the node asks again, round
+    /// after round, until a node that staged it serves it.
+    #[tokio::test]
+    async fn a_busy_controller_waits_for_a_source() {
+        let bed = Bed::new(Serve::Busy).await;
+        let good = bed.peer(Serve::Good).await;
+        let fake = bed.fake.clone();
+        let url = good.url.clone();
+        tokio::spawn(async move {
+            while fake.binary_gets.load(Ordering::SeqCst) < 3 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            *fake.sources.lock().unwrap() = Some(vec![url]);
+        });
+        bed.stage_with_peers().await.unwrap();
+        bed.assert_staged_good();
+        assert_eq!(good.gets.load(Ordering::SeqCst), 1);
+        assert!(bed.binary_gets() >= 3);
     }
 }

@@ -866,6 +866,7 @@ impl Controller {
             controller_release: self.info().release,
             controller_sha256: None,
             controller_supervisor_sha256: None,
+            replicas_behind: vec![],
             database_schema: self.info().schema,
             disk_free_bytes: DISK_FREE_BYTES,
         }

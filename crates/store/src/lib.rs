@@ -14,7 +14,9 @@
 //! [`ClusterInfo`] and [`NodeInfo`] here.
 
 mod group_commit;
+mod neutral;
 pub mod postgres;
+pub mod replicas;
 pub mod sqlite;
 
 use handover_core::api::{
@@ -26,6 +28,7 @@ use handover_core::record::RecordError;
 use handover_core::upgrade::{Desired, Upgrade};
 use handover_core::wire::{Heartbeat, OutboxState, Role};
 use handover_core::{Grant, Release, Schema};
+use replicas::{ReplicaBeat, ReplicaSync, UpgradeStep};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -60,6 +63,18 @@ pub enum StoreError {
     Untranslatable { seq: u64, source: RecordError },
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// A write of the upgrade orchestrator by a replica that does not hold
+    /// the lease (any more): the fencing token refused it, nothing changed.
+    #[error("this controller replica does not lead the upgrade{}; the lease is held by {leader}: send upgrade and fence commands to the leader (a client given every replica's URL moves on by itself)", term.map(|t| format!(" (its term {t} is over)")).unwrap_or_default())]
+    NotLeader { term: Option<u64>, leader: String },
+    /// A batch sent at an epoch the cluster has left, or under a fence:
+    /// checked in the batch's own transaction, whichever replica took it.
+    #[error("the batch was sent at epoch {sent}, the cluster is at epoch {current}{}; say hello again", if *fenced { " and fenced" } else { "" })]
+    StaleEpoch {
+        sent: u64,
+        current: u64,
+        fenced: bool,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -73,6 +88,11 @@ pub struct ClusterState {
     pub epoch: u64,
     pub fenced: bool,
     pub param_revision: u64,
+    /// Moves with every change of a node's desired state, so replicas that
+    /// cache desired states know to read them again.
+    pub desired_revision: u64,
+    /// Moves when a node is removed, so replicas drop cached sessions.
+    pub registry_revision: u64,
 }
 
 /// What the controller learns from a hello.
@@ -178,8 +198,17 @@ pub const RECORDS_PAGE_MAX: u32 = 10_000;
 pub trait Store: Send + Sync + 'static {
     fn schema(&self) -> Schema;
     async fn cluster(&self) -> Result<ClusterState>;
-    /// Fence: epoch + 1 and `fenced`; unfence clears the flag and keeps the epoch.
+    /// Fence: epoch + 1 and `fenced`; unfence clears the flag and keeps the
+    /// epoch. Guarded by the lease (see [`replicas`]), as are
+    /// `set_desired`, `save_upgrade` and `set_cluster_release`.
     async fn set_fence(&self, fenced: bool) -> Result<ClusterState>;
+
+    /// One replica's sync: its beat, its bid for the orchestrator's lease,
+    /// and what it must know of the cluster and the other replicas. From
+    /// the first sync on, the guarded writes are this replica's.
+    async fn sync_replica(&self, beat: &ReplicaBeat) -> Result<ReplicaSync>;
+    /// The transitions of upgrade `id`, in the order their leaders wrote them.
+    async fn upgrade_steps(&self, id: i64) -> Result<Vec<UpgradeStep>>;
 
     async fn register_node(&self, reg: &NodeRegistration) -> Result<()>;
     /// The digest of the credential a node was issued, if any.
@@ -218,7 +247,9 @@ pub trait Store: Send + Sync + 'static {
     async fn nodes(&self) -> Result<Vec<NodeRow>>;
     /// What `node` is told to do about upgrades (default: hold).
     async fn desired(&self, node_id: &str) -> Result<Desired>;
-    async fn set_desired(&self, node_id: &str, desired: &Desired) -> Result<()>;
+    /// Stores what each node is told, all in one transaction (an upgrade
+    /// step tells every node at once: one commit, not one per node).
+    async fn set_desired(&self, desired: &[(String, Desired)]) -> Result<()>;
     /// The latest upgrade (id and state), if any was ever started.
     async fn upgrade(&self) -> Result<Option<(i64, Upgrade)>>;
     /// Stores an upgrade's state: a new row when `id` is None. Returns the id.
@@ -237,13 +268,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Stores a batch idempotently on (node, seq), translating records of an
     /// older schema first. All or nothing: a record that cannot be decoded
-    /// or translated refuses the whole batch and writes nothing.
+    /// or translated refuses the whole batch and writes nothing, and so
+    /// does a batch sent at `epoch` when the cluster is fenced or at another
+    /// epoch ([`StoreError::StaleEpoch`], judged in the batch's transaction).
     async fn store_batch(
         &self,
         node_id: &str,
         from: Schema,
         first_seq: u64,
         records: &[serde_json::Value],
+        epoch: u64,
     ) -> Result<BatchOutcome>;
 
     async fn record_summary(&self) -> Result<Vec<RecordSummary>>;

@@ -29,7 +29,7 @@ async fn release_1_with_segments(db: &Db, count: u64) -> Box<dyn Store> {
     let store = db.open(1).await;
     seed(&*store).await;
     store
-        .store_batch("n1", Schema(1), 1, &segments(1, None, 0..count))
+        .store_batch("n1", Schema(1), 1, &segments(1, None, 0..count), 1)
         .await
         .unwrap();
     store
@@ -112,15 +112,15 @@ on_both! {
         let store = db.open(2).await;
         seed(&*store).await;
         let batch = segments(2, Some(1), 0..10);
-        let first = store.store_batch("n1", Schema(2), 1, &batch).await.unwrap();
+        let first = store.store_batch("n1", Schema(2), 1, &batch, 1).await.unwrap();
         assert_eq!(
             (first.acked_through, first.stored, first.translated),
             (10, 10, 0)
         );
-        let again = store.store_batch("n1", Schema(2), 1, &batch).await.unwrap();
+        let again = store.store_batch("n1", Schema(2), 1, &batch, 1).await.unwrap();
         assert_eq!((again.acked_through, again.stored), (10, 0));
         let overlap = store
-            .store_batch("n1", Schema(2), 6, &segments(2, Some(1), 5..15))
+            .store_batch("n1", Schema(2), 6, &segments(2, Some(1), 5..15), 1)
             .await
             .unwrap();
         assert_eq!((overlap.acked_through, overlap.stored), (15, 5));
@@ -136,7 +136,7 @@ on_both! {
         let store = db.open(2).await;
         seed(&*store).await;
         let out = store
-            .store_batch("n1", Schema(1), 1, &segments(1, None, 0..4))
+            .store_batch("n1", Schema(1), 1, &segments(1, None, 0..4), 1)
             .await
             .unwrap();
         assert_eq!((out.stored, out.translated), (4, 4));
@@ -153,7 +153,7 @@ on_both! {
         let mut batch = segments(1, None, 0..3);
         batch[2]["channel"] = serde_json::json!("nowhere");
         let err = store
-            .store_batch("n1", Schema(1), 1, &batch)
+            .store_batch("n1", Schema(1), 1, &batch, 1)
             .await
             .unwrap_err();
         assert!(
@@ -190,12 +190,38 @@ on_both! {
         assert!(db.has_pre_upgrade_copy(1).await);
         // The same records arriving again over the redundant channel are not duplicated.
         let again = store
-            .store_batch("n1", Schema(1), 1, &segments(1, None, 0..5))
+            .store_batch("n1", Schema(1), 1, &segments(1, None, 0..5), 1)
             .await
             .unwrap();
         assert_eq!(again.stored, 0);
         drop(store);
         assert_schema_ahead(&db, 1, 2).await;
+    }
+}
+
+on_both! {
+    /// Schema 1's reads (records, summary, parameters) in one SQL text for
+    /// both backends.
+    async fn a_release_1_store_reads_back_its_records_and_parameters(db) {
+        let store = release_1_with_segments(&db, 3).await;
+        let rows = store.records("n1", 0, 100).await.unwrap();
+        assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        assert!(rows.iter().all(|r| r.translated_from.is_none()));
+        assert_eq!(store.records("n1", 1, 1).await.unwrap()[0].seq, 2);
+        let summary = store.record_summary().await.unwrap();
+        assert_eq!(
+            summary
+                .iter()
+                .map(|s| (s.node_id.as_str(), s.records, s.max_seq, s.translated))
+                .collect::<Vec<_>>(),
+            [("n1", 3, 3, 0)]
+        );
+        let channels = store.channels().await.unwrap();
+        assert_eq!(
+            (channels[0].name.as_str(), channels[0].segment_ms),
+            ("news", 2000)
+        );
+        assert_eq!(store.events().await.unwrap().len(), 1);
     }
 }
 
@@ -307,11 +333,11 @@ on_both! {
             let store = migrated.open(2).await;
             seed(&*store).await;
             store
-                .store_batch("n1", Schema(2), 1, &every_kind(2, 1_795_000_001_000))
+                .store_batch("n1", Schema(2), 1, &every_kind(2, 1_795_000_001_000), 1)
                 .await
                 .unwrap();
             store
-                .store_batch("n1", Schema(1), 6, &every_kind(1, 1_795_000_010_000))
+                .store_batch("n1", Schema(1), 6, &every_kind(1, 1_795_000_010_000), 1)
                 .await
                 .unwrap();
         }
@@ -337,7 +363,7 @@ on_both! {
         assert_eq!(live[0].window_segments, 6);
         // The same records arriving again are not duplicated.
         let again = store
-            .store_batch("n1", Schema(2), 1, &every_kind(2, 1_795_000_001_000))
+            .store_batch("n1", Schema(2), 1, &every_kind(2, 1_795_000_001_000), 1)
             .await
             .unwrap();
         assert_eq!((again.acked_through, again.stored), (5, 0));
@@ -348,12 +374,12 @@ on_both! {
             let store = open_release_3(&translated).await.unwrap();
             seed(&*store).await;
             let out = store
-                .store_batch("n1", Schema(2), 1, &every_kind(2, 1_795_000_001_000))
+                .store_batch("n1", Schema(2), 1, &every_kind(2, 1_795_000_001_000), 1)
                 .await
                 .unwrap();
             assert_eq!((out.stored, out.translated), (5, 5));
             store
-                .store_batch("n1", Schema(1), 6, &every_kind(1, 1_795_000_010_000))
+                .store_batch("n1", Schema(1), 6, &every_kind(1, 1_795_000_010_000), 1)
                 .await
                 .unwrap();
         }
@@ -459,11 +485,11 @@ on_both! {
         seed(&*store).await;
         let mut batch = every_kind(3, 1_795_000_001_000);
         batch[3]["severity"] = serde_json::json!("critical");
-        let out = store.store_batch("n1", Schema(3), 1, &batch).await.unwrap();
+        let out = store.store_batch("n1", Schema(3), 1, &batch, 1).await.unwrap();
         assert_eq!((out.stored, out.translated), (5, 0));
         let v2_alert = every_kind(2, 1_795_000_020_000).remove(3);
         let err = store
-            .store_batch("n1", Schema(3), 6, &[v2_alert])
+            .store_batch("n1", Schema(3), 6, &[v2_alert], 1)
             .await
             .unwrap_err();
         assert!(
@@ -507,7 +533,7 @@ on_both! {
                         })
                         .collect();
                     store
-                        .store_batch(node, Schema(2), first + 1, &batch)
+                        .store_batch(node, Schema(2), first + 1, &batch, 1)
                         .await
                         .unwrap();
                 }
@@ -615,7 +641,7 @@ on_both! {
             .await
             .unwrap());
         store
-            .store_batch("n1", Schema(2), 1, &segments(2, Some(1), 1..4))
+            .store_batch("n1", Schema(2), 1, &segments(2, Some(1), 1..4), 1)
             .await
             .unwrap();
         assert!(store.remove_node("n1").await.unwrap());
@@ -702,13 +728,13 @@ async fn the_pre_upgrade_copy_is_restored_on_postgres() {
     let first = PostgresStore::open(db.url(), Release(1)).await.unwrap();
     seed(&first).await;
     first
-        .store_batch("n1", Schema(1), 1, &segments(1, None, 0..5))
+        .store_batch("n1", Schema(1), 1, &segments(1, None, 0..5), 1)
         .await
         .unwrap();
     first.close().await;
     let migrated = PostgresStore::open(db.url(), Release(2)).await.unwrap();
     migrated
-        .store_batch("n1", Schema(1), 6, &segments(1, None, 5..8))
+        .store_batch("n1", Schema(1), 6, &segments(1, None, 5..8), 1)
         .await
         .unwrap();
     assert_eq!(migrated.records("n1", 0, 100).await.unwrap().len(), 8);
@@ -851,5 +877,31 @@ on_both! {
         }
         assert_eq!(winners.len(), 1, "one trade wins");
         assert_eq!(store.credential_of("n1").await.unwrap(), winners.pop());
+    }
+}
+
+on_both! {
+    async fn a_batch_at_an_epoch_the_cluster_left_is_refused_whole(db) {
+        let store = db.open(2).await;
+        seed(&*store).await;
+        let epoch = store.cluster().await.unwrap().epoch;
+        let batch = |seq: u64| segments(2, Some(1), seq..seq + 1);
+        let stored = store.store_batch("n1", Schema(2), 1, &batch(1), epoch).await.unwrap();
+        assert_eq!(stored.stored, 1);
+        let fenced = store.set_fence(true).await.unwrap();
+        for sent in [epoch, fenced.epoch] {
+            let refused = store.store_batch("n1", Schema(2), 2, &batch(2), sent).await;
+            assert!(matches!(refused, Err(StoreError::StaleEpoch { .. })), "{refused:?}");
+        }
+        store.set_fence(false).await.unwrap();
+        let refused = store.store_batch("n1", Schema(2), 2, &batch(2), epoch).await;
+        assert!(
+            matches!(refused, Err(StoreError::StaleEpoch { fenced: false, .. })),
+            "{refused:?}"
+        );
+        let stored = store.store_batch("n1", Schema(2), 2, &batch(2), fenced.epoch).await.unwrap();
+        assert_eq!(stored.stored, 1);
+        let summary = store.record_summary().await.unwrap();
+        assert_eq!(summary.iter().map(|s| s.records).sum::<u64>(), 2);
     }
 }

@@ -1,6 +1,31 @@
-//! 1. drain: the redundant channel against a raw batched insert.
+//! Benchmarks 1 and 9, the redundant-channel drain: `drain` with the
+//! controller's store on SQLite, against a raw batched insert;
+//! `drain_postgres` with the store on PostgreSQL, against a raw `COPY` of
+//! the same rows.
 
 use super::*;
+use sqlx::Connection as _;
+
+/// Where the drain's controller keeps its store, and so which limit it is
+/// held against.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum DrainStore<'a> {
+    /// SQLite in the controller's data dir (the default store).
+    Sqlite,
+    /// A schema of the run's own on the PostgreSQL server of `server_url`
+    /// (a `postgres://` URL without `schema`), dropped after the run.
+    Postgres { server_url: &'a str },
+}
+
+impl DrainStore<'_> {
+    /// The benchmark's name: the prefix of its figures and its data dir.
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            DrainStore::Sqlite => "drain",
+            DrainStore::Postgres { .. } => "drain_postgres",
+        }
+    }
+}
 
 pub(super) fn drain_observation(k: usize, base_ms: i64) -> Observation {
     let kind = match k % 50 {
@@ -66,11 +91,20 @@ pub(super) fn drain_batches(
 /// waits at the start line (`go`) when it opens.
 const START_LINE_MS: u64 = 50;
 
-pub(super) async fn drain(exe: &Path, dir: &Path, s: &Sizes) -> anyhow::Result<Figures> {
-    let mut fleet = Fleet::new(exe, &dir.join("drain"), SUBNET_DRAIN)?;
+pub(super) async fn drain(
+    exe: &Path,
+    dir: &Path,
+    s: &Sizes,
+    store: DrainStore<'_>,
+) -> anyhow::Result<Figures> {
+    let name = store.name();
+    let mut fleet = Fleet::new(exe, &dir.join(name), SUBNET_DRAIN)?;
     // The drain's clients speak plain HTTP on loopback (TLS not measured here).
     fleet.plain_http()?;
     fleet.supervised = false;
+    if let DrainStore::Postgres { server_url } = store {
+        fleet.use_postgres(server_url).await?;
+    }
     fleet.start_controller(2).await?;
     create_channel(&fleet).await?;
     let base_ms = crate::client::now_ms();
@@ -156,21 +190,43 @@ pub(super) async fn drain(exe: &Path, dir: &Path, s: &Sizes) -> anyhow::Result<F
         "the database holds {stored} records ({translated} translated), expected {total}"
     );
     fleet.stop_all().await?;
+    // Its PostgreSQL schema, if any, goes now: the limit runs on a quiet server.
+    drop(fleet);
 
-    let limit = drain_limit(dir, s, base_ms).await?;
+    let limit = match store {
+        DrainStore::Sqlite => drain_limit(dir, s, base_ms).await?,
+        DrainStore::Postgres { server_url } => copy_limit(server_url, s, base_ms).await?,
+    };
     let rate = total as f64 / elapsed.as_secs_f64();
     let mut f = Figures::new();
-    put(&mut f, "drain.records_per_s", rate);
-    put(&mut f, "drain.limit_records_per_s", limit);
-    put(&mut f, "drain.ratio", rate / limit);
-    put(&mut f, "drain.records", total as f64);
+    let key = |k: &str| format!("{name}.{k}");
+    put(&mut f, &key("records_per_s"), rate);
+    put(&mut f, &key("limit_records_per_s"), limit);
+    put(&mut f, &key("ratio"), rate / limit);
+    put(&mut f, &key("records"), total as f64);
     put(
         &mut f,
-        "drain.record_bytes",
+        &key("record_bytes"),
         record_bytes as f64 / total as f64,
     );
-    put(&mut f, "drain.elapsed_ms", ms(elapsed));
+    put(&mut f, &key("elapsed_ms"), ms(elapsed));
     Ok(f)
+}
+
+/// The records node `node_id` queues in the drain, upcast to schema 2 as the
+/// controller stores them.
+fn upcast_records(
+    node_id: &str,
+    s: &Sizes,
+    base_ms: i64,
+    directory: &record::ChannelDirectory,
+) -> anyhow::Result<Vec<AnyRecord>> {
+    Ok((0..s.drain_records_per_node)
+        .map(|k| {
+            let raw = record::encode(Schema(1), node_id, &drain_observation(k, base_ms))?;
+            record::upcast(Schema(1), Schema(2), &raw, node_id, directory)
+        })
+        .collect::<Result<_, _>>()?)
 }
 
 /// The same rows, upcast beforehand, inserted by one in-process writer into a
@@ -190,12 +246,7 @@ pub(super) async fn drain_limit(dir: &Path, s: &Sizes, base_ms: i64) -> anyhow::
     let mut rows = 0usize;
     for i in 0..s.drain_nodes {
         let node_id = format!("drain-{i}");
-        let upcast: Vec<AnyRecord> = (0..s.drain_records_per_node)
-            .map(|k| {
-                let raw = record::encode(Schema(1), &node_id, &drain_observation(k, base_ms))?;
-                record::upcast(Schema(1), Schema(2), &raw, &node_id, &directory)
-            })
-            .collect::<Result<_, _>>()?;
+        let upcast = upcast_records(&node_id, s, base_ms, &directory)?;
         for (c, chunk) in upcast.chunks(s.raw_rows_per_transaction).enumerate() {
             let first_seq = (c * s.raw_rows_per_transaction) as u64 + 1;
             let t = Instant::now();
@@ -209,6 +260,52 @@ pub(super) async fn drain_limit(dir: &Path, s: &Sizes, base_ms: i64) -> anyhow::
     ensure!(
         rows == s.drain_nodes * s.drain_records_per_node,
         "raw insert stored {rows}"
+    );
+    Ok(rows as f64 / spent.as_secs_f64())
+}
+
+/// The same rows, upcast beforehand, sent by one in-process writer with
+/// `COPY … FROM STDIN` (text format) into the `records` table of a fresh
+/// release-2 store in a schema of its own on the same server (dropped
+/// after), one `COPY` (its own transaction, committed) per
+/// `raw_rows_per_transaction` rows. The clock runs while the rows are sent
+/// and committed (formatted before, as the SQLite limit's are upcast before).
+pub(super) async fn copy_limit(server_url: &str, s: &Sizes, base_ms: i64) -> anyhow::Result<f64> {
+    let db = crate::fleet::FleetDatabase::create(server_url, "bench_copy").await?;
+    let store = handover_store::postgres::PostgresStore::open(db.url(), Release(2)).await?;
+    store.create_channel(&bench_channel()).await?;
+    let (directory, channel_names) = store.channel_directory().await?;
+    store.close().await;
+    let schema = db.target()?.schema().clone();
+    let mut conn = sqlx::PgConnection::connect(server_url)
+        .await
+        .context("cannot connect for the raw COPY")?;
+    let mut spent = Duration::ZERO;
+    let mut rows = 0u64;
+    for i in 0..s.drain_nodes {
+        let node_id = format!("drain-{i}");
+        let upcast = upcast_records(&node_id, s, base_ms, &directory)?;
+        for (c, chunk) in upcast.chunks(s.raw_rows_per_transaction).enumerate() {
+            let first_seq = c * s.raw_rows_per_transaction + 1;
+            let numbered: Vec<(i64, &AnyRecord)> = (first_seq as i64..).zip(chunk).collect();
+            // The text the store's own COPY sends.
+            let (columns, text) =
+                handover_store::postgres::copy_text(&node_id, &numbered, Some(1), &channel_names)?;
+            let statement = format!(
+                "COPY \"{}\".records ({columns}) FROM STDIN",
+                schema.as_str()
+            );
+            let t = Instant::now();
+            let mut copy = conn.copy_in_raw(&statement).await?;
+            copy.send(text.as_bytes()).await?;
+            rows += copy.finish().await?;
+            spent += t.elapsed();
+        }
+    }
+    conn.close().await?;
+    ensure!(
+        rows == (s.drain_nodes * s.drain_records_per_node) as u64,
+        "raw COPY stored {rows}"
     );
     Ok(rows as f64 / spent.as_secs_f64())
 }

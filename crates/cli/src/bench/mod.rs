@@ -16,6 +16,16 @@
 //! 8. stage — 100 supervised nodes staging an upgrade's artifact: from the
 //!    upgrade's start until every node staged, and the bytes the controller
 //!    wrote meanwhile per byte of the artifact.
+//! 9. drain_postgres — the drain of 1 with the controller's store on
+//!    PostgreSQL (`--postgres`, a schema of the run's own, dropped after),
+//!    against a raw `COPY` of the same upcast rows into the same table;
+//!    skipped (its figures null) when the server does not answer.
+//! 10. heartbeats — N simulated nodes each heartbeating once a second to one
+//!     controller (SQLite): heartbeats answered per second over a window
+//!     after a warm-up, and their latency (p50, p99) from when each was due.
+//! 11. ha — three controller replicas on PostgreSQL (`--postgres`), an
+//!     upgrade paused: the leader SIGKILLed until a survivor's orchestrator
+//!     stepped the upgrade under a new term; skipped with drain_postgres.
 //!
 //! Every process is this binary, on 127.50-59.x.x, killed when dropped; every
 //! data dir is in one temp dir removed at the end. Each figure is the median
@@ -59,9 +69,21 @@ pub struct BenchArgs {
     /// every benchmark works, measures nothing worth keeping.
     #[arg(long)]
     pub quick: bool,
-    /// Only these benchmarks: drain, outbox, fence, storm, viewers, memory, upgrade.
+    /// Only these benchmarks: drain, outbox, fence, storm, viewers, memory,
+    /// upgrade, stage, drain_postgres, heartbeats, ha.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
+    /// The PostgreSQL server of drain_postgres and ha
+    /// (`postgres://USER@HOST[:PORT]/DB`, without `schema`): each run makes
+    /// schemas of its own in that database and drops them after. Not
+    /// reachable: those benchmarks are skipped.
+    #[arg(
+        long,
+        env = "HANDOVER_BENCH_POSTGRES",
+        hide_env_values = true,
+        default_value = POSTGRES_URL_DEFAULT
+    )]
+    pub postgres: String,
     /// Where the markdown report goes (with the machine it ran on).
     #[arg(long, default_value = "docs/benchmarks.md")]
     pub out: PathBuf,
@@ -70,12 +92,27 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
-const BENCHES: [&str; 8] = [
-    "drain", "outbox", "fence", "storm", "viewers", "memory", "upgrade", "stage",
+const BENCHES: [&str; 11] = [
+    "drain",
+    "outbox",
+    "fence",
+    "storm",
+    "viewers",
+    "memory",
+    "upgrade",
+    "stage",
+    "drain_postgres",
+    "heartbeats",
+    "ha",
 ];
 
-/// Keys `--json` always prints (null when the benchmark did not run).
-pub const JSON_KEYS: [&str; 13] = [
+/// The PostgreSQL server drain_postgres uses without `--postgres`: the
+/// database the store's tests use.
+pub const POSTGRES_URL_DEFAULT: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// Keys `--json` always prints (null when the benchmark did not run, or was
+/// skipped: then `skipped` names it and why).
+pub const JSON_KEYS: [&str; 20] = [
     "drain.records_per_s",
     "drain.limit_records_per_s",
     "drain.ratio",
@@ -89,6 +126,13 @@ pub const JSON_KEYS: [&str; 13] = [
     "upgrade.overhead_ms",
     "stage.nodes_100_ms",
     "stage.controller_bytes_per_artifact_bytes",
+    "drain_postgres.records_per_s",
+    "drain_postgres.limit_records_per_s",
+    "drain_postgres.ratio",
+    "heartbeats.nodes_10000_per_s",
+    "heartbeats.p50_ms",
+    "heartbeats.p99_ms",
+    "ha.takeover_ms",
 ];
 
 // Addresses: 127.<subnet>.0.x for processes, 127.52.<wave>.x as the source
@@ -98,6 +142,7 @@ const SUBNET_DRAIN: u8 = 50;
 const SUBNET_FENCE: u8 = 51;
 const SUBNET_SOURCES: u8 = 52;
 const SUBNET_VIEWERS: u8 = 53;
+const SUBNET_HEARTBEATS: u8 = 54;
 const SUBNET_UPGRADE_SMALL: u8 = 57;
 const SUBNET_STAGE: u8 = 56;
 /// The demo also claims 59 for its manual run, which the bench skips.
@@ -138,7 +183,17 @@ const GOAL_UPGRADE_OVERHEAD_MS: f64 = 10_000.0;
 /// Issue 11: 100 nodes staged within 5 s, and the controller sending no
 /// more than a few copies of the artifact whatever the fleet's size.
 const GOAL_STAGE_100_MS: f64 = 5_000.0;
+/// Issue 11: the leader killed to the orchestrator resumed on another replica.
+const GOAL_HA_TAKEOVER_MS: f64 = 5_000.0;
 const GOAL_STAGE_COPIES: f64 = 3.0;
+/// Issue 11: the drain with the store on PostgreSQL, against a raw `COPY`.
+const GOAL_DRAIN_POSTGRES_RATIO: f64 = 0.5;
+/// Issue 11: 10,000 nodes heartbeating once a second on one controller:
+/// every heartbeat offered is answered (99%: a window's edges cut a few
+/// answers off)...
+const GOAL_HEARTBEATS_ANSWERED_SHARE: f64 = 0.99;
+/// ...and answered within the heartbeat period, at p99.
+const GOAL_HEARTBEATS_P99_MS: f64 = 1_000.0;
 
 /// Figures measured before a fix, on the machine of docs/benchmarks.md, with
 /// what changed; shown in the "before" column. (key, figure, note)
@@ -185,6 +240,58 @@ const BEFORE: &[(&str, &str, &str)] = &[
          What remains per watching node is mostly hyper's buffers (16 KiB read, 8 KiB \
          write, allocated but partly untouched).",
     ),
+    (
+        "heartbeats.nodes_10000_per_s",
+        "4,621/s with p99 17,094 ms (a loaded machine)",
+        "`perf stat` on the controller: 380 fsyncs/s, so about 12 heartbeats per commit \
+         where 2,000 may share one, and 21,000 futex calls/s; `perf record`: the \
+         controller's time in switching threads, `node_api` and JSON under 1% each. \
+         Cause: in `store::group_commit::grouped` every caller waited its turn for the \
+         writer lock before reading its answer, even when an earlier holder had already \
+         committed its write, so 10,000 callers passed the lock one by one. Fix: a caller \
+         waits for its answer or the writer, whichever comes first.",
+    ),
+    (
+        "stage.nodes_100_ms",
+        "8,339 ms (6.0 controller copies)",
+        "The nodes' logs showed the last nodes told to stage 6 to 10 s after the start, \
+         each desired state its own fsync'd commit while 100 nodes wrote 28 MiB each to \
+         the same disk. Fix: the orchestrator stores the desired states one step sets in \
+         one transaction; 6,789 ms (4.7 copies) after it in a run of `--only stage`.",
+    ),
+    (
+        "stage.controller_bytes_per_artifact_bytes",
+        "6.0-6.3 copies (17-18 controller downloads)",
+        "The nodes' logs: every download from the controller came before the first \
+         sources were named (1 to 1.5 s after the first node staged: its report is \
+         committed behind 100 nodes' disk writes), and a slot went back as soon as its \
+         body was sent: the one-second hold after a download never ran, because a body \
+         of known length is dropped without being asked for its end. Fix: the bytes \
+         sent decide (`artifacts::holding`), and a whole copy's slot goes back once the \
+         fleet names as many sources as the controller served copies, while nodes ask \
+         for sources, at most 10 s (`Serving::served_whole`): 4 downloads, 1.67 copies, \
+         in a run of `--only stage`.",
+    ),
+    (
+        "drain_postgres.ratio",
+        "0.47 (91,303/s), and 0.38-0.42 (80,852/s) before that",
+        "Last: each batch of a group commit paid its own epoch check, node row lock, \
+         highest-seq read and `COPY` of 500 rows (1,600 `COPY`s for 800,000 records), and \
+         read the channel directory before decoding. Fix: `Rows::write_all` stores a \
+         group's batches (3.8 on average) with one check of each epoch, one lock of \
+         every node's row (in name order), one highest-seq read and one `COPY` \
+         (`postgres::writer::insert_records`), and the store keeps the channel \
+         directory between batches (`ChannelCache`: channels are only ever added, a \
+         batch naming one it lacks reads them again): 0.51-0.61 (120,000-130,000/s) in \
+         four runs of `--only drain_postgres`. Earlier: each batch was one multi-row `INSERT … ON CONFLICT DO NOTHING` of 500 \
+         rows (6,000 parameters), whose execution alone took the server 7.3 s of the \
+         run. Fix: the node's registry row is locked, and the rows above its highest \
+         stored seq (every row of a drain) go in by `COPY`; the rest by one `INSERT … \
+         SELECT FROM UNNEST … ON CONFLICT DO NOTHING` of an array per column. Steps: \
+         `UNNEST` for every row 0.38, plain `INSERT` for the rows above 0.45-0.49, \
+         `COPY` for them 0.43-0.48 while the limit itself rose from 190,000/s to \
+         240,000-330,000/s on a quieter machine (records from 98,000/s to 116,000-140,000/s).",
+    ),
 ];
 
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -203,6 +310,13 @@ pub struct Sizes {
     pub steady_ms: u64,
     /// Nodes of the stage benchmark.
     pub stage_nodes: usize,
+    /// Simulated nodes of the heartbeats benchmark...
+    pub heartbeat_nodes: usize,
+    /// ...heartbeating this long before the window (connections warm, the
+    /// controller's caches filled)...
+    pub heartbeat_warmup_ms: u64,
+    /// ...then this long measured.
+    pub heartbeat_window_ms: u64,
 }
 
 const FULL: Sizes = Sizes {
@@ -218,6 +332,9 @@ const FULL: Sizes = Sizes {
     paced_viewers: 20,
     steady_ms: 3_000,
     stage_nodes: 100,
+    heartbeat_nodes: 10_000,
+    heartbeat_warmup_ms: 3_000,
+    heartbeat_window_ms: 10_000,
 };
 
 const QUICK: Sizes = Sizes {
@@ -233,6 +350,9 @@ const QUICK: Sizes = Sizes {
     paced_viewers: 4,
     steady_ms: 500,
     stage_nodes: 4,
+    heartbeat_nodes: 200,
+    heartbeat_warmup_ms: 500,
+    heartbeat_window_ms: 2_000,
 };
 
 /// One run's figures, flat: "drain.records_per_s" → value.
@@ -293,6 +413,17 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// `--postgres` as the server drain_postgres makes its schemas on: a
+/// `postgres://` URL that names no schema of its own.
+fn postgres_server(url: &str) -> anyhow::Result<handover_store::postgres::Target> {
+    let parsed = reqwest::Url::parse(url).context("--postgres: not a URL")?;
+    ensure!(
+        !parsed.query_pairs().any(|(k, _)| k == "schema"),
+        "--postgres: give the server's URL without `schema`; each run makes schemas of its own"
+    );
+    handover_store::postgres::Target::parse(url).context("--postgres")
+}
+
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     for name in &args.only {
@@ -308,6 +439,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .unwrap_or(if args.quick { 1 } else { RUNS_DEFAULT });
     ensure!((1..=RUNS_MAX).contains(&runs), "--runs is 1 to {RUNS_MAX}");
     let sizes = if args.quick { QUICK } else { FULL };
+    let postgres = (selected("drain_postgres") || selected("ha"))
+        .then(|| postgres_server(&args.postgres))
+        .transpose()?;
     let fd_limit = raise_fd_limit();
     let exe = std::env::current_exe().context("cannot find this binary to start processes")?;
     let tmp = tempfile::Builder::new()
@@ -317,6 +451,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let machine = Machine::read();
     let mut sources = Sources::default();
     let mut per_run: Vec<Figures> = Vec::new();
+    let mut skipped: BTreeMap<String, String> = BTreeMap::new();
     let work = async {
         for r in 0..runs {
             let dir = tmp.path().join(format!("run{r}"));
@@ -325,7 +460,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             let tag = format!("run {}/{runs}", r + 1);
             if selected("drain") {
                 progress(&format!("{tag}: drain"));
-                f.extend(drain(&exe, &dir, &sizes).await.context("drain")?);
+                let got = drain(&exe, &dir, &sizes, DrainStore::Sqlite).await;
+                f.extend(got.context("drain")?);
             }
             if selected("outbox") {
                 progress(&format!("{tag}: outbox"));
@@ -368,6 +504,43 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                         .context("stage")?,
                 );
             }
+            if let Some(postgres) = &postgres {
+                let store = DrainStore::Postgres {
+                    server_url: &args.postgres,
+                };
+                match postgres.check().await {
+                    Ok(()) => {
+                        if selected("drain_postgres") {
+                            progress(&format!("{tag}: drain_postgres"));
+                            let got = drain(&exe, &dir, &sizes, store).await;
+                            f.extend(got.context("drain_postgres")?);
+                        }
+                        if selected("ha") {
+                            progress(&format!("{tag}: ha, leader takeover"));
+                            let got = ha(&exe, &dir, &args.postgres).await;
+                            f.extend(got.context("ha")?);
+                        }
+                    }
+                    Err(e) => {
+                        let why = format!(
+                            "PostgreSQL is not reachable: {e}; start it \
+                             (`pg_ctlcluster 15 main start`) or give --postgres"
+                        );
+                        for bench in ["drain_postgres", "ha"].into_iter().filter(|b| selected(b)) {
+                            progress(&format!("{tag}: {bench} skipped: {why}"));
+                            skipped.insert(bench.into(), why.clone());
+                        }
+                    }
+                }
+            }
+            if selected("heartbeats") {
+                progress(&format!(
+                    "{tag}: heartbeats, {} nodes",
+                    sizes.heartbeat_nodes
+                ));
+                let got = heartbeats(&exe, &dir, &sizes, &mut sources).await;
+                f.extend(got.context("heartbeats")?);
+            }
             per_run.push(f);
         }
         anyhow::Ok(())
@@ -386,6 +559,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         elapsed_s: started.elapsed().as_secs_f64(),
         summary,
         per_run,
+        skipped,
     };
     let md = render_markdown(&report);
     if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -408,6 +582,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 mod drain;
+mod ha;
+mod heartbeats;
 mod http1;
 mod machine;
 mod outbox;
@@ -419,6 +595,8 @@ mod upgrade;
 mod viewers;
 mod waves;
 use drain::*;
+use ha::*;
+use heartbeats::*;
 use http1::*;
 use machine::*;
 use outbox::*;

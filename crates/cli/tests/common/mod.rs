@@ -243,6 +243,13 @@ pub struct Options {
     pub viewer_slack_ms: u64,
     /// The controller's store on PostgreSQL (else [`Backend::from_env`]).
     pub postgres: bool,
+    /// More controller replicas on that store (PostgreSQL then), started
+    /// before the artifact is uploaded (to every replica) and before the
+    /// nodes, which take every replica's URL.
+    pub replicas: usize,
+    /// Every controller reaches PostgreSQL through a fault proxy of its own
+    /// ([`Cluster::database_proxies`]), so a test can cut one off.
+    pub database_proxies: bool,
 }
 
 pub struct Cluster {
@@ -254,6 +261,8 @@ pub struct Cluster {
     /// The uploaded artifact's id (empty with [`Artifact::None`]).
     pub artifact: String,
     pub proxy: Option<FaultProxy>,
+    /// The proxy between each controller process (by name) and PostgreSQL.
+    pub database_proxies: Vec<(String, FaultProxy)>,
     pub name: String,
     site: Site,
 }
@@ -271,7 +280,7 @@ fn env_of(env: &[(&str, &str)]) -> Vec<(String, String)> {
 pub async fn cluster(name: &str, opts: Options) -> Cluster {
     let site = Site::new(name);
     let mut fleet = site.fleet();
-    let backend = if opts.postgres {
+    let backend = if opts.postgres || opts.replicas > 0 {
         Backend::Postgres
     } else {
         Backend::from_env()
@@ -283,8 +292,34 @@ pub async fn cluster(name: &str, opts: Options) -> Cluster {
         fleet.plain_http().unwrap();
     }
     fleet.controller_env = env_of(&opts.controller_env);
+    let mut database_proxies = Vec::new();
+    if opts.database_proxies {
+        let server = reqwest::Url::parse(&postgres_url()).unwrap();
+        let target: SocketAddr = format!(
+            "{}:{}",
+            server.host_str().unwrap(),
+            server.port().unwrap_or(5432)
+        )
+        .parse()
+        .unwrap();
+        let url = fleet.database.as_ref().unwrap().url().to_owned();
+        let names = std::iter::once("controller".to_owned())
+            .chain((1..=opts.replicas).map(|k| format!("controller-{k}")));
+        for name in names {
+            let proxy = FaultProxy::start("127.0.0.1:0".parse().unwrap(), target)
+                .await
+                .unwrap();
+            let routed = url.replacen(&target.to_string(), &proxy.addr().to_string(), 1);
+            assert_ne!(routed, url, "the database URL names {target}");
+            fleet.database_routes.push((name.clone(), routed));
+            database_proxies.push((name, proxy));
+        }
+    }
     let release = opts.release.max(1);
     fleet.start_controller(release).await.unwrap();
+    for _ in 0..opts.replicas {
+        fleet.start_replica(release).await.unwrap();
+    }
     let artifact = match &opts.artifact {
         Artifact::None => String::new(),
         Artifact::Plain => fleet.upload_artifact(2).await.unwrap(),
@@ -337,6 +372,7 @@ pub async fn cluster(name: &str, opts: Options) -> Cluster {
         },
         artifact,
         proxy,
+        database_proxies,
         name: name.to_owned(),
         site,
     }

@@ -95,6 +95,9 @@ pub struct ArtifactStore {
     dir: PathBuf,
     /// With any, only artifacts signed by one of these are accepted or served.
     trusted: Vec<PublicKey>,
+    /// Who serves the stored binaries to nodes: this controller's download
+    /// slots, and the other nodes it names as sources.
+    serving: super::sources::Serving,
 }
 
 /// An upload's manifest that passed [`ArtifactStore::accept`]: valid, and
@@ -154,6 +157,7 @@ impl ArtifactStore {
         Ok(ArtifactStore {
             dir,
             trusted: Vec::new(),
+            serving: super::sources::Serving::default(),
         })
     }
 
@@ -162,6 +166,18 @@ impl ArtifactStore {
     pub fn with_trusted_keys(mut self, keys: Vec<PublicKey>) -> ArtifactStore {
         self.trusted = keys;
         self
+    }
+
+    /// With at most `downloads_max` binary downloads served at once
+    /// (default [`ARTIFACT_DOWNLOADS_MAX`](super::ARTIFACT_DOWNLOADS_MAX)).
+    pub fn with_downloads_max(mut self, downloads_max: usize) -> ArtifactStore {
+        self.serving = super::sources::Serving::new(downloads_max);
+        self
+    }
+
+    /// The download slots and the sources of the stored binaries.
+    pub fn serving(&self) -> &super::sources::Serving {
+        &self.serving
     }
 
     pub fn trusted_keys(&self) -> &[PublicKey] {
@@ -371,6 +387,7 @@ pub(super) fn place(
             let store = ArtifactStore {
                 dir: dir.to_path_buf(),
                 trusted: trusted.to_vec(),
+                serving: super::sources::Serving::default(),
             };
             let m =
                 store

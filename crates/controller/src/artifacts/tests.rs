@@ -4,7 +4,9 @@ use handover_core::artifact::sha256_hex;
 use handover_core::artifact::{
     verify_manifest, PublicKey, BINARY_FILE, MANIFEST_FILE, SIGNATURE_FILE,
 };
+use handover_core::wire::ArtifactSources;
 use handover_core::Release;
+use handover_store::NodeRow;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path as FsPath;
 use std::sync::Arc;
@@ -13,7 +15,12 @@ const OP: &str = "operator-token-0123456789";
 const NODE: &str = "node-credential-0123456789";
 
 #[derive(Clone)]
-struct Host(Arc<ArtifactStore>, crate::auth::OperatorCredentials);
+struct Host(
+    Arc<ArtifactStore>,
+    crate::auth::OperatorCredentials,
+    /// The registry the sources are read from.
+    Arc<std::sync::Mutex<Vec<NodeRow>>>,
+);
 
 impl crate::auth::OperatorAuth for Host {
     fn operator_credentials(&self) -> &crate::auth::OperatorCredentials {
@@ -30,6 +37,12 @@ impl ArtifactHost for Host {
             Some(d) if d.matches(&handover_core::identity::SecretDigest::of(NODE)) => Ok(()),
             _ => Err(ApiError::unauthorized("unknown credential")),
         }
+    }
+    async fn nodes(&self) -> ApiResult<Vec<NodeRow>> {
+        Ok(self.2.lock().unwrap().clone())
+    }
+    fn lease_ms(&self) -> u64 {
+        3_000
     }
 }
 
@@ -185,10 +198,16 @@ fn b64(bytes: &[u8]) -> String {
 }
 
 async fn serve(store: ArtifactStore) -> String {
+    serve_host(store).await.0
+}
+
+/// As [`serve`], with the host (its registry may be set).
+async fn serve_host(store: ArtifactStore) -> (String, Host) {
     // As the controller mounts it: merged under a router whose default
     // body limit is small, behind the operator API's check.
     let tokens = crate::auth::OperatorCredentials::new(OP.into(), None).unwrap();
-    let host = Host(Arc::new(store), tokens);
+    let host = Host(Arc::new(store), tokens, Arc::default());
+    let served = host.clone();
     let app = Router::new()
         .merge(routes::<Host>())
         .layer(DefaultBodyLimit::max(1 << 20));
@@ -196,7 +215,7 @@ async fn serve(store: ArtifactStore) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("http://{addr}")
+    (format!("http://{addr}"), served)
 }
 
 async fn error_of(resp: reqwest::Response) -> (u16, String, String) {
@@ -578,4 +597,137 @@ async fn without_trusted_keys_unsigned_is_served_and_a_signature_is_kept() {
     assert_eq!(verify_manifest(&doc, Some(&got), &[key]), Ok(m.clone()));
     let resp = put(&http, &base, &doc, Some(&sig), &bytes).await;
     assert_eq!(resp.status().as_u16(), 200);
+}
+
+/// A registry row: node `n` at `http://127.0.0.{n}:7000`, with `staged`,
+/// last seen at `seen_ms`.
+fn row(n: u8, staged: &[&str], seen_ms: i64) -> NodeRow {
+    NodeRow {
+        node_id: format!("n{n}"),
+        release: Release(2),
+        schema: handover_core::Schema(2),
+        role: handover_core::wire::Role::Primary,
+        group: "g1".into(),
+        hls_url: format!("http://127.0.0.{n}:7000"),
+        grant: handover_core::Grant::Full,
+        epoch: 1,
+        outbox: handover_core::wire::OutboxState::default(),
+        current_events: vec![],
+        staged: staged.iter().map(|s| s.to_string()).collect(),
+        last_seen_ms: seen_ms,
+        acked_through: 0,
+        binary_sha256: None,
+        supervisor_sha256: None,
+    }
+}
+
+/// Sources: only reachable nodes that staged the artifact, at most
+/// `ARTIFACT_SOURCES_MAX` per answer, answers rotating over all of them;
+/// a node credential needed, an id checked.
+#[tokio::test]
+async fn sources_name_reachable_nodes_that_staged_it() {
+    use handover_core::wire::limits::ARTIFACT_SOURCES_MAX;
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, host) = serve_host(ArtifactStore::open(tmp.path()).unwrap()).await;
+    let id = "r2-0123456789ab";
+    let now = crate::now_ms();
+    let mut rows = vec![
+        row(1, &[id], now - 60_000),           // not seen for a minute
+        row(2, &["r2-ba9876543210"], now),     // another artifact
+        row(3, &["r2-ba9876543210", id], now), // both
+    ];
+    rows.extend((10..40).map(|n| row(n, &[id], now)));
+    *host.2.lock().unwrap() = rows;
+    let http = reqwest::Client::new();
+    let url = format!("{base}/node/v1/artifacts/{id}/sources");
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        let body = fetch(&http, &url, NODE).await;
+        let answer: ArtifactSources = handover_core::wire::decode(&body).unwrap();
+        assert_eq!(answer.sources.len(), ARTIFACT_SOURCES_MAX);
+        seen.extend(answer.sources);
+    }
+    let want: std::collections::BTreeSet<String> = std::iter::once(3)
+        .chain(10..40)
+        .map(|n| format!("http://127.0.0.{n}:7000"))
+        .collect();
+    assert_eq!(
+        seen, want,
+        "every reachable source named, in turn; no other"
+    );
+
+    let nobody = format!("{base}/node/v1/artifacts/r2-000000000000/sources");
+    let answer: ArtifactSources =
+        handover_core::wire::decode(&fetch(&http, &nobody, NODE).await).unwrap();
+    assert!(answer.sources.is_empty());
+    for (token, path, want) in [
+        (Some(OP), url.clone(), (401, "unauthorized")),
+        (None, url.clone(), (401, "unauthorized")),
+        (
+            Some(NODE),
+            format!("{base}/node/v1/artifacts/r2-..%2F..%2Fx/sources"),
+            (400, "invalid_id"),
+        ),
+    ] {
+        let (status, code, _) = error_of(send(&http, &path, token, &[], None).await).await;
+        assert_eq!((status, code.as_str()), want, "{path} with {token:?}");
+    }
+}
+
+/// At most `downloads_max` binaries are served at once; one more is
+/// answered 503 `busy` with `Retry-After`; a slot comes back when a
+/// download ends (here: its client goes away).
+#[tokio::test]
+async fn binary_downloads_are_capped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = ArtifactStore::open(tmp.path())
+        .unwrap()
+        .with_downloads_max(2);
+    // Larger than what the sockets buffer, so a download that is not read
+    // keeps its slot.
+    let bytes = binary(24 << 20);
+    let m = manifest_of(&bytes);
+    store.put_stream(&m, chunks(&bytes, 1 << 20)).await.unwrap();
+    let base = serve(store).await;
+    let url = format!("{base}/node/v1/artifacts/{}/binary", m.id());
+    let client = || reqwest::Client::builder().no_zstd().build().unwrap();
+    let (a, b) = (client(), client());
+    let first = send(&a, &url, Some(NODE), &[], None).await;
+    let second = send(&b, &url, Some(NODE), &[], None).await;
+    assert_eq!(
+        (first.status().as_u16(), second.status().as_u16()),
+        (200, 200)
+    );
+
+    let third = send(&client(), &url, Some(NODE), &[], None).await;
+    assert_eq!(
+        third
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap()),
+        Some("1")
+    );
+    let (status, code, message) = error_of(third).await;
+    assert_eq!((status, code.as_str()), (503, "busy"));
+    assert!(message.contains("sources"), "{message}");
+
+    // The second read to its end: exactly the binary.
+    assert_eq!(second.bytes().await.unwrap(), bytes);
+    // The first abandoned: its connection closes, its slot comes back.
+    drop(first);
+    drop(a);
+    let mut served = 0;
+    for _ in 0..100 {
+        let resp = send(&client(), &url, Some(NODE), &[], None).await;
+        if resp.status() == 200 {
+            assert_eq!(resp.bytes().await.unwrap().len(), bytes.len());
+            served += 1;
+            if served == 2 {
+                break;
+            }
+        } else {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(served, 2, "both slots came back");
 }

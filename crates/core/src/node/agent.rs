@@ -83,6 +83,12 @@ impl Machine {
                 self.stage_retry_ms = STAGE_RETRY_MS_MIN;
                 if self.staged.iter().any(|s| s.id == artifact) {
                     self.log(Level::Info, format!("artifact {artifact} staged"));
+                    // Reported at once, not at the next heartbeat: the
+                    // controller names this node as a source of it to the
+                    // nodes still staging, and counts it staged sooner.
+                    if self.next_heartbeat_ms.is_some() {
+                        self.next_heartbeat_ms = Some(now.ms);
+                    }
                 } else {
                     // Staged but not usable here (e.g. its signature no
                     // longer verifies): wait as after a failure, never spin.

@@ -440,6 +440,43 @@ fn switch_to(id: &str, release: u32) -> Desired {
     }
 }
 
+/// A staged artifact is reported in a heartbeat at once (other nodes may
+/// take it from this one as soon as the controller knows).
+#[test]
+fn a_staged_artifact_is_reported_at_once() {
+    let (mut m, watch) = established(Grant::Full);
+    m.handle(Event::Tick, &at(20));
+    let stage_only = Desired {
+        stage: Some("r3".into()),
+        ..Desired::default()
+    };
+    let a = m.handle(
+        Event::Reply {
+            id: watch,
+            reply: ok(&grant_state(Grant::Full, 5, stage_only)),
+        },
+        &at(30),
+    );
+    assert!(a.contains(&Action::Stage {
+        artifact: "r3".into()
+    }));
+    let a = m.handle(
+        Event::Staged {
+            artifact: "r3".into(),
+            result: Ok(vec![staged("r3", 3)]),
+        },
+        &at(40),
+    );
+    let hb = sends(&a)
+        .into_iter()
+        .find(|s| s.lane == Lane::Heartbeat)
+        .map(|s| s.request.clone());
+    match hb {
+        Some(Request::Heartbeat(h)) => assert_eq!(h.staged, vec!["r3".to_owned()]),
+        other => panic!("expected a heartbeat at once, got {other:?} in {a:?}"),
+    }
+}
+
 #[test]
 fn stage_then_quiesce_drain_and_switch() {
     let (mut m, watch) = established(Grant::Full);

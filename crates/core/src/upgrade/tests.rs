@@ -81,6 +81,7 @@ impl Sim {
                 controller_release: Release(1),
                 controller_sha256: None,
                 controller_supervisor_sha256: None,
+                replicas_behind: vec![],
                 database_schema: Schema(1),
                 disk_free_bytes: 1 << 30,
             },
@@ -910,4 +911,27 @@ fn policies_parse() {
     );
     assert!(PrimaryPolicy::parse("deadline=soon").is_err());
     assert!(PrimaryPolicy::parse("yolo").is_err());
+}
+
+#[test]
+fn the_controller_phase_waits_for_every_replica_to_switch() {
+    let mut s = Sim::new(PrimaryPolicy::Wait);
+    s.run_until(Phase::Controller);
+    // The leader switched (the sim's effect), a replica has not yet.
+    s.cluster.replicas_behind = vec!["c2".into()];
+    for _ in 0..5 {
+        s.tick();
+    }
+    assert_eq!(s.up.phase, Phase::Controller, "{:?}", s.up);
+    assert!(s.up.waiting_for.contains("c2"), "{}", s.up.waiting_for);
+    assert!(
+        s.cluster.fenced,
+        "the fence holds while a replica is behind"
+    );
+    s.cluster.replicas_behind.clear();
+    s.tick();
+    assert_eq!(s.up.phase, Phase::Deliver, "{:?}", s.up);
+    s.run_until(Phase::Finalize);
+    s.tick();
+    assert_eq!(s.up.status, Status::Finalized, "{:?}", s.up);
 }

@@ -3,18 +3,17 @@
 //! (PostgreSQL's DDL is transactional): the copy, every step and every
 //! self-check commit together or not at all.
 
-use super::rows::{insert_columns, v1_from_row, v2_from_row};
 use super::tables::{SCHEMA_2, SCHEMA_3};
 use super::SchemaName;
-use crate::sqlite::migration::MIGRATE_ROWS_PER_PAGE;
-use crate::sqlite::rows::{to_u64, Columns, RUNG_HEIGHT_DEFAULT};
+use crate::neutral::migration::{
+    channels_1_to_2, events_1_to_2, tables_2_to_3, MIGRATE_ROWS_PER_PAGE,
+};
+use crate::neutral::rows::{insert_columns, to_u64, v1_from_row, Columns};
 use crate::{Result, StoreError};
-use handover_core::params::{v2, v3};
-use handover_core::record::{self, ChannelDirectory, ChannelRef};
-use handover_core::timefmt;
+use handover_core::record;
 use handover_core::Schema;
 use sqlx::postgres::PgConnection;
-use sqlx::Row;
+use sqlx::{Postgres, Row};
 use std::collections::HashMap;
 
 /// Tables (and identity columns) one schema holds at most: the copy walks
@@ -37,6 +36,83 @@ fn within_limit<T>(found: Vec<T>, of: &SchemaName) -> Result<Vec<T>> {
 /// The LIMIT that lets [`within_limit`] see one row too many.
 fn catalog_limit() -> i64 {
     i64::try_from(TABLES_PER_SCHEMA_MAX).unwrap_or(i64::MAX) + 1
+}
+
+/// How long one try at [`hold_writes`] waits for a lock: below PostgreSQL's
+/// deadlock check (1 s by default), so a writer that holds one of the
+/// tables and waits for another we hold is never aborted for us; we let go
+/// and try again instead.
+const HOLD_LOCK_WAIT_MS: u64 = 500;
+/// Tries at [`hold_writes`] before the migration gives up (about 20 s of
+/// writers that never let go).
+const HOLD_TRIES_MAX: u32 = 40;
+/// The tables a migration moves: locked against readers too, since
+/// moving them needs that lock anyway.
+const MOVED_TABLES: [&str; 3] = ["channels", "events", "records"];
+
+/// Holds every write to the store in `live` (and every read of the tables
+/// a migration moves) until the transaction ends, so the pre-upgrade copy,
+/// the migration and their self-checks all see one state. Without it a
+/// replica still on the old release (its heartbeat, its lease, a step it
+/// logs) commits between a copy and its count, and the self-check fails a
+/// sound migration, or a row written after the copy is missing from it.
+pub(super) async fn hold_writes(tx: &mut PgConnection, live: &SchemaName) -> Result<()> {
+    let tables = tables_of(tx, live).await?;
+    let qualified = |names: &mut dyn Iterator<Item = &String>| {
+        names
+            .map(|t| format!("{}.{}", live.quoted(), quote(t)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let moved = qualified(&mut tables.iter().filter(|t| MOVED_TABLES.contains(&t.as_str())));
+    let rest = qualified(
+        &mut tables
+            .iter()
+            .filter(|t| !MOVED_TABLES.contains(&t.as_str())),
+    );
+    let mut locks = Vec::new();
+    if !moved.is_empty() {
+        locks.push(format!("LOCK TABLE {moved} IN ACCESS EXCLUSIVE MODE;"));
+    }
+    if !rest.is_empty() {
+        locks.push(format!("LOCK TABLE {rest} IN SHARE MODE;"));
+    }
+    let locks = locks.concat();
+    sqlx::raw_sql(&format!("SET LOCAL lock_timeout = '{HOLD_LOCK_WAIT_MS}ms'"))
+        .execute(&mut *tx)
+        .await?;
+    for tried in 1..=HOLD_TRIES_MAX {
+        sqlx::raw_sql("SAVEPOINT hold_writes")
+            .execute(&mut *tx)
+            .await?;
+        match sqlx::raw_sql(&locks).execute(&mut *tx).await {
+            Ok(_) => {
+                sqlx::raw_sql("RELEASE SAVEPOINT hold_writes; SET LOCAL lock_timeout TO DEFAULT")
+                    .execute(&mut *tx)
+                    .await?;
+                return Ok(());
+            }
+            Err(e) if lock_not_available(&e) && tried < HOLD_TRIES_MAX => {
+                // Rolling back to the savepoint lets go of what this try took.
+                sqlx::raw_sql("ROLLBACK TO SAVEPOINT hold_writes")
+                    .execute(&mut *tx)
+                    .await?;
+                tracing::debug!(tried, "the store is busy; trying again to hold its writes");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(StoreError::Invalid(format!(
+        "could not hold the writes to {} for a migration in {HOLD_TRIES_MAX} tries",
+        live.as_str()
+    )))
+}
+
+/// PostgreSQL's `lock_not_available` (a `lock_timeout` ran out).
+fn lock_not_available(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|code| code == "55P03")
 }
 
 /// Moves the product tables of the store in `live` from `from` to `to`,
@@ -81,36 +157,11 @@ pub(super) async fn migrate(
             to: step + 1,
             reason: e.to_string(),
         })?;
-        sqlx::query("UPDATE cluster SET value = $1 WHERE key = 'schema'")
-            .bind(i64::from(step + 1))
-            .execute(&mut *tx)
-            .await?;
+        crate::neutral::migration::stepped::<Postgres>(&mut *tx, step + 1).await?;
     }
-    sqlx::query("UPDATE cluster SET value = value + 1 WHERE key = 'param_revision'")
-        .execute(&mut *tx)
-        .await?;
-    #[cfg(feature = "test-hooks")]
-    if let Some(ms) =
-        crate::sqlite::migration::test_fault("migrate_slow_ms").and_then(|v| v.parse::<u64>().ok())
-    {
-        tracing::warn!(
-            ms,
-            "test hook: holding the migration open before its commit"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
-    }
-    #[cfg(feature = "test-hooks")]
-    if crate::sqlite::migration::test_fault("migrate_fail").is_some() {
-        // The caller drops its transaction: every step rolls back.
-        return Err(StoreError::Migration {
-            from,
-            to,
-            reason: format!(
-                "refused before commit by the test hook {}=migrate_fail",
-                crate::sqlite::migration::TEST_FAULT_ENV
-            ),
-        });
-    }
+    crate::neutral::bump_revision::<Postgres>(&mut *tx).await?;
+    // An error here: the caller drops its transaction, every step rolls back.
+    crate::neutral::migration::before_commit(from, to).await?;
     Ok(())
 }
 
@@ -120,60 +171,8 @@ pub(super) async fn migrate(
 async fn migrate_1_to_2(tx: &mut PgConnection, old: &SchemaName) -> Result<()> {
     let old = old.quoted();
     sqlx::raw_sql(SCHEMA_2).execute(&mut *tx).await?;
-    let mut dir = ChannelDirectory::new();
-    let channels = sqlx::query(&format!(
-        "SELECT name, segment_seconds, resolution, bitrate_kbps FROM {old}.channels ORDER BY name"
-    ))
-    .fetch_all(&mut *tx)
-    .await?;
-    for row in channels {
-        let name: String = row.try_get("name")?;
-        let secs: i64 = row.try_get("segment_seconds")?;
-        let resolution: String = row.try_get("resolution")?;
-        let kbps: i64 = row.try_get("bitrate_kbps")?;
-        let height = resolution
-            .split_once('x')
-            .and_then(|(_, h)| h.parse::<u32>().ok())
-            .unwrap_or(RUNG_HEIGHT_DEFAULT);
-        let ladder = vec![v2::Rung {
-            height,
-            kbps: u32::try_from(kbps).unwrap_or(0),
-        }];
-        let ladder =
-            serde_json::to_string(&ladder).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        let id: i64 = sqlx::query_scalar(
-            "INSERT INTO channels (name, segment_ms, ladder) VALUES ($1, $2, $3) RETURNING id",
-        )
-        .bind(&name)
-        .bind(secs * 1000)
-        .bind(ladder)
-        .fetch_one(&mut *tx)
-        .await?;
-        let segment_ms = u32::try_from(secs * 1000).unwrap_or(u32::MAX);
-        dir.insert(name, ChannelRef { id, segment_ms });
-    }
-    let events = sqlx::query(&format!(
-        "SELECT id, channel, group_name, start, duration_s FROM {old}.events"
-    ))
-    .fetch_all(&mut *tx)
-    .await?;
-    for row in events {
-        let channel: String = row.try_get("channel")?;
-        let start: String = row.try_get("start")?;
-        let channel_id = dir.get(&channel).map(|c| c.id).ok_or_else(|| {
-            StoreError::Corrupt(format!("event names unknown channel {channel:?}"))
-        })?;
-        let start_ms =
-            timefmt::ms_from_rfc3339(&start).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        sqlx::query("INSERT INTO events (id, channel_id, group_name, start_ms, duration_ms) VALUES ($1, $2, $3, $4, $5)")
-            .bind(row.try_get::<i64, _>("id")?)
-            .bind(channel_id)
-            .bind(row.try_get::<String, _>("group_name")?)
-            .bind(start_ms)
-            .bind(row.try_get::<i64, _>("duration_s")? * 1000)
-            .execute(&mut *tx)
-            .await?;
-    }
+    let dir = channels_1_to_2::<Postgres>(&mut *tx, &format!("{old}.channels")).await?;
+    events_1_to_2::<Postgres>(&mut *tx, &format!("{old}.events"), &dir).await?;
     let by_id: HashMap<i64, String> = dir.iter().map(|(n, c)| (c.id, n.clone())).collect();
     let columns = "SELECT node, seq, kind, channel, at, media_seq, viewers, event, text FROM";
     let first_page = format!("{columns} {old}.records ORDER BY node, seq LIMIT $1");
@@ -209,7 +208,7 @@ async fn migrate_1_to_2(tx: &mut PgConnection, old: &SchemaName) -> Result<()> {
             }
         }
         for (node, rows) in &by_node {
-            insert_columns(tx, node, Schema(2), rows).await?;
+            insert_columns::<sqlx::Postgres>(tx, node, Schema(2), rows).await?;
         }
     }
     Ok(())
@@ -223,74 +222,7 @@ async fn migrate_1_to_2(tx: &mut PgConnection, old: &SchemaName) -> Result<()> {
 async fn migrate_2_to_3(tx: &mut PgConnection, old: &SchemaName) -> Result<()> {
     let old = old.quoted();
     sqlx::raw_sql(SCHEMA_3).execute(&mut *tx).await?;
-    sqlx::query(&format!(
-        "INSERT INTO channels (id, name, segment_ms, ladder, window_segments)
-         SELECT id, name, segment_ms, ladder, $1 FROM {old}.channels"
-    ))
-    .bind(i64::from(v3::WINDOW_SEGMENTS_DEFAULT))
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(&format!(
-        "INSERT INTO events (id, channel_id, group_name, start_ms, duration_ms)
-         SELECT id, channel_id, group_name, start_ms, duration_ms FROM {old}.events"
-    ))
-    .execute(&mut *tx)
-    .await?;
-    let mut by_id = HashMap::new();
-    for row in sqlx::query("SELECT id, name FROM channels")
-        .fetch_all(&mut *tx)
-        .await?
-    {
-        by_id.insert(
-            row.try_get::<i64, _>("id")?,
-            row.try_get::<String, _>("name")?,
-        );
-    }
-    let columns = "SELECT node_id, seq, kind, channel_id, produced_at_ms, media_seq, duration_ms,
-        viewers, event_id, message, natural_key, translated_from FROM";
-    let first_page = format!("{columns} {old}.records ORDER BY node_id, seq LIMIT $1");
-    let next_page = format!(
-        "{columns} {old}.records WHERE (node_id, seq) > ($1, $2) ORDER BY node_id, seq LIMIT $3"
-    );
-    let mut after: Option<(String, i64)> = None;
-    loop {
-        let page = match &after {
-            None => sqlx::query(&first_page).bind(MIGRATE_ROWS_PER_PAGE),
-            Some((node, seq)) => sqlx::query(&next_page)
-                .bind(node.clone())
-                .bind(*seq)
-                .bind(MIGRATE_ROWS_PER_PAGE),
-        }
-        .fetch_all(&mut *tx)
-        .await?;
-        let Some(last) = page.last() else { break };
-        after = Some((last.try_get("node_id")?, last.try_get("seq")?));
-        let mut by_node: Vec<(String, Vec<Columns>)> = Vec::new();
-        for row in &page {
-            let node: String = row.try_get("node_id")?;
-            let seq: i64 = row.try_get("seq")?;
-            let old_key: String = row.try_get("natural_key")?;
-            let from = row
-                .try_get::<Option<i64>, _>("translated_from")?
-                .and_then(|v| u32::try_from(v).ok())
-                .unwrap_or(2);
-            let new = record::upcast_2_to_3(v2_from_row(row)?);
-            let cols = Columns::v3(seq, &new, Some(from), &by_id)?;
-            if cols.natural_key != old_key {
-                return Err(StoreError::Corrupt(format!(
-                    "self-check: record ({node}, {seq}) changed its natural key: {old_key} to {}",
-                    cols.natural_key
-                )));
-            }
-            match by_node.last_mut() {
-                Some((n, rows)) if *n == node => rows.push(cols),
-                _ => by_node.push((node, vec![cols])),
-            }
-        }
-        for (node, rows) in &by_node {
-            insert_columns(tx, node, Schema(3), rows).await?;
-        }
-    }
+    tables_2_to_3::<Postgres>(&mut *tx, |table| format!("{old}.{table}")).await?;
     Ok(())
 }
 

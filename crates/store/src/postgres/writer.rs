@@ -2,12 +2,11 @@
 //! hellos, heartbeats and record batches, as statements on a PostgreSQL
 //! connection.
 
-use super::rows::insert_rows;
 use super::PostgresStore;
-use crate::sqlite::rows::{json, to_i64};
-pub(super) use crate::sqlite::writer::{HeartbeatRow, HEARTBEATS_PER_COMMIT_MAX};
+use crate::neutral::rows::{json, record_columns, to_i64, Columns};
+pub(super) use crate::neutral::writes::{HeartbeatRow, Rows, HEARTBEATS_PER_COMMIT_MAX};
+use crate::neutral::Dialect;
 use crate::{NodeRegistration, Result};
-use handover_core::record::AnyRecord;
 use handover_core::Schema;
 use sqlx::postgres::PgConnection;
 use std::collections::HashMap;
@@ -33,7 +32,7 @@ impl PostgresStore {
         queue: &Queue<J>,
         job: J,
     ) -> Result<J::Out> {
-        crate::group_commit::grouped(&self.writer, &self.pool, queue, job).await
+        crate::group_commit::grouped(&self.writer, &self.pool, "BEGIN", queue, job).await
     }
 }
 
@@ -50,58 +49,18 @@ impl Grouped<sqlx::Postgres> for Registration {
 impl Grouped<sqlx::Postgres> for HeartbeatRow {
     type Out = ();
     async fn apply(&self, conn: &mut PgConnection) -> Result<()> {
-        sqlx::query(
-            "UPDATE nodes SET outbox_next_seq = $1, outbox_oldest = $2, outbox_count = $3,
-                current_events = $4, staged = $5, grant_name = $6, epoch = $7, last_seen_ms = $8
-             WHERE node_id = $9",
-        )
-        .bind(self.next_seq)
-        .bind(self.oldest)
-        .bind(self.count)
-        .bind(&self.current_events)
-        .bind(&self.staged)
-        .bind(self.grant.as_str())
-        .bind(self.epoch)
-        .bind(self.now_ms)
-        .bind(&self.node_id)
-        .execute(&mut *conn)
-        .await?;
-        Ok(())
+        self.write::<sqlx::Postgres>(conn).await
     }
-}
-
-/// One node's batch, decoded and translated, and the ack it earns.
-pub(super) struct Rows {
-    pub(super) node_id: String,
-    pub(super) rows: Vec<(i64, AnyRecord)>,
-    /// The database's schema, which every record is in.
-    pub(super) schema: Schema,
-    pub(super) translated_from: Option<u32>,
-    pub(super) acked_through: i64,
-    pub(super) channel_names: HashMap<i64, String>,
 }
 
 impl Grouped<sqlx::Postgres> for Rows {
     type Out = u64;
     async fn apply(&self, conn: &mut PgConnection) -> Result<u64> {
-        let rows: Vec<(i64, &AnyRecord)> = self.rows.iter().map(|(seq, r)| (*seq, r)).collect();
-        let stored = insert_rows(
-            conn,
-            &self.node_id,
-            self.schema,
-            &rows,
-            self.translated_from,
-            &self.channel_names,
-        )
-        .await?;
-        sqlx::query(
-            "UPDATE nodes SET acked_through = GREATEST(acked_through, $1) WHERE node_id = $2",
-        )
-        .bind(self.acked_through)
-        .bind(&self.node_id)
-        .execute(&mut *conn)
-        .await?;
-        Ok(stored)
+        let stored = Rows::write_all::<sqlx::Postgres>(std::slice::from_ref(self), conn).await?;
+        Ok(stored.iter().sum())
+    }
+    async fn apply_all(jobs: &[Rows], conn: &mut PgConnection) -> Result<Vec<u64>> {
+        Rows::write_all::<sqlx::Postgres>(jobs, conn).await
     }
 }
 
@@ -137,4 +96,258 @@ async fn upsert_node(conn: &mut PgConnection, r: &NodeRegistration) -> Result<()
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// Schema-2 or schema-3 rows of each `(node, rows)` of `batches`,
+/// idempotent on (node, seq): PostgreSQL's [`Dialect::insert_columns`],
+/// a group commit's batches in a handful of statements whatever their
+/// number. The nodes' registry rows are locked first, in name order, so
+/// another replica storing the same nodes' records waits for this
+/// transaction and then sees them (and two replicas locking the same nodes
+/// queue rather than deadlock). Rows above their node's highest stored seq
+/// (the drain's every row) cannot conflict, so they go in by `COPY`
+/// (streamed, no statement to plan); only the rest pay for `INSERT … ON
+/// CONFLICT DO NOTHING`'s speculative insertion.
+pub(super) async fn insert_records(
+    conn: &mut PgConnection,
+    with_severity: bool,
+    batches: &[(&str, &[Columns])],
+) -> Result<Vec<u64>> {
+    let mut nodes: Vec<&str> = batches.iter().map(|(node, _)| *node).collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    sqlx::query("SELECT 1 FROM nodes WHERE node_id = ANY($1) ORDER BY node_id FOR UPDATE")
+        .bind(&nodes)
+        .fetch_all(&mut *conn)
+        .await?;
+    let highest: Vec<(String, Option<i64>)> = sqlx::query_as(
+        "SELECT u.node, (SELECT MAX(seq) FROM records WHERE records.node_id = u.node) \
+         FROM UNNEST($1::TEXT[]) AS u(node)",
+    )
+    .bind(&nodes)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut high_water: HashMap<String, i64> = highest
+        .into_iter()
+        .map(|(node, seq)| (node, seq.unwrap_or(i64::MIN)))
+        .collect();
+    let mut stored = vec![0; batches.len()];
+    let (mut fresh, mut seen) = (Vec::new(), vec![Vec::new(); batches.len()]);
+    for (i, (node, rows)) in batches.iter().enumerate() {
+        let high = high_water.entry((*node).to_owned()).or_insert(i64::MIN);
+        for row in rows.iter() {
+            if row.seq > *high {
+                *high = row.seq;
+                fresh.push((*node, row));
+                stored[i] += 1;
+            } else {
+                seen[i].push(row);
+            }
+        }
+    }
+    // The fresh rows first: a row seen twice in one group then conflicts
+    // with its first copy and is skipped.
+    let copied = copy_fresh(conn, with_severity, &fresh).await?;
+    if copied != fresh.len() as u64 {
+        return Err(crate::StoreError::Invalid(format!(
+            "COPY stored {copied} of {} records",
+            fresh.len()
+        )));
+    }
+    for ((node, _), (seen, stored)) in batches.iter().zip(seen.iter().zip(&mut stored)) {
+        if !seen.is_empty() {
+            *stored += unnest_statement(conn, node, with_severity, seen).await?;
+        }
+    }
+    Ok(stored)
+}
+
+/// `rows` (each with its node) by `COPY records … FROM STDIN` in text
+/// format, in one `COPY` per [`Dialect::INSERT_ROWS_PER_STATEMENT`] rows;
+/// every one is stored.
+async fn copy_fresh(
+    conn: &mut PgConnection,
+    with_severity: bool,
+    rows: &[(&str, &Columns)],
+) -> Result<u64> {
+    let statement = format!(
+        "COPY records ({}) FROM STDIN",
+        record_columns(with_severity)
+    );
+    let mut stored = 0;
+    let mut text = String::new();
+    for chunk in rows.chunks(<sqlx::Postgres as Dialect>::INSERT_ROWS_PER_STATEMENT) {
+        text.clear();
+        for (node, row) in chunk {
+            copy_line(&mut text, node, row, with_severity);
+        }
+        let mut copy = conn.copy_in_raw(&statement).await?;
+        copy.send(text.as_bytes()).await?;
+        stored += copy.finish().await?;
+    }
+    Ok(stored)
+}
+
+/// Records of one node as the rows `copy_fresh` sends: `COPY records
+/// ({columns}) FROM STDIN` text for `(seq, record)` of schema 2 or 3,
+/// translated from `translated_from`, all of the first one's schema. The
+/// drain benchmark's raw `COPY` sends the same text.
+pub fn copy_text(
+    node: &str,
+    records: &[(i64, &handover_core::record::AnyRecord)],
+    translated_from: Option<u32>,
+    channel_names: &HashMap<i64, String>,
+) -> Result<(&'static str, String)> {
+    use handover_core::record::AnyRecord;
+    let mut text = String::new();
+    let schema = records.first().map(|(_, r)| r.schema());
+    let with_severity = schema == Some(Schema(3));
+    for (seq, rec) in records {
+        let row = match rec {
+            AnyRecord::V2(r) if schema == Some(Schema(2)) => {
+                Columns::v2(*seq, r, translated_from, channel_names)?
+            }
+            AnyRecord::V3(r) if with_severity => {
+                Columns::v3(*seq, r, translated_from, channel_names)?
+            }
+            other => {
+                return Err(crate::StoreError::Invalid(format!(
+                    "record {seq} is of schema {}: COPY writes the rows of one schema, 2 or 3",
+                    other.schema()
+                )))
+            }
+        };
+        copy_line(&mut text, node, &row, with_severity);
+    }
+    Ok((record_columns(with_severity), text))
+}
+
+/// One row of [`record_columns`] in `COPY`'s text format: tab-separated,
+/// `\N` for NULL.
+fn copy_line(out: &mut String, node: &str, row: &Columns, with_severity: bool) {
+    use std::fmt::Write as _;
+    copy_escaped(out, node);
+    // Writing to a String cannot fail.
+    let _ = write!(
+        out,
+        "\t{}\t{}\t{}\t{}\t",
+        row.seq, row.kind, row.channel_id, row.produced_at_ms
+    );
+    for number in [row.media_seq, row.duration_ms, row.viewers, row.event_id] {
+        match number {
+            Some(n) => {
+                let _ = write!(out, "{n}\t");
+            }
+            None => out.push_str(COPY_NULL_TAB),
+        }
+    }
+    match &row.message {
+        Some(m) => copy_escaped(out, m),
+        None => out.push_str(COPY_NULL),
+    }
+    out.push('\t');
+    copy_escaped(out, &row.natural_key);
+    out.push('\t');
+    match row.translated_from {
+        Some(n) => {
+            let _ = write!(out, "{n}");
+        }
+        None => out.push_str(COPY_NULL),
+    }
+    if with_severity {
+        out.push('\t');
+        match row.severity {
+            Some(s) => copy_escaped(out, s),
+            None => out.push_str(COPY_NULL),
+        }
+    }
+    out.push('\n');
+}
+
+/// NULL in `COPY`'s text format.
+const COPY_NULL: &str = "\\N";
+const COPY_NULL_TAB: &str = "\\N\t";
+
+/// A text value escaped for `COPY`'s text format.
+fn copy_escaped(out: &mut String, v: &str) {
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// `rows` by `INSERT … SELECT FROM UNNEST … ON CONFLICT DO NOTHING`, one
+/// array per column (13 parameters whatever the count), in statements of
+/// [`Dialect::INSERT_ROWS_PER_STATEMENT`]; how many were new.
+async fn unnest_statement(
+    conn: &mut PgConnection,
+    node: &str,
+    with_severity: bool,
+    rows: &[&Columns],
+) -> Result<u64> {
+    let sql = format!(
+        "INSERT INTO records ({}) SELECT $1, * FROM UNNEST($2::BIGINT[], $3::TEXT[], \
+         $4::BIGINT[], $5::BIGINT[], $6::BIGINT[], $7::BIGINT[], $8::BIGINT[], $9::BIGINT[], \
+         $10::TEXT[], $11::TEXT[], $12::BIGINT[]{}) ON CONFLICT (node_id, seq) DO NOTHING",
+        record_columns(with_severity),
+        if with_severity { ", $13::TEXT[]" } else { "" }
+    );
+    let mut stored = 0;
+    for chunk in rows.chunks(<sqlx::Postgres as Dialect>::INSERT_ROWS_PER_STATEMENT) {
+        let column =
+            |f: fn(&Columns) -> Option<i64>| chunk.iter().map(|c| f(c)).collect::<Vec<_>>();
+        let mut q = sqlx::query(&sql)
+            .bind(node)
+            .bind(chunk.iter().map(|c| c.seq).collect::<Vec<_>>())
+            .bind(chunk.iter().map(|c| c.kind).collect::<Vec<_>>())
+            .bind(chunk.iter().map(|c| c.channel_id).collect::<Vec<_>>())
+            .bind(chunk.iter().map(|c| c.produced_at_ms).collect::<Vec<_>>())
+            .bind(column(|c| c.media_seq))
+            .bind(column(|c| c.duration_ms))
+            .bind(column(|c| c.viewers))
+            .bind(column(|c| c.event_id))
+            .bind(
+                chunk
+                    .iter()
+                    .map(|c| c.message.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                chunk
+                    .iter()
+                    .map(|c| c.natural_key.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(column(|c| c.translated_from));
+        if with_severity {
+            q = q.bind(chunk.iter().map(|c| c.severity).collect::<Vec<_>>());
+        }
+        stored += q.execute(&mut *conn).await?.rows_affected();
+    }
+    Ok(stored)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::copy_escaped;
+
+    #[test]
+    fn copy_text_escapes_what_the_text_format_reads_as_syntax() {
+        for (input, expected) in [
+            ("plain 1080p/6000 kbps", "plain 1080p/6000 kbps"),
+            ("a\tb", "a\\tb"),
+            ("a\nb\rc", "a\\nb\\rc"),
+            ("back\\slash", "back\\\\slash"),
+            ("\\N", "\\\\N"),
+        ] {
+            let mut out = String::new();
+            copy_escaped(&mut out, input);
+            assert_eq!(out, expected, "{input:?}");
+        }
+    }
 }

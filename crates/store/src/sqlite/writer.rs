@@ -1,19 +1,14 @@
 //! What SQLite's group commit ([`crate::group_commit`]) commits: hellos,
 //! heartbeats and record batches, as statements on a SQLite connection.
 
-use super::rows::{insert_rows, json, to_i64};
 use super::SqliteStore;
+use crate::neutral::rows::{json, to_i64};
+pub(super) use crate::neutral::writes::{HeartbeatRow, Rows, HEARTBEATS_PER_COMMIT_MAX};
 use crate::{NodeRegistration, Result};
-use handover_core::record::AnyRecord;
-use handover_core::Schema;
 use sqlx::Sqlite;
-use std::collections::HashMap;
 
 /// Hellos committed in one transaction at most; more wait for the next.
 pub(super) const REGISTRATIONS_PER_COMMIT_MAX: usize = 2_000;
-/// Heartbeats committed in one transaction at most: 10,000 nodes beating
-/// once a second are then a handful of commits a second, not 10,000 fsyncs.
-pub(crate) const HEARTBEATS_PER_COMMIT_MAX: usize = 2_000;
 /// Record batches (each at most `wire::limits::BATCH_RECORDS_MAX` records)
 /// committed in one transaction at most.
 pub(super) const BATCHES_PER_COMMIT_MAX: usize = 16;
@@ -30,7 +25,7 @@ impl SqliteStore {
         queue: &Queue<J>,
         job: J,
     ) -> Result<J::Out> {
-        crate::group_commit::grouped(&self.writer, &self.pool, queue, job).await
+        crate::group_commit::grouped(&self.writer, &self.pool, super::BEGIN_WRITE, queue, job).await
     }
 }
 
@@ -47,96 +42,21 @@ impl Grouped<Sqlite> for Registration {
     }
 }
 
-/// A heartbeat's update of its node's row (outbox figures, events, grant).
-pub(crate) struct HeartbeatRow {
-    pub(crate) node_id: String,
-    pub(crate) next_seq: i64,
-    pub(crate) oldest: Option<i64>,
-    pub(crate) count: i64,
-    pub(crate) current_events: String,
-    pub(crate) staged: String,
-    pub(crate) grant: handover_core::Grant,
-    pub(crate) epoch: i64,
-    pub(crate) now_ms: i64,
-}
-
-impl HeartbeatRow {
-    pub(crate) fn of(
-        node_id: &str,
-        hb: &handover_core::wire::Heartbeat,
-        grant: handover_core::Grant,
-        now_ms: i64,
-    ) -> Result<HeartbeatRow> {
-        Ok(HeartbeatRow {
-            node_id: node_id.to_owned(),
-            next_seq: to_i64(hb.outbox.next_seq, "next_seq")?,
-            oldest: hb
-                .outbox
-                .oldest_unacked_seq
-                .map(|s| to_i64(s, "oldest_unacked_seq"))
-                .transpose()?,
-            count: to_i64(hb.outbox.count, "count")?,
-            current_events: json(&hb.current_events)?,
-            staged: json(&hb.staged)?,
-            grant,
-            epoch: to_i64(hb.epoch, "epoch")?,
-            now_ms,
-        })
-    }
-}
-
 impl Grouped<Sqlite> for HeartbeatRow {
     type Out = ();
     async fn apply(&self, conn: &mut sqlx::SqliteConnection) -> Result<()> {
-        sqlx::query(
-            "UPDATE nodes SET outbox_next_seq = ?, outbox_oldest = ?, outbox_count = ?, current_events = ?,
-                staged = ?, grant_name = ?, epoch = ?, last_seen_ms = ? WHERE node_id = ?",
-        )
-        .bind(self.next_seq)
-        .bind(self.oldest)
-        .bind(self.count)
-        .bind(&self.current_events)
-        .bind(&self.staged)
-        .bind(self.grant.as_str())
-        .bind(self.epoch)
-        .bind(self.now_ms)
-        .bind(&self.node_id)
-        .execute(&mut *conn)
-        .await?;
-        Ok(())
+        self.write::<Sqlite>(conn).await
     }
-}
-
-/// One node's batch, decoded and translated, and the ack it earns.
-pub(super) struct Rows {
-    pub(super) node_id: String,
-    pub(super) rows: Vec<(i64, AnyRecord)>,
-    /// The database's schema, which every record is in.
-    pub(super) schema: Schema,
-    pub(super) translated_from: Option<u32>,
-    pub(super) acked_through: i64,
-    pub(super) channel_names: HashMap<i64, String>,
 }
 
 impl Grouped<Sqlite> for Rows {
     type Out = u64;
     async fn apply(&self, conn: &mut sqlx::SqliteConnection) -> Result<u64> {
-        let rows: Vec<(i64, &AnyRecord)> = self.rows.iter().map(|(seq, r)| (*seq, r)).collect();
-        let stored = insert_rows(
-            conn,
-            &self.node_id,
-            self.schema,
-            &rows,
-            self.translated_from,
-            &self.channel_names,
-        )
-        .await?;
-        sqlx::query("UPDATE nodes SET acked_through = MAX(acked_through, ?) WHERE node_id = ?")
-            .bind(self.acked_through)
-            .bind(&self.node_id)
-            .execute(&mut *conn)
-            .await?;
-        Ok(stored)
+        let stored = Rows::write_all::<Sqlite>(std::slice::from_ref(self), conn).await?;
+        Ok(stored.iter().sum())
+    }
+    async fn apply_all(jobs: &[Rows], conn: &mut sqlx::SqliteConnection) -> Result<Vec<u64>> {
+        Rows::write_all::<Sqlite>(jobs, conn).await
     }
 }
 

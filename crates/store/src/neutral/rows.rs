@@ -1,9 +1,9 @@
-//! Rows and values: records of each schema as `records` rows (read and
-//! multi-row inserts, idempotent on `(node, seq)`), and the small
-//! conversions of other rows and specs. The conversions that touch no
-//! connection (`Columns`, specs, names, numbers) are the PostgreSQL
-//! backend's too, so a row means the same in both.
+//! Rows and values both backends share: records of each schema as
+//! `records` rows (read back, and multi-row inserts idempotent on
+//! `(node, seq)`, generic over the sqlx database), and the small
+//! conversions of other rows and specs, so a row means the same in both.
 
+use super::{Affected, Dialect};
 use crate::{Result, StoreError};
 use handover_core::api::{ChannelSpec, EventView};
 use handover_core::params::{v2, v3};
@@ -12,7 +12,7 @@ use handover_core::record::{v1 as rv1, v2 as rv2, v3 as rv3};
 use handover_core::timefmt;
 use handover_core::wire::{validate_id, Role};
 use handover_core::{Grant, Schema};
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::Row;
 use std::collections::HashMap;
 
 pub(crate) fn to_i64(v: u64, what: &str) -> Result<i64> {
@@ -27,7 +27,12 @@ pub(crate) fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-pub(crate) fn v1_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<rv1::Record> {
+pub(crate) fn v1_from_row<R: Row>(row: &R) -> Result<rv1::Record>
+where
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    i64: sqlx::Type<R::Database> + for<'r> sqlx::Decode<'r, R::Database>,
+    String: sqlx::Type<R::Database> + for<'r> sqlx::Decode<'r, R::Database>,
+{
     let kind: String = row.try_get("kind")?;
     let kind: rv1::Kind = serde_json::from_value(serde_json::Value::String(kind.clone()))
         .map_err(|_| StoreError::Corrupt(format!("record kind {kind:?}")))?;
@@ -44,7 +49,12 @@ pub(crate) fn v1_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<rv1::Record> 
     })
 }
 
-pub(crate) fn v2_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<rv2::Record> {
+pub(crate) fn v2_from_row<R: Row>(row: &R) -> Result<rv2::Record>
+where
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    i64: sqlx::Type<R::Database> + for<'r> sqlx::Decode<'r, R::Database>,
+    String: sqlx::Type<R::Database> + for<'r> sqlx::Decode<'r, R::Database>,
+{
     let kind: String = row.try_get("kind")?;
     let kind: rv2::Kind = serde_json::from_value(serde_json::Value::String(kind.clone()))
         .map_err(|_| StoreError::Corrupt(format!("record kind {kind:?}")))?;
@@ -85,12 +95,6 @@ pub(crate) fn v1_natural_key(r: &rv1::Record) -> String {
     let at_ms = timefmt::ms_from_rfc3339(&r.at).unwrap_or(0);
     record::natural_key(kind, &r.channel, at_ms, r.seq, r.event)
 }
-
-/// Records of schema 2 or 3 a multi-row INSERT carries at once (13 values
-/// each at most, far below SQLite's 32,766): one statement, and one round
-/// trip to the connection's thread, per this many records instead of one
-/// per record.
-pub(crate) const INSERT_ROWS_PER_STATEMENT: usize = 100;
 
 /// One record of schema 2 or 3 as the columns of its `records` row.
 pub(crate) struct Columns {
@@ -174,14 +178,53 @@ impl Columns {
 /// Stores `rows` (seq, record) of one node in a database of `schema`;
 /// returns how many were new. Every record must be of `schema`: the table
 /// of one schema never holds another's record untranslated.
-pub(crate) async fn insert_rows(
-    conn: &mut sqlx::SqliteConnection,
+pub(crate) async fn insert_rows<DB: sqlx::Database + Dialect>(
+    conn: &mut DB::Connection,
     node: &str,
     schema: Schema,
     rows: &[(i64, &AnyRecord)],
     translated_from: Option<u32>,
     channel_names: &HashMap<i64, String>,
-) -> Result<u64> {
+) -> Result<u64>
+where
+    for<'q> <DB as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    for<'c> &'c mut <DB as sqlx::Database>::Connection: sqlx::Executor<'c, Database = DB>,
+    DB::QueryResult: Affected,
+    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i64: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Option<i64>: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Option<&'q str>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    String: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    let (stored, columns) =
+        columns_of::<DB>(conn, node, schema, rows, translated_from, channel_names).await?;
+    Ok(stored + insert_columns::<DB>(conn, node, schema, &columns).await?)
+}
+
+/// `rows` (seq, record) of one node for a database of `schema`: schema-1
+/// records stored at once (release 1's table, one statement each), and
+/// returned with how many of them were new; the rest as the columns of
+/// their rows, for [`Dialect::insert_columns`]. Every record must be of
+/// `schema`: the table of one schema never holds another's record
+/// untranslated.
+pub(crate) async fn columns_of<DB: sqlx::Database + Dialect>(
+    conn: &mut DB::Connection,
+    node: &str,
+    schema: Schema,
+    rows: &[(i64, &AnyRecord)],
+    translated_from: Option<u32>,
+    channel_names: &HashMap<i64, String>,
+) -> Result<(u64, Vec<Columns>)>
+where
+    for<'q> <DB as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    for<'c> &'c mut <DB as sqlx::Database>::Connection: sqlx::Executor<'c, Database = DB>,
+    DB::QueryResult: Affected,
+    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i64: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Option<i64>: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Option<&'q str>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    String: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
     let mut stored = 0;
     let mut columns = Vec::with_capacity(rows.len());
     for (seq, rec) in rows {
@@ -192,95 +235,167 @@ pub(crate) async fn insert_rows(
             )));
         }
         match rec {
-            AnyRecord::V1(r) => stored += insert_v1(conn, node, *seq, r).await?,
+            AnyRecord::V1(r) => stored += insert_v1::<DB>(conn, node, *seq, r).await?,
             AnyRecord::V2(r) => columns.push(Columns::v2(*seq, r, translated_from, channel_names)?),
             AnyRecord::V3(r) => columns.push(Columns::v3(*seq, r, translated_from, channel_names)?),
         }
     }
-    if !columns.is_empty() {
-        stored += insert_columns(conn, node, schema, &columns).await?;
-    }
-    Ok(stored)
+    Ok((stored, columns))
 }
 
-/// Multi-row INSERTs of schema-2 or schema-3 rows, idempotent on (node, seq).
-pub(crate) async fn insert_columns(
-    conn: &mut sqlx::SqliteConnection,
+/// Schema-2 or schema-3 rows of `node` into a database of `schema`,
+/// idempotent on (node, seq): the backend's [`Dialect::insert_columns`].
+pub(crate) async fn insert_columns<DB: sqlx::Database + Dialect>(
+    conn: &mut DB::Connection,
     node: &str,
     schema: Schema,
     rows: &[Columns],
 ) -> Result<u64> {
-    let with_severity = match schema.0 {
-        2 => false,
-        3 => true,
-        other => return Err(StoreError::UnknownSchema(other)),
-    };
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let stored = DB::insert_columns(conn, with_severity(schema)?, &[(node, rows)]).await?;
+    Ok(stored.iter().sum())
+}
+
+/// Whether `records` rows of a database of `schema` (2 or 3) have a
+/// `severity` column.
+pub(crate) fn with_severity(schema: Schema) -> Result<bool> {
+    match schema.0 {
+        2 => Ok(false),
+        3 => Ok(true),
+        other => Err(StoreError::UnknownSchema(other)),
+    }
+}
+
+/// The columns of a `records` row of schema 2 (then without `severity`)
+/// or 3, in the order of [`Columns`].
+pub(crate) fn record_columns(with_severity: bool) -> &'static str {
+    if with_severity {
+        "node_id, seq, kind, channel_id, produced_at_ms, media_seq, duration_ms, viewers, event_id, message, natural_key, translated_from, severity"
+    } else {
+        "node_id, seq, kind, channel_id, produced_at_ms, media_seq, duration_ms, viewers, event_id, message, natural_key, translated_from"
+    }
+}
+
+/// Multi-row `INSERT … VALUES` of schema-2 or schema-3 rows, idempotent on
+/// (node, seq): `DB::INSERT_ROWS_PER_STATEMENT` rows per statement (SQLite's
+/// [`Dialect::insert_columns`]).
+pub(crate) async fn insert_values<DB: sqlx::Database + Dialect>(
+    conn: &mut DB::Connection,
+    node: &str,
+    with_severity: bool,
+    rows: &[Columns],
+) -> Result<u64>
+where
+    for<'q> <DB as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    for<'c> &'c mut <DB as sqlx::Database>::Connection: sqlx::Executor<'c, Database = DB>,
+    DB::QueryResult: Affected,
+    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i64: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Option<i64>: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Option<&'q str>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    let columns = if with_severity { 13 } else { 12 };
     let mut stored = 0;
-    for chunk in rows.chunks(INSERT_ROWS_PER_STATEMENT) {
-        let mut q = sqlx::QueryBuilder::<Sqlite>::new(if with_severity {
-            "INSERT INTO records (node_id, seq, kind, channel_id, produced_at_ms, media_seq, duration_ms, viewers, event_id, message, natural_key, translated_from, severity) "
-        } else {
-            "INSERT INTO records (node_id, seq, kind, channel_id, produced_at_ms, media_seq, duration_ms, viewers, event_id, message, natural_key, translated_from) "
-        });
-        q.push_values(chunk, |mut row, c| {
-            row.push_bind(node)
-                .push_bind(c.seq)
-                .push_bind(c.kind)
-                .push_bind(c.channel_id)
-                .push_bind(c.produced_at_ms)
-                .push_bind(c.media_seq)
-                .push_bind(c.duration_ms)
-                .push_bind(c.viewers)
-                .push_bind(c.event_id)
-                .push_bind(c.message.as_deref())
-                .push_bind(c.natural_key.as_str())
-                .push_bind(c.translated_from);
-            if with_severity {
-                row.push_bind(c.severity);
+    for chunk in rows.chunks(DB::INSERT_ROWS_PER_STATEMENT) {
+        let mut sql = format!(
+            "INSERT INTO records ({}) VALUES ",
+            record_columns(with_severity)
+        );
+        // `$N` placeholders, one tuple a record.
+        for i in 0..chunk.len() {
+            let tuple: Vec<String> = (1..=columns)
+                .map(|k| format!("${}", i * columns + k))
+                .collect();
+            if i > 0 {
+                sql.push_str(", ");
             }
-        });
-        q.push(" ON CONFLICT (node_id, seq) DO NOTHING");
-        stored += q.build().execute(&mut *conn).await?.rows_affected();
+            sql.push('(');
+            sql.push_str(&tuple.join(", "));
+            sql.push(')');
+        }
+        sql.push_str(" ON CONFLICT (node_id, seq) DO NOTHING");
+        let mut q = sqlx::query::<DB>(&sql);
+        for c in chunk {
+            q = q
+                .bind(node)
+                .bind(c.seq)
+                .bind(c.kind)
+                .bind(c.channel_id)
+                .bind(c.produced_at_ms)
+                .bind(c.media_seq)
+                .bind(c.duration_ms)
+                .bind(c.viewers)
+                .bind(c.event_id)
+                .bind(c.message.as_deref())
+                .bind(c.natural_key.as_str())
+                .bind(c.translated_from);
+            if with_severity {
+                q = q.bind(c.severity);
+            }
+        }
+        stored += q.execute(&mut *conn).await?.affected();
     }
     Ok(stored)
 }
 
-pub(crate) async fn insert_v1(
-    conn: &mut sqlx::SqliteConnection,
+/// One record into the schema-1 table.
+pub(crate) async fn insert_v1<DB: sqlx::Database>(
+    conn: &mut DB::Connection,
     node: &str,
     seq: i64,
     r: &rv1::Record,
-) -> Result<u64> {
+) -> Result<u64>
+where
+    for<'q> <DB as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    for<'c> &'c mut <DB as sqlx::Database>::Connection: sqlx::Executor<'c, Database = DB>,
+    DB::QueryResult: Affected,
+    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i64: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Option<i64>: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Option<&'q str>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    String: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
     let done = sqlx::query(
         "INSERT INTO records (node, seq, kind, channel, at, media_seq, viewers, event, text, natural_key)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node, seq) DO NOTHING",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (node, seq) DO NOTHING",
     )
     .bind(node)
     .bind(seq)
     .bind(v1_kind_name(r.kind))
-    .bind(&r.channel)
-    .bind(&r.at)
+    .bind(r.channel.as_str())
+    .bind(r.at.as_str())
     .bind(r.seq.map(|s| to_i64(s, "media_seq")).transpose()?)
     .bind(r.viewers.map(i64::from))
     .bind(r.event)
-    .bind(&r.text)
+    .bind(r.text.as_str())
     .bind(v1_natural_key(r))
     .execute(&mut *conn)
     .await?;
-    Ok(done.rows_affected())
+    Ok(done.affected())
 }
 
 /// One translated record into the schema-2 table (migration 1 → 2).
-pub(crate) async fn insert_v2(
-    tx: &mut Transaction<'_, Sqlite>,
+pub(crate) async fn insert_v2<DB: sqlx::Database + Dialect>(
+    conn: &mut DB::Connection,
     node: &str,
     seq: i64,
     r: &rv2::Record,
     translated_from: Option<u32>,
     channel_names: &HashMap<i64, String>,
-) -> Result<u64> {
+) -> Result<u64>
+where
+    for<'q> <DB as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    for<'c> &'c mut <DB as sqlx::Database>::Connection: sqlx::Executor<'c, Database = DB>,
+    DB::QueryResult: Affected,
+    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i64: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Option<i64>: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Option<&'q str>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
     let row = Columns::v2(seq, r, translated_from, channel_names)?;
-    insert_columns(tx, node, Schema(2), &[row]).await
+    insert_columns::<DB>(conn, node, Schema(2), &[row]).await
 }
 
 /// The parameters as stored, read in the schema `T` describes; a document
