@@ -44,6 +44,9 @@ const START_RAMP: Duration = Duration::from_millis(500);
 const LATENCY_SHARDS: usize = 16;
 /// Highest trackable latency (1 h in µs); larger values saturate.
 const MAX_LATENCY_US: u64 = 3_600_000_000;
+/// Failed requests the report describes (the first ones, by viewer), so a
+/// run that failed says why without debug logs.
+pub const FAILURES_SHOWN_MAX: usize = 8;
 
 /// One channel and the redundancy group nodes that serve it.
 #[derive(Debug, Clone)]
@@ -104,6 +107,10 @@ pub struct ViewerReport {
     /// p99 of the requests made while `steady` was set (0 without it).
     pub steady_p99_ms: f64,
     pub ended_streams: u64,
+    /// The first failed requests (at most [`FAILURES_SHOWN_MAX`]): when,
+    /// which URL, why.
+    #[serde(default)]
+    pub failures: Vec<String>,
 }
 
 /// Runs `viewers_per_channel` viewers per target until every stream ended,
@@ -357,6 +364,7 @@ struct Counts {
     segments_missed: u64,
     bytes_received: u64,
     ended_streams: u64,
+    failures: Vec<String>,
 }
 
 impl Counts {
@@ -370,6 +378,10 @@ impl Counts {
         report.segments_missed += self.segments_missed;
         report.bytes_received += self.bytes_received;
         report.ended_streams += self.ended_streams;
+        let room = FAILURES_SHOWN_MAX.saturating_sub(report.failures.len());
+        report
+            .failures
+            .extend(self.failures.iter().take(room).cloned());
     }
 }
 
@@ -567,6 +579,11 @@ impl Viewer {
     fn fail(&mut self, url: &Url, reason: &str) {
         self.counts.failed_requests += 1;
         tracing::debug!(%url, reason, "viewer request failed");
+        if self.counts.failures.len() < FAILURES_SHOWN_MAX {
+            let at = handover_core::timefmt::rfc3339_from_ms(crate::client::now_ms())
+                .unwrap_or_default();
+            self.counts.failures.push(format!("{at} {url}: {reason}"));
+        }
         if self.playlists.len() > 1 {
             self.node = (self.node + 1) % self.playlists.len();
             self.counts.failovers += 1;

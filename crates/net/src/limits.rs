@@ -40,6 +40,13 @@ pub struct Limits {
     /// The clock runs only while a write waits: a watch held for 25 s
     /// without writing is not cut.
     pub write_timeout_ms: u64,
+    /// Once the listener stops (a worker handing its socket to its
+    /// successor), how long a connection with no request in flight stays
+    /// open: a request that arrives on it meanwhile is answered with
+    /// `Connection: close`, so its client reconnects between requests (to
+    /// the successor) instead of racing a close with its next one. 0 closes
+    /// such connections at once.
+    pub drain_idle_ms: u64,
 }
 
 /// A connection may be closed to make room at the cap only after this long
@@ -74,6 +81,20 @@ pub const BODY_READ_TIMEOUT_MS: u64 = 10_000;
 /// is a dead or hostile client.
 pub const WRITE_TIMEOUT_MS: u64 = 10_000;
 
+/// A node's [`Limits::drain_idle_ms`]: a playing viewer asks at least twice
+/// a segment (HLS segments are 1 to 6 s; players poll at half the target
+/// duration), so in this long nearly every keep-alive connection carries a
+/// request and learns to reconnect; only a connection idle throughout is
+/// closed, whose client is the least likely to be sending just then.
+pub const NODE_DRAIN_IDLE_MS: u64 = 1_000;
+
+/// The controller's [`Limits::drain_idle_ms`]: none. A retired controller
+/// worker must stop answering soon after its successor is ready (the
+/// successor may have migrated the store it still has open). Node agents
+/// send again on their next round what a close cut off; an operator's
+/// command that races it fails and says so.
+pub const CONTROLLER_DRAIN_IDLE_MS: u64 = 0;
+
 /// The controller's connection cap: it must carry 10,000 nodes, each with a
 /// watch, a heartbeat and a shipping connection (`handover bench` measures
 /// 10,000 watching nodes), plus operators; 32,768 leaves room for that.
@@ -105,6 +126,7 @@ impl Limits {
         header_read_timeout_ms: CONTROLLER_HEADER_READ_TIMEOUT_MS,
         body_read_timeout_ms: BODY_READ_TIMEOUT_MS,
         write_timeout_ms: WRITE_TIMEOUT_MS,
+        drain_idle_ms: CONTROLLER_DRAIN_IDLE_MS,
     };
 
     /// A content node: HLS viewers.
@@ -114,6 +136,7 @@ impl Limits {
         header_read_timeout_ms: NODE_HEADER_READ_TIMEOUT_MS,
         body_read_timeout_ms: BODY_READ_TIMEOUT_MS,
         write_timeout_ms: WRITE_TIMEOUT_MS,
+        drain_idle_ms: NODE_DRAIN_IDLE_MS,
     };
 
     /// These limits with another connection cap, if one is given.
@@ -136,11 +159,15 @@ impl Limits {
         Duration::from_millis(self.write_timeout_ms)
     }
 
+    pub fn drain_idle(&self) -> Duration {
+        Duration::from_millis(self.drain_idle_ms)
+    }
+
     pub fn evictable_idle(&self) -> Duration {
         Duration::from_millis(self.evictable_idle_ms)
     }
 
-    /// Every limit but the eviction grace is at least 1 (a zero would
+    /// Every limit but the eviction grace and the drain is at least 1 (a zero would
     /// refuse every connection or close it at once).
     pub fn validate(&self) -> Result<(), crate::ServeError> {
         for (name, value) in [

@@ -34,9 +34,11 @@ type App = RequestBodyTimeout<Router>;
 
 /// Serves `router` on `listener` under `limits` until `shutdown` resolves;
 /// then stops accepting (the listener is dropped: a supervisor's own copy
-/// of the socket keeps queuing connections for the next worker), closes
-/// every connection with no request in flight, lets the others finish the
-/// request they serve, and returns once all are closed.
+/// of the socket keeps queuing connections for the next worker), answers
+/// every request from then on with `Connection: close`, lets each request
+/// in flight finish, keeps a connection with none open for
+/// [`Limits::drain_idle_ms`] (its client's next request is answered, not
+/// cut off) and then closes it, and returns once all are closed.
 ///
 /// Raises the process's soft open-file limit to its hard limit first (see
 /// [`raise_open_files_limit`]), and keeps the cap in force below it.
@@ -125,10 +127,13 @@ where
             http.clone(),
             slot,
             stop_rx.clone(),
+            limits.drain_idle(),
         ));
     }
-    drop(listener);
+    // Stopping first: whoever finds the socket closed finds every answer
+    // from then on saying `Connection: close`.
     stop_tx.send_replace(true);
+    drop(listener);
     let open = registry.open_count();
     if open > 0 {
         tracing::info!(
@@ -202,10 +207,12 @@ impl Handshake {
     }
 }
 
-/// One connection, from accept to close. Evicted or told to stop, a
-/// connection that never started a request is closed at once; any other
-/// gets hyper's graceful shutdown (closed at once when idle, else after
-/// the response in flight).
+/// One connection, from accept to close. Evicted, a connection that never
+/// started a request is closed at once; any other gets hyper's graceful
+/// shutdown (closed at once when idle, else after the response in flight).
+/// Told to stop, one with a request in flight closes after its response;
+/// one without waits up to `drain_idle` for a request (answered with
+/// `Connection: close`, after which hyper closes it) before it is closed.
 async fn connection(
     tcp: TcpStream,
     handshake: Handshake,
@@ -213,6 +220,7 @@ async fn connection(
     http: http1::Builder,
     slot: Slot,
     mut stop: watch::Receiver<bool>,
+    drain_idle: Duration,
 ) {
     let conn = slot.conn().clone();
     let (io, peer) = tokio::select! {
@@ -224,17 +232,26 @@ async fn connection(
             }
         },
         () = conn.evicted() => return,
-        _ = stop.wait_for(|s| *s) => return,
+        _ = stop.wait_for(|s| *s), if drain_idle.is_zero() => return,
     };
     let service = Tracked {
         app,
         conn: conn.clone(),
         peer,
+        stop: stop.clone(),
     };
     let served = http.serve_connection(TokioIo::new(io), service);
     let mut served = std::pin::pin!(served);
+    // Set once the server stops: until then, the drain's end never comes.
+    let mut drain_ends: Option<tokio::time::Instant> = None;
     let mut closing = false;
     loop {
+        let drained = async {
+            match drain_ends {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             r = served.as_mut() => {
                 if let Err(e) = r {
@@ -251,10 +268,17 @@ async fn connection(
                 closing = true;
                 served.as_mut().graceful_shutdown();
             }
-            _ = stop.wait_for(|s| *s), if !closing => {
-                if conn.never_requested() {
+            _ = stop.wait_for(|s| *s), if !closing && drain_ends.is_none() => {
+                if conn.in_flight() > 0 {
+                    closing = true;
+                    served.as_mut().graceful_shutdown();
+                } else if drain_idle.is_zero() && conn.never_requested() {
                     break;
+                } else {
+                    drain_ends = Some(tokio::time::Instant::now() + drain_idle);
                 }
+            }
+            () = drained, if !closing => {
                 closing = true;
                 served.as_mut().graceful_shutdown();
             }
@@ -265,11 +289,14 @@ async fn connection(
 
 /// The application as hyper calls it on one connection: every request is
 /// counted in flight until its response body is done, and carries the
-/// connection's client certificate, if any, in its extensions.
+/// connection's client certificate, if any, in its extensions. Once the
+/// server stops, every response says `Connection: close` (hyper then closes
+/// the connection after it).
 struct Tracked {
     app: App,
     conn: Arc<Conn>,
     peer: Option<PeerCertificate>,
+    stop: watch::Receiver<bool>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for Tracked {
@@ -283,8 +310,15 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
             req.extensions_mut().insert(peer.clone());
         }
         let app = self.app.clone();
+        let stop = self.stop.clone();
         Box::pin(async move {
-            let response = app.oneshot(req).await?;
+            let mut response = app.oneshot(req).await?;
+            if *stop.borrow() {
+                response.headers_mut().insert(
+                    hyper::header::CONNECTION,
+                    hyper::header::HeaderValue::from_static("close"),
+                );
+            }
             Ok(response.map(|body| {
                 Body::new(Guarded {
                     body,

@@ -51,6 +51,7 @@ async fn only_clients_of_the_cluster_ca_are_served() {
         body_read_timeout_ms: SHORT_MS,
         write_timeout_ms: SHORT_MS,
         evictable_idle_ms: SHORT_MS,
+        drain_idle_ms: 0,
     };
     let router = Router::new().route("/healthz", get(|| async { "ok" }));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -75,21 +75,6 @@ pub struct HttpState {
 
 type Shared = Arc<HttpState>;
 
-/// Adds `Connection: close` once the node is stopping, so clients reconnect
-/// (to the new worker on the same socket) between requests, never mid-request.
-pub async fn close_when_stopping(
-    axum::extract::State(closing): axum::extract::State<Arc<std::sync::atomic::AtomicBool>>,
-    mut response: Response,
-) -> Response {
-    if closing.load(std::sync::atomic::Ordering::Relaxed) {
-        response.headers_mut().insert(
-            axum::http::header::CONNECTION,
-            axum::http::HeaderValue::from_static("close"),
-        );
-    }
-    response
-}
-
 pub fn router(state: Shared) -> Router {
     Router::new()
         .route("/healthz", get(healthz))

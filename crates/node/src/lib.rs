@@ -30,7 +30,7 @@ pub mod store;
 pub mod viewer_counter;
 
 use lifecycle::Lifecycle;
-pub use lifecycle::{CLOSE_CONNECTIONS_MS, DRAIN_ON_STOP_MS, LOOPS_STOP_TIMEOUT_MS};
+pub use lifecycle::{DRAIN_ON_STOP_MS, LOOPS_STOP_TIMEOUT_MS};
 use runtime::Stop;
 #[cfg(feature = "test-hooks")]
 pub use runtime::{test_fault, TEST_FAULT_ENV};
@@ -398,7 +398,6 @@ async fn start(
         producer: tokio::sync::Mutex::new(Some(producer)),
         driver_stop: driver_stop_tx,
         http_stop: http_stop_tx,
-        closing: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         failure: Mutex::new(None),
     });
     let supervisor = handover_supervisor::SupervisorClient::from_env();
@@ -464,14 +463,10 @@ async fn start(
         addr = ?listener.local_addr().ok(),
         "node serving"
     );
-    let app = app.layer(axum::middleware::map_response_with_state(
-        lifecycle.closing.clone(),
-        hls::close_when_stopping,
-    ));
     let signal = lifecycle.clone();
     tokio::spawn(async move {
         shutdown.await;
-        signal.stop_http().await;
+        signal.stop_http();
     });
     let mut server_stop = Stop::new(http_stop_rx);
     // With the node's limits: timeouts close silent, slow and idle

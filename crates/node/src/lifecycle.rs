@@ -12,10 +12,6 @@ pub const LOOPS_STOP_TIMEOUT_MS: u64 = 5_000;
 /// long to empty the outbox (the node machine's bound); whatever is left
 /// stays durable for the next start.
 pub use handover_core::node::DRAIN_ON_STOP_MS;
-/// On a stop, every answer says `Connection: close` for this long before the
-/// server stops: players drop their keep-alive connections at a request
-/// boundary instead of racing a server-side close (a failed request).
-pub const CLOSE_CONNECTIONS_MS: u64 = 1_000;
 /// The node's moving parts and how they stop: producing first, then (after
 /// a bounded drain, the machine's) its driver, while HTTP keeps serving;
 /// HTTP stops on a signal or when a failed switch makes the worker give up.
@@ -25,8 +21,6 @@ pub(crate) struct Lifecycle {
     /// Asks the driver to stop (drain, then end).
     pub(crate) driver_stop: watch::Sender<bool>,
     pub(crate) http_stop: watch::Sender<bool>,
-    /// Set while HTTP is being stopped: answers say `Connection: close`.
-    pub(crate) closing: Arc<std::sync::atomic::AtomicBool>,
     pub(crate) failure: Mutex<Option<String>>,
 }
 
@@ -49,16 +43,14 @@ impl Lifecycle {
     /// its supervisor starts the release it knows to work.
     pub(crate) fn fail(self: &Arc<Self>, why: String) {
         *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
-        tokio::spawn(self.clone().stop_http());
+        self.stop_http();
     }
 
-    /// Every way HTTP stops: `Connection: close` on every answer for
-    /// [`CLOSE_CONNECTIONS_MS`], so players reconnect between requests (to
-    /// whichever worker serves the socket), then the graceful stop.
-    pub(crate) async fn stop_http(self: Arc<Self>) {
-        self.closing
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        tokio::time::sleep(Duration::from_millis(CLOSE_CONNECTIONS_MS)).await;
+    /// Every way HTTP stops. The server stops accepting at once (the
+    /// socket's next connections wait for the successor) and drains its
+    /// connections for [`handover_net::Limits::drain_idle_ms`], so players
+    /// reconnect between requests instead of racing a close.
+    pub(crate) fn stop_http(&self) {
         self.http_stop.send_replace(true);
     }
 

@@ -113,8 +113,9 @@ impl Site {
 
 impl Drop for Site {
     fn drop(&mut self) {
-        // A failed test keeps its data dirs and logs to look at.
-        if std::thread::panicking() {
+        // A failed test keeps its data dirs and logs to look at; so does
+        // any test with HANDOVER_TEST_KEEP_LOGS set.
+        if std::thread::panicking() || std::env::var_os("HANDOVER_TEST_KEEP_LOGS").is_some() {
             if let Some(dir) = self.dir.take() {
                 eprintln!("{}: logs kept in {}", self.name, dir.keep().display());
             }
