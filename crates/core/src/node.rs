@@ -241,6 +241,10 @@ pub enum Event {
     },
     /// Stop gracefully: stop producing, drain (bounded), then [`Action::Stopped`].
     Stop,
+    /// [`Action::Quiesce`] is done: the producer stopped, and whatever its
+    /// last tick appended is in the outbox. Until then a drain cannot end
+    /// (an empty outbox may be about to get that record).
+    Quiesced,
 }
 
 /// What `fenced` at an epoch leaves in the node's records.
@@ -380,10 +384,12 @@ impl LaneState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Phase {
     Running,
-    /// Producing stopped; shipping what is queued until `until_ms`.
+    /// Producing stops; shipping what is queued until `until_ms`.
     Draining {
         until_ms: u64,
         then: AfterDrain,
+        /// The producer has stopped ([`Event::Quiesced`]).
+        quiesced: bool,
     },
     /// Asked the supervisor to switch: no more requests.
     Switching {
@@ -575,6 +581,11 @@ impl Machine {
             Event::Switch(result) => self.on_switch(result, now),
             Event::DiskFailed { lane, error } => self.on_disk_failed(lane, error, now),
             Event::Stop => self.on_stop(now),
+            Event::Quiesced => {
+                if let Phase::Draining { quiesced, .. } = &mut self.phase {
+                    *quiesced = true;
+                }
+            }
         }
         self.poll(now);
         std::mem::take(&mut self.out)
@@ -881,6 +892,7 @@ impl Machine {
                 self.phase = Phase::Draining {
                     until_ms: now.ms + DRAIN_ON_STOP_MS,
                     then: AfterDrain::Stop,
+                    quiesced: false,
                 };
                 self.out.push(Action::Quiesce);
             }

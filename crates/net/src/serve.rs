@@ -138,7 +138,8 @@ where
     if open > 0 {
         tracing::info!(
             connections = open,
-            "stopped accepting; closing idle connections, finishing requests in flight"
+            drain_idle_ms = limits.drain_idle_ms,
+            "stopped accepting; finishing requests in flight, draining the other connections"
         );
     }
     registry.all_closed().await;

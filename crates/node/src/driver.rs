@@ -382,7 +382,10 @@ impl Run {
                 }
             }
             Action::Stage { artifact } => self.stage(artifact),
-            Action::Quiesce => self.d.lifecycle.stop_producer().await,
+            Action::Quiesce => {
+                self.d.lifecycle.stop_producer().await;
+                return Some(Event::Quiesced);
+            }
             Action::Switch { artifact, to } => self.switch(artifact, to),
             Action::RememberSwitchFailure(failure) => remember(&self.d.store, failure).await,
             Action::Fail(why) => {

@@ -480,7 +480,10 @@ impl Node {
             // Simulated nodes take their events from their spec.
             Action::CacheParams { .. } => {}
             Action::Stage { artifact } => io.out.push(Out::Stage { artifact }),
-            Action::Quiesce => self.producing = false,
+            Action::Quiesce => {
+                self.producing = false;
+                return Some(Event::Quiesced);
+            }
             Action::Switch { to, .. } => io.out.push(Out::Switch { to }),
             Action::RememberSwitchFailure(f) => self.durable.switch_failure = f,
             Action::Fail(why) => {

@@ -64,6 +64,7 @@ impl Machine {
             self.phase = Phase::Draining {
                 until_ms: now.ms + DRAIN_ON_STOP_MS,
                 then: AfterDrain::Switch { artifact, to },
+                quiesced: false,
             };
             self.out.push(Action::Quiesce);
         }
@@ -107,15 +108,28 @@ impl Machine {
         }
     }
 
-    /// A quiescing node goes on once drained, when it may not ship, or at the deadline.
+    /// A quiescing node goes on once its producer stopped and the outbox
+    /// is drained (or it may not ship), or at the deadline.
     pub(super) fn poll_drain(&mut self, now: &Now) {
-        let Phase::Draining { until_ms, then } = &self.phase else {
+        let Phase::Draining {
+            until_ms,
+            then,
+            quiesced,
+        } = &self.phase
+        else {
             return;
         };
-        let (until_ms, then) = (*until_ms, then.clone());
+        let (until_ms, then, quiesced) = (*until_ms, then.clone(), *quiesced);
         let can_ship = matches!(self.grant, Some(Grant::Full | Grant::Deliver));
-        if now.outbox.count > 0 && can_ship && now.ms < until_ms {
+        let queued = now.outbox.count > 0 && can_ship;
+        if (!quiesced || queued) && now.ms < until_ms {
             return;
+        }
+        if !quiesced {
+            self.log(
+                Level::Warn,
+                "going on before the producer stopped (the drain's bound passed)".to_string(),
+            );
         }
         if now.outbox.count > 0 {
             self.log(

@@ -512,7 +512,13 @@ fn stage_then_quiesce_drain_and_switch() {
     );
     assert!(a.contains(&Action::Quiesce), "{a:?}");
     assert!(m.view().quiesce_since_ms.is_some());
-    // Not before the outbox is empty (or the drain's bound)...
+    // Not before the producer stopped...
+    assert!(!m
+        .handle(Event::Tick, &at(315))
+        .iter()
+        .any(|a| matches!(a, Action::Switch { .. })));
+    m.handle(Event::Quiesced, &queued(316, 2));
+    // ...nor before the outbox is empty (or the drain's bound)...
     assert!(!m
         .handle(Event::Tick, &queued(320, 2))
         .iter()
@@ -532,6 +538,34 @@ fn stage_then_quiesce_drain_and_switch() {
         .iter()
         .any(|a| matches!(a, Action::RememberSwitchFailure(Some(f)) if f.artifact == "r3" && !f.withdrawn)));
     assert!(a.iter().any(|a| matches!(a, Action::Fail(_))));
+}
+
+/// A stop with an empty outbox still waits for the producer: its last
+/// tick may append a record, which ships before the node stops.
+#[test]
+fn a_stop_waits_for_the_producers_last_record() {
+    let (mut m, _) = established(Grant::Full);
+    let a = m.handle(Event::Stop, &at(20));
+    assert!(a.contains(&Action::Quiesce), "{a:?}");
+    assert!(
+        !a.contains(&Action::Stopped),
+        "stopped before quiesced: {a:?}"
+    );
+    let a = m.handle(Event::Quiesced, &queued(21, 1));
+    assert!(!a.contains(&Action::Stopped), "{a:?}");
+    let a = m.handle(Event::Tick, &at(22));
+    assert!(a.contains(&Action::Stopped), "{a:?}");
+}
+
+/// A producer that never reports stopping holds a stop no longer than
+/// the drain's bound.
+#[test]
+fn a_stop_goes_on_at_the_bound_without_the_quiesce() {
+    let (mut m, _) = established(Grant::Full);
+    m.handle(Event::Stop, &at(20));
+    assert!(!m.handle(Event::Tick, &at(21)).contains(&Action::Stopped));
+    let a = m.handle(Event::Tick, &at(20 + DRAIN_ON_STOP_MS));
+    assert!(a.contains(&Action::Stopped), "{a:?}");
 }
 
 #[test]
