@@ -155,7 +155,9 @@ fn load_inner(
     })
 }
 
-fn check_binary(
+/// Checks the file `binary` against `manifest` as `check` says;
+/// `mpath` names the manifest in an error (where it is, or will be).
+pub fn check_binary(
     binary: &Path,
     mpath: &Path,
     manifest: &Manifest,

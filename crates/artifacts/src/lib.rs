@@ -26,6 +26,8 @@
 //!   validated (or its signature verified, with trusted keys), its
 //!   signature if present, and its binary checked ([`BinaryCheck`]).
 //! - [`list`]: the artifact directories under a root.
+//! - [`HostCache`]: checked binaries shared by the nodes of one host, by
+//!   hard link (`DIR/<sha256>`).
 //!
 //! # Missing files: one rule
 //!
@@ -47,12 +49,16 @@
 //! (an unreadable signature counted as none), and the node read the
 //! signature only with trusted keys (a damaged one was ignored without).
 
+mod cache;
 mod dir;
 mod read;
 mod stream;
 mod write;
 
-pub use dir::{list, list_ids, load, load_id, ArtifactDir, BinaryCheck, Listing, LoadError};
+pub use cache::{Entry as CacheEntry, HostCache, CACHE_LOCK_POLL_MS};
+pub use dir::{
+    check_binary, list, list_ids, load, load_id, ArtifactDir, BinaryCheck, Listing, LoadError,
+};
 pub use read::{read_bounded, read_signature, read_text, ReadError};
 pub use stream::{check_stream, file_chunks, write_checked, StreamError};
 pub use write::{

@@ -286,6 +286,9 @@ pub struct Fleet {
     /// (`controller`, `controller-1`, …): a test's proxy in front of the
     /// server, to cut that replica off from it.
     pub database_routes: Vec<(String, String)>,
+    /// A directory every node of the fleet shares as its host's artifact
+    /// cache (`--artifact-cache`); None: each node downloads its own copy.
+    pub artifact_cache: Option<PathBuf>,
 }
 
 /// A PostgreSQL schema of one fleet's own, for its controller's store
@@ -385,6 +388,7 @@ impl Fleet {
             pki: Some(pki),
             database: None,
             database_routes: Vec::new(),
+            artifact_cache: None,
         };
         fleet.op = fleet.operator()?;
         Ok(fleet)
@@ -754,6 +758,10 @@ impl Fleet {
         }
         if self.legacy {
             args.push("--legacy".into());
+        }
+        if let Some(cache) = &self.artifact_cache {
+            args.push("--artifact-cache".into());
+            args.push(cache.display().to_string());
         }
         args.extend(key_args);
         let log = unique_log(&self.dir, &format!("{}-r{}", node.id, node.release));

@@ -544,9 +544,21 @@ struct NodeArgs {
         value_parser = clap::builder::FalseyValueParser::new()
     )]
     no_peer_serving: bool,
+    /// A directory this host's nodes share: the first node to stage an
+    /// artifact downloads it and links its checked binary there; the
+    /// host's other nodes link it (one copy on the disk and in memory)
+    /// instead of downloading and writing it again. Each node still checks
+    /// the SHA-256 of what it links against its own signed manifest. Only
+    /// nodes run by one user can share it (it is made 0700).
+    #[arg(long, env = ARTIFACT_CACHE_ENV, value_name = "DIR")]
+    artifact_cache: Option<PathBuf>,
     #[command(flatten)]
     unsigned: AllowUnsigned,
 }
+
+/// How `--artifact-cache` reaches a supervisor's workers (as
+/// [`NO_PEER_SERVING_ENV`] does).
+const ARTIFACT_CACHE_ENV: &str = "HANDOVER_ARTIFACT_CACHE";
 
 /// How `--no-peer-serving` reaches a supervisor's workers (the worker's
 /// command line is a contract between binaries; the environment is
@@ -809,6 +821,16 @@ fn main() -> anyhow::Result<()> {
     {
         std::env::set_var(NO_PEER_SERVING_ENV, "true");
     }
+    if let Command::Node(NodeArgs {
+        artifact_cache: Some(dir),
+        ..
+    }) = &cli.command
+    {
+        // Absolute: a worker need not start where the command did.
+        let dir = std::path::absolute(dir)
+            .with_context(|| format!("--artifact-cache {}", dir.display()))?;
+        std::env::set_var(ARTIFACT_CACHE_ENV, dir);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -1028,6 +1050,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 limits: handover_net::Limits::NODE.with_connections_max(a.connections_max),
                 allow_unsigned_artifacts: a.unsigned.allow,
                 peer_serving: !a.no_peer_serving,
+                artifact_cache: a.artifact_cache,
             };
             let listener = roles::listener(mode, config.listen).await?;
             handover_node::serve_on(config, listener, shutdown_signal()).await

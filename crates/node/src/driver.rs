@@ -55,6 +55,9 @@ pub(crate) struct Driver {
     pub schema: handover_core::Schema,
     pub data_dir: PathBuf,
     pub trusted: Vec<PublicKey>,
+    /// The host's artifact cache, shared with the host's other nodes
+    /// (`--artifact-cache`).
+    pub artifact_cache: Option<handover_artifacts::HostCache>,
     pub supervisor: Option<SupervisorClient>,
     pub lifecycle: Arc<Lifecycle>,
     pub viewers: Arc<ViewerCounter>,
@@ -92,7 +95,11 @@ pub fn staged_artifacts(data_dir: &std::path::Path, trusted: &[PublicKey]) -> Ve
 /// staged ([`prune`](crate::prune)): never it, the binary this worker
 /// runs, or what the supervisor may start. A failure is logged; the node
 /// goes on (it reports the newest anyway).
-async fn prune_staged(data_dir: &std::path::Path, just_staged: &str) {
+async fn prune_staged(
+    data_dir: &std::path::Path,
+    just_staged: &str,
+    cache: Option<handover_artifacts::HostCache>,
+) {
     let (dir, id) = (data_dir.to_owned(), just_staged.to_owned());
     let pruned = tokio::task::spawn_blocking(move || {
         let running = handover_supervisor::binary_sha256();
@@ -110,6 +117,16 @@ async fn prune_staged(data_dir: &std::path::Path, just_staged: &str) {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "staged releases not pruned"),
         Err(e) => tracing::warn!(error = %e, "staged releases not pruned: the task failed"),
+    }
+    // What no node of the host stages any more leaves the host's cache.
+    let Some(cache) = cache else { return };
+    match tokio::task::spawn_blocking(move || cache.prune()).await {
+        Ok(Ok(removed)) if !removed.is_empty() => {
+            tracing::info!(?removed, "removed cached binaries no node stages any more");
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "the artifact cache was not pruned"),
+        Err(e) => tracing::warn!(error = %e, "the artifact cache was not pruned: the task failed"),
     }
 }
 
@@ -414,6 +431,7 @@ impl Run {
         };
         let credential = self.d.machine.credential().unwrap_or_default().to_owned();
         let peers = self.peer_http.clone();
+        let cache = self.d.artifact_cache.clone();
         let (url, dir, trusted) = (
             self.d.controller_urls.current().to_owned(),
             self.d.data_dir.clone(),
@@ -425,6 +443,7 @@ impl Run {
                 &url,
                 &credential,
                 peers.as_ref(),
+                cache.as_ref(),
                 &dir,
                 &artifact,
                 &trusted,
@@ -442,7 +461,7 @@ impl Run {
                     } else {
                         tracing::info!(artifact, binary = %staged.binary.display(), "artifact staged");
                     }
-                    prune_staged(&dir, &artifact).await;
+                    prune_staged(&dir, &artifact, cache).await;
                     Ok(staged_artifacts(&dir, &trusted))
                 }
                 Err(e) => Err(e.to_string()),

@@ -78,6 +78,10 @@ pub struct NodeConfig {
     /// Serve the artifacts staged here to other nodes on the HLS listener
     /// ([`peer`]); `--no-peer-serving` turns it off.
     pub peer_serving: bool,
+    /// `--artifact-cache DIR`: a directory the host's nodes share, so an
+    /// artifact's binary is downloaded and written once per host and
+    /// hard-linked by the others ([`handover_artifacts::HostCache`]).
+    pub artifact_cache: Option<std::path::PathBuf>,
 }
 
 /// One record as a node's journal remembers it.
@@ -409,6 +413,13 @@ async fn start(
         session::Controller::new(config.controller.clone(), trust.as_ref())
             .map_err(|e| anyhow::anyhow!("cannot build the controller client: {e}"))?,
     );
+    let artifact_cache = match &config.artifact_cache {
+        Some(dir) => Some(
+            handover_artifacts::HostCache::open(dir)
+                .with_context(|| format!("--artifact-cache {}: cannot use it", dir.display()))?,
+        ),
+        None => None,
+    };
     let driver = tokio::spawn(
         driver::Driver {
             machine,
@@ -420,6 +431,7 @@ async fn start(
             schema: info.schema,
             data_dir: config.data_dir.clone(),
             trusted,
+            artifact_cache,
             supervisor: supervisor.clone(),
             lifecycle: lifecycle.clone(),
             viewers: viewers.clone(),

@@ -20,8 +20,8 @@
 use crate::runtime::error_chain;
 use futures_util::FutureExt as _;
 use handover_artifacts::{
-    load_id, sweep, write_checked, write_new, BinaryCheck, IoError, LoadError, NewDir, PlaceError,
-    StreamError, BINARY_MODE, FILE_MODE,
+    check_binary, load_id, sweep, write_checked, write_new, BinaryCheck, CacheEntry, HostCache,
+    IoError, LoadError, NewDir, PlaceError, StreamError, BINARY_MODE, FILE_MODE,
 };
 use handover_core::artifact::{
     check_id, verify_manifest, ArtifactError, Manifest, PublicKey, BINARY_FILE, MANIFEST_BYTES_MAX,
@@ -76,6 +76,10 @@ pub const PEER_BUSY_ROUNDS_MAX: u32 = 20;
 /// serve within a heartbeat.
 pub const BUSY_WAIT_MS_MIN: u64 = 100;
 pub const BUSY_WAIT_MS_MAX: u64 = 300;
+/// Longest wait for the host cache's entry of an artifact while another
+/// node of the host downloads it (then this node downloads it too): a
+/// download from a peer or the controller takes seconds.
+pub const CACHE_WAIT_MS: u64 = 60_000;
 
 /// A verified artifact in the releases dir.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -332,6 +336,7 @@ pub async fn stage(
     controller_url: &str,
     credential: &str,
     peers: Option<&reqwest::Client>,
+    cache: Option<&HostCache>,
     data_dir: &Path,
     id: &str,
     trusted: &[PublicKey],
@@ -412,14 +417,11 @@ pub async fn stage(
         base,
         credential,
     };
-    fetch_binary(
-        &controller,
-        peers,
-        id,
-        &manifest,
-        &new.path().join(BINARY_FILE),
-    )
-    .await?;
+    let binary = new.path().join(BINARY_FILE);
+    match cache {
+        Some(cache) => via_cache(cache, &controller, peers, id, &manifest, &binary).await?,
+        None => fetch_binary(&controller, peers, id, &manifest, &binary).await?,
+    }
 
     let staged = blocking("stage", move || {
         write_new(&new.path().join(MANIFEST_FILE), &document, FILE_MODE)?;
@@ -539,6 +541,110 @@ async fn fetch_binary(
              it had a free download slot"
         ),
     })
+}
+
+/// The binary into `path` by way of the host's cache ([`HostCache`]): linked
+/// from it and checked against `manifest` if it holds the binary, else
+/// fetched ([`fetch_binary`]) while holding its entry (so the host's other
+/// nodes wait for this download rather than make their own) and published
+/// there. The entry is held only to link: the check (reading the whole
+/// binary) runs after, so the host's nodes check in parallel. A linked
+/// copy that fails its check is removed, with the entry, and the binary
+/// fetched. A cache that cannot be used (held by another process for
+/// [`CACHE_WAIT_MS`], or failing) is left aside, with a warning.
+async fn via_cache(
+    cache: &HostCache,
+    controller: &Controller<'_>,
+    peers: Option<&reqwest::Client>,
+    id: &str,
+    manifest: &Manifest,
+    path: &Path,
+) -> Result<(), StageError> {
+    let Some(entry) = cache_entry(cache, id, manifest).await? else {
+        return fetch_binary(controller, peers, id, manifest, path).await;
+    };
+    let p = path.to_owned();
+    let (linked, entry) = blocking("cache", move || {
+        let linked = entry.link_to(&p);
+        Ok((linked, entry))
+    })
+    .await?;
+    let entry = match linked {
+        Ok(true) => {
+            drop(entry);
+            let (p, m) = (path.to_owned(), manifest.clone());
+            let manifest_path = path.with_file_name(MANIFEST_FILE);
+            let checked = blocking("check", move || {
+                Ok(check_binary(&p, &manifest_path, &m, BinaryCheck::Digest))
+            })
+            .await?;
+            let Err(error) = checked else {
+                tracing::info!(id, cache = %cache.dir().display(), "artifact binary taken from the host's cache");
+                return Ok(());
+            };
+            tracing::warn!(
+                id,
+                error = %error,
+                "the host's cached copy is not the manifest's binary; removing it and downloading"
+            );
+            tokio::fs::remove_file(path)
+                .await
+                .map_err(io_err("remove", path))?;
+            let Some(entry) = cache_entry(cache, id, manifest).await? else {
+                return fetch_binary(controller, peers, id, manifest, path).await;
+            };
+            let (removed, entry) = blocking("cache", move || {
+                let removed = entry.remove();
+                Ok((removed, entry))
+            })
+            .await?;
+            if let Err(error) = removed {
+                tracing::warn!(id, error = %error, "the host's bad cached copy could not be removed");
+            }
+            entry
+        }
+        Ok(false) => entry,
+        Err(error) => {
+            tracing::warn!(id, error = %error, "the artifact cache cannot be used; downloading without it");
+            drop(entry);
+            return fetch_binary(controller, peers, id, manifest, path).await;
+        }
+    };
+    fetch_binary(controller, peers, id, manifest, path).await?;
+    let p = path.to_owned();
+    let published = blocking("cache", move || Ok(entry.publish(&p))).await?;
+    if let Err(error) = published {
+        tracing::warn!(id, error = %error, "the artifact could not be cached for the host's other nodes");
+    }
+    Ok(())
+}
+
+/// The host cache's entry of `manifest`'s binary, once no other process
+/// holds it; `None` (with a warning) if one still does after
+/// [`CACHE_WAIT_MS`] or the cache fails: then the node goes without it.
+async fn cache_entry(
+    cache: &HostCache,
+    id: &str,
+    manifest: &Manifest,
+) -> Result<Option<CacheEntry>, StageError> {
+    let (c, sha256) = (cache.clone(), manifest.sha256.clone());
+    let wait = Duration::from_millis(CACHE_WAIT_MS);
+    match blocking("cache", move || Ok(c.entry(&sha256, wait))).await? {
+        Ok(Some(entry)) => Ok(Some(entry)),
+        Ok(None) => {
+            tracing::warn!(
+                id,
+                cache = %cache.dir().display(),
+                wait_ms = CACHE_WAIT_MS,
+                "another process holds the artifact's cache entry; downloading without it"
+            );
+            Ok(None)
+        }
+        Err(e) => {
+            tracing::warn!(id, error = %e, "the artifact cache cannot be used; downloading without it");
+            Ok(None)
+        }
+    }
 }
 
 /// The binary from the controller into `path`.
@@ -1065,9 +1171,30 @@ mod tests {
                 &self.url,
                 CRED,
                 None,
+                None,
                 self.dir(),
                 &self.id,
                 trusted,
+            )
+            .await
+        }
+
+        /// Stages the fake's artifact (no keys) into `data_dir`, from the
+        /// controller by way of the host cache `cache`.
+        async fn stage_cached(
+            &self,
+            cache: &HostCache,
+            data_dir: &Path,
+        ) -> Result<Staged, StageError> {
+            stage(
+                &self.http,
+                &self.url,
+                CRED,
+                None,
+                Some(cache),
+                data_dir,
+                &self.id,
+                NOKEYS,
             )
             .await
         }
@@ -1081,6 +1208,7 @@ mod tests {
                 &self.url,
                 CRED,
                 Some(&peers),
+                None,
                 dir,
                 &self.id,
                 NOKEYS,
@@ -1121,6 +1249,53 @@ mod tests {
                 .collect(),
             Err(_) => vec![],
         }
+    }
+
+    /// Two nodes of one host: the first downloads the binary and caches
+    /// it, the second links it (one file on disk) and downloads nothing.
+    #[tokio::test]
+    async fn nodes_of_one_host_download_the_binary_once() {
+        use std::os::unix::fs::MetadataExt as _;
+        let bed = Bed::new(Serve::Good).await;
+        let host = tempfile::tempdir().unwrap();
+        let cache = HostCache::open(&host.path().join("cache")).unwrap();
+        let first = bed.stage_cached(&cache, bed.dir()).await.unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let second = bed.stage_cached(&cache, other.path()).await.unwrap();
+        assert_eq!(bed.binary_gets(), 1);
+        bed.assert_staged_good();
+        assert_eq!(std::fs::read(&second.binary).unwrap(), bed.fake.bytes);
+        assert_eq!(
+            staged(other.path(), NOKEYS),
+            vec![bed.fake.manifest.clone()]
+        );
+        let (a, b) = (
+            std::fs::metadata(&first.binary).unwrap(),
+            std::fs::metadata(&second.binary).unwrap(),
+        );
+        assert_eq!(a.ino(), b.ino(), "one file on disk");
+        assert_eq!(b.nlink(), 3, "both nodes and the cache");
+    }
+
+    /// A cached copy that is not the manifest's binary is refused: the
+    /// node downloads the binary, stages what it checked, and the cache
+    /// holds that from then on.
+    #[tokio::test]
+    async fn a_damaged_cached_copy_costs_one_download() {
+        let bed = Bed::new(Serve::Good).await;
+        let host = tempfile::tempdir().unwrap();
+        let cache = HostCache::open(&host.path().join("cache")).unwrap();
+        let entry = cache.dir().join(&bed.fake.manifest.sha256);
+        let mut bad = bed.fake.bytes.clone();
+        bad[0] ^= 1;
+        std::fs::write(&entry, &bad).unwrap();
+        bed.stage_cached(&cache, bed.dir()).await.unwrap();
+        assert_eq!(bed.binary_gets(), 1);
+        bed.assert_staged_good();
+        assert_eq!(std::fs::read(&entry).unwrap(), bed.fake.bytes);
+        let other = tempfile::tempdir().unwrap();
+        bed.stage_cached(&cache, other.path()).await.unwrap();
+        assert_eq!(bed.binary_gets(), 1, "the replaced copy is linked");
     }
 
     #[tokio::test]
@@ -1199,6 +1374,7 @@ mod tests {
             &bed.url,
             "wrong",
             None,
+            None,
             bed.dir(),
             &bed.id,
             NOKEYS,
@@ -1216,6 +1392,7 @@ mod tests {
             &bed.url,
             CRED,
             None,
+            None,
             bed.dir(),
             "r2-000000000000",
             NOKEYS,
@@ -1231,6 +1408,7 @@ mod tests {
             &bed.url,
             CRED,
             None,
+            None,
             bed.dir(),
             "../../etc",
             NOKEYS,
@@ -1242,6 +1420,7 @@ mod tests {
             &bed.http,
             "http://127.0.0.1:9",
             CRED,
+            None,
             None,
             bed.dir(),
             &bed.id,
@@ -1263,6 +1442,7 @@ mod tests {
             &reqwest::Client::new(),
             "http://127.0.0.1:9",
             CRED,
+            None,
             None,
             dir.path(),
             id,

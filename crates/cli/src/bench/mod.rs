@@ -112,7 +112,7 @@ pub const POSTGRES_URL_DEFAULT: &str = "postgres://postgres@127.0.0.1:5432/test"
 
 /// Keys `--json` always prints (null when the benchmark did not run, or was
 /// skipped: then `skipped` names it and why).
-pub const JSON_KEYS: [&str; 20] = [
+pub const JSON_KEYS: [&str; 22] = [
     "drain.records_per_s",
     "drain.limit_records_per_s",
     "drain.ratio",
@@ -126,6 +126,8 @@ pub const JSON_KEYS: [&str; 20] = [
     "upgrade.overhead_ms",
     "stage.nodes_100_ms",
     "stage.controller_bytes_per_artifact_bytes",
+    "stage.own_copy_nodes_100_ms",
+    "stage.own_copy_controller_bytes_per_artifact_bytes",
     "drain_postgres.records_per_s",
     "drain_postgres.limit_records_per_s",
     "drain_postgres.ratio",
@@ -497,12 +499,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 f.extend(got.context("upgrade")?);
             }
             if selected("stage") {
-                progress(&format!("{tag}: stage, {} nodes", sizes.stage_nodes));
-                f.extend(
-                    stage_fleet(&exe, &dir, sizes.stage_nodes)
-                        .await
-                        .context("stage")?,
-                );
+                for copies in [stage::Copies::HostCache, stage::Copies::OwnCopy] {
+                    progress(&format!(
+                        "{tag}: stage, {} nodes ({copies:?})",
+                        sizes.stage_nodes
+                    ));
+                    f.extend(
+                        stage_fleet(&exe, &dir, sizes.stage_nodes, copies)
+                            .await
+                            .with_context(|| format!("stage ({copies:?})"))?,
+                    );
+                }
             }
             if let Some(postgres) = &postgres {
                 let store = DrainStore::Postgres {

@@ -283,7 +283,7 @@ pub(super) fn rows(r: &Report) -> Vec<Row> {
     out.push(Row {
         key: "stage.nodes_100_ms",
         bench: format!(
-            "8a. stage: {nodes} supervised nodes, upgrade start → every node staged ({} MiB binary)",
+            "8a. stage: {nodes} supervised nodes sharing this host's artifact cache, upgrade start → every node staged ({} MiB binary)",
             med("stage.artifact_mib").map_or("—".into(), |v| format!("{v:.1}"))
         ),
         result: spread(stage_key, &msf),
@@ -304,6 +304,26 @@ pub(super) fn rows(r: &Report) -> Vec<Row> {
         ratio: "—".into(),
         goal: format!("≤ {GOAL_STAGE_COPIES:.0} copies"),
         met: at_most("stage.controller_bytes_per_artifact_bytes", GOAL_STAGE_COPIES),
+    });
+    let own = "stage.own_copy_nodes_100_ms";
+    out.push(Row {
+        key: own,
+        bench: "8c. stage as 8a, each node writing its own copy (no host cache, as on hosts of their own; here one disk)".into(),
+        result: spread(own, &msf),
+        limit: "—".into(),
+        ratio: "—".into(),
+        goal: "—".into(),
+        met: None,
+    });
+    let own_copies = "stage.own_copy_controller_bytes_per_artifact_bytes";
+    out.push(Row {
+        key: own_copies,
+        bench: "8d. stage as 8c: bytes the controller wrote, per byte of the artifact".into(),
+        result: spread(own_copies, &|v| format!("{v:.1} copies")),
+        limit: "—".into(),
+        ratio: "—".into(),
+        goal: "—".into(),
+        met: None,
     });
     out.push(Row {
         key: "drain_postgres.records_per_s",
