@@ -442,8 +442,10 @@ impl Run {
                 &http,
                 &url,
                 &credential,
-                peers.as_ref(),
-                cache.as_ref(),
+                stage::Origins {
+                    peers: peers.as_ref(),
+                    cache: cache.as_ref(),
+                },
                 &dir,
                 &artifact,
                 &trusted,

@@ -81,6 +81,15 @@ pub const BUSY_WAIT_MS_MAX: u64 = 300;
 /// download from a peer or the controller takes seconds.
 pub const CACHE_WAIT_MS: u64 = 60_000;
 
+/// Where a binary may come from besides the controller.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Origins<'a> {
+    /// Other nodes' peer routes ([`peer_client`]); `None`: not asked.
+    pub peers: Option<&'a reqwest::Client>,
+    /// This host's cache of checked binaries (`--artifact-cache`).
+    pub cache: Option<&'a HostCache>,
+}
+
 /// A verified artifact in the releases dir.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Staged {
@@ -335,12 +344,12 @@ pub async fn stage(
     http: &reqwest::Client,
     controller_url: &str,
     credential: &str,
-    peers: Option<&reqwest::Client>,
-    cache: Option<&HostCache>,
+    origins: Origins<'_>,
     data_dir: &Path,
     id: &str,
     trusted: &[PublicKey],
 ) -> Result<Staged, StageError> {
+    let Origins { peers, cache } = origins;
     check_id(id).map_err(StageError::BadId)?;
     let releases = data_dir.join(RELEASES_DIR);
     let target = releases.join(id);
@@ -1170,8 +1179,7 @@ mod tests {
                 &self.http,
                 &self.url,
                 CRED,
-                None,
-                None,
+                Origins::default(),
                 self.dir(),
                 &self.id,
                 trusted,
@@ -1190,8 +1198,10 @@ mod tests {
                 &self.http,
                 &self.url,
                 CRED,
-                None,
-                Some(cache),
+                Origins {
+                    peers: None,
+                    cache: Some(cache),
+                },
                 data_dir,
                 &self.id,
                 NOKEYS,
@@ -1207,8 +1217,10 @@ mod tests {
                 &self.http,
                 &self.url,
                 CRED,
-                Some(&peers),
-                None,
+                Origins {
+                    peers: Some(&peers),
+                    cache: None,
+                },
                 dir,
                 &self.id,
                 NOKEYS,
@@ -1373,8 +1385,7 @@ mod tests {
             &bed.http,
             &bed.url,
             "wrong",
-            None,
-            None,
+            Origins::default(),
             bed.dir(),
             &bed.id,
             NOKEYS,
@@ -1391,8 +1402,7 @@ mod tests {
             &bed.http,
             &bed.url,
             CRED,
-            None,
-            None,
+            Origins::default(),
             bed.dir(),
             "r2-000000000000",
             NOKEYS,
@@ -1407,8 +1417,7 @@ mod tests {
             &bed.http,
             &bed.url,
             CRED,
-            None,
-            None,
+            Origins::default(),
             bed.dir(),
             "../../etc",
             NOKEYS,
@@ -1420,8 +1429,7 @@ mod tests {
             &bed.http,
             "http://127.0.0.1:9",
             CRED,
-            None,
-            None,
+            Origins::default(),
             bed.dir(),
             &bed.id,
             NOKEYS,
@@ -1442,8 +1450,7 @@ mod tests {
             &reqwest::Client::new(),
             "http://127.0.0.1:9",
             CRED,
-            None,
-            None,
+            Origins::default(),
             dir.path(),
             id,
             NOKEYS,
