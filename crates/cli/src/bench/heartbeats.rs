@@ -101,19 +101,14 @@ pub(super) async fn heartbeats(
             anyhow::Ok(beats)
         });
     }
-    let deadline = Instant::now() + SETUP_TIMEOUT;
-    while ready.load(Ordering::SeqCst) < n {
-        if let Some(r) = tasks.try_join_next() {
-            r??;
-            bail!("a simulated node stopped before the heartbeats began");
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "only {} of {n} simulated nodes said hello within {SETUP_TIMEOUT:?}",
-            ready.load(Ordering::SeqCst)
-        );
-        tokio::time::sleep(Duration::from_millis(HEARTBEAT_SETUP_POLL_MS)).await;
-    }
+    wait_ready(
+        &mut tasks,
+        &ready,
+        n,
+        HEARTBEAT_SETUP_POLL_MS,
+        "a simulated node stopped before the heartbeats began",
+    )
+    .await?;
     let setup_ms = ms(setup_started.elapsed());
     let pid = fleet
         .controller

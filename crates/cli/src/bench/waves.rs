@@ -63,19 +63,14 @@ pub(super) async fn fence_wave(
             anyhow::Ok((at, gs.grant, Registered { node_id, credential: w.credential }))
         });
     }
-    let deadline = Instant::now() + SETUP_TIMEOUT;
-    while ready.load(Ordering::SeqCst) < n {
-        if let Some(r) = tasks.try_join_next() {
-            r??;
-            bail!("a simulated node answered before the fence");
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "only {} of {n} simulated nodes said hello within {SETUP_TIMEOUT:?}",
-            ready.load(Ordering::SeqCst)
-        );
-        tokio::time::sleep(Duration::from_millis(SETUP_POLL_MS)).await;
-    }
+    wait_ready(
+        &mut tasks,
+        &ready,
+        n,
+        SETUP_POLL_MS,
+        "a simulated node answered before the fence",
+    )
+    .await?;
     go_tx.send_replace(true);
     tokio::time::sleep(settle).await;
     if let Some(r) = tasks.try_join_next() {
@@ -115,6 +110,32 @@ pub(super) async fn fence_wave(
         setup_ms,
         registered,
     })
+}
+
+/// Waits (at most [`SETUP_TIMEOUT`], polling every `poll_ms`) until `n`
+/// simulated nodes counted themselves `ready`; one of `tasks` ending
+/// before is an error, its own or `early`.
+pub(super) async fn wait_ready<T: 'static>(
+    tasks: &mut JoinSet<anyhow::Result<T>>,
+    ready: &AtomicUsize,
+    n: usize,
+    poll_ms: u64,
+    early: &str,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + SETUP_TIMEOUT;
+    while ready.load(Ordering::SeqCst) < n {
+        if let Some(r) = tasks.try_join_next() {
+            r??;
+            bail!("{early}");
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "only {} of {n} simulated nodes said hello within {SETUP_TIMEOUT:?}",
+            ready.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(poll_ms)).await;
+    }
+    Ok(())
 }
 
 /// A simulated node's first pause after a failed hello, doubled each time...
